@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite: sets up .venv, then runs pytest on 2 workers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest -n "${STAX_TEST_WORKERS:-2}" -q tests "$@"

@@ -1,0 +1,1 @@
+"""GPU kernels, each beside its ``jax.numpy`` reference, behind one ``implementation=`` dispatch."""

@@ -1,0 +1,1 @@
+"""One module per seed optimizer: short factories that compose :mod:`stax.transforms`."""

@@ -1,0 +1,66 @@
+"""``stax.adamw``: AdamW from the shared Adam core, the baseline every stax optimizer extends."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import optax
+
+from stax import _validation as V
+from stax.transforms.adam import scale_by_adam
+from stax.transforms.guards import nonfinite_guard
+
+__all__ = ["adamw"]
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 1e-4,
+    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
+    *,
+    mu_dtype: Any = None,
+    nesterov: bool = False,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW (decoupled weight decay) built on :func:`stax.scale_by_adam`.
+
+  .. math::
+    p_{t} = p_{t-1} - \eta_t\,(\hat m_t/(\sqrt{\hat v_t+\epsilon_{root}}+\epsilon) + \lambda p_{t-1})
+
+  With ``nonfinite="ignore"`` this is ``optax.adamw`` with the same arguments; the default
+  guard only changes steps whose gradients contain NaN/Inf (they are skipped).
+
+  Args:
+    learning_rate: step size η >= 0 or a schedule (default 1e-3).
+    b1: first-moment decay in [0, 1) (default 0.9).
+    b2: second-moment decay in [0, 1) (default 0.999).
+    eps: denominator term >= 0 (default 1e-8).
+    eps_root: term inside the square root >= 0 (default 0).
+    weight_decay: decoupled decay λ >= 0, multiplied by the learning rate as in PyTorch and
+      optax (default 1e-4, optax's default).
+    mask: pytree or callable selecting the leaves that decay (default: all).
+    mu_dtype: first-moment dtype (default: the parameter's).
+    nesterov: Nesterov momentum (default False).
+    nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> tx = stax.adamw(1e-3, weight_decay=1e-2)
+    >>> state = tx.init({"w": jnp.ones(3)})
+  """
+  V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  V.check_number("weight_decay", weight_decay, low=0.0)
+  tx = optax.chain(
+      scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+  return nonfinite_guard(tx, nonfinite)

@@ -1,0 +1,1 @@
+"""Reusable ``optax`` gradient transformations, each with its ``State`` NamedTuple."""

@@ -1,0 +1,308 @@
+r"""THE Adam moment core: every Adam-family optimizer in stax is built on :func:`scale_by_adam`.
+
+.. math::
+
+  m_t = \beta_{1,t} m_{t-1} + (1-\beta_{1,t}) g_t,\qquad
+  v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\qquad
+  u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
+
+The seams later optimizers plug into:
+
+* ``bias_correction`` — how :math:`\hat m, \hat v` are formed:
+
+  - ``"standard"``: :math:`\hat m = m/(1-\beta_1^t)`, :math:`\hat v = v/(1-\beta_2^t)` (Adam,
+    ``optax.adam``);
+  - ``"debiased"``: optimi's debiased betas :math:`\hat\beta(\beta,t)=\beta(1-\beta^{t-1})/(1-\beta^t)`
+    are used *inside* the EMAs, which then are already unbiased (StableAdamW);
+  - ``"product"``: for a time-varying :math:`\beta_1`, :math:`\hat m = m/(1-\prod_i\beta_{1,i})`
+    with the product kept per leaf in the state (STAM); :math:`\hat v` as ``"standard"``;
+  - ``"none"``: no correction.
+
+  ``correction_eps`` is added to both correction denominators (STAM's code does this).
+* ``b1`` — a number (or traced array / schedule value), or a :class:`Beta1Rule` that returns a
+  per-leaf :math:`\beta_1` from the gradient and the previous first moment (STAM's adaptive
+  :math:`\beta_1`); the rule's state lives in this transform's state.
+* ``storage`` — how m and v are stored (:mod:`stax.codecs`): full precision in ``mu_dtype`` /
+  ``nu_dtype`` by default, or any :class:`~stax.codecs.base.MomentStorage` (TurboAdam's
+  compressed codecs), possibly chosen per leaf. Stochastic-rounding codecs draw from a key kept in
+  the state (``seed``), folded with the step count and the leaf index, so runs are reproducible
+  and checkpoints resume bit-exactly.
+
+With the defaults this is exactly ``optax.scale_by_adam``.
+
+References:
+  Kingma & Ba, `Adam: A Method for Stochastic Optimization <https://arxiv.org/abs/1412.6980>`_, 2014.
+  Wortsman et al., `Stable and low-precision training for large-scale vision-language models
+  <https://arxiv.org/abs/2304.13013>`_, 2023 (debiased betas, as in ``torch-optimi``).
+
+Example:
+  >>> import jax.numpy as jnp, optax, stax
+  >>> tx = optax.chain(stax.scale_by_adam(b1=0.9, b2=0.999), optax.scale(-1e-3))
+  >>> params = {"w": jnp.ones(3)}
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update({"w": jnp.full(3, 0.5)}, state, params)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from stax import _validation as V
+from stax.codecs.base import StorageLike, full_precision_storage, resolve_storage
+
+__all__ = [
+    "ScaleByAdamState",
+    "Beta1Rule",
+    "scale_by_adam",
+    "debias_beta",
+    "adam_moments",
+    "BIAS_CORRECTIONS",
+]
+
+BIAS_CORRECTIONS = ("standard", "debiased", "product", "none")
+
+
+class Beta1Rule(NamedTuple):
+  """A per-leaf first-moment decay supplied by another transform (e.g. STAM's adaptive beta1).
+
+  Attributes:
+    init: ``params -> rule_state``.
+    update: ``(grads, mu, rule_state, count) -> (b1_tree, rule_state)`` where ``mu`` is the
+      decoded previous first moment, ``count`` the number of steps taken before this one, and
+      ``b1_tree`` has one scalar (or broadcastable array) per leaf.
+  """
+
+  init: Callable[[Any], Any]
+  update: Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]]
+
+
+class ScaleByAdamState(NamedTuple):
+  """State of :func:`scale_by_adam`.
+
+  Attributes:
+    count: int32 scalar, steps taken.
+    mu: encoded first moments (full-precision arrays by default).
+    nu: encoded second moments.
+    b1_prod: per-leaf float32 scalars :math:`\\prod_i \\beta_{1,i}` for
+      ``bias_correction="product"``; ``None`` otherwise.
+    b1_state: the :class:`Beta1Rule`'s state, or ``None``.
+    key: raw ``uint32[2]`` PRNG key for stochastic-rounding storage, or ``None``.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+  b1_prod: Any = None
+  b1_state: Any = None
+  key: Any = None
+
+
+def debias_beta(beta: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
+  r"""optimi's debiased decay :math:`\beta(1-\beta^{t-1})/(1-\beta^t)` for step ``count`` = t ≥ 1.
+
+  An EMA run with these decays equals the bias-corrected EMA with constant :math:`\beta`;
+  :math:`\hat\beta(\beta, 1) = 0`.
+  """
+  t = jnp.asarray(count, jnp.float32)
+  beta = jnp.asarray(beta, jnp.float32)
+  return beta * (1.0 - beta ** (t - 1.0)) / (1.0 - beta ** t)
+
+
+def _is_none(x):
+  return x is None
+
+
+def scale_by_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    bias_correction: str = "standard",
+    correction_eps: Any = 0.0,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    storage: Optional[StorageLike] = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Rescales updates by Adam's bias-corrected moments (the shared Adam core).
+
+  Args:
+    b1: first-moment decay in [0, 1) (default 0.9), or a :class:`Beta1Rule` for a per-leaf,
+      per-step beta1 (then ``bias_correction`` should be ``"product"``).
+    b2: second-moment decay in [0, 1) (default 0.999).
+    eps: added to the denominator, >= 0 (default 1e-8).
+    eps_root: added inside the square root, >= 0 (default 0).
+    bias_correction: one of ``"standard"`` (default), ``"debiased"``, ``"product"``, ``"none"``;
+      see the module docstring.
+    correction_eps: added to both bias-correction denominators, >= 0 (default 0; STAM uses eps).
+    nesterov: Nesterov momentum as ``optax.scale_by_adam(nesterov=True)`` (default False; only
+      with ``"standard"`` correction).
+    mu_dtype: dtype of the stored first moment (default ``None``: the parameter's dtype, as optax).
+    nu_dtype: dtype of the stored second moment (default ``None``: the parameter's dtype).
+    storage: a :class:`~stax.codecs.base.MomentStorage` or a per-leaf callable returning one;
+      overrides ``mu_dtype``/``nu_dtype`` (default: full precision).
+    seed: seed of the PRNG key kept in the state when the storage rounds stochastically
+      (default 0).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  rule = b1 if isinstance(b1, Beta1Rule) else None
+  if rule is None:
+    V.check_betas(b1=b1)
+  V.check_betas(b2=b2)
+  V.check_number("eps", eps, low=0.0)
+  V.check_number("eps_root", eps_root, low=0.0)
+  V.check_number("correction_eps", correction_eps, low=0.0)
+  V.check_choice("bias_correction", bias_correction, BIAS_CORRECTIONS)
+  if nesterov and bias_correction != "standard":
+    raise ValueError("`nesterov=True` requires bias_correction='standard'.")
+  if rule is not None and nesterov:
+    raise ValueError("`nesterov=True` is not supported with a Beta1Rule.")
+  V.check_int("seed", seed)
+  if storage is None:
+    storage = full_precision_storage(mu_dtype, nu_dtype)
+
+  def leaf_storages(tree):
+    return [resolve_storage(storage, leaf) for leaf in jax.tree.leaves(tree)]
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    stores = [resolve_storage(storage, p) for p in leaves]
+    encoded = [s.init(p) for s, p in zip(stores, leaves)]
+    mu = jax.tree.unflatten(treedef, [e[0] for e in encoded])
+    nu = jax.tree.unflatten(treedef, [e[1] for e in encoded])
+    b1_prod = None
+    if bias_correction == "product":
+      b1_prod = jax.tree.unflatten(treedef, [jnp.ones([], jnp.float32) for _ in leaves])
+    b1_state = rule.init(params) if rule is not None else None
+    key = None
+    if any(s.needs_key for s in stores):
+      key = jax.random.key_data(jax.random.PRNGKey(seed))
+    return ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, b1_prod=b1_prod,
+        b1_state=b1_state, key=key)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    g_leaves, treedef = jax.tree.flatten(updates)
+    stores = leaf_storages(updates)
+    mu_enc = treedef.flatten_up_to(state.mu)
+    nu_enc = treedef.flatten_up_to(state.nu)
+    count_inc = numerics.safe_increment(state.count)
+    t = count_inc.astype(jnp.float32)
+
+    decoded = [s.read(me, ne, g) for s, me, ne, g in zip(stores, mu_enc, nu_enc, g_leaves)]
+    mus = [d[0] for d in decoded]
+    nus = [d[1] for d in decoded]
+
+    # First-moment decay, per leaf.
+    b1_state = state.b1_state
+    if rule is not None:
+      b1_tree, b1_state = rule.update(updates, jax.tree.unflatten(treedef, mus),
+                                      state.b1_state, state.count)
+      b1s = treedef.flatten_up_to(b1_tree)
+    else:
+      b1s = [b1] * len(g_leaves)
+    b2_t = b2
+    if bias_correction == "debiased":
+      b1s = [debias_beta(b, count_inc) for b in b1s]
+      b2_t = debias_beta(b2, count_inc)
+
+    new_mu = [None if g is None else ((1 - b) * g + b * m).astype(_moment_dtype(m, g))
+              for g, m, b in zip(g_leaves, mus, b1s)]
+    new_nu = [None if g is None else ((1 - b2_t) * numerics.abs_sq(g) + b2_t * v).astype(
+        _moment_dtype(v, g)) for g, v in zip(g_leaves, nus)]
+
+    b1_prod = state.b1_prod
+    if bias_correction == "product":
+      prods = treedef.flatten_up_to(state.b1_prod)
+      # A Beta1Rule gives one beta1 per leaf (a scalar), so the product is one scalar per leaf.
+      prods = [p * jnp.reshape(jnp.asarray(b, jnp.float32), ()) for p, b in zip(prods, b1s)]
+      b1_prod = jax.tree.unflatten(treedef, prods)
+
+    out = []
+    for i, (g, m, v, b) in enumerate(zip(g_leaves, new_mu, new_nu, b1s)):
+      if g is None:
+        out.append(None)
+        continue
+      if bias_correction == "standard":
+        c1 = 1 - jnp.asarray(b, jnp.float32) ** t
+        c2 = 1 - jnp.asarray(b2, jnp.float32) ** t
+        if nesterov:
+          c1_next = 1 - jnp.asarray(b, jnp.float32) ** (t + 1)
+          m_hat = (b * (m / (c1_next + correction_eps).astype(m.dtype))
+                   + (1 - b) * (g / (c1 + correction_eps).astype(g.dtype)))
+        else:
+          m_hat = m / (c1 + correction_eps).astype(m.dtype)
+        v_hat = v / (c2 + correction_eps).astype(v.dtype)
+      elif bias_correction == "product":
+        c1 = 1 - prods[i]
+        c2 = 1 - jnp.asarray(b2, jnp.float32) ** t
+        m_hat = m / (c1 + correction_eps).astype(m.dtype)
+        v_hat = v / (c2 + correction_eps).astype(v.dtype)
+      else:  # "debiased" moments are already unbiased; "none" skips the correction.
+        m_hat, v_hat = m, v
+      out.append(m_hat / (jnp.sqrt(v_hat + eps_root) + eps))
+
+    # Store the new moments through the codec (stochastic rounding keyed by step and leaf).
+    step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
+    new_mu_enc, new_nu_enc = [], []
+    for i, (s, g, m, v, me, ne) in enumerate(
+        zip(stores, g_leaves, new_mu, new_nu, mu_enc, nu_enc)):
+      if g is None:
+        new_mu_enc.append(me)
+        new_nu_enc.append(ne)
+        continue
+      k = None
+      if s.needs_key and step_key is not None:
+        k = jax.random.fold_in(step_key, i)
+      a, c = s.write(m, v, k)
+      new_mu_enc.append(_cast_like_tree(a, me))
+      new_nu_enc.append(_cast_like_tree(c, ne))
+
+    new_state = ScaleByAdamState(
+        count=count_inc,
+        mu=jax.tree.unflatten(treedef, new_mu_enc),
+        nu=jax.tree.unflatten(treedef, new_nu_enc),
+        b1_prod=b1_prod,
+        b1_state=b1_state,
+        key=state.key,
+    )
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _moment_dtype(stored: jax.Array, g: jax.Array):
+  """Compute dtype of a moment update: the wider of the stored moment's and the gradient's."""
+  return jnp.promote_types(stored.dtype, g.dtype)
+
+
+def _cast_like_tree(new, old):
+  """Keeps every encoded state leaf's dtype stable across updates (jit/cond/donation need it)."""
+  return jax.tree.map(lambda n, o: n.astype(o.dtype) if hasattr(o, "dtype") else n, new, old)
+
+
+def adam_moments(state: ScaleByAdamState, params: Any, storage: Optional[StorageLike] = None,
+                 mu_dtype: Any = None, nu_dtype: Any = None) -> tuple[Any, Any]:
+  """Decoded (mu, nu) pytrees of a :class:`ScaleByAdamState` (for diagnostics and wrappers).
+
+  ``storage`` must be the one the transform was built with (default: full precision).
+  """
+  if storage is None:
+    storage = full_precision_storage(mu_dtype, nu_dtype)
+  leaves, treedef = jax.tree.flatten(params)
+  mu_enc = treedef.flatten_up_to(state.mu)
+  nu_enc = treedef.flatten_up_to(state.nu)
+  pairs = [resolve_storage(storage, p).read(me, ne, p)
+           for p, me, ne in zip(leaves, mu_enc, nu_enc)]
+  return (jax.tree.unflatten(treedef, [p[0] for p in pairs]),
+          jax.tree.unflatten(treedef, [p[1] for p in pairs]))

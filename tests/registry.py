@@ -1,0 +1,81 @@
+"""The registry of every public optimizer, driving the shared contract tests.
+
+Each optimizer issue adds a module ``tests/registry_<name>.py`` defining ``ENTRIES``, a list of
+:class:`Entry`; this module collects them all (so no two issues edit the same file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pathlib
+from typing import Any, Callable
+
+import stax
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One optimizer configuration under contract.
+
+  Attributes:
+    name: test id.
+    factory: the public factory (e.g. ``stax.adamw``).
+    kwargs: keyword arguments (learning rate included) for the contract problems.
+    static_args: arguments ``optax.inject_hyperparams`` must keep static (ints that set shapes
+      or structure: ``last_n_modules``, ``ns_steps``, ``block_size``, ...).
+    quadratic_tol: max distance to the optimum after ``steps`` on the quadratic.
+    rosenbrock_tol: same for Rosenbrock (``None`` skips Rosenbrock: say why in ``note``).
+    steps: steps for the convergence problems.
+    rosenbrock_kwargs: kwargs overriding ``kwargs`` on Rosenbrock (e.g. another lr).
+    sharding_atol: tolerance of the sharded-vs-single-device comparison.
+    note: why a contract is relaxed.
+  """
+
+  name: str
+  factory: Callable[..., Any]
+  kwargs: dict
+  static_args: tuple = ()
+  quadratic_tol: float = 5e-2
+  rosenbrock_tol: float | None = 5e-2
+  steps: int = 1000
+  rosenbrock_kwargs: dict | None = None
+  sharding_atol: float = 1e-6
+  note: str = ""
+
+  def make(self, **overrides):
+    return self.factory(**{**self.kwargs, **overrides})
+
+
+# Module order of the contract problems' parameter trees (see tests/contract_problems.py).
+CONTRACT_MODULE_ORDER = ["embed", "layer_0", "layer_1", "head"]
+
+ENTRIES = [
+    Entry("adamw", stax.adamw, dict(learning_rate=3e-2, weight_decay=0.0)),
+    Entry("adamw_wd_nesterov", stax.adamw,
+          dict(learning_rate=3e-2, weight_decay=1e-4, nesterov=True)),
+    Entry("stac", stax.stac,
+          dict(learning_rate=3e-2, last_n_modules=2, module_order=CONTRACT_MODULE_ORDER),
+          static_args=("last_n_modules", "module_order"),
+          quadratic_tol=0.1, rosenbrock_kwargs=dict(last_n_modules=4),
+          note="the sign trunk moves by exactly lr per step, so it ends within ~lr of the "
+               "optimum; Rosenbrock runs with every module in the AdamW cap (pure sign descent "
+               "with a constant lr does not settle in Rosenbrock's valley)"),
+    Entry("stac_sign_only", stax.stac,
+          dict(learning_rate=lambda c: 3e-2 * 0.995 ** c, last_n_modules=0,
+               module_order=CONTRACT_MODULE_ORDER),
+          static_args=("last_n_modules", "module_order"), rosenbrock_tol=None,
+          note="pure sign descent; converges on the quadratic with a decaying lr"),
+]
+
+
+def _collect() -> list[Entry]:
+  entries = list(ENTRIES)
+  here = pathlib.Path(__file__).parent
+  for f in sorted(here.glob("registry_*.py")):
+    mod = importlib.import_module(f"tests.{f.stem}")
+    entries.extend(getattr(mod, "ENTRIES", []))
+  return entries
+
+
+ALL = _collect()
