@@ -18,7 +18,8 @@ The seams later optimizers plug into:
     with the product kept per leaf in the state (STAM); :math:`\hat v` as ``"standard"``;
   - ``"none"``: no correction.
 
-  ``correction_eps`` is added to both correction denominators (STAM's code does this).
+  ``correction_eps`` is added to both correction denominators of ``"product"`` (STAM's code
+  does this); ``"standard"`` uses ``optax.tree.bias_correction`` itself.
 * ``b1`` — a number (or traced array / schedule value), or a :class:`Beta1Rule` that returns a
   per-leaf :math:`\beta_1` from the gradient and the previous first moment (STAM's adaptive
   :math:`\beta_1`); the rule's state lives in this transform's state.
@@ -26,7 +27,9 @@ The seams later optimizers plug into:
   ``nu_dtype`` by default, or any :class:`~stax.codecs.base.MomentStorage` (TurboAdam's
   compressed codecs), possibly chosen per leaf. Stochastic-rounding codecs draw from a key kept in
   the state (``seed``), folded with the step count and the leaf index, so runs are reproducible
-  and checkpoints resume bit-exactly.
+  and checkpoints resume bit-exactly. A storage may also define ``project(mu, nu)``: the moments
+  the update then uses instead of the exact new ones (e.g. :mod:`stax.codecs.tensor_rms` reduces
+  v to one mean per tensor, STAMLite's denominator); without it the exact new moments are used.
 
 With the defaults this is exactly ``optax.scale_by_adam``.
 
@@ -62,6 +65,7 @@ __all__ = [
     "debias_beta",
     "adam_moments",
     "BIAS_CORRECTIONS",
+    "StorageStep",
 ]
 
 BIAS_CORRECTIONS = ("standard", "debiased", "product", "none")
@@ -100,6 +104,34 @@ class ScaleByAdamState(NamedTuple):
   b1_prod: Any = None
   b1_state: Any = None
   key: Any = None
+
+
+class StorageStep(NamedTuple):
+  """Step context for storages that declare ``needs_step = True``.
+
+  Such a storage is called as ``read(mu_enc, nu_enc, like, step=...)`` and
+  ``write(mu, nu, key, step=...)`` (TurboAdam 0.2.0's UState decodes m with the previous step's
+  bias corrections and seeds its counter-hash RNG with the step and the parameter index).
+
+  Attributes:
+    count: int32 scalar, steps taken *before* this update.
+    index: the leaf's index in flatten order.
+    key: the raw ``uint32[2]`` key of the Adam state (not folded), or ``None``.
+    mu_enc: this leaf's previous encoded first moment (``write`` only; ``None`` in ``read``).
+    nu_enc: this leaf's previous encoded second moment (``write`` only).
+  """
+
+  count: jax.Array
+  index: int
+  key: Any = None
+  mu_enc: Any = None
+  nu_enc: Any = None
+
+
+def _read(s, me, ne, like, count, index, key):
+  if getattr(s, "needs_step", False):
+    return s.read(me, ne, like, step=StorageStep(count, index, key))
+  return s.read(me, ne, like)
 
 
 def debias_beta(beta: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
@@ -141,7 +173,8 @@ def scale_by_adam(
     eps_root: added inside the square root, >= 0 (default 0).
     bias_correction: one of ``"standard"`` (default), ``"debiased"``, ``"product"``, ``"none"``;
       see the module docstring.
-    correction_eps: added to both bias-correction denominators, >= 0 (default 0; STAM uses eps).
+    correction_eps: added to both bias-correction denominators of ``"product"``, >= 0
+      (default 0; STAM uses eps).
     nesterov: Nesterov momentum as ``optax.scale_by_adam(nesterov=True)`` (default False; only
       with ``"standard"`` correction).
     mu_dtype: dtype of the stored first moment (default ``None``: the parameter's dtype, as optax).
@@ -197,9 +230,9 @@ def scale_by_adam(
     mu_enc = treedef.flatten_up_to(state.mu)
     nu_enc = treedef.flatten_up_to(state.nu)
     count_inc = numerics.safe_increment(state.count)
-    t = count_inc.astype(jnp.float32)
 
-    decoded = [s.read(me, ne, g) for s, me, ne, g in zip(stores, mu_enc, nu_enc, g_leaves)]
+    decoded = [_read(s, me, ne, g, state.count, i, state.key)
+               for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
     mus = [d[0] for d in decoded]
     nus = [d[1] for d in decoded]
 
@@ -233,19 +266,20 @@ def scale_by_adam(
       if g is None:
         out.append(None)
         continue
+      project = getattr(stores[i], "project", None)
+      if project is not None:  # per-tensor storages (STAMLite's RMS) reduce the new moments
+        m, v = project(m, v)
       if bias_correction == "standard":
-        c1 = 1 - jnp.asarray(b, jnp.float32) ** t
-        c2 = 1 - jnp.asarray(b2, jnp.float32) ** t
+        # optax's own bias correction, so this is bit-identical with optax.scale_by_adam.
         if nesterov:
-          c1_next = 1 - jnp.asarray(b, jnp.float32) ** (t + 1)
-          m_hat = (b * (m / (c1_next + correction_eps).astype(m.dtype))
-                   + (1 - b) * (g / (c1 + correction_eps).astype(g.dtype)))
+          m_hat = (b * optax.tree.bias_correction(m, b, numerics.safe_increment(count_inc))
+                   + (1 - b) * optax.tree.bias_correction(g, b, count_inc))
         else:
-          m_hat = m / (c1 + correction_eps).astype(m.dtype)
-        v_hat = v / (c2 + correction_eps).astype(v.dtype)
+          m_hat = optax.tree.bias_correction(m, b, count_inc)
+        v_hat = optax.tree.bias_correction(v, b2, count_inc)
       elif bias_correction == "product":
         c1 = 1 - prods[i]
-        c2 = 1 - jnp.asarray(b2, jnp.float32) ** t
+        c2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc.astype(jnp.float32)
         m_hat = m / (c1 + correction_eps).astype(m.dtype)
         v_hat = v / (c2 + correction_eps).astype(v.dtype)
       else:  # "debiased" moments are already unbiased; "none" skips the correction.
@@ -264,7 +298,10 @@ def scale_by_adam(
       k = None
       if s.needs_key and step_key is not None:
         k = jax.random.fold_in(step_key, i)
-      a, c = s.write(m, v, k)
+      if getattr(s, "needs_step", False):
+        a, c = s.write(m, v, k, step=StorageStep(state.count, i, state.key, me, ne))
+      else:
+        a, c = s.write(m, v, k)
       new_mu_enc.append(_cast_like_tree(a, me))
       new_nu_enc.append(_cast_like_tree(c, ne))
 
@@ -302,7 +339,7 @@ def adam_moments(state: ScaleByAdamState, params: Any, storage: Optional[Storage
   leaves, treedef = jax.tree.flatten(params)
   mu_enc = treedef.flatten_up_to(state.mu)
   nu_enc = treedef.flatten_up_to(state.nu)
-  pairs = [resolve_storage(storage, p).read(me, ne, p)
-           for p, me, ne in zip(leaves, mu_enc, nu_enc)]
+  pairs = [_read(resolve_storage(storage, p), me, ne, p, state.count, i, state.key)
+           for i, (p, me, ne) in enumerate(zip(leaves, mu_enc, nu_enc))]
   return (jax.tree.unflatten(treedef, [p[0] for p in pairs]),
           jax.tree.unflatten(treedef, [p[1] for p in pairs]))

@@ -1,0 +1,170 @@
+"""The shared Adam core against optax and against plain-numpy references of its seams."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import stax
+from stax.codecs.base import FullPrecision, SeparateStorage
+from tests import contract_problems as cp
+
+
+def _params():
+  return {"w": jnp.linspace(-1.0, 1.0, 24).reshape(4, 6), "b": jnp.zeros(6)}
+
+
+def _trajectory(tx, params, steps):
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(g, s, p)))
+  for i in range(steps):
+    params, state = step(params, state, cp.random_grads(params, i))
+  return params, state
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
+@pytest.mark.parametrize("nesterov", [False, True], ids=["plain", "nesterov"])
+def test_adamw_matches_optax_adamw_100_steps(schedule, nesterov):
+  lr = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, 100) if schedule else 1e-2
+  kw = dict(b1=0.8, b2=0.95, eps=1e-7, weight_decay=1e-2, nesterov=nesterov)
+  ours, _ = _trajectory(stax.adamw(lr, **kw), _params(), 100)
+  ref, _ = _trajectory(optax.adamw(lr, **kw), _params(), 100)
+  assert cp.max_abs_diff(ours, ref) < 1e-6
+
+
+def _np_adam(gs, b1, b2, eps, mode, b1s=None, correction_eps=0.0):
+  """Plain numpy Adam direction u_t for a list of gradients (independent reference)."""
+  m = np.zeros_like(gs[0], np.float64)
+  v = np.zeros_like(gs[0], np.float64)
+  prod = 1.0
+  out = []
+  for t, g in enumerate(gs, start=1):
+    b1_t = b1 if b1s is None else b1s[t - 1]
+    if mode == "debiased":
+      bb1 = b1_t * (1 - b1_t ** (t - 1)) / (1 - b1_t ** t)
+      bb2 = b2 * (1 - b2 ** (t - 1)) / (1 - b2 ** t)
+      m = bb1 * m + (1 - bb1) * g
+      v = bb2 * v + (1 - bb2) * g * g
+      out.append(m / (np.sqrt(v) + eps))
+      continue
+    m = b1_t * m + (1 - b1_t) * g
+    v = b2 * v + (1 - b2) * g * g
+    prod *= b1_t
+    if mode == "product":
+      mh, vh = m / (1 - prod + correction_eps), v / (1 - b2 ** t + correction_eps)
+    elif mode == "none":
+      mh, vh = m, v
+    else:
+      mh, vh = m / (1 - b1_t ** t), v / (1 - b2 ** t)
+    out.append(mh / (np.sqrt(vh) + eps))
+  return out
+
+
+@pytest.mark.parametrize("mode", ["standard", "debiased", "none"])
+def test_bias_correction_modes_match_numpy(mode):
+  rng = np.random.default_rng(1)
+  gs = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(30)]
+  tx = stax.scale_by_adam(0.9, 0.99, 1e-6, bias_correction=mode)
+  state = tx.init(jnp.zeros((5, 3)))
+  ref = _np_adam(gs, 0.9, 0.99, 1e-6, mode)
+  for g, r in zip(gs, ref):
+    u, state = tx.update(jnp.asarray(g), state)
+    np.testing.assert_allclose(np.asarray(u), r, rtol=2e-5, atol=1e-6)
+
+
+def test_debiased_equals_standard_adam():
+  """optimi's debiased betas give exactly the bias-corrected moments."""
+  rng = np.random.default_rng(2)
+  a = stax.scale_by_adam(0.9, 0.99, 0.0, bias_correction="debiased")
+  b = stax.scale_by_adam(0.9, 0.99, 0.0, bias_correction="standard")
+  sa, sb = a.init(jnp.zeros(7)), b.init(jnp.zeros(7))
+  for _ in range(20):
+    g = jnp.asarray(rng.normal(size=7), jnp.float32)
+    ua, sa = a.update(g, sa)
+    ub, sb = b.update(g, sb)
+    np.testing.assert_allclose(np.asarray(ua), np.asarray(ub), rtol=1e-4)
+  assert float(stax.debias_beta(0.9, 1)) == 0.0
+
+
+def test_beta1_rule_and_product_correction():
+  """A per-leaf beta1 supplied by a rule, corrected by the product of the betas used."""
+  betas = [0.5 + 0.4 * (i % 3) / 2 for i in range(12)]
+
+  def rule_update(grads, mu, st, count):
+    b = jnp.asarray(betas)[count]
+    return jax.tree.map(lambda _: b, grads), st
+
+  rule = stax.Beta1Rule(init=lambda p: jnp.zeros([]), update=rule_update)
+  tx = stax.scale_by_adam(rule, 0.99, 1e-8, bias_correction="product", correction_eps=1e-8)
+  rng = np.random.default_rng(3)
+  gs = [rng.normal(size=(4,)).astype(np.float32) for _ in range(12)]
+  state = tx.init({"a": jnp.zeros(4)})
+  ref = _np_adam(gs, None, 0.99, 1e-8, "product", b1s=betas, correction_eps=1e-8)
+  for g, r in zip(gs, ref):
+    u, state = jax.jit(tx.update)({"a": jnp.asarray(g)}, state)
+    np.testing.assert_allclose(np.asarray(u["a"]), r, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(state.b1_prod["a"]), np.prod(betas), rtol=1e-6)
+
+
+class _HalfCodec(NamedTuple):
+  """A toy codec: stores x/2 in float16 and adds uniform noise from the key."""
+
+  needs_key: bool = True
+
+  def init(self, param):
+    return jnp.zeros(param.shape, jnp.float16)
+
+  def decode(self, enc, like):
+    return enc.astype(jnp.float32) * 2
+
+  def encode(self, value, key):
+    noise = jax.random.uniform(key, value.shape, minval=-1e-3, maxval=1e-3)
+    return ((value + noise) / 2).astype(jnp.float16)
+
+
+def test_storage_seam_uses_codec_and_key_reproducibly():
+  storage = SeparateStorage(FullPrecision(), _HalfCodec())
+  tx = stax.scale_by_adam(storage=storage, seed=7)
+  params = {"a": jnp.zeros(8), "b": jnp.zeros(8)}
+  s0 = tx.init(params)
+  assert s0.nu["a"].dtype == jnp.float16 and s0.key is not None
+  g = {"a": jnp.ones(8), "b": jnp.ones(8)}
+  u1, s1 = jax.jit(tx.update)(g, s0)
+  u2, s2 = jax.jit(tx.update)(g, s0)
+  np.testing.assert_array_equal(np.asarray(s1.nu["a"]), np.asarray(s2.nu["a"]))
+  # Different leaves draw different noise (key folded with the leaf index).
+  assert not np.array_equal(np.asarray(s1.nu["a"]), np.asarray(s1.nu["b"]))
+  # Decoded value is within the codec's noise of the exact v = (1 - b2)·g².
+  np.testing.assert_allclose(np.asarray(s1.nu["a"], np.float32) * 2, 1e-3, atol=2.5e-3)
+  # Per-leaf storage callable: small leaves full precision, large leaves coded.
+  pick = lambda leaf: storage if leaf.size > 8 else stax.full_precision_storage()
+  tx2 = stax.scale_by_adam(storage=pick)
+  s = tx2.init({"small": jnp.zeros(4), "big": jnp.zeros(16)})
+  assert s.nu["small"].dtype == jnp.float32 and s.nu["big"].dtype == jnp.float16
+
+
+def test_moment_dtype_and_adam_moments():
+  tx = stax.scale_by_adam(mu_dtype=jnp.bfloat16)
+  p = {"w": jnp.zeros(3)}
+  s = tx.init(p)
+  _, s = tx.update({"w": jnp.ones(3)}, s)
+  assert s.mu["w"].dtype == jnp.bfloat16 and s.nu["w"].dtype == jnp.float32
+  mu, nu = stax.adam_moments(s, p, mu_dtype=jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(mu["w"], np.float32), 0.1, rtol=1e-2)
+  np.testing.assert_allclose(np.asarray(nu["w"]), 1e-3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(b1=1.0), "b1"), (dict(b2=-0.1), "b2"), (dict(eps=-1.0), "eps"),
+    (dict(bias_correction="magic"), "bias_correction"),
+    (dict(nesterov=True, bias_correction="debiased"), "nesterov"),
+])
+def test_scale_by_adam_validation(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    stax.scale_by_adam(**kwargs)
