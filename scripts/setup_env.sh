@@ -14,12 +14,17 @@ want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+pip_install() {
+  # pip's configured-but-absent local indexes print one warning per package: hide only those.
+  "$VPY" -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+  return "${PIPESTATUS[0]}"
+}
+echo "stax: setting up .venv (first run takes a few minutes)..."
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  "$VPY" -m pip install -q torch==2.13.0
+  pip_install torch==2.13.0
 fi
-"$VPY" -m pip install -q -e ".[torch,flax,test,bench]"
+pip_install -e ".[torch,flax,test,bench]"
 # stac-optimizer's wheels declare Python>=3.13 but import on 3.11; it is only a test reference.
-"$VPY" -m pip install -q --no-deps --ignore-requires-python stac-optimizer==0.3.0 || \
+pip_install --no-deps --ignore-requires-python stac-optimizer==0.3.0 || \
   echo "note: stac-optimizer could not be installed; its parity tests will be skipped"
 echo "$want" > "$stamp"
