@@ -4,14 +4,44 @@ The flat public API: optimizers, building-block transforms, partition helpers an
 """
 
 from stax import partition
-from stax.codecs.base import (FullPrecision, MomentCodec, MomentStorage, SeparateStorage,
-                              full_precision_storage)
+
+# Optimizers (one module per seed).
 from stax.optimizers.adamw import adamw
+from stax.optimizers.oadamw import oadamw, oadamw_labels, stable_adamw
+from stax.optimizers.scao import scao, scao_diagnostics
 from stax.optimizers.stac import stac, stac_labels
+from stax.optimizers.stam import stam, stam_beta1, stam_lite
+from stax.optimizers.turbo_adam import turbo_adam
+
+# Building-block transforms.
+from stax.transforms.adam import (Beta1Rule, ScaleByAdamState, adam_moments, debias_beta,
+                                  scale_by_adam)
+from stax.transforms.adaptive_beta import (residual_variance_beta1, snr_beta1,
+                                           spatial_variance_beta1)
+from stax.transforms.guards import NonFiniteGuardState, all_finite, nonfinite_guard
+from stax.transforms.kahan import KahanState, kahan_summation
+from stax.transforms.kron import ScaleByKronState, scale_by_kron_lowrank, scale_by_kron_scao
+from stax.transforms.orthogonalize import (NS_PRESETS, MatrixDimensionNumbers,
+                                           ScaleByOrthogonalizationState, conv_dimension_numbers,
+                                           ns_coefficients, orthogonalize, orthogonalize_many,
+                                           scale_by_orthogonalization, singular_value_band)
+from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_adam
+
+# Kernels (each beside its jax.numpy reference).
+from stax.kernels.newton_schulz import newton_schulz
+
+# Partition helpers.
 from stax.partition import (execution_order, is_embedding_path, is_output_head_path,
                             last_n_modules_labels, leaf_names, matrix_labels, module_name,
                             natural_order, normalize_path, path_name)
-from stax.transforms.adam import Beta1Rule, ScaleByAdamState, adam_moments, debias_beta, scale_by_adam
-from stax.transforms.guards import NonFiniteGuardState, all_finite, nonfinite_guard
+
+# Codecs: how a moment is stored.
+from stax.codecs.accounting import state_bits_per_param
+from stax.codecs.base import (FullPrecision, MomentCodec, MomentStorage, SeparateStorage,
+                              full_precision_storage)
+from stax.codecs.block_signed import BlockSignedCodec
+from stax.codecs.log_quant import LogQuantCodec
+from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage
+from stax.codecs.turbo import TurboAdam02Storage
 
 __version__ = "0.1.0"

@@ -10,6 +10,10 @@ parameter leaf it asks a :class:`MomentStorage` for
   ``uint32[2]`` PRNG key for stochastic rounding (derived from the key in the Adam state, the
   step count and the leaf index) or ``None`` when ``needs_key`` is False.
 
+Optionally a storage defines ``project(mu, nu) -> (mu, nu)``: the Adam core then forms its
+update from the projected new moments (STAMLite's per-tensor RMS uses it: the update must use
+what the storage keeps, one mean of v per tensor, not the exact elementwise v).
+
 The two moments are read and written *together* because some codecs store one moment relative to
 the other (TurboAdam 0.2.0's "UState" stores m as the normalised update and decodes it with v).
 Codecs that store each moment on its own compose with :class:`SeparateStorage`.

@@ -1,0 +1,184 @@
+r"""TurboAdam 0.2.0's "1Q" log-scale second-moment codec (``v_bits`` ∈ {2, 3, 4, 6, 8}).
+
+Per block of ``block_size`` elements along the last axis:
+
+* endpoints :math:`\ell_{min}, \ell_{max}` = min/max of :math:`\log v` (v clamped to
+  [1e-38, f32 max]), capped at 88.6875 and stored as float16 **rounded outward** (one fp16 ulp
+  down/up when round-to-nearest moved them inward), so both block extremes are representable;
+* :math:`2^b` levels including both endpoints,
+  :math:`v_k = \exp(\ell_{min} + k(\ell_{max}-\ell_{min})/(2^b-1))`;
+* stochastic rounding **unbiased in the value domain**: between the two neighbouring levels
+  :math:`v_{lo} \le v \le v_{hi}` the code goes up with probability
+  :math:`(v - v_{lo})/(v_{hi}-v_{lo})`, so :math:`E[\hat v] = v`; no code maps to zero;
+* codes packed little-endian along the last axis (:mod:`stax.codecs.packing`).
+
+State per leaf: :class:`LogQuantState` ``(codes uint8[..., n_pad·b/8], scales float16[..., nb, 2])``
+with ``n_pad`` the last axis padded to a block multiple (padding repeats the minimum of the last
+partial block, as the seed does, so it never moves a block's range). With the last axis a multiple
+of ``block_size`` (or a 1-D tensor), the flattened arrays equal TurboAdam 0.2.0's ``indices`` and
+``scales`` bit for bit. Initial value: both endpoints fp16(log 1e-30) = -69.0625, codes 0.
+
+Reference: ``turboadam`` 0.2.0 ``quantize.py`` (``quantize_logscale``, ``dequantize_logscale``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stax.codecs import _layout as L
+from stax.codecs.packing import pack_bits, packed_length, unpack_bits
+from stax.codecs.rng import counter_uniform, flat_index
+
+__all__ = ["V_BITS", "LogQuantState", "LogQuantCodec", "log_init", "log_decode", "log_encode",
+           "MIN_POSITIVE", "MAX_LOG_FP16"]
+
+V_BITS = (2, 3, 4, 6, 8)
+MIN_POSITIVE = 1.0e-38
+MAX_LOG_FP16 = 88.6875
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_LOG_MIN_POSITIVE = float(np.float32(math.log(MIN_POSITIVE)))
+
+
+class LogQuantState(NamedTuple):
+  """Packed log-scale codes and per-block fp16 log endpoints."""
+
+  codes: jax.Array
+  scales: jax.Array
+
+
+def _dims(n: int, block_size: int):
+  nb = L.num_blocks(n, block_size)
+  return nb, nb * block_size
+
+
+def log_init(param: Any, bits: int, block_size: int, initial_value: float = 1e-30) -> LogQuantState:
+  """Encoded constant ``initial_value`` for a moment of ``param``'s shape (rank >= 1)."""
+  shape = tuple(param.shape)
+  nb, n_pad = _dims(shape[-1], block_size)
+  lv = math.log(max(float(initial_value), MIN_POSITIVE))
+  codes = L.zeros_following(param, shape[:-1] + (packed_length(n_pad, bits),), jnp.uint8)
+  scales = L.zeros_following(param, shape[:-1] + (nb, 2), jnp.float16, fill=np.float16(lv))
+  return LogQuantState(codes, scales)
+
+
+def log_decode(state: LogQuantState, bits: int, block_size: int, n: int) -> jax.Array:
+  """float32 ``v`` of last-axis length ``n``."""
+  nb, n_pad = _dims(n, block_size)
+  idx = unpack_bits(state.codes, bits, n_pad).astype(jnp.float32)
+  coord = idx / jnp.float32((1 << bits) - 1)
+  coord = L.split_last(coord, (nb, block_size))
+  lmin = state.scales[..., 0:1].astype(jnp.float32)
+  lmax = state.scales[..., 1:2].astype(jnp.float32)
+  # never zero: levels below the smallest normal float32 (flushed to 0 by XLA) decode to it
+  v = jnp.maximum(jnp.exp(lmin + coord * (lmax - lmin)), jnp.float32(_F32_TINY))
+  v = L.merge_last(v, 2)
+  return v[..., :n] if n != n_pad else v
+
+
+def _outward_fp16(log_min: jax.Array, log_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+  log_min = jnp.minimum(log_min, MAX_LOG_FP16)
+  log_max = jnp.minimum(log_max, MAX_LOG_FP16)
+  min_h = log_min.astype(jnp.float16)
+  max_h = log_max.astype(jnp.float16)
+  dynamic = log_max > log_min
+  min_out = jnp.nextafter(min_h, jnp.full_like(min_h, -jnp.inf))
+  max_out = jnp.minimum(jnp.nextafter(max_h, jnp.full_like(max_h, jnp.inf)),
+                        jnp.float16(MAX_LOG_FP16))
+  min_h = jnp.where(dynamic & (min_h.astype(jnp.float32) > log_min), min_out, min_h)
+  max_h = jnp.where(dynamic & (max_h.astype(jnp.float32) < log_max), max_out, max_h)
+  return min_h, max_h
+
+
+def pad_blocks(v: jax.Array, block_size: int) -> jax.Array:
+  """Pads the last axis to a block multiple with the min of each row's last partial block."""
+  n = v.shape[-1]
+  nb, n_pad = _dims(n, block_size)
+  if n_pad == n:
+    return v
+  tail = v[..., (nb - 1) * block_size:]
+  return L.pad_last(v, n_pad, jnp.min(tail, axis=-1, keepdims=True))
+
+
+def log_encode(v: jax.Array, bits: int, block_size: int,
+               uniform: Optional[jax.Array] = None) -> LogQuantState:
+  """Encodes float32 ``v`` (last axis ``n``); ``uniform`` (shape ``(..., n_pad)``) gives
+  stochastic rounding, ``None`` rounds to the nearest level in log space."""
+  n = v.shape[-1]
+  nb, n_pad = _dims(n, block_size)
+  intervals = (1 << bits) - 1
+  blocks = L.split_last(pad_blocks(v.astype(jnp.float32), block_size), (nb, block_size))
+  blocks = jnp.minimum(jnp.maximum(blocks, jnp.float32(MIN_POSITIVE)), jnp.float32(_F32_MAX))
+  # XLA on CPU flushes float32 denormals (1e-38 is one) to zero; clamp the log as the seed's
+  # log(1e-38) so the block minimum stays finite.
+  logb = jnp.maximum(jnp.log(blocks), jnp.float32(_LOG_MIN_POSITIVE))
+  min_h, max_h = _outward_fp16(jnp.min(logb, axis=-1), jnp.max(logb, axis=-1))
+  scales = jnp.stack([min_h, max_h], axis=-1)
+  lmin = min_h.astype(jnp.float32)[..., None]
+  lmax = max_h.astype(jnp.float32)[..., None]
+  step = (lmax - lmin) / jnp.float32(intervals)
+  position = jnp.clip((logb - lmin) / jnp.maximum(step, jnp.float32(1e-10)), 0.0, float(intervals))
+  if uniform is None:
+    idx = jnp.clip(jnp.floor(position + 0.5), 0, intervals)
+  else:
+    lower = jnp.clip(jnp.floor(position), 0, intervals)
+    upper = jnp.minimum(lower + 1.0, float(intervals))
+    lo_v = jnp.exp(lmin + lower * step)
+    hi_v = jnp.exp(lmin + upper * step)
+    p_up = jnp.clip((blocks - lo_v) / jnp.maximum(hi_v - lo_v, jnp.float32(_F32_TINY)), 0.0, 1.0)
+    p_up = jnp.where(upper > lower, p_up, 0.0)
+    u = L.split_last(uniform, (nb, block_size))
+    idx = lower + (u < p_up).astype(jnp.float32)
+  codes = pack_bits(L.merge_last(idx.astype(jnp.uint8), 2), bits)
+  return LogQuantState(codes, scales)
+
+
+def counter_uniform_like(shape: tuple, seed: jax.Array) -> jax.Array:
+  """The seed's antithetic counter uniforms over a row-major layout of ``shape``."""
+  return counter_uniform(flat_index(shape), seed)
+
+
+def key_to_seed(key: jax.Array) -> jax.Array:
+  """A uint32 stream seed from a raw ``uint32[2]`` per-leaf key (both words mixed)."""
+  k = jnp.asarray(key, jnp.uint32)
+  return k[..., 0] ^ (k[..., 1] * jnp.uint32(0x9E3779B9))
+
+
+class LogQuantCodec(NamedTuple):
+  """The 1Q log codec as a :class:`~stax.codecs.base.MomentCodec` (for ``SeparateStorage``).
+
+  Args:
+    bits: ``v_bits`` in {2, 3, 4, 6, 8} (default 4).
+    block_size: elements per block along the last axis (default 128).
+    stochastic: value-unbiased stochastic rounding (default True) or nearest in log space.
+
+  The random stream is the seed's counter hash keyed by a 32-bit seed drawn from the per-leaf
+  key the Adam core passes (state key folded with the step and the leaf index).
+  """
+
+  bits: int = 4
+  block_size: int = 128
+
+  stochastic: bool = True
+
+  @property
+  def needs_key(self) -> bool:
+    return self.stochastic
+
+  def init(self, param):
+    return log_init(param, self.bits, self.block_size)
+
+  def decode(self, encoded, like):
+    return log_decode(encoded, self.bits, self.block_size, like.shape[-1])
+
+  def encode(self, value, key):
+    uniform = None
+    if self.stochastic:
+      nb, n_pad = _dims(value.shape[-1], self.block_size)
+      uniform = counter_uniform_like(value.shape[:-1] + (n_pad,), key_to_seed(key))
+    return log_encode(value, self.bits, self.block_size, uniform)

@@ -1,0 +1,82 @@
+"""Little-endian n-bit packing along the last axis (TurboAdam 0.2.0's stream format).
+
+Value ``k`` of a row occupies bits ``[k·b, (k+1)·b)`` of the row's little-endian bit stream and
+byte ``j`` holds stream bits ``[8j, 8j+8)``. For the widths TurboAdam 0.2.0 uses this is exactly
+its format: 2-bit packs 4 values per byte with element 0 in the low bits, 4-bit packs the low
+nibble first, 3-bit packs 8 values into 3 bytes, 6-bit packs 4 values into 3 bytes, 8-bit is one
+value per byte. Packing happens per row (along the last axis only), so a packed array keeps the
+parameter's rank; flattened, it equals the seed's packing of the flattened tensor whenever each
+row's bit length is a multiple of 8.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from stax.codecs.packing import pack_bits, unpack_bits
+  >>> codes = jnp.array([[1, 2, 3, 0]], jnp.uint8)
+  >>> packed = pack_bits(codes, 2)            # one byte: 1 | 2<<2 | 3<<4 | 0<<6 = 57
+  >>> unpack_bits(packed, 2, 4).tolist()
+  [[1, 2, 3, 0]]
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from stax.codecs._layout import merge_last, pad_last, split_last
+
+__all__ = ["SUPPORTED_BITS", "packed_length", "pack_bits", "unpack_bits"]
+
+SUPPORTED_BITS = (1, 2, 3, 4, 6, 8)
+
+
+def _group(bits: int) -> tuple[int, int]:
+  """(values per group, bytes per group): the smallest whole-byte group."""
+  if bits not in SUPPORTED_BITS:
+    raise ValueError(f"`bits` must be one of {SUPPORTED_BITS}, got {bits!r}.")
+  nbytes = math.lcm(8, bits) // 8
+  return nbytes * 8 // bits, nbytes
+
+
+def packed_length(n: int, bits: int) -> int:
+  """Bytes that ``n`` values of ``bits`` bits occupy: ``ceil(n·bits/8)``."""
+  _group(bits)
+  return -(-n * bits // 8)
+
+
+def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
+  """Packs integer codes ``[..., n]`` (each < 2**bits) into ``uint8[..., ceil(n·bits/8)]``."""
+  g, nbytes = _group(bits)
+  n = codes.shape[-1]
+  out_len = packed_length(n, bits)
+  if bits == 8:
+    return codes.astype(jnp.uint8)
+  ng = -(-n // g)
+  x = pad_last(codes.astype(jnp.uint32), ng * g, 0)
+  x = split_last(x, (ng, g))
+  shifts = jnp.arange(g, dtype=jnp.uint32) * jnp.uint32(bits)
+  word = jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32)          # fields do not overlap
+  byte_shifts = jnp.arange(nbytes, dtype=jnp.uint32) * jnp.uint32(8)
+  by = ((word[..., None] >> byte_shifts) & jnp.uint32(0xFF)).astype(jnp.uint8)
+  by = merge_last(by, 2)
+  return by[..., :out_len] if by.shape[-1] != out_len else by
+
+
+def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
+  """Inverse of :func:`pack_bits`: ``uint8[..., ceil(n·bits/8)] -> uint8[..., n]``."""
+  g, nbytes = _group(bits)
+  if packed.shape[-1] != packed_length(n, bits):
+    raise ValueError(f"packed last axis must have {packed_length(n, bits)} bytes for n={n} "
+                     f"at {bits} bits, got {packed.shape[-1]}.")
+  if bits == 8:
+    return packed.astype(jnp.uint8)
+  ng = -(-n // g)
+  x = pad_last(packed.astype(jnp.uint32), ng * nbytes, 0)
+  x = split_last(x, (ng, nbytes))
+  byte_shifts = jnp.arange(nbytes, dtype=jnp.uint32) * jnp.uint32(8)
+  word = jnp.sum(x << byte_shifts, axis=-1, dtype=jnp.uint32)
+  shifts = jnp.arange(g, dtype=jnp.uint32) * jnp.uint32(bits)
+  vals = ((word[..., None] >> shifts) & jnp.uint32((1 << bits) - 1)).astype(jnp.uint8)
+  vals = merge_last(vals, 2)
+  return vals[..., :n] if vals.shape[-1] != n else vals

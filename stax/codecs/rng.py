@@ -1,0 +1,69 @@
+"""TurboAdam 0.2.0's counter-hash RNG, bit for bit, in uint32 jnp arithmetic.
+
+* ``mix32``: ``x ^= x>>16; x *= 0x7FEB352D; x ^= x>>15; x *= 0x846CA68B; x ^= x>>16`` (mod 2**32).
+* ``counter_uniform(index, seed)``: antithetic pairs; element ``i`` hashes ``key = i // 2`` as
+  ``mix32(key ^ seed)``, takes the top 24 bits ``u = (x >> 8)·2**-24`` and returns ``u`` for even
+  ``i`` and ``min(1 - u, 1 - 2**-24)`` for odd ``i``.
+* ``seed_for(seed, step, group, param, stream)``: the per-tensor seed mixed from the optimizer
+  seed, the step (1-based), the group and parameter indices and the stream (1: m, 2: v) with the
+  constants 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2D.
+
+The element index is the position in the row-major *padded* layout ``(..., n_pad)``; it equals the
+seed's flat index whenever the last axis is a multiple of the block size (or the tensor is 1-D).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["mix32", "counter_uniform", "seed_for", "flat_index", "seed_from_key"]
+
+_U32 = jnp.uint32
+
+
+def mix32(x: jax.Array) -> jax.Array:
+  x = jnp.asarray(x, _U32)
+  x = x ^ (x >> _U32(16))
+  x = x * _U32(0x7FEB352D)
+  x = x ^ (x >> _U32(15))
+  x = x * _U32(0x846CA68B)
+  return x ^ (x >> _U32(16))
+
+
+def counter_uniform(index: jax.Array, seed: jax.Array, antithetic: bool = True) -> jax.Array:
+  """float32 uniforms in [0, 1) for uint32 element indices ``index`` (any shape)."""
+  index = jnp.asarray(index, _U32)
+  key = index >> _U32(1) if antithetic else index
+  x = mix32(key ^ jnp.asarray(seed, _U32))
+  base = (x >> _U32(8)).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+  if not antithetic:
+    return base
+  odd = (index & _U32(1)) == _U32(1)
+  return jnp.where(odd, jnp.minimum(jnp.float32(1.0) - base, jnp.float32(1.0 - 2.0 ** -24)), base)
+
+
+def seed_for(seed: jax.Array, step: jax.Array, group_index: int, param_index: int,
+             stream: int) -> jax.Array:
+  """The seed of one tensor and stream at 1-based ``step`` (uint32 scalar)."""
+  v = jnp.asarray(seed, _U32)
+  v = v ^ (jnp.asarray(step).astype(_U32) * _U32(0x9E3779B9))
+  v = v ^ _U32(((group_index + 1) * 0x85EBCA6B) & 0xFFFFFFFF)
+  v = v ^ _U32(((param_index + 1) * 0xC2B2AE35) & 0xFFFFFFFF)
+  v = v ^ _U32((stream * 0x27D4EB2D) & 0xFFFFFFFF)
+  return mix32(v)
+
+
+def flat_index(shape: tuple, like=None) -> jax.Array:
+  """uint32 row-major flat index of every element of ``shape``."""
+  idx = jnp.zeros(shape, _U32)
+  stride = 1
+  for ax in range(len(shape) - 1, -1, -1):
+    idx = idx + jax.lax.broadcasted_iota(_U32, shape, ax) * _U32(stride & 0xFFFFFFFF)
+    stride *= shape[ax]
+  return idx
+
+
+def seed_from_key(key: jax.Array) -> jax.Array:
+  """The 32-bit seed held in a raw ``uint32[2]`` key made by ``PRNGKey(seed)`` (its low word)."""
+  return jnp.asarray(key, _U32)[..., -1]

@@ -1,0 +1,308 @@
+r"""OAdamW — StableAdamW with Newton–Schulz orthogonalisation for matrices (seed: ``jeb1399/OAdamW``),
+and the StableAdamW core alone (:func:`stable_adamw`, ``torch-optimi``'s ``StableAdamW``).
+
+``stax.oadamw(muon="momentum")`` (default) is **real Muon** on the matrix leaves and StableAdamW
+on the rest:
+
+.. math::
+  \text{matrices: } M_t = \mu M_{t-1} + G_t,\ \ O_t = \mathrm{NS}(G_t + \mu M_t\ \text{(Nesterov)}),\ \
+  W \leftarrow W - \eta\,(\mathrm{scale}\cdot 0.2\sqrt{\max(m,n)}\,O_t + \lambda W)
+
+  \text{others: StableAdamW (debiased betas, per-tensor RMS-clipped learning rate).}
+
+The ``0.2·sqrt(max(m, n))`` factor (Moonlight) gives the orthogonalised update the RMS of a
+typical AdamW update, so AdamW's learning rate and weight decay carry over; ``scale`` multiplies
+it (the seed's ``scale`` was dead code).
+
+``muon="gradient"`` is the seed's behaviour: ``NS`` of the raw gradient of each step is fed
+into the StableAdamW moments (Adam's element-wise normalisation then removes most of the
+orthogonal geometry). ``update_proj_gap=k`` there refreshes the orthogonaliser every ``k``
+steps and applies the cached one to the *current* gradient in between (see
+:func:`stax.scale_by_orthogonalization`); the seed instead returned a stale orthogonalised
+gradient and threw the current one away.
+
+Grouping (``grouping=``): ``"auto"`` (default) sends a leaf to the matrix path when it has
+``ndim >= 2``, its path is not excluded (``exclude``: embeddings and output heads by default,
+see :func:`stax.is_embedding_path`, :func:`stax.is_output_head_path`) and both sides of its
+matrix view (under ``dimension_numbers``) are at least ``min_dim``; ``"seed"`` reproduces the
+seed's rule (every ``ndim >= 2`` leaf, embeddings and heads included). Conv kernels and stacked
+layers go through dimension numbers instead of crashing as in the seed. ``labels=`` overrides
+both with a pytree / callable of ``"muon"``/``"adam"``.
+
+Weight decay applies to every leaf by default (the seed's and optimi's behaviour; pass
+``weight_decay_mask`` to exempt biases and norms). ``kahan_sum`` (``None``: on for bf16/fp16
+leaves) compensates the final update of low-precision parameters (:func:`stax.kahan_summation`).
+
+References:
+  The ``OAdamW`` repository (jeb1399/OAdamW); ``torch-optimi`` ``StableAdamW``;
+  Jordan et al. 2024 (Muon); Liu et al. 2025, `Muon is Scalable for LLM Training
+  <https://arxiv.org/abs/2502.16982>`_.
+
+Example:
+  >>> import jax, jax.numpy as jnp, stax
+  >>> params = {"embed": {"embedding": jnp.ones((32, 16))},
+  ...           "mlp": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}}
+  >>> tx = stax.oadamw(1e-3, weight_decay=1e-2)
+  >>> stax.oadamw_labels(params)["mlp"]["kernel"]
+  'muon'
+  >>> state = tx.init(params)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stax import _validation as V
+from stax import partition
+from stax.transforms.guards import nonfinite_guard
+from stax.transforms.kahan import kahan_summation
+from stax.transforms.orthogonalize import (ORTHOGONALIZE_MODES, SHAPE_SCALES, matrix_shape,
+                                           ns_coefficients, resolve_dimension_numbers,
+                                           scale_by_orthogonalization)
+from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_adam
+
+__all__ = ["oadamw", "stable_adamw", "oadamw_labels", "MUON_MODES", "GROUPINGS"]
+
+MUON, ADAM = "muon", "adam"
+MUON_MODES = ("momentum", "gradient", "off")
+GROUPINGS = ("auto", "seed")
+
+
+def _max_lr(learning_rate, decouple_lr, max_lr):
+  if not decouple_lr or max_lr is not None:
+    return max_lr
+  if callable(learning_rate):
+    raise ValueError("`max_lr` must be given when `decouple_lr=True` and `learning_rate` is a "
+                     "schedule (the maximum scheduled learning rate, > 0).")
+  return learning_rate
+
+
+def _check_common(learning_rate, betas, eps, weight_decay, kahan_sum):
+  V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
+  if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
+  V.check_betas(**{"betas[0] (beta1)": betas[0], "betas[1] (beta2)": betas[1]})
+  V.check_number("eps", eps, low=0.0)
+  V.check_number("weight_decay", weight_decay, low=0.0)
+  if kahan_sum not in (None, True, False):
+    raise TypeError(f"`kahan_sum` must be None, True or False, got {kahan_sum!r}.")
+
+
+def stable_adamw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    betas: Sequence[float] = (0.9, 0.99),
+    eps: float = 1e-6,
+    weight_decay: float = 1e-2,
+    *,
+    decouple_lr: bool = False,
+    max_lr: Optional[float] = None,
+    kahan_sum: Optional[bool] = None,
+    kahan_dtype: Any = None,
+    weight_decay_mask: Optional[Any | Callable[[Any], Any]] = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+  r"""StableAdamW (``torch-optimi`` 0.3.3 semantics) on the shared Adam core.
+
+  See :mod:`stax.transforms.stable` for the equations. With ``nonfinite="ignore"`` and float32
+  parameters it reproduces ``optimi.StableAdamW`` (tested over 200 steps to 1e-6).
+
+  Args:
+    learning_rate: η >= 0 or a schedule (default 1e-3).
+    betas: (β1, β2), each in [0, 1) (default (0.9, 0.99), optimi's).
+    eps: >= 0 (default 1e-6).
+    weight_decay: λ >= 0, decoupled (multiplied by the clipped learning rate) (default 1e-2).
+    decouple_lr: fully decoupled decay ``λ·η_t/max_lr`` (default False).
+    max_lr: maximum scheduled learning rate > 0 for ``decouple_lr`` (default: ``learning_rate``
+      when it is a number; required with a schedule).
+    kahan_sum: ``None`` (default) or ``True``: Kahan-compensated updates for bf16/fp16 leaves;
+      ``False``: off.
+    kahan_dtype: compensation-buffer dtype (default: the parameter's, as optimi).
+    weight_decay_mask: pytree or callable of booleans (default: every leaf decays, as optimi).
+    mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi).
+    nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> tx = stax.stable_adamw(1e-3, weight_decay=1e-2)
+    >>> state = tx.init({"w": jnp.ones(3)})
+  """
+  _check_common(learning_rate, betas, eps, weight_decay, kahan_sum)
+  max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
+  tx = optax.chain(
+      scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
+                           mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
+                           mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+      optax.scale_by_learning_rate(learning_rate),
+      kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
+  )
+  return nonfinite_guard(tx, nonfinite)
+
+
+def oadamw_labels(params: Any, *, grouping: str = "auto",
+                  exclude: Sequence[Callable[[str], bool]] = (partition.is_embedding_path,
+                                                              partition.is_output_head_path),
+                  min_dim: int = 4, dimension_numbers: Any = None) -> Any:
+  """``"muon"``/``"adam"`` per leaf, as :func:`oadamw` groups them (see the module docstring)."""
+  V.check_choice("grouping", grouping, GROUPINGS)
+  V.check_int("min_dim", min_dim, low=1)
+  if grouping == "seed":
+    return partition.matrix_labels(params, exclude=(), min_dim=1, matrix_label=MUON,
+                                   other_label=ADAM)
+  cand = partition.matrix_labels(params, exclude=tuple(exclude), min_dim=1, matrix_label=MUON,
+                                 other_label=ADAM)
+
+  def refine(path, x, lab):
+    if lab != MUON:
+      return ADAM
+    d = resolve_dimension_numbers(dimension_numbers, path, x)
+    if d is None:
+      return ADAM
+    _, m, n = matrix_shape(np.shape(x), d)
+    return MUON if min(m, n) >= min_dim else ADAM
+
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  labs = treedef.flatten_up_to(cand)
+  return jax.tree.unflatten(treedef, [refine(p, x, l) for (p, x), l in zip(flat, labs)])
+
+
+def oadamw(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    betas: Sequence[float] = (0.9, 0.99),
+    eps: float = 1e-6,
+    weight_decay: float = 1e-2,
+    *,
+    muon: str = "momentum",
+    muon_momentum: float = 0.95,
+    muon_nesterov: bool = True,
+    decouple_lr: bool = False,
+    max_lr: Optional[float] = None,
+    kahan_sum: Optional[bool] = None,
+    kahan_dtype: Any = None,
+    ns_steps: int = 5,
+    ns_coeffs: Any = "jordan",
+    ns_eps: float = 1e-7,
+    update_proj_gap: int = 1,
+    scale: float = 1.0,
+    shape_scale: str = "match_rms",
+    rms: float = 0.2,
+    grouping: str = "auto",
+    labels: Any = None,
+    exclude: Sequence[Callable[[str], bool]] = (partition.is_embedding_path,
+                                                partition.is_output_head_path),
+    min_dim: int = 4,
+    dimension_numbers: Any = None,
+    mode: str = "per_leaf",
+    implementation: Optional[str] = None,
+    weight_decay_mask: Optional[Any | Callable[[Any], Any]] = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+  """OAdamW: Muon (or the seed's NS-then-Adam) on matrices, StableAdamW elsewhere.
+
+  Args:
+    learning_rate: η >= 0 or a schedule (default 1e-3), shared by both groups.
+    betas: StableAdamW (β1, β2) in [0, 1) (default (0.9, 0.99)).
+    eps: StableAdamW eps >= 0 (default 1e-6).
+    weight_decay: decoupled λ >= 0 for every group (default 1e-2).
+    muon: ``"momentum"`` (default, real Muon), ``"gradient"`` (the seed: NS of the gradient
+      into StableAdamW's moments) or ``"off"`` (StableAdamW everywhere).
+    muon_momentum: Muon momentum μ in [0, 1) (default 0.95; ``"momentum"`` only).
+    muon_nesterov: Nesterov momentum (default True; ``"momentum"`` only).
+    decouple_lr: fully decoupled decay ``λ·η_t/max_lr`` in both groups (default False).
+    max_lr: maximum scheduled lr > 0 (default: ``learning_rate`` when a number).
+    kahan_sum: ``None``/``True``: Kahan-compensated updates for bf16/fp16 leaves; ``False``: off.
+    kahan_dtype: compensation-buffer dtype (default: the parameter's).
+    ns_steps: Newton–Schulz iterations >= 1 (default 5; static for inject_hyperparams).
+    ns_coeffs: preset (``"jordan"`` default, ``"polar_express"``, ``"dion"``, ``"cubic"``) or
+      coefficients (:func:`stax.ns_coefficients`).
+    ns_eps: Frobenius-norm epsilon >= 0 (default 1e-7, as the seed).
+    update_proj_gap: >= 1 (default 1): refresh the orthogonaliser every k steps and apply the
+      cached one to the *current* gradient (or momentum) in between; the seed reused a stale
+      orthogonalised gradient instead (see :func:`stax.scale_by_orthogonalization`).
+    scale: multiplier >= 0 on the orthogonalised update (default 1).
+    shape_scale: ``"match_rms"`` (default, Moonlight ``rms·sqrt(max(m, n))``), ``"original"``
+      (``sqrt(max(1, fan_out/fan_in))``) or ``"none"``; ``"momentum"`` only.
+    rms: target update RMS > 0 for ``"match_rms"`` (default 0.2).
+    grouping: ``"auto"`` (default) or ``"seed"`` (every ndim >= 2 leaf).
+    labels: optional pytree or callable ``params -> pytree`` of ``"muon"``/``"adam"``
+      (overrides ``grouping``; list it in ``static_args`` of inject_hyperparams if callable).
+    exclude: path predicates sending a leaf to StableAdamW (default: embeddings, output heads).
+    min_dim: smallest matrix side >= 1 for the Muon group under ``"auto"`` (default 4).
+    dimension_numbers: :class:`stax.MatrixDimensionNumbers` or callable
+      ``(path, leaf) -> dims | None`` (default: 2-D ``(in, out)``; higher rank: leading batch
+      axes). Torch layout: ``MatrixDimensionNumbers(1, 0)``; conv:
+      :func:`stax.conv_dimension_numbers`.
+    mode: ``"per_leaf"`` (default) or ``"stacked"`` (same-shape matrices orthogonalised as one
+      batch, its stack axis sharded over an explicit mesh).
+    implementation: Newton–Schulz kernel (``"xla"``, ``"pallas"``; ``None``: ``"xla"`` until the
+      Pallas kernel is checked on a GPU).
+    weight_decay_mask: pytree or callable of booleans (default: all leaves decay, as the seed).
+    mu_dtype, nu_dtype: StableAdamW moment dtypes / Muon momentum dtype (``mu_dtype``)
+      (default: the parameter's).
+    nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  _check_common(learning_rate, betas, eps, weight_decay, kahan_sum)
+  V.check_choice("muon", muon, MUON_MODES)
+  V.check_betas(muon_momentum=muon_momentum)
+  V.check_int("ns_steps", ns_steps, low=1)
+  ns_coefficients(ns_coeffs, ns_steps)
+  V.check_number("ns_eps", ns_eps, low=0.0)
+  V.check_int("update_proj_gap", update_proj_gap, low=1)
+  V.check_number("scale", scale, low=0.0)
+  V.check_choice("shape_scale", shape_scale, SHAPE_SCALES)
+  V.check_number("rms", rms, low=0.0, low_inclusive=False)
+  V.check_choice("grouping", grouping, GROUPINGS)
+  V.check_int("min_dim", min_dim, low=1)
+  V.check_choice("mode", mode, ORTHOGONALIZE_MODES)
+  max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
+  b1, b2 = betas
+
+  def label_fn(tree):
+    if labels is not None:
+      return labels(tree) if callable(labels) else labels
+    return oadamw_labels(tree, grouping=grouping, exclude=exclude, min_dim=min_dim,
+                         dimension_numbers=dimension_numbers)
+
+  def stable(**kw):
+    return scale_by_stable_adam(b1, b2, eps, weight_decay=weight_decay, mask=weight_decay_mask,
+                                decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype,
+                                nu_dtype=nu_dtype, **kw)
+
+  def orth(**kw):
+    return scale_by_orthogonalization(ns_coeffs, ns_steps, ns_eps,
+                                      dimension_numbers=dimension_numbers, mode=mode,
+                                      implementation=implementation, scale=scale, **kw)
+
+  if muon == "off":
+    body = stable()
+  elif muon == "gradient":
+    # The seed: NS(g) feeds the StableAdamW moments of the matrix leaves.
+    body = optax.chain(
+        optax.partition({MUON: orth(shape_scale="none", update_proj_gap=update_proj_gap),
+                         ADAM: optax.identity()}, label_fn),
+        stable())
+  else:
+    muon_tx = optax.chain(
+        optax.trace(decay=muon_momentum, nesterov=muon_nesterov, accumulator_dtype=mu_dtype),
+        orth(shape_scale=shape_scale, rms=rms, update_proj_gap=update_proj_gap),
+        add_decoupled_weight_decay(weight_decay, weight_decay_mask, decouple_lr=decouple_lr,
+                                   max_lr=max_lr),
+    )
+    body = optax.partition({MUON: muon_tx, ADAM: stable()}, label_fn)
+  tx = optax.chain(
+      body,
+      optax.scale_by_learning_rate(learning_rate),
+      kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
+  )
+  return nonfinite_guard(tx, nonfinite)

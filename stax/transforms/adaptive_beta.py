@@ -1,0 +1,334 @@
+r"""Adaptive first-moment decays: :class:`~stax.transforms.adam.Beta1Rule` s for the Adam core.
+
+A rule returns one :math:`\beta_{1}` per leaf (a scalar per tensor) from the gradient ``g`` and
+the decoded previous first moment ``m``; the Adam core (:func:`stax.scale_by_adam` with
+``bias_correction="product"``) uses it in :math:`m \leftarrow \beta_1 m + (1-\beta_1) g` and
+corrects the bias with :math:`1-\prod_i \beta_{1,i}`. Every rule keeps its per-leaf statistics as
+float32 scalars in the Adam state (``b1_state``), including the last :math:`\beta_1` it returned
+(read it with :func:`stax.stam_beta1`).
+
+Three rules, all with the bounds :math:`[\beta_{lo}, \beta_{hi}] = [\max(0.5,
+\beta_{base}(1-\alpha)), \beta_{base}]` unless ``b1_min`` overrides the lower one:
+
+* :func:`residual_variance_beta1` — STAM's rule, exactly as ``stam-optimizer`` 0.1.0 codes it
+  (``core/stam.py``). With :math:`r = g - m`,
+
+  .. math::
+    \sigma^2 \leftarrow \beta_2\sigma^2 + (1-\beta_2)\,\mathrm{mean}(r^2),\quad
+    \tau \leftarrow \rho_\tau\tau + (1-\rho_\tau)\,\mathrm{mean}|r|,\quad
+    z = \max(\sigma^2/(\tau^2+10^{-8}), 0),\quad
+    \beta_1 = \mathrm{clip}(\beta_{base}(1-\alpha\,z/(1+z)), \beta_{lo}, \beta_{hi})
+
+  and :math:`\beta_1 = \beta_{base}` (the *largest* momentum) when :math:`\sigma^2` is not finite
+  or :math:`\sigma^2 \ge \text{threshold}\cdot(\tau^2+10^{-8})` (the seed's README says the
+  variance is capped there; its code does this instead, and stax follows the code). Known
+  behaviour, kept for parity: :math:`z \to E[r^2]/E|r|^2 \ge 1` whatever the signal-to-noise, so
+  :math:`\beta_1` settles near 0.79 for Gaussian residuals, and the hard-coded :math:`10^{-8}`
+  makes it depend on the absolute gradient scale (stuck at :math:`\beta_{base}` for
+  :math:`|g|\sim 10^{-6}`).
+* :func:`spatial_variance_beta1` — STAMLite's lazy rule (``core/stam_lite.py``): EMAs (decay
+  :math:`\rho`) of the *spatial* ``mean(g)`` and ``mean(g^2)``, bias-corrected with
+  :math:`1-\rho^{t}+\epsilon`, :math:`z = \max(\hat q - \hat a^2, 0)/(\hat q + \epsilon)`, the
+  same map and clip, a non-finite candidate falls back to :math:`\beta_{base}`, and
+  :math:`\beta_1` is refreshed only on steps ``0, k, 2k, ...`` (kept otherwise).
+* :func:`snr_beta1` — the improved rule (stax): :math:`\beta_1` is a function of the residual's
+  signal-to-noise ratio only. With EMAs (decay :math:`\rho`) :math:`G` of ``mean(g^2)`` and
+  :math:`R` of ``mean(r^2)``, where :math:`r = g - \hat m` is the residual against the
+  *bias-corrected* previous momentum,
+
+  .. math::
+    \mathrm{snr} = (G - R)/R,\qquad w = \frac{\mathrm{snr}}{1+\mathrm{snr}} =
+    \mathrm{clip}(1 - R/G,\, 0,\, 1),\qquad \beta_1 = \beta_{lo} + (\beta_{hi}-\beta_{lo})\,w.
+
+  Both EMAs are quadratic in the gradient and share one decay (their start-up bias cancels), and
+  there is no absolute constant, so :math:`\beta_1` is invariant to the gradient's scale. For a
+  constant gradient the residual vanishes and :math:`\beta_1 \to \beta_{hi}`; for pure noise
+  :math:`R \approx 2G/(1+\beta_1) \ge G`, so :math:`\beta_1 = \beta_{lo}`. For
+  :math:`g = \mu + \text{noise}` with per-element SNR :math:`\mu^2/\sigma^2 = S`,
+  :math:`w \approx 1 - \frac{2}{1+\beta_1}\frac{1}{1+S}` rises monotonically with S.
+  ``G = 0`` (no gradient seen yet) or a non-finite ratio gives :math:`\beta_{hi}`.
+
+References:
+  The ``stam-optimizer`` 0.1.0 package (A. Sabry, https://github.com/assemsabry/stam), its code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from stax.transforms.adam import Beta1Rule
+
+__all__ = [
+    "ResidualVarianceState",
+    "SpatialVarianceState",
+    "SNRState",
+    "BETA1_STATES",
+    "beta1_bounds",
+    "residual_variance_beta1",
+    "spatial_variance_beta1",
+    "snr_beta1",
+    "find_beta1",
+]
+
+_F32 = jnp.float32
+
+
+class ResidualVarianceState(NamedTuple):
+  """State of :func:`residual_variance_beta1` (one float32 scalar per leaf in each field).
+
+  Attributes:
+    sigma_sq: EMA (decay ``b2``) of ``mean(r**2)``.
+    tau: EMA (decay ``tau_decay``) of ``mean(|r|)``.
+    beta1: the beta1 of the last step (``b1_base`` before the first).
+  """
+
+  sigma_sq: Any
+  tau: Any
+  beta1: Any
+
+
+class SpatialVarianceState(NamedTuple):
+  """State of :func:`spatial_variance_beta1` (float32 scalars per leaf).
+
+  Attributes:
+    grad_mean: EMA of ``mean(g)``.
+    grad_sq_mean: EMA of ``mean(g**2)``.
+    beta1: the current (lazily refreshed) beta1, ``b1_base`` at init.
+  """
+
+  grad_mean: Any
+  grad_sq_mean: Any
+  beta1: Any
+
+
+class SNRState(NamedTuple):
+  """State of :func:`snr_beta1` (float32 scalars per leaf).
+
+  Attributes:
+    grad_sq: EMA of ``mean(g**2)`` (G).
+    resid_sq: EMA of ``mean(r**2)`` with ``r = g - m_hat`` (R).
+    b1_prod: product of the beta1s returned so far (to bias-correct ``m``).
+    beta1: the current beta1, the upper bound at init.
+  """
+
+  grad_sq: Any
+  resid_sq: Any
+  b1_prod: Any
+  beta1: Any
+
+
+BETA1_STATES = (ResidualVarianceState, SpatialVarianceState, SNRState)
+
+
+def beta1_bounds(b1_base: Any, adapt_strength: Any, b1_min: Any = None):
+  """``(lower, upper)``: ``(max(0.5, b1_base·(1-adapt_strength)), b1_base)``, or ``b1_min``."""
+  hi = jnp.asarray(b1_base, _F32)
+  if b1_min is None:
+    lo = jnp.maximum(jnp.asarray(0.5, _F32), hi * (1.0 - jnp.asarray(adapt_strength, _F32)))
+  else:
+    lo = jnp.asarray(b1_min, _F32)
+  return lo, hi
+
+
+def _scalars(params, value):
+  return jax.tree.map(lambda _: jnp.full([], value, _F32), params)
+
+
+def _f32(x):
+  return jnp.asarray(x).astype(_F32)
+
+
+def residual_variance_beta1(
+    b1_base: Any = 0.9,
+    adapt_strength: Any = 0.2,
+    b2: Any = 0.999,
+    tau_decay: Any = 0.99,
+    fallback_threshold: Any = 100.0,
+    b1_min: Any = None,
+) -> Beta1Rule:
+  """STAM's adaptive beta1 (faithful to ``stam-optimizer`` 0.1.0's code; see module docstring).
+
+  Args:
+    b1_base: the upper bound and fallback value, in (0, 1) (default 0.9).
+    adapt_strength: α in [0, 0.5] (default 0.2).
+    b2: decay of the σ² EMA (STAM shares Adam's b2), in (0, 1) (default 0.999).
+    tau_decay: decay of the τ EMA, in [0, 1) (default 0.99).
+    fallback_threshold: σ² >= threshold·(τ²+1e-8) falls back to ``b1_base`` (default 100).
+    b1_min: lower bound (default ``None``: ``max(0.5, b1_base·(1-adapt_strength))``).
+
+  Returns:
+    A :class:`~stax.transforms.adam.Beta1Rule` with state :class:`ResidualVarianceState`.
+  """
+
+  def init(params):
+    return ResidualVarianceState(_scalars(params, 0.0), _scalars(params, 0.0),
+                                 jax.tree.map(lambda _: _f32(b1_base), params))
+
+  def leaf(g, m, s, t):
+    base = _f32(b1_base)
+    if g.size == 0:  # the seed's mean() of an empty leaf is NaN forever; stax keeps it inert
+      return base, s, t
+    b2_ = _f32(b2)
+    td = _f32(tau_decay)
+    r = _f32(g) - _f32(m)
+    sigma_sq = b2_ * s + (1.0 - b2_) * jnp.mean(r ** 2)
+    tau = td * t + (1.0 - td) * jnp.mean(jnp.abs(r))
+    scale = tau ** 2 + 1e-8
+    fallback = jnp.logical_or(~jnp.isfinite(sigma_sq),
+                              ~(sigma_sq < _f32(fallback_threshold) * scale))
+    z = jnp.maximum(sigma_sq / scale, 0.0)
+    s_ = z / (1.0 + z)
+    lo, hi = beta1_bounds(base, adapt_strength, b1_min)
+    b1 = jnp.clip(base * (1.0 - _f32(adapt_strength) * s_), lo, hi)
+    return jnp.where(fallback, base, b1), sigma_sq, tau
+
+  def update(grads, mu, state, count):
+    del count
+    g_l, treedef = jax.tree.flatten(grads)
+    out = [leaf(g, m, s, t) for g, m, s, t in zip(
+        g_l, treedef.flatten_up_to(mu), treedef.flatten_up_to(state.sigma_sq),
+        treedef.flatten_up_to(state.tau))]
+    b1 = jax.tree.unflatten(treedef, [o[0] for o in out])
+    return b1, ResidualVarianceState(jax.tree.unflatten(treedef, [o[1] for o in out]),
+                                     jax.tree.unflatten(treedef, [o[2] for o in out]), b1)
+
+  return Beta1Rule(init, update)
+
+
+def _lazy(count, interval, candidate, previous):
+  return jnp.where(jnp.asarray(count) % jnp.asarray(interval) == 0, candidate, previous)
+
+
+def spatial_variance_beta1(
+    b1_base: Any = 0.9,
+    adapt_strength: Any = 0.2,
+    moment_decay: Any = 0.99,
+    interval: Any = 5,
+    eps: Any = 1e-8,
+    b1_min: Any = None,
+) -> Beta1Rule:
+  """STAMLite's lazy spatial-variance beta1 (faithful to ``stam-optimizer`` 0.1.0).
+
+  Args:
+    b1_base: upper bound and fallback, in (0, 1) (default 0.9).
+    adapt_strength: α in [0, 0.5] (default 0.2).
+    moment_decay: ρ of the ``mean(g)`` / ``mean(g**2)`` EMAs, in (0, 1) (default 0.99).
+    interval: beta1 is recomputed on steps ``0, k, 2k, ...``, k >= 1 (default 5).
+    eps: added to the bias correction and to the normaliser (default 1e-8).
+    b1_min: lower bound (default ``None``: ``max(0.5, b1_base·(1-adapt_strength))``).
+
+  Returns:
+    A :class:`~stax.transforms.adam.Beta1Rule` with state :class:`SpatialVarianceState`.
+  """
+
+  def init(params):
+    return SpatialVarianceState(_scalars(params, 0.0), _scalars(params, 0.0),
+                                jax.tree.map(lambda _: _f32(b1_base), params))
+
+  def leaf(g, a, q, b_prev, count):
+    base = _f32(b1_base)
+    if g.size == 0:
+      return b_prev, a, q
+    rho = _f32(moment_decay)
+    e = _f32(eps)
+    g = _f32(g)
+    a = rho * a + (1.0 - rho) * jnp.mean(g)
+    q = rho * q + (1.0 - rho) * jnp.mean(g ** 2)
+    c = 1.0 - rho ** (count + 1)
+    a_hat = a / (c + e)
+    q_hat = q / (c + e)
+    var = jnp.maximum(q_hat - a_hat ** 2, 0.0)
+    z = var / (q_hat + e)
+    s = z / (1.0 + z)
+    lo, hi = beta1_bounds(base, adapt_strength, b1_min)
+    cand = jnp.clip(base * (1.0 - _f32(adapt_strength) * s), lo, hi)
+    cand = jnp.where(jnp.isfinite(cand), cand, base)
+    return _lazy(count, interval, cand, b_prev), a, q
+
+  def update(grads, mu, state, count):
+    del mu
+    g_l, treedef = jax.tree.flatten(grads)
+    out = [leaf(g, a, q, b, count) for g, a, q, b in zip(
+        g_l, treedef.flatten_up_to(state.grad_mean), treedef.flatten_up_to(state.grad_sq_mean),
+        treedef.flatten_up_to(state.beta1))]
+    b1 = jax.tree.unflatten(treedef, [o[0] for o in out])
+    return b1, SpatialVarianceState(jax.tree.unflatten(treedef, [o[1] for o in out]),
+                                    jax.tree.unflatten(treedef, [o[2] for o in out]), b1)
+
+  return Beta1Rule(init, update)
+
+
+def snr_beta1(
+    b1_max: Any = 0.9,
+    b1_min: Any = 0.72,
+    decay: Any = 0.99,
+    interval: Any = 1,
+) -> Beta1Rule:
+  """Scale-invariant beta1 from the residual's signal-to-noise ratio (see module docstring).
+
+  Args:
+    b1_max: upper bound, reached for a constant gradient, in [0, 1) (default 0.9).
+    b1_min: lower bound, reached for pure noise, in [0, b1_max] (default 0.72, STAM's
+      ``max(0.5, 0.9·(1-0.2))``).
+    decay: ρ of the G and R EMAs, in [0, 1) (default 0.99).
+    interval: beta1 is recomputed on steps ``0, k, 2k, ...`` (the statistics every step),
+      k >= 1 (default 1).
+
+  Returns:
+    A :class:`~stax.transforms.adam.Beta1Rule` with state :class:`SNRState`.
+  """
+
+  def init(params):
+    return SNRState(_scalars(params, 0.0), _scalars(params, 0.0), _scalars(params, 1.0),
+                    jax.tree.map(lambda _: _f32(b1_max), params))
+
+  def leaf(g, m, big_g, big_r, prod, b_prev, count):
+    hi = _f32(b1_max)
+    lo = _f32(b1_min)
+    if g.size == 0:
+      return b_prev, big_g, big_r, prod
+    rho = _f32(decay)
+    g = _f32(g)
+    c = 1.0 - prod
+    m_hat = jnp.where(c > 0, _f32(m) / jnp.where(c > 0, c, 1.0), 0.0)
+    big_g = rho * big_g + (1.0 - rho) * jnp.mean(g ** 2)
+    big_r = rho * big_r + (1.0 - rho) * jnp.mean((g - m_hat) ** 2)
+    ok = big_g > 0
+    w = jnp.clip(1.0 - big_r / jnp.where(ok, big_g, 1.0), 0.0, 1.0)
+    w = jnp.where(ok & jnp.isfinite(w), w, 1.0)
+    b1 = _lazy(count, interval, lo + (hi - lo) * w, b_prev)
+    return b1, big_g, big_r, prod * b1
+
+  def update(grads, mu, state, count):
+    g_l, treedef = jax.tree.flatten(grads)
+    fields = [treedef.flatten_up_to(x) for x in
+              (mu, state.grad_sq, state.resid_sq, state.b1_prod, state.beta1)]
+    out = [leaf(g, *rest, count) for g, *rest in zip(g_l, *fields)]
+    b1 = jax.tree.unflatten(treedef, [o[0] for o in out])
+    return b1, SNRState(jax.tree.unflatten(treedef, [o[1] for o in out]),
+                        jax.tree.unflatten(treedef, [o[2] for o in out]),
+                        jax.tree.unflatten(treedef, [o[3] for o in out]), b1)
+
+  return Beta1Rule(init, update)
+
+
+def find_beta1(state: Any) -> Any:
+  """The per-leaf beta1 tree kept by an adaptive-beta1 rule somewhere inside ``state``.
+
+  Works on any optimizer state (``optax.chain``, :func:`stax.nonfinite_guard`,
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``, ...) and under ``jit`` (it only indexes).
+
+  Raises:
+    ValueError: if ``state`` holds no adaptive-beta1 state. With several (e.g. an
+      ``optax.partition``), returns a tuple of their beta1 trees in flatten order.
+  """
+  found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, BETA1_STATES))
+           if isinstance(x, BETA1_STATES)]
+  if not found:
+    raise ValueError("`state` holds no adaptive-beta1 state (is it a stax.stam/stam_lite state?)")
+  if len(found) == 1:
+    return found[0].beta1
+  return tuple(f.beta1 for f in found)

@@ -1,0 +1,506 @@
+r"""Newton–Schulz orthogonalisation of matrix-shaped updates, for any layout and any mesh.
+
+Every leaf is seen as a batch of matrices through **dimension numbers**
+(:class:`MatrixDimensionNumbers`): the ``reduction_axis`` axes (fan-in) form the rows, the
+``output_axis`` axes (fan-out) the columns, and *every other axis is a batch axis*. So
+
+* a Flax ``Dense`` kernel ``(in, out)`` is ``MatrixDimensionNumbers(0, 1)`` (the default for 2-D),
+* a torch weight ``(out, in)`` is ``MatrixDimensionNumbers(1, 0)``,
+* a Flax conv kernel ``(kh, kw, in, out)`` is ``MatrixDimensionNumbers((0, 1, 2), 3)``
+  (:func:`conv_dimension_numbers`), i.e. Muon's flattened ``(kh·kw·in, out)`` filter matrix,
+* stacked (scanned) layers ``(L, in, out)`` are ``MatrixDimensionNumbers(1, 2)`` (the default
+  for ``ndim >= 3``: leading axes are batch axes), orthogonalised one layer at a time.
+
+A tensor is never handed raw to a matmul: it is transposed and reshaped to ``(batch, m, n)``,
+orthogonalised by :func:`stax.kernels.newton_schulz.newton_schulz` (Gram matrix on the smaller
+side, Frobenius normalisation, quintic iterations) and reshaped back.
+
+Coefficient presets (``coeffs=``), with the band the output singular values land in after
+``ns_steps=5`` for every input singular value :math:`\sigma` with
+:math:`\sigma/\|X\|_F \ge 3\cdot10^{-3}` (computed by :func:`singular_value_band`; zero singular
+values stay zero):
+
+=================  ===========================================================  ==============
+preset             coefficients                                                 band (5 steps)
+=================  ===========================================================  ==============
+``"jordan"``       Keller Jordan's quintic (3.4445, −4.7750, 2.0315), every step  [0.68, 1.21]
+``"polar_express"`` per-iteration minimax set (Amsel et al. 2025), norm × 1.02   [0.85, 1.15]
+``"dion"``         per-iteration set of microsoft/dion / optax                  see the function
+``"cubic"``        classical Newton–Schulz (1.5, −0.5, 0): converges to exactly 1 slowly
+=================  ===========================================================  ==============
+
+A per-iteration preset with fewer rows than ``ns_steps`` repeats its last row; with more, its
+first ``ns_steps`` rows are used. ``coeffs`` may also be one ``(a, b, c)`` triple or a sequence
+of triples.
+
+Sharding. Inside ``jit`` under an explicit mesh (``jax.set_mesh``), ``mode="per_leaf"`` keeps each
+matrix sharded along its long axis and all-reduces only the small Gram matrix (a short-axis
+sharding is moved there), then reshards back, so row- and column-sharded matrices give the
+unsharded result. ``mode="stacked"`` groups same-shape matrices, stacks them, shards the stack
+axis over the mesh (padding to a multiple of the device count) so that each device
+orthogonalises *whole* matrices with no collective inside the iteration, and reshards back.
+
+References:
+  Jordan et al., `Muon: An optimizer for hidden layers <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+  Amsel, Persson, Musco, Gower, `The Polar Express <https://arxiv.org/abs/2505.16932>`_, 2025.
+  Liu et al., `Muon is Scalable for LLM Training <https://arxiv.org/abs/2502.16982>`_, 2025.
+
+Example:
+  >>> import jax, jax.numpy as jnp, stax
+  >>> w = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 8, 16))      # Flax conv kernel
+  >>> o = stax.orthogonalize(w, dimension_numbers=stax.conv_dimension_numbers(4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+from optax._src import numerics
+
+from stax import _validation as V
+from stax import partition
+from stax.kernels import newton_schulz as nsk
+
+__all__ = [
+    "MatrixDimensionNumbers", "conv_dimension_numbers", "NS_PRESETS", "ns_coefficients",
+    "singular_value_band", "orthogonalize", "orthogonalize_many", "matrix_shape",
+    "resolve_dimension_numbers", "shape_scale_factor", "ScaleByOrthogonalizationState",
+    "scale_by_orthogonalization", "SHAPE_SCALES", "ORTHOGONALIZE_MODES",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixDimensionNumbers:
+  """Which axes of a tensor are the matrix rows (fan-in) and columns (fan-out).
+
+  Attributes:
+    reduction_axis: axis or axes contracted with the layer input (fan-in), default 0.
+    output_axis: axis or axes of the layer output (fan-out), default 1.
+  All other axes are batch axes. Negative axes count from the end. ``optax``'s
+  ``MuonDimensionNumbers`` is accepted wherever this is.
+  """
+
+  reduction_axis: Union[int, tuple[int, ...]] = 0
+  output_axis: Union[int, tuple[int, ...]] = 1
+
+
+def conv_dimension_numbers(ndim: int = 4) -> MatrixDimensionNumbers:
+  """Flax conv kernel ``(*spatial, in, out)``: fan-in = spatial × in, fan-out = out."""
+  V.check_int("ndim", ndim, low=2)
+  return MatrixDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)
+
+
+def _is_dims(x) -> bool:
+  return hasattr(x, "reduction_axis") and hasattr(x, "output_axis")
+
+
+def _axes(a, ndim) -> tuple[int, ...]:
+  a = (a,) if isinstance(a, (int, np.integer)) else tuple(a)
+  return tuple(int(i) % ndim for i in a)
+
+
+def _default_dims(ndim: int) -> MatrixDimensionNumbers:
+  return MatrixDimensionNumbers(ndim - 2, ndim - 1)
+
+
+# --------------------------------------------------------------------------- coefficients
+_JORDAN = ((3.4445, -4.7750, 2.0315),)
+_POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+_DION = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+         (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012))
+
+#: name -> (coefficient rows, Frobenius-norm safety factor)
+NS_PRESETS = {
+    "jordan": (_JORDAN, 1.0),
+    "standard": (_JORDAN, 1.0),
+    "polar_express": (_POLAR_EXPRESS, 1.02),
+    "dion": (_DION, 1.0),
+    "cubic": (((1.5, -0.5, 0.0),), 1.0),
+}
+
+
+def ns_coefficients(coeffs: Any = "jordan", ns_steps: int = 5) -> tuple[tuple, float]:
+  """``(rows, norm_scale)``: exactly ``ns_steps`` ``(a, b, c)`` float triples and the preset's
+  norm safety factor (1.0 for explicit coefficients)."""
+  V.check_int("ns_steps", ns_steps, low=1)
+  if isinstance(coeffs, str):
+    V.check_choice("coeffs", coeffs, tuple(NS_PRESETS))
+    rows, norm_scale = NS_PRESETS[coeffs]
+  else:
+    arr = np.asarray(coeffs, dtype=np.float64)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2 or arr.shape[-1] != 3 or not np.all(np.isfinite(arr)):
+      raise ValueError(f"`coeffs` must be a preset name in {tuple(NS_PRESETS)}, an (a, b, c) "
+                       f"triple or a sequence of triples, got {coeffs!r}.")
+    rows, norm_scale = tuple(tuple(float(v) for v in r) for r in arr), 1.0
+  rows = tuple(rows[min(i, len(rows) - 1)] for i in range(ns_steps))
+  return rows, norm_scale
+
+
+def singular_value_band(coeffs: Any = "jordan", ns_steps: int = 5,
+                        sigma_min: float = 3e-3) -> tuple[float, float]:
+  """(lo, hi) of the output singular values for every normalised input singular value in
+  ``[sigma_min, 1]`` (the composed scalar polynomial evaluated on a fine geometric grid)."""
+  rows, norm_scale = ns_coefficients(coeffs, ns_steps)
+  s = np.geomspace(sigma_min, 1.0, 200_001) / norm_scale
+  for a, b, c in rows:
+    s = a * s + b * s ** 3 + c * s ** 5
+  return float(s.min()), float(s.max())
+
+
+# --------------------------------------------------------------------------- layout
+def matrix_shape(shape: Sequence[int], dims: Any) -> tuple[int, int, int]:
+  """``(batch, m, n)`` of a tensor of ``shape`` under dimension numbers ``dims``."""
+  ndim = len(shape)
+  red, out = _axes(dims.reduction_axis, ndim), _axes(dims.output_axis, ndim)
+  batch = [i for i in range(ndim) if i not in red + out]
+  return (int(np.prod([shape[i] for i in batch], dtype=np.int64)),
+          int(np.prod([shape[i] for i in red], dtype=np.int64)),
+          int(np.prod([shape[i] for i in out], dtype=np.int64)))
+
+
+def _check_dims(shape, dims):
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(f"cannot orthogonalise a tensor of shape {tuple(shape)} (ndim < 2).")
+  try:
+    red, out = _axes(dims.reduction_axis, ndim), _axes(dims.output_axis, ndim)
+  except TypeError as e:
+    raise TypeError(f"`dimension_numbers` must hold ints or tuples of ints, got {dims!r}.") from e
+  if not red or not out or len(set(red + out)) != len(red + out):
+    raise ValueError(f"`dimension_numbers` {dims!r} must name disjoint, non-empty reduction and "
+                     f"output axes of a tensor of shape {tuple(shape)}.")
+  return red, out
+
+
+def _group_spec(spec, groups):
+  """Per merged group: the first axis's sharding if it is the only sharded axis, else None;
+  plus the (possibly de-sharded) per-axis spec needed before the reshape."""
+  new_axis_spec, merged = list(spec), []
+  pos = 0
+  for g in groups:
+    entries = spec[pos:pos + g]
+    if g == 0:
+      merged.append(None)
+    elif all(e is None for e in entries[1:]):
+      merged.append(entries[0])
+    else:
+      for k in range(pos, pos + g):
+        new_axis_spec[k] = None
+      merged.append(None)
+    pos += g
+  return tuple(new_axis_spec), tuple(merged)
+
+
+def _to_matrices(x, dims):
+  """``x`` → ``(B, m, n)`` and the inverse function."""
+  shape = x.shape
+  ndim = x.ndim
+  red, out = _check_dims(shape, dims)
+  batch = tuple(i for i in range(ndim) if i not in red + out)
+  perm = batch + red + out
+  inv_perm = tuple(np.argsort(perm))
+  bsz, m, n = matrix_shape(shape, dims)
+  xt = jnp.transpose(x, perm) if perm != tuple(range(ndim)) else x
+  t_shape = xt.shape
+  spec = nsk.explicit_spec(xt)
+  if spec is None:
+    y = xt.reshape(bsz, m, n)
+
+    def back(z):
+      z = z.reshape(t_shape)
+      return jnp.transpose(z, inv_perm) if perm != tuple(range(ndim)) else z
+    return y, back
+  axis_spec, merged = _group_spec(spec, (len(batch), len(red), len(out)))
+  if axis_spec != spec:
+    xt = jax.reshard(xt, P(*axis_spec))
+  y = xt.reshape((bsz, m, n), out_sharding=P(*merged))
+  orig = nsk.explicit_spec(x)
+
+  def back_sharded(z):
+    z = jax.reshard(z, P(*merged)).reshape(t_shape, out_sharding=P(*axis_spec))
+    if perm != tuple(range(ndim)):
+      z = jnp.transpose(z, inv_perm)
+    return jax.reshard(z, P(*orig))
+  return y, back_sharded
+
+
+def resolve_dimension_numbers(dimension_numbers: Any, path: Any, x: Any):
+  """Dimension numbers of one leaf: ``None`` → default (2-D ``(0, 1)``, ``ndim >= 3``: leading
+  batch axes), a dims object, or a callable ``(path_name, leaf) -> dims | None``."""
+  if dimension_numbers is None:
+    return _default_dims(np.ndim(x)) if np.ndim(x) >= 2 else None
+  if _is_dims(dimension_numbers):
+    return dimension_numbers
+  if callable(dimension_numbers):
+    d = dimension_numbers(partition.path_name(path), x)
+    if d is None or _is_dims(d):
+      return d
+    raise TypeError(f"`dimension_numbers` returned {d!r} for {partition.path_name(path)}; "
+                    "expected MatrixDimensionNumbers or None.")
+  raise TypeError("`dimension_numbers` must be None, a MatrixDimensionNumbers or a callable "
+                  f"(path, leaf) -> MatrixDimensionNumbers | None, got {dimension_numbers!r}.")
+
+
+# --------------------------------------------------------------------------- functional API
+def orthogonalize(x: jax.Array, coeffs: Any = "jordan", ns_steps: int = 5, eps: float = 1e-7,
+                  *, dimension_numbers: Any = None, implementation: Optional[str] = None,
+                  compute_dtype: Any = jnp.float32) -> jax.Array:
+  """Newton–Schulz orthogonalisation of one tensor (see the module docstring).
+
+  Args:
+    x: a tensor with ``ndim >= 2``.
+    coeffs: preset name or coefficients (default ``"jordan"``).
+    ns_steps: iterations >= 1 (default 5).
+    eps: added to the Frobenius norm, >= 0 (default 1e-7, Keller Jordan's and the seed's).
+    dimension_numbers: :class:`MatrixDimensionNumbers` (default: 2-D ``(0, 1)``, higher rank:
+      the last two axes, leading axes batch).
+    implementation: ``"xla"``, ``"pallas"`` or ``None`` (currently ``"xla"``; the Pallas
+      kernel is opt-in).
+    compute_dtype: dtype of the iteration (default float32).
+
+  Returns:
+    An array of ``x``'s shape, dtype and sharding.
+  """
+  rows, norm_scale = ns_coefficients(coeffs, ns_steps)
+  V.check_number("eps", eps, low=0.0)
+  dims = dimension_numbers if dimension_numbers is not None else _default_dims(x.ndim)
+  mats, back = _to_matrices(x, dims)
+  y = nsk.newton_schulz(mats, rows, eps=eps, norm_scale=norm_scale,
+                        compute_dtype=compute_dtype, implementation=implementation)
+  return back(y)
+
+
+def _stack_mesh():
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None, ()
+  axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
+               if t == jax.sharding.AxisType.Explicit)
+  return (mesh, axes) if axes else (None, ())
+
+
+def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any = "jordan",
+                       ns_steps: int = 5, eps: float = 1e-7, *, mode: str = "per_leaf",
+                       implementation: Optional[str] = None,
+                       compute_dtype: Any = jnp.float32) -> list[jax.Array]:
+  """Orthogonalises several tensors; ``mode="stacked"`` batches same-shape matrices and, under an
+  explicit mesh, shards the stack axis so each device orthogonalises whole matrices."""
+  V.check_choice("mode", mode, ORTHOGONALIZE_MODES)
+  if mode == "per_leaf":
+    return [orthogonalize(x, coeffs, ns_steps, eps, dimension_numbers=d,
+                          implementation=implementation, compute_dtype=compute_dtype)
+            for x, d in zip(xs, dims)]
+  rows, norm_scale = ns_coefficients(coeffs, ns_steps)
+  mesh, axes = _stack_mesh()
+  n_dev = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  groups: dict[tuple, list[int]] = {}
+  mats, backs = [], []
+  for i, (x, d) in enumerate(zip(xs, dims)):
+    m, back = _to_matrices(x, d)
+    if axes:
+      m = jax.reshard(m, P())
+    mats.append(m)
+    backs.append(back)
+    groups.setdefault((m.shape[1:], str(m.dtype)), []).append(i)
+  out: list = [None] * len(xs)
+  for _, idx in groups.items():
+    stack = jnp.concatenate([mats[i] for i in idx], axis=0) if len(idx) > 1 else mats[idx[0]]
+    total = stack.shape[0]
+    pad = (-total) % n_dev
+    if pad:
+      stack = jnp.concatenate([stack, jnp.zeros((pad,) + stack.shape[1:], stack.dtype)], axis=0)
+    if axes:
+      stack = jax.reshard(stack, P(axes if len(axes) > 1 else axes[0], None, None))
+    res = nsk.newton_schulz(stack, rows, eps=eps, norm_scale=norm_scale,
+                            compute_dtype=compute_dtype, implementation=implementation)
+    if axes:
+      res = jax.reshard(res, P())
+    start = 0
+    for i in idx:
+      b = mats[i].shape[0]
+      out[i] = backs[i](res[start:start + b])
+      start += b
+  return out
+
+
+# --------------------------------------------------------------------------- shape scale
+SHAPE_SCALES = ("match_rms", "original", "none")
+ORTHOGONALIZE_MODES = ("per_leaf", "stacked")
+
+
+def shape_scale_factor(m: int, n: int, rule: str, rms: Any = 0.2):
+  """Scale of an orthogonalised ``m×n`` (fan-in × fan-out) update.
+
+  ``"match_rms"``: Moonlight's ``rms·sqrt(max(m, n))`` (update RMS = ``rms`` for every shape,
+  so AdamW's learning rate and weight decay carry over); ``"original"``: Keller Jordan's
+  ``sqrt(max(1, n/m))``; ``"none"``: 1.
+  """
+  if rule == "match_rms":
+    return rms * math.sqrt(max(m, n))
+  if rule == "original":
+    return math.sqrt(max(1.0, n / m))
+  return 1.0
+
+
+# --------------------------------------------------------------------------- transform
+class ScaleByOrthogonalizationState(NamedTuple):
+  """State of :func:`scale_by_orthogonalization`.
+
+  Attributes:
+    count: int32 steps taken.
+    left: per-leaf cached left multipliers ``(B, k, k)`` (``k = min(m, n)``) when
+      ``update_proj_gap > 1``, else ``None`` leaves.
+  """
+
+  count: jax.Array
+  left: Any
+
+
+def scale_by_orthogonalization(
+    coeffs: Any = "jordan",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    *,
+    dimension_numbers: Any = None,
+    mode: str = "per_leaf",
+    shape_scale: str = "none",
+    rms: float = 0.2,
+    scale: float = 1.0,
+    update_proj_gap: int = 1,
+    implementation: Optional[str] = None,
+    compute_dtype: Any = jnp.float32,
+) -> optax.GradientTransformation:
+  r"""Replaces every matrix leaf ``G`` by ``scale · s(m, n) · NS(G)``.
+
+  Args:
+    coeffs: preset (``"jordan"`` default, ``"polar_express"``, ``"dion"``, ``"cubic"``) or
+      coefficients; see the module docstring.
+    ns_steps: iterations >= 1 (default 5).
+    eps: Frobenius-norm epsilon >= 0 (default 1e-7).
+    dimension_numbers: ``None`` (default layout), a :class:`MatrixDimensionNumbers`, or a callable
+      ``(path_name, leaf) -> dims | None`` (``None``: the leaf passes through unchanged).
+    mode: ``"per_leaf"`` (default) or ``"stacked"`` (see the module docstring).
+    shape_scale: ``"none"`` (default), ``"match_rms"`` or ``"original"``
+      (:func:`shape_scale_factor`).
+    rms: target RMS for ``"match_rms"`` > 0 (default 0.2, Moonlight).
+    scale: extra multiplier >= 0 (default 1).
+    update_proj_gap: >= 1 (default 1: orthogonalise every step). With ``k > 1`` the full
+      iteration runs on steps 1, k+1, 2k+1, ... and caches its *left multiplier* ``L`` (the
+      accumulated polynomial in ``X Xᵀ``, ``k×k`` on the small side, so ``NS(G) = L·G/‖G‖``);
+      on the other steps the *current* gradient is orthogonalised approximately as
+      ``L_cached·G_t/‖G_t‖``. The current gradient is always used; only the orthogonaliser is
+      stale (GaLore's "projection refresh gap" semantics). The seed instead returned the stale
+      orthogonalised gradient of an earlier step.
+    implementation: ``"xla"``, ``"pallas"`` or ``None`` (currently ``"xla"``; the Pallas
+      kernel is opt-in).
+    compute_dtype: iteration dtype (default float32).
+  """
+  rows, norm_scale = ns_coefficients(coeffs, ns_steps)
+  V.check_number("eps", eps, low=0.0)
+  V.check_choice("mode", mode, ORTHOGONALIZE_MODES)
+  V.check_choice("shape_scale", shape_scale, SHAPE_SCALES)
+  V.check_number("rms", rms, low=0.0, low_inclusive=False)
+  V.check_number("scale", scale, low=0.0)
+  V.check_int("update_proj_gap", update_proj_gap, low=1)
+  if dimension_numbers is not None and not (_is_dims(dimension_numbers)
+                                            or callable(dimension_numbers)):
+    raise TypeError("`dimension_numbers` must be None, a MatrixDimensionNumbers or a callable.")
+
+  def init_fn(params):
+    left = None
+    if update_proj_gap > 1:
+      flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+      lefts = []
+      for p, x in flat:
+        d = resolve_dimension_numbers(dimension_numbers, p, x)
+        if d is None:
+          lefts.append(None)
+          continue
+        b, m, n = matrix_shape(x.shape, d)
+        k = min(m, n)
+        lefts.append(jnp.zeros((b, k, k), compute_dtype))
+      left = jax.tree.unflatten(treedef, lefts)
+    return ScaleByOrthogonalizationState(jnp.zeros([], jnp.int32), left)
+
+  def finish(y, x, d):
+    _, m, n = matrix_shape(x.shape, d)
+    s = shape_scale_factor(m, n, shape_scale, rms) * scale
+    return (y * s).astype(x.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    xs = [x for _, x in flat]
+    dims = [resolve_dimension_numbers(dimension_numbers, p, x) for p, x in flat]
+    idx = [i for i, d in enumerate(dims) if d is not None and _is_array(xs[i])]
+    out = list(xs)
+    new_left = state.left
+    if update_proj_gap == 1:
+      ys = orthogonalize_many([xs[i] for i in idx], [dims[i] for i in idx], coeffs, ns_steps,
+                              eps, mode=mode, implementation=implementation,
+                              compute_dtype=compute_dtype) if idx else []
+      for i, y in zip(idx, ys):
+        out[i] = finish(y, xs[i], dims[i])
+    else:
+      lefts = treedef.flatten_up_to(state.left)
+      refresh = (state.count % update_proj_gap) == 0
+      for i in idx:
+        x, d = xs[i], dims[i]
+        y, lefts[i] = _gap_step(x, d, lefts[i], refresh, rows, eps, norm_scale, compute_dtype)
+        out[i] = finish(y, x, d)
+      new_left = jax.tree.unflatten(treedef, lefts)
+    return (jax.tree.unflatten(treedef, out),
+            ScaleByOrthogonalizationState(numerics.safe_increment(state.count), new_left))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_array(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _gap_step(x, d, left, refresh, rows, eps, norm_scale, compute_dtype):
+  mats, back = _to_matrices(x, d)
+  g = mats.astype(compute_dtype)
+  transposed = g.shape[-2] > g.shape[-1]
+  if transposed:
+    g = jnp.swapaxes(g, -1, -2)
+
+  spec = nsk.explicit_spec(g)
+  left_spec = None if spec is None else P(*(tuple(jax.typeof(left).sharding.spec)
+                                             + (None,) * 3)[:3])
+
+  def full(_):
+    y, new_left = nsk.newton_schulz_reference(g, rows, eps=eps, norm_scale=norm_scale,
+                                              compute_dtype=compute_dtype, return_left=True)
+    new_left = new_left.astype(left.dtype)
+    if spec is not None:  # keep the state's sharding stable across steps
+      new_left = jax.reshard(new_left, left_spec)
+    return y, new_left
+
+  def stale(_):
+    gg = g if spec is None else jax.reshard(g, P())
+    norm = jnp.sqrt(jnp.sum(jnp.square(gg), axis=(-2, -1), keepdims=True))
+    lft = left if spec is None else jax.reshard(left, P())
+    y = jnp.matmul(lft, gg / (norm * norm_scale + eps))
+    return (y if spec is None else jax.reshard(y, P(*spec))), left
+
+  y, new_left = jax.lax.cond(refresh, full, stale, None)
+  if transposed:
+    y = jnp.swapaxes(y, -1, -2)
+  return back(y.astype(x.dtype)), new_left

@@ -1,0 +1,184 @@
+r"""StableAdamW's update (optimi / Wortsman et al.), on the shared Adam core.
+
+.. math::
+  \hat\beta(\beta,t) = \beta\,\frac{1-\beta^{t-1}}{1-\beta^t},\quad
+  m_t = \hat\beta_1 m_{t-1} + (1-\hat\beta_1) g_t,\quad
+  v_t = \hat\beta_2 v_{t-1} + (1-\hat\beta_2) g_t^2
+
+  \mathrm{RMS}_t = \sqrt{\operatorname{mean}\big(g_t^2/\max(v_t,\epsilon^2)\big)}\ \text{(per tensor)},
+  \qquad \eta_t = \eta / \max(1, \mathrm{RMS}_t)
+
+  p_t = p_{t-1} - \eta_t\big(m_t/(\sqrt{v_t}+\epsilon) + \lambda' p_{t-1}\big),\qquad
+  \lambda' = \lambda \ \text{(decoupled)}\ \text{or}\ \lambda/\eta_{max}\ \text{(fully decoupled)}
+
+The moments come from :func:`stax.scale_by_adam` with ``bias_correction="debiased"`` (optimi's
+debiased betas: the EMAs are already unbiased). The update clipping is computed on device (no
+``.item()`` host sync per tensor as in optimi's PyTorch paths). Because StableAdamW clips the
+*learning rate*, the clip also scales the weight decay, so the decay is applied inside
+:func:`scale_by_stable_adam` (before ``optax.scale_by_learning_rate``) rather than by a separate
+``optax.add_decayed_weights``.
+
+Reference: Wortsman et al., `Stable and low-precision training for large-scale vision-language
+models <https://arxiv.org/abs/2304.13013>`_, 2023; ``torch-optimi`` 0.3.3 ``StableAdamW``.
+
+Example:
+  >>> import jax.numpy as jnp, optax, stax
+  >>> tx = optax.chain(stax.scale_by_stable_adam(weight_decay=1e-2),
+  ...                  optax.scale_by_learning_rate(1e-3))
+  >>> state = tx.init({"w": jnp.ones(3)})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stax import _validation as V
+from stax.codecs.base import StorageLike, full_precision_storage, resolve_storage
+from stax.transforms.adam import ScaleByAdamState, scale_by_adam
+
+__all__ = ["scale_by_stable_adam", "update_rms", "add_decoupled_weight_decay",
+           "decay_coefficient"]
+
+
+def update_rms(g: jax.Array, v: jax.Array, eps: Any) -> jax.Array:
+  """optimi's per-tensor ``sqrt(mean(g² / max(v, eps²)))`` in float32 (a scalar)."""
+  g = g.astype(jnp.float32)
+  v = v.astype(jnp.float32)
+  eps = jnp.asarray(eps, jnp.float32)
+  return jnp.sqrt(jnp.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
+
+
+def decay_coefficient(weight_decay: Any, decouple_lr: bool, max_lr: Any) -> Any:
+  """``λ`` (decoupled) or ``λ / max_lr`` (fully decoupled; 0 when ``max_lr`` is 0)."""
+  if not decouple_lr:
+    return weight_decay
+  max_lr = jnp.asarray(max_lr, jnp.float32)
+  return jnp.where(max_lr > 0, weight_decay / jnp.where(max_lr > 0, max_lr, 1.0), 0.0)
+
+
+def _mask_leaves(mask, tree):
+  if mask is None:
+    return [True] * len(jax.tree.leaves(tree))
+  m = mask(tree) if callable(mask) else mask
+  treedef = jax.tree.structure(tree)
+  return treedef.flatten_up_to(m)
+
+
+def scale_by_stable_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.99,
+    eps: Any = 1e-6,
+    *,
+    weight_decay: Any = 0.0,
+    mask: Optional[Any | Callable[[Any], Any]] = None,
+    decouple_lr: bool = False,
+    max_lr: Any = None,
+    clip: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    storage: Optional[StorageLike] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""StableAdamW's clipped Adam direction plus its (clipped) decoupled weight decay.
+
+  Follow it with ``optax.scale_by_learning_rate(lr)``.
+
+  Args:
+    b1: first-moment decay in [0, 1) (default 0.9, optimi's).
+    b2: second-moment decay in [0, 1) (default 0.99, optimi's).
+    eps: denominator term >= 0, also the floor ``eps²`` of the RMS (default 1e-6).
+    weight_decay: λ >= 0 (default 0 here; :func:`stax.stable_adamw` defaults to 1e-2).
+    mask: pytree or callable selecting the leaves that decay (default: all, as optimi).
+    decouple_lr: fully decoupled decay ``p ← p(1 − (η_t/max_lr)·λ)`` (default False).
+    max_lr: the maximum scheduled learning rate > 0 for ``decouple_lr`` (required then).
+    clip: apply the per-tensor RMS update clipping (default True; False gives AdamW with
+      debiased betas).
+    mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi).
+    storage: a :class:`~stax.codecs.base.MomentStorage` (overrides the dtypes).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`stax.ScaleByAdamState`.
+  """
+  V.check_betas(b1=b1, b2=b2)
+  V.check_number("eps", eps, low=0.0)
+  V.check_number("weight_decay", weight_decay, low=0.0)
+  if decouple_lr:
+    if max_lr is None:
+      raise ValueError("`max_lr` is required when `decouple_lr=True` (the maximum scheduled "
+                       "learning rate, > 0).")
+    V.check_number("max_lr", max_lr, low=0.0, low_inclusive=False)
+  if storage is None:
+    storage = full_precision_storage(mu_dtype, nu_dtype)
+  core = scale_by_adam(b1, b2, eps, 0.0, bias_correction="debiased", storage=storage)
+
+  def update_fn(updates, state: ScaleByAdamState, params=None, **extra_args):
+    direction, new_state = core.update(updates, state, params, **extra_args)
+    g_leaves, treedef = jax.tree.flatten(updates)
+    d_leaves = treedef.flatten_up_to(direction)
+    nu_enc = treedef.flatten_up_to(new_state.nu)
+    mu_enc = treedef.flatten_up_to(new_state.mu)
+    p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
+    decays = _mask_leaves(mask, updates)
+    lam = decay_coefficient(weight_decay, decouple_lr, max_lr)
+    out = []
+    for g, d, me, ne, p, dec in zip(g_leaves, d_leaves, mu_enc, nu_enc, p_leaves, decays):
+      if g is None:
+        out.append(None)
+        continue
+      u = d.astype(jnp.float32)
+      if dec and p is not None:
+        u = u + jnp.asarray(lam, jnp.float32) * p.astype(jnp.float32)
+      elif dec and params is None and not _is_zero(weight_decay):
+        raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG") else
+                         "scale_by_stable_adam needs `params` for weight decay.")
+      if clip:
+        _, v = resolve_storage(storage, g).read(me, ne, g)
+        u = u / jnp.maximum(1.0, update_rms(g, v, eps))
+      out.append(u.astype(g.dtype))
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(core.init, update_fn)
+
+
+def _is_zero(x) -> bool:
+  return V.is_concrete_number(x) and float(x) == 0.0
+
+
+def add_decoupled_weight_decay(
+    weight_decay: Any = 0.0,
+    mask: Optional[Any | Callable[[Any], Any]] = None,
+    *,
+    decouple_lr: bool = False,
+    max_lr: Any = None,
+) -> optax.GradientTransformation:
+  """Adds ``λ'·p`` (``λ' = λ`` or ``λ/max_lr`` with ``decouple_lr``), keeping the update dtype.
+
+  The un-clipped counterpart of the decay inside :func:`scale_by_stable_adam` (used for the
+  Muon leaves of :func:`stax.oadamw`); follow it with ``optax.scale_by_learning_rate``.
+  """
+  V.check_number("weight_decay", weight_decay, low=0.0)
+  if decouple_lr:
+    if max_lr is None:
+      raise ValueError("`max_lr` is required when `decouple_lr=True`.")
+    V.check_number("max_lr", max_lr, low=0.0, low_inclusive=False)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("add_decoupled_weight_decay needs `params`.")
+    lam = jnp.asarray(decay_coefficient(weight_decay, decouple_lr, max_lr), jnp.float32)
+    leaves, treedef = jax.tree.flatten(updates)
+    ps = treedef.flatten_up_to(params)
+    decays = _mask_leaves(mask, updates)
+    out = [None if u is None else
+           ((u.astype(jnp.float32) + lam * p.astype(jnp.float32)).astype(u.dtype) if dec else u)
+           for u, p, dec in zip(leaves, ps, decays)]
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

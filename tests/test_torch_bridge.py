@@ -1,0 +1,511 @@
+"""torch_bridge.Optimizer: parity with torch.optim.AdamW and pure JAX, schedulers without
+recompilation, None gradients, DLPack zero-copy, state_dict round trips, errors, release."""
+
+from __future__ import annotations
+
+import io
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import stax
+import torch_bridge
+from torch_bridge import convert
+from tests import contract_problems as cp
+from tests.registry import ALL
+
+F = torch.nn.functional
+
+
+def _mlp(seed=0, dtype=torch.float32):
+  torch.manual_seed(seed)
+  return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(),
+                             torch.nn.Linear(8, 3)).to(dtype)
+
+
+def _data(seed=1, n=16, dtype=torch.float32):
+  g = torch.Generator().manual_seed(seed)
+  return torch.randn(n, 6, generator=g).to(dtype), torch.randn(n, 3, generator=g).to(dtype)
+
+
+def _maxdiff(m1, m2):
+  return max((a.float() - b.float()).abs().max().item()
+             for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+def _train_pair(opt_a, opt_b, m_a, m_b, steps, sched=None, none_every=0, metric=False):
+  x, y = _data()
+  sa = sched(opt_a) if sched else None
+  sb = sched(opt_b) if sched else None
+  for t in range(steps):
+    for m, o, s in ((m_a, opt_a, sa), (m_b, opt_b, sb)):
+      o.zero_grad()
+      loss = F.mse_loss(m(x), y)
+      loss.backward()
+      if none_every and t % none_every == 1:
+        m[2].bias.grad = None  # skipped this step (torch semantics)
+      o.step()
+      if s is not None:
+        s.step(loss.item()) if metric else s.step()
+
+
+# ----------------------------------------------------------------------------- parity: torch
+def test_adamw_matches_torch_adamw_with_scheduler_and_none_grads():
+  m1, m2 = _mlp(), _mlp()
+  opt = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2, weight_decay=1e-2,
+                               nonfinite="ignore")
+  ref = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=1e-2)
+  _train_pair(opt, ref, m1, m2, 100, sched=lambda o: torch.optim.lr_scheduler.StepLR(o, 20, 0.5),
+              none_every=3)
+  assert _maxdiff(m1, m2) < 1e-6
+  assert _maxdiff(m1, _mlp()) > 1e-2  # it did train
+  # the skipped bias's count lags the others (torch's per-parameter step)
+  counts = {k: int(v["0/count"]) for k, v in opt.state_dict()["state"].items()}
+  assert counts[0] == 100 and counts[3] == 100 - 33
+  assert opt.trace_count == 2  # one compilation per has-grad pattern, none per lr change
+
+
+SCHEDULERS = {
+    "StepLR": (lambda o: torch.optim.lr_scheduler.StepLR(o, 5, 0.7), False),
+    "CosineAnnealingLR": (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 30), False),
+    "OneCycleLR": (lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 3e-2, total_steps=40), False),
+    "ReduceLROnPlateau": (lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        o, factor=0.5, patience=0, threshold=0.5), True),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_schedulers_match_torch_without_recompiling(name):
+  sched, metric = SCHEDULERS[name]
+  m1, m2 = _mlp(), _mlp()
+  opt = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2, weight_decay=0.0,
+                               nonfinite="ignore")
+  ref = torch.optim.AdamW(m2.parameters(), lr=1e-2, weight_decay=0.0)
+  _train_pair(opt, ref, m1, m2, 30, sched=sched, metric=metric)
+  assert opt.trace_count == 1
+  assert _maxdiff(m1, m2) < 1e-6
+  lrs = {g["lr"] for g in opt.param_groups}
+  assert lrs != {1e-2}  # the scheduler did change it
+  if name == "OneCycleLR":
+    assert opt.param_groups[0]["betas"][0] != 0.9  # OneCycleLR cycles beta1 too
+
+
+def test_param_groups_and_add_param_group_match_torch():
+  m1, m2 = _mlp(), _mlp()
+  opt = torch_bridge.Optimizer([{"params": m1[0].parameters(), "lr": 3e-2}], stax.adamw,
+                               lr=1e-2, weight_decay=0.0, nonfinite="ignore")
+  ref = torch.optim.AdamW([{"params": m2[0].parameters(), "lr": 3e-2}], lr=1e-2,
+                          weight_decay=0.0)
+  _train_pair(opt, ref, m1, m2, 5)
+  opt.add_param_group({"params": m1[2].parameters(), "betas": (0.8, 0.99)})
+  ref.add_param_group({"params": m2[2].parameters(), "betas": (0.8, 0.99)})
+  _train_pair(opt, ref, m1, m2, 10)
+  assert _maxdiff(m1, m2) < 1e-6
+  sd = opt.state_dict()
+  assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3]]
+  assert set(sd["state"]) == {0, 1, 2, 3}
+
+
+def test_closure_hooks_and_profiler():
+  m = _mlp()
+  opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2)
+  x, y = _data()
+  calls = []
+  opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+  opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+  def closure():
+    opt.zero_grad()
+    loss = F.mse_loss(m(x), y)
+    loss.backward()
+    return loss
+
+  with torch.autograd.profiler.profile() as prof:
+    loss = opt.step(closure)
+  assert isinstance(loss, torch.Tensor) and loss.item() > 0
+  assert calls == ["pre", "post"]
+  assert any("Optimizer.step#Optimizer.step" in e.name for e in prof.function_events)
+  opt.zero_grad(set_to_none=True)
+  assert all(p.grad is None for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------- DLPack
+def test_dlpack_zero_copy_and_fallbacks():
+  t = torch.randn(64, 64)
+  a = convert.to_jax(t)
+  assert convert.shares_memory(t, a)
+  p = torch.nn.Parameter(torch.randn(32, 16))
+  assert convert.shares_memory(p, convert.to_jax(p))  # detach() is a view
+  before = dict(convert.copy_counts)
+  nc = convert.to_jax(t.T)  # permuted strides: made contiguous (a copy)
+  np.testing.assert_array_equal(np.asarray(nc), t.T.numpy())
+  off = convert.to_jax(t.view(-1)[1:17])  # 4-byte storage offset: not 64-byte aligned
+  np.testing.assert_array_equal(np.asarray(off), t.view(-1)[1:17].numpy())
+  assert convert.copy_counts["non_contiguous"] == before.get("non_contiguous", 0) + 1
+  assert convert.copy_counts["unaligned"] == before.get("unaligned", 0) + 1
+  # a whole bridge step on ordinary parameters copies nothing on the way to JAX
+  m = _mlp()
+  opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2)
+  x, y = _data()
+  F.mse_loss(m(x), y).backward()
+  ptrs = [q.data_ptr() for q in m.parameters()]
+  before = dict(convert.copy_counts)
+  opt.step()
+  assert dict(convert.copy_counts) == before
+  assert [q.data_ptr() for q in m.parameters()] == ptrs  # written back in place (copy_)
+  # init never aliased a parameter (torch memory) into the JAX state
+  state_ptrs = {x.unsafe_buffer_pointer() for st in opt._jstate.values()  # pylint: disable=protected-access
+                for x in jax.tree.leaves(st) if x.size}
+  assert not state_ptrs & set(ptrs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_equal_pure_jax(dtype):
+  m = _mlp(dtype=dtype)
+  names = [n for n, _ in m.named_parameters()]
+  p0 = {n: jnp.asarray(q.detach().float().numpy()).astype(jnp.dtype(str(dtype)[6:]))
+        for n, q in m.named_parameters()}
+  opt = torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-2, weight_decay=1e-2)
+  tx = optax.inject_hyperparams(stax.adamw, static_args=("eps_root", "nesterov"),
+                                hyperparam_dtype=jnp.float32)(
+      learning_rate=1e-2, weight_decay=1e-2)
+  states = {n: tx.init({n: p0[n]}) for n in names}
+
+  @jax.jit
+  def ref_step(p0, states, grads):  # per-parameter states, like the bridge's default scope
+    p0, states = dict(p0), dict(states)
+    for n in names:
+      u, states[n] = tx.update({n: grads[n]}, states[n], {n: p0[n]})
+      p0[n] = optax.apply_updates({n: p0[n]}, u)[n]
+    return p0, states
+
+  x, y = _data(dtype=dtype)
+  for _ in range(4):
+    opt.zero_grad()
+    F.mse_loss(m(x).float(), y.float()).backward()
+    grads = {n: jnp.asarray(q.grad.float().numpy()).astype(p0[n].dtype)
+             for n, q in m.named_parameters()}
+    p0, states = ref_step(p0, states, grads)
+    opt.step()
+  for n, q in m.named_parameters():
+    assert q.dtype == dtype
+    np.testing.assert_array_equal(q.detach().float().numpy(), np.asarray(p0[n], np.float32))
+  st = opt.state_dict()["state"][0]
+  assert st["inner_state/0/mu/0/weight"].dtype == dtype
+
+
+# ----------------------------------------------------------------------------- registry
+def _quad_tensors():
+  params, _, targets = cp.quadratic()
+  rng = np.random.default_rng(0)
+  curv = jax.tree.map(lambda t: rng.uniform(0.5, 2.0, t.shape).astype(np.float32), targets)
+  return params, targets, curv
+
+
+def _grads_np(p, t, c):
+  return c * (p - t)
+
+
+@pytest.mark.parametrize("entry", ALL, ids=[e.name for e in ALL])
+def test_registry_bridge_equals_pure_jax_and_resumes_bit_exact(entry):
+  """Every registered optimizer: bridge (group scope) == pure JAX after 50 steps, and a
+  torch.save/torch.load at step 25 continues bit for bit."""
+  params, targets, curv = _quad_tensors()
+  names = [f"{m}.{k}" for m in params for k in params[m]]
+  flat_t = {f"{m}.{k}": np.asarray(targets[m][k]) for m in params for k in params[m]}
+  flat_c = {f"{m}.{k}": curv[m][k] for m in params for k in params[m]}
+
+  def make_model():
+    ps = [torch.nn.Parameter(torch.zeros(params[n.split(".")[0]][n.split(".")[1]].shape))
+          for n in names]
+    return ps, torch_bridge.Optimizer(list(zip(names, ps)), entry.factory, state_scope="group",
+                                      static_args=entry.static_args, **entry.kwargs)
+
+  def set_grads(ps):
+    for n, p in zip(names, ps):
+      p.grad = torch.from_numpy(_grads_np(p.detach().numpy(), flat_t[n], flat_c[n]))
+
+  ps_a, opt_a = make_model()
+  ps_b = opt_b = None
+  for t in range(50):
+    set_grads(ps_a)
+    opt_a.step()
+    if ps_b is not None:
+      set_grads(ps_b)
+      opt_b.step()
+    if t == 24:
+      buf = io.BytesIO()
+      torch.save({"opt": opt_a.state_dict(), "params": [p.detach().clone() for p in ps_a]}, buf)
+      buf.seek(0)
+      ck = torch.load(buf, weights_only=False)
+      ps_b, opt_b = make_model()
+      with torch.no_grad():
+        for p, q in zip(ps_b, ck["params"]):
+          p.copy_(q)
+      opt_b.load_state_dict(ck["opt"])
+  for p, q in zip(ps_a, ps_b):
+    assert torch.equal(p, q), entry.name
+
+  # Pure JAX on the same tree, same gradients and the same hyperparameter values: the bridge
+  # feeds float hyperparameters as float32 arrays (inject_hyperparams), so the reference does
+  # too (with Python floats, quantised states such as TurboAdam's flip codes on 1-ulp changes).
+  traced, static = opt_a._hyperparams(0)  # pylint: disable=protected-access
+  hp = {k: jnp.asarray(v, jnp.float32) for k, v in traced.items()}
+  jp = jax.tree.map(jnp.asarray, params)
+  tt = jax.tree.map(jnp.asarray, targets)
+  cc = jax.tree.map(jnp.asarray, curv)
+
+  @jax.jit
+  def run(p, hp):
+    tx = entry.factory(**dict(static), **hp)
+
+    def body(_, c):
+      p, s = c
+      u, s = tx.update(jax.tree.map(_grads_np, p, tt, cc), s, p)
+      return optax.apply_updates(p, u), s
+    return jax.lax.fori_loop(0, 50, body, (p, tx.init(p)))[0]
+
+  out = run(jp, hp)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(out))
+  for n, p in zip(names, ps_a):
+    m, k = n.split(".")
+    np.testing.assert_allclose(p.detach().numpy(), np.asarray(out[m][k]), rtol=0,
+                               atol=2e-5 * max(scale, 1.0), err_msg=f"{entry.name} {n}")
+
+
+# ----------------------------------------------------------------------------- state_dict
+class _U8(NamedTuple):
+  """A test codec: v stored as uint8 codes of sqrt(v) with a float32 scale, rounded
+  stochastically (so the state has uint8 codes, an int32 count and a uint32 key)."""
+
+  needs_key: bool = True
+
+  def init(self, param):
+    return (jnp.zeros(param.shape, jnp.uint8), jnp.ones((), jnp.float32))
+
+  def decode(self, enc, like):
+    codes, scale = enc
+    return (codes.astype(jnp.float32) * scale / 255.0) ** 2
+
+  def encode(self, value, key):
+    r = jnp.sqrt(value.astype(jnp.float32))
+    scale = jnp.maximum(jnp.max(r), 1e-30)
+    x = r / scale * 255.0
+    noise = jax.random.uniform(jax.random.wrap_key_data(key), x.shape)
+    return (jnp.clip(jnp.floor(x + noise), 0, 255).astype(jnp.uint8), scale)
+
+
+def _u8_adam(learning_rate=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0):
+  storage = stax.SeparateStorage(stax.FullPrecision(jnp.float32), _U8())
+  return optax.chain(stax.scale_by_adam(b1, b2, eps, storage=storage),
+                     optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+@pytest.mark.parametrize("factory,dtype", [(stax.adamw, torch.bfloat16),
+                                           (_u8_adam, torch.float32), (_u8_adam, torch.bfloat16)])
+def test_save_load_continue_is_bit_exact_and_never_casts(factory, dtype):
+  def make():
+    m = _mlp(dtype=dtype)
+    return m, torch_bridge.Optimizer(m.named_parameters(), factory, lr=1e-2, weight_decay=1e-3)
+
+  x, y = _data(dtype=dtype)
+
+  def train(m, o, n, sched):
+    for _ in range(n):
+      o.zero_grad()
+      F.mse_loss(m(x), y).backward()
+      o.step()
+      sched.step()
+
+  m_a, o_a = make()
+  s_a = torch.optim.lr_scheduler.CosineAnnealingLR(o_a, 20)
+  train(m_a, o_a, 6, s_a)
+  buf = io.BytesIO()
+  torch.save({"m": m_a.state_dict(), "o": o_a.state_dict(), "s": s_a.state_dict()}, buf)
+  train(m_a, o_a, 6, s_a)
+
+  buf.seek(0)
+  ck = torch.load(buf)
+  m_b, o_b = make()
+  s_b = torch.optim.lr_scheduler.CosineAnnealingLR(o_b, 20)
+  m_b.load_state_dict(ck["m"])
+  o_b.load_state_dict(ck["o"])
+  s_b.load_state_dict(ck["s"])
+  st = o_b.state_dict()["state"][0]
+  dtypes = {k: v.dtype for k, v in st.items()}
+  assert ck["o"]["state"][0].keys() == st.keys()
+  for k, v in ck["o"]["state"][0].items():
+    assert dtypes[k] == v.dtype, k  # nothing was cast to the parameter dtype
+  if factory is _u8_adam:
+    assert torch.uint8 in dtypes.values() and torch.uint32 in dtypes.values()
+    assert torch.int32 in dtypes.values()
+    # torch's own load_state_dict policy would have cast the counter to the param dtype
+    cnt = [k for k in st if k.endswith("count")][0]
+    casted = torch.optim.Optimizer._process_value_according_to_param_policy(
+        next(iter(m_b.parameters())), st[cnt], 0, [{"params": [0]}], cnt)
+    assert casted.dtype == dtype
+  train(m_b, o_b, 6, s_b)
+  for a, b in zip(m_a.parameters(), m_b.parameters()):
+    assert torch.equal(a, b)
+
+
+def test_load_state_dict_rejects_mismatches():
+  m = _mlp()
+  o = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2)
+  x, y = _data()
+  F.mse_loss(m(x), y).backward()
+  o.step()
+  sd = o.state_dict()
+  key = [k for k in sd["state"][0] if k.endswith("mu/param_0")][0]
+  sd["state"][0][key] = sd["state"][0][key].double()
+  o2 = torch_bridge.Optimizer(_mlp().parameters(), stax.adamw, lr=1e-2)
+  with pytest.raises(ValueError, match="mu"):
+    o2.load_state_dict(sd)
+  with pytest.raises(ValueError, match="groups"):
+    o2.load_state_dict({"state": {}, "param_groups": sd["param_groups"] * 2})
+
+
+# ----------------------------------------------------------------------------- None grads
+def test_none_grad_group_scope_keeps_that_params_moments():
+  m = _mlp()
+  o = torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-2, state_scope="group")
+  x, y = _data()
+  F.mse_loss(m(x), y).backward()
+  o.step()
+  before = o.state_dict()["state"][0]
+  o.zero_grad()
+  F.mse_loss(m(x), y).backward()
+  m[0].weight.grad = None
+  w0 = m[0].weight.detach().clone()
+  o.step()
+  after = o.state_dict()["state"][0]
+  key = [k for k in after if k.endswith("mu/0/weight")][0]
+  assert torch.equal(before[key], after[key])
+  other = [k for k in after if k.endswith("mu/2/weight")][0]
+  assert not torch.equal(before[other], after[other])
+  assert torch.equal(m[0].weight, w0)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_errors():
+  with pytest.raises(TypeError, match="complex"):
+    torch_bridge.Optimizer([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))],
+                           stax.adamw)
+  with pytest.raises(TypeError, match="float64"):
+    torch_bridge.Optimizer([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))],
+                           stax.adamw)
+  with pytest.raises(TypeError, match="momentum"):
+    torch_bridge.Optimizer(_mlp().parameters(), stax.adamw, momentum=0.9)
+  with pytest.raises(ValueError, match="learning_rate"):
+    torch_bridge.Optimizer(_mlp().parameters(), stax.adamw, lr=-1.0)
+  with pytest.raises(TypeError, match="value"):
+    torch_bridge.Optimizer(_mlp().parameters(), optax.contrib.reduce_on_plateau)
+  emb = torch.nn.Embedding(10, 4, sparse=True)
+  o = torch_bridge.Optimizer(emb.parameters(), stax.adamw)
+  emb(torch.tensor([1, 2])).sum().backward()
+  with pytest.raises(RuntimeError, match="sparse"):
+    o.step()
+  # a transform whose update needs `value=` (only visible when it runs)
+  m = _mlp()
+  o = torch_bridge.Optimizer(
+      m.parameters(),
+      lambda learning_rate=1e-2: optax.chain(optax.adam(learning_rate),
+                                             optax.contrib.reduce_on_plateau()))
+  x, y = _data()
+  F.mse_loss(m(x), y).backward()
+  with pytest.raises(TypeError, match="torch training loop"):
+    o.step()
+
+
+# ----------------------------------------------------------------------------- layout
+def test_matrix_transform_gets_torch_layout():
+  """optax muon on torch (out, in) weights with the bridge's dimension numbers equals muon on
+  the transposed (in, out) kernels with optax's default dimension numbers."""
+  torch.manual_seed(0)
+  lin = torch.nn.Linear(12, 5, bias=False)
+  w_in_out = jnp.asarray(lin.weight.detach().numpy().T)
+  opt = torch_bridge.Optimizer(lin.named_parameters(), optax.contrib.muon, lr=2e-2,
+                               layout_kwarg="muon_weight_dimension_numbers")
+  tx = optax.contrib.muon(2e-2)
+  state = tx.init({"weight": w_in_out})
+  p = {"weight": w_in_out}
+  x = torch.randn(7, 12)
+  for _ in range(3):
+    opt.zero_grad()
+    lin(x).square().sum().backward()
+    g = {"weight": jnp.asarray(lin.weight.grad.numpy().T)}
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, u)
+    opt.step()
+  np.testing.assert_allclose(lin.weight.detach().numpy().T, np.asarray(p["weight"]),
+                             atol=2e-6)
+  # and the layout matters: without it the bridge computes something else
+  lin2 = torch.nn.Linear(12, 5, bias=False)
+  with torch.no_grad():
+    lin2.weight.copy_(torch.from_numpy(np.asarray(w_in_out).T.copy()))
+  o2 = torch_bridge.Optimizer(lin2.parameters(), optax.contrib.muon, lr=2e-2)
+  lin2(x).square().sum().backward()
+  o2.step()
+  lin3 = torch.nn.Linear(12, 5, bias=False)
+  with torch.no_grad():
+    lin3.weight.copy_(torch.from_numpy(np.asarray(w_in_out).T.copy()))
+  o3 = torch_bridge.Optimizer(lin3.named_parameters(), optax.contrib.muon, lr=2e-2,
+                              layout_kwarg="muon_weight_dimension_numbers")
+  lin3(x).square().sum().backward()
+  o3.step()
+  assert (lin2.weight - lin3.weight).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- release
+def test_gradient_release_equals_normal_step():
+  m1, m2 = _mlp(), _mlp()
+  o1 = torch_bridge.Optimizer(m1.named_parameters(), stax.adamw, lr=1e-2, weight_decay=1e-2)
+  o2 = torch_bridge.Optimizer(m2.named_parameters(), stax.adamw, lr=1e-2, weight_decay=1e-2)
+  torch_bridge.prepare_for_gradient_release(m2, o2)
+  x, y = _data()
+  for _ in range(3):
+    o1.zero_grad()
+    F.mse_loss(m1(x), y).backward()
+    o1.step()
+    F.mse_loss(m2(x), y).backward()  # each parameter stepped by its hook
+    assert all(p.grad is None for p in m2.parameters())
+    o2.step()  # no-op
+  assert _maxdiff(m1, m2) == 0.0
+  torch_bridge.remove_gradient_release(o2)
+  F.mse_loss(m2(x), y).backward()
+  assert m2[0].weight.grad is not None
+
+
+def test_swap_writeback_equals_copy_and_skips_the_copy():
+  m1, m2 = _mlp(), _mlp()
+  o1 = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2)
+  o2 = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2, writeback="swap")
+  _train_pair(o1, o2, m1, m2, 5)
+  assert _maxdiff(m1, m2) == 0.0
+  ptr = m2[0].weight.data_ptr()
+  x, y = _data()
+  o2.zero_grad()
+  F.mse_loss(m2(x), y).backward()
+  o2.step()
+  assert m2[0].weight.data_ptr() != ptr  # now backed by the step's JAX output buffer
+  with pytest.raises(ValueError, match="writeback"):
+    torch_bridge.Optimizer(m1.parameters(), stax.adamw, writeback="move")
+
+
+def test_ready_transformation_is_accepted():
+  m = _mlp()
+  w0 = m[0].weight.detach().clone()
+  opt = torch_bridge.Optimizer(m.parameters(), optax.sgd(0.1))
+  x, y = _data()
+  F.mse_loss(m(x), y).backward()
+  g = m[0].weight.grad.clone()
+  opt.step()
+  torch.testing.assert_close(m[0].weight.detach(), w0 - 0.1 * g, rtol=0, atol=1e-7)
+  with pytest.raises(TypeError, match="factory"):
+    torch_bridge.Optimizer(m.parameters(), optax.sgd(0.1), lr=0.1)

@@ -1,0 +1,260 @@
+"""Drop-in torch classes: parity with the seeds' own torch packages, module order, errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import torch_bridge
+
+F = torch.nn.functional
+
+
+def _quickstart_model(seed=0):
+  """The model of stac-optimizer's README quickstart."""
+  torch.manual_seed(seed)
+  return torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32),
+                             torch.nn.ReLU(), torch.nn.Linear(32, 10))
+
+
+def _run(model, opt, steps, seed=1, nonfinite_at=None):
+  g = torch.Generator().manual_seed(seed)
+  for t in range(steps):
+    x, y = torch.randn(8, 128, generator=g), torch.randn(8, 10, generator=g)
+    opt.zero_grad(set_to_none=True)
+    F.mse_loss(model(x), y).backward()
+    if nonfinite_at == t:
+      next(model.parameters()).grad[0, 0] = float("nan")
+    opt.step()
+
+
+def _maxdiff(a, b):
+  return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ----------------------------------------------------------------------------- STAC
+stac_seed = pytest.importorskip("stac_optimizer")
+
+
+@pytest.mark.parametrize("kw", [
+    dict(lr=1e-3, last_n_modules=1, weight_decay=1e-2, sign_weight_decay=5e-3,
+         error_if_nonfinite=True),  # the seed's quickstart
+    dict(lr=2e-3, last_n_modules=2, weight_decay=1e-2, sign_lr_scale=0.5),  # 0.5·wd default
+])
+def test_stac_matches_seed_package_over_50_steps(kw):
+  m_ours, m_seed = _quickstart_model(), _quickstart_model()
+  ours = torch_bridge.STAC(m_ours, **kw)
+  seed = stac_seed.STAC(m_seed, **kw)
+  for a, b in zip(ours.param_groups, seed.param_groups):
+    assert (a["stac_role"], a["module_names"], a["lr"], a["weight_decay"]) == (
+        b["stac_role"], b["module_names"], b["lr"], b["weight_decay"])
+  _run(m_ours, ours, 50)
+  _run(m_seed, seed, 50)
+  assert _maxdiff(m_ours, m_seed) < 2e-6
+  assert _maxdiff(m_ours, _quickstart_model()) > 1e-2
+  assert ours.trace_count == 1
+
+
+class _Tied(torch.nn.Module):
+  """head registered *before* the blocks; the output projection is tied to the embedding."""
+
+  def __init__(self):
+    super().__init__()
+    self.embed = torch.nn.Embedding(10, 6)
+    self.head = torch.nn.Linear(6, 10, bias=False)
+    self.head.weight = self.embed.weight
+    self.block = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6))
+    self.frozen = torch.nn.Linear(6, 6)
+    self.frozen.requires_grad_(False)
+    self.scale = torch.nn.Parameter(torch.ones(()))
+
+  def forward(self, idx):
+    h = self.block(self.embed(idx)) * self.scale
+    return self.head(h)
+
+
+def test_stac_registration_order_and_tied_parameters_match_seed():
+  m = _Tied()
+  names = [n for n, _ in torch_bridge.stac_modules(m)]
+  # root first (pre-order), then registration order; the tied head owns nothing new; the
+  # frozen module owns no trainable parameter
+  assert names == ["<root>", "embed", "block.0", "block.1"]
+  part = stac_seed.partition_trainable_modules(m, last_n_modules=2)
+  assert [g.name for g in part.sign_modules + part.adamw_modules] == names
+  m2 = copy.deepcopy(m)
+  ours = torch_bridge.STAC(m, lr=1e-2, last_n_modules=2, weight_decay=0.1)
+  seed = stac_seed.STAC(m2, lr=1e-2, last_n_modules=2, weight_decay=0.1)
+  assert [g["module_names"] for g in ours.param_groups] == [("<root>", "embed"),
+                                                            ("block.0", "block.1")]
+  g = torch.Generator().manual_seed(0)
+  for _ in range(10):
+    idx = torch.randint(0, 10, (12,), generator=g)
+    for mod, opt in ((m, ours), (m2, seed)):
+      opt.zero_grad()
+      F.cross_entropy(mod(idx), idx).backward()
+      opt.step()
+  assert _maxdiff(m, m2) < 1e-6
+  assert m.head.weight is m.embed.weight  # still tied, updated once (by the sign trunk)
+
+
+@pytest.mark.parametrize("error", [False, True])
+def test_stac_nonfinite_skips_whole_step_like_seed(error):
+  m_ours, m_seed = _quickstart_model(), _quickstart_model()
+  ours = torch_bridge.STAC(m_ours, lr=1e-3, error_if_nonfinite=error)
+  seed = stac_seed.STAC(m_seed, lr=1e-3, error_if_nonfinite=error)
+  _run(m_ours, ours, 2)
+  _run(m_seed, seed, 2)
+  before = [p.detach().clone() for p in m_ours.parameters()]
+  for model, opt in ((m_ours, ours), (m_seed, seed)):
+    if error:
+      with pytest.raises(RuntimeError):
+        _run(model, opt, 1, seed=5, nonfinite_at=0)
+    else:
+      _run(model, opt, 1, seed=5, nonfinite_at=0)
+  assert all(torch.equal(a, b) for a, b in zip(before, m_ours.parameters()))
+  if not error:
+    assert ours.nonfinite_skipped_steps == seed.nonfinite_skipped_steps == 1
+  _run(m_ours, ours, 3, seed=7)
+  _run(m_seed, seed, 3, seed=7)
+  assert _maxdiff(m_ours, m_seed) < 1e-6  # the AdamW count did not advance either
+
+
+def test_stac_state_dict_round_trip_and_errors():
+  m = _quickstart_model()
+  opt = torch_bridge.STAC(m, lr=1e-3, last_n_modules=2)
+  _run(m, opt, 3)
+  buf = io.BytesIO()
+  torch.save({"m": m.state_dict(), "o": opt.state_dict()}, buf)
+  _run(m, opt, 3, seed=2)
+  buf.seek(0)
+  ck = torch.load(buf)
+  m2 = _quickstart_model()
+  m2.load_state_dict(ck["m"])
+  opt2 = torch_bridge.STAC(m2, lr=1e-3, last_n_modules=2)
+  opt2.load_state_dict(ck["o"])
+  _run(m2, opt2, 3, seed=2)
+  assert _maxdiff(m, m2) == 0.0
+  # sign-trunk parameters keep no moments (stax.stac's trunk is stateless)
+  st = opt.state_dict()["state"]
+  assert not any("mu" in k for k in st[0])
+  assert any("mu" in k for k in st[max(st)])
+  with pytest.raises(RuntimeError, match="add_param_group"):
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+  with pytest.raises(ValueError, match="sign_lr_scale"):
+    torch_bridge.STAC(_quickstart_model(), sign_lr_scale=0.0)
+  with pytest.raises(ValueError, match="last_n_modules"):
+    torch_bridge.STAC(_quickstart_model(), last_n_modules=-1)
+  with pytest.raises(ValueError, match="amsgrad"):
+    torch_bridge.STAC(_quickstart_model(), amsgrad=True)
+
+
+# ----------------------------------------------------------------------------- the others
+def _mlp(seed=0, width=128):
+  torch.manual_seed(seed)
+  return torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _pair_run(model_a, opt_a, model_b, opt_b, steps=50, width=128):
+  g = torch.Generator().manual_seed(3)
+  for _ in range(steps):
+    x, y = torch.randn(32, width, generator=g), torch.randn(32, 4, generator=g)
+    for m, o in ((model_a, opt_a), (model_b, opt_b)):
+      o.zero_grad()
+      F.mse_loss(m(x), y).backward()
+      o.step()
+
+
+def test_turbo_adam_faithful_matches_turboadam_020():
+  turboadam = pytest.importorskip("turboadam")
+  kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, v_bits=4,
+            min_m_compress_elements=1024, min_v_compress_elements=1024)
+  m_a, m_b = _mlp(), _mlp()  # the (16, 128) weight is compressed (last axis = block size)
+  ours = torch_bridge.TurboAdam(m_a, codec="turboadam-0.2", **kw)
+  seed = turboadam.TurboAdam(m_b.parameters(), **kw)
+  _pair_run(m_a, ours, m_b, seed)
+  assert _maxdiff(m_a, m_b) < 5e-5
+  assert _maxdiff(m_a, _mlp()) > 1e-2
+  st = ours.state_dict()["state"][0]
+  assert any(v.dtype == torch.uint8 for v in st.values())  # packed codes crossed as uint8
+
+
+def test_scao_faithful_matches_scao_024():
+  scao = pytest.importorskip("scao")
+  import warnings  # pylint: disable=g-import-not-at-top
+  kw = dict(lr=1e-2, weight_decay=0.01, warmup_steps=10, precond_freq=5, min_precond_updates=2,
+            blend_steps=10, k_min=2, max_precond_dim=64)
+  m_a, m_b = _mlp(width=24), _mlp(width=24)
+  ours = torch_bridge.SCAO(m_a, mode="scao-0.2.4", **kw)
+  adamw = torch.optim.AdamW(_mlp(width=24).parameters(), lr=1e-2, weight_decay=0.01)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    seed = scao.SCAO(m_b.parameters(), **kw)
+    _pair_run(m_a, ours, m_b, seed, width=24)
+  assert _maxdiff(m_a, m_b) < 1e-4
+  m_c = _mlp(width=24)
+  adamw = torch.optim.AdamW(m_c.parameters(), lr=1e-2, weight_decay=0.01)
+  _pair_run(m_c, adamw, _mlp(width=24), torch.optim.SGD(_mlp(width=24).parameters(), lr=0.0),
+            width=24)
+  assert _maxdiff(m_a, m_c) > 1e-3  # the preconditioned phase changed the trajectory
+
+
+def test_oadamw_core_matches_optimi_stable_adamw_and_lr_is_positional():
+  optimi = pytest.importorskip("optimi")
+  m_a, m_b = _mlp(), _mlp()
+  ours = torch_bridge.OAdamW(m_a, 1e-2, muon="off")  # 2nd positional argument is lr
+  seed = optimi.StableAdamW(m_b.parameters(), lr=1e-2, foreach=False, triton=False)
+  assert ours.param_groups[0]["lr"] == 1e-2
+  _pair_run(m_a, ours, m_b, seed)
+  assert _maxdiff(m_a, m_b) < 1e-5
+  # the default sends the hidden (out, in) weight to real Muon, read in torch's layout
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import stax  # pylint: disable=g-import-not-at-top
+  default = torch_bridge.OAdamW(_mlp(), 1e-2)
+  dims = default.param_groups[0]["dimension_numbers"]
+  assert dims is torch_bridge.torch_matrix_dims
+  labels = stax.oadamw_labels({"0": {"weight": jnp.zeros((16, 128))}, "2": {"bias": jnp.zeros(4)}},
+                              dimension_numbers=dims)
+  assert labels == {"0": {"weight": "muon"}, "2": {"bias": "adam"}}
+  d = dims("0.weight", jnp.zeros((16, 128)))
+  assert (d.reduction_axis, d.output_axis) == (1, 0)
+
+
+@pytest.mark.parametrize("cls", ["STAM", "STAMLite"])
+def test_stam_dropins_equal_the_jax_factory(cls):
+  """The seed is JAX-only: the drop-in equals stax.stam / stam_lite on the same tensors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import stax  # pylint: disable=g-import-not-at-top
+  m = _mlp(width=8)
+  names = [n for n, _ in m.named_parameters()]
+  p = {n: jnp.asarray(q.detach().numpy()) for n, q in m.named_parameters()}
+  opt = getattr(torch_bridge, cls)(m, lr=1e-2)
+  factory = stax.stam if cls == "STAM" else stax.stam_lite
+  traced, static = opt._hyperparams(0)  # pylint: disable=protected-access
+  tx = factory(**dict(static), **{k: jnp.asarray(v, jnp.float32) for k, v in traced.items()})
+  states = {n: tx.init({n: p[n]}) for n in names}
+
+  @jax.jit
+  def ref(p, states, g):
+    p, states = dict(p), dict(states)
+    for n in names:
+      u, states[n] = tx.update({n: g[n]}, states[n], {n: p[n]})
+      p[n] = optax.apply_updates({n: p[n]}, u)[n]
+    return p, states
+
+  gen = torch.Generator().manual_seed(3)
+  for _ in range(12):
+    x, y = torch.randn(32, 8, generator=gen), torch.randn(32, 4, generator=gen)
+    opt.zero_grad()
+    F.mse_loss(m(x), y).backward()
+    g = {n: jnp.asarray(q.grad.numpy()) for n, q in m.named_parameters()}
+    opt.step()
+    p, states = ref(p, states, g)
+  for n, q in m.named_parameters():
+    torch.testing.assert_close(q.detach(), torch.from_numpy(np.array(p[n])), rtol=0,
+                               atol=1e-6)

@@ -1,0 +1,114 @@
+"""DLPack conversion between torch tensors and JAX arrays (zero-copy where possible).
+
+Rules (observed on jax 0.10.2 / torch 2.13, see ``reference/ecosystem.md`` §4.2):
+
+* ``requires_grad`` tensors cannot be exported: :func:`to_jax` always ``detach()``-es first
+  (a view of the same storage, no copy).
+* Only compact (C-contiguous) strides cross; a non-contiguous tensor is made contiguous first
+  (a copy, counted in :data:`copy_counts`).
+* A buffer whose address is not 64-byte aligned is silently copied by JAX; :func:`to_jax` asks
+  for ``copy=False`` first and falls back to an explicit copy, so every copy is counted.
+* 64-bit dtypes are silently narrowed by JAX unless ``jax_enable_x64`` is on: they are refused
+  with a ``TypeError`` instead (:func:`check_dtype`).
+* JAX → torch (:func:`to_torch`) is zero-copy; the torch tensor then aliases a JAX buffer, so
+  the bridge only uses it as the *source* of a ``copy_`` (or clones it for ``state_dict``).
+
+Example:
+  >>> import torch
+  >>> from torch_bridge import convert
+  >>> t = torch.ones(4, 4)
+  >>> a = convert.to_jax(t)
+  >>> convert.shares_memory(t, a)
+  True
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+__all__ = ["to_jax", "to_torch", "shares_memory", "check_dtype", "copy_counts",
+           "PARAM_DTYPES", "jax_device_of"]
+
+#: Parameter dtypes the bridge steps (float64 too when ``jax_enable_x64`` is on).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: How many tensors had to be copied on their way to JAX, by reason (for tests and profiling).
+copy_counts: collections.Counter = collections.Counter()
+
+
+def check_dtype(t: torch.Tensor, what: str = "parameter") -> None:
+  """Raises ``TypeError`` for dtypes the bridge cannot step (complex, integer, 64-bit w/o x64)."""
+  if t.is_complex():
+    raise TypeError(f"torch_bridge: complex {what}s are not supported (got {t.dtype}); split "
+                    "them into real and imaginary parts.")
+  if not t.is_floating_point():
+    raise TypeError(f"torch_bridge: {what}s must be floating point, got {t.dtype}.")
+  if t.dtype == torch.float64 and not jax.config.read("jax_enable_x64"):
+    raise TypeError(f"torch_bridge: float64 {what}s need `jax.config.update('jax_enable_x64', "
+                    "True)`; without it JAX would silently narrow them to float32.")
+  if t.dtype not in PARAM_DTYPES and t.dtype != torch.float64:
+    raise TypeError(f"torch_bridge: unsupported {what} dtype {t.dtype}; use float32, bfloat16 "
+                    "or float16.")
+
+
+def to_jax(t: torch.Tensor) -> jax.Array:
+  """A JAX array over ``t``'s memory (zero-copy when contiguous and 64-byte aligned).
+
+  The JAX array aliases the tensor: the caller must not mutate ``t`` while the array is in use
+  (the bridge blocks on its step's outputs before returning control to torch).
+  """
+  t = t.detach()
+  if t.layout != torch.strided:
+    raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got {t.layout}.")
+  if not t.is_contiguous():
+    copy_counts["non_contiguous"] += 1
+    t = t.contiguous()
+  if t.is_conj():
+    t = t.resolve_conj()
+  try:
+    return jax.dlpack.from_dlpack(t, copy=False)
+  except (ValueError, BufferError, RuntimeError):
+    # Misaligned storage offset (JAX needs 64-byte alignment on CPU): copy explicitly.
+    copy_counts["unaligned"] += 1
+    return jax.dlpack.from_dlpack(t, copy=True)
+
+
+def to_torch(a: jax.Array) -> torch.Tensor:
+  """A torch tensor aliasing JAX array ``a`` (zero-copy).
+
+  JAX treats its buffers as immutable: use the result only as a read-only source (``copy_``) or
+  ``clone()`` it.
+  """
+  return torch.from_dlpack(a)
+
+
+def shares_memory(t: torch.Tensor, a: jax.Array) -> bool:
+  """True when ``a`` is backed by ``t``'s memory (same data pointer)."""
+  try:
+    return int(a.unsafe_buffer_pointer()) == int(t.data_ptr())
+  except Exception:  # noqa: BLE001 - sharded/deleted arrays have no single pointer
+    return False
+
+
+def jax_device_of(t: torch.Tensor) -> Any:
+  """The JAX device holding a torch tensor's memory (CPU, or the same CUDA ordinal)."""
+  if t.device.type == "cuda":
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+      raise RuntimeError("torch_bridge: CUDA tensors need a CUDA-enabled jaxlib "
+                         "(pip install 'jax[cuda12]'); set XLA_PYTHON_CLIENT_PREALLOCATE=false "
+                         "so JAX and torch share the GPU.")
+    return gpus[t.device.index or 0]
+  return jax.devices("cpu")[0]
+
+
+def numpy_scalar(value: Any, dtype=np.float32) -> np.ndarray:
+  """A typed 0-d numpy array from a Python number or 0-d tensor (fed to jit without retracing)."""
+  if isinstance(value, torch.Tensor):
+    value = value.detach().cpu().item()
+  return np.asarray(value, dtype=dtype)
