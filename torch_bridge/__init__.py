@@ -2,7 +2,7 @@
 
 ``Optimizer(params, factory, **hyperparams)`` runs any transformation factory (``stax.adamw``,
 ``optax.lion``, ...) as a torch optimizer; the drop-in classes (``STAC``, ...) keep the seeds'
-constructor names. See ``docs/torch_bridge.md``.
+constructor names. See the README section "Using stax from PyTorch".
 """
 
 from torch_bridge import convert

@@ -45,7 +45,7 @@ Both modes: the phase switch, the blend and the periodic curvature update run in
 learning rate (as PyTorch/optax); the final update is cast to the parameter dtype.
 
 How the default was chosen: on a 2-layer tanh MLP regression (64→64→16, 600 steps, 3 seeds,
-lr 3e-3, ``warmup_steps=100, precond_freq=10``), see ``docs/scao.md`` for the numbers.
+lr 3e-3, ``warmup_steps=100, precond_freq=10``), see the README's SCAO section for the numbers.
 
 References:
   ``scao`` 0.2.4 (PyPI; ``whispering3/scao``); ``reference/peers.md`` §3 (what the code does);

@@ -17,7 +17,7 @@ Codecs (``codec=``):
 * ``"stax"`` (default, improved): m stored directly with a blockwise signed 4-bit codec (bf16
   absmax per 32 elements, unbiased stochastic rounding, 4.5 bits) and the same 1Q log v; m no
   longer inherits v's quantisation noise and keeps cos(m̂, m) ≈ 0.95 instead of 0.6–0.85
-  (8.75 bits/param at ``v_bits=4``; see ``docs/turbo_adam.md`` for the measured fidelity and
+  (8.75 bits/param at ``v_bits=4``; see the README's TurboAdam section for the measured fidelity and
   what the issue's ≤ 6.5-bit goal would cost).
 
 With ``compress_m=False, compress_v=False`` this is ``optax.adamw`` (float32 moments).
