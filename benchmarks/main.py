@@ -1,0 +1,382 @@
+"""The main job: training quality, step time and state memory of every optimizer, one command.
+
+``python -m benchmarks.main`` runs the quick comparison (about 10 minutes on an idle 2-core
+CPU; more when the machine is shared) on data that ships with packages or this repository,
+shows progress bars, prints a summary table and writes ``benchmarks/results/results.json``
+and PNG plots beside it. Nothing is downloaded.
+
+Quick mode (default):
+  * digits (300 steps) and mnist (200 steps): every optimizer, JAX and torch, learning rate
+    swept over the fixed grid {3e-3, 1e-2, 3e-2} (mnist: {3e-3, 1e-2}), one seed (the first
+    recorded run used {1e-3, 3e-3, 1e-2} / {1e-3, 3e-3}, and nearly every optimizer chose the
+    grid's top point, so the grid moved up; the grid a run used is saved in its JSON);
+  * shakespeare (150 steps, batch 16 × 64 characters): the baselines and each stax optimizer's
+    default mode, JAX only, one learning rate 3e-3 (a one-point "sweep": the transformer is the
+    expensive part of the budget);
+  * speed and state memory at 1M and 16M parameters, and the optax-vs-torch AdamW gap at 16M.
+``--full``: 3 seeds, the sweep {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} on every task, 600/600/1000
+steps, every optimizer (faithful modes, seeds' packages, torch) on every task, and 128M in the
+speed benchmark. ``--task``, ``--optimizer`` (comma-separated substrings of the names) and
+``--device`` (``cpu``; ``gpu`` runs the JAX side on a GPU, torch stays on CPU) select.
+
+The learning rate of each optimizer is the grid point with the lowest final validation loss
+(seed 0); further seeds rerun that learning rate. "Time to target" is the wall-clock (compile
+and evaluation excluded) and step count at which the validation loss first reaches 1.1× the
+final validation loss of tuned ``optax.adamw`` on that task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+QUICK = {
+    "digits": dict(steps=300, lrs=(3e-3, 1e-2, 3e-2), torch=True, faithful=True),
+    "mnist": dict(steps=200, lrs=(3e-3, 1e-2), torch=True, faithful=True),
+    "shakespeare": dict(steps=150, lrs=(3e-3,), torch=False, faithful=False),
+}
+FULL = {
+    "digits": dict(steps=600, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), torch=True, faithful=True),
+    "mnist": dict(steps=600, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), torch=True, faithful=True),
+    "shakespeare": dict(steps=1000, lrs=(3e-4, 1e-3, 3e-3, 1e-2), torch=True, faithful=True),
+}
+TARGET_FACTOR = 1.1
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.main",
+                               description="stax benchmark: quality, speed and memory")
+  ap.add_argument("--full", action="store_true", help="3 seeds, lr sweeps, 128M speed")
+  ap.add_argument("--task", default="", help="comma-separated: digits,mnist,shakespeare")
+  ap.add_argument("--optimizer", default="", help="comma-separated name substrings")
+  ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                  help="JAX platform (torch always runs on CPU here)")
+  ap.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+  ap.add_argument("--steps", type=int, default=None, help="override steps on every task")
+  ap.add_argument("--lrs", default="", help="override the lr grid, e.g. 1e-3,3e-3")
+  ap.add_argument("--sizes", default="", help="speed sizes, e.g. 1M,16M (default by mode)")
+  ap.add_argument("--speed-steps", type=int, default=None)
+  ap.add_argument("--no-speed", action="store_true")
+  ap.add_argument("--no-quality", action="store_true")
+  ap.add_argument("--no-torch", action="store_true")
+  ap.add_argument("--no-investigate", action="store_true")
+  ap.add_argument("--torch-threads", type=int, default=1,
+                  help="torch intra-op threads (default 1: on a shared 2-core CPU, 2 threads "
+                       "made small torch steps 5-15x slower from oversubscription)")
+  ap.add_argument("--out", default=str(RESULTS))
+  ap.add_argument("--no-plots", action="store_true")
+  ap.add_argument("--quiet", action="store_true", help="no progress bars")
+  return ap.parse_args(argv)
+
+
+def machine_description(device: str) -> dict:
+  import jax
+  import numpy as np
+  import optax
+  cpu = platform.processor() or ""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "optax": optax.__version__, "numpy": np.__version__,
+          "jax_devices": [str(d) for d in jax.devices()], "device": device}
+  try:
+    import torch
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+  except ImportError:
+    pass
+  try:
+    info["load_avg_start"] = os.getloadavg()
+  except OSError:
+    pass
+  return info
+
+
+def _nan_to_none(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _nan_to_none(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_nan_to_none(v) for v in x]
+  return x
+
+
+def save(results: dict, out: pathlib.Path):
+  out.mkdir(parents=True, exist_ok=True)
+  tmp = out / "results.json.tmp"
+  tmp.write_text(json.dumps(_nan_to_none(results), indent=1))
+  tmp.replace(out / "results.json")
+
+
+def _bar(total, desc, quiet):
+  if quiet:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True)
+
+
+def run_quality(args, optimizers, cfgs, results, out, log):
+  import numpy as np
+
+  from benchmarks import quality as Q
+  from benchmarks import tasks as T
+
+  n_seeds = args.seeds or (3 if args.full else 1)
+  task_names = [t for t in (args.task.split(",") if args.task else T.TASKS) if t]
+  for tname in task_names:
+    cfg = dict(cfgs[tname])
+    if args.steps:
+      cfg["steps"] = args.steps
+    if args.lrs:
+      cfg["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+    try:
+      task = T.make_task(tname, quick=not args.full)
+    except FileNotFoundError as e:
+      log(f"[{tname}] skipped: {e}")
+      results["skipped"].append({"task": tname, "reason": str(e)})
+      continue
+    k = task.eval_every
+    steps = max(k, cfg["steps"] // k * k)
+    opts = [o for o in optimizers
+            if (cfg["torch"] and not args.no_torch or o.framework == "jax")
+            and (cfg["faithful"] or (o.mode != "faithful" and o.family != "seed"))]
+    import jax
+    params0 = jax.tree.map(np.asarray, task.init(0))
+    results["tasks"][tname] = {"description": task.description, "n_params": T.n_params(params0),
+                               "steps": steps, "batch_size": task.batch_size,
+                               "eval_every": k, "lrs": list(cfg["lrs"]), "seeds": n_seeds,
+                               "metric": task.metric_name, "clip_global_norm": Q.CLIP,
+                               "schedule": "linear warm-up 5% + cosine to 10% of peak"}
+    total = len(opts) * (len(cfg["lrs"]) + n_seeds - 1)
+    bar = _bar(total, f"{tname:11s}", args.quiet)
+    for opt in opts:
+      runs, err = [], None
+      runner = None
+      try:
+        if opt.framework == "jax":
+          runner = Q.JaxRunner(task, opt, steps)
+          state_bytes = runner.state_bytes(jax.tree.map(jax.numpy.asarray, params0))
+        for lr in cfg["lrs"]:
+          if bar is not None:
+            bar.set_postfix_str(f"{opt.name} lr={lr:g}")
+          r = runner.run(lr, 0) if runner else Q.run_torch(task, opt, lr, 0, steps)
+          runs.append(r)
+          if bar is not None:
+            bar.update(1)
+        best = min(runs, key=lambda r: (Q.final(r)["val_loss"]
+                                        if math.isfinite(Q.final(r)["val_loss"]) else math.inf))
+        best_lr = best["lr"]
+        seeds = [best]
+        for s in range(1, n_seeds):
+          if bar is not None:
+            bar.set_postfix_str(f"{opt.name} seed={s}")
+          r = runner.run(best_lr, s) if runner else Q.run_torch(task, opt, best_lr, s, steps)
+          runs.append(r)
+          seeds.append(r)
+          if bar is not None:
+            bar.update(1)
+        if runner is None:
+          state_bytes = best.get("state_bytes")
+      except Exception as e:  # noqa: BLE001 - record and go on
+        err = f"{type(e).__name__}: {e}"[:500]
+        log(f"[{tname}] {opt.name}: {err}")
+        if bar is not None:
+          bar.update(max(0, len(cfg["lrs"]) + n_seeds - 1 - len(runs)))
+        results["quality"].extend(runs)
+        results["summary"].append({"task": tname, "optimizer": opt.name, "error": err,
+                                   "framework": opt.framework, "family": opt.family,
+                                   "mode": opt.mode})
+        continue
+      results["quality"].extend(runs)
+      finals = [Q.final(r) for r in seeds]
+      vl = np.array([f["val_loss"] for f in finals], float)
+      vm = np.array([f["val_metric"] for f in finals], float)
+      results["summary"].append({
+          "task": tname, "optimizer": opt.name, "framework": opt.framework,
+          "family": opt.family, "mode": opt.mode, "note": opt.note, "best_lr": best_lr,
+          "sweep": {f"{r['lr']:g}": Q.final(r)["val_loss"] for r in runs if r["seed"] == 0},
+          "n_seeds": len(seeds), "val_loss_mean": float(np.mean(vl)),
+          "val_loss_std": float(np.std(vl)), "val_metric_mean": float(np.mean(vm)),
+          "val_metric_std": float(np.std(vm)), "metric": task.metric_name,
+          "train_s_mean": float(np.mean([r["wall_s"][-1] if r["wall_s"] else math.nan
+                                         for r in seeds])),
+          "compile_s": float(best["compile_s"]),
+          "state_bytes": state_bytes,
+          "state_bytes_per_param": (state_bytes / results["tasks"][tname]["n_params"]
+                                    if state_bytes is not None else None),
+          "diverged_seeds": int(sum(r["diverged"] for r in seeds)), "error": None})
+      save(results, out)
+    if bar is not None:
+      bar.close()
+    _targets(results, tname)
+    save(results, out)
+
+
+def _targets(results, tname):
+  """Time/steps to reach TARGET_FACTOR × tuned optax.adamw's final val loss (per seed, mean)."""
+  import numpy as np
+
+  from benchmarks import quality as Q
+  rows = [s for s in results["summary"] if s["task"] == tname and not s.get("error")]
+  ref = [s for s in rows if s["optimizer"] == "optax.adamw"]
+  if ref and ref[0]["val_loss_mean"] is not None and math.isfinite(ref[0]["val_loss_mean"]):
+    base = ref[0]["val_loss_mean"]
+  else:
+    finite = [s["val_loss_mean"] for s in rows if math.isfinite(s["val_loss_mean"])]
+    base = min(finite) if finite else math.nan
+  target = TARGET_FACTOR * base
+  results["tasks"][tname]["target_val_loss"] = target
+  for s in rows:
+    runs = [r for r in results["quality"] if r["task"] == tname and r["optimizer"] ==
+            s["optimizer"] and r["lr"] == s["best_lr"]]
+    hits = [Q.time_to_target(r, target) for r in runs]
+    ok = [h for h in hits if h[0] is not None]
+    s["target_reached"] = f"{len(ok)}/{len(hits)}"
+    s["steps_to_target"] = float(np.mean([h[0] for h in ok])) if ok else None
+    s["time_to_target_s"] = float(np.mean([h[1] for h in ok])) if ok else None
+
+
+def run_speed_part(args, optimizers, results, out, log):
+  from benchmarks import speed as S
+  sizes = [s for s in (args.sizes.split(",") if args.sizes else
+                       (["1M", "16M", "128M"] if args.full else ["1M", "16M"])) if s]
+  steps = args.speed_steps or (20 if args.full else 3)
+  opts = [o for o in optimizers if not (args.no_torch and o.framework == "torch")]
+  bar = _bar(len(sizes) * len(opts), "speed      ", args.quiet)
+  results["speed"] = S.run_speed(sizes, opts, steps=steps, progress=bar, log=log)
+  if bar is not None:
+    bar.close()
+  results["speed_config"] = {"sizes": {s: S.n_params_of(s) for s in sizes}, "timed_steps": steps,
+                             "warmup_steps": 2, "donated": True}
+  save(results, out)
+  if not args.no_investigate:
+    flags = (S.INVESTIGATION_FLAGS if args.full else
+             {k: v for k, v in S.INVESTIGATION_FLAGS.items() if k != "fast_math"})
+    if not args.quiet:
+      log(f"investigating the optax-vs-torch AdamW gap at 16M ({len(flags)} XLA flag sets)...")
+    results["speed_investigation"] = S.investigate("16M", steps=steps, flags=flags, log=log)
+    save(results, out)
+
+
+def summary_table(results) -> str:
+  lines = []
+  for tname, t in results["tasks"].items():
+    lines.append("")
+    lines.append(f"== {tname}: {t['description']} — {t['n_params']:,} params, {t['steps']} "
+                 f"steps, lrs {t['lrs']}, seeds {t['seeds']}, target val loss "
+                 f"{t.get('target_val_loss', float('nan')):.4f}")
+    lines.append(f"{'optimizer':34s} {'lr':>7s} {'val loss':>15s} {'val acc':>15s} "
+                 f"{'to target':>16s} {'train s':>8s} {'state B/p':>9s}")
+    rows = [s for s in results["summary"] if s["task"] == tname]
+    rows.sort(key=lambda s: (s.get("error") is not None,
+                             s.get("val_loss_mean") if s.get("val_loss_mean") is not None
+                             and math.isfinite(s.get("val_loss_mean")) else math.inf))
+    for s in rows:
+      if s.get("error"):
+        lines.append(f"{s['optimizer']:34s} ERROR {s['error'][:80]}")
+        continue
+      pm = lambda m, sd: (f"{m:.4f}±{sd:.4f}" if s["n_seeds"] > 1 else f"{m:.4f}")
+      tt = (f"{s['steps_to_target']:.0f} st/{s['time_to_target_s']:.1f}s"
+            if s.get("time_to_target_s") is not None else "—")
+      sb = s.get("state_bytes_per_param")
+      lines.append(f"{s['optimizer']:34s} {s['best_lr']:7.0e} "
+                   f"{pm(s['val_loss_mean'], s['val_loss_std']):>15s} "
+                   f"{pm(s['val_metric_mean'], s['val_metric_std']):>15s} {tt:>16s} "
+                   f"{s['train_s_mean']:8.2f} {sb if sb is None else f'{sb:.3f}':>9}")
+  if results.get("speed"):
+    lines.append("")
+    lines.append("== speed: one donated step (median), state bytes per parameter")
+    sizes = list(dict.fromkeys(r["size"] for r in results["speed"]))
+    hdr = f"{'optimizer':34s}" + "".join(f" {s + ' ms':>10s} {'×adamw':>7s}" for s in sizes) + \
+        f" {'B/param':>8s}"
+    lines.append(hdr)
+    names = list(dict.fromkeys(r["optimizer"] for r in results["speed"]))
+    for n in names:
+      row = f"{n:34s}"
+      bpp = None
+      for s in sizes:
+        r = next((r for r in results["speed"] if r["optimizer"] == n and r["size"] == s), None)
+        if r is None or r.get("error"):
+          row += f" {'err':>10s} {'':>7s}"
+          continue
+        ratio = r.get("vs_optax_adamw")
+        row += f" {r['step_ms']:10.2f} {ratio if ratio is None else f'{ratio:.2f}':>7}"
+        bpp = r.get("state_bytes_per_param")
+      row += f" {bpp if bpp is None else f'{bpp:.3f}':>8}"
+      lines.append(row)
+  if results.get("speed_investigation"):
+    lines.append("")
+    lines.append("== AdamW at 16M: what closes the gap to torch's fused AdamW on CPU")
+    for r in results["speed_investigation"]:
+      fl = f" [XLA_FLAGS {r['xla_flags']}]" if r.get("framework") == "jax" else ""
+      lines.append(f"{r['variant'] + fl:78s} {r['step_ms']:9.2f} ms (min {r['step_ms_min']:.2f})")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+  out = pathlib.Path(args.out)
+  t_start = time.time()
+  try:
+    import torch
+    torch.set_num_threads(args.torch_threads)
+  except ImportError:
+    pass
+  import warnings
+  warnings.filterwarnings("ignore")
+
+  from benchmarks import optimizers as O
+  log = (lambda m: print(m, file=sys.stderr, flush=True))
+  optimizers = O.select(O.all_optimizers(torch=not args.no_torch),
+                        [args.optimizer] if args.optimizer else [])
+  results = {"schema": 1, "mode": "full" if args.full else "quick",
+             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "machine": machine_description(args.device), "argv": sys.argv[1:] if argv is None
+             else list(argv), "optimizers": [{"name": o.name, "framework": o.framework,
+                                              "family": o.family, "mode": o.mode,
+                                              "note": o.note} for o in optimizers],
+             "tasks": {}, "quality": [], "summary": [], "speed": [], "skipped": []}
+  log(f"stax benchmark ({results['mode']}): {len(optimizers)} optimizers, "
+      f"{results['machine']['cpu']} × {results['machine']['cores']}, load "
+      f"{results['machine'].get('load_avg_start')}")
+  if not args.no_quality:
+    run_quality(args, optimizers, FULL if args.full else QUICK, results, out, log)
+  if not args.no_speed:
+    run_speed_part(args, optimizers, results, out, log)
+  results["wall_s"] = time.time() - t_start
+  try:
+    results["machine"]["load_avg_end"] = os.getloadavg()
+  except OSError:
+    pass
+  save(results, out)
+  if not args.no_plots:
+    try:
+      from benchmarks import plots
+      results["plots"] = plots.make_all(results, out)
+      save(results, out)
+    except Exception as e:  # noqa: BLE001
+      log(f"plots failed: {type(e).__name__}: {e}")
+  print(summary_table(results))
+  print(f"\nwall time {results['wall_s']:.0f}s; results in {out / 'results.json'}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,168 @@
+"""PNG plots from the results JSON (matplotlib, Agg backend).
+
+``make_all(results, out)`` writes, per task, validation loss against steps and against
+wall-clock (each optimizer at its chosen learning rate, mean over seeds) and the learning-rate
+sweep; for the speed benchmark, step time relative to ``optax.adamw`` and state bytes per
+parameter. Returns the list of file names. ``python -m benchmarks.plots [results.json]``
+redraws them from a saved file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+
+
+def _style(name, framework, i):
+  import matplotlib.pyplot as plt
+  cmap = plt.get_cmap("tab20")
+  ls = "--" if framework == "torch" else ("-." if name.startswith("seed:") else "-")
+  if name in ("optax.adamw", "torch.optim.AdamW(fused)"):
+    return dict(color="black", ls=ls, lw=2.2)
+  return dict(color=cmap(i % 20), ls=ls, lw=1.4)
+
+
+def _curves(results, task, name, lr):
+  runs = [r for r in results["quality"] if r["task"] == task and r["optimizer"] == name
+          and r["lr"] == lr and not r.get("diverged") and r["steps"]]
+  if not runs:
+    return None
+  n = min(len(r["steps"]) for r in runs)
+  steps = np.array(runs[0]["steps"][:n])
+  vl = np.mean([r["val_loss"][:n] for r in runs], axis=0)
+  wall = np.mean([r["wall_s"][:n] for r in runs], axis=0)
+  return steps, vl, wall
+
+
+def task_plots(results, task, out: pathlib.Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [s for s in results["summary"] if s["task"] == task and not s.get("error")]
+  if not rows:
+    return []
+  t = results["tasks"][task]
+  fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+  for i, s in enumerate(rows):
+    c = _curves(results, task, s["optimizer"], s["best_lr"])
+    if c is None:
+      continue
+    steps, vl, wall = c
+    st = _style(s["optimizer"], s["framework"], i)
+    lab = f"{s['optimizer']} (lr {s['best_lr']:g})"
+    axes[0].plot(steps, vl, label=lab, **st)
+    axes[1].plot(wall, vl, label=lab, **st)
+  target = t.get("target_val_loss")
+  for ax, xl in zip(axes, ("step", "training wall-clock (s, compile and eval excluded)")):
+    if target is not None and math.isfinite(target):
+      ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(xl)
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes[1].set_xscale("log")
+  axes[0].set_title(f"{task}: validation loss vs steps")
+  axes[1].set_title(f"{task}: validation loss vs wall-clock")
+  axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  f1 = out / f"{task}_loss.png"
+  fig.savefig(f1, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  files = [f1.name]
+
+  if len(t.get("lrs", [])) > 1:
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, s in enumerate(rows):
+      sw = s.get("sweep") or {}
+      lrs = sorted(float(k) for k in sw)
+      vals = [sw[f"{lr:g}"] for lr in lrs]
+      vals = [v if v is not None and math.isfinite(v) else np.nan for v in vals]
+      ax.plot(lrs, vals, marker="o", label=s["optimizer"],
+              **_style(s["optimizer"], s["framework"], i))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (seed 0)")
+    ax.set_title(f"{task}: learning-rate sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    f2 = out / f"{task}_lr_sweep.png"
+    fig.savefig(f2, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    files.append(f2.name)
+  return files
+
+
+def speed_plots(results, out: pathlib.Path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  recs = [r for r in results.get("speed", []) if not r.get("error")]
+  if not recs:
+    return []
+  sizes = list(dict.fromkeys(r["size"] for r in recs))
+  names = list(dict.fromkeys(r["optimizer"] for r in recs))
+  fig, axes = plt.subplots(1, 2, figsize=(15, max(5, 0.32 * len(names) + 1.5)))
+  y = np.arange(len(names))
+  h = 0.8 / len(sizes)
+  for j, size in enumerate(sizes):
+    vals = []
+    for n in names:
+      r = next((r for r in recs if r["optimizer"] == n and r["size"] == size), None)
+      vals.append(r["step_ms"] if r else np.nan)
+    axes[0].barh(y + j * h, vals, height=h, label=f"{size} params")
+  axes[0].set_yticks(y + h * (len(sizes) - 1) / 2)
+  axes[0].set_yticklabels(names, fontsize=8)
+  axes[0].invert_yaxis()
+  axes[0].set_xscale("log")
+  axes[0].set_xlabel("step time, ms (median, donated, CPU)")
+  axes[0].set_title("optimizer step time")
+  axes[0].legend()
+  axes[0].grid(alpha=0.3, axis="x")
+  bpp = []
+  for n in names:
+    r = next((r for r in recs if r["optimizer"] == n and r["size"] == sizes[-1]), None)
+    bpp.append(r["state_bytes_per_param"] if r else np.nan)
+  axes[1].barh(y, bpp, color="tab:orange")
+  for yi, b in zip(y, bpp):
+    if np.isfinite(b):
+      axes[1].text(b, yi, f" {b:.3f}", va="center", fontsize=7)
+  axes[1].set_yticks(y)
+  axes[1].set_yticklabels([])
+  axes[1].invert_yaxis()
+  axes[1].axvline(8.0, color="grey", ls=":", lw=0.8)
+  axes[1].set_xlabel(f"optimizer state bytes per parameter ({sizes[-1]} params)")
+  axes[1].set_title("state memory (fp32 AdamW = 8)")
+  axes[1].grid(alpha=0.3, axis="x")
+  fig.tight_layout()
+  f = out / "speed_memory.png"
+  fig.savefig(f, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return [f.name]
+
+
+def make_all(results, out) -> list[str]:
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  files = []
+  for task in results.get("tasks", {}):
+    files += task_plots(results, task, out)
+  files += speed_plots(results, out)
+  return files
+
+
+if __name__ == "__main__":
+  path = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else
+                      pathlib.Path(__file__).parent / "results" / "results.json")
+  res = json.loads(path.read_text())
+  # JSON stores NaN as null
+  for r in res.get("quality", []):
+    r["val_loss"] = [math.nan if v is None else v for v in r["val_loss"]]
+  print(make_all(res, path.parent))
