@@ -118,6 +118,12 @@ class SeparateStorage(NamedTuple):
     k_mu, k_nu = jax.random.split(key)
     return self.mu_codec.encode(mu, k_mu), self.nu_codec.encode(nu, k_nu)
 
+  def project(self, mu, nu):
+    """Each codec's optional ``project(value)`` (what the update uses); identity otherwise."""
+    pm = getattr(self.mu_codec, "project", None)
+    pn = getattr(self.nu_codec, "project", None)
+    return (mu if pm is None else pm(mu)), (nu if pn is None else pn(nu))
+
 
 def full_precision_storage(mu_dtype: Any = None, nu_dtype: Any = None) -> SeparateStorage:
   """Full-precision m and v (the default storage of :func:`stax.scale_by_adam`)."""

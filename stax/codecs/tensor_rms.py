@@ -9,10 +9,9 @@ per-tensor mean: with the decoded :math:`v` a broadcast of :math:`q`,
 
 * :class:`TensorMean` is the ``nu`` codec: it stores one float32 scalar per leaf (the mean),
   decodes to a broadcast, and ``project`` reduces a freshly computed moment to that mean.
-* :class:`ProjectedStorage` pairs two codecs like :class:`~stax.codecs.base.SeparateStorage`
-  and also exposes ``project(mu, nu)``: the Adam core calls it on the new moments before it
-  forms the update, so the denominator is the per-tensor RMS (a storage without ``project``
-  uses the exact new moments, as before).
+* :class:`~stax.codecs.base.SeparateStorage` pairs it with a full-precision m and exposes
+  ``project(mu, nu)`` (each codec's ``project``): the Adam core calls it on the new moments
+  before it forms the update, so the denominator is the per-tensor RMS.
 
 Memory: ``mu`` (full size, in the chosen dtype) plus 4 bytes per tensor, about half of AdamW's
 state in float32.
@@ -33,9 +32,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from stax.codecs.base import FullPrecision
+from stax.codecs.base import FullPrecision, SeparateStorage
 
-__all__ = ["TensorMean", "ProjectedStorage", "tensor_rms_storage"]
+__all__ = ["TensorMean", "tensor_rms_storage"]
 
 
 def _mean(value: jax.Array) -> jax.Array:
@@ -66,37 +65,6 @@ class TensorMean(NamedTuple):
     return _mean(value)
 
 
-class ProjectedStorage(NamedTuple):
-  """Two independent codecs (as :class:`~stax.codecs.base.SeparateStorage`) plus ``project``.
-
-  ``project(mu, nu)`` applies each codec's ``project`` when it has one (identity otherwise).
-  """
-
-  mu_codec: Any = FullPrecision()
-  nu_codec: Any = TensorMean()
-
-  @property
-  def needs_key(self) -> bool:
-    return bool(self.mu_codec.needs_key or self.nu_codec.needs_key)
-
-  def init(self, param):
-    return self.mu_codec.init(param), self.nu_codec.init(param)
-
-  def read(self, mu_enc, nu_enc, like):
-    return self.mu_codec.decode(mu_enc, like), self.nu_codec.decode(nu_enc, like)
-
-  def write(self, mu, nu, key):
-    if key is None or not self.needs_key:
-      return self.mu_codec.encode(mu, None), self.nu_codec.encode(nu, None)
-    k_mu, k_nu = jax.random.split(key)
-    return self.mu_codec.encode(mu, k_mu), self.nu_codec.encode(nu, k_nu)
-
-  def project(self, mu, nu):
-    pm = getattr(self.mu_codec, "project", None)
-    pn = getattr(self.nu_codec, "project", None)
-    return (mu if pm is None else pm(mu)), (nu if pn is None else pn(nu))
-
-
-def tensor_rms_storage(mu_dtype: Any = None) -> ProjectedStorage:
+def tensor_rms_storage(mu_dtype: Any = None) -> SeparateStorage:
   """Full first moment in ``mu_dtype`` (default: the parameter's) and a per-tensor mean of v."""
-  return ProjectedStorage(FullPrecision(mu_dtype), TensorMean())
+  return SeparateStorage(FullPrecision(mu_dtype), TensorMean())

@@ -77,8 +77,7 @@ import numpy as np
 import optax
 
 from stax import _validation as V
-from stax.codecs.base import FullPrecision
-from stax.codecs.tensor_rms import ProjectedStorage, TensorMean
+from stax.codecs.tensor_rms import tensor_rms_storage
 from stax.transforms import adaptive_beta as AB
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import NONFINITE_POLICIES, nonfinite_guard
@@ -304,7 +303,7 @@ def stam_lite(
     lo, _ = AB.beta1_bounds(b1_base, adapt_strength, b1_min)
     rule = AB.snr_beta1(b1_max=b1_base, b1_min=lo, decay=moment_decay,
                         interval=beta1_update_interval)
-  storage = ProjectedStorage(FullPrecision(dt), TensorMean())
+  storage = tensor_rms_storage(dt)
   core = scale_by_adam(rule, _f32_hyper(moment_decay), eps, bias_correction="product",
                        correction_eps=eps, storage=storage)
   return _finish(core, weight_decay, mask, learning_rate, nonfinite)
