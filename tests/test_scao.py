@@ -44,9 +44,14 @@ def test_faithful_parity_with_scao_0_2_4():
   threads = torch.get_num_threads()
   torch.set_num_threads(1)  # tiny matrices: threading only costs time here
   try:
-    _run_parity(torch, scao_pkg)
+    diff, moved, diag, seed_ranks, steps = _run_parity(torch, scao_pkg)
   finally:
     torch.set_num_threads(threads)
+  assert diff < 1e-4, diff
+  assert moved > 100 * 1e-4, moved  # the preconditioned phase really changed the trajectory
+  assert int(diag["phase"]) == 1 and float(diag["blend"]) == 1.0
+  assert int(diag["curvature_updates"]) == steps // 20
+  assert {k: int(v) for k, v in diag["rank"].items()} == seed_ranks
 
 
 def _run_parity(torch, scao_pkg):
@@ -87,13 +92,9 @@ def _run_parity(torch, scao_pkg):
   diff = max(np.max(np.abs(np.asarray(params[k]) - seed_p[k].detach().numpy())) for k in names)
   moved = max(np.max(np.abs(adamw_p[k].detach().numpy() - seed_p[k].detach().numpy()))
               for k in names)
-  assert diff < 1e-4, diff
-  assert moved > 100 * 1e-4, moved  # the preconditioned phase really changed the trajectory
   diag = stax.scao_diagnostics(state, params)
-  assert int(diag["phase"]) == 1 and float(diag["blend"]) == 1.0
-  assert int(diag["curvature_updates"]) == steps // 20
   seed_ranks = {k: seed_opt.state[seed_p[k]]["preconditioner"].k for k in names}
-  assert {k: int(v) for k, v in diag["rank"].items()} == seed_ranks
+  return diff, moved, diag, seed_ranks, steps
 
 
 # --------------------------------------------------------------------------- low-rank mode
