@@ -9,3 +9,13 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # torch and XLA in one process on CPU: spinning OpenMP threads fight for the cores otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# Property tests draw the same examples on every run (reproducible CI); explore with
+# `--hypothesis-seed=N` locally.
+try:
+  from hypothesis import settings as _hsettings
+
+  _hsettings.register_profile("stax", derandomize=True, deadline=None)
+  _hsettings.load_profile("stax")
+except ImportError:  # pragma: no cover
+  pass

@@ -102,10 +102,13 @@ def test_block_extremes_representable_and_no_zero_code(bits, lo, span, seed):
   ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(lv), 1e-3))) - 10)
   assert np.all(np.abs(np.log(dec) - lv)[const] <= ulp[const] + 1e-5)
   assert np.all(dec > 0) and np.all(np.isfinite(dec))
-  # the largest element of each block decodes to the top level, which is >= it
+  # the largest element of each block decodes to its nearest level: within half a level
+  # spacing in log space (the fp16 endpoints are rounded outward, so the top level may sit
+  # more than half a spacing above the largest element, which then rounds down)
   top = np.argmax(v, axis=-1)
-  ok = dec[np.arange(2), top] >= v[np.arange(2), top] * (1 - 1e-5)
-  assert np.all(ok | ~dyn | (lmax >= 88))
+  spacing = (scales[:, 0, 1] - scales[:, 0, 0]) / (2 ** bits - 2)
+  err = np.abs(np.log(dec[np.arange(2), top]) - lv[np.arange(2), top])
+  assert np.all((err <= 0.5 * spacing + 1e-4) | ~dyn | (lmax >= 88))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
