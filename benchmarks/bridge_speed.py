@@ -7,14 +7,18 @@ interleaved (round-robin, so machine load hits every contender alike):
   with params and state donated (the floor the bridge is measured against);
 * ``bridge_param`` / ``bridge_group``: ``torch_bridge.Optimizer(params, stax.adamw)`` with one
   state per parameter (default, torch semantics) / one per group; gradients from torch by
-  DLPack, new parameters written back with ``copy_``; ``bridge_param_swap``: the same with
-  ``writeback="swap"`` (``p.data`` re-pointed at the JAX output, no copy);
+  DLPack, new parameters written back with ``copy_``; ``bridge_param_swap`` /
+  ``bridge_group_swap``: the same with ``writeback="swap"`` (torch views JAX-owned buffers
+  that XLA updates in place: no copy);
 * ``torch_adamw_foreach`` / ``torch_adamw_fused``: ``torch.optim.AdamW``;
 * the seeds' torch classes where installed (``stac_optimizer.STAC``, ``turboadam.TurboAdam``,
   ``scao.SCAO`` (in its Adam warm-up), ``optimi.StableAdamW``) next to the matching bridge
   drop-in (``torch_bridge.STAC`` / ``TurboAdam`` / ``SCAO`` / ``OAdamW(muon="off")``).
 
-Reported: the median step time (ms) of each, and ratios to ``jax`` from the same run.
+Each round runs ``--block`` (default 4) consecutive steps of every contender. Reported: the
+median time of a *cold* step (the first of a block, after the other contenders evicted this
+one's arrays from the caches, as a forward/backward pass does in training) and of a *steady*
+step (the block's later steps, back to back), and ratios to ``jax`` from the same run.
 Results go to ``benchmarks/results/bridge_speed.json``.
 
 Usage:
@@ -118,6 +122,10 @@ def contenders(n, d, device):
           lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-3,
                                            weight_decay=1e-2, nonfinite="ignore",
                                            state_scope="group"), n, d, device),
+      "bridge_group_swap": lambda: _torch_contender(
+          lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-3,
+                                           weight_decay=1e-2, nonfinite="ignore",
+                                           state_scope="group", writeback="swap"), n, d, device),
       "torch_adamw_foreach": lambda: _torch_contender(
           lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-2, foreach=True),
           n, d, device),
@@ -164,7 +172,13 @@ def contenders(n, d, device):
   return out
 
 
-def bench(size, steps, warmup, device, only=None):
+def bench(size, steps, warmup, device, only=None, block=4):
+  """Round-robin over the contenders: each round runs ``block`` consecutive steps of each.
+
+  ``cold``: the first step of each block, right after the other contenders ran (their arrays
+  evicted this one's from the caches, as a forward/backward pass does in training).
+  ``steady``: the block's later steps, back to back (an optimizer-only loop).
+  """
   n, d = SIZES[size]
   runs = {}
   for name, make in contenders(n, d, device).items():
@@ -179,21 +193,25 @@ def bench(size, steps, warmup, device, only=None):
         runs[name] = run
       except Exception as e:  # noqa: BLE001 - a seed failing must not stop the benchmark
         print(f"  {name}: skipped ({type(e).__name__}: {e})", flush=True)
-  times = {k: [] for k in runs}
+  cold = {k: [] for k in runs}
+  steady = {k: [] for k in runs}
   for _ in range(steps):  # round-robin: load on the machine hits everyone alike
     for name, run in runs.items():
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t0 = time.perf_counter()
-        run()
-        times[name].append(time.perf_counter() - t0)
-  med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-  base = med.get("jax")
-  res = {"n_params": n * d * d, "layers": f"{n} x ({d}, {d}) float32", "median_ms": med,
-         "ratio_to_jax": {k: v / base for k, v in med.items()} if base else {}}
-  if base:
-    res["bridge_overhead_vs_jax"] = {k: med[k] / base - 1.0 for k in med if k.startswith(
-        "bridge_param") or k.startswith("bridge_group")}
+        for j in range(block):
+          t0 = time.perf_counter()
+          run()
+          (cold if j == 0 else steady)[name].append(time.perf_counter() - t0)
+  res = {"n_params": n * d * d, "layers": f"{n} x ({d}, {d}) float32", "block": block}
+  for label, times in (("", cold), ("steady_", steady)):
+    med = {k: 1e3 * statistics.median(v) for k, v in times.items() if v}
+    base = med.get("jax")
+    res[f"{label}median_ms"] = med
+    res[f"{label}ratio_to_jax"] = {k: v / base for k, v in med.items()} if base else {}
+    if base:
+      res[f"{label}bridge_overhead_vs_jax"] = {k: med[k] / base - 1.0 for k in med
+                                              if k.startswith(("bridge_param", "bridge_group"))}
   return res
 
 
@@ -204,21 +222,27 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
   ap.add_argument("--only", nargs="*", default=None, help="contender names to run")
+  ap.add_argument("--block", type=int, default=4,
+                  help="consecutive steps per contender per round (1st = cold, rest = steady)")
   ap.add_argument("--quick", action="store_true", help="1M only, 5 steps")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bridge_speed.json"))
   a = ap.parse_args(argv)
   if a.quick:
     a.sizes, a.steps, a.warmup = ["1M"], 5, 2
+  if a.block < 1:
+    ap.error("--block must be >= 1")
   out = {"device": a.device, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "jax_backend": jax.default_backend(),
          "torch": torch.__version__, "jax": jax.__version__, "cpu_threads": torch.get_num_threads(),
          "machine": platform.processor() or platform.machine(), "steps": a.steps, "results": {}}
   for size in a.sizes:
     print(f"[{size}]", flush=True)
-    r = bench(size, a.steps, a.warmup, a.device, a.only)
+    r = bench(size, a.steps, a.warmup, a.device, a.only, a.block)
     out["results"][size] = r
+    print(f"  {'':28s} {'cold':>9s}            {'steady':>9s}", flush=True)
     for k, v in r["median_ms"].items():
-      print(f"  {k:28s} {v:9.2f} ms   x{r['ratio_to_jax'].get(k, float('nan')):.2f} vs jax",
-            flush=True)
+      sv = r["steady_median_ms"].get(k, float("nan"))
+      print(f"  {k:28s} {v:9.2f} ms x{r['ratio_to_jax'].get(k, float('nan')):5.2f}   "
+            f"{sv:9.2f} ms x{r['steady_ratio_to_jax'].get(k, float('nan')):5.2f}", flush=True)
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(out, indent=2))
   print(f"wrote {a.out}")

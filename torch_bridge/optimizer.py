@@ -22,7 +22,8 @@ How it works
   * One jitted call updates every parameter of every group. It *donates* the JAX-owned optimizer
     state (no state copy per step). Parameters and gradients cross by DLPack without a copy
     (``detach()``, contiguous, 64-byte aligned; see :mod:`torch_bridge.convert`); new
-    parameters are written back with one ``copy_`` each (XLA cannot write into torch memory).
+    parameters are written back with one ``copy_`` each (XLA cannot write into torch memory),
+    or, with ``writeback="swap"``, XLA updates JAX-owned buffers that torch views, in place.
   * ``state_scope="param"`` (default): every parameter has its own transform state, like torch
     optimizers. A parameter whose ``grad`` is ``None`` is skipped exactly as torch does: no
     moment decay, no weight decay, its step count does not advance. Which parameters have
@@ -167,12 +168,47 @@ class _Unit(NamedTuple):
   names: tuple     # their names (dotted)
 
 
+class _Plan:
+  """A compiled step and what feeding it needs, for one has-grad mask and static config.
+
+  Hashed by identity: the step cache key it carries is a large tuple, too slow to hash on
+  every step.
+  """
+  __slots__ = ("fn", "key", "units", "active", "slot", "idx_on")
+
+  def __init__(self, fn, key, units, active, slot, idx_on):
+    self.fn = fn            # the jitted step
+    self.key = key          # its key in _STEP_CACHE
+    self.units = units      # ((factory, static, names, mask, slot), ...) of the active units
+    self.active = active    # indices of the active units in ``Optimizer._units``
+    self.slot = slot        # group index -> position in the step's hyperparameter tuple
+    self.idx_on = idx_on    # parameter indices updated by the step, in output order
+
+
 class _Spec(NamedTuple):
   factory: Callable
   accepted: Optional[frozenset]   # factory argument names; None = accepts **kwargs
 
 
 def _factory_spec(factory: Callable) -> _Spec:
+  try:
+    return _SPEC_CACHE[factory]
+  except (KeyError, TypeError):
+    pass
+  spec = _factory_spec_uncached(factory)
+  try:
+    if len(_SPEC_CACHE) >= _CACHE_LIMIT:
+      _SPEC_CACHE.pop(next(iter(_SPEC_CACHE)))
+    _SPEC_CACHE[factory] = spec
+  except TypeError:  # unhashable callable
+    pass
+  return spec
+
+
+_SPEC_CACHE: dict = {}
+
+
+def _factory_spec_uncached(factory: Callable) -> _Spec:
   try:
     sig = inspect.signature(factory)
   except (TypeError, ValueError):
@@ -231,14 +267,24 @@ def _make_init(units, layout):
   return jax.jit(init)
 
 
-def _make_step(units, layout, policy):
-  """units: ((factory, static_items, names, mask, slot), ...) for the active units."""
+def _make_step(units, layout, policy, donate_params):
+  """units: ((factory, static_items, names, mask, slot), ...) for the active units.
 
-  def step(states, params, grads, hps, skipped, scratch):
+  The step takes each unit's parameters split by ``mask``: ``params_on`` (those with a
+  gradient, updated; donated when ``donate_params``) and ``params_off`` (read only).
+  """
+
+  def step(states, params_on, grads, hps, skipped, scratch, params_off):
     # ``scratch``: the previous step's output parameter buffers (already copied into torch),
     # donated so XLA writes the new parameters into them instead of allocating (fresh large
     # CPU allocations page-fault on every step). A whole-array dynamic_update_slice makes the
     # buffer "used" (JAX prunes unused donations); XLA simplifies it to a plain write.
+    def merged(k):
+      on, off = iter(params_on[k]), iter(params_off[k])
+      return tuple(next(on) if m else next(off) for m in units[k][3])
+
+    params = tuple(merged(k) for k in range(len(units)))
+
     def compute(_):
       new_states, new_params = [], []
       for (factory, static, names, mask, slot), st, ps, gs in zip(units, states, params, grads):
@@ -266,20 +312,23 @@ def _make_step(units, layout, policy):
       return tuple(tuple(jax.lax.dynamic_update_slice(b, a.astype(b.dtype), (0,) * a.ndim)
                          for a, b in zip(ps, bs)) for ps, bs in zip(new_params, scratch))
 
+    # Outputs come in the donated inputs' order (states, params_on, skipped, scratch): JAX
+    # pairs each output with the first unused donated input of the same shape and dtype, so any
+    # other order would alias a new parameter onto a moment buffer and force XLA to copy the
+    # moments (measured: 63 copies, 1.8x the step time at 16M parameters).
     if policy is None:
       new_params, new_states = compute(None)
-      return into_scratch(new_params), new_states, jnp.array(True), skipped
+      return new_states, into_scratch(new_params), skipped, jnp.array(True)
     ok = _all_finite([g for gs in grads for g in gs if g is not None])
 
     def skip(_):
-      kept = tuple(tuple(p for p, m in zip(ps, u[3]) if m) for ps, u in zip(params, units))
-      return kept, tuple(states)
+      return tuple(params_on), tuple(states)
 
     new_params, new_states = jax.lax.cond(ok, compute, skip, None)
     skipped = jnp.where(ok, skipped, optax.safe_increment(skipped))
-    return into_scratch(new_params), new_states, ok, skipped
+    return new_states, into_scratch(new_params), skipped, ok
 
-  return jax.jit(step, donate_argnums=(0, 4, 5))
+  return jax.jit(step, donate_argnums=(0, 1, 4) if donate_params else (0, 4, 5))
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -299,9 +348,10 @@ class Optimizer(torch.optim.Optimizer):
       ``layout_fn(shape)`` per parameter (default ``None``: not passed).
     layout_fn: ``shape -> dimension numbers`` (default :func:`torch_dimension_numbers`).
     writeback: ``"copy"`` (default: new values are copied into each parameter's storage, which
-      keeps every view, DDP bucket and tied alias valid) or ``"swap"`` (``p.data`` is re-pointed
-      at the JAX output buffer: no copy, but anything holding the old storage — FSDP flat
-      parameters, views of a parameter — goes stale; opt-in).
+      keeps every view, DDP bucket and tied alias valid) or ``"swap"`` (opt-in, no copy: from
+      the first step each ``p.data`` is a torch view of a JAX-owned buffer that XLA updates in
+      place, the same address every step; a view held elsewhere — ``p.detach()``, FSDP flat
+      parameters — blocks that, and is then left with the old values, never overwritten).
     global_nonfinite: ``None`` (default: leave it to the transform), ``"skip"`` (if any gradient
       of the step is NaN/Inf, no parameter and no state changes; counted in
       :attr:`nonfinite_skipped_steps`) or ``"error"`` (the same, then ``RuntimeError``; costs one
@@ -354,6 +404,8 @@ class Optimizer(torch.optim.Optimizer):
     self._used_fns: dict = {}        # plan -> jitted step this optimizer has run
     self._scratch: dict = {}         # plan -> last output parameter buffers (donated next step)
     self._pcache: dict = {}          # param index -> (storage key, JAX view of it)
+    self._plans: dict = {}           # (units, mask, static hyperparameters) -> _Plan
+    self._hp_cache: dict = {}        # group index -> (values signature, group, hyperparameters)
     self._skipped = None             # int32 JAX scalar, steps skipped by global_nonfinite
     self._gradient_release = False
     defaults = self._fill_defaults(transform, dict(defaults))
@@ -419,7 +471,22 @@ class Optimizer(torch.optim.Optimizer):
     self._units_sig = None
 
   def _hyperparams(self, gi: int):
-    """(traced: {name: float32 array}, static: ((name, value), ...)) for group ``gi``."""
+    """(traced: {name: float32 array}, static: ((name, value), ...)) for group ``gi``.
+
+    Cached while the group's values are unchanged plain Python values (a scheduler writes new
+    floats, which changes the signature; tensors and mutable values are read every step)."""
+    group = self.param_groups[gi]
+    sig = _plain_signature(group)
+    if sig is not None:
+      hit = self._hp_cache.get(gi)
+      if hit is not None and hit[0] == sig and hit[1] is group:
+        return hit[2]
+    out = self._hyperparams_uncached(gi)
+    if sig is not None:
+      self._hp_cache[gi] = (sig, group, out)
+    return out
+
+  def _hyperparams_uncached(self, gi: int):
     group = self.param_groups[gi]
     spec = self._group_spec(group)
     traced, static = {}, []
@@ -464,6 +531,7 @@ class Optimizer(torch.optim.Optimizer):
         units.append(_Unit(gi, tuple(ids), tuple(names)))
       idx += n
     self._units, self._units_sig = units, sig
+    self._plans = {}  # plans index units: rebuild them
 
   # ----------------------------------------------------------------------------- stepping
   @torch.no_grad()
@@ -483,77 +551,119 @@ class Optimizer(torch.optim.Optimizer):
     params = self._flat_params()
     mask = []
     for i, p in enumerate(params):
-      has = p.grad is not None and (only is None or i in only)
-      if has and p.grad.is_sparse:
+      g = p.grad
+      has = g is not None and (only is None or i in only)
+      if has and g.is_sparse:
         raise RuntimeError("torch_bridge: sparse gradients are not supported; use a dense "
                            "embedding (sparse=False) or torch.optim.SparseAdam for it.")
       mask.append(has)
-    active = [ui for ui, u in enumerate(self._units) if any(mask[i] for i in u.indices)]
-    if not active:
+    mask = tuple(mask)
+    if not any(mask):
       return
-    groups = sorted({self._units[ui].group for ui in active})
-    slot = {gi: k for k, gi in enumerate(groups)}
+    groups = sorted({self._units[ui].group for ui in range(len(self._units))
+                     if any(mask[i] for i in self._units[ui].indices)})
     hp = {gi: self._hyperparams(gi) for gi in groups}
     hps = tuple(hp[gi][0] for gi in groups)
-    layout = (self._layout_kwarg, self._layout_fn)
-
-    def factory(gi):
-      return self.param_groups[gi].get("transform", self._transform)
+    pkey = (mask,
+            tuple((gi, self._factory(gi), _freeze(hp[gi][1])) for gi in groups))
+    plan = self._plans.get(pkey)
+    if plan is None:
+      plan = self._plans[pkey] = self._make_plan(mask, groups, hp)
+    units, active = plan.units, plan.active
 
     jparams = [tuple(self._param_jax(i, params[i]) for i in self._units[ui].indices)
                for ui in active]
     missing = [k for k, ui in enumerate(active) if self._units[ui].indices not in self._jstate]
     if missing:
-      units = tuple((factory(u.group), hp[u.group][1], u.names, slot[u.group])
-                    for u in (self._units[active[k]] for k in missing))
-      key = (tuple((f, _freeze(st), n, sl) for f, st, n, sl in units), layout)
-      fn = _cached(_INIT_CACHE, key, lambda: _make_init(units, layout))
-      news = fn(tuple(jparams[k] for k in missing), hps)
-      for k, st in zip(missing, news):
-        # commit to the parameters' device, as step outputs are (else the step compiles twice)
-        self._jstate[self._units[active[k]].indices] = jax.device_put(st, jparams[k][0].device)
-
-    units = tuple((factory(u.group), hp[u.group][1], u.names,
-                   tuple(mask[i] for i in u.indices), slot[u.group])
-                  for u in (self._units[ui] for ui in active))
-    key = (tuple((f, _freeze(st), n, m, sl) for f, st, n, m, sl in units), layout,
-           self._global_nonfinite, self._writeback)
-    fn = _cached(_STEP_CACHE, key, lambda: _make_step(units, layout, self._global_nonfinite))
-    self._used_fns[key] = fn
-    jgrads = [tuple(convert.to_jax(params[i].grad) if mask[i] else None
-                    for i in self._units[ui].indices) for ui in active]
+      self._init_states(missing, plan, hp, hps, jparams)
+    self._used_fns[id(plan.fn)] = plan.fn
+    jgrads = tuple(tuple(convert.to_jax(params[i].grad) if mask[i] else None
+                         for i in self._units[ui].indices) for ui in active)
     states = tuple(self._jstate[self._units[ui].indices] for ui in active)
     if self._skipped is None:
       self._skipped = jax.device_put(np.zeros((), np.int32), jparams[0][0].device)
-    scratch = None
-    if self._writeback == "copy":
-      scratch = self._scratch.pop(key, None)
+    p_on = tuple(tuple(p for p, m in zip(ps, u[3]) if m) for ps, u in zip(jparams, units))
+    p_off = tuple(tuple(p for p, m in zip(ps, u[3]) if not m) for ps, u in zip(jparams, units))
+    idx_on = plan.idx_on
+    del jparams
+    swap = self._writeback == "swap"
+    if swap:
+      # "swap": torch's parameters view JAX-owned buffers (from the first step on). Torch lets
+      # go of them for the call (a placeholder storage), so the donated buffers have no
+      # outside reference and XLA updates them in place; torch then views the outputs, which
+      # are the same buffers. A buffer still viewed elsewhere (a user's ``p.detach()``) cannot
+      # be donated: JAX writes a fresh buffer instead, and that view keeps the old values.
+      scratch = None
+      for i in idx_on:
+        params[i].data = _placeholder(params[i])
+    else:
+      # "copy": the previous step's outputs (already copied into torch) are overwritten.
+      scratch = self._scratch.pop(plan, None)
       if scratch is None:
         scratch = tuple(tuple(jnp.zeros(p.shape, p.dtype, device=list(p.devices())[0])
-                              for p, m in zip(ps, u[3]) if m) for ps, u in zip(jparams, units))
-    new_params, new_states, ok, self._skipped = fn(states, tuple(jparams), tuple(jgrads), hps,
-                                                   self._skipped, scratch)
-    del jparams, jgrads, scratch
+                              for p in ps) for ps in p_on)
+    try:
+      new_states, new_params, self._skipped, ok = plan.fn(states, p_on, jgrads, hps,
+                                                          self._skipped, scratch, p_off)
+    except BaseException:
+      if swap:  # the call failed before running: give torch its (undonated) buffers back
+        for i, a in zip(idx_on, (a for ps in p_on for a in ps)):
+          params[i].data = convert.to_torch(a)
+      raise
+    del jgrads, scratch, p_on
     jax.block_until_ready((new_params, new_states))
     for ui, st in zip(active, new_states):
       self._jstate[self._units[ui].indices] = st
-    for ui, news in zip(active, new_params):
-      idx = [i for i in self._units[ui].indices if mask[i]]
-      for i, a in zip(idx, news):
-        if self._writeback == "swap":
-          params[i].data = convert.to_torch(a)  # re-point at the JAX buffer: no copy
-        else:
-          params[i].copy_(convert.to_torch(a))
-    if self._writeback == "copy":
-      self._scratch = {key: new_params}  # reused (donated) by the next step with this plan
+    for i, a in zip(idx_on, (a for ps in new_params for a in ps)):
+      if swap:
+        t = convert.to_torch(a)  # the JAX buffer itself: no copy
+        params[i].data = t
+        self._pcache[i] = (_storage_key(t), a)
+      else:
+        params[i].copy_(convert.to_torch(a))
+    if not swap:
+      self._scratch = {plan: new_params}  # donated to the next step with this plan
     if self._global_nonfinite == "error" and not bool(ok):
       raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
                          "for every parameter.")
 
+  def _factory(self, gi: int) -> Callable:
+    return self.param_groups[gi].get("transform", self._transform)
+
+  def _make_plan(self, mask: tuple, groups: list, hp: dict) -> "_Plan":
+    """What one has-grad pattern and set of static hyperparameters compiles to (cached)."""
+    active = tuple(ui for ui, u in enumerate(self._units) if any(mask[i] for i in u.indices))
+    slot = {gi: k for k, gi in enumerate(groups)}
+    layout = (self._layout_kwarg, self._layout_fn)
+    units = tuple((self._factory(u.group), hp[u.group][1], u.names,
+                   tuple(mask[i] for i in u.indices), slot[u.group])
+                  for u in (self._units[ui] for ui in active))
+    key = (tuple((f, _freeze(st), n, m, sl) for f, st, n, m, sl in units), layout,
+           self._global_nonfinite, self._writeback)
+    swap = self._writeback == "swap"
+    fn = _cached(_STEP_CACHE, key,
+                 lambda: _make_step(units, layout, self._global_nonfinite, swap))
+    idx_on = tuple(i for ui in active for i in self._units[ui].indices if mask[i])
+    if len(self._plans) >= _CACHE_LIMIT:
+      self._plans.pop(next(iter(self._plans)))
+    return _Plan(fn, key, units, active, slot, idx_on)
+
+  def _init_states(self, missing, plan, hp, hps, jparams) -> None:
+    layout = (self._layout_kwarg, self._layout_fn)
+    units = tuple((self._factory(u.group), hp[u.group][1], u.names, plan.slot[u.group])
+                  for u in (self._units[plan.active[k]] for k in missing))
+    key = (tuple((f, _freeze(st), n, sl) for f, st, n, sl in units), layout)
+    fn = _cached(_INIT_CACHE, key, lambda: _make_init(units, layout))
+    news = fn(tuple(jparams[k] for k in missing), hps)
+    for k, st in zip(missing, news):
+      # commit to the parameters' device, as step outputs are (else the step compiles twice)
+      self._jstate[self._units[plan.active[k]].indices] = jax.device_put(st,
+                                                                         jparams[k][0].device)
+
   def _param_jax(self, i: int, p: torch.Tensor) -> jax.Array:
     """The JAX view of parameter ``i``, cached while its storage stays put (``copy_``
     writeback keeps it): the view aliases the memory, so it always reads current values."""
-    key = (p.data_ptr(), tuple(p.shape), p.dtype, p.device)
+    key = _storage_key(p)
     hit = self._pcache.get(i)
     if hit is not None and hit[0] == key:
       return hit[1]
@@ -686,6 +796,40 @@ class Optimizer(torch.optim.Optimizer):
         self._run({i})
         return
     raise ValueError("torch_bridge: this parameter is not in the optimizer.")
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(p: torch.Tensor) -> torch.Tensor:
+  """An empty tensor of ``p``'s dtype and device, for ``p.data`` while XLA owns its buffer."""
+  key = (p.dtype, p.device)
+  t = _PLACEHOLDERS.get(key)
+  if t is None:
+    t = _PLACEHOLDERS[key] = torch.empty((0,), dtype=p.dtype, device=p.device)
+  return t
+
+
+def _storage_key(p: torch.Tensor) -> tuple:
+  return (p.data_ptr(), p.shape, p.dtype, p.device)
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _plain_signature(group: dict) -> Optional[tuple]:
+  """The group's non-parameter items when all are immutable plain values (else ``None``)."""
+  items = []
+  for k, v in group.items():
+    if k in _RESERVED:
+      continue
+    if isinstance(v, tuple):
+      if not all(isinstance(x, _PLAIN) for x in v):
+        return None
+    elif not isinstance(v, _PLAIN):
+      return None
+    items.append((k, type(v), v))
+  return tuple(items)
 
 
 def _is_float(v: Any, floaty: bool) -> bool:
