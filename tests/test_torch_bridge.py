@@ -522,6 +522,33 @@ def test_swap_writeback_leaves_outside_views_intact():
   assert _maxdiff(m1, m2) == 0.0
 
 
+def test_swap_writeback_sees_values_torch_writes_into_its_buffers():
+  """model.load_state_dict writes into the JAX-owned buffers in place; the next step uses the
+  loaded values (a rewind to a checkpoint replays the same steps bit for bit)."""
+  import copy
+  m = _mlp()
+  opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, writeback="swap")
+  x, y = _data()
+
+  def train(n):
+    for _ in range(n):
+      opt.zero_grad()
+      F.mse_loss(m(x), y).backward()
+      opt.step()
+
+  train(3)
+  ptrs = [p.data_ptr() for p in m.parameters()]
+  ck_m, ck_o = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
+  train(2)
+  after = [p.detach().clone() for p in m.parameters()]
+  m.load_state_dict(ck_m)
+  opt.load_state_dict(ck_o)
+  assert [p.data_ptr() for p in m.parameters()] == ptrs  # copied into the same buffers
+  train(2)
+  for p, a in zip(m.parameters(), after):
+    assert torch.equal(p.detach(), a)
+
+
 def test_swap_writeback_gives_parameters_back_when_the_step_fails():
   def broken(learning_rate=1e-3):
     def update(updates, state, params=None):

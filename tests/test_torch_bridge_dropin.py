@@ -77,7 +77,8 @@ class _Tied(torch.nn.Module):
     return self.head(h)
 
 
-def test_stac_registration_order_and_tied_parameters_match_seed():
+@pytest.mark.parametrize("writeback", ["copy", "swap"])
+def test_stac_registration_order_and_tied_parameters_match_seed(writeback):
   m = _Tied()
   names = [n for n, _ in torch_bridge.stac_modules(m)]
   # root first (pre-order), then registration order; the tied head owns nothing new; the
@@ -86,7 +87,7 @@ def test_stac_registration_order_and_tied_parameters_match_seed():
   part = stac_seed.partition_trainable_modules(m, last_n_modules=2)
   assert [g.name for g in part.sign_modules + part.adamw_modules] == names
   m2 = copy.deepcopy(m)
-  ours = torch_bridge.STAC(m, lr=1e-2, last_n_modules=2, weight_decay=0.1)
+  ours = torch_bridge.STAC(m, lr=1e-2, last_n_modules=2, weight_decay=0.1, writeback=writeback)
   seed = stac_seed.STAC(m2, lr=1e-2, last_n_modules=2, weight_decay=0.1)
   assert [g["module_names"] for g in ours.param_groups] == [("<root>", "embed"),
                                                             ("block.0", "block.1")]
@@ -99,6 +100,8 @@ def test_stac_registration_order_and_tied_parameters_match_seed():
       opt.step()
   assert _maxdiff(m, m2) < 1e-6
   assert m.head.weight is m.embed.weight  # still tied, updated once (by the sign trunk)
+  # the frozen module is untouched (swap never hands a parameter without a gradient to JAX)
+  torch.testing.assert_close(m.frozen.weight, m2.frozen.weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("error", [False, True])

@@ -123,6 +123,7 @@ class STAC(Optimizer):
       whole step, counted in ``nonfinite_skipped_steps``). Either way no parameter changes.
     foreach: accepted for compatibility; the bridge always runs one fused XLA step.
     amsgrad: not supported (``ValueError`` if True).
+    writeback: ``"copy"`` (default) or ``"swap"`` (no copy); see :class:`torch_bridge.Optimizer`.
 
   Example:
     >>> import torch, torch_bridge
@@ -140,7 +141,7 @@ class STAC(Optimizer):
                exclude_bias_from_weight_decay: bool = True,
                exclude_1d_from_weight_decay: bool = True, maximize: bool = False,
                error_if_nonfinite: bool = False, foreach: bool = False,
-               amsgrad: bool = False):
+               amsgrad: bool = False, writeback: str = "copy"):
     del foreach
     if amsgrad:
       raise ValueError("STAC: `amsgrad=True` is not supported by the stax drop-in.")
@@ -180,7 +181,7 @@ class STAC(Optimizer):
     self.sign_lr_scale = sign_lr_scale
     self.resolved_last_n_modules = k
     self.trainable_module_count = n
-    super().__init__(groups, _stac_adamw, state_scope="param",
+    super().__init__(groups, _stac_adamw, state_scope="param", writeback=writeback,
                      global_nonfinite="error" if error_if_nonfinite else "skip",
                      lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     self._initialized = True

@@ -75,6 +75,8 @@ import numpy as np
 import optax
 import torch
 
+from stax.transforms.guards import all_finite
+
 from torch_bridge import convert
 
 __all__ = ["Optimizer", "torch_dimension_numbers", "prepare_for_gradient_release",
@@ -841,9 +843,7 @@ def _is_float(v: Any, floaty: bool) -> bool:
 
 
 def _all_finite(leaves) -> jax.Array:
-  if not leaves:
-    return jnp.array(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return all_finite(list(leaves))
 
 
 def _keep_masked(new, old, ptreedef, names, mask):

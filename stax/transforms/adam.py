@@ -56,7 +56,8 @@ import optax
 from optax._src import numerics
 
 from stax import _validation as V
-from stax.codecs.base import StorageLike, full_precision_storage, resolve_storage
+from stax.codecs.base import (FullPrecision, SeparateStorage, StorageLike,
+                              full_precision_storage, resolve_storage)
 
 __all__ = [
     "ScaleByAdamState",
@@ -145,6 +146,12 @@ def debias_beta(beta: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
   return beta * (1.0 - beta ** (t - 1.0)) / (1.0 - beta ** t)
 
 
+def _is_exact_storage(s) -> bool:
+  """Full precision, no rounding: writing back what was read changes nothing."""
+  return (isinstance(s, SeparateStorage) and isinstance(s.mu_codec, FullPrecision)
+          and isinstance(s.nu_codec, FullPrecision))
+
+
 def _is_none(x):
   return x is None
 
@@ -185,7 +192,11 @@ def scale_by_adam(
       (default 0).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Its ``update`` accepts the extra argument
+    ``nonfinite_ok`` (a scalar bool, from ``nonfinite_guard(gated=True)``): when false, both
+    moment decays are 1, so the moments are kept exactly (the guard zeroes the gradients and
+    updates and restores the step count). Only with full-precision storage and a constant b1
+    (``ValueError`` otherwise).
   """
   rule = b1 if isinstance(b1, Beta1Rule) else None
   if rule is None:
@@ -224,9 +235,14 @@ def scale_by_adam(
         b1_state=b1_state, key=key)
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
+    del params
+    ok = extra_args.get("nonfinite_ok")  # from nonfinite_guard(gated=True)
     g_leaves, treedef = jax.tree.flatten(updates)
     stores = leaf_storages(updates)
+    if ok is not None and (rule is not None or not all(_is_exact_storage(s) for s in stores)):
+      raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with full-precision "
+                       "storage and a constant b1 (a codec or a Beta1Rule would change its "
+                       "state on a skipped step); use gated=False.")
     mu_enc = treedef.flatten_up_to(state.mu)
     nu_enc = treedef.flatten_up_to(state.nu)
     count_inc = numerics.safe_increment(state.count)
@@ -249,9 +265,17 @@ def scale_by_adam(
       b1s = [debias_beta(b, count_inc) for b in b1s]
       b2_t = debias_beta(b2, count_inc)
 
-    new_mu = [None if g is None else ((1 - b) * g + b * m).astype(_moment_dtype(m, g))
-              for g, m, b in zip(g_leaves, mus, b1s)]
-    new_nu = [None if g is None else ((1 - b2_t) * numerics.abs_sq(g) + b2_t * v).astype(
+    # EMA coefficients (1 - b, b). A skipped step of the gated guard uses (0, 1), so m and v
+    # stay exactly as they are; on a good step the values are the ungated ones bit for bit
+    # (``1 - b`` is formed exactly as without the gate: in Python for a Python float).
+    c1s = [(1 - b, b) for b in b1s]
+    c2 = (1 - b2_t, b2_t)
+    if ok is not None:
+      c1s = [(jnp.where(ok, a, 0.0), jnp.where(ok, b, 1.0)) for a, b in c1s]
+      c2 = (jnp.where(ok, c2[0], 0.0), jnp.where(ok, c2[1], 1.0))
+    new_mu = [None if g is None else (a * g + b * m).astype(_moment_dtype(m, g))
+              for g, m, (a, b) in zip(g_leaves, mus, c1s)]
+    new_nu = [None if g is None else (c2[0] * numerics.abs_sq(g) + c2[1] * v).astype(
         _moment_dtype(v, g)) for g, v in zip(g_leaves, nus)]
 
     b1_prod = state.b1_prod
