@@ -62,6 +62,12 @@ def to_jax(t: torch.Tensor) -> jax.Array:
   The JAX array aliases the tensor: the caller must not mutate ``t`` while the array is in use
   (the bridge blocks on its step's outputs before returning control to torch).
   """
+  if (_FAST_IMPORT is not None and t.dtype in PARAM_DTYPES and t.is_cpu
+      and t.layout is torch.strided and not t.requires_grad and t.is_contiguous()):
+    try:  # the common case first, with as few calls as possible (it runs per tensor per step)
+      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _cpu_device(), None, False, _DL_CPU)
+    except Exception:  # noqa: BLE001 - e.g. misaligned: the general path below decides
+      pass
   t = t.detach()
   if t.layout != torch.strided:
     raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got {t.layout}.")
