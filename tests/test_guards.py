@@ -98,13 +98,21 @@ def test_all_finite_detects_every_nonfinite_value(dtype, jit):
 
 # ----------------------------------------------------------------------------- gated guard
 def _gated_vs_cond_configs():
+  """name -> (factory, kwargs, parameter dtype) of the optimizers whose guard is gated."""
   sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 40)
   mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
   return {
-      "default": dict(learning_rate=1e-2, weight_decay=1e-2),
-      "schedule_mask_nesterov": dict(learning_rate=sched, weight_decay=1e-2, mask=mask,
-                                     nesterov=True),
-      "bf16_mu": dict(learning_rate=1e-2, weight_decay=0.0, mu_dtype=jnp.bfloat16),
+      "adamw": (stax.adamw, dict(learning_rate=1e-2, weight_decay=1e-2), jnp.float32),
+      "adamw_schedule_mask_nesterov": (stax.adamw, dict(
+          learning_rate=sched, weight_decay=1e-2, mask=mask, nesterov=True), jnp.float32),
+      "adamw_bf16_mu": (stax.adamw, dict(learning_rate=1e-2, weight_decay=0.0,
+                                         mu_dtype=jnp.bfloat16), jnp.float32),
+      "stable_adamw": (stax.stable_adamw, dict(learning_rate=1e-2, weight_decay=1e-2),
+                       jnp.float32),
+      "stable_adamw_decoupled_schedule": (stax.stable_adamw, dict(
+          learning_rate=sched, weight_decay=1e-2, decouple_lr=True, max_lr=1e-2), jnp.float32),
+      "stable_adamw_bf16_kahan": (stax.stable_adamw, dict(learning_rate=1e-2, weight_decay=1e-2),
+                                  jnp.bfloat16),
   }
 
 
@@ -113,10 +121,11 @@ def test_gated_adamw_skips_exactly_and_equals_the_cond_guard(name):
   """stax.adamw's gated guard (no lax.cond: the core's decays become 1 on a bad step) leaves
   parameters and every state leaf bit-identical on a bad step, and otherwise follows the
   generic lax.cond guard (to float32 rounding: two compiled programs may fuse differently)."""
-  kw = _gated_vs_cond_configs()[name]
-  gated = stax.adamw(**kw)  # gated=True inside
-  cond = stax.nonfinite_guard(stax.adamw(**kw, nonfinite="ignore"), "skip")
+  factory, kw, dtype = _gated_vs_cond_configs()[name]
+  gated = factory(**kw)  # gated=True inside
+  cond = stax.nonfinite_guard(factory(**kw, nonfinite="ignore"), "skip")
   params, _, _ = cp.quadratic()
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
   bad_steps = {3: jnp.nan, 4: jnp.inf, 11: -jnp.inf, 12: jnp.nan}
 
   def run(tx, check_bad):
@@ -124,7 +133,7 @@ def test_gated_adamw_skips_exactly_and_equals_the_cond_guard(name):
         *tx.update(g, s, p)))
     p, s = params, tx.init(params)
     for t in range(20):
-      g = cp.random_grads(p, t)
+      g = jax.tree.map(lambda x: x.astype(dtype), cp.random_grads(p, t))
       if t in bad_steps:
         g["layer_1"]["bias"] = g["layer_1"]["bias"].at[0].set(bad_steps[t])
       p2, s2 = step(p, s, g)
@@ -139,10 +148,12 @@ def test_gated_adamw_skips_exactly_and_equals_the_cond_guard(name):
   pc, sc = run(cond, False)
   assert int(sg.nonfinite_count) == int(sc.nonfinite_count) == 4
   assert int(sg.inner_state[0].count) == int(sc.inner_state[0].count) == 16
+  if dtype == jnp.bfloat16:  # Kahan's compensation buffers exist and were exercised
+    assert any(x is not None and x.size for x in jax.tree.leaves(sg.inner_state[-1].comp))
+  tol = dict(rtol=1e-5, atol=1e-7) if dtype == jnp.float32 else dict(rtol=2e-2, atol=1e-3)
   for x, y in zip(jax.tree.leaves((pg, sg)), jax.tree.leaves((pc, sc))):
     assert x.dtype == y.dtype
-    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
 
 
 def test_gated_guard_refuses_state_it_cannot_keep_exact():

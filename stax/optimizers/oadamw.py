@@ -142,7 +142,9 @@ def stable_adamw(
       optax.scale_by_learning_rate(learning_rate),
       kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
   )
-  return nonfinite_guard(tx, nonfinite)
+  # gated (no lax.cond, which copies the state on CPU): the core's decays become 1 and Kahan
+  # keeps its compensation on a skipped step; bit-identical state to the cond version.
+  return nonfinite_guard(tx, nonfinite, gated=True)
 
 
 def oadamw_labels(params: Any, *, grouping: str = "auto",

@@ -56,7 +56,7 @@ def _compensated(p) -> bool:
 
 
 def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
-                    ) -> optax.GradientTransformation:
+                    ) -> optax.GradientTransformationExtraArgs:
   """Compensated summation of the final updates into low-precision parameters.
 
   Args:
@@ -65,17 +65,20 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
     enabled: ``False`` returns ``optax.identity()`` (kept for static configuration).
 
   Returns:
-    An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
+    An ``optax.GradientTransformationExtraArgs`` that needs ``params`` in ``update``. With the
+    extra argument ``nonfinite_ok`` (from ``nonfinite_guard(gated=True)``) false, the
+    compensation buffers are kept as they are and the updates are zero.
   """
   if not enabled:
-    return optax.identity()
+    return optax.with_extra_args_support(optax.identity())
 
   def init_fn(params):
     return KahanState(jax.tree.map(
         lambda p: jnp.zeros(p.shape, comp_dtype or p.dtype) if _compensated(p) else None,
         params))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    ok = extra_args.get("nonfinite_ok")
     if params is None:
       raise ValueError("kahan_summation needs `params` in update().")
     leaves, treedef = jax.tree.flatten(updates)
@@ -92,8 +95,12 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
       delta = (p_target.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
       # Exactly what optax.apply_updates will compute from this update.
       p_new = jnp.asarray(p + delta).astype(p.dtype)
-      new_c.append((s - (p_new.astype(jnp.float32) - p.astype(jnp.float32))).astype(c.dtype))
+      c_new = (s - (p_new.astype(jnp.float32) - p.astype(jnp.float32))).astype(c.dtype)
+      if ok is not None:  # a skipped step keeps the compensation and moves nothing
+        c_new = jnp.where(ok, c_new, c)
+        delta = jnp.where(ok, delta, jnp.zeros((), delta.dtype))
+      new_c.append(c_new)
       out.append(delta)
     return jax.tree.unflatten(treedef, out), KahanState(jax.tree.unflatten(treedef, new_c))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
