@@ -18,12 +18,12 @@ STAC module order
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 
 import stax
+from stax.optimizers import stac as stac_rules
 from torch_bridge.optimizer import Optimizer
 
 __all__ = ["STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "stac_modules",
@@ -154,15 +154,10 @@ class STAC(Optimizer):
     if not modules:
       raise ValueError("STAC requires at least one trainable parameter.")
     n = len(modules)
-    if last_n_modules is not None:
-      k = min(last_n_modules, n)
-    else:
-      r = 0.125 if last_n_ratio is None else last_n_ratio
-      k = 0 if r == 0 else min(max(math.ceil(n * r), 1), n)
+    k = stac_rules.cap_size(n, last_n_modules, last_n_ratio)
     sign_mods, cap_mods = modules[:n - k], modules[n - k:]
     hybrid = bool(sign_mods) and bool(cap_mods)
-    lam_s = (sign_weight_decay if sign_weight_decay is not None
-             else (0.5 * weight_decay if hybrid else weight_decay))
+    lam_s = stac_rules.trunk_weight_decay(weight_decay, sign_weight_decay, hybrid)
     lam_a = weight_decay if adamw_weight_decay is None else adamw_weight_decay
     common = dict(exclude_1d_from_weight_decay=exclude_1d_from_weight_decay,
                   exclude_bias_from_weight_decay=exclude_bias_from_weight_decay,

@@ -79,16 +79,31 @@ def _resolve_order(module_order: ModuleOrder, tree: Any):
   return module_order(tree)
 
 
+def cap_size(n_modules: int, last_n_modules: Optional[int] = 1,
+             last_n_ratio: Optional[float] = None) -> int:
+  """How many of ``n_modules`` modules the AdamW cap takes (the seed's rule): ``last_n_modules``
+  (at most ``n_modules``), or when it is ``None``, ``ceil(n·ratio)`` but at least 1 unless the
+  ratio is 0 (``last_n_ratio`` default ``None`` → 0.125)."""
+  if last_n_modules is not None:
+    return min(last_n_modules, n_modules)
+  r = 0.125 if last_n_ratio is None else last_n_ratio
+  return 0 if r == 0 else min(max(math.ceil(n_modules * r), 1), n_modules)
+
+
+def trunk_weight_decay(weight_decay: float, sign_weight_decay: Optional[float],
+                       hybrid: bool) -> float:
+  """The sign trunk's decay (the seed's rule): ``sign_weight_decay`` when given, else half of
+  ``weight_decay`` when the model has both a trunk and a cap, else ``weight_decay``."""
+  if sign_weight_decay is not None:
+    return sign_weight_decay
+  return 0.5 * weight_decay if hybrid else weight_decay
+
+
 def stac_labels(params: Any, last_n_modules: Optional[int] = 1,
                 module_order: ModuleOrder = None, last_n_ratio: Optional[float] = None) -> Any:
   """``"cap"``/``"trunk"`` label per leaf, as :func:`stac` partitions them."""
   ranks = partition.module_ranks(params, _resolve_order(module_order, params))
-  n_modules = len(ranks)
-  if last_n_modules is not None:
-    k = min(last_n_modules, n_modules)
-  else:
-    r = 0.125 if last_n_ratio is None else last_n_ratio
-    k = 0 if r == 0 else min(max(math.ceil(n_modules * r), 1), n_modules)
+  k = cap_size(len(ranks), last_n_modules, last_n_ratio)
   return partition.last_n_modules_labels(params, k, list(ranks), last_label=CAP,
                                          rest_label=TRUNK)
 
@@ -158,10 +173,7 @@ def stac(
     labels = stac_labels(tree, last_n_modules, module_order, last_n_ratio)
     present = set(jax.tree.leaves(labels))
     hybrid = TRUNK in present and CAP in present
-    if sign_weight_decay is not None:
-      lam_s = sign_weight_decay
-    else:
-      lam_s = 0.5 * weight_decay if hybrid else weight_decay
+    lam_s = trunk_weight_decay(weight_decay, sign_weight_decay, hybrid)
     lam_a = weight_decay if adamw_weight_decay is None else adamw_weight_decay
     lr_s = learning_rate
     if hybrid:
