@@ -62,22 +62,17 @@ def to_jax(t: torch.Tensor) -> jax.Array:
   The JAX array aliases the tensor: the caller must not mutate ``t`` while the array is in use
   (the bridge blocks on its step's outputs before returning control to torch).
   """
-  if (_FAST_IMPORT is not None and t.dtype in PARAM_DTYPES and t.is_cpu
-      and t.layout is torch.strided and not t.requires_grad and t.is_contiguous()):
-    try:  # the common case first, with as few calls as possible (it runs per tensor per step)
-      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _cpu_device(), None, False, _DL_CPU)
-    except Exception:  # noqa: BLE001 - e.g. misaligned: the general path below decides
-      pass
-  t = t.detach()
-  if t.layout != torch.strided:
+  if t.layout is not torch.strided:
     raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got {t.layout}.")
+  if t.requires_grad:
+    t = t.detach()
   if not t.is_contiguous():
     copy_counts["non_contiguous"] += 1
     t = t.contiguous()
   if t.is_conj():
     t = t.resolve_conj()
-  if _FAST_IMPORT is not None and t.device.type == "cpu" and t.dtype in PARAM_DTYPES:
-    try:
+  if _FAST_IMPORT is not None and t.is_cpu and t.dtype in PARAM_DTYPES:
+    try:  # runs per tensor per step: jaxlib's entry point, without the public wrapper
       return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _cpu_device(), None, False, _DL_CPU)
     except Exception:  # noqa: BLE001 - e.g. misaligned: the public path decides (and copies)
       pass

@@ -176,11 +176,10 @@ class _Plan:
   Hashed by identity: the step cache key it carries is a large tuple, too slow to hash on
   every step.
   """
-  __slots__ = ("fn", "key", "units", "active", "slot", "idx_on")
+  __slots__ = ("fn", "units", "active", "slot", "idx_on")
 
-  def __init__(self, fn, key, units, active, slot, idx_on):
-    self.fn = fn            # the jitted step
-    self.key = key          # its key in _STEP_CACHE
+  def __init__(self, fn, units, active, slot, idx_on):
+    self.fn = fn            # the jitted step (shared through _STEP_CACHE)
     self.units = units      # ((factory, static, names, mask, slot), ...) of the active units
     self.active = active    # indices of the active units in ``Optimizer._units``
     self.slot = slot        # group index -> position in the step's hyperparameter tuple
@@ -194,17 +193,9 @@ class _Spec(NamedTuple):
 
 def _factory_spec(factory: Callable) -> _Spec:
   try:
-    return _SPEC_CACHE[factory]
-  except (KeyError, TypeError):
-    pass
-  spec = _factory_spec_uncached(factory)
-  try:
-    if len(_SPEC_CACHE) >= _CACHE_LIMIT:
-      _SPEC_CACHE.pop(next(iter(_SPEC_CACHE)))
-    _SPEC_CACHE[factory] = spec
-  except TypeError:  # unhashable callable
-    pass
-  return spec
+    return _cached(_SPEC_CACHE, factory, lambda: _factory_spec_uncached(factory))
+  except TypeError:  # an unhashable callable
+    return _factory_spec_uncached(factory)
 
 
 _SPEC_CACHE: dict = {}
@@ -321,7 +312,7 @@ def _make_step(units, layout, policy, donate_params):
     if policy is None:
       new_params, new_states = compute(None)
       return new_states, into_scratch(new_params), skipped, jnp.array(True)
-    ok = _all_finite([g for gs in grads for g in gs if g is not None])
+    ok = all_finite([g for gs in grads for g in gs if g is not None])
 
     def skip(_):
       return tuple(params_on), tuple(states)
@@ -568,9 +559,7 @@ class Optimizer(torch.optim.Optimizer):
     hps = tuple(hp[gi][0] for gi in groups)
     pkey = (mask,
             tuple((gi, self._factory(gi), _freeze(hp[gi][1])) for gi in groups))
-    plan = self._plans.get(pkey)
-    if plan is None:
-      plan = self._plans[pkey] = self._make_plan(mask, groups, hp)
+    plan = _cached(self._plans, pkey, lambda: self._make_plan(mask, groups, hp))
     units, active = plan.units, plan.active
 
     jparams = [tuple(self._param_jax(i, params[i]) for i in self._units[ui].indices)
@@ -646,9 +635,7 @@ class Optimizer(torch.optim.Optimizer):
     fn = _cached(_STEP_CACHE, key,
                  lambda: _make_step(units, layout, self._global_nonfinite, swap))
     idx_on = tuple(i for ui in active for i in self._units[ui].indices if mask[i])
-    if len(self._plans) >= _CACHE_LIMIT:
-      self._plans.pop(next(iter(self._plans)))
-    return _Plan(fn, key, units, active, slot, idx_on)
+    return _Plan(fn, units, active, slot, idx_on)
 
   def _init_states(self, missing, plan, hp, hps, jparams) -> None:
     layout = (self._layout_kwarg, self._layout_fn)
@@ -840,10 +827,6 @@ def _is_float(v: Any, floaty: bool) -> bool:
   if isinstance(v, (float, np.floating)):
     return True
   return floaty and isinstance(v, (int, np.integer))
-
-
-def _all_finite(leaves) -> jax.Array:
-  return all_finite(list(leaves))
 
 
 def _keep_masked(new, old, ptreedef, names, mask):

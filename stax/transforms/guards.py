@@ -120,20 +120,17 @@ def nonfinite_guard(inner: optax.GradientTransformation,
                                  new_updates)
       inner_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o) if jnp.ndim(n) == 0 else n,
                                  inner_state, state.inner_state)
-      count = jnp.where(ok, state.nonfinite_count,
-                        numerics.safe_increment(state.nonfinite_count))
-      return new_updates, NonFiniteGuardState(inner_state, count)
+    else:
+      def apply(_):
+        return inner.update(updates, state.inner_state, params, **extra_args)
 
-    def apply(_):
-      return inner.update(updates, state.inner_state, params, **extra_args)
+      def skip(_):
+        shapes, _ = jax.eval_shape(apply, None)
+        # zeros_like(g) keeps g's sharding, so both branches agree under an explicit mesh.
+        zeros = jax.tree.map(lambda s, g: jnp.zeros_like(g, dtype=s.dtype), shapes, updates)
+        return zeros, state.inner_state
 
-    def skip(_):
-      shapes, _ = jax.eval_shape(apply, None)
-      # zeros_like(g) keeps g's sharding, so both branches agree under an explicit mesh.
-      zeros = jax.tree.map(lambda s, g: jnp.zeros_like(g, dtype=s.dtype), shapes, updates)
-      return zeros, state.inner_state
-
-    new_updates, inner_state = jax.lax.cond(ok, apply, skip, None)
+      new_updates, inner_state = jax.lax.cond(ok, apply, skip, None)
     count = jnp.where(ok, state.nonfinite_count,
                       numerics.safe_increment(state.nonfinite_count))
     return new_updates, NonFiniteGuardState(inner_state, count)

@@ -66,8 +66,8 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` that needs ``params`` in ``update``. With the
-    extra argument ``nonfinite_ok`` (from ``nonfinite_guard(gated=True)``) false, the
-    compensation buffers are kept as they are and the updates are zero.
+    extra argument ``nonfinite_ok`` (from ``nonfinite_guard(gated=True)``, which zeroes the
+    updates of such a step) false, the compensation buffers are kept as they are.
   """
   if not enabled:
     return optax.with_extra_args_support(optax.identity())
@@ -96,9 +96,8 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
       # Exactly what optax.apply_updates will compute from this update.
       p_new = jnp.asarray(p + delta).astype(p.dtype)
       c_new = (s - (p_new.astype(jnp.float32) - p.astype(jnp.float32))).astype(c.dtype)
-      if ok is not None:  # a skipped step keeps the compensation and moves nothing
+      if ok is not None:  # a skipped step keeps the compensation (the guard zeroes updates)
         c_new = jnp.where(ok, c_new, c)
-        delta = jnp.where(ok, delta, jnp.zeros((), delta.dtype))
       new_c.append(c_new)
       out.append(delta)
     return jax.tree.unflatten(treedef, out), KahanState(jax.tree.unflatten(treedef, new_c))
