@@ -9,13 +9,15 @@ interleaved (round-robin, so machine load hits every contender alike):
   state per parameter (default, torch semantics) / one per group; gradients from torch by
   DLPack, new parameters written back with ``copy_``; ``bridge_param_swap`` /
   ``bridge_group_swap``: the same with ``writeback="swap"`` (torch views JAX-owned buffers
-  that XLA updates in place: no copy);
+  that XLA updates in place: no copy); ``bridge_param_swap_lr``: the same with a new ``lr``
+  written into the group before every step, as an LR scheduler does;
 * ``torch_adamw_foreach`` / ``torch_adamw_fused``: ``torch.optim.AdamW``;
 * the seeds' torch classes where installed (``stac_optimizer.STAC``, ``turboadam.TurboAdam``,
   ``scao.SCAO`` (in its Adam warm-up), ``optimi.StableAdamW``) next to the matching bridge
   drop-in (``torch_bridge.STAC`` / ``TurboAdam`` / ``SCAO`` / ``OAdamW(muon="off")``).
 
-Each round runs ``--block`` (default 4) consecutive steps of every contender. Reported: the
+Each round runs ``--block`` (default 4) consecutive steps of every contender, in a new random
+order each round (a cold step's cost depends on what ran before it). Reported: the
 median time of a *cold* step (the first of a block, after the other contenders evicted this
 one's arrays from the caches, as a forward/backward pass does in training) and of a *steady*
 step (the block's later steps, back to back), and ratios to ``jax`` from the same run.
@@ -33,6 +35,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import sys
 import time
@@ -96,11 +99,14 @@ def _jax_contender(n, d, device):
   return run
 
 
-def _torch_contender(make_opt, n, d, device):
+def _torch_contender(make_opt, n, d, device, lr_writes=False):
   m = _torch_model(n, d, device)
   opt = make_opt(m)
 
   def run():
+    if lr_writes:  # what an LR scheduler does before every step
+      for g in opt.param_groups:
+        g["lr"] = g["lr"] * 0.9999
     opt.step()
     if device == "cuda":
       torch.cuda.synchronize()
@@ -118,6 +124,10 @@ def contenders(n, d, device):
           lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-3,
                                            weight_decay=1e-2, nonfinite="ignore",
                                            writeback="swap"), n, d, device),
+      "bridge_param_swap_lr": lambda: _torch_contender(
+          lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-3,
+                                           weight_decay=1e-2, nonfinite="ignore",
+                                           writeback="swap"), n, d, device, lr_writes=True),
       "bridge_group": lambda: _torch_contender(
           lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-3,
                                            weight_decay=1e-2, nonfinite="ignore",
@@ -195,8 +205,11 @@ def bench(size, steps, warmup, device, only=None, block=4):
         print(f"  {name}: skipped ({type(e).__name__}: {e})", flush=True)
   cold = {k: [] for k in runs}
   steady = {k: [] for k in runs}
+  rng = random.Random(0)
   for _ in range(steps):  # round-robin: load on the machine hits everyone alike
-    for name, run in runs.items():
+    order = list(runs.items())
+    rng.shuffle(order)  # a fresh order each round: no contender always follows the same one
+    for name, run in order:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for j in range(block):

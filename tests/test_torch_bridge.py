@@ -95,6 +95,50 @@ def test_schedulers_match_torch_without_recompiling(name):
     assert opt.param_groups[0]["betas"][0] != 0.9  # OneCycleLR cycles beta1 too
 
 
+def test_hyperparameter_vector_follows_every_kind_of_group_change():
+  """The step's packed hyperparameters are refilled in place when only traced values change
+  (a scheduler's write) and re-parsed when anything else does; either way they equal a fresh
+  parse of the group."""
+  from torch_bridge import optimizer as bridge_opt  # pylint: disable=import-outside-toplevel
+  m = _mlp()
+  opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, nesterov=False)
+  group = opt.param_groups[0]
+
+  def fresh():
+    traced, static, _ = opt._hyperparams_uncached(0)  # pylint: disable=protected-access
+    return (static,) + bridge_opt._pack(traced)  # pylint: disable=protected-access
+
+  def entry():
+    e = opt._hp_entry(0)  # pylint: disable=protected-access
+    return (e[0], e[2], e[3])
+
+  def same(a, b):
+    return a[0] == b[0] and a[1] == b[1] and np.array_equal(a[2], b[2])
+
+  assert same(entry(), fresh())
+  parses = []
+  real = opt._hyperparams_uncached  # pylint: disable=protected-access
+
+  def counting(gi):
+    parses.append(gi)
+    return real(gi)
+
+  opt._hyperparams_uncached = counting  # pylint: disable=protected-access
+  for change, reparse in ((lambda: group.update(lr=3e-3), False),             # traced: refill
+                          (lambda: group.update(betas=(0.8, 0.95)), False),   # traced tuple
+                          (lambda: group.update(weight_decay=0), True),       # int: new type
+                          (lambda: group.update(nesterov=True), True),        # static
+                          (lambda: group.update(lr=torch.tensor(1e-3)), True),  # never cached
+                          (lambda: group.update(lr=2e-3), False),  # the cached structure
+                          (lambda: group.update(lr=1e-3), False)):
+    change()
+    parses.clear()
+    e = entry()
+    assert bool(parses) == reparse
+    assert same(e, fresh())
+  assert dict(entry()[0])["nesterov"] is True
+
+
 def test_param_groups_and_add_param_group_match_torch():
   m1, m2 = _mlp(), _mlp()
   opt = torch_bridge.Optimizer([{"params": m1[0].parameters(), "lr": 3e-2}], stax.adamw,
@@ -132,9 +176,51 @@ def test_closure_hooks_and_profiler():
   assert any("Optimizer.step#Optimizer.step" in e.name for e in prof.function_events)
   opt.zero_grad(set_to_none=True)
   assert all(p.grad is None for p in m.parameters())
+  # kineto profiler too; global hooks; a pre-hook may replace the closure (torch's contract)
+  from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+  seen = []
+  h1 = register_optimizer_step_pre_hook(lambda o, a, k: seen.append("gpre"))
+  h2 = register_optimizer_step_post_hook(lambda o, a, k: seen.append("gpost"))
+  other = []
+
+  def replaced():
+    other.append(1)
+    return closure()
+
+  h3 = opt.register_step_pre_hook(lambda o, a, k: ((o, replaced), k))
+  try:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as kprof:
+      opt.step(closure)
+  finally:
+    h1.remove(), h2.remove(), h3.remove()
+  assert seen == ["gpre", "gpost"] and other == [1]
+  assert any("Optimizer.step#Optimizer.step" in e.name for e in kprof.events())
 
 
 # ----------------------------------------------------------------------------- DLPack
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_owned_view_is_a_reference_jax_does_not_see(dtype):
+  """``owned_view``: torch views the JAX buffer (same address, same values), keeps it alive on
+  its own, and JAX may still donate it: a donated call that reuses the buffer is seen by the
+  torch tensor, in place."""
+  import gc  # pylint: disable=import-outside-toplevel
+  a = jnp.arange(12, dtype=dtype).reshape(3, 4) + 1
+  t, owner = convert.owned_view(a)
+  assert t.dtype == getattr(torch, jnp.dtype(dtype).name) and tuple(t.shape) == (3, 4)
+  assert t.data_ptr() == a.unsafe_buffer_pointer() == owner.ptr
+  np.testing.assert_array_equal(t.float().numpy(), np.asarray(a, np.float32))
+  step = jax.jit(lambda x: x * 2, donate_argnums=0)
+  b = step(owner.array)  # no DLPack reference: the donation goes through
+  assert b.unsafe_buffer_pointer() == owner.ptr and owner.array.is_deleted()
+  owner.array = b
+  np.testing.assert_array_equal(t.float().numpy(), 2 * np.arange(1, 13).reshape(3, 4))
+  del a, b, owner
+  gc.collect()
+  junk = [jnp.full((3, 4), 9.0, dtype) for _ in range(16)]  # would reuse a freed buffer
+  jax.block_until_ready(junk)
+  np.testing.assert_array_equal(t.float().numpy(), 2 * np.arange(1, 13).reshape(3, 4))
+
+
 def test_dlpack_zero_copy_and_fallbacks():
   t = torch.randn(64, 64)
   a = convert.to_jax(t)
@@ -504,22 +590,69 @@ def test_swap_writeback_equals_copy_and_updates_in_place():
     torch_bridge.Optimizer(m1.parameters(), stax.adamw, writeback="move")
 
 
-def test_swap_writeback_leaves_outside_views_intact():
+def test_swap_writeback_updates_views_in_place_like_torch():
+  """From the second step on, XLA writes into the buffer torch views (no DLPack reference
+  blocks the donation): every view of the parameter sees the update, as with a torch
+  optimizer's in-place step. A view taken before the first step keeps torch's own memory."""
+  m1, m2 = _mlp(), _mlp()
+  o1 = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2)
+  o2 = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2, writeback="swap")
+  first = m2[0].weight.detach()
+  first_values = first.clone()
+  _train_pair(o1, o2, m1, m2, 2)
+  assert torch.equal(first, first_values)  # torch's original storage: untouched, not freed
+  view = m2[0].weight.detach()
+  ptr = view.data_ptr()
+  _train_pair(o1, o2, m1, m2, 3)
+  assert m2[0].weight.data_ptr() == ptr
+  assert torch.equal(view, m2[0].weight.detach())  # the view saw every update
+  assert _maxdiff(m1, m2) == 0.0
+  # the buffers outlive the optimizer (each tensor keeps the JAX array it views alive)
+  expect = [p.detach().clone() for p in m2.parameters()]
+  del o2
+  import gc
+  gc.collect()
+  jax.clear_caches()
+  junk = [jnp.full((6, 6), 7.0) + i for i in range(8)]  # reuse any freed buffer
+  jax.block_until_ready(junk)
+  assert all(torch.equal(p.detach(), e) for p, e in zip(m2.parameters(), expect))
+
+
+def test_swap_writeback_without_in_place_aliasing_moves_parameters_safely(monkeypatch):
+  """When a compiled step does not write a parameter into its own buffer (read from the
+  executable's alias table), the bridge must not donate that buffer under torch's views: it
+  holds a DLPack reference for the call, JAX writes a new buffer, and the parameter moves
+  there; a view taken earlier keeps the old values (never freed, never overwritten)."""
+  from torch_bridge import optimizer as bridge_opt
+  monkeypatch.setattr(bridge_opt, "_inplace_outputs", lambda fn, leaves, k, n: (False,) * n)
   m1, m2 = _mlp(), _mlp()
   o1 = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2)
   o2 = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2, writeback="swap")
   _train_pair(o1, o2, m1, m2, 2)
-  view = m2[0].weight.detach()  # shares the JAX-owned buffer: it cannot be donated now
+  view = m2[0].weight.detach()
   before = view.clone()
-  _train_pair(o1, o2, m1, m2, 1)
-  assert torch.equal(view, before)  # not overwritten, not freed: JAX wrote a new buffer
+  _train_pair(o1, o2, m1, m2, 2)
+  assert torch.equal(view, before)
   assert m2[0].weight.data_ptr() != view.data_ptr()
   assert _maxdiff(m1, m2) == 0.0
-  del view
-  ptr = m2[0].weight.data_ptr()
-  _train_pair(o1, o2, m1, m2, 2)
-  assert m2[0].weight.data_ptr() == ptr  # in place again once nothing else holds it
-  assert _maxdiff(m1, m2) == 0.0
+
+
+def test_inplace_outputs_reads_the_alias_table():
+  from torch_bridge.optimizer import _inplace_outputs  # pylint: disable=import-outside-toplevel
+
+  # flat steps as the bridge compiles them: (state, p0, p1, g0, g1) -> (state, p0', p1')
+  def step(s, p0, p1, g0, g1):
+    return s + 1, p0 - g0, p1 - g1
+
+  def cast(s, p0, p1, g0, g1):
+    return s + 1, (p0 - g0).astype(jnp.bfloat16), (p1 - g1).astype(jnp.bfloat16)
+
+  leaves = (jnp.zeros(3), jnp.ones(4), jnp.ones(4), jnp.ones(4), jnp.ones(4))
+  assert _inplace_outputs(jax.jit(step, donate_argnums=(0, 1, 2)), leaves, 1, 2) == (True, True)
+  assert _inplace_outputs(jax.jit(step, donate_argnums=(0,)), leaves, 1, 2) == (False, False)
+  # outputs of another dtype cannot reuse the buffers: not in place
+  assert _inplace_outputs(jax.jit(cast, donate_argnums=(0, 1, 2)), leaves, 1, 2) == (False,
+                                                                                    False)
 
 
 def test_swap_writeback_sees_values_torch_writes_into_its_buffers():

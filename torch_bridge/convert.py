@@ -31,8 +31,8 @@ import jax
 import numpy as np
 import torch
 
-__all__ = ["to_jax", "to_torch", "shares_memory", "check_dtype", "copy_counts",
-           "PARAM_DTYPES", "jax_device_of"]
+__all__ = ["to_jax", "to_torch", "owned_view", "Owner", "shares_memory", "check_dtype",
+           "copy_counts", "PARAM_DTYPES", "jax_device_of"]
 
 #: Parameter dtypes the bridge steps (float64 too when ``jax_enable_x64`` is on).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,18 +62,21 @@ def to_jax(t: torch.Tensor) -> jax.Array:
   The JAX array aliases the tensor: the caller must not mutate ``t`` while the array is in use
   (the bridge blocks on its step's outputs before returning control to torch).
   """
-  if t.layout is not torch.strided:
-    raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got {t.layout}.")
-  if t.requires_grad:
-    t = t.detach()
-  if not t.is_contiguous():
-    copy_counts["non_contiguous"] += 1
-    t = t.contiguous()
-  if t.is_conj():
-    t = t.resolve_conj()
+  if not (t.is_cpu and t.dtype in PARAM_DTYPES and not t.requires_grad
+          and t.layout is torch.strided and t.is_contiguous()):
+    if t.layout is not torch.strided:
+      raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got "
+                      f"{t.layout}.")
+    if t.requires_grad:
+      t = t.detach()
+    if not t.is_contiguous():
+      copy_counts["non_contiguous"] += 1
+      t = t.contiguous()
+    if t.is_conj():
+      t = t.resolve_conj()
   if _FAST_IMPORT is not None and t.is_cpu and t.dtype in PARAM_DTYPES:
     try:  # runs per tensor per step: jaxlib's entry point, without the public wrapper
-      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _cpu_device(), None, False, _DL_CPU)
+      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _CPU_DEVICE[0], None, False, _DL_CPU)
     except Exception:  # noqa: BLE001 - e.g. misaligned: the public path decides (and copies)
       pass
   try:
@@ -119,6 +122,8 @@ def _cpu_device():
 
 
 _FAST_IMPORT = _fast_import_fn()
+if _FAST_IMPORT is not None:
+  _cpu_device()
 
 
 def _fast_export_fn():
@@ -151,6 +156,50 @@ def to_torch(a: jax.Array) -> torch.Tensor:
   if _FAST_EXPORT is not None and a.sharding.device_set == {_cpu_device()}:
     return torch.utils.dlpack.from_dlpack(_FAST_EXPORT(a, stream=None))
   return torch.from_dlpack(a)
+
+
+class Owner:
+  """Keeps the JAX array whose CPU buffer a torch tensor views (see :func:`owned_view`).
+
+  Attributes:
+    array: the JAX array owning the buffer; whoever updates the buffer in place (a donated
+      step whose output reuses it) must rebind ``array`` to the output, which then owns it.
+    ptr: the buffer's address.
+    key: free for the caller (the bridge keeps the tensor's storage key there).
+  """
+  __slots__ = ("array", "ptr", "key", "__array_interface__", "__weakref__")
+
+
+# JAX dtype name -> (torch dtype, numpy typestr of the buffer); bf16 crosses as uint16.
+_OWNED_DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"),
+                 "bfloat16": (torch.bfloat16, "<u2"), "float64": (torch.float64, "<f8")}
+
+
+def owned_view(a: jax.Array) -> tuple[torch.Tensor, Owner]:
+  """A torch tensor over JAX CPU array ``a``'s buffer that holds *no* DLPack reference.
+
+  ``to_torch`` exports through DLPack, which JAX counts as an external reference: the buffer
+  can then never be donated. Here the tensor is made from a numpy array over the address
+  (``__array_interface__``), whose base is an :class:`Owner` holding ``a``: the memory lives
+  as long as the tensor (or any view of it) does, and JAX still sees no outside user, so a
+  jitted call may donate ``owner.array`` and write its output into the same buffer — which
+  torch then sees, in place. The caller must make sure the output really reuses the buffer
+  (the bridge checks the compiled executable's input/output aliases) and rebind
+  ``owner.array`` to it; a donated buffer that is *not* reused is freed under the tensor.
+
+  CPU only; float32, float16, bfloat16 (viewed through ``uint16``) and float64.
+  """
+  kind = _OWNED_DTYPES.get(a.dtype.name)
+  if kind is None:
+    raise TypeError(f"owned_view: unsupported dtype {a.dtype}.")
+  owner = Owner()
+  owner.array = a
+  owner.ptr = int(a.unsafe_buffer_pointer())
+  owner.key = None
+  owner.__array_interface__ = {"data": (owner.ptr, False), "shape": tuple(a.shape),
+                               "typestr": kind[1], "version": 3}
+  t = torch.from_numpy(np.asarray(owner))
+  return (t.view(kind[0]) if kind[0] == torch.bfloat16 else t), owner
 
 
 def shares_memory(t: torch.Tensor, a: jax.Array) -> bool:

@@ -13,7 +13,8 @@ How it works
     hyperparameters are mapped to the factory's argument names (``lr`` → ``learning_rate``,
     ``betas`` → ``b1, b2``; the other names pass through) and read from ``param_groups`` at every
     ``step()``. Floating-point values (and ``lr``, ``betas``, ``eps``, ``weight_decay``,
-    ``momentum`` always) are fed to the jitted step as typed float32 arrays, exactly the
+    ``momentum`` always) are fed to the jitted step as float32 scalars (packed into one vector
+    per group, placed on the device once per change of values), exactly the
     ``optax.inject_hyperparams`` mechanism: the factory is re-invoked inside the trace with
     traced values, so LR schedulers (``StepLR``, ``CosineAnnealingLR``, ``OneCycleLR`` which also
     writes ``betas``, ``ReduceLROnPlateau``) never cause a recompilation. Other values (ints,
@@ -23,7 +24,9 @@ How it works
     state (no state copy per step). Parameters and gradients cross by DLPack without a copy
     (``detach()``, contiguous, 64-byte aligned; see :mod:`torch_bridge.convert`); new
     parameters are written back with one ``copy_`` each (XLA cannot write into torch memory),
-    or, with ``writeback="swap"``, XLA updates JAX-owned buffers that torch views, in place.
+    or, with ``writeback="swap"``, XLA updates JAX-owned buffers that torch views, in place
+    (on CPU through :func:`convert.owned_view`, which JAX does not count as a reference, after
+    checking once per compiled step that each new parameter is written into its own buffer).
   * ``state_scope="param"`` (default): every parameter has its own transform state, like torch
     optimizers. A parameter whose ``grad`` is ``None`` is skipped exactly as torch does: no
     moment decay, no weight decay, its step count does not advance. Which parameters have
@@ -74,6 +77,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+# torch's global step-hook registries (``Optimizer.step`` runs them as torch's wrapper would)
+from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
 
 from stax.transforms.guards import all_finite
 
@@ -90,6 +96,8 @@ _FLOAT_KEYS = frozenset({"lr", "learning_rate", "eps", "eps_root", "weight_decay
 #: torch name → factory name(s), used when the factory does not take the torch name itself.
 TORCH_TO_FACTORY = {"lr": ("learning_rate",), "betas": ("b1", "b2")}
 _NONFINITE = (None, "skip", "error")
+# torch's profiler switch (``Optimizer.step`` records itself only while one is active).
+_profiler_enabled = torch._C._autograd._profiler_enabled  # pylint: disable=protected-access
 
 
 def torch_dimension_numbers(shape: Sequence[int]) -> Any:
@@ -173,17 +181,31 @@ class _Unit(NamedTuple):
 class _Plan:
   """A compiled step and what feeding it needs, for one has-grad mask and static config.
 
-  Hashed by identity: the step cache key it carries is a large tuple, too slow to hash on
-  every step.
+  The step is jitted over a *flat* argument list (state leaves, updated parameters,
+  gradients, hyperparameter vectors, [skip count], [scratch], read-only parameters): the
+  per-parameter state trees of torch's semantics have ~20 pytree nodes per parameter, and
+  flattening them on every call cost ~35 us at 4 parameters, as much as the rest of the
+  dispatch. Hashed by identity (its cache key is a large tuple).
   """
-  __slots__ = ("fn", "units", "active", "slot", "idx_on")
+  __slots__ = ("key", "tree_step", "fn", "donate", "units", "active", "slot", "idx_on",
+               "idx_off", "inplace", "groups", "state_keys", "state_defs", "n_state")
 
-  def __init__(self, fn, units, active, slot, idx_on):
-    self.fn = fn            # the jitted step (shared through _STEP_CACHE)
-    self.units = units      # ((factory, static, names, mask, slot), ...) of the active units
-    self.active = active    # indices of the active units in ``Optimizer._units``
-    self.slot = slot        # group index -> position in the step's hyperparameter tuple
-    self.idx_on = idx_on    # parameter indices updated by the step, in output order
+  def __init__(self, key, tree_step, donate, units, active, slot, idx_on, idx_off, groups,
+               state_keys):
+    self.key = key                # the step's cache key (static configuration)
+    self.tree_step = tree_step    # the step over argument trees (not jitted)
+    self.donate = donate          # which of the 7 tree arguments are donated
+    self.fn = None                # the jitted flat step (from the first call on)
+    self.inplace = None           # per updated parameter: output written into its own buffer
+    self.units = units            # ((factory, static, names, mask, slot), ...) active units
+    self.active = active          # indices of the active units in ``Optimizer._units``
+    self.slot = slot              # group index -> position in the hyperparameter tuple
+    self.idx_on = idx_on          # parameter indices updated by the step, in output order
+    self.idx_off = idx_off        # parameter indices read only (no gradient), in order
+    self.groups = groups          # the groups of the active units, in slot order
+    self.state_keys = state_keys  # each active unit's key in ``Optimizer._jstate``
+    self.state_defs = None        # per active unit: (state treedef, number of leaves)
+    self.n_state = None           # state leaves in all
 
 
 class _Spec(NamedTuple):
@@ -246,13 +268,58 @@ def _build_tx(factory, static, traced, shapes, names, layout):
   return optax.with_extra_args_support(factory(**kwargs))
 
 
-def _make_init(units, layout):
-  """units: ((factory, static_items, names, slot), ...)."""
+def _pack(traced: dict) -> tuple:
+  """(layout, float32 vector) of a group's traced hyperparameters: one jit argument instead of
+  one per value (each argument costs ~2 us per call)."""
+  layout, vals = [], []
+  for name in sorted(traced):
+    v = traced[name]
+    if isinstance(v, tuple):
+      layout.append((name, len(v)))
+      vals.extend(v)
+    else:
+      layout.append((name, 0))
+      vals.append(v)
+  # the numpy view of a torch tensor: 64-byte aligned, so a CPU placement can alias it
+  return tuple(layout), torch.tensor([float(v) for v in vals], dtype=torch.float32).numpy()
+
+
+def _place(vec: np.ndarray, sharding) -> tuple:
+  """(``vec`` as a committed JAX array on ``sharding``'s device, whether it aliases ``vec``).
+
+  On the CPU it is a DLPack import of ``vec``'s own (aligned) memory: writing new values
+  into ``vec`` between steps updates it with no new array (a scheduler's write costs a list
+  assignment, against ~19 us for ``jax.device_put`` and far more right after a memory-bound
+  step). Elsewhere, or if the import had to copy, a fresh ``device_put`` per change."""
+  if all(d.platform == "cpu" for d in sharding.device_set):
+    t = torch.from_numpy(vec)
+    a = convert.to_jax(t)
+    return a, convert.shares_memory(t, a)
+  return jax.device_put(vec, sharding), False
+
+
+def _unpack(layout: tuple, vec) -> dict:
+  """The traced hyperparameters (scalars, or tuples of them) from :func:`_pack`'s vector."""
+  out, k = {}, 0
+  for name, n in layout:
+    if n:
+      out[name] = tuple(vec[k + j] for j in range(n))
+      k += n
+    else:
+      out[name] = vec[k]
+      k += 1
+  return out
+
+
+def _make_init(units, layout, hp_layouts):
+  """units: ((factory, static_items, names, slot), ...); hp_layouts: per slot, the layout of
+  its packed hyperparameter vector."""
 
   def init(params, hps):
     out = []
     for (factory, static, names, slot), ps in zip(units, params):
-      tx = _build_tx(factory, static, hps[slot], [p.shape for p in ps], names, layout)
+      tx = _build_tx(factory, static, _unpack(hp_layouts[slot], hps[slot]),
+                     [p.shape for p in ps], names, layout)
       st = tx.init(_nest(names, ps))
       out.append(jax.tree.map(jnp.copy, st))  # never alias a torch buffer into the state
     return tuple(out)
@@ -260,8 +327,9 @@ def _make_init(units, layout):
   return jax.jit(init)
 
 
-def _make_step(units, layout, policy, donate_params):
-  """units: ((factory, static_items, names, mask, slot), ...) for the active units.
+def _make_step(units, layout, policy, donate_params, hp_layouts):
+  """units: ((factory, static_items, names, mask, slot), ...) for the active units;
+  hp_layouts: per slot, the layout of its packed hyperparameter vector.
 
   The step takes each unit's parameters split by ``mask``: ``params_on`` (those with a
   gradient, updated; donated when ``donate_params``) and ``params_off`` (read only).
@@ -281,7 +349,8 @@ def _make_step(units, layout, policy, donate_params):
     def compute(_):
       new_states, new_params = [], []
       for (factory, static, names, mask, slot), st, ps, gs in zip(units, states, params, grads):
-        tx = _build_tx(factory, static, hps[slot], [p.shape for p in ps], names, layout)
+        tx = _build_tx(factory, static, _unpack(hp_layouts[slot], hps[slot]),
+                       [p.shape for p in ps], names, layout)
         full = [g if m else jnp.zeros_like(p) for g, p, m in zip(gs, ps, mask)]
         ptree = _nest(names, ps)
         try:
@@ -309,9 +378,9 @@ def _make_step(units, layout, policy, donate_params):
     # pairs each output with the first unused donated input of the same shape and dtype, so any
     # other order would alias a new parameter onto a moment buffer and force XLA to copy the
     # moments (measured: 63 copies, 1.8x the step time at 16M parameters).
-    if policy is None:
+    if policy is None:  # ``skipped`` is None then: no extra argument, no extra output
       new_params, new_states = compute(None)
-      return new_states, into_scratch(new_params), skipped, jnp.array(True)
+      return new_states, into_scratch(new_params), None, None
     ok = all_finite([g for gs in grads for g in gs if g is not None])
 
     def skip(_):
@@ -321,7 +390,41 @@ def _make_step(units, layout, policy, donate_params):
     skipped = jnp.where(ok, skipped, optax.safe_increment(skipped))
     return new_states, into_scratch(new_params), skipped, ok
 
-  return jax.jit(step, donate_argnums=(0, 1, 4) if donate_params else (0, 4, 5))
+  return step
+
+
+def _make_flat(tree_step, in_tree, counts: Sequence[int], donate: Sequence[int]):
+  """``tree_step`` jitted over the flat leaves of its 7 arguments (structure ``in_tree``,
+  ``counts`` leaves per argument), returning the flat leaves of its outputs; the leaves of
+  the arguments in ``donate`` are donated."""
+  offsets = np.cumsum([0] + list(counts))
+  donate_argnums = tuple(j for a in donate for j in range(offsets[a], offsets[a + 1]))
+
+  def flat(*leaves):
+    return tuple(jax.tree.leaves(tree_step(*jax.tree.unflatten(in_tree, leaves))))
+
+  return jax.jit(flat, donate_argnums=donate_argnums)
+
+
+_ALIAS = re.compile(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)")
+
+
+def _inplace_outputs(fn, leaves: Sequence[Any], first: int, n_params: int) -> tuple:
+  """Per updated parameter of the flat step ``fn`` (inputs and outputs ``first + k``), whether
+  the compiled executable writes its new value into the parameter's own (donated) buffer.
+
+  Read from the executable's input/output alias table (HLO parameter numbers count only the
+  inputs JAX kept); ``False`` for every parameter when it cannot be read. The compilation is
+  the one the call itself uses (jit's cache), so this costs one text dump per plan.
+  """
+  try:
+    compiled = fn.lower(*leaves).compile()
+    kept = sorted(compiled._executable._kept_var_idx)  # pylint: disable=protected-access
+    head = compiled.as_text().split("\n", 1)[0]
+  except Exception:  # noqa: BLE001 - e.g. a jax without these internals: never in place
+    return (False,) * n_params
+  aliases = {int(out): kept[int(inp)] for out, inp in _ALIAS.findall(head)}
+  return tuple(aliases.get(first + k) == first + k for k in range(n_params))
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -341,10 +444,12 @@ class Optimizer(torch.optim.Optimizer):
       ``layout_fn(shape)`` per parameter (default ``None``: not passed).
     layout_fn: ``shape -> dimension numbers`` (default :func:`torch_dimension_numbers`).
     writeback: ``"copy"`` (default: new values are copied into each parameter's storage, which
-      keeps every view, DDP bucket and tied alias valid) or ``"swap"`` (opt-in, no copy: from
-      the first step each ``p.data`` is a torch view of a JAX-owned buffer that XLA updates in
-      place, the same address every step; a view held elsewhere — ``p.detach()``, FSDP flat
-      parameters — blocks that, and is then left with the old values, never overwritten).
+      keeps every view, DDP bucket and tied alias valid) or ``"swap"`` (opt-in, no copy: the
+      first step moves each parameter into a JAX-owned buffer — a view taken before it, or
+      FSDP's flat parameters, keeps the old storage — and from then on XLA updates that buffer
+      in place, the same address every step, so every later view sees each update as with a
+      torch optimizer. On CUDA the view is a DLPack export: a view held elsewhere then blocks
+      the donation and keeps the old values, never overwritten; the parameter moves).
     global_nonfinite: ``None`` (default: leave it to the transform), ``"skip"`` (if any gradient
       of the step is NaN/Inf, no parameter and no state changes; counted in
       :attr:`nonfinite_skipped_steps`) or ``"error"`` (the same, then ``RuntimeError``; costs one
@@ -393,13 +498,16 @@ class Optimizer(torch.optim.Optimizer):
     # Python-side bookkeeping (never part of the JAX state).
     self._units: list[_Unit] = []
     self._units_sig = None
-    self._jstate: dict = {}          # unit key (tuple of indices) -> JAX state pytree
+    self._jstate_d: dict = {}        # unit key (tuple of indices) -> JAX state pytree
+    self._live = None                # (plan, its last output states), not yet in _jstate_d
     self._used_fns: dict = {}        # plan -> jitted step this optimizer has run
     self._scratch: dict = {}         # plan -> last output parameter buffers (donated next step)
     self._pcache: dict = {}          # param index -> (storage key, JAX view of it)
+    self._owners: dict = {}          # param index -> convert.Owner ("swap" on CPU)
     self._plans: dict = {}           # (units, mask, static hyperparameters) -> _Plan
     self._hp_cache: dict = {}        # group index -> (values signature, group, hyperparameters)
     self._skipped = None             # int32 JAX scalar, steps skipped by global_nonfinite
+    self._device = None              # the parameters' JAX sharding (from the first step)
     self._gradient_release = False
     defaults = self._fill_defaults(transform, dict(defaults))
     super().__init__(params, defaults)
@@ -464,53 +572,84 @@ class Optimizer(torch.optim.Optimizer):
     self._units_sig = None
 
   def _hyperparams(self, gi: int):
-    """(traced: {name: float32 array}, static: ((name, value), ...)) for group ``gi``.
+    """(traced: {name: float32 array}, static: ((name, value), ...)) for group ``gi``."""
+    return self._hyperparams_uncached(gi)[:2]
 
-    Cached while the group's values are unchanged plain Python values (a scheduler writes new
-    floats, which changes the signature; tensors and mutable values are read every step)."""
+  def _hp_entry(self, gi: int):
+    """(static, hashable key of static, layout of the packed traced values, the packed float32
+    vector, {device: that vector placed there}) for group ``gi``: what a step needs. (A
+    committed array costs ~20 us less per call than a numpy argument, and the step must be
+    fed one kind only, or it compiles twice.)
+
+    Cached while the group's values are unchanged plain Python values (tensors and mutable
+    values are read every step). When only traced values change (a scheduler writes a new
+    ``lr``), the vector is refilled from the group without re-parsing it."""
     group = self.param_groups[gi]
-    sig = _plain_signature(group)
-    if sig is not None:
-      hit = self._hp_cache.get(gi)
-      if hit is not None and hit[0] == sig and hit[1] is group:
+    sig = _signature(group)
+    hit = self._hp_cache.get(gi)
+    if hit is not None and hit[1] is group:
+      if hit[0] == sig:
         return hit[2]
-    out = self._hyperparams_uncached(gi)
-    if sig is not None:
-      self._hp_cache[gi] = (sig, group, out)
+      if _is_plain(sig) and _only_traced_changed(hit[0], sig, hit[4]):
+        vals = _refill(group, hit[2][2], hit[3])
+        out = hit[2]
+        if len(vals) == out[3].size:
+          # In place: the previous step has finished reading (it blocked on its outputs),
+          # and every CPU placement aliases this vector; others are placed again.
+          out[3][:] = vals
+          for sh in [sh for sh, (_, aliased) in out[4].items() if not aliased]:
+            del out[4][sh]
+          self._hp_cache[gi] = (sig, group, out, hit[3], hit[4])
+          return out
+    traced, static, sources = self._hyperparams_uncached(gi)
+    out = (static, _freeze(static)) + _pack(traced) + ({},)
+    if _is_plain(sig):
+      self._hp_cache[gi] = (sig, group, out, sources,
+                            frozenset(key for key, _ in sources.values()))
     return out
 
   def _hyperparams_uncached(self, gi: int):
+    """(traced, static, sources): ``sources`` maps each traced name to the group key it came
+    from and the index within that key's tuple (``betas`` → ``b1``, ``b2``), else ``None``."""
     group = self.param_groups[gi]
     spec = self._group_spec(group)
-    traced, static = {}, []
+    traced, static, sources = {}, [], {}
     for key, value in group.items():
       if key in _RESERVED:
         continue
       pairs = self._map_key(spec, key, value)
       if pairs is None:
         continue  # scheduler bookkeeping (initial_lr, max_lr, base_momentum, ...)
-      for name, v in pairs:
+      for j, (name, v) in enumerate(pairs):
         if isinstance(v, torch.Tensor) and v.numel() == 1:
           v = v.item()
         floaty = key in _FLOAT_KEYS or name in _FLOAT_KEYS
         if name in self._static_args:
           static.append((name, v))
-        elif _is_float(v, floaty):
+          continue
+        if _is_float(v, floaty):
           traced[name] = np.asarray(v, np.float32)
         elif (isinstance(v, (tuple, list)) and v and floaty
               and all(_is_float(x, True) for x in v)):
           traced[name] = tuple(np.asarray(x, np.float32) for x in v)  # e.g. betas=(b1, b2)
         else:
           static.append((name, v))
-    return traced, tuple(sorted(static, key=lambda kv: kv[0]))
+          continue
+        sources[name] = (key, j if len(pairs) > 1 else None)
+    return traced, tuple(sorted(static, key=lambda kv: kv[0])), sources
 
   def _flat_params(self) -> list:
     return [p for g in self.param_groups for p in g["params"]]
 
-  def _ensure_units(self) -> None:
-    sig = tuple(tuple(id(p) for p in g["params"]) for g in self.param_groups)
-    if sig == self._units_sig:
-      return
+  def _ensure_units(self) -> list:
+    """The flat parameter list; (re)builds the units when the groups changed."""
+    params = [p for g in self.param_groups for p in g["params"]]
+    sig = (tuple(map(id, params)), tuple([len(g["params"]) for g in self.param_groups]))
+    if sig != self._units_sig:
+      self._build_units(sig)
+    return params
+
+  def _build_units(self, sig) -> None:
     units, idx = [], 0
     for gi, g in enumerate(self.param_groups):
       n = len(g["params"])
@@ -527,131 +666,280 @@ class Optimizer(torch.optim.Optimizer):
     self._plans = {}  # plans index units: rebuild them
 
   # ----------------------------------------------------------------------------- stepping
-  @torch.no_grad()
   def step(self, closure: Optional[Callable[[], Any]] = None):
-    """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+    """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+    Step pre/post hooks (global and this optimizer's) run as torch runs them, and the step
+    is recorded as ``Optimizer.step#<class>.step`` when a profiler is active; torch's own
+    wrapper is not installed (its ``record_function`` costs ~5-20 us per step even with no
+    profiler, a tenth of a 1M-parameter step).
+    """
+    if _profiler_enabled():
+      with torch.autograd.profiler.record_function(
+          f"Optimizer.step#{type(self).__name__}.step"):
+        return self._hooked_step(closure)
+    return self._hooked_step(closure)
+
+  step.hooked = True  # torch.optim.Optimizer does not wrap it again (see _patch_step_function)
+
+  def _hooked_step(self, closure):
+    args, kwargs = (self,) if closure is None else (self, closure), {}
+    if _GLOBAL_PRE_HOOKS or self._optimizer_step_pre_hooks:
+      for hook in (*_GLOBAL_PRE_HOOKS.values(), *self._optimizer_step_pre_hooks.values()):
+        result = hook(self, args, kwargs)
+        if result is not None:
+          if not (isinstance(result, tuple) and len(result) == 2):
+            raise RuntimeError(f"a step pre-hook must return None or (args, kwargs), got "
+                               f"{result!r}.")
+          args, kwargs = result
+      closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
     loss = None
     if closure is not None:
       with torch.enable_grad():
         loss = closure()
-    if self._gradient_release:
-      return loss  # each parameter was already stepped by its post-accumulate-grad hook
-    self._run(None)
+    if not self._gradient_release:  # else each parameter was stepped by its grad hook
+      with torch.no_grad():
+        self._run(None)
+    self._optimizer_step_code()
+    if _GLOBAL_POST_HOOKS or self._optimizer_step_post_hooks:
+      for hook in (*self._optimizer_step_post_hooks.values(), *_GLOBAL_POST_HOOKS.values()):
+        hook(self, args, kwargs)
     return loss
 
   def _run(self, only: Optional[set]) -> None:
-    self._ensure_units()
-    params = self._flat_params()
+    params = self._ensure_units()
     mask = []
     for i, p in enumerate(params):
       g = p.grad
-      has = g is not None and (only is None or i in only)
-      if has and g.is_sparse:
+      if g is None or (only is not None and i not in only):
+        mask.append(False)
+        continue
+      if g.is_sparse:
         raise RuntimeError("torch_bridge: sparse gradients are not supported; use a dense "
                            "embedding (sparse=False) or torch.optim.SparseAdam for it.")
-      mask.append(has)
+      mask.append(True)
     mask = tuple(mask)
-    if not any(mask):
+    if True not in mask:
       return
-    groups = sorted({self._units[ui].group for ui in range(len(self._units))
-                     if any(mask[i] for i in self._units[ui].indices)})
-    hp = {gi: self._hyperparams(gi) for gi in groups}
-    hps = tuple(hp[gi][0] for gi in groups)
-    pkey = (mask,
-            tuple((gi, self._factory(gi), _freeze(hp[gi][1])) for gi in groups))
-    plan = _cached(self._plans, pkey, lambda: self._make_plan(mask, groups, hp))
-    units, active = plan.units, plan.active
-
-    jparams = [tuple(self._param_jax(i, params[i]) for i in self._units[ui].indices)
-               for ui in active]
-    missing = [k for k, ui in enumerate(active) if self._units[ui].indices not in self._jstate]
-    if missing:
-      self._init_states(missing, plan, hp, hps, jparams)
-    self._used_fns[id(plan.fn)] = plan.fn
-    jgrads = tuple(tuple(convert.to_jax(params[i].grad) if mask[i] else None
-                         for i in self._units[ui].indices) for ui in active)
-    states = tuple(self._jstate[self._units[ui].indices] for ui in active)
+    hp = [self._hp_entry(gi) for gi in range(len(self.param_groups))]
+    pkey = (mask, tuple([(self._factory(gi), h[1], h[2]) for gi, h in enumerate(hp)]))
+    plan = self._plans.get(pkey)
+    if plan is None:
+      plan = _cached(self._plans, pkey, lambda: self._make_plan(mask, hp))
+    idx_on, idx_off = plan.idx_on, plan.idx_off
+    p_on = [self._param_jax(i, params[i]) for i in idx_on]
+    p_off = [self._param_jax(i, params[i]) for i in idx_off]
     if self._skipped is None:
-      self._skipped = jax.device_put(np.zeros((), np.int32), jparams[0][0].device)
-    p_on = tuple(tuple(p for p, m in zip(ps, u[3]) if m) for ps, u in zip(jparams, units))
-    p_off = tuple(tuple(p for p, m in zip(ps, u[3]) if not m) for ps, u in zip(jparams, units))
-    idx_on = plan.idx_on
-    del jparams
+      self._skipped = jax.device_put(np.zeros((), np.int32), p_on[0].device)
+    if self._device is None:
+      self._device = p_on[0].sharding
+    hps = []
+    for gi in plan.groups:  # each group's vector, placed on the device once per change
+      placed = hp[gi][4].get(self._device)
+      if placed is None:
+        placed = hp[gi][4][self._device] = _place(hp[gi][3], self._device)
+      hps.append(placed[0])
+    live = self._live
+    if live is not None and live[0] is plan:
+      state_leaves = live[1]  # the previous step's outputs, same plan: no bookkeeping
+    else:
+      state_leaves = self._state_leaves(plan, hp, hps, params)
+    grads = [convert.to_jax(params[i].grad) for i in idx_on]
+    skipped = [] if self._global_nonfinite is None else [self._skipped]
     swap = self._writeback == "swap"
+    guards = []
     if swap:
-      # "swap": torch's parameters view JAX-owned buffers (from the first step on). Torch lets
-      # go of them for the call (a placeholder storage), so the donated buffers have no
-      # outside reference and XLA updates them in place; torch then views the outputs, which
-      # are the same buffers. A buffer still viewed elsewhere (a user's ``p.detach()``) cannot
-      # be donated: JAX writes a fresh buffer instead, and that view keeps the old values.
-      scratch = None
-      for i in idx_on:
-        params[i].data = _placeholder(params[i])
+      # "swap": from the first step on, each parameter's storage is a JAX-owned buffer that
+      # the step donates and XLA updates in place. On CPU torch views it through an
+      # ``Owner`` (no DLPack reference, so JAX may donate it while torch keeps viewing it):
+      # nothing to hand over per step, and every view of the parameter sees the update. That
+      # needs the compiled step to write each new parameter into its own input buffer (checked
+      # once per plan from the executable's aliases); otherwise a DLPack export per parameter
+      # blocks the donation (JAX writes new buffers, torch is re-pointed to them). Elsewhere
+      # (CUDA) torch views the buffers through DLPack and lets go of them for the call.
+      scratch = []
     else:
       # "copy": the previous step's outputs (already copied into torch) are overwritten.
       scratch = self._scratch.pop(plan, None)
       if scratch is None:
-        scratch = tuple(tuple(jnp.zeros(p.shape, p.dtype, device=list(p.devices())[0])
-                              for p in ps) for ps in p_on)
+        scratch = [jnp.zeros(a.shape, a.dtype, device=a.sharding) for a in p_on]
+    leaves = [*state_leaves, *p_on, *grads, *hps, *skipped, *scratch, *p_off]
+    if plan.fn is None:
+      self._compile(plan, leaves)
+    if swap:
+      if self._owners and plan.inplace is None:
+        plan.inplace = _inplace_outputs(plan.fn, leaves, plan.n_state, len(p_on))
+      for k, i in enumerate(idx_on):
+        if i in self._owners:
+          if not plan.inplace[k]:
+            guards.append(convert.to_torch(p_on[k]))
+        elif not params[i].is_cpu:
+          params[i].data = _placeholder(params[i])
+    self._used_fns[id(plan.fn)] = plan.fn
     try:
-      new_states, new_params, self._skipped, ok = plan.fn(states, p_on, jgrads, hps,
-                                                          self._skipped, scratch, p_off)
+      out = plan.fn(*leaves)
     except BaseException:
       if swap:  # the call failed before running: give torch its (undonated) buffers back
-        for i, a in zip(idx_on, (a for ps in p_on for a in ps)):
-          params[i].data = convert.to_torch(a)
+        for i, a in zip(idx_on, p_on):
+          if not params[i].is_cpu:
+            params[i].data = convert.to_torch(a)
       raise
-    del jgrads, scratch, p_on
-    jax.block_until_ready((new_params, new_states))
-    for ui, st in zip(active, new_states):
-      self._jstate[self._units[ui].indices] = st
-    for i, a in zip(idx_on, (a for ps in new_params for a in ps)):
-      if swap:
-        t = convert.to_torch(a)  # the JAX buffer itself: no copy
-        params[i].data = t
-        self._pcache[i] = (_storage_key(t), a)
-      else:
-        params[i].copy_(convert.to_torch(a))
+    # Drop the inputs now: the donated ones die while XLA runs, not after the wait.
+    self._live = None
+    del leaves, state_leaves, grads, scratch, guards, p_off, live
+    n_state, n_on = plan.n_state, len(idx_on)
+    # Bookkeeping while XLA runs: the outputs' buffers are known at dispatch.
+    self._live = (plan, out[:n_state])
+    flat_new = out[n_state:n_state + n_on]
+    if skipped:
+      self._skipped, ok = out[n_state + n_on], out[n_state + n_on + 1]
+    late = ()
+    if swap:
+      late = []
+      for i, a in zip(idx_on, flat_new):
+        owner = self._owners.get(i)
+        if owner is not None and a.unsafe_buffer_pointer() == owner.ptr:
+          owner.array = a  # updated in place: torch already views this buffer
+        elif params[i].is_cpu:
+          t, owner = convert.owned_view(a)  # the JAX buffer itself (read after the wait)
+          params[i].data = t
+          owner.key = (t.shape, t.dtype)
+          self._owners[i] = owner
+          self._pcache.pop(i, None)
+        else:
+          late.append((i, a))
+    del out, p_on
+    # Torch reads only the parameters; the next JAX call orders itself after the states.
+    jax.block_until_ready(flat_new)
     if not swap:
-      self._scratch = {plan: new_params}  # donated to the next step with this plan
+      torch._foreach_copy_([params[i] for i in idx_on],  # pylint: disable=protected-access
+                           [convert.to_torch(a) for a in flat_new])
+      self._scratch = {plan: list(flat_new)}  # donated to the next step with this plan
+    for i, a in late:  # DLPack views (CUDA): made once the buffers are ready
+      t = convert.to_torch(a)
+      params[i].data = t
+      self._pcache[i] = (_storage_key(t), a)
     if self._global_nonfinite == "error" and not bool(ok):
       raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
                          "for every parameter.")
 
+  def _state_leaves(self, plan: "_Plan", hp: list, hps: list, params: list) -> list:
+    """The flat state leaves of ``plan``'s units, from their filed states (initialised if
+    missing); records each unit's state structure in the plan."""
+    jstate = self._jstate
+    missing = [k for k, key in enumerate(plan.state_keys) if key not in jstate]
+    if missing:
+      jparams = [tuple(self._param_jax(i, params[i]) for i in self._units[plan.active[k]].indices)
+                 for k in missing]
+      self._init_states(missing, plan, hp, tuple(hps), jparams)
+    leaves, defs = [], []
+    for key in plan.state_keys:
+      ls, tdef = jax.tree.flatten(jstate[key])
+      leaves.extend(ls)
+      defs.append((tdef, len(ls)))
+    plan.state_defs, plan.n_state = tuple(defs), len(leaves)
+    return leaves
+
+  def _compile(self, plan: "_Plan", leaves: list) -> None:
+    """Builds ``plan.fn``, the flat jitted step, from the argument structure of ``leaves``
+    (rebuilt into the step's 7 argument trees once, to learn that structure)."""
+    n_on, n_off = len(plan.idx_on), len(plan.idx_off)
+    units = plan.units
+    n_hps, n_skip = len(plan.groups), 0 if self._global_nonfinite is None else 1
+    n_scratch = 0 if self._writeback == "swap" else n_on
+
+    def split(seq, masks, keep):
+      it = iter(seq)
+      return tuple(tuple(next(it) for m in mask if m == keep) for mask in masks)
+
+    masks = [u[3] for u in units]
+    k = 0
+    states = []
+    for tdef, n in plan.state_defs:
+      states.append(jax.tree.unflatten(tdef, leaves[k:k + n]))
+      k += n
+    on = leaves[k:k + n_on]
+    k += n_on
+    gr = iter(leaves[k:k + n_on])
+    grads = tuple(tuple(next(gr) if m else None for m in mask) for mask in masks)
+    k += n_on
+    hps = tuple(leaves[k:k + n_hps])
+    k += n_hps
+    skipped = leaves[k] if n_skip else None
+    k += n_skip
+    scratch = split(leaves[k:k + n_scratch], masks, True) if n_scratch else None
+    k += n_scratch
+    args = (tuple(states), split(on, masks, True), grads, hps, skipped, scratch,
+            split(leaves[k:k + n_off], masks, False))
+    flat, in_tree = jax.tree.flatten(args)
+    if len(flat) != len(leaves) or any(a is not b for a, b in zip(flat, leaves)):
+      raise AssertionError("torch_bridge: internal error, the step's flat arguments are out "
+                           "of order.")
+    counts = [len(jax.tree.leaves(a)) for a in args]
+    plan.fn = _cached(_STEP_CACHE, (plan.key, in_tree),
+                      lambda: _make_flat(plan.tree_step, in_tree, counts, plan.donate))
+
+  @property
+  def _jstate(self) -> dict:
+    """unit key (tuple of parameter indices) -> the unit's current JAX state."""
+    self._flush_live()
+    return self._jstate_d
+
+  def _flush_live(self) -> None:
+    """Files the last step's output states under their units (a step keeps them as one tuple,
+    handed straight to the next step with the same plan)."""
+    if self._live is not None:
+      plan, leaves = self._live
+      self._live = None
+      k = 0
+      for key, (tdef, n) in zip(plan.state_keys, plan.state_defs):
+        self._jstate_d[key] = jax.tree.unflatten(tdef, leaves[k:k + n])
+        k += n
+
   def _factory(self, gi: int) -> Callable:
     return self.param_groups[gi].get("transform", self._transform)
 
-  def _make_plan(self, mask: tuple, groups: list, hp: dict) -> "_Plan":
+  def _make_plan(self, mask: tuple, hp: list) -> "_Plan":
     """What one has-grad pattern and set of static hyperparameters compiles to (cached)."""
     active = tuple(ui for ui, u in enumerate(self._units) if any(mask[i] for i in u.indices))
+    groups = sorted({self._units[ui].group for ui in active})
     slot = {gi: k for k, gi in enumerate(groups)}
     layout = (self._layout_kwarg, self._layout_fn)
-    units = tuple((self._factory(u.group), hp[u.group][1], u.names,
+    units = tuple((self._factory(u.group), hp[u.group][0], u.names,
                    tuple(mask[i] for i in u.indices), slot[u.group])
                   for u in (self._units[ui] for ui in active))
+    hp_layouts = tuple(hp[gi][2] for gi in groups)
     key = (tuple((f, _freeze(st), n, m, sl) for f, st, n, m, sl in units), layout,
-           self._global_nonfinite, self._writeback)
+           self._global_nonfinite, self._writeback, hp_layouts)
     swap = self._writeback == "swap"
-    fn = _cached(_STEP_CACHE, key,
-                 lambda: _make_step(units, layout, self._global_nonfinite, swap))
+    tree_step = _make_step(units, layout, self._global_nonfinite, swap, hp_layouts)
     idx_on = tuple(i for ui in active for i in self._units[ui].indices if mask[i])
-    return _Plan(fn, units, active, slot, idx_on)
+    idx_off = tuple(i for ui in active for i in self._units[ui].indices if not mask[i])
+    # donated: states, [params_on (swap)], skip count, [scratch (copy)]
+    donate = (0, 1, 4) if swap else (0, 4, 5)
+    return _Plan(key, tree_step, donate, units, active, slot, idx_on, idx_off, tuple(groups),
+                 tuple(self._units[ui].indices for ui in active))
 
   def _init_states(self, missing, plan, hp, hps, jparams) -> None:
     layout = (self._layout_kwarg, self._layout_fn)
-    units = tuple((self._factory(u.group), hp[u.group][1], u.names, plan.slot[u.group])
+    units = tuple((self._factory(u.group), hp[u.group][0], u.names, plan.slot[u.group])
                   for u in (self._units[plan.active[k]] for k in missing))
-    key = (tuple((f, _freeze(st), n, sl) for f, st, n, sl in units), layout)
-    fn = _cached(_INIT_CACHE, key, lambda: _make_init(units, layout))
-    news = fn(tuple(jparams[k] for k in missing), hps)
-    for k, st in zip(missing, news):
+    hp_layouts = tuple(hp[gi][2] for gi in plan.groups)
+    key = (tuple((f, _freeze(st), n, sl) for f, st, n, sl in units), layout, hp_layouts)
+    fn = _cached(_INIT_CACHE, key, lambda: _make_init(units, layout, hp_layouts))
+    news = fn(tuple(jparams), hps)  # jparams: the missing units' parameters
+    for k, st, ps in zip(missing, news, jparams):
       # commit to the parameters' device, as step outputs are (else the step compiles twice)
-      self._jstate[self._units[plan.active[k]].indices] = jax.device_put(st,
-                                                                         jparams[k][0].device)
+      self._jstate[self._units[plan.active[k]].indices] = jax.device_put(st, ps[0].device)
 
   def _param_jax(self, i: int, p: torch.Tensor) -> jax.Array:
     """The JAX view of parameter ``i``, cached while its storage stays put (``copy_``
     writeback keeps it): the view aliases the memory, so it always reads current values."""
+    owner = self._owners.get(i)
+    if owner is not None:
+      if p.data_ptr() == owner.ptr and p.shape == owner.key[0] and p.dtype is owner.key[1]:
+        return owner.array
+      del self._owners[i]  # p.data was replaced: its new storage is torch's
     key = _storage_key(p)
     hit = self._pcache.get(i)
     if hit is not None and hit[0] == key:
@@ -752,7 +1040,8 @@ class Optimizer(torch.optim.Optimizer):
                          f"{unit.indices[0]}.")
       new_jstate[unit.indices] = jax.tree_util.tree_unflatten(
           jax.tree.structure(template), vals)
-    self._jstate = new_jstate
+    self._live = None
+    self._jstate_d = new_jstate
     bridge = state_dict.get("bridge")
     self._skipped = None
     if bridge is not None:
@@ -806,19 +1095,46 @@ def _storage_key(p: torch.Tensor) -> tuple:
 _PLAIN = (int, float, str, bool, type(None))
 
 
-def _plain_signature(group: dict) -> Optional[tuple]:
-  """The group's non-parameter items when all are immutable plain values (else ``None``)."""
-  items = []
-  for k, v in group.items():
-    if k in _RESERVED:
-      continue
-    if isinstance(v, tuple):
+def _signature(group: dict) -> tuple:
+  """The group's non-parameter items with their types (compared step to step)."""
+  return tuple([(k, v.__class__, v) for k, v in group.items() if k not in _RESERVED])
+
+
+def _only_traced_changed(old: tuple, new: tuple, traced_keys: frozenset) -> bool:
+  """True when two :func:`_signature` s differ only in the values of ``traced_keys``."""
+  if len(old) != len(new):
+    return False
+  for (k0, t0, v0), (k1, t1, v1) in zip(old, new):
+    if k0 != k1 or t0 is not t1 or (k0 not in traced_keys and v0 != v1):
+      return False
+  return True
+
+
+def _refill(group: dict, layout: tuple, sources: dict) -> list:
+  """The values of :func:`_pack`'s vector read again from the group's current values."""
+  vals = []
+  for name, n in layout:
+    key, j = sources[name]
+    v = group[key] if j is None else group[key][j]
+    if n:
+      vals.extend(v)
+    else:
+      vals.append(v)
+  return vals
+
+
+def _is_plain(sig: tuple) -> bool:
+  """True when every value of a :func:`_signature` is an immutable plain value (or a tuple of
+  them): only such a signature may be cached, since a mutable value (a list, a tensor) could
+  change in place and still compare equal to itself. A later signature compares equal to a
+  plain one only by value, so the cache stays correct whatever that later one holds."""
+  for _, t, v in sig:
+    if t is tuple:
       if not all(isinstance(x, _PLAIN) for x in v):
-        return None
-    elif not isinstance(v, _PLAIN):
-      return None
-    items.append((k, type(v), v))
-  return tuple(items)
+        return False
+    elif not issubclass(t, _PLAIN):
+      return False
+  return True
 
 
 def _is_float(v: Any, floaty: bool) -> bool:
