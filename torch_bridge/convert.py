@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import torch
 
-__all__ = ["to_jax", "to_torch", "owned_view", "Owner", "shares_memory", "check_dtype",
+__all__ = ["to_jax", "grad_to_jax", "to_torch", "owned_view", "Owner", "shares_memory", "check_dtype",
            "copy_counts", "PARAM_DTYPES", "jax_device_of"]
 
 #: Parameter dtypes the bridge steps (float64 too when ``jax_enable_x64`` is on).
@@ -85,6 +85,25 @@ def to_jax(t: torch.Tensor) -> jax.Array:
     # Misaligned storage offset (JAX needs 64-byte alignment on CPU): copy explicitly.
     copy_counts["unaligned"] += 1
     return jax.dlpack.from_dlpack(t, copy=True)
+
+
+def grad_to_jax(g: torch.Tensor) -> jax.Array:
+  """:func:`to_jax` for a gradient, trying jaxlib's DLPack import first with no checks (it
+  runs for every gradient of every step): whatever that import refuses — a CUDA, non-dense,
+  misaligned or ``requires_grad`` tensor — and non-contiguous ones take :func:`to_jax`'s
+  checked path (which counts its copies). A sparse
+  gradient raises ``RuntimeError``.
+  """
+  if _FAST_IMPORT is not None:
+    try:
+      if g.dtype in PARAM_DTYPES and g.is_contiguous():  # else copied: counted below
+        return _FAST_IMPORT(_TORCH_TO_DLPACK(g), _CPU_DEVICE[0], None, False, _DL_CPU)
+    except Exception:  # noqa: BLE001 - the checked path below decides
+      pass
+  if g.is_sparse:
+    raise RuntimeError("torch_bridge: sparse gradients are not supported; use a dense "
+                       "embedding (sparse=False) or torch.optim.SparseAdam for it.")
+  return to_jax(g)
 
 
 def _fast_import_fn():

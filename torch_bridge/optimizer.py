@@ -708,17 +708,10 @@ class Optimizer(torch.optim.Optimizer):
 
   def _run(self, only: Optional[set]) -> None:
     params = self._ensure_units()
-    mask = []
-    for i, p in enumerate(params):
-      g = p.grad
-      if g is None or (only is not None and i not in only):
-        mask.append(False)
-        continue
-      if g.is_sparse:
-        raise RuntimeError("torch_bridge: sparse gradients are not supported; use a dense "
-                           "embedding (sparse=False) or torch.optim.SparseAdam for it.")
-      mask.append(True)
-    mask = tuple(mask)
+    if only is None:
+      mask = tuple([p.grad is not None for p in params])
+    else:
+      mask = tuple([p.grad is not None and i in only for i, p in enumerate(params)])
     if True not in mask:
       return
     hp = [self._hp_entry(gi) for gi in range(len(self.param_groups))]
@@ -744,7 +737,7 @@ class Optimizer(torch.optim.Optimizer):
       state_leaves = live[1]  # the previous step's outputs, same plan: no bookkeeping
     else:
       state_leaves = self._state_leaves(plan, hp, hps, params)
-    grads = [convert.to_jax(params[i].grad) for i in idx_on]
+    grads = [convert.grad_to_jax(params[i].grad) for i in idx_on]  # sparse: raises
     skipped = [] if self._global_nonfinite is None else [self._skipped]
     swap = self._writeback == "swap"
     guards = []
