@@ -207,6 +207,14 @@ def owned_view(a: jax.Array) -> tuple[torch.Tensor, Owner]:
   ``owner.array`` to it; a donated buffer that is *not* reused is freed under the tensor.
 
   CPU only; float32, float16, bfloat16 (viewed through ``uint16``) and float64.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> t, owner = owned_view(jnp.ones(4))
+    >>> step = jax.jit(lambda x: x * 3, donate_argnums=0)
+    >>> owner.array = step(owner.array)  # written into the same buffer
+    >>> t.tolist()
+    [3.0, 3.0, 3.0, 3.0]
   """
   kind = _OWNED_DTYPES.get(a.dtype.name)
   if kind is None:
