@@ -62,24 +62,22 @@ def to_jax(t: torch.Tensor) -> jax.Array:
   The JAX array aliases the tensor: the caller must not mutate ``t`` while the array is in use
   (the bridge blocks on its step's outputs before returning control to torch).
   """
-  if not (t.is_cpu and t.dtype in PARAM_DTYPES and not t.requires_grad
-          and t.layout is torch.strided and t.is_contiguous()):
-    if t.layout is not torch.strided:
-      raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got "
-                      f"{t.layout}.")
-    if t.requires_grad:
-      t = t.detach()
-    if not t.is_contiguous():
-      copy_counts["non_contiguous"] += 1
-      t = t.contiguous()
-    if t.is_conj():
-      t = t.resolve_conj()
-  if _FAST_IMPORT is not None and t.is_cpu and t.dtype in PARAM_DTYPES:
+  if (_FAST_IMPORT is not None and t.is_cpu and t.layout is torch.strided
+      and t.dtype in PARAM_DTYPES and t.is_contiguous()):
     try:  # runs per tensor per step: jaxlib's entry point, without the public wrapper
-      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _CPU_DEVICE[0], None, False, _DL_CPU)
-    except Exception:  # noqa: BLE001 - e.g. misaligned: the public path decides (and copies)
+      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _CPU, None, False, _DL_CPU)
+    except Exception:  # noqa: BLE001 - requires_grad, misaligned, ...: the checked path decides
       pass
-  try:
+  if t.layout is not torch.strided:
+    raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got {t.layout}.")
+  if t.requires_grad:
+    t = t.detach()
+  if not t.is_contiguous():
+    copy_counts["non_contiguous"] += 1
+    t = t.contiguous()
+  if t.is_conj():
+    t = t.resolve_conj()
+  try:  # the public path (also for the rare tensors above: parameters are imported once)
     return jax.dlpack.from_dlpack(t, copy=False)
   except (ValueError, BufferError, RuntimeError):
     # Misaligned storage offset (JAX needs 64-byte alignment on CPU): copy explicitly.
@@ -88,22 +86,14 @@ def to_jax(t: torch.Tensor) -> jax.Array:
 
 
 def grad_to_jax(g: torch.Tensor) -> jax.Array:
-  """:func:`to_jax` for a gradient, trying jaxlib's DLPack import first with no checks (it
-  runs for every gradient of every step): whatever that import refuses — a CUDA, non-dense,
-  misaligned or ``requires_grad`` tensor — and non-contiguous ones take :func:`to_jax`'s
-  checked path (which counts its copies). A sparse
-  gradient raises ``RuntimeError``.
-  """
-  if _FAST_IMPORT is not None:
-    try:
-      if g.dtype in PARAM_DTYPES and g.is_contiguous():  # else copied: counted below
-        return _FAST_IMPORT(_TORCH_TO_DLPACK(g), _CPU_DEVICE[0], None, False, _DL_CPU)
-    except Exception:  # noqa: BLE001 - the checked path below decides
-      pass
-  if g.is_sparse:
-    raise RuntimeError("torch_bridge: sparse gradients are not supported; use a dense "
-                       "embedding (sparse=False) or torch.optim.SparseAdam for it.")
-  return to_jax(g)
+  """:func:`to_jax` for a step's gradient; a sparse gradient raises ``RuntimeError``."""
+  try:
+    return to_jax(g)
+  except TypeError:
+    if g.is_sparse:
+      raise RuntimeError("torch_bridge: sparse gradients are not supported; use a dense "
+                         "embedding (sparse=False) or torch.optim.SparseAdam for it.") from None
+    raise
 
 
 def _fast_import_fn():
@@ -131,18 +121,8 @@ def _fast_import_fn():
 
 _DL_CPU = 1  # DLDeviceType.kDLCPU
 _TORCH_TO_DLPACK = torch.utils.dlpack.to_dlpack  # C entry point (Tensor.__dlpack__ wraps it)
-_CPU_DEVICE: list = []
-
-
-def _cpu_device():
-  if not _CPU_DEVICE:
-    _CPU_DEVICE.append(jax.devices("cpu")[0])
-  return _CPU_DEVICE[0]
-
-
+_CPU = jax.devices("cpu")[0]
 _FAST_IMPORT = _fast_import_fn()
-if _FAST_IMPORT is not None:
-  _cpu_device()
 
 
 def _fast_export_fn():
@@ -172,7 +152,7 @@ def to_torch(a: jax.Array) -> torch.Tensor:
   ``clone()`` it — or, as ``writeback="swap"`` does, hand the buffer over to torch and stop
   using the JAX array.
   """
-  if _FAST_EXPORT is not None and a.sharding.device_set == {_cpu_device()}:
+  if _FAST_EXPORT is not None and a.sharding.device_set == {_CPU}:
     return torch.utils.dlpack.from_dlpack(_FAST_EXPORT(a, stream=None))
   return torch.from_dlpack(a)
 

@@ -270,18 +270,24 @@ def _build_tx(factory, static, traced, shapes, names, layout):
 
 def _pack(traced: dict) -> tuple:
   """(layout, float32 vector) of a group's traced hyperparameters: one jit argument instead of
-  one per value (each argument costs ~2 us per call)."""
-  layout, vals = [], []
-  for name in sorted(traced):
-    v = traced[name]
-    if isinstance(v, tuple):
-      layout.append((name, len(v)))
-      vals.extend(v)
-    else:
-      layout.append((name, 0))
-      vals.append(v)
+  one per value (each argument costs ~2 us per call). ``layout``: ((name, n), ...), ``n`` the
+  length of a tuple value (``betas``) or 0 for a scalar."""
+  layout = tuple((name, len(v) if isinstance(v, tuple) else 0)
+                 for name, v in sorted(traced.items()))
+  vals = _layout_values(layout, traced.__getitem__)
   # the numpy view of a torch tensor: 64-byte aligned, so a CPU placement can alias it
-  return tuple(layout), torch.tensor([float(v) for v in vals], dtype=torch.float32).numpy()
+  return layout, torch.tensor([float(v) for v in vals], dtype=torch.float32).numpy()
+
+
+def _layout_values(layout: tuple, get: Callable[[str], Any]) -> list:
+  """The scalars of a packed vector in order, ``get(name)`` giving each name's value."""
+  vals = []
+  for name, n in layout:
+    if n:
+      vals.extend(get(name))
+    else:
+      vals.append(get(name))
+  return vals
 
 
 def _place(vec: np.ndarray, sharding) -> tuple:
@@ -327,12 +333,13 @@ def _make_init(units, layout, hp_layouts):
   return jax.jit(init)
 
 
-def _make_step(units, layout, policy, donate_params, hp_layouts):
+def _make_step(units, layout, policy, hp_layouts):
   """units: ((factory, static_items, names, mask, slot), ...) for the active units;
   hp_layouts: per slot, the layout of its packed hyperparameter vector.
 
   The step takes each unit's parameters split by ``mask``: ``params_on`` (those with a
-  gradient, updated; donated when ``donate_params``) and ``params_off`` (read only).
+  gradient, updated) and ``params_off`` (read only). Which arguments are donated is the
+  plan's choice (:func:`_make_flat`).
   """
 
   def step(states, params_on, grads, hps, skipped, scratch, params_off):
@@ -768,7 +775,6 @@ class Optimizer(torch.optim.Optimizer):
             guards.append(convert.to_torch(p_on[k]))
         elif not params[i].is_cpu:
           params[i].data = _placeholder(params[i])
-    self._used_fns[id(plan.fn)] = plan.fn
     try:
       out = plan.fn(*leaves)
     except BaseException:
@@ -871,6 +877,7 @@ class Optimizer(torch.optim.Optimizer):
     counts = [len(jax.tree.leaves(a)) for a in args]
     plan.fn = _cached(_STEP_CACHE, (plan.key, in_tree),
                       lambda: _make_flat(plan.tree_step, in_tree, counts, plan.donate))
+    self._used_fns[id(plan.fn)] = plan.fn
 
   @property
   def _jstate(self) -> dict:
@@ -905,7 +912,7 @@ class Optimizer(torch.optim.Optimizer):
     key = (tuple((f, _freeze(st), n, m, sl) for f, st, n, m, sl in units), layout,
            self._global_nonfinite, self._writeback, hp_layouts)
     swap = self._writeback == "swap"
-    tree_step = _make_step(units, layout, self._global_nonfinite, swap, hp_layouts)
+    tree_step = _make_step(units, layout, self._global_nonfinite, hp_layouts)
     idx_on = tuple(i for ui in active for i in self._units[ui].indices if mask[i])
     idx_off = tuple(i for ui in active for i in self._units[ui].indices if not mask[i])
     # donated: states, [params_on (swap)], skip count, [scratch (copy)]
@@ -1105,15 +1112,12 @@ def _only_traced_changed(old: tuple, new: tuple, traced_keys: frozenset) -> bool
 
 def _refill(group: dict, layout: tuple, sources: dict) -> list:
   """The values of :func:`_pack`'s vector read again from the group's current values."""
-  vals = []
-  for name, n in layout:
+
+  def get(name):
     key, j = sources[name]
-    v = group[key] if j is None else group[key][j]
-    if n:
-      vals.extend(v)
-    else:
-      vals.append(v)
-  return vals
+    return group[key] if j is None else group[key][j]
+
+  return _layout_values(layout, get)
 
 
 def _is_plain(sig: tuple) -> bool:
