@@ -1,8 +1,10 @@
 """Which leaf gets which transform: normalised paths, module order, label functions.
 
 Paths
-  A leaf's path is normalised once, here: JAX key entries become strings, and a trailing
-  ``value`` (Flax NNX ``Variable``: present at ``init``, absent at ``update``) is dropped. The
+  A leaf's path is normalised once, here: JAX key entries become strings, and the trailing
+  attribute key ``.value`` of a Flax NNX ``Variable`` (present when a ``State`` of Variables is
+  flattened, absent for pure arrays) is dropped; a module *named* ``value`` (attention's value
+  projection) keeps its name. The
   *module* of a leaf is its parent path (``("layers", "3", "kernel")`` → ``"layers/3"``).
 
 Module order
@@ -72,18 +74,22 @@ def _key_str(k: Any) -> str:
 
 
 def normalize_path(path: Any) -> tuple[str, ...]:
-  """A leaf path as a tuple of strings, without NNX's trailing ``value``.
+  """A leaf path as a tuple of strings, without the ``.value`` of a Flax NNX ``Variable``.
 
   Accepts a JAX key path (tuple of ``DictKey``/``GetAttrKey``/``SequenceKey``...), a tuple of
-  strings, or a ``"/"``-separated string.
+  strings, or a ``"/"``-separated string. Only a trailing *attribute* key ``value`` (an NNX
+  ``Variable``'s, ``GetAttrKey("value")``: present when an ``nnx.State`` of Variables is
+  flattened, absent for its pure arrays) is dropped; a module or leaf whose *name* is ``value``
+  (``nnx.MultiHeadAttention``'s ``value`` projection, a dict key ``"value"``) is kept, and
+  strings and tuples of strings are taken as they are.
   """
   if isinstance(path, str):
-    parts = tuple(p for p in path.split("/") if p)
-  else:
-    parts = tuple(_key_str(k) for k in path)
-  while parts and parts[-1] in _NNX_VALUE_KEYS:
-    parts = parts[:-1]
-  return parts
+    return tuple(p for p in path.split("/") if p)
+  keys = tuple(path)
+  if (keys and isinstance(keys[-1], jax.tree_util.GetAttrKey)
+      and keys[-1].name in _NNX_VALUE_KEYS):
+    keys = keys[:-1]
+  return tuple(_key_str(k) for k in keys)
 
 
 def path_name(path: Any) -> str:

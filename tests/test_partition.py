@@ -31,7 +31,15 @@ def _linen_deep():
 
 
 def test_normalize_path_drops_nnx_value_and_handles_strings():
-  assert partition.normalize_path("lin/kernel/value") == ("lin", "kernel")
+  # Strings are names: a module or leaf called "value" (attention's value projection) stays.
+  assert partition.normalize_path("lin/kernel/value") == ("lin", "kernel", "value")
+  assert partition.normalize_path("attn/value") == ("attn", "value")
+  # Only the attribute key of an NNX Variable is dropped, not a dict key named "value".
+  assert partition.normalize_path((jax.tree_util.DictKey("value"),
+                                   jax.tree_util.DictKey("kernel"),
+                                   jax.tree_util.GetAttrKey("value"))) == ("value", "kernel")
+  assert partition.normalize_path((jax.tree_util.DictKey("attn"),
+                                   jax.tree_util.DictKey("value"))) == ("attn", "value")
   assert partition.normalize_path(("a", "b")) == ("a", "b")
   keys = (jax.tree_util.DictKey("layers"), jax.tree_util.SequenceKey(3),
           jax.tree_util.GetAttrKey("kernel"), jax.tree_util.GetAttrKey("value"))

@@ -7,7 +7,9 @@ r"""Joint (m, v) storages for :func:`stax.turbo_adam`.
   seeds are ``seed_for(rounding_seed, t, 0, leaf_index, stream)`` with ``rounding_seed`` the low
   32-bit word of the state key (``PRNGKey(seed)`` keeps ``seed`` there).
 * :func:`turbo_storage`: the per-leaf choice (compress only leaves with at least
-  ``min_compress_elements`` elements and rank >= 1; others keep float32 moments).
+  ``min_compress_elements`` elements and rank >= 1; others keep float32 moments). Compressed
+  leaves are seen through their row view (:mod:`stax.codecs.row_view`): blocks run along the
+  tensor's rows (``(out, in·kh·kw)`` for a torch conv weight), not along a short last axis.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from stax.codecs import ustate as US
 from stax.codecs import _layout as L
 from stax.codecs.base import FullPrecision, SeparateStorage
 from stax.codecs.block_signed import BlockSignedCodec
+from stax.codecs.row_view import RowView
 from stax.codecs.rng import counter_uniform, flat_index, seed_for, seed_from_key
 
 __all__ = ["TurboAdam02Storage", "turbo_storage", "bias_corrections", "CODECS"]
@@ -136,11 +139,12 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
     if codec == "turboadam-0.2":
       if not (cm or cv):
         return SeparateStorage(FullPrecision(jnp.float32), FullPrecision(jnp.float32))
-      return TurboAdam02Storage(cm, cv, v_bits, block_size, m_block_size, step_factor,
-                                b1, b2, eps)
+      return RowView(TurboAdam02Storage(cm, cv, v_bits, block_size, m_block_size, step_factor,
+                                        b1, b2, eps), block_size)
     m_codec = BlockSignedCodec(m_bits, m_block_size) if cm else FullPrecision(jnp.float32)
     v_codec = LQ.LogQuantCodec(v_bits, block_size) if cv else FullPrecision(jnp.float32)
-    return _Constrained(SeparateStorage(m_codec, v_codec))
+    storage = _Constrained(SeparateStorage(m_codec, v_codec))
+    return RowView(storage, block_size) if (cm or cv) else storage
 
   return choose
 

@@ -17,36 +17,19 @@ Codecs (``codec=``):
 * ``"stax"`` (default, improved): m stored directly with a blockwise signed 4-bit codec (bf16
   absmax per 32 elements, unbiased stochastic rounding, 4.5 bits) and the same 1Q log v; m no
   longer inherits v's quantisation noise and keeps cos(m̂, m) ≈ 0.95 instead of 0.6–0.85
-  (8.75 bits/param at ``v_bits=4``; see the README's TurboAdam section for the measured fidelity and
-  what the issue's ≤ 6.5-bit goal would cost).
+  (8.75 bits/param at ``v_bits=4``; the README's TurboAdam section has the measured fidelity).
 
 With ``compress_m=False, compress_v=False`` this is ``optax.adamw`` (float32 moments).
 
-Layout: blocks and bit packing run along the last axis, so state keeps the parameter's rank and
-sharding. When the last axis is a multiple of ``block_size`` (or the tensor is 1-D) the faithful
-state flattened equals the seed's flattened-tensor state; otherwise each row is padded to a block
-multiple (the seed pads only the end of the flattened tensor), which changes block membership
-and the random stream for such tensors.
-
-Args:
-  learning_rate: step size η >= 0 or a schedule (default 1e-3).
-  b1: first-moment decay in [0, 1) (default 0.9); with the faithful UState m, b1² < b2.
-  b2: second-moment decay in [0, 1) (default 0.999).
-  eps: denominator term >= 0 (default 1e-8).
-  weight_decay: decoupled weight decay λ >= 0 (default 0.0, the seed's default).
-  block_size: block length along the last axis, a multiple of 4 (default 128); with
-    ``v_bits`` in {3, 6}, a multiple of 8.
-  v_bits: bits per stored v code in {2, 3, 4, 6, 8} (default 4).
-  compress_m: compress the first moment (default True).
-  compress_v: compress the second moment (default True).
-  min_compress_elements: leaves with fewer elements keep float32 moments, >= 0 (default 4096).
-  codec: ``"stax"`` (default) or ``"turboadam-0.2"``.
-  m_block_size: the first moment's block: UState's mean block for the faithful codec (default
-    ``min(64, block_size)``), the signed codec's scale block for ``"stax"`` (default
-    ``min(32, block_size)``); must divide ``block_size``.
-  seed: the rounding seed, an int in [0, 2**32) (default 0x12345678, the seed's default).
-  mask: weight-decay mask (pytree or callable; default: all leaves).
-  nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
+Layout: blocks and bit packing run along each compressed tensor's *row view*
+(:mod:`stax.codecs.row_view`): trailing axes are merged until rows pad least, so a torch conv
+weight ``(out, in, kh, kw)`` is blocked as ``(out, in·kh·kw)`` and an attention kernel
+``(in, heads, head_dim)`` as ``(in, heads·head_dim)`` (not along a 3-wide or head_dim-wide last
+axis), and a Dense kernel keeps its ``(in, out)`` layout. State keeps the leading axes and their
+sharding. Whenever the tensor's size is a multiple of ``block_size`` the faithful state
+flattened equals the seed's flattened-tensor state; otherwise each row of the view is padded
+to a block multiple (the seed pads only the end of the flattened tensor), which changes block
+membership and the random stream for such tensors.
 
 Reference: ``turboadam`` 0.2.0 (PyPI), ``optimizer.py``, ``quantize.py``, ``ustate.py``.
 
@@ -107,6 +90,53 @@ def turbo_adam(
     mask: Optional[Any | Callable[[optax.Params], Any]] = None,
     nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
+  r"""TurboAdam: AdamW whose moments are stored compressed (see the module docstring).
+
+  .. math::
+    m_t = \beta_1 \hat m_{t-1} + (1-\beta_1) g_t,\quad
+    v_t = \beta_2 \hat v_{t-1} + (1-\beta_2) g_t^2,\quad
+    p_t = p_{t-1} - \eta\big((m_t/c_1)/(\sqrt{v_t/c_2}+\epsilon) + \lambda p_{t-1}\big)
+
+  with :math:`\hat m, \hat v` the stored (decoded) moments.
+
+  Args:
+    learning_rate: step size η >= 0 or a schedule (default 1e-3).
+    b1: first-moment decay in [0, 1) (default 0.9); with the faithful UState m, b1² < b2.
+    b2: second-moment decay in [0, 1) (default 0.999).
+    eps: denominator term >= 0 (default 1e-8).
+    weight_decay: decoupled weight decay λ >= 0 (default 0.0, the seed's default).
+    block_size: block length along the row view (see Layout), a multiple of 4 (default 128); with
+      ``v_bits`` in {3, 6}, a multiple of 8.
+    v_bits: bits per stored v code in {2, 3, 4, 6, 8} (default 4).
+    compress_m: compress the first moment (default True).
+    compress_v: compress the second moment (default True).
+    min_compress_elements: leaves with fewer elements keep float32 moments, >= 0 (default 4096).
+    codec: ``"stax"`` (default) or ``"turboadam-0.2"``.
+    m_block_size: the first moment's block: UState's mean block for the faithful codec (default
+      ``min(64, block_size)``), the signed codec's scale block for ``"stax"`` (default
+      ``min(32, block_size)``); must divide ``block_size``.
+    seed: the rounding seed, an int in [0, 2**32) (default 0x12345678, the seed's default).
+    mask: weight-decay mask (pytree or callable; default: all leaves).
+    nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
+
+  Parameters must be real floating-point (complex, integer and bool leaves raise ``TypeError`` at
+  ``init``, naming the leaf). Non-default arguments with no effect (the codec arguments with
+  ``compress_m=compress_v=False``, ``v_bits`` with ``compress_v=False``, ``m_block_size`` with
+  ``compress_m=False``) give a ``UserWarning``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Reference: ``turboadam`` 0.2.0 (PyPI), ``optimizer.py``, ``quantize.py``, ``ustate.py``.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> tx = stax.turbo_adam(1e-3)
+    >>> params = {"conv": jnp.zeros((64, 64, 3, 3))}       # torch layout (out, in, kh, kw)
+    >>> state = tx.init(params)
+    >>> round(stax.state_bits_per_param(state, params, exclude_scalars=True), 2)
+    8.75
+  """
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_betas(b1=b1, b2=b2)
   V.check_number("eps", eps, low=0.0)
@@ -115,15 +145,27 @@ def turbo_adam(
   V.check_int("block_size", block_size, low=4)
   if block_size % 4:
     raise ValueError(f"`block_size` must be a multiple of 4, got {block_size}.")
+  V.check_int("v_bits", v_bits)
   V.check_choice("v_bits", v_bits, V_BITS)
   if (block_size * v_bits) % 8:
     raise ValueError(f"`block_size`·`v_bits` must be a multiple of 8 (block_size={block_size}, "
                      f"v_bits={v_bits}).")
   V.check_int("min_compress_elements", min_compress_elements, low=0)
   V.check_int("seed", seed, low=0, high=2 ** 32 - 1)
-  for name, flag in (("compress_m", compress_m), ("compress_v", compress_v)):
-    if not isinstance(flag, (bool, int)) or isinstance(flag, jax.core.Tracer):
-      raise TypeError(f"`{name}` must be a bool, got {flag!r}.")
+  V.check_bool("compress_m", compress_m)
+  V.check_bool("compress_v", compress_v)
+  if not (compress_m or compress_v):
+    why = "with compress_m=False and compress_v=False (float32 moments, plain AdamW)"
+    for name, value, default in (("block_size", block_size, 128), ("v_bits", v_bits, 4),
+                                 ("min_compress_elements", min_compress_elements, 4096),
+                                 ("codec", codec, "stax"), ("m_block_size", m_block_size, None),
+                                 ("seed", seed, 0x12345678)):
+      V.warn_no_effect(name, value, default, why)
+  elif not compress_v:
+    V.warn_no_effect("v_bits", v_bits, 4, "with compress_v=False (v is stored in float32)")
+  elif not compress_m:
+    V.warn_no_effect("m_block_size", m_block_size, None,
+                     "with compress_m=False (m is stored in float32)")
   if m_block_size is None:
     m_block_size = min(64 if codec == "turboadam-0.2" else 32, block_size)
   V.check_int("m_block_size", m_block_size, low=1)
@@ -144,4 +186,4 @@ def turbo_adam(
       optax.scale_by_learning_rate(learning_rate),
       cast_updates_to_params(),
   )
-  return nonfinite_guard(tx, nonfinite)
+  return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer="stax.turbo_adam")

@@ -31,7 +31,16 @@ The seams later optimizers plug into:
   the update then uses instead of the exact new ones (e.g. :mod:`stax.codecs.tensor_rms` reduces
   v to one mean per tensor, STAMLite's denominator); without it the exact new moments are used.
 
-With the defaults this is exactly ``optax.scale_by_adam``.
+Huge gradients. Before the moments are formed, every gradient entry is saturated at
+:math:`\pm B` with :math:`B = 2^{e/2-1}` for the moments' dtype of maximum exponent ``e``
+(:func:`stax.numerics.square_bound`: :math:`2^{63}\approx 9.2\cdot10^{18}` for float32 and
+bfloat16 moments, 128 for float16): an entry beyond it (up to the dtype's maximum, or ±Inf) acts
+exactly as ±B, so :math:`g^2` never overflows, m and v stay finite and the update of that entry
+is bounded (about :math:`(1-\beta_1)/\sqrt{1-\beta_2}` on a step that dominates the history).
+NaN stays NaN (:func:`stax.nonfinite_guard` handles it). Entries inside the bound are used bit for
+bit, so ordinary results do not change; a :class:`Beta1Rule` sees the saturated gradient too.
+
+With the defaults this is exactly ``optax.scale_by_adam`` (for gradients below :math:`B`).
 
 References:
   Kingma & Ba, `Adam: A Method for Stochastic Optimization <https://arxiv.org/abs/1412.6980>`_, 2014.
@@ -56,6 +65,8 @@ import optax
 from optax._src import numerics
 
 from stax import _validation as V
+from stax import numerics as num
+from stax._trees import conform
 from stax.codecs.base import (FullPrecision, SeparateStorage, StorageLike,
                               full_precision_storage, resolve_storage)
 
@@ -172,6 +183,10 @@ def scale_by_adam(
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam's bias-corrected moments (the shared Adam core).
 
+  Gradient entries beyond :math:`\pm B` (:func:`stax.numerics.square_bound` of the moments'
+  dtypes, :math:`2^{63}` for float32/bfloat16) are saturated to ±B before the moments are formed
+  (see the module docstring), so no finite gradient makes a moment or the update non-finite.
+
   Args:
     b1: first-moment decay in [0, 1) (default 0.9), or a :class:`Beta1Rule` for a per-leaf,
       per-step beta1 (then ``bias_correction`` should be ``"product"``).
@@ -243,19 +258,23 @@ def scale_by_adam(
       raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with full-precision "
                        "storage and a constant b1 (a codec or a Beta1Rule would change its "
                        "state on a skipped step); use gated=False.")
-    mu_enc = treedef.flatten_up_to(state.mu)
-    nu_enc = treedef.flatten_up_to(state.nu)
+    mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
     count_inc = numerics.safe_increment(state.count)
 
     decoded = [_read(s, me, ne, g, state.count, i, state.key)
                for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
     mus = [d[0] for d in decoded]
     nus = [d[1] for d in decoded]
+    # Saturate each entry at ±B (2**63 for float32/bf16 moments; stax.numerics) so g² and the
+    # moments stay finite for any finite gradient; entries inside the bound are unchanged.
+    g_leaves = [None if g is None else num.saturate(g, num.square_bound(m.dtype, v.dtype))
+                for g, m, v in zip(g_leaves, mus, nus)]
 
     # First-moment decay, per leaf.
     b1_state = state.b1_state
     if rule is not None:
-      b1_tree, b1_state = rule.update(updates, jax.tree.unflatten(treedef, mus),
+      b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, g_leaves),
+                                      jax.tree.unflatten(treedef, mus),
                                       state.b1_state, state.count)
       b1s = treedef.flatten_up_to(b1_tree)
     else:
@@ -347,6 +366,22 @@ def _moment_dtype(stored: jax.Array, g: jax.Array):
   return jnp.promote_types(stored.dtype, g.dtype)
 
 
+def _encoded_leaves(stores, like_leaves, treedef, state):
+  """Per-leaf encoded (mu, nu), each in the containers its storage's ``init`` builds (see
+  :func:`stax._trees.conform`: Flax NNX hands a codec's NamedTuple back as an ``nnx.State``)."""
+  mu_enc = treedef.flatten_up_to(state.mu)
+  nu_enc = treedef.flatten_up_to(state.nu)
+  out_mu, out_nu = [], []
+  for s, like, me, ne in zip(stores, like_leaves, mu_enc, nu_enc):
+    if like is not None and (not hasattr(me, "dtype") or not hasattr(ne, "dtype")):
+      tm, tn = jax.eval_shape(s.init, jax.ShapeDtypeStruct(jnp.shape(like),
+                                                           jnp.result_type(like)))
+      me, ne = conform(me, tm), conform(ne, tn)
+    out_mu.append(me)
+    out_nu.append(ne)
+  return out_mu, out_nu
+
+
 def _cast_like_tree(new, old):
   """Keeps every encoded state leaf's dtype stable across updates (jit/cond/donation need it)."""
   return jax.tree.map(lambda n, o: n.astype(o.dtype) if hasattr(o, "dtype") else n, new, old)
@@ -361,9 +396,9 @@ def adam_moments(state: ScaleByAdamState, params: Any, storage: Optional[Storage
   if storage is None:
     storage = full_precision_storage(mu_dtype, nu_dtype)
   leaves, treedef = jax.tree.flatten(params)
-  mu_enc = treedef.flatten_up_to(state.mu)
-  nu_enc = treedef.flatten_up_to(state.nu)
-  pairs = [_read(resolve_storage(storage, p), me, ne, p, state.count, i, state.key)
-           for i, (p, me, ne) in enumerate(zip(leaves, mu_enc, nu_enc))]
+  stores = [resolve_storage(storage, p) for p in leaves]
+  mu_enc, nu_enc = _encoded_leaves(stores, leaves, treedef, state)
+  pairs = [_read(s, me, ne, p, state.count, i, state.key)
+           for i, (s, p, me, ne) in enumerate(zip(stores, leaves, mu_enc, nu_enc))]
   return (jax.tree.unflatten(treedef, [p[0] for p in pairs]),
           jax.tree.unflatten(treedef, [p[1] for p in pairs]))
