@@ -30,6 +30,9 @@ from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_a
 # Kernels (each beside its jax.numpy reference).
 from stax.kernels.newton_schulz import newton_schulz
 
+# Which leaf gets what.
+from stax.describe import Description, LeafReport, describe
+
 # Partition helpers.
 from stax.partition import (execution_order, is_embedding_path, is_output_head_path,
                             last_n_modules_labels, leaf_names, matrix_labels, module_name,

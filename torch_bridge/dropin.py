@@ -14,6 +14,12 @@ STAC module order
   the sign trunk). The last ``last_n_modules`` counted modules form the AdamW cap; the rest the
   sign trunk. The JAX factory :func:`stax.stac` instead ranks modules by execution order and can
   give the tied head to the cap (``tied="last_use"``); the drop-in reproduces the seed.
+
+Argument checks
+  Every class checks its arguments at construction: ``betas`` must be a pair of floats in
+  [0, 1) (``TypeError``/``ValueError`` naming ``betas``), flags must be bools (``TypeError``),
+  and a scalar argument may be a 1-element tensor (as torch accepts a tensor ``lr``) but not a
+  larger one (``ValueError`` naming it); the stax factory then checks every value's range.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 import stax
+from stax import _validation as V
 from stax.optimizers import stac as stac_rules
 from torch_bridge.optimizer import Optimizer
 
@@ -66,6 +73,36 @@ def stac_modules(model_or_params: Any) -> list[tuple[str, list[tuple[str, torch.
       modules.append((mname, []))
     modules[index[mname]][1].append((name, p))
   return modules
+
+
+def _scalar(name: str, value: Any) -> Any:
+  """``value`` as a plain number: a 1-element tensor stands for its value (as torch accepts a
+  tensor ``lr``); a tensor with more elements raises ``ValueError`` naming ``name``."""
+  if isinstance(value, torch.Tensor):
+    if value.numel() != 1:
+      raise ValueError(f"`{name}` must be a number or a 1-element tensor, got a tensor of "
+                       f"shape {tuple(value.shape)}.")
+    return value.item()
+  return value
+
+
+def _betas(betas: Any) -> tuple:
+  """``betas`` checked as a pair of decay rates in [0, 1) and returned as a tuple of floats."""
+  if isinstance(betas, torch.Tensor) or not isinstance(betas, (tuple, list)):
+    raise TypeError(f"`betas` must be a pair (beta1, beta2) of floats in [0, 1), got "
+                    f"{type(betas).__name__} {betas!r}.")
+  if len(betas) != 2:
+    raise ValueError(f"`betas` must be a pair (beta1, beta2) of floats in [0, 1), got "
+                     f"{len(betas)} value(s): {betas!r}.")
+  out = tuple(_scalar(f"betas[{i}]", b) for i, b in enumerate(betas))
+  V.check_betas(**{f"betas[{i}]": b for i, b in enumerate(out)})
+  return out
+
+
+def _check_scalars(**values: Any) -> None:
+  """Refuses multi-element tensors for the drop-ins' scalar arguments (see :func:`_scalar`)."""
+  for name, value in values.items():
+    _scalar(name, value)
 
 
 def _maybe_maximize(tx, maximize):
@@ -142,9 +179,22 @@ class STAC(Optimizer):
                exclude_1d_from_weight_decay: bool = True, maximize: bool = False,
                error_if_nonfinite: bool = False, foreach: bool = False,
                amsgrad: bool = False, writeback: str = "copy"):
+    for name, flag in (("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay),
+                       ("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay),
+                       ("maximize", maximize), ("error_if_nonfinite", error_if_nonfinite),
+                       ("foreach", foreach), ("amsgrad", amsgrad)):
+      V.check_bool(name, flag)
     del foreach
     if amsgrad:
       raise ValueError("STAC: `amsgrad=True` is not supported by the stax drop-in.")
+    betas = _betas(betas)
+    lr, last_n_modules, last_n_ratio, sign_lr_scale, eps, weight_decay = (
+        _scalar(n, v) for n, v in (("lr", lr), ("last_n_modules", last_n_modules),
+                                   ("last_n_ratio", last_n_ratio),
+                                   ("sign_lr_scale", sign_lr_scale), ("eps", eps),
+                                   ("weight_decay", weight_decay)))
+    sign_weight_decay = _scalar("sign_weight_decay", sign_weight_decay)
+    adamw_weight_decay = _scalar("adamw_weight_decay", adamw_weight_decay)
     # The factory validates every number with a ValueError naming it (and its range).
     stax.stac(lr, last_n_modules=last_n_modules, weight_decay=weight_decay,
               sign_weight_decay=sign_weight_decay, adamw_weight_decay=adamw_weight_decay,
@@ -197,12 +247,21 @@ def _named(params: Any) -> Any:
 
 
 def torch_matrix_dims(path: str, x: Any) -> Any:
-  """Dimension numbers of a torch weight for stax's matrix transforms: output axis 0, fan-in
-  axes 1..ndim-1 (``Linear`` ``(out, in)``, conv ``(out, in, kh, kw)``); ``None`` below 2-D."""
-  del path
+  """Dimension numbers of a torch weight for stax's matrix transforms.
+
+  Output axis 0, fan-in axes 1..ndim-1 (``Linear`` ``(out, in)``, conv ``(out, in, kh, kw)``);
+  ``None`` below 2-D (biases, norms). Fused attention projections are three matrices, q, k and
+  v: ``nn.MultiheadAttention``'s ``in_proj_weight`` ``(3E, E)`` and Hugging Face GPT-2's
+  ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``) get ``output_groups=3``.
+  """
   nd = len(getattr(x, "shape", ()))
   if nd < 2:
     return None
+  name = path.replace("/", ".").rsplit(".", 2)
+  if name[-1] == "in_proj_weight" and nd == 2:
+    return stax.MatrixDimensionNumbers(1, 0, output_groups=3)
+  if name[-1] == "weight" and len(name) > 1 and name[-2] == "c_attn" and nd == 2:
+    return stax.MatrixDimensionNumbers(0, 1, output_groups=3)
   red = tuple(range(1, nd))
   return stax.MatrixDimensionNumbers(red if len(red) > 1 else red[0], 0)
 
@@ -220,6 +279,9 @@ class STAM(Optimizer):
   def __init__(self, params: Any, lr: float = 1e-3, b1_base: float = 0.9, b2: float = 0.999,
                eps: float = 1e-8, weight_decay: float = 0.01, adapt_strength: float = 0.2,
                tau_decay: float = 0.99, fallback_threshold: float = 100.0, **kwargs: Any):
+    _check_scalars(lr=lr, b1_base=b1_base, b2=b2, eps=eps, weight_decay=weight_decay,
+                   adapt_strength=adapt_strength, tau_decay=tau_decay,
+                   fallback_threshold=fallback_threshold)
     super().__init__(_named(params), stax.stam, lr=lr, b1_base=b1_base, b2=b2, eps=eps,
                      weight_decay=weight_decay, adapt_strength=adapt_strength,
                      tau_decay=tau_decay, fallback_threshold=fallback_threshold, **kwargs)
@@ -232,6 +294,9 @@ class STAMLite(Optimizer):
   def __init__(self, params: Any, lr: float = 1e-3, b1_base: float = 0.9, eps: float = 1e-8,
                weight_decay: float = 0.01, adapt_strength: float = 0.2,
                moment_decay: float = 0.99, beta1_update_interval: int = 5, **kwargs: Any):
+    _check_scalars(lr=lr, b1_base=b1_base, eps=eps, weight_decay=weight_decay,
+                   adapt_strength=adapt_strength, moment_decay=moment_decay,
+                   beta1_update_interval=beta1_update_interval)
     super().__init__(_named(params), stax.stam_lite, lr=lr, b1_base=b1_base, eps=eps,
                      weight_decay=weight_decay, adapt_strength=adapt_strength,
                      moment_decay=moment_decay, beta1_update_interval=beta1_update_interval,
@@ -252,7 +317,11 @@ class SCAO(Optimizer):
                epsilon_sparse: float = 0.05, k_min: int = 8, k_max: int = 128, rho: float = 0.999,
                tau: Optional[float] = 1.0, warmup_steps: int = 100, blend_steps: int = 50,
                min_precond_updates: int = 2, max_precond_dim: int = 4096, **kwargs: Any):
-    super().__init__(_named(params), stax.scao, lr=lr, betas=tuple(betas), eps=eps,
+    _check_scalars(lr=lr, eps=eps, weight_decay=weight_decay, precond_freq=precond_freq,
+                   epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max, rho=rho, tau=tau,
+                   warmup_steps=warmup_steps, blend_steps=blend_steps,
+                   min_precond_updates=min_precond_updates, max_precond_dim=max_precond_dim)
+    super().__init__(_named(params), stax.scao, lr=lr, betas=_betas(betas), eps=eps,
                      weight_decay=weight_decay, precond_freq=precond_freq,
                      epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max, rho=rho, tau=tau,
                      warmup_steps=warmup_steps, blend_steps=blend_steps,
@@ -276,8 +345,10 @@ class OAdamW(Optimizer):
                weight_decay: float = 1e-2, eps: float = 1e-6, decouple_lr: bool = False,
                max_lr: Optional[float] = None, kahan_sum: Optional[bool] = None,
                **kwargs: Any):
-    kwargs.setdefault("dimension_numbers", torch_matrix_dims)
-    super().__init__(_named(params), stax.oadamw, lr=lr, betas=tuple(betas),
+    _check_scalars(lr=lr, weight_decay=weight_decay, eps=eps, max_lr=max_lr)
+    if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices (and would warn)
+      kwargs.setdefault("dimension_numbers", torch_matrix_dims)
+    super().__init__(_named(params), stax.oadamw, lr=lr, betas=_betas(betas),
                      weight_decay=weight_decay, eps=eps, decouple_lr=decouple_lr,
                      max_lr=max_lr, kahan_sum=kahan_sum, **kwargs)
 
@@ -299,11 +370,17 @@ class TurboAdam(Optimizer):
                capturable: bool = False, min_m_compress_elements: int = 4096,
                min_v_compress_elements: int = 4096, m_block_size: Optional[int] = None,
                rounding_seed: int = 305419896, codec: str = "stax", **kwargs: Any):
+    V.check_bool("capturable", capturable)
     del capturable
-    if min_m_compress_elements != min_v_compress_elements:
+    _check_scalars(lr=lr, eps=eps, weight_decay=weight_decay, block_size=block_size,
+                   v_bits=v_bits, min_m_compress_elements=min_m_compress_elements,
+                   min_v_compress_elements=min_v_compress_elements, m_block_size=m_block_size,
+                   rounding_seed=rounding_seed)
+    if _scalar("min_m_compress_elements", min_m_compress_elements) != _scalar(
+        "min_v_compress_elements", min_v_compress_elements):
       raise ValueError("TurboAdam: stax uses one threshold; `min_m_compress_elements` and "
                        "`min_v_compress_elements` must be equal.")
-    super().__init__(_named(params), stax.turbo_adam, lr=lr, betas=tuple(betas), eps=eps,
+    super().__init__(_named(params), stax.turbo_adam, lr=lr, betas=_betas(betas), eps=eps,
                      weight_decay=weight_decay, block_size=block_size, v_bits=v_bits,
                      compress_m=compress_m, compress_v=compress_v,
                      min_compress_elements=min_m_compress_elements, m_block_size=m_block_size,

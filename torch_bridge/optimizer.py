@@ -548,6 +548,9 @@ class Optimizer(torch.optim.Optimizer):
     if targets and all(t in acc for t in targets):
       if len(targets) == 1:
         return [(targets[0], value)]
+      if not isinstance(value, (tuple, list, torch.Tensor)):
+        raise TypeError(f"torch_bridge: `{key}` must be a tuple of {len(targets)} values "
+                        f"({', '.join(targets)}), got {type(value).__name__} {value!r}.")
       vals = tuple(value)
       if len(vals) != len(targets):
         raise ValueError(f"torch_bridge: `{key}` must have {len(targets)} values, got {value!r}.")
@@ -948,6 +951,38 @@ class Optimizer(torch.optim.Optimizer):
     if convert.shares_memory(p, a):
       self._pcache[i] = (key, a)
     return a
+
+  def describe(self) -> Any:
+    """Every parameter: its rule, matrix view and state, by torch name (:func:`stax.describe`).
+
+    Built from each group's current hyperparameters and the transform each parameter (or,
+    with ``state_scope="group"``, each group) runs; nothing is stepped or allocated.
+    Returns a :class:`stax.Description` whose paths are the parameters' dotted names.
+    """
+    from stax.describe import Description  # pylint: disable=g-import-not-at-top
+    import stax  # pylint: disable=g-import-not-at-top
+    params = self._ensure_units()
+    rows, shared = [], 0
+    for u in self._units:
+      traced, static = self._hyperparams(u.group)
+      spec = self._group_spec(self.param_groups[u.group])
+      plain = {k: (tuple(float(x) for x in v) if isinstance(v, tuple) else float(v))
+               for k, v in traced.items()}
+      shapes = [tuple(params[i].shape) for i in u.indices]
+      tx = _build_tx(spec.factory, static, plain, shapes, u.names,
+                     (self._layout_kwarg, self._layout_fn))
+      tree = _nest(u.names, [jax.ShapeDtypeStruct(tuple(params[i].shape),
+                                                  jnp.dtype(str(params[i].dtype)[6:]))
+                             for i in u.indices])
+      d = stax.describe(tx, tree)
+      by = d.by_path
+      shared += d.shared_bytes
+      for name in u.names:
+        r = by["/".join(p for p in str(name).split(".") if p) or str(name)]
+        rows.append(r._replace(path=str(name)))
+    out = Description(rows)
+    out.shared_bytes = shared
+    return out
 
   @property
   def trace_count(self) -> int:

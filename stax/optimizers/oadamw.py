@@ -25,8 +25,11 @@ Grouping (``grouping=``): ``"auto"`` (default) sends a leaf to the matrix path w
 ``ndim >= 2``, its path is not excluded (``exclude``: embeddings and output heads by default,
 see :func:`stax.is_embedding_path`, :func:`stax.is_output_head_path`) and both sides of its
 matrix view (under ``dimension_numbers``) are at least ``min_dim``; ``"seed"`` reproduces the
-seed's rule (every ``ndim >= 2`` leaf, embeddings and heads included). Conv kernels and stacked
-layers go through dimension numbers instead of crashing as in the seed. ``labels=`` overrides
+seed's rule (every ``ndim >= 2`` leaf, embeddings and heads included). Conv kernels, attention
+projections and stacked layers go through dimension numbers instead of crashing as in the seed:
+by default an attention ``query`` kernel ``(in, heads, dh)`` is the one ``in × heads·dh``
+matrix it is (not ``in`` separate ``heads × dh`` matrices), and a leaf named ``bias`` is never a
+matrix. :func:`stax.describe` lists which leaf went where, with its matrix view. ``labels=`` overrides
 both with a pytree / callable of ``"muon"``/``"adam"``.
 
 Weight decay applies to every leaf by default (the seed's and optimi's behaviour; pass
@@ -50,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -58,7 +62,9 @@ import numpy as np
 import optax
 
 from stax import _validation as V
+from stax import numerics as num
 from stax import partition
+from stax.describe import labels_plan, register_plan
 from stax.transforms.guards import nonfinite_guard
 from stax.transforms.kahan import kahan_summation
 from stax.transforms.orthogonalize import (ORTHOGONALIZE_MODES, SHAPE_SCALES, matrix_shape,
@@ -66,11 +72,37 @@ from stax.transforms.orthogonalize import (ORTHOGONALIZE_MODES, SHAPE_SCALES, ma
                                            scale_by_orthogonalization)
 from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_adam
 
-__all__ = ["oadamw", "stable_adamw", "oadamw_labels", "MUON_MODES", "GROUPINGS"]
+__all__ = ["oadamw", "stable_adamw", "oadamw_labels", "saturating_trace", "MUON_MODES", "GROUPINGS"]
 
 MUON, ADAM = "muon", "adam"
 MUON_MODES = ("momentum", "gradient", "off")
 GROUPINGS = ("auto", "seed")
+
+
+def saturating_trace(decay: Any, nesterov: bool = False,
+                     accumulator_dtype: Any = None) -> optax.GradientTransformation:
+  """``optax.trace`` (``t ← g + decay·t``, same state) whose sums saturate at ±B.
+
+  Muon's momentum has no ``(1-decay)`` factor, so huge gradients would grow it past any bound;
+  here the gradient, the new trace and the Nesterov output are each saturated at
+  ``B = stax.numerics.square_bound`` of the gradient's and accumulator's dtypes (2**63 for
+  float32/bfloat16), so they stay finite for any finite gradient. Below ``B`` this is
+  ``optax.trace`` bit for bit.
+  """
+  base = optax.trace(decay=decay, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+
+  def f(g, t):
+    b = num.square_bound(g.dtype, t.dtype)
+    return num.saturate(num.saturate(g, b) + decay * t, b)
+
+  def update_fn(updates, state, params=None):
+    del params
+    new_trace = jax.tree.map(lambda g, t: None if g is None else f(g, t), updates, state.trace,
+                             is_leaf=lambda g: g is None)
+    updates = jax.tree.map(f, updates, new_trace) if nesterov else new_trace
+    return updates, optax.TraceState(trace=optax.tree.cast(new_trace, accumulator_dtype))
+
+  return optax.GradientTransformation(base.init, update_fn)
 
 
 def _max_lr(learning_rate, decouple_lr, max_lr):
@@ -82,15 +114,23 @@ def _max_lr(learning_rate, decouple_lr, max_lr):
   return learning_rate
 
 
-def _check_common(learning_rate, betas, eps, weight_decay, kahan_sum):
+def _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, *, decouple_lr=False,
+                  max_lr=None, kahan_dtype=None, mu_dtype=None, nu_dtype=None):
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   if not isinstance(betas, (tuple, list)) or len(betas) != 2:
     raise TypeError(f"`betas` must be a pair (beta1, beta2), got {betas!r}.")
   V.check_betas(**{"betas[0] (beta1)": betas[0], "betas[1] (beta2)": betas[1]})
   V.check_number("eps", eps, low=0.0)
   V.check_number("weight_decay", weight_decay, low=0.0)
-  if kahan_sum not in (None, True, False):
-    raise TypeError(f"`kahan_sum` must be None, True or False, got {kahan_sum!r}.")
+  V.check_bool("kahan_sum", kahan_sum, allow_none=True)
+  V.check_bool("decouple_lr", decouple_lr)
+  V.check_number("max_lr", max_lr, low=0.0, low_inclusive=False, allow_none=True)
+  for name, dt in (("kahan_dtype", kahan_dtype), ("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
+    V.check_dtype(name, dt)
+  if not decouple_lr:
+    V.warn_no_effect("max_lr", max_lr, None, "without decouple_lr=True", stacklevel=4)
+  if kahan_sum is False:
+    V.warn_no_effect("kahan_dtype", kahan_dtype, None, "with kahan_sum=False", stacklevel=4)
 
 
 def stable_adamw(
@@ -112,6 +152,12 @@ def stable_adamw(
 
   See :mod:`stax.transforms.stable` for the equations. With ``nonfinite="ignore"`` and float32
   parameters it reproduces ``optimi.StableAdamW`` (tested over 200 steps to 1e-6).
+  A finite gradient entry beyond ±2**63 (up to float32's maximum) is saturated to ±2**63 in the
+  moments and the RMS clip (optimi's ``g²`` would overflow and make the parameters NaN), so the
+  step stays finite and is not skipped.
+  Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
+  at ``init``, naming the leaf. ``max_lr`` without ``decouple_lr`` and ``kahan_dtype`` with
+  ``kahan_sum=False`` have no effect and give a ``UserWarning``.
 
   Args:
     learning_rate: η >= 0 or a schedule (default 1e-3).
@@ -133,7 +179,8 @@ def stable_adamw(
     >>> tx = stax.stable_adamw(1e-3, weight_decay=1e-2)
     >>> state = tx.init({"w": jnp.ones(3)})
   """
-  _check_common(learning_rate, betas, eps, weight_decay, kahan_sum)
+  _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, decouple_lr=decouple_lr,
+                max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
   tx = optax.chain(
       scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
@@ -144,7 +191,8 @@ def stable_adamw(
   )
   # gated (no lax.cond, which copies the state on CPU): the core's decays become 1 and Kahan
   # keeps its compensation on a skipped step; bit-identical state to the cond version.
-  return nonfinite_guard(tx, nonfinite, gated=True)
+  return V.with_param_checks(nonfinite_guard(tx, nonfinite, gated=True),
+                             optimizer="stax.stable_adamw")
 
 
 def oadamw_labels(params: Any, *, grouping: str = "auto",
@@ -172,6 +220,25 @@ def oadamw_labels(params: Any, *, grouping: str = "auto",
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   labs = treedef.flatten_up_to(cand)
   return jax.tree.unflatten(treedef, [refine(p, x, l) for (p, x), l in zip(flat, labs)])
+
+
+def _warn_unused_muon_args(muon, labels, values):
+  """``UserWarning`` for each non-default argument the chosen ``muon`` mode does not use."""
+  defaults = {k: p.default for k, p in inspect.signature(oadamw).parameters.items()}
+  momentum_only = ("muon_momentum", "muon_nesterov", "shape_scale", "rms")
+  for name, value in values.items():
+    if muon == "off":
+      why = "with muon='off' (StableAdamW on every leaf)"
+    elif muon == "gradient" and name in momentum_only:
+      why = "with muon='gradient' (only muon='momentum' uses it)"
+    elif (name == "rms" and muon == "momentum"
+          and isinstance(values["shape_scale"], str) and values["shape_scale"] != "match_rms"):
+      why = f"with shape_scale={values['shape_scale']!r} (only 'match_rms' uses it)"
+    elif labels is not None and name in ("grouping", "exclude", "min_dim"):
+      why = "when `labels` is given (the labels decide the groups)"
+    else:
+      continue
+    V.warn_no_effect(name, value, defaults[name], why, stacklevel=4)
 
 
 def oadamw(
@@ -239,9 +306,14 @@ def oadamw(
     exclude: path predicates sending a leaf to StableAdamW (default: embeddings, output heads).
     min_dim: smallest matrix side >= 1 for the Muon group under ``"auto"`` (default 4).
     dimension_numbers: :class:`stax.MatrixDimensionNumbers` or callable
-      ``(path, leaf) -> dims | None`` (default: 2-D ``(in, out)``; higher rank: leading batch
-      axes). Torch layout: ``MatrixDimensionNumbers(1, 0)``; conv:
-      :func:`stax.conv_dimension_numbers`.
+      ``(path, leaf) -> dims | None`` (default
+      :func:`stax.transforms.orthogonalize.default_dimension_numbers`: 2-D ``(in, out)``;
+      attention ``query``/``key``/``value`` kernels ``(in, heads, dh)`` as one
+      ``in × heads·dh`` matrix and the ``out`` kernel ``(heads, dh, out)`` as one
+      ``heads·dh × out`` matrix; 3-D stacked layers ``(L, in, out)`` as L matrices; 4-D+ Flax
+      conv kernels as ``(spatial·in) × out``; biases never). Torch layout:
+      ``MatrixDimensionNumbers(1, 0)`` (``torch_bridge.OAdamW`` passes it, with q/k/v of a
+      fused ``in_proj_weight`` split by ``output_groups=3``).
     mode: ``"per_leaf"`` (default) or ``"stacked"`` (same-shape matrices orthogonalised as one
       batch, its stack axis sharded over an explicit mesh).
     implementation: Newton–Schulz kernel (``"xla"``, ``"pallas"``; ``None``: ``"xla"`` until the
@@ -252,11 +324,20 @@ def oadamw(
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. Parameters must be real floating-point
+    (complex, integer and bool leaves raise ``TypeError`` at ``init``, naming the leaf).
+    Non-default arguments the chosen mode does not use (the Muon arguments with
+    ``muon="off"``, ``muon_momentum``/``muon_nesterov``/``shape_scale``/``rms`` with
+    ``muon="gradient"``, ``rms`` without ``shape_scale="match_rms"``, ``grouping``/``exclude``/
+    ``min_dim`` with ``labels``, ``max_lr`` without ``decouple_lr``, ``kahan_dtype`` with
+    ``kahan_sum=False``) give a ``UserWarning``.
   """
-  _check_common(learning_rate, betas, eps, weight_decay, kahan_sum)
+  _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, decouple_lr=decouple_lr,
+                max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   V.check_choice("muon", muon, MUON_MODES)
   V.check_betas(muon_momentum=muon_momentum)
+  V.check_bool("muon_nesterov", muon_nesterov)
+  V.check_choice("implementation", implementation, (None, "xla", "pallas"))
   V.check_int("ns_steps", ns_steps, low=1)
   ns_coefficients(ns_coeffs, ns_steps)
   V.check_number("ns_eps", ns_eps, low=0.0)
@@ -267,6 +348,12 @@ def oadamw(
   V.check_choice("grouping", grouping, GROUPINGS)
   V.check_int("min_dim", min_dim, low=1)
   V.check_choice("mode", mode, ORTHOGONALIZE_MODES)
+  _warn_unused_muon_args(muon, labels, dict(
+      muon_momentum=muon_momentum, muon_nesterov=muon_nesterov, ns_steps=ns_steps,
+      ns_coeffs=ns_coeffs, ns_eps=ns_eps, update_proj_gap=update_proj_gap, scale=scale,
+      shape_scale=shape_scale, rms=rms, grouping=grouping, labels=labels, exclude=exclude,
+      min_dim=min_dim, dimension_numbers=dimension_numbers, mode=mode,
+      implementation=implementation))
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
   b1, b2 = betas
 
@@ -296,7 +383,7 @@ def oadamw(
         stable())
   else:
     muon_tx = optax.chain(
-        optax.trace(decay=muon_momentum, nesterov=muon_nesterov, accumulator_dtype=mu_dtype),
+        saturating_trace(muon_momentum, muon_nesterov, accumulator_dtype=mu_dtype),
         orth(shape_scale=shape_scale, rms=rms, update_proj_gap=update_proj_gap),
         add_decoupled_weight_decay(weight_decay, weight_decay_mask, decouple_lr=decouple_lr,
                                    max_lr=max_lr),
@@ -307,4 +394,9 @@ def oadamw(
       optax.scale_by_learning_rate(learning_rate),
       kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
   )
-  return nonfinite_guard(tx, nonfinite)
+  tx = V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer="stax.oadamw")
+  if muon == "off":
+    return tx
+  return register_plan(tx, labels_plan(
+      label_fn, {MUON: "muon" if muon == "momentum" else "ns+adam", ADAM: "adam"},
+      dimension_numbers, ("muon", "ns+adam")))

@@ -49,6 +49,7 @@ import optax
 
 from stax import _validation as V
 from stax import partition
+from stax.describe import labels_plan, register_plan
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import nonfinite_guard
 
@@ -146,11 +147,16 @@ def stac(
       ``None``: natural sort of the names (fallback, see :mod:`stax.partition`).
     exclude_1d_from_weight_decay: exempt leaves with ndim <= 1 (default True).
     exclude_bias_from_weight_decay: exempt leaves named ``bias`` (default True).
-    mu_dtype: dtype of the cap's first moment (default: the parameter's).
+    mu_dtype: dtype of the cap's first moment, ``None`` or a floating dtype (default: the
+      parameter's).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; the trunk keeps no state.
+    An ``optax.GradientTransformationExtraArgs``; the trunk keeps no state. Parameters must be
+    floating-point; complex ones are accepted in the AdamW cap (as ``optax.adamw``) and refused
+    in the sign trunk; integer/bool leaves raise ``TypeError`` at ``init``, naming the leaf.
+    Arguments with no effect (``last_n_ratio`` with ``last_n_modules`` set; the cap's
+    arguments with ``last_n_modules=0``) give a ``UserWarning``.
   """
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_int("last_n_modules", last_n_modules, low=0, allow_none=True)
@@ -164,6 +170,19 @@ def stac(
   if module_order is not None and not (isinstance(module_order, (list, tuple))
                                        or callable(module_order)):
     raise TypeError("`module_order` must be a sequence of module names, a callable or None.")
+  V.check_bool("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay)
+  V.check_bool("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay)
+  V.check_dtype("mu_dtype", mu_dtype)
+  if last_n_modules is not None:
+    V.warn_no_effect("last_n_ratio", last_n_ratio, None,
+                     "unless last_n_modules=None (the cap size is last_n_modules)")
+  if last_n_modules == 0 or (last_n_modules is None and last_n_ratio == 0):
+    why = "without an AdamW cap (last_n_modules=0: pure sign descent)"
+    for name, value, default in (("b1", b1, 0.9), ("b2", b2, 0.999), ("eps", eps, 1e-8),
+                                 ("adamw_weight_decay", adamw_weight_decay, None),
+                                 ("mu_dtype", mu_dtype, None),
+                                 ("sign_lr_scale", sign_lr_scale, 1.0)):
+      V.warn_no_effect(name, value, default, why)
 
   def mask_fn(p):
     return decay_mask(p, exclude_1d=exclude_1d_from_weight_decay,
@@ -187,9 +206,23 @@ def stac(
     return optax.partition({TRUNK: trunk, CAP: cap}, labels)
 
   def init_fn(params):
+    # The sign trunk refuses complex leaves (the seed's torch.sign does; sign descent has no
+    # single complex meaning); the AdamW cap takes them as optax.adamw does.
+    labels = stac_labels(params, last_n_modules, module_order, last_n_ratio)
+    V.check_param_leaves(jax.tree.map(lambda p, l: p if l == TRUNK else None, params, labels),
+                         allow_complex=False, optimizer="stax.stac (sign trunk)",
+                         complex_note="complex parameters are supported in the AdamW cap only "
+                                      "(raise last_n_modules or adjust module_order)")
     return build(params).init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
     return build(updates).update(updates, state, params, **extra_args)
 
-  return nonfinite_guard(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite)
+  tx = V.with_param_checks(
+      nonfinite_guard(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite),
+      optimizer="stax.stac", allow_complex=mu_dtype is None,
+      complex_note="a real `mu_dtype` cannot hold a complex first moment; leave "
+                   "mu_dtype=None for complex parameters")
+  return register_plan(tx, labels_plan(
+      lambda p: stac_labels(p, last_n_modules, module_order, last_n_ratio),
+      {TRUNK: "sign", CAP: "adam"}))

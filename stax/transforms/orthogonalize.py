@@ -64,14 +64,16 @@ import optax
 from jax.sharding import PartitionSpec as P
 from optax._src import numerics
 
+from stax import _sharding as _sh
 from stax import _validation as V
+from stax import numerics as num
 from stax import partition
 from stax.kernels import newton_schulz as nsk
 
 __all__ = [
     "MatrixDimensionNumbers", "conv_dimension_numbers", "NS_PRESETS", "ns_coefficients",
     "singular_value_band", "orthogonalize", "orthogonalize_many", "matrix_shape",
-    "resolve_dimension_numbers", "shape_scale_factor", "ScaleByOrthogonalizationState",
+    "resolve_dimension_numbers", "default_dimension_numbers", "shape_scale_factor", "ScaleByOrthogonalizationState",
     "scale_by_orthogonalization", "SHAPE_SCALES", "ORTHOGONALIZE_MODES",
 ]
 
@@ -83,12 +85,38 @@ class MatrixDimensionNumbers:
   Attributes:
     reduction_axis: axis or axes contracted with the layer input (fan-in), default 0.
     output_axis: axis or axes of the layer output (fan-out), default 1.
+    output_groups: number of separate matrices fused along the (single) output axis, >= 1
+      (default 1). torch's ``nn.MultiheadAttention.in_proj_weight`` ``(3E, E)`` holds q, k and
+      v: ``MatrixDimensionNumbers(1, 0, output_groups=3)`` orthogonalises three ``E×E``
+      matrices, not one ``3E×E``.
   All other axes are batch axes. Negative axes count from the end. ``optax``'s
   ``MuonDimensionNumbers`` is accepted wherever this is.
   """
 
   reduction_axis: Union[int, tuple[int, ...]] = 0
   output_axis: Union[int, tuple[int, ...]] = 1
+  output_groups: int = 1
+
+
+def _groups(dims) -> int:
+  return int(getattr(dims, "output_groups", 1) or 1)
+
+
+def _ungroup(shape, dims):
+  """(shape, dims) with a fused output axis split into ``(groups, n/groups)``, the groups a
+  batch axis; unchanged for ``output_groups == 1``."""
+  g = _groups(dims)
+  if g == 1:
+    return tuple(shape), dims
+  ndim = len(shape)
+  out = _axes(dims.output_axis, ndim)
+  if len(out) != 1 or shape[out[0]] % g:
+    raise ValueError(f"`output_groups={g}` needs one output axis whose size it divides; got "
+                     f"{dims!r} for shape {tuple(shape)}.")
+  o = out[0]
+  new_shape = tuple(shape[:o]) + (g, shape[o] // g) + tuple(shape[o + 1:])
+  red = tuple(a + 1 if a > o else a for a in _axes(dims.reduction_axis, ndim))
+  return new_shape, MatrixDimensionNumbers(red if len(red) > 1 else red[0], o + 1)
 
 
 def conv_dimension_numbers(ndim: int = 4) -> MatrixDimensionNumbers:
@@ -165,6 +193,7 @@ def singular_value_band(coeffs: Any = "jordan", ns_steps: int = 5,
 # --------------------------------------------------------------------------- layout
 def matrix_shape(shape: Sequence[int], dims: Any) -> tuple[int, int, int]:
   """``(batch, m, n)`` of a tensor of ``shape`` under dimension numbers ``dims``."""
+  shape, dims = _ungroup(shape, dims)
   ndim = len(shape)
   red, out = _axes(dims.reduction_axis, ndim), _axes(dims.output_axis, ndim)
   batch = [i for i in range(ndim) if i not in red + out]
@@ -208,6 +237,12 @@ def _group_spec(spec, groups):
 
 def _to_matrices(x, dims):
   """``x`` → ``(B, m, n)`` and the inverse function."""
+  if _groups(dims) > 1:                 # fused q/k/v: split the output axis, groups are batch
+    shape, inner = _ungroup(x.shape, dims)
+    if nsk.explicit_spec(x) is not None:
+      x = _sh.reshard(x, (), like=_sh.mesh_of(x))
+    y, back = _to_matrices(x.reshape(shape), inner)
+    return y, lambda z: back(z).reshape(x.shape)
   shape = x.shape
   ndim = x.ndim
   red, out = _check_dims(shape, dims)
@@ -226,24 +261,64 @@ def _to_matrices(x, dims):
       return jnp.transpose(z, inv_perm) if perm != tuple(range(ndim)) else z
     return y, back
   axis_spec, merged = _group_spec(spec, (len(batch), len(red), len(out)))
+  # Shardings on x's own mesh: a bare PartitionSpec needs `jax.set_mesh` (stax/_sharding.py).
+  mesh = _sh.mesh_of(xt)
   if axis_spec != spec:
-    xt = jax.reshard(xt, P(*axis_spec))
-  y = xt.reshape((bsz, m, n), out_sharding=P(*merged))
+    xt = _sh.reshard(xt, axis_spec)
+  y = xt.reshape((bsz, m, n), out_sharding=_sh.named(mesh, merged))
   orig = nsk.explicit_spec(x)
 
   def back_sharded(z):
-    z = jax.reshard(z, P(*merged)).reshape(t_shape, out_sharding=P(*axis_spec))
+    z = _sh.reshard(z, merged, like=mesh).reshape(t_shape,
+                                                   out_sharding=_sh.named(mesh, axis_spec))
     if perm != tuple(range(ndim)):
       z = jnp.transpose(z, inv_perm)
-    return jax.reshard(z, P(*orig))
+    return _sh.reshard(z, orig, like=mesh)
   return y, back_sharded
 
 
+#: Flax attention projections: ``query``/``key``/``value`` kernels ``(..., in, heads, head_dim)``
+#: and the ``out`` kernel ``(..., heads, head_dim, out)`` (Linen ``MultiHeadDotProductAttention``,
+#: NNX ``MultiHeadAttention``).
+ATTENTION_IN_PROJECTIONS = ("query", "key", "value")
+ATTENTION_OUT_PROJECTIONS = ("out",)
+
+
+def default_dimension_numbers(path: Any, shape: Sequence[int]):
+  """The matrix view stax gives a JAX/Flax leaf when no ``dimension_numbers`` is passed.
+
+  * ``ndim < 2``, or a leaf named ``bias`` (attention biases are ``(heads, head_dim)``):
+    ``None``, not a matrix;
+  * a ``query``/``key``/``value`` kernel ``(..., in, heads, head_dim)``: one ``in × heads·head_dim``
+    matrix (leading axes, e.g. scanned layers, are batch axes); an attention ``out`` kernel
+    ``(..., heads, head_dim, out)``: one ``heads·head_dim × out`` matrix;
+  * 2-D ``(in, out)``: itself;
+  * 3-D: stacked (scanned / ``nnx.vmap``) layers ``(L, in, out)``, L matrices;
+  * 4-D and more: a Flax conv kernel ``(*spatial, in, out)``, one ``(spatial·in) × out`` matrix
+    (:func:`conv_dimension_numbers`).
+
+  A 1-D conv kernel ``(width, in, out)`` looks like stacked layers: pass
+  ``conv_dimension_numbers(3)`` for it (or any layout) through ``dimension_numbers``.
+  """
+  ndim = len(shape)
+  parts = partition.normalize_path(path) if path is not None else ()
+  if ndim < 2 or (parts and parts[-1] == "bias"):
+    return None
+  module = parts[-2] if len(parts) >= 2 else ""
+  if ndim >= 3 and module in ATTENTION_IN_PROJECTIONS:
+    return MatrixDimensionNumbers(ndim - 3, (ndim - 2, ndim - 1))
+  if ndim >= 3 and module in ATTENTION_OUT_PROJECTIONS:
+    return MatrixDimensionNumbers((ndim - 3, ndim - 2), ndim - 1)
+  if ndim >= 4:
+    return conv_dimension_numbers(ndim)
+  return _default_dims(ndim)
+
+
 def resolve_dimension_numbers(dimension_numbers: Any, path: Any, x: Any):
-  """Dimension numbers of one leaf: ``None`` → default (2-D ``(0, 1)``, ``ndim >= 3``: leading
-  batch axes), a dims object, or a callable ``(path_name, leaf) -> dims | None``."""
+  """Dimension numbers of one leaf: ``None`` → :func:`default_dimension_numbers`, a dims
+  object, or a callable ``(path_name, leaf) -> dims | None``."""
   if dimension_numbers is None:
-    return _default_dims(np.ndim(x)) if np.ndim(x) >= 2 else None
+    return default_dimension_numbers(path, np.shape(x))
   if _is_dims(dimension_numbers):
     return dimension_numbers
   if callable(dimension_numbers):
@@ -285,13 +360,14 @@ def orthogonalize(x: jax.Array, coeffs: Any = "jordan", ns_steps: int = 5, eps: 
   return back(y)
 
 
-def _stack_mesh():
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None, ()
-  axes = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
-               if t == jax.sharding.AxisType.Explicit)
-  return (mesh, axes) if axes else (None, ())
+def _stack_mesh(xs=()):
+  """The explicit mesh to stack over and its explicit axes: the `jax.set_mesh` context's, else
+  (arrays placed on an explicit mesh, jitted without a mesh context) the first of ``xs``'s."""
+  for mesh in (jax.sharding.get_abstract_mesh(), *(_sh.mesh_of(x) for x in xs)):
+    axes = _sh.explicit_axes(None if mesh is None or mesh.empty else mesh)
+    if axes:
+      return mesh, axes
+  return None, ()
 
 
 def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any = "jordan",
@@ -306,14 +382,14 @@ def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any
                           implementation=implementation, compute_dtype=compute_dtype)
             for x, d in zip(xs, dims)]
   rows, norm_scale = ns_coefficients(coeffs, ns_steps)
-  mesh, axes = _stack_mesh()
+  mesh, axes = _stack_mesh(xs)
   n_dev = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
   groups: dict[tuple, list[int]] = {}
   mats, backs = [], []
   for i, (x, d) in enumerate(zip(xs, dims)):
     m, back = _to_matrices(x, d)
     if axes:
-      m = jax.reshard(m, P())
+      m = _sh.reshard(m, (), like=mesh)
     mats.append(m)
     backs.append(back)
     groups.setdefault((m.shape[1:], str(m.dtype)), []).append(i)
@@ -325,11 +401,11 @@ def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any
     if pad:
       stack = jnp.concatenate([stack, jnp.zeros((pad,) + stack.shape[1:], stack.dtype)], axis=0)
     if axes:
-      stack = jax.reshard(stack, P(axes if len(axes) > 1 else axes[0], None, None))
+      stack = _sh.reshard(stack, (axes if len(axes) > 1 else axes[0], None, None), like=mesh)
     res = nsk.newton_schulz(stack, rows, eps=eps, norm_scale=norm_scale,
                             compute_dtype=compute_dtype, implementation=implementation)
     if axes:
-      res = jax.reshard(res, P())
+      res = _sh.reshard(res, (), like=mesh)
     start = 0
     for i in idx:
       b = mats[i].shape[0]
@@ -482,23 +558,23 @@ def _gap_step(x, d, left, refresh, rows, eps, norm_scale, compute_dtype):
     g = jnp.swapaxes(g, -1, -2)
 
   spec = nsk.explicit_spec(g)
-  left_spec = None if spec is None else P(*(tuple(jax.typeof(left).sharding.spec)
-                                             + (None,) * 3)[:3])
+  mesh = _sh.mesh_of(g)
+  left_spec = None if spec is None else (tuple(jax.typeof(left).sharding.spec)
+                                         + (None,) * 3)[:3]
 
   def full(_):
     y, new_left = nsk.newton_schulz_reference(g, rows, eps=eps, norm_scale=norm_scale,
                                               compute_dtype=compute_dtype, return_left=True)
     new_left = new_left.astype(left.dtype)
     if spec is not None:  # keep the state's sharding stable across steps
-      new_left = jax.reshard(new_left, left_spec)
+      new_left = _sh.reshard(new_left, left_spec, like=mesh)
     return y, new_left
 
   def stale(_):
-    gg = g if spec is None else jax.reshard(g, P())
-    norm = jnp.sqrt(jnp.sum(jnp.square(gg), axis=(-2, -1), keepdims=True))
-    lft = left if spec is None else jax.reshard(left, P())
-    y = jnp.matmul(lft, gg / (norm * norm_scale + eps))
-    return (y if spec is None else jax.reshard(y, P(*spec))), left
+    gg = g if spec is None else _sh.reshard(g, (), like=mesh)
+    lft = left if spec is None else _sh.reshard(left, (), like=mesh)
+    y = jnp.matmul(lft, num.normalize(gg, eps, norm_scale, axis=(-2, -1)))
+    return (y if spec is None else _sh.reshard(y, spec, like=mesh)), left
 
   y, new_left = jax.lax.cond(refresh, full, stale, None)
   if transposed:
