@@ -139,12 +139,19 @@ def scao(
     mode: ``"lowrank"`` (default, improved) or ``"scao-0.2.4"`` (faithful).
     mask: pytree or callable selecting the leaves that decay (default: all, as the seed).
     dimension_numbers: split axis turning a tensor into a matrix (int, pytree of ints or
-      callable; default ``None`` → 1, the seed's ``(shape[0], -1)``; ``-1`` for Flax convs).
+      callable; default ``None`` → 1, the seed's ``(shape[0], -1)``, except that leaves named
+      ``bias`` are never matrices and Flax attention kernels ``(in, heads, dh)`` /
+      ``(heads, dh, out)`` are split where their matrix is; ``-1`` for Flax convs).
     seed: seed of the key of ``lowrank``'s randomized subspace iteration (default 0).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; read its state with :func:`scao_diagnostics`.
+    Parameters must be real floating-point (complex, integer and bool leaves raise
+    ``TypeError`` at ``init``, naming the leaf); empty leaves get empty (no-op) updates. A
+    gradient tree that does not match the parameters raises ``ValueError``. ``tau`` with
+    ``mode="lowrank"`` and ``seed`` with ``mode="scao-0.2.4"`` have no effect: a non-default
+    value gives a ``UserWarning``.
   """
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_betas(b1=b1, b2=b2)
@@ -153,10 +160,12 @@ def scao(
   V.check_choice("mode", mode, K.MODES)
   if mode == "lowrank":
     V.check_number("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
+    V.warn_no_effect("tau", tau, 1.0, "with mode='lowrank' (only mode='scao-0.2.4' clips)")
     precond = K.scale_by_kron_lowrank(
         warmup_steps, precond_freq, min_precond_updates, rho, epsilon_sparse, k_min, k_max,
         max_precond_dim, blend_steps, dimension_numbers=dimension_numbers, seed=seed)
   else:
+    V.warn_no_effect("seed", seed, 0, "with mode='scao-0.2.4' (it draws no random numbers)")
     precond = K.scale_by_kron_scao(
         warmup_steps, precond_freq, min_precond_updates, rho, epsilon_sparse, k_min, k_max,
         tau, max_precond_dim, blend_steps, eps, dimension_numbers=dimension_numbers)
@@ -167,7 +176,7 @@ def scao(
       optax.scale_by_learning_rate(learning_rate),
       _cast_to_params(),
   )
-  return nonfinite_guard(tx, nonfinite)
+  return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer="stax.scao")
 
 
 def _find_kron_states(state: Any) -> list:

@@ -79,7 +79,9 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from stax import _sharding as _sh
 from stax import _validation as V
+from stax import numerics as num
 
 __all__ = [
     "MODES",
@@ -96,6 +98,10 @@ __all__ = [
 MODES = ("scao-0.2.4", "lowrank")
 _EYE_EPS = 1e-4       # the seed's initial L = R = 1e-4·I
 _EPS = 1e-8           # the seed's numerical floors (regulariser, clamps)
+# A gradient block whose Frobenius norm exceeds this (2**61) enters the curvature EMAs scaled down
+# to it (stax.numerics.saturate_norm), so every EMA entry, trace and Ritz value stays below
+# 2**122: sums of a few of them, the debiasing and eigh stay finite. Never reached in practice.
+_STAT_BOUND = num.square_bound(jnp.float32, terms=16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +198,30 @@ def _split_axis(dn: Optional[int], ndim: int) -> int:
   return s
 
 
+def _default_split(path: Any, shape: tuple) -> Any:
+  """The split axis used when ``dimension_numbers`` is ``None``: the seed's ``1``
+  (``(shape[0], -1)``, torch's ``(out, in·kh·kw)``), except that a leaf named ``bias`` is never
+  a matrix (``"pass"``: Adam alone; attention biases are ``(heads, head_dim)``) and a Flax
+  attention projection is split where its matrix view is: ``query``/``key``/``value``
+  ``(in, heads, dh)`` after axis 1, ``out`` ``(heads, dh, out)`` after axis 2 (see
+  :func:`stax.transforms.orthogonalize.default_dimension_numbers`; leading stacked-layer axes
+  cannot be a split, so such leaves are passed to Adam alone)."""
+  from stax.transforms import orthogonalize as O  # pylint: disable=g-import-not-at-top
+  from stax import partition  # pylint: disable=g-import-not-at-top
+  parts = partition.normalize_path(path)
+  if len(shape) >= 2 and parts and parts[-1] == "bias":
+    return "pass"
+  module = parts[-2] if len(parts) >= 2 else ""
+  if len(shape) >= 3 and module in O.ATTENTION_IN_PROJECTIONS + O.ATTENTION_OUT_PROJECTIONS:
+    d = O.default_dimension_numbers(path, shape)
+    red = O._axes(d.reduction_axis, len(shape))  # pylint: disable=protected-access
+    out = O._axes(d.output_axis, len(shape))  # pylint: disable=protected-access
+    if red + out != tuple(range(len(shape))):
+      return "pass"
+    return len(red)
+  return None
+
+
 def _view_shape(shape: tuple, split: int) -> tuple[int, int]:
   """(m, n) of the matrix view: 0-/1-D → (1, n); else rows = prod(shape[:split])."""
   if len(shape) == 0:
@@ -234,6 +264,8 @@ class _Plan:
 
 
 def _faithful_plan(m: int, n: int, k_min: int, k_max: int, maxd: int) -> _Plan:
+  if m * n == 0:  # an empty leaf: nothing to precondition (Adam gives it an empty update)
+    return _Plan("pass", m, n)
   if m == 1 or n == 1:
     return _Plan("diag", m, n)
   if max(m, n) > maxd:
@@ -243,10 +275,40 @@ def _faithful_plan(m: int, n: int, k_min: int, k_max: int, maxd: int) -> _Plan:
 
 
 def _lowrank_plan(m: int, n: int, k_min: int, k_max: int, maxd: int) -> _Plan:
-  if m == 1 or n == 1 or max(m, n) > maxd:
+  if m * n == 0 or m == 1 or n == 1 or max(m, n) > maxd:
     return _Plan("pass", m, n)
   kmin, kmax = _lowrank_ranks(m, n, k_min, k_max)
   return _Plan("lowrank", m, n, kmin=kmin, kmax=kmax)
+
+
+def _state_fits(plan: _Plan, st: Any) -> bool:
+  """Whether a leaf state was built for a leaf with this plan (same kind and 2-D view)."""
+  if plan.kind == "pass":
+    return isinstance(st, optax.EmptyState)
+  if plan.kind == "lowrank":
+    return (isinstance(st, LowRankState) and st.U_l.shape[0] == plan.m
+            and st.U_r.shape[0] == plan.n)
+  if plan.kind == "diag":
+    return isinstance(st, DiagBlockState) and tuple(st.ema.shape) == (plan.m, plan.n)
+  if plan.kind == "kron":
+    return (isinstance(st, KronBlockState) and tuple(st.L.shape) == (plan.m, plan.m)
+            and tuple(st.R.shape) == (plan.n, plan.n))
+  return (isinstance(st, BlockGridState)
+          and len(st.blocks) == len(plan.rows) * len(plan.cols))
+
+
+def _check_leaves_match(g_leaves: list, leaf_plans: list, leaf_states: tuple) -> None:
+  """ValueError unless the gradient leaves are those the state was initialised with."""
+  if len(g_leaves) != len(leaf_states):
+    raise ValueError(
+        f"scao: the gradient tree does not match the params tree the state was initialised "
+        f"with ({len(g_leaves)} gradient leaves, {len(leaf_states)} parameter leaves).")
+  for i, (g, (_, plan), st) in enumerate(zip(g_leaves, leaf_plans, leaf_states)):
+    if not _state_fits(plan, st):
+      raise ValueError(
+          f"scao: the gradient tree does not match the params tree the state was initialised "
+          f"with (gradient leaf {i} in flatten order, of shape {tuple(np.shape(g))}, does not "
+          f"fit the state of parameter leaf {i}).")
 
 
 def _resolve_dims(dimension_numbers: DimensionNumbers, tree: Any) -> list:
@@ -263,31 +325,16 @@ def _resolve_dims(dimension_numbers: DimensionNumbers, tree: Any) -> list:
 # --------------------------------------------------------------------------------------------
 
 
-def _explicit_spec(x):
-  try:
-    sharding = jax.typeof(x).sharding
-  except Exception:  # noqa: BLE001 - not an array under a mesh
-    return None
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or getattr(mesh, "empty", True):
-    return None
-  types = getattr(mesh, "axis_types", ())
-  if not any("Explicit" in str(t) for t in types):
-    return None
-  return sharding.spec
-
-
 def _replicate(x):
-  spec = _explicit_spec(x)
-  if spec is None or all(s is None for s in spec):
-    return x, spec
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec()), spec
+  """``x`` replicated over its explicit mesh, and the sharding to restore (None: unsharded)."""
+  spec = _sh.explicit_spec(x)
+  if spec is None:
+    return x, None
+  return _sh.reshard(x, ()), _sh.named(x, spec)
 
 
-def _restore(x, spec):
-  if spec is None or all(s is None for s in spec):
-    return x
-  return jax.sharding.reshard(x, spec)
+def _restore(x, sharding):
+  return x if sharding is None else jax.reshard(x, sharding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +388,7 @@ def _spectral_rank(w, eps_sparse, kmin, kmax):
 
 def _kron_update(st: KronBlockState, g, rho, bias, eps_sparse, kmin, kmax) -> KronBlockState:
   m, n = g.shape
+  g = num.saturate_norm(g, _STAT_BOUND)
   L = rho * st.L + (1.0 - rho) * (g @ g.T)
   R = rho * st.R + (1.0 - rho) * (g.T @ g)
   wl, vl = _eig_desc(L, bias, m)
@@ -490,6 +538,7 @@ def _lowrank_update(st: LowRankState, g, rho, eps_sparse, kmin, noise) -> LowRan
   big_k = st.S_l.shape[0]
   omega_l = noise[:n * big_k].reshape(n, big_k)
   omega_r = noise[n * big_k:(n + m) * big_k].reshape(m, big_k)
+  g = num.saturate_norm(g, _STAT_BOUND)
   trace = rho * st.trace + (1.0 - rho) * jnp.sum(g * g)
   u_l, s_l = _track(st.U_l, st.S_l, st.trace, g, rho, omega_l)
   u_r, s_r = _track(st.U_r, st.S_r, st.trace, g.T, rho, omega_r)
@@ -522,8 +571,8 @@ def lowrank_precondition(st: LowRankState, g: jax.Array) -> jax.Array:
   c = a @ st.U_r                         # K × K
   out = (g + st.U_l @ (d_l[:, None] * a) + (b * d_r[None, :]) @ st.U_r.T
          + st.U_l @ ((d_l[:, None] * c * d_r[None, :]) @ st.U_r.T))
-  gn = jnp.sqrt(jnp.sum(g * g))
-  on = jnp.sqrt(jnp.sum(out * out))
+  gn = num.norm(g)                       # overflow-safe; bit-identical for ordinary g
+  on = num.norm(out)
   ok = on > 0
   return jnp.where(ok, out * (gn / jnp.where(ok, on, 1.0)), g)
 
@@ -566,11 +615,16 @@ def _scale_by_kron(mode, warmup_steps, precond_freq, min_precond_updates, rho, e
   lowrank = mode == "lowrank"
 
   def plans(tree):
-    leaves = jax.tree.leaves(tree)
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     dims = _resolve_dims(dimension_numbers, tree)
     out = []
-    for x, dn in zip(leaves, dims):
+    for (path, x), dn in zip(flat, dims):
       shape = tuple(np.shape(x))
+      if dimension_numbers is None:
+        dn = _default_split(path, shape)
+        if dn == "pass":
+          out.append((1, _Plan("pass", *_view_shape(shape, min(1, len(shape))))))
+          continue
       split = _split_axis(dn, len(shape))
       m, n = _view_shape(shape, split)
       if lowrank:
@@ -598,6 +652,7 @@ def _scale_by_kron(mode, warmup_steps, precond_freq, min_precond_updates, rho, e
     del params, extra_args
     g_leaves, treedef = jax.tree.flatten(updates)
     leaf_plans = plans(updates)
+    _check_leaves_match(g_leaves, leaf_plans, state.leaves)
     count = numerics.safe_increment(state.count)
     min_pu = jnp.maximum(min_precond_updates, 1) if lowrank else min_precond_updates
     in_warmup = (count <= warmup_steps) | (state.precond_count < min_pu)
@@ -620,7 +675,9 @@ def _scale_by_kron(mode, warmup_steps, precond_freq, min_precond_updates, rho, e
         specs.append(None)
         continue
       g_rep, spec = _replicate(g)   # replicate first: reshaping a sharded leaf may not be legal
-      g2 = _as_2d(g_rep, split)
+      # Entries beyond ±2**63 act as ±2**63 (as in the Adam core that follows): every product
+      # and square below stays finite for any finite gradient; below the bound, bit for bit.
+      g2 = num.saturate(_as_2d(g_rep, split))
       mats.append(g2)
       specs.append(spec)
 
