@@ -25,7 +25,8 @@ Layout: blocks and bit packing run along each compressed tensor's *row view*
 (:mod:`stax.codecs.row_view`): trailing axes are merged until rows pad least, so a torch conv
 weight ``(out, in, kh, kw)`` is blocked as ``(out, in·kh·kw)`` and an attention kernel
 ``(in, heads, head_dim)`` as ``(in, heads·head_dim)`` (not along a 3-wide or head_dim-wide last
-axis), and a Dense kernel keeps its ``(in, out)`` layout. State keeps the leading axes and their
+axis), and a Dense kernel whose ``out`` is a multiple of ``block_size`` keeps its ``(in, out)``
+layout. State keeps the leading axes and their
 sharding. Whenever the tensor's size is a multiple of ``block_size`` the faithful state
 flattened equals the seed's flattened-tensor state; otherwise each row of the view is padded
 to a block multiple (the seed pads only the end of the flattened tensor), which changes block

@@ -119,10 +119,6 @@ def nonfinite_guard(inner: optax.GradientTransformation,
     return NonFiniteGuardState(inner.init(params), jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    # Containers a framework rebuilt (Flax NNX's nnx.State for a codec's NamedTuple) back to
-    # the ones init builds, so both branches below return one structure.
-    like = jax.eval_shape(init_fn, updates if params is None else params)
-    state = conform(state, like)
     ok = all_finite(updates)
     if policy == "error":
       jax.debug.callback(_raise_nonfinite, ok, state.nonfinite_count)
@@ -140,10 +136,12 @@ def nonfinite_guard(inner: optax.GradientTransformation,
         return inner.update(updates, state.inner_state, params, **extra_args)
 
       def skip(_):
-        shapes, _ = jax.eval_shape(apply, None)
+        shapes, state_shapes = jax.eval_shape(apply, None)
         # zeros_like(g) keeps g's sharding, so both branches agree under an explicit mesh.
         zeros = jax.tree.map(lambda s, g: jnp.zeros_like(g, dtype=s.dtype), shapes, updates)
-        return zeros, state.inner_state
+        # The state as `apply` returns it: a framework may have handed it back in other
+        # containers (Flax NNX's nnx.State for a codec's NamedTuple; see stax._trees.conform).
+        return zeros, conform(state.inner_state, state_shapes)
 
       new_updates, inner_state = jax.lax.cond(ok, apply, skip, None)
     count = jnp.where(ok, state.nonfinite_count,
