@@ -276,8 +276,11 @@ def last_n_modules_labels(params: Any, n: int, module_order: Sequence[str] | Non
 
 _EMBED_RE = re.compile(r"(^|[/_.])(embed|embedding|embeddings|wte|wpe|tok_embeddings|token_embedding)"
                        r"([/_.]|$)", re.IGNORECASE)
-_HEAD_RE = re.compile(r"(^|[/_.])(head|lm_head|output|classifier|logits|unembed)([/_.0-9]|$)",
+_HEAD_RE = re.compile(r"(^|[/_.])(head|lm_head|classifier|logits|unembed)([/_.0-9]|$)",
                       re.IGNORECASE)
+# ``output`` is a head only at the top of the tree (``output/kernel``, Llama's ``output.weight``):
+# nested, it is a hidden layer (BERT's ``attention.output.dense``, ``layer.N.output.dense``).
+_TOP_OUTPUT_RE = re.compile(r"^output([/_.0-9]|$)", re.IGNORECASE)
 
 
 def is_embedding_path(name: str) -> bool:
@@ -286,8 +289,10 @@ def is_embedding_path(name: str) -> bool:
 
 
 def is_output_head_path(name: str) -> bool:
-  """Default predicate: the path names an output head (``head``, ``lm_head``, ``classifier``...)."""
-  return bool(_HEAD_RE.search(name))
+  """Default predicate: the path names an output head (``head``, ``lm_head``, ``classifier``,
+  ``logits``, ``unembed`` anywhere; ``output`` only as the top-level module, since BERT's
+  nested ``attention/output/dense`` and ``output/dense`` are hidden layers)."""
+  return bool(_HEAD_RE.search(name) or _TOP_OUTPUT_RE.search(name))
 
 
 def matrix_labels(params: Any, *, exclude: Iterable[Callable[[str], bool]] = (

@@ -172,3 +172,12 @@ def test_matrix_labels_excludes_embeddings_heads_vectors_and_thin():
   for m, k in [("embed", "embedding"), ("block", "bias"), ("lm_head", "kernel"), ("thin", "kernel")]:
     assert labels[m][k] == "other", (m, k)
   assert stax.matrix_labels(params, exclude=())["lm_head"]["kernel"] == "matrix"
+
+
+def test_output_head_predicate_spares_nested_output_layers():
+  # BERT's hidden "output" layers are matrices for Muon; a top-level "output" is a head.
+  assert partition.is_output_head_path("output/kernel")
+  assert partition.is_output_head_path("lm_head/weight")
+  assert partition.is_output_head_path("classifier/weight")
+  assert not partition.is_output_head_path("bert/encoder/layer/0/attention/output/dense/weight")
+  assert not partition.is_output_head_path("bert/encoder/layer/0/output/dense/weight")
