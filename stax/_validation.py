@@ -5,17 +5,26 @@ with a ``ValueError``/``TypeError`` that names the argument and its allowed rang
 tracing. Traced values (inside ``optax.inject_hyperparams`` or ``jit``) and schedules (callables)
 are skipped: they cannot be checked without a host sync, and ``inject_hyperparams`` re-calls the
 factory with tracers on every step.
+
+Properties of the parameters themselves (integer, bool or complex leaves) are checked at ``init``
+and the gradient tree against the parameters at ``update``: every optimizer factory returns its
+transformation wrapped by :func:`with_param_checks`.
 """
 
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-__all__ = ["check_number", "check_int", "check_choice", "check_betas", "is_concrete_number"]
+__all__ = ["check_number", "check_int", "check_choice", "check_betas", "check_decay",
+           "check_bool", "check_dtype", "check_param_leaves", "check_tree_match",
+           "with_param_checks", "warn_no_effect", "is_concrete_number"]
 
 
 def is_concrete_number(value: Any) -> bool:
@@ -103,6 +112,216 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def check_betas(**betas: Any) -> None:
-  """Validates decay rates in ``[0, 1)``."""
+  """Validates decay rates in ``[0, 1)`` that stay below 1 in float32 (see :func:`check_decay`)."""
   for name, value in betas.items():
-    check_number(name, value, low=0.0, high=1.0, high_inclusive=False)
+    check_decay(name, value)
+
+
+#: The largest float32 below 1 (``1 - 2**-24``).
+_F32_BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+
+
+def check_decay(name: str, value: Any, *, low_inclusive: bool = True,
+                allow_none: bool = False) -> None:
+  """Validates a decay rate in ``[0, 1)`` (``(0, 1)`` without ``low_inclusive``).
+
+  The optimizers compute in float32, where a rate within ``2**-25`` of 1 (``1 - 1e-9``) rounds
+  to exactly 1: the bias correction ``1 - b**t`` is then 0 and the parameters become NaN. Such a
+  rate is refused: it must satisfy ``np.float32(value) < 1``.
+
+  Raises:
+    TypeError: if ``value`` is not a real number.
+    ValueError: if ``value`` is outside the range or rounds to 1 in float32.
+  """
+  check_number(name, value, low=0.0, high=1.0, low_inclusive=low_inclusive,
+               high_inclusive=False, allow_none=allow_none)
+  if is_concrete_number(value) and not np.float32(float(value)) < 1.0:
+    lo = "[" if low_inclusive else "("
+    raise ValueError(
+        f"`{name}` must be in {lo}0, 1) after rounding to float32 (the optimizer computes in "
+        f"float32), got {value!r}, which rounds to 1.0; the largest usable value is "
+        f"{_F32_BELOW_ONE!r} (1 - 2**-24).")
+
+
+def check_bool(name: str, value: Any, *, allow_none: bool = False) -> None:
+  """Validates a flag: a Python or NumPy bool (``None`` too with ``allow_none``).
+
+  Strings and numbers are refused (``"False"`` is truthy).
+  """
+  if value is None and allow_none:
+    return
+  if isinstance(value, (bool, np.bool_)):
+    return
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"`{name}` is structural and must be a Python bool, got a traced value; "
+        f"list it in `static_args` of optax.inject_hyperparams.")
+  allowed = "True, False or None" if allow_none else "True or False"
+  raise TypeError(f"`{name}` must be a bool ({allowed}), got {type(value).__name__} {value!r}.")
+
+
+def check_dtype(name: str, value: Any, *, allow_none: bool = True) -> None:
+  """Validates a dtype argument: ``None`` (where allowed) or a floating dtype.
+
+  Raises:
+    TypeError: if ``value`` is not a dtype (``"notadtype"``, ``4.0``).
+    ValueError: if ``value`` is a dtype but not a floating one (``int8``, ``complex64``).
+  """
+  allowed = "None or a floating dtype" if allow_none else "a floating dtype"
+  allowed += " (e.g. jnp.float32, jnp.bfloat16)"
+  if value is None:
+    if allow_none:
+      return
+    raise TypeError(f"`{name}` must be {allowed}, got None.")
+  try:
+    dt = np.dtype(value)
+  except Exception:  # noqa: BLE001 - numpy raises TypeError, or others for odd objects
+    raise TypeError(f"`{name}` must be {allowed}, got {type(value).__name__} {value!r}.") from None
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"`{name}` must be {allowed}, got the dtype {dt.name}.")
+
+
+def warn_no_effect(name: str, value: Any, default: Any, reason: str, *,
+                   stacklevel: int = 3) -> None:
+  """Warns (``UserWarning``) that ``name`` has no effect ``reason``, unless it is the default.
+
+  Traced values (inside ``inject_hyperparams``/``jit``) cannot be compared and are skipped.
+  """
+  if value is default or isinstance(value, jax.core.Tracer):
+    return
+  try:
+    same = value == default
+    same = bool(same) if np.ndim(same) == 0 else False
+  except Exception:  # noqa: BLE001 - incomparable values differ
+    same = False
+  if same:
+    return
+  warnings.warn(f"`{name}`={value!r} has no effect {reason}; it is ignored.", UserWarning,
+                stacklevel=stacklevel)
+
+
+def _leaf_dtype(leaf: Any):
+  dt = getattr(leaf, "dtype", None)
+  if dt is not None:
+    return dt
+  try:
+    return np.result_type(leaf)
+  except Exception:  # noqa: BLE001 - not an array-like leaf
+    return None
+
+
+def check_param_leaves(params: Any, *, allow_complex: bool, optimizer: str = "this optimizer",
+                       complex_note: str | None = None) -> None:
+  """Refuses parameter leaves the optimizer cannot update correctly, naming each leaf's path.
+
+  Allowed: floating dtypes (float16, bfloat16, float32, float64, ...) and, with
+  ``allow_complex``, complex ones. Integer and bool leaves (counters, masks, indices) have no
+  gradient to descend along; exclude them with ``optax.partition``/``optax.masked``.
+  ``complex_note`` replaces the advice given with a refused complex leaf.
+
+  Raises:
+    TypeError: naming the first offending leaf (``params['layer']['kernel']``) and its dtype.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in flat:
+    dt = _leaf_dtype(leaf)
+    where = f"params{jax.tree_util.keystr(path)}"
+    if dt is not None and jnp.issubdtype(dt, jnp.floating):
+      continue
+    if dt is not None and jnp.issubdtype(dt, jnp.complexfloating):
+      if allow_complex:
+        continue
+      note = complex_note or ("stax.adamw (and stax.stac's AdamW cap) support complex "
+                              "parameters, or optimise the real and imaginary parts as two "
+                              "real leaves")
+      raise TypeError(
+          f"{optimizer}: parameter {where} is complex ({np.dtype(dt).name}); this optimizer "
+          f"supports real floating-point parameters only (float16, bfloat16, float32, "
+          f"float64); {note}.")
+    what = f"dtype {np.dtype(dt).name}" if dt is not None else f"type {type(leaf).__name__}"
+    kinds = "floating-point or complex" if allow_complex else "floating-point"
+    raise TypeError(
+        f"{optimizer}: parameter {where} has {what}; only {kinds} parameters can be optimised. "
+        f"Keep integer/bool leaves out of the optimiser (e.g. optax.partition with "
+        f"optax.set_to_zero() for them).")
+
+
+def check_tree_match(updates: Any, params: Any, *, optimizer: str = "this optimizer") -> None:
+  """Refuses a gradient tree whose structure or leaf shapes differ from the parameters'.
+
+  ``None`` gradient leaves are allowed where the parameters have a leaf.
+
+  Raises:
+    ValueError: saying which leaf paths or shapes differ.
+  """
+  is_none = lambda x: x is None  # noqa: E731
+  u_flat, u_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
+  p_flat, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_none)
+  if u_def != p_def:
+    u_paths = [jax.tree_util.keystr(p) for p, _ in u_flat]
+    p_paths = [jax.tree_util.keystr(p) for p, _ in p_flat]
+    u_set, p_set = set(u_paths), set(p_paths)
+    extra = [p for p in u_paths if p not in p_set]
+    missing = [p for p in p_paths if p not in u_set]
+    detail = []
+    if extra:
+      detail.append(f"gradient leaves not in the params: {extra[:5]}")
+    if missing:
+      detail.append(f"params leaves without a gradient: {missing[:5]}")
+    if not detail:
+      detail.append(f"same leaf paths but different containers: gradients {u_def}, "
+                    f"params {p_def}"[:400])
+    raise ValueError(f"{optimizer}: the gradient tree does not match the params tree ("
+                     + "; ".join(detail) + ").")
+  for (path, u), (_, p) in zip(u_flat, p_flat):
+    if u is None or p is None:
+      continue
+    if np.shape(u) != np.shape(p):
+      raise ValueError(
+          f"{optimizer}: the gradient tree does not match the params tree: gradient "
+          f"{jax.tree_util.keystr(path)} has shape {np.shape(u)}, the parameter "
+          f"{np.shape(p)}.")
+
+
+def _state_shapes(state: Any) -> list:
+  """The sorted shapes of a state's array leaves (order-free: frameworks may rebuild
+  containers)."""
+  return sorted(tuple(np.shape(x)) for x in jax.tree.leaves(state) if hasattr(x, "shape"))
+
+
+def with_param_checks(tx: optax.GradientTransformation, *, optimizer: str,
+                      allow_complex: bool = False, complex_note: str | None = None
+                      ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose ``init`` checks the parameter leaves (:func:`check_param_leaves`) and whose
+  ``update`` checks the gradient tree against ``params`` when given (:func:`check_tree_match`).
+
+  The state is ``tx``'s own; both checks run on static information only (dtypes, structure,
+  shapes), at trace time under ``jit``.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    check_param_leaves(params, allow_complex=allow_complex, optimizer=optimizer,
+                       complex_note=complex_note)
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      check_tree_match(updates, params, optimizer=optimizer)
+      return tx.update(updates, state, params, **extra_args)
+    try:
+      return tx.update(updates, state, params, **extra_args)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+      # Without params, diagnose only after a failure (no cost on the normal path): the state
+      # ``init`` would build from the gradients must hold arrays of the same shapes.
+      try:
+        fits = _state_shapes(jax.eval_shape(tx.init, updates)) == _state_shapes(state)
+      except Exception:  # noqa: BLE001 - no diagnosis possible: report the original error
+        fits = True
+      if not fits:
+        raise ValueError(
+            f"{optimizer}: the gradient tree does not match the params tree the state was "
+            f"initialised with (its leaves or shapes differ).") from e
+      raise
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -34,6 +34,9 @@ def adamw(
   With ``nonfinite="ignore"`` this is ``optax.adamw`` with the same arguments; the default
   guard only changes steps whose gradients contain NaN/Inf (they are skipped).
 
+  Parameters may be floating-point or complex (complex ones as ``optax.adamw``: ``v`` is the
+  EMA of ``|g|²``); integer and bool leaves raise ``TypeError`` at ``init``, naming the leaf.
+
   Args:
     learning_rate: step size η >= 0 or a schedule (default 1e-3).
     b1: first-moment decay in [0, 1) (default 0.9).
@@ -43,8 +46,8 @@ def adamw(
     weight_decay: decoupled decay λ >= 0, multiplied by the learning rate as in PyTorch and
       optax (default 1e-4, optax's default).
     mask: pytree or callable selecting the leaves that decay (default: all).
-    mu_dtype: first-moment dtype (default: the parameter's).
-    nesterov: Nesterov momentum (default False).
+    mu_dtype: first-moment dtype, ``None`` or a floating dtype (default: the parameter's).
+    nesterov: Nesterov momentum, a bool (default False).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
 
   References:
@@ -58,6 +61,9 @@ def adamw(
   """
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_number("weight_decay", weight_decay, low=0.0)
+  V.check_betas(b1=b1, b2=b2)
+  V.check_bool("nesterov", nesterov)
+  V.check_dtype("mu_dtype", mu_dtype)
   tx = optax.chain(
       scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
       optax.add_decayed_weights(weight_decay, mask),
@@ -65,4 +71,10 @@ def adamw(
   )
   # gated: the core's decays become 1 on a skipped step, so no lax.cond (which copies the
   # state on CPU) is needed; the result is bit-identical to the cond version.
-  return nonfinite_guard(tx, nonfinite, gated=True)
+  # Complex parameters work as in optax.adamw, but a real `mu_dtype` would drop mu's
+  # imaginary part, so it refuses them.
+  return V.with_param_checks(
+      nonfinite_guard(tx, nonfinite, gated=True), optimizer="stax.adamw",
+      allow_complex=mu_dtype is None,
+      complex_note="a real `mu_dtype` cannot hold a complex first moment; leave "
+                   "mu_dtype=None for complex parameters")

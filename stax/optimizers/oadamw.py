@@ -72,7 +72,8 @@ from stax.transforms.orthogonalize import (ORTHOGONALIZE_MODES, SHAPE_SCALES, ma
                                            scale_by_orthogonalization)
 from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_adam
 
-__all__ = ["oadamw", "stable_adamw", "oadamw_labels", "saturating_trace", "MUON_MODES", "GROUPINGS"]
+__all__ = ["oadamw", "stable_adamw", "oadamw_labels", "saturating_trace", "MUON_MODES",
+           "GROUPINGS"]
 
 MUON, ADAM = "muon", "adam"
 MUON_MODES = ("momentum", "gradient", "off")
@@ -153,8 +154,8 @@ def stable_adamw(
   See :mod:`stax.transforms.stable` for the equations. With ``nonfinite="ignore"`` and float32
   parameters it reproduces ``optimi.StableAdamW`` (tested over 200 steps to 1e-6).
   A finite gradient entry beyond ±2**63 (up to float32's maximum) is saturated to ±2**63 in the
-  moments and the RMS clip (optimi's ``g²`` would overflow and make the parameters NaN), so the
-  step stays finite and is not skipped.
+  moments, and the RMS clip saturates (optimi's ``g²`` overflows and makes the parameters NaN);
+  the step stays finite and is not skipped (see :mod:`stax.transforms.stable`).
   Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
   at ``init``, naming the leaf. ``max_lr`` without ``decouple_lr`` and ``kahan_dtype`` with
   ``kahan_sum=False`` have no effect and give a ``UserWarning``.

@@ -54,6 +54,8 @@ the adaptive-:math:`\beta_1` statistics are float32 scalars whatever the paramet
 seed keeps STAM's in the parameter dtype); empty leaves are inert (the seed's ``mean`` of an
 empty array is NaN forever). STAM's moments default to the parameter dtype as in the seed; with
 bfloat16 parameters pass ``nu_dtype=jnp.float32`` (bf16 cannot hold ``v``'s 0.1% increments).
+Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
+at ``init``, naming the leaf (the per-tensor statistics are not defined for complex values).
 
 Reference: ``stam-optimizer`` 0.1.0 (A. Sabry, https://github.com/assemsabry/stam).
 
@@ -103,12 +105,11 @@ def zero_nonfinite() -> optax.GradientTransformation:
 def _check_common(learning_rate, b1_base, eps, weight_decay, adapt_strength, b1_min,
                   beta1_signal, nonfinite):
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
-  V.check_number("b1_base", b1_base, low=0.0, high=1.0, low_inclusive=False,
-                 high_inclusive=False)
+  V.check_decay("b1_base", b1_base, low_inclusive=False)
   V.check_number("eps", eps, low=0.0)
   V.check_number("weight_decay", weight_decay, low=0.0)
   V.check_number("adapt_strength", adapt_strength, low=0.0, high=0.5)
-  V.check_number("b1_min", b1_min, low=0.0, high=1.0, high_inclusive=False, allow_none=True)
+  V.check_decay("b1_min", b1_min, allow_none=True)
   if V.is_concrete_number(b1_min) and V.is_concrete_number(b1_base) and (
       float(b1_min) > float(b1_base)):
     raise ValueError(f"`b1_min` must be <= `b1_base` ({b1_base!r}), got {b1_min!r}.")
@@ -140,11 +141,12 @@ def _keep_grad_dtype(inner) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def _finish(core, weight_decay, mask, learning_rate, nonfinite):
+def _finish(core, weight_decay, mask, learning_rate, nonfinite, name):
   parts = [zero_nonfinite()] if nonfinite == "zero" else []
   tx = optax.chain(*parts, _keep_grad_dtype(core), optax.add_decayed_weights(weight_decay, mask),
                    optax.scale_by_learning_rate(learning_rate))
-  return nonfinite_guard(tx, "ignore" if nonfinite == "zero" else nonfinite)
+  return V.with_param_checks(nonfinite_guard(tx, "ignore" if nonfinite == "zero" else nonfinite),
+                             optimizer=name)
 
 
 def stam(
@@ -210,9 +212,14 @@ def stam(
   """
   _check_common(learning_rate, b1_base, eps, weight_decay, adapt_strength, b1_min,
                 beta1_signal, nonfinite)
-  V.check_number("b2", b2, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-  V.check_number("tau_decay", tau_decay, low=0.0, high=1.0, high_inclusive=False)
+  V.check_decay("b2", b2, low_inclusive=False)
+  V.check_decay("tau_decay", tau_decay)
   V.check_number("fallback_threshold", fallback_threshold, low=0.0, low_inclusive=False)
+  V.check_dtype("mu_dtype", mu_dtype)
+  V.check_dtype("nu_dtype", nu_dtype)
+  if beta1_signal == "snr":
+    V.warn_no_effect("fallback_threshold", fallback_threshold, 100.0,
+                     "with beta1_signal='snr' (only the 'seed' rule has a fallback)")
   if beta1_signal == "seed":
     rule = AB.residual_variance_beta1(b1_base, adapt_strength, b2, tau_decay,
                                       fallback_threshold, b1_min)
@@ -221,7 +228,7 @@ def stam(
     rule = AB.snr_beta1(b1_max=b1_base, b1_min=lo, decay=tau_decay, interval=1)
   core = scale_by_adam(rule, _f32_hyper(b2), eps, bias_correction="product", correction_eps=eps,
                        mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-  return _finish(core, weight_decay, mask, learning_rate, nonfinite)
+  return _finish(core, weight_decay, mask, learning_rate, nonfinite, "stax.stam")
 
 
 def stam_lite(
@@ -285,17 +292,10 @@ def stam_lite(
   """
   _check_common(learning_rate, b1_base, eps, weight_decay, adapt_strength, b1_min,
                 beta1_signal, nonfinite)
-  V.check_number("moment_decay", moment_decay, low=0.0, high=1.0, low_inclusive=False,
-                 high_inclusive=False)
+  V.check_decay("moment_decay", moment_decay, low_inclusive=False)
   V.check_int("beta1_update_interval", beta1_update_interval, low=1)
-  if state_dtype is None:
-    state_dtype = jnp.float32
-  try:
-    dt = jnp.dtype(state_dtype)
-  except TypeError as e:
-    raise TypeError(f"`state_dtype` must be a floating dtype, got {state_dtype!r}.") from e
-  if not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(f"`state_dtype` must be a floating dtype, got {state_dtype!r}.")
+  V.check_dtype("state_dtype", state_dtype)
+  dt = jnp.dtype(jnp.float32 if state_dtype is None else state_dtype)
   if beta1_signal == "seed":
     rule = AB.spatial_variance_beta1(b1_base, adapt_strength, moment_decay,
                                      beta1_update_interval, eps, b1_min)
@@ -306,7 +306,7 @@ def stam_lite(
   storage = tensor_rms_storage(dt)
   core = scale_by_adam(rule, _f32_hyper(moment_decay), eps, bias_correction="product",
                        correction_eps=eps, storage=storage)
-  return _finish(core, weight_decay, mask, learning_rate, nonfinite)
+  return _finish(core, weight_decay, mask, learning_rate, nonfinite, "stax.stam_lite")
 
 
 def stam_beta1(state: Any) -> Any:

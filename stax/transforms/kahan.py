@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stax import _validation as V
+
 __all__ = ["KahanState", "kahan_summation", "LOW_PRECISION"]
 
 LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -69,6 +71,8 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
     extra argument ``nonfinite_ok`` (from ``nonfinite_guard(gated=True)``, which zeroes the
     updates of such a step) false, the compensation buffers are kept as they are.
   """
+  V.check_bool("enabled", enabled)
+  V.check_dtype("comp_dtype", comp_dtype)
   if not enabled:
     return optax.with_extra_args_support(optax.identity())
 
