@@ -1,19 +1,23 @@
 """The main job: training quality, step time and state memory of every optimizer, one command.
 
-``python -m benchmarks.main`` runs the quick comparison (about 10 minutes on an idle 2-core
-CPU; more when the machine is shared) on data that ships with packages or this repository,
-shows progress bars, prints a summary table and writes ``benchmarks/results/results.json``
-and PNG plots beside it. Nothing is downloaded.
+``python -m benchmarks.main`` (``bash scripts/bench.sh``) runs the quick comparison (under 5
+minutes on a 2-core CPU; more when the machine is shared) on data that ships with packages or
+this repository, shows progress bars, prints a summary table and writes ``results.json`` and
+PNG plots into a new untracked folder ``runs/<UTC time>/`` (``--out`` names another). Only
+``--update-results`` copies them into the tracked ``benchmarks/results/`` and regenerates the
+README's results section. Nothing is downloaded.
 
 Quick mode (default):
-  * digits (300 steps) and mnist (200 steps): every optimizer, JAX and torch, learning rate
-    swept over the fixed grid {3e-3, 1e-2, 3e-2} (mnist: {3e-3, 1e-2}), one seed (the first
-    recorded run used {1e-3, 3e-3, 1e-2} / {1e-3, 3e-3}, and nearly every optimizer chose the
-    grid's top point, so the grid moved up; the grid a run used is saved in its JSON);
-  * shakespeare (150 steps, batch 16 × 64 characters): the baselines and each stax optimizer's
-    default mode, JAX only, one learning rate 3e-3 (a one-point "sweep": the transformer is the
-    expensive part of the budget);
-  * speed and state memory at 1M and 16M parameters, and the optax-vs-torch AdamW gap at 16M.
+  * digits (300 steps): every optimizer (stax modes, baselines, the seeds' own packages), JAX
+    and torch, learning rate swept over the fixed grid {3e-3, 1e-2, 3e-2}, one seed (the first
+    recorded run used {1e-3, 3e-3, 1e-2}, and nearly every optimizer chose the grid's top
+    point, so the grid moved up; the grid a run used is saved in its JSON);
+  * speed and state memory at 1M and 16M parameters, and the optax-vs-torch AdamW gap at 16M;
+  * mnist and shakespeare run only when named with ``--task`` (about 3 minutes each on an idle
+    2-core CPU): mnist (200 steps, every optimizer, JAX and torch, grid {3e-3, 1e-2}) and
+    shakespeare (150 steps, batch 16 × 64 characters: the baselines and each stax optimizer's
+    default mode, JAX only, one learning rate 3e-3). ``--task digits,mnist,shakespeare`` is
+    the earlier quick run (about 10 minutes).
 ``--full``: 3 seeds, the sweep {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} on every task, 600/600/1000
 steps, every optimizer (faithful modes, seeds' packages, torch) on every task, and 128M in the
 speed benchmark. ``--task``, ``--optimizer`` (comma-separated substrings of the names) and
@@ -37,12 +41,16 @@ import platform
 import sys
 import time
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"   # tracked: refreshed only with --update-results
+RUNS = ROOT / "runs"                         # untracked (.gitignore): one folder per run
+README = ROOT / "README.md"                  # its results section, with --update-results
 
 QUICK = {
     "digits": dict(steps=300, lrs=(3e-3, 1e-2, 3e-2), torch=True, faithful=True),
-    "mnist": dict(steps=200, lrs=(3e-3, 1e-2), torch=True, faithful=True),
-    "shakespeare": dict(steps=150, lrs=(3e-3,), torch=False, faithful=False),
+    # not in the default quick run (its 5-minute budget): only when named with --task
+    "mnist": dict(steps=200, lrs=(3e-3, 1e-2), torch=True, faithful=True, default=False),
+    "shakespeare": dict(steps=150, lrs=(3e-3,), torch=False, faithful=False, default=False),
 }
 FULL = {
     "digits": dict(steps=600, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), torch=True, faithful=True),
@@ -53,10 +61,19 @@ TARGET_FACTOR = 1.1
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m benchmarks.main",
-                               description="stax benchmark: quality, speed and memory")
-  ap.add_argument("--full", action="store_true", help="3 seeds, lr sweeps, 128M speed")
-  ap.add_argument("--task", default="", help="comma-separated: digits,mnist,shakespeare")
+  ap = argparse.ArgumentParser(
+      prog="python -m benchmarks.main",
+      description="stax benchmark: quality, speed and memory (the main job, "
+                  "`bash scripts/bench.sh`). The quick default (digits; speed at 1M and 16M) "
+                  "takes under 5 minutes on a 2-core CPU.",
+      epilog="Output: results.json and PNG plots in a new untracked folder runs/<UTC time>/ "
+             "(printed at the end), or in --out. Tracked files (benchmarks/results/, README) "
+             "change only with --update-results.")
+  ap.add_argument("--full", action="store_true",
+                  help="3 seeds, 5-point lr sweeps, every task, longer runs, 128M speed")
+  ap.add_argument("--task", default="",
+                  help="comma-separated: digits,mnist,shakespeare (quick default: digits; "
+                       "mnist and shakespeare add about 3 minutes each)")
   ap.add_argument("--optimizer", default="", help="comma-separated name substrings")
   ap.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                   help="JAX platform (torch always runs on CPU here)")
@@ -72,7 +89,12 @@ def parse_args(argv=None):
   ap.add_argument("--torch-threads", type=int, default=1,
                   help="torch intra-op threads (default 1: on a shared 2-core CPU, 2 threads "
                        "made small torch steps 5-15x slower from oversubscription)")
-  ap.add_argument("--out", default=str(RESULTS))
+  ap.add_argument("--out", default=None,
+                  help="output folder (default: a new untracked runs/<UTC time>/)")
+  ap.add_argument("--update-results", action="store_true",
+                  help="also copy the JSON and plots into the tracked benchmarks/results/ and "
+                       "regenerate README's results section (without it no tracked file is "
+                       "written)")
   ap.add_argument("--no-plots", action="store_true")
   ap.add_argument("--quiet", action="store_true", help="no progress bars")
   return ap.parse_args(argv)
@@ -138,8 +160,10 @@ def run_quality(args, optimizers, cfgs, results, out, log):
   from benchmarks import tasks as T
 
   n_seeds = args.seeds or (3 if args.full else 1)
-  task_names = [t for t in (args.task.split(",") if args.task else T.TASKS) if t]
+  task_names = [t for t in (args.task.split(",") if args.task else
+                            [t for t in T.TASKS if cfgs[t].get("default", True)]) if t]
   for tname in task_names:
+    t_task = time.time()
     cfg = dict(cfgs[tname])
     if args.steps:
       cfg["steps"] = args.steps
@@ -225,6 +249,7 @@ def run_quality(args, optimizers, cfgs, results, out, log):
     if bar is not None:
       bar.close()
     _targets(results, tname)
+    results["timings_s"][tname] = time.time() - t_task
     save(results, out)
 
 
@@ -258,19 +283,23 @@ def run_speed_part(args, optimizers, results, out, log):
                        (["1M", "16M", "128M"] if args.full else ["1M", "16M"])) if s]
   steps = args.speed_steps or (20 if args.full else 3)
   opts = [o for o in optimizers if not (args.no_torch and o.framework == "torch")]
+  t_speed = time.time()
   bar = _bar(len(sizes) * len(opts), "speed      ", args.quiet)
   results["speed"] = S.run_speed(sizes, opts, steps=steps, progress=bar, log=log)
   if bar is not None:
     bar.close()
   results["speed_config"] = {"sizes": {s: S.n_params_of(s) for s in sizes}, "timed_steps": steps,
                              "warmup_steps": 2, "donated": True}
+  results["timings_s"]["speed"] = time.time() - t_speed
   save(results, out)
   if not args.no_investigate:
     flags = (S.INVESTIGATION_FLAGS if args.full else
              {k: v for k, v in S.INVESTIGATION_FLAGS.items() if k != "fast_math"})
     if not args.quiet:
       log(f"investigating the optax-vs-torch AdamW gap at 16M ({len(flags)} XLA flag sets)...")
+    t_inv = time.time()
     results["speed_investigation"] = S.investigate("16M", steps=steps, flags=flags, log=log)
+    results["timings_s"]["investigation"] = time.time() - t_inv
     save(results, out)
 
 
@@ -329,10 +358,65 @@ def summary_table(results) -> str:
   return "\n".join(lines)
 
 
+def run_dir(out: str | None, now: _dt.datetime) -> pathlib.Path:
+  """The folder a run writes into: ``out`` if given, else a new ``RUNS/<UTC time>``.
+
+  Args:
+    out: the ``--out`` argument, or ``None``.
+    now: the run's start time (UTC); names the folder.
+
+  Returns:
+    The folder (created).
+  """
+  if out:
+    path = pathlib.Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+  base = RUNS / now.strftime("%Y%m%dT%H%M%SZ")
+  path, i = base, 1
+  while True:
+    try:
+      path.mkdir(parents=True)
+      return path
+    except FileExistsError:
+      i += 1
+      path = base.with_name(f"{base.name}-{i}")
+
+
+def publish(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
+  """Copies a run's JSON and plots into ``RESULTS`` and regenerates ``README``'s results section.
+
+  Only ``--update-results`` calls this: it is the one path by which the main job writes
+  tracked files.
+
+  Args:
+    results: the run's results (``plots`` names the PNG files in ``out``).
+    out: the run's folder.
+
+  Returns:
+    The files written.
+  """
+  import shutil
+
+  from benchmarks import make_readme
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  written = []
+  for name in ["results.json", *(results.get("plots") or [])]:
+    src, dst = out / name, RESULTS / name
+    if src.resolve() != dst.resolve():
+      shutil.copyfile(src, dst)
+    written.append(dst)
+  if make_readme.update_file(README, json.loads((RESULTS / "results.json").read_text()),
+                             RESULTS.resolve()):
+    written.append(README)
+  return written
+
+
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
-  out = pathlib.Path(args.out)
+  now = _dt.datetime.now(_dt.timezone.utc)
+  out = run_dir(args.out, now)
   t_start = time.time()
   try:
     import torch
@@ -347,12 +431,13 @@ def main(argv=None):
   optimizers = O.select(O.all_optimizers(torch=not args.no_torch),
                         [args.optimizer] if args.optimizer else [])
   results = {"schema": 1, "mode": "full" if args.full else "quick",
-             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "started": now.isoformat(timespec="seconds"),
              "machine": machine_description(args.device), "argv": sys.argv[1:] if argv is None
              else list(argv), "optimizers": [{"name": o.name, "framework": o.framework,
                                               "family": o.family, "mode": o.mode,
                                               "note": o.note} for o in optimizers],
-             "tasks": {}, "quality": [], "summary": [], "speed": [], "skipped": []}
+             "tasks": {}, "quality": [], "summary": [], "speed": [], "skipped": [],
+             "timings_s": {}}   # wall seconds of each part (task, speed, investigation)
   log(f"stax benchmark ({results['mode']}): {len(optimizers)} optimizers, "
       f"{results['machine']['cpu']} × {results['machine']['cores']}, load "
       f"{results['machine'].get('load_avg_start')}")
@@ -375,6 +460,12 @@ def main(argv=None):
       log(f"plots failed: {type(e).__name__}: {e}")
   print(summary_table(results))
   print(f"\nwall time {results['wall_s']:.0f}s; results in {out / 'results.json'}")
+  if args.update_results:
+    written = publish(results, out)
+    print("updated tracked files: " + ", ".join(os.path.relpath(w, ROOT) for w in written))
+  else:
+    print(f"run folder: {out} (untracked; --update-results refreshes benchmarks/results/ "
+          "and README)")
   return results
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,73 @@ from benchmarks import make_readme, speed, tasks as T
 torch = pytest.importorskip("torch")
 
 
+TRACKED_RESULTS, TRACKED_README = M.RESULTS, M.README   # before any test patches them
+
+
+def _tracked_snapshot():
+  """mtime and bytes of every file in the tracked benchmarks/results/, and README's results
+  section (the part only the main job's --update-results or make_readme rewrites)."""
+  files = {p.name: (p.stat().st_mtime_ns, p.read_bytes())
+           for p in sorted(TRACKED_RESULTS.iterdir()) if p.is_file()}
+  text = TRACKED_README.read_text()
+  return files, text[text.index(make_readme.START):text.index(make_readme.END)]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench")
-  res = M.main(["--task", "digits", "--optimizer", "optax.adamw,stax.adamw,torch.optim.AdamW",
-                "--steps", "25", "--lrs", "3e-3", "--sizes", "tiny", "--speed-steps", "2",
-                "--no-investigate", "--quiet", "--out", str(out)])
-  return res, out
+  """A tiny run with the default output folder (no --out): RUNS points to a temporary folder."""
+  runs = tmp_path_factory.mktemp("runs")
+  before = _tracked_snapshot()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(M, "RUNS", runs)
+    res = M.main(["--task", "digits", "--optimizer", "optax.adamw,stax.adamw,torch.optim.AdamW",
+                  "--steps", "25", "--lrs", "3e-3", "--sizes", "tiny", "--speed-steps", "2",
+                  "--no-investigate", "--quiet"])
+  assert _tracked_snapshot() == before, "the default run wrote into tracked files"
+  folders = list(runs.iterdir())
+  assert len(folders) == 1, folders
+  return res, folders[0]
+
+
+def test_default_output_is_an_untracked_run_folder(tiny_run, tmp_path, monkeypatch):
+  """Without --out the run writes into a new runs/<UTC time>/ folder, which git ignores."""
+  _, out = tiny_run
+  assert re.fullmatch(r"\d{8}T\d{6}Z(-\d+)?", out.name), out.name
+  assert (out / "results.json").is_file() and (out / "digits_loss.png").is_file()
+  args = M.parse_args([])
+  assert args.out is None and not args.update_results
+  assert M.RUNS == M.ROOT / "runs" and M.RESULTS == M.ROOT / "benchmarks" / "results"
+  ignored = [ln.strip() for ln in (M.ROOT / ".gitignore").read_text().splitlines()]
+  assert "/runs/" in ignored or "runs/" in ignored
+  monkeypatch.setattr(M, "RUNS", tmp_path)
+  now = M._dt.datetime(2030, 1, 2, 3, 4, 5)
+  assert M.run_dir(None, now) == tmp_path / "20300102T030405Z"
+  assert M.run_dir(None, now) == tmp_path / "20300102T030405Z-2"   # never reuses a folder
+
+
+def test_update_results_flag_writes_results_and_readme(tiny_run, tmp_path, monkeypatch):
+  """--update-results copies the JSON and plots into RESULTS and regenerates README's section
+  (here both are temporary copies; the real tracked files stay untouched)."""
+  before = _tracked_snapshot()
+  results_dir = tmp_path / "results"
+  results_dir.mkdir()
+  (results_dir / "results.json").write_text("{}")
+  readme = tmp_path / "README.md"
+  readme.write_text("# x\n<!-- results:start -->\nold text\n<!-- results:end -->\nafter\n")
+  monkeypatch.setattr(M, "RESULTS", results_dir)
+  monkeypatch.setattr(M, "README", readme)
+  monkeypatch.setattr(M, "RUNS", tmp_path / "runs")
+  M.main(["--no-quality", "--no-speed", "--quiet", "--update-results"])
+  saved = json.loads((results_dir / "results.json").read_text())
+  assert saved["mode"] == "quick" and "wall_s" in saved
+  assert "old text" not in readme.read_text() and "Machine:" in readme.read_text()
+  # the plots of a run go along with its JSON
+  res, out = tiny_run
+  written = M.publish(res, out)
+  assert {w.name for w in written} >= {"results.json", "digits_loss.png", "README.md"}
+  assert (results_dir / "digits_loss.png").read_bytes() == (out / "digits_loss.png").read_bytes()
+  assert "| optax.adamw |" in readme.read_text()
+  assert _tracked_snapshot() == before
 
 
 def test_json_schema_and_finite_numbers(tiny_run):
