@@ -69,3 +69,10 @@ def random_grads(params, step: int, scale: float = 1.0):
 def max_abs_diff(a, b) -> float:
   return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def rms_diff(a, b) -> float:
+  """Root-mean-square difference over every coordinate of two trees of one structure."""
+  sq = [np.square(np.asarray(x, np.float64) - np.asarray(y, np.float64)).ravel()
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return float(np.sqrt(np.mean(np.concatenate(sq))))

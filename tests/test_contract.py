@@ -7,6 +7,7 @@ pmap, checkpointing), or the declared dtypes/shardings.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tests import contract_problems as cp
 from tests.registry import ALL
@@ -69,11 +70,18 @@ def test_converges_on_quadratic(entry):
 def test_converges_on_rosenbrock(entry):
   if entry.rosenbrock_tol is None:
     pytest.skip(f"Rosenbrock not part of this entry's contract: {entry.note}")
+  # The iterate creeps along Rosenbrock's curved valley and Adam-like steps bounce across it: the
+  # trajectory is chaotic, and last-bit differences (an AVX2 vs SSE/AVX-512 build, another CPU)
+  # move single coordinates by up to ~0.4 after 3·steps (scao_0.2.4 measured 0.2156 on a Xeon,
+  # 0.0317 here). Over 150 starts perturbed by 1e-6 the max distance of several entries passed
+  # 0.05 while the RMS distance of every entry stayed below 0.03 (from 1.0 at the start), so
+  # the contract bounds the RMS distance.
   params, loss, optimum = cp.rosenbrock()
   tx = entry.make(**(entry.rosenbrock_kwargs or {}))
   final, _ = _run(tx, params, loss, entry.steps * 3)
-  dist = cp.max_abs_diff(final, optimum)
-  assert dist < entry.rosenbrock_tol, f"{entry.name}: |p - p*|_max = {dist}"
+  rms = cp.rms_diff(final, optimum)
+  assert rms < entry.rosenbrock_tol, (
+      f"{entry.name}: RMS |p - p*| = {rms} (max {cp.max_abs_diff(final, optimum)})")
 
 
 # --------------------------------------------------------------------------- jit behaviour
@@ -165,36 +173,77 @@ def test_buffer_donation(entry):
 
 # --------------------------------------------------------------------------- distribution
 def _spec(x, mode):
+  """Spec of one leaf on the 8-device mesh ``"x"``: ``mode`` ``"rows"`` (first axis), ``"cols"``
+  (last axis) or ``"mixed"`` (the shorter axis where it divides, else the other: row- and
+  column-sharded, long- and short-axis-sharded matrices in one tree); unsharded where the axis
+  does not divide. Full-rank (``P(None)``, not ``P()``): a jitted step returns full-rank specs,
+  so its outputs fed back do not recompile it."""
   if np.ndim(x) < 2:
-    return P()
+    return P(*(None,) * np.ndim(x))
+  if mode == "mixed":  # the shorter axis (the last on a tie) where it divides, else the other
+    rows_first = x.shape[0] < x.shape[-1]
+    divides = (x.shape[0] if rows_first else x.shape[-1]) % 8 == 0
+    mode = "rows" if rows_first == divides else "cols"
   if mode == "rows" and x.shape[0] % 8 == 0:
     return P("x", None)
   if mode == "cols" and x.shape[-1] % 8 == 0:
     return P(None, "x")
-  return P()
+  return P(None, None)
+
+
+_REFERENCES = {}
+
+
+def _reference(entry, steps):
+  """Single-device params after ``steps`` random-gradient steps on the quadratic, kept per
+  entry (every mesh test of an entry compares against the same run)."""
+  key = (entry.name, repr(entry.kwargs), steps)
+  if key not in _REFERENCES:
+    params, _, _ = cp.quadratic()
+    _REFERENCES[key] = _run_grads(entry.make(), params, steps)[0]
+  return _REFERENCES[key]
 
 
 @pytest.mark.parametrize("mode", ["rows", "cols"])
 @pytest.mark.parametrize("entry", ALL, ids=IDS)
 def test_explicit_mesh_sharding(entry, mode):
+  _check_mesh_sharding(entry, mode)
+
+
+def _check_mesh_sharding(entry, mode, *, set_mesh=True, axis_type=AxisType.Explicit, steps=4):
+  """``steps`` of ``entry`` on the quadratic's params placed with ``NamedSharding(mesh,
+  _spec(·, mode))`` on an 8-device mesh of ``axis_type`` axes, jitted under ``jax.set_mesh``
+  (state initialised in ``jit``) or, ``set_mesh=False``, without a mesh context (state
+  initialised eagerly, as optax's examples do), equal the single-device run within
+  ``entry.sharding_atol``. On an explicit mesh the state's types are also stable across steps
+  (no recompilation), the params keep their specs and full-size state leaves follow the
+  sharding of their parameter."""
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 host devices (tests/conftest.py sets XLA_FLAGS)")
   params, _, _ = cp.quadratic()
   tx = entry.make()
-  ref, _ = _run_grads(tx, params, 4)
-  mesh = jax.make_mesh((8,), ("x",))
-  with jax.set_mesh(mesh):
+  ref = _reference(entry, steps)
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+  explicit = axis_type == AxisType.Explicit
+  with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
     specs = jax.tree.map(lambda x: _spec(x, mode), params)
     put = lambda t: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, specs)
     p = put(params)
-    state = jax.jit(tx.init)(p)
-    state0_avals = jax.tree.map(jax.typeof, state)
+    # Without a mesh context a jitted init would need keep_unused=True (jit drops params that
+    # are only read for their shapes, and the zeros built from them lose the mesh; optax too).
+    state = jax.jit(tx.init)(p) if set_mesh else tx.init(p)
     step = jax.jit(_grad_step(tx))
-    for i in range(4):
+    start = 0
+    if not set_mesh:  # eager init puts scalars on one device: types settle after one step
+      p, state = step(p, state, put(cp.random_grads(params, 0)))
+      start = 1
+    state0_avals = jax.tree.map(jax.typeof, state)
+    for i in range(start, steps):
       p, state = step(p, state, put(cp.random_grads(params, i)))
+  if explicit:
     assert jax.tree.map(jax.typeof, state) == state0_avals
     for x, s in zip(jax.tree.leaves(p), jax.tree.leaves(specs, is_leaf=lambda z: isinstance(z, P))):
-      assert x.sharding.spec == s or (s == P() and all(a is None for a in x.sharding.spec))
+      assert x.sharding.spec == s or all(a is None for a in (*s, *x.sharding.spec))
     # Full-size state leaves follow the sharding of the parameter of the same shape.
     by_shape = {}
     for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs, is_leaf=lambda z: isinstance(z, P))):
@@ -257,6 +306,65 @@ def test_orbax_checkpoint_resume_bit_exact(entry, tmp_path):
   assert cp.max_abs_diff(p, full_p) == 0.0
   for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(full_s)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------- huge gradients
+def _huge_grads(g, value, where):
+  """``g`` with finite entries of magnitude ``value``: two rows of ``layer_0/kernel`` (+, -), or
+  every entry of every leaf (signs of ``g``)."""
+  g = jax.tree.map(np.array, g)
+  if where == "one_leaf":
+    g["layer_0"]["kernel"][0] = value
+    g["layer_0"]["kernel"][-1] = -value
+  else:
+    g = jax.tree.map(lambda x: np.where(x >= 0, value, -value).astype(x.dtype), g)
+  return jax.tree.map(jnp.asarray, g)
+
+
+def _guard_counts(state):
+  from stax.transforms.guards import NonFiniteGuardState
+  return [int(x.nonfinite_count) for x in jax.tree.leaves(
+      state, is_leaf=lambda z: isinstance(z, NonFiniteGuardState))
+          if isinstance(x, NonFiniteGuardState)]
+
+
+@pytest.mark.parametrize("entry", ALL, ids=IDS)
+def test_huge_finite_gradients_never_corrupt(entry):
+  """Finite gradients up to float32's maximum (1e30, 3e38, both signs, in one leaf and in every
+  leaf) on three consecutive steps mid-run (so momentum without a (1-β) factor accumulates and
+  SCAO's curvature update, every 5 steps from step 25, sees them) leave every parameter and
+  every floating state leaf finite, are not skipped as non-finite, and later normal steps still
+  move every parameter."""
+  params0, _, _ = cp.quadratic()
+  tx = entry.make()
+  step = jax.jit(_grad_step(tx))
+  huge_steps, total = (24, 25, 26), 30
+  skip_policy = entry.kwargs.get("nonfinite", "skip") in ("skip", "error")
+  for value in (1e30, 3e38):
+    for where in ("one_leaf", "every_leaf"):
+      case = f"{entry.name}, {value:g} in {where}"
+      params, state = params0, tx.init(params0)
+      for i in range(total):
+        g = cp.random_grads(params0, i)
+        if i in huge_steps:
+          g = _huge_grads(g, value, where)
+        prev = params
+        params, state = step(params, state, g)
+        if i < huge_steps[0]:
+          continue
+        for x in jax.tree.leaves(params):
+          assert bool(jnp.all(jnp.isfinite(x))), f"{case}: non-finite parameter at step {i}"
+        for x in jax.tree.leaves(state):
+          if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            assert bool(jnp.all(jnp.isfinite(x))), (
+                f"{case}: non-finite state leaf {jax.typeof(x)} at step {i}")
+        if i > huge_steps[-1]:
+          for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(prev)):
+            assert bool(jnp.any(a != b)), f"{case}: a normal step {i} left a leaf unchanged"
+      if skip_policy:
+        counts = _guard_counts(state)
+        assert counts and all(c == 0 for c in counts), (
+            f"{case}: a finite gradient was skipped as non-finite ({counts})")
 
 
 # --------------------------------------------------------------------------- validation

@@ -39,8 +39,10 @@ def _mlp(sparse: bool):
 
 def _train(tx, params, loss, extra):
   """200 minibatch steps with three accidents: a +1e3 outlier in l2/w at BURST_STEP (a
-  "variance explosion" for STAM), a 1e20 spike in l1/w at SPIKE_STEP (its variance overflows to
-  inf) and NaN/-Inf entries in l2 at NAN_STEP. Returns the parameter trajectory and
+  "variance explosion" for STAM), a 1e18 spike in l1/w at SPIKE_STEP (another explosion, below
+  the 2**63 at which stax saturates gradients — beyond it the seed's float32 g² overflows and its
+  state stays Inf, which stax deliberately does not reproduce: see test_contract's huge-gradient
+  test) and NaN/-Inf entries in l2 at NAN_STEP. Returns the parameter trajectory and
   ``extra(state)`` per step."""
 
   def step(carry, t):
@@ -48,7 +50,7 @@ def _train(tx, params, loss, extra):
     idx = jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(1), t), (32,), 0, 256)
     g = jax.grad(loss)(p, idx)
     g["l2"]["w"] = g["l2"]["w"].at[0, 0].add(jnp.where(t == BURST_STEP, 1e3, 0.0))
-    g["l1"]["w"] = g["l1"]["w"].at[0, 0].add(jnp.where(t == SPIKE_STEP, 1e20, 0.0))
+    g["l1"]["w"] = g["l1"]["w"].at[0, 0].add(jnp.where(t == SPIKE_STEP, 1e18, 0.0))
     g["l2"]["b"] = g["l2"]["b"].at[0].set(jnp.where(t == NAN_STEP, jnp.nan, g["l2"]["b"][0]))
     g["l2"]["w"] = g["l2"]["w"].at[1, 2].set(jnp.where(t == NAN_STEP, -jnp.inf, g["l2"]["w"][1, 2]))
     u, s = tx.update(g, s, p)
@@ -107,7 +109,7 @@ def test_stam_matches_seed_package(name, kw, sparse, explodes):
     explode += big.sum()
     np.testing.assert_array_equal(b[nonfinite | big], base)
     assert np.all(b[~(nonfinite | big)] < base)
-  assert nan_fb > 0  # the 1e20 spike makes l1/w's variance infinite from SPIKE_STEP on
+  assert nan_fb == 0  # finite gradients below 2**63 keep the seed's variance finite too
   assert (explode > 0) == explodes  # e.g. the BURST_STEP outlier crosses the threshold
   # NaN/Inf gradient entries were zeroed, not propagated.
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(mine))
@@ -128,10 +130,9 @@ def test_stam_lite_matches_seed_package(name, kw):
   _check_parity(name, mine, ref)
   for a, b in zip(jax.tree.leaves(beta1), jax.tree.leaves(ref_beta1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
-  # Non-finite candidate fallback after the spike: l1/w's beta1 is b1_base on later refreshes.
-  k = kw.get("beta1_update_interval", 5)
-  after = np.asarray(beta1["l1"]["w"])[SPIKE_STEP + k:]
-  np.testing.assert_array_equal(after, np.float32(kw.get("b1_base", 0.9)))
+  # The spike (below 2**63, see _train) keeps every candidate finite in both, so beta1 follows
+  # the seed's through it (checked above); stax's non-finite fallback needs |g| >= 2**64, where
+  # the seed's state overflows (test_contract's huge-gradient test covers stax there).
   assert np.all(np.asarray(beta1["l2"]["w"]) < np.float32(kw.get("b1_base", 0.9)))
 
 

@@ -43,10 +43,11 @@ def test_uncompressed_equals_optax_adamw_exactly():
   # bit-exact with the shared core's AdamW ...
   for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # ... which itself matches optax.adamw to one float32 ulp here (XLA fuses the two programs
-  # differently; see the report to the lead).
+  # ... which itself matches optax.adamw to a few float32 ulps (XLA fuses the two programs
+  # differently, and the rounding of each fusion depends on the vector ISA: 1 ulp with AVX2 or
+  # AVX-512, 2 ulps with --xla_cpu_max_isa=SSE4_2).
   for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[2])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-7, atol=0)
+    np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=4)
 
 
 def _parity_run(v_bits, steps, shapes, thr, lr=1e-2, wd=0.01):

@@ -14,7 +14,8 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+
+from stax import _sharding as _sh
 
 __all__ = ["explicit_spec", "split_last", "merge_last", "zeros_following", "constrain_like",
            "pad_last", "num_blocks"]
@@ -24,34 +25,13 @@ def num_blocks(n: int, block_size: int) -> int:
   return -(-n // block_size)
 
 
-def explicit_spec(x: Any) -> Optional[tuple]:
-  """The explicit-mesh spec of ``x`` as a full-length tuple, or None when nothing is sharded."""
-  try:
-    sharding = jax.typeof(x).sharding
-    spec = tuple(sharding.spec)
-    mesh = sharding.mesh
-  except Exception:  # noqa: BLE001 - abstract values without sharding information
-    return None
-  spec = spec + (None,) * (jnp.ndim(x) - len(spec))
-  if all(a is None for a in spec):
-    return None
-  try:
-    from jax.sharding import AxisType
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    if not any(types.get(n) == AxisType.Explicit for a in spec if a is not None
-               for n in ((a,) if isinstance(a, str) else a)):
-      return None
-  except Exception:  # noqa: BLE001
-    pass
-  return spec
+# The explicit-mesh spec of an array as a full-length tuple, or None when nothing is sharded
+# (shared with the kernels and transforms; shardings are built on the array's own mesh).
+explicit_spec = _sh.explicit_spec
 
 
 def _shards(x: Any, entry: Any) -> int:
-  if entry is None:
-    return 1
-  mesh = jax.typeof(x).sharding.mesh
-  names = (entry,) if isinstance(entry, str) else tuple(entry)
-  return math.prod(mesh.shape[n] for n in names)
+  return _sh.axis_size(jax.typeof(x).sharding.mesh, entry)
 
 
 def _follow_last(spec: tuple, x: Any, sizes: Sequence[int]) -> tuple:
@@ -67,7 +47,7 @@ def split_last(x: jax.Array, sizes: Sequence[int]) -> jax.Array:
   spec = explicit_spec(x)
   if spec is None:
     return x.reshape(shape)
-  return jnp.reshape(x, shape, out_sharding=P(*_follow_last(spec, x, sizes)))
+  return jnp.reshape(x, shape, out_sharding=_sh.named(x, _follow_last(spec, x, sizes)))
 
 
 def merge_last(x: jax.Array, k: int) -> jax.Array:
@@ -78,7 +58,7 @@ def merge_last(x: jax.Array, k: int) -> jax.Array:
     return x.reshape(shape)
   head, tail = spec[:-k], spec[-k:]
   keep = tail[0] if all(a is None for a in tail[1:]) else None
-  return jnp.reshape(x, shape, out_sharding=P(*(head + (keep,))))
+  return jnp.reshape(x, shape, out_sharding=_sh.named(x, head + (keep,)))
 
 
 def pad_last(x: jax.Array, n_to: int, value: Any) -> jax.Array:
@@ -88,7 +68,7 @@ def pad_last(x: jax.Array, n_to: int, value: Any) -> jax.Array:
     return x
   spec = explicit_spec(x)
   if spec is not None and spec[-1] is not None:
-    x = jax.sharding.reshard(x, P(*(spec[:-1] + (None,))))
+    x = _sh.reshard(x, spec[:-1] + (None,))
   fill = jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape[:-1] + (1,))
   fill = jnp.broadcast_to(fill, x.shape[:-1] + (n_to - n,))
   return jnp.concatenate([x, fill], axis=-1)
@@ -109,7 +89,7 @@ def zeros_following(param: Any, shape: Sequence[int], dtype: Any, fill: Any = 0)
   spec = target_spec(param, shape[jnp.ndim(param) - 1], extra) if jnp.ndim(param) else None
   if spec is None:
     return jnp.full(tuple(shape), fill, dtype)
-  return jax.sharding.reshard(jnp.full(tuple(shape), fill, dtype), P(*spec))
+  return _sh.reshard(jnp.full(tuple(shape), fill, dtype), spec, like=param)
 
 
 def constrain_like(x: jax.Array, param: Any) -> jax.Array:
@@ -121,4 +101,4 @@ def constrain_like(x: jax.Array, param: Any) -> jax.Array:
     return x
   if explicit_spec(x) == spec:
     return x
-  return jax.sharding.reshard(x, P(*spec))
+  return _sh.reshard(x, spec, like=param)

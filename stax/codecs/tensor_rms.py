@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from stax import numerics as num
 from stax.codecs.base import FullPrecision, SeparateStorage
 
 __all__ = ["TensorMean", "tensor_rms_storage"]
@@ -40,7 +41,7 @@ __all__ = ["TensorMean", "tensor_rms_storage"]
 def _mean(value: jax.Array) -> jax.Array:
   if value.size == 0:
     return jnp.zeros([], value.dtype)
-  return jnp.mean(value)
+  return num.mean(value)  # exact, and its sum never overflows (v near the dtype's maximum)
 
 
 class TensorMean(NamedTuple):

@@ -41,8 +41,10 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from stax import _sharding as _sh
+from stax import numerics as num
 from stax.kernels._dispatch import resolve_implementation, use_interpret
 
 try:  # Pallas is part of jax; keep the import failure-tolerant for exotic builds.
@@ -59,42 +61,16 @@ Coeffs = Sequence[tuple[float, float, float]]
 
 
 # --------------------------------------------------------------------------- sharding helpers
-def explicit_spec(x: jax.Array) -> Optional[tuple]:
-  """The full-rank ``PartitionSpec`` tuple of ``x`` when it is sharded over an *explicit*
-  mesh axis (inside ``jit`` under ``jax.set_mesh``), else ``None`` (unsharded, Auto, pmap)."""
-  try:
-    sharding = jax.typeof(x).sharding
-  except Exception:  # noqa: BLE001 - not an array / no sharding in types
-    return None
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or getattr(mesh, "empty", True):
-    return None
-  explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
-  if not explicit:
-    return None
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(tuple(sharding.spec)))
-
-  def names(entry):
-    if entry is None:
-      return ()
-    return entry if isinstance(entry, tuple) else (entry,)
-
-  if not any(set(names(e)) & explicit for e in spec):
-    return None
-  return spec
-
-
-def _axis_size(mesh, entry) -> int:
-  if entry is None:
-    return 1
-  names = entry if isinstance(entry, tuple) else (entry,)
-  return int(np.prod([mesh.shape[n] for n in names]))
+# Shared with the transforms and codecs (stax/_sharding.py); re-exported for existing callers.
+explicit_spec = _sh.explicit_spec
+_axis_size = _sh.axis_size
 
 
 # --------------------------------------------------------------------------- reference
 def _normalise(x, eps, norm_scale):
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-  return x / (norm * norm_scale + eps)
+  """``x / (‖x‖_F · norm_scale + eps)`` per matrix, without overflow for any finite ``x``
+  (:func:`stax.numerics.normalize`; bit-identical to the plain expression otherwise)."""
+  return num.normalize(x, eps, norm_scale, axis=(-2, -1))
 
 
 def newton_schulz_reference(x: jax.Array, coeffs: Coeffs, *, eps: float = 1e-7,
@@ -136,8 +112,8 @@ def newton_schulz_reference(x: jax.Array, coeffs: Coeffs, *, eps: float = 1e-7,
     if sb is not None and long is not None and set(
         sb if isinstance(sb, tuple) else (sb,)) & set(long if isinstance(long, tuple) else (long,)):
       long = None
-    work_spec = P(sb, None, long)
-    gram_spec = P(sb, None, None)
+    work_spec = _sh.named(mesh, (sb, None, long))
+    gram_spec = _sh.named(mesh, (sb, None, None))
     x = jax.reshard(x, work_spec)
 
   def mm(a, b, out):
@@ -160,7 +136,7 @@ def newton_schulz_reference(x: jax.Array, coeffs: Coeffs, *, eps: float = 1e-7,
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   if spec is not None:
-    x = jax.reshard(x, P(*spec) if not transposed else P(spec[0], spec[2], spec[1]))
+    x = _sh.reshard(x, spec if not transposed else (spec[0], spec[2], spec[1]), like=mesh)
   x = x.astype(in_dtype)
   return (x, left) if return_left else x
 
@@ -306,5 +282,5 @@ def newton_schulz(x: jax.Array, coeffs: Coeffs, *, eps: float = 1e-7, norm_scale
     sb = None
   whole = P(sb, None, None)
   y = jax.shard_map(lambda t: fn(t), mesh=mesh, in_specs=whole, out_specs=whole,
-                    check_vma=False)(jax.reshard(x, whole))
-  return jax.reshard(y, P(*spec))
+                    check_vma=False)(_sh.reshard(x, whole))
+  return _sh.reshard(y, spec, like=mesh)

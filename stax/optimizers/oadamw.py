@@ -154,8 +154,9 @@ def stable_adamw(
   See :mod:`stax.transforms.stable` for the equations. With ``nonfinite="ignore"`` and float32
   parameters it reproduces ``optimi.StableAdamW`` (tested over 200 steps to 1e-6).
   A finite gradient entry beyond ±2**63 (up to float32's maximum) is saturated to ±2**63 in the
-  moments, and the RMS clip saturates (optimi's ``g²`` overflows and makes the parameters NaN);
-  the step stays finite and is not skipped (see :mod:`stax.transforms.stable`).
+  moments, and one whose ``g²`` overflows sets that tensor's RMS-clipped step to 0 (optimi's
+  overflow makes the parameters NaN); nothing becomes non-finite and the step is not skipped
+  (see :mod:`stax.transforms.stable`).
   Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
   at ``init``, naming the leaf. ``max_lr`` without ``decouple_lr`` and ``kahan_dtype`` with
   ``kahan_sum=False`` have no effect and give a ``UserWarning``.

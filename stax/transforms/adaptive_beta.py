@@ -6,6 +6,10 @@ the decoded previous first moment ``m``; the Adam core (:func:`stax.scale_by_ada
 corrects the bias with :math:`1-\prod_i \beta_{1,i}`. Every rule keeps its per-leaf statistics as
 float32 scalars in the Adam state (``b1_state``), including the last :math:`\beta_1` it returned
 (read it with :func:`stax.stam_beta1`).
+The Adam core hands the rules its saturated gradient (``|g| <= 2**63``), so the plain means of
+``g`` and ``|g - m|`` cannot overflow, and the means of squares are
+:func:`stax.numerics.mean_square` (saturating at ``2**126``): a huge finite gradient never makes
+a statistic non-finite, and below the bounds nothing changes.
 
 Three rules, all with the bounds :math:`[\beta_{lo}, \beta_{hi}] = [\max(0.5,
 \beta_{base}(1-\alpha)), \beta_{base}]` unless ``b1_min`` overrides the lower one:
@@ -59,6 +63,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from stax import numerics as num
 from stax.transforms.adam import Beta1Rule
 
 __all__ = [
@@ -174,7 +179,7 @@ def residual_variance_beta1(
     b2_ = _f32(b2)
     td = _f32(tau_decay)
     r = _f32(g) - _f32(m)
-    sigma_sq = b2_ * s + (1.0 - b2_) * jnp.mean(r ** 2)
+    sigma_sq = b2_ * s + (1.0 - b2_) * num.mean_square(r)
     tau = td * t + (1.0 - td) * jnp.mean(jnp.abs(r))
     scale = tau ** 2 + 1e-8
     fallback = jnp.logical_or(~jnp.isfinite(sigma_sq),
@@ -236,7 +241,7 @@ def spatial_variance_beta1(
     e = _f32(eps)
     g = _f32(g)
     a = rho * a + (1.0 - rho) * jnp.mean(g)
-    q = rho * q + (1.0 - rho) * jnp.mean(g ** 2)
+    q = rho * q + (1.0 - rho) * num.mean_square(g)
     c = 1.0 - rho ** (count + 1)
     a_hat = a / (c + e)
     q_hat = q / (c + e)
@@ -294,8 +299,8 @@ def snr_beta1(
     g = _f32(g)
     c = 1.0 - prod
     m_hat = jnp.where(c > 0, _f32(m) / jnp.where(c > 0, c, 1.0), 0.0)
-    big_g = rho * big_g + (1.0 - rho) * jnp.mean(g ** 2)
-    big_r = rho * big_r + (1.0 - rho) * jnp.mean((g - m_hat) ** 2)
+    big_g = rho * big_g + (1.0 - rho) * num.mean_square(g)
+    big_r = rho * big_r + (1.0 - rho) * num.mean_square(g - m_hat)
     ok = big_g > 0
     w = jnp.clip(1.0 - big_r / jnp.where(ok, big_g, 1.0), 0.0, 1.0)
     w = jnp.where(ok & jnp.isfinite(w), w, 1.0)

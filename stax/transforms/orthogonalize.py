@@ -33,7 +33,8 @@ A per-iteration preset with fewer rows than ``ns_steps`` repeats its last row; w
 first ``ns_steps`` rows are used. ``coeffs`` may also be one ``(a, b, c)`` triple or a sequence
 of triples.
 
-Sharding. Inside ``jit`` under an explicit mesh (``jax.set_mesh``), ``mode="per_leaf"`` keeps each
+Sharding. On arrays sharded over an explicit mesh (inside ``jit`` under ``jax.set_mesh``, or
+placed with a ``NamedSharding`` and jitted without a mesh context), ``mode="per_leaf"`` keeps each
 matrix sharded along its long axis and all-reduces only the small Gram matrix (a short-axis
 sharding is moved there), then reshards back, so row- and column-sharded matrices give the
 unsharded result. ``mode="stacked"`` groups same-shape matrices, stacks them, shards the stack

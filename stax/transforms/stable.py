@@ -18,6 +18,13 @@ debiased betas: the EMAs are already unbiased). The update clipping is computed 
 :func:`scale_by_stable_adam` (before ``optax.scale_by_learning_rate``) rather than by a separate
 ``optax.add_decayed_weights``.
 
+Huge gradients: the moments see every gradient entry saturated at ±2**63 (float32 / bfloat16
+moments; :func:`stax.numerics.square_bound`), so an entry beyond it — up to float32's maximum —
+acts as ±2**63 there and no moment overflows; the RMS's mean cannot overflow
+(:func:`stax.numerics.mean`), and an entry whose own ``g²`` overflows (``|g| >= 2**64``) makes
+the RMS Inf, so that tensor's step on that update is 0 (the clip at its limit). No parameter or
+state leaf becomes non-finite, and the step is not skipped. Below the bounds nothing changes.
+
 Reference: Wortsman et al., `Stable and low-precision training for large-scale vision-language
 models <https://arxiv.org/abs/2304.13013>`_, 2023; ``torch-optimi`` 0.3.3 ``StableAdamW``.
 
@@ -37,6 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _validation as V
+from stax import numerics as num
 from stax.codecs.base import StorageLike, full_precision_storage, resolve_storage
 from stax.transforms.adam import ScaleByAdamState, scale_by_adam
 
@@ -45,11 +53,16 @@ __all__ = ["scale_by_stable_adam", "update_rms", "add_decoupled_weight_decay",
 
 
 def update_rms(g: jax.Array, v: jax.Array, eps: Any) -> jax.Array:
-  """optimi's per-tensor ``sqrt(mean(g² / max(v, eps²)))`` in float32 (a scalar)."""
+  """optimi's per-tensor ``sqrt(mean(g² / max(v, eps²)))`` in float32 (a scalar).
+
+  The mean is :func:`stax.numerics.mean` (its sum cannot overflow; the plain mean's value). A
+  finite ``|g| >= 2**64`` overflows its ``g²``: the RMS is then Inf and that tensor's update on
+  that step is 0 (finite; its moments still take the saturated gradient).
+  """
   g = g.astype(jnp.float32)
   v = v.astype(jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
-  return jnp.sqrt(jnp.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
+  return jnp.sqrt(num.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
 
 
 def decay_coefficient(weight_decay: Any, decouple_lr: bool, max_lr: Any) -> Any:
@@ -105,6 +118,10 @@ def scale_by_stable_adam(
   V.check_betas(b1=b1, b2=b2)
   V.check_number("eps", eps, low=0.0)
   V.check_number("weight_decay", weight_decay, low=0.0)
+  V.check_bool("decouple_lr", decouple_lr)
+  V.check_bool("clip", clip)
+  V.check_dtype("mu_dtype", mu_dtype)
+  V.check_dtype("nu_dtype", nu_dtype)
   if decouple_lr:
     if max_lr is None:
       raise ValueError("`max_lr` is required when `decouple_lr=True` (the maximum scheduled "
@@ -160,6 +177,7 @@ def add_decoupled_weight_decay(
   Muon leaves of :func:`stax.oadamw`); follow it with ``optax.scale_by_learning_rate``.
   """
   V.check_number("weight_decay", weight_decay, low=0.0)
+  V.check_bool("decouple_lr", decouple_lr)
   if decouple_lr:
     if max_lr is None:
       raise ValueError("`max_lr` is required when `decouple_lr=True`.")

@@ -1,0 +1,194 @@
+r"""Overflow-safe squares, means and norms: the one place stax bounds what a finite input can do.
+
+A finite float32 gradient entry :math:`|g| \ge 2^{64} \approx 1.8\cdot10^{19}` already makes
+:math:`g^2` overflow, and a Frobenius norm or a mean of squares overflows much earlier when many
+entries are large. Every optimizer in stax bounds its squares, norms and per-tensor statistics
+with these helpers, so no finite input (up to the dtype's maximum) turns a parameter or a state
+leaf into Inf/NaN:
+
+* :func:`square_bound` — the saturation bound :math:`B`: the largest power of two whose square,
+  summed over ``terms`` terms, stays below a quarter of the dtype's maximum. For one term it is
+  :math:`2^{e/2-1}` for a dtype with maximum exponent ``e`` (``finfo.maxexp``): :math:`2^{63}
+  \approx 9.2\cdot10^{18}` for float32 and bfloat16, :math:`2^7 = 128` for float16.
+* :func:`saturate` — clips to :math:`[-B, B]` (elementwise; one op fused into the existing pass).
+  NaN stays NaN; ±Inf become ±B. Entries inside the bound are returned bit for bit.
+* :func:`mean_square` — a per-tensor statistic at the cost of the plain mean: the plain
+  ``jnp.mean(x**2)`` whose result saturates at :math:`R = B^2` (:func:`statistic_bound`,
+  :math:`2^{126}` for float32) — an overflowing square or sum counts as above :math:`R`.
+  Bit-identical whenever the plain mean is at most :math:`R`; a statistic the dtype cannot hold
+  reads as :math:`R`, which keeps the EMAs built on it finite. (Clipping the *elements* instead
+  would put a clamp inside the reduction, which XLA's CPU backend then runs ~25× slower.)
+* :func:`mean` — an exact mean whose sum cannot overflow (the elements are scaled by a static
+  power of two, one multiply fused into the reduction), for the per-tensor means of large
+  moments whose value must stay exact (STAMLite's second moment, StableAdamW's RMS).
+* :func:`norm`, :func:`normalize`, :func:`saturate_norm` — exact Frobenius norms: the input is
+  divided by a power of two chosen from :math:`\max|x|` *only when* the sum of squares could
+  overflow; otherwise the power is exactly 1 and the result is bit-identical to
+  ``sqrt(sum(x**2))``. This costs one max-reduction beside the sum, so these are for norms next
+  to heavier work (Newton–Schulz, SCAO's preconditioner), not for a bare per-tensor statistic.
+
+Momentum accumulators without a ``(1-β)`` factor must saturate their result as well
+(:func:`saturate` after every accumulation), since :math:`\sum_t \mu^t g_t` grows past any bound.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from stax import numerics
+  >>> x = jnp.array([3e38, -1e38, 1.0], jnp.float32)
+  >>> float(jnp.sqrt(jnp.sum(x * x)))
+  inf
+  >>> float(numerics.norm(x))  # doctest: +ELLIPSIS
+  3.16227...e+38
+  >>> float(numerics.saturate(x)[0]) == 2.0 ** 63
+  True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["square_bound", "statistic_bound", "saturate", "mean_square", "mean", "norm",
+           "normalize", "saturate_norm"]
+
+Axis = Optional[Union[int, Sequence[int]]]
+
+
+def _ceil_log2(n: int) -> int:
+  return 0 if n <= 1 else int(math.ceil(math.log2(n)))
+
+
+def square_bound(*dtypes: Any, terms: int = 1) -> float:
+  """Largest power of two ``b`` with ``terms · b² <= finfo(dtype).max / 4`` in every dtype.
+
+  Args:
+    *dtypes: floating dtypes (the smallest range wins); default float32.
+    terms: how many such squares may be summed (default 1); each doubling of ``terms``
+      lowers the bound by √2 (rounded down to a power of two).
+
+  Returns:
+    A Python float (exactly a power of two): ``2**63`` for float32/bfloat16 and one term.
+  """
+  dtypes = dtypes or (jnp.float32,)
+  k = min((int(jnp.finfo(dt).maxexp) - 2 - _ceil_log2(terms)) // 2 for dt in dtypes)
+  return float(2.0 ** k)
+
+
+def saturate(x: jax.Array, bound: Any = None) -> jax.Array:
+  """Clips ``x`` to ``[-bound, bound]`` (default :func:`square_bound` of ``x``'s dtype).
+
+  NaN stays NaN; ±Inf become ±bound; entries inside the bound are unchanged bit for bit.
+  """
+  x = jnp.asarray(x)
+  if bound is None:
+    bound = square_bound(x.dtype)
+  return jnp.clip(x, -bound, bound)
+
+
+def _reduced_size(shape: tuple, axis: Axis) -> int:
+  if axis is None:
+    return int(np.prod(shape, dtype=np.int64))
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  return int(np.prod([shape[a] for a in axes], dtype=np.int64))
+
+
+def statistic_bound(dtype: Any = jnp.float32) -> float:
+  """``R = square_bound(dtype)**2 = 2**(maxexp-2)``: where :func:`mean_square` saturates
+  (``2**126 ≈ 8.5e37`` for float32; a quarter of the maximum, rounded to a power of 2, so EMAs
+  and sums of a few such statistics stay finite)."""
+  return square_bound(dtype) ** 2
+
+
+def mean_square(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
+  """``min(mean(x**2), R)`` (:func:`statistic_bound`): finite for any finite or ±Inf ``x``.
+
+  The plain ``jnp.mean(x**2)``, whose overflow (an infinite square or sum) saturates at ``R``;
+  so wherever the plain mean is at most ``R`` the result is bit-identical to it. No clamp is
+  added inside the reduction (XLA's CPU backend runs a reduction with one ~25× slower), so it
+  costs exactly the plain mean. NaN stays NaN.
+  """
+  m = jnp.mean(jnp.square(jnp.asarray(x)), axis=axis, keepdims=keepdims)
+  return jnp.minimum(m, statistic_bound(m.dtype))
+
+
+def mean(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
+  """``mean(x)`` whose sum never overflows: exact (to rounding) for any finite ``x``.
+
+  Computed as ``jnp.mean(x · 2**-k) · 2**k`` with ``2**k >= 4n`` (``n`` elements reduced; a
+  static power of two): scaling by a power of two is exact, so the result is ``jnp.mean(x)`` bit
+  for bit — unless the mean itself is below ``2**(k-126)`` (float32; about ``1e-30`` for 16M
+  elements), where the scaled mean flushes to zero. One multiply fused into the reduction.
+  For the means of large non-negative moments (a per-tensor second moment, RMS ratios).
+  """
+  x = jnp.asarray(x)
+  k = _ceil_log2(_reduced_size(x.shape, axis)) + 2
+  c = float(2.0 ** -k)
+  return jnp.mean(x * c, axis=axis, keepdims=keepdims) / c
+
+
+def _pow2(k: jax.Array, dtype: Any) -> jax.Array:
+  """Exactly ``2**k`` in ``dtype`` for integer ``k`` in the normal exponent range (bit pattern)."""
+  fi = jnp.finfo(dtype)
+  itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+  bits = jnp.left_shift((k + (int(fi.maxexp) - 1)).astype(itype), itype(fi.nmant))
+  return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _scaled_sum_squares(x: jax.Array, axis: Axis):
+  """``(x·inv, k, s)`` with ``inv = 2**-k`` and ``s = sum((x·inv)²)`` (keepdims).
+
+  ``k`` is 0 (``inv`` exactly 1) unless ``max|x|`` exceeds ``square_bound(dtype, terms=n)`` (so
+  the plain sum of squares could overflow); then ``|x·inv| < 4`` and ``s <= 16 n``.
+  """
+  x = jnp.asarray(x)
+  dtype = x.dtype
+  t = square_bound(dtype, terms=_reduced_size(x.shape, axis))
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  _, e = jnp.frexp(amax)                     # amax < 2**e
+  k = jnp.where(amax > t, e - 2, 0)          # 2**k >= amax / 4, at most 2**(maxexp - 2)
+  xs = x * _pow2(-k, dtype)
+  return xs, k, jnp.sum(jnp.square(xs), axis=axis, keepdims=True)
+
+
+def norm(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
+  """Frobenius norm ``sqrt(sum(x**2))`` without intermediate overflow.
+
+  Exact to the dtype's rounding for entries up to its maximum; Inf only when the norm itself
+  exceeds the maximum. Bit-identical to ``jnp.sqrt(jnp.sum(jnp.square(x)))`` when that sum
+  cannot overflow.
+  """
+  x = jnp.asarray(x)
+  _, k, s = _scaled_sum_squares(x, axis)
+  out = jnp.sqrt(s) * _pow2(k, x.dtype)
+  if not keepdims:
+    out = jnp.squeeze(out, axis=axis) if axis is not None else jnp.reshape(out, ())
+  return out
+
+
+def normalize(x: jax.Array, eps: Any = 0.0, norm_scale: Any = 1.0, axis: Axis = None) -> jax.Array:
+  """``x / (norm(x) · norm_scale + eps)`` (norm over ``axis``) without overflow.
+
+  Computed as ``(x·inv) / (sqrt(sum((x·inv)²)) · norm_scale + eps·inv)`` with ``inv`` a power
+  of two that is exactly 1 (bit-identical to the plain expression) unless the sum of squares
+  could overflow. Finite for every finite ``x``.
+  """
+  x = jnp.asarray(x)
+  xs, k, s = _scaled_sum_squares(x, axis)
+  return xs / (jnp.sqrt(s) * norm_scale + eps * _pow2(-k, x.dtype))
+
+
+def saturate_norm(x: jax.Array, bound: Any, axis: Axis = None) -> jax.Array:
+  """``x · min(1, bound / norm(x))``: ``x`` itself (bit for bit) when its norm is within ``bound``.
+
+  Used to bound quadratic statistics (curvature EMAs): every sum of products of the result's
+  entries is at most ``bound²``.
+  """
+  x = jnp.asarray(x)
+  _, k, s = _scaled_sum_squares(x, axis)
+  nrm = jnp.sqrt(s)                          # norm(x) · 2**-k
+  limit = bound * _pow2(-k, x.dtype)
+  factor = jnp.where(nrm > limit, limit / jnp.where(nrm > limit, nrm, 1.0), 1.0)
+  return x * factor.astype(x.dtype)

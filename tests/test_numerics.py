@@ -1,0 +1,123 @@
+"""stax.numerics: overflow-safe squares, means and norms against a float64 numpy reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stax import numerics
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _huge_matrix():
+  """float32 (6, 8) with entries near float32's maximum, yet a representable norm."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 8)).astype(np.float32)
+  x[0, 0], x[2, 3], x[5, 7] = 2.5e38, -1.5e38, 8e37
+  x[1, :] = 1e30
+  x[3, 1] = -3e19
+  return x
+
+
+def test_square_bound_per_dtype():
+  assert numerics.square_bound() == 2.0 ** 63
+  assert numerics.square_bound(jnp.float32) == 2.0 ** 63
+  assert numerics.square_bound(jnp.bfloat16) == 2.0 ** 63
+  assert numerics.square_bound(jnp.float16) == 2.0 ** 7
+  assert numerics.square_bound(jnp.float32, jnp.float16) == 2.0 ** 7
+  assert numerics.square_bound(jnp.float32, terms=2 ** 24) == 2.0 ** 51
+  for dt in (jnp.float32, jnp.bfloat16, jnp.float16):
+    b = numerics.square_bound(dt, terms=1000)
+    assert 1000 * b * b <= float(jnp.finfo(dt).max) / 4
+
+
+def test_saturate_clips_keeps_nan_and_small_entries():
+  x = jnp.array([np.nan, np.inf, -np.inf, 3e38, -1e30, 1.5, -2.0 ** 62], jnp.float32)
+  y = np.asarray(numerics.saturate(x))
+  b = 2.0 ** 63
+  assert np.isnan(y[0])
+  np.testing.assert_array_equal(y[1:], np.array([b, -b, b, -b, 1.5, -2.0 ** 62], np.float32))
+
+
+@pytest.mark.parametrize("axis", [None, 1, (0, 1)])
+def test_norm_near_float32_max_matches_float64(axis):
+  x = _huge_matrix()
+  ref = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=axis))
+  got = np.asarray(jax.jit(lambda v: numerics.norm(v, axis=axis))(x), np.float64)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, ref, rtol=4 * F32_EPS)
+  # The plain float32 expression overflows on the same input.
+  assert not np.isfinite(np.asarray(jnp.sqrt(jnp.sum(jnp.square(jnp.asarray(x)))))).all()
+
+
+def test_normalize_near_float32_max_matches_float64():
+  x = _huge_matrix()[None]
+  x64 = x.astype(np.float64)
+  eps = 1e-7
+  ref = x64 / (np.sqrt(np.sum(x64 ** 2, axis=(-2, -1), keepdims=True)) * 1.02 + eps)
+  got = np.asarray(numerics.normalize(x, eps, 1.02, axis=(-2, -1)), np.float64)
+  np.testing.assert_allclose(got, ref, rtol=4 * F32_EPS, atol=1e-30)
+  # Even an unrepresentable norm (every entry at the maximum) normalises to finite values.
+  full = jnp.full((64, 64), 3.4e38, jnp.float32)
+  np.testing.assert_allclose(np.asarray(numerics.normalize(full)), 1 / 64, rtol=4 * F32_EPS)
+
+
+def test_mean_square_and_mean_saturate_and_match_float64():
+  r = numerics.statistic_bound(jnp.float32)
+  assert r == 2.0 ** 126
+  # Large but representable: the float64 mean of squares.
+  x = _huge_matrix()
+  x[np.abs(x) > 1e19] = 1.7e18
+  np.testing.assert_allclose(float(numerics.mean_square(x)),
+                             np.mean(x.astype(np.float64) ** 2), rtol=4 * F32_EPS)
+  # Squares or sums that float32 cannot hold saturate at R (the plain mean is Inf there).
+  for big in (_huge_matrix(), np.full((1000,), 3e19, np.float32)):
+    assert float(jnp.mean(jnp.square(jnp.asarray(big)))) == np.inf
+    assert float(numerics.mean_square(big)) == r
+  # mean: exact, its sum never overflows (the plain one does).
+  for big in (np.full((1000,), 3.4e38, np.float32), np.full((7,), -3.4e38, np.float32),
+              _huge_matrix()):
+    np.testing.assert_allclose(float(numerics.mean(big)), np.mean(big.astype(np.float64)),
+                               rtol=4 * F32_EPS)
+  assert float(jnp.mean(jnp.full((1000,), 3.4e38, jnp.float32))) == np.inf
+  assert np.isnan(float(numerics.mean_square(np.array([1.0, np.nan], np.float32))))
+  # Per-row means, ordinary values: the float64 mean.
+  y = np.random.default_rng(1).normal(size=(5, 7)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(numerics.mean_square(y, axis=1)),
+                             np.mean(y.astype(np.float64) ** 2, axis=1), rtol=4 * F32_EPS)
+  np.testing.assert_allclose(np.asarray(numerics.mean(y, axis=0)),
+                             np.mean(y.astype(np.float64), axis=0), rtol=4 * F32_EPS, atol=1e-7)
+
+
+def test_saturate_norm_bounds_the_norm_and_keeps_the_direction():
+  x = _huge_matrix()
+  bound = 2.0 ** 61
+  y = np.asarray(numerics.saturate_norm(x, bound), np.float64)
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(np.sqrt(np.sum(y ** 2)), bound, rtol=4 * F32_EPS)
+  np.testing.assert_allclose(y, x64 * (bound / np.sqrt(np.sum(x64 ** 2))), rtol=4 * F32_EPS,
+                             atol=1e-30)
+
+
+def test_ordinary_inputs_are_bit_identical_to_the_plain_expressions():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(3, 32, 48)) * 10.0 ** rng.integers(-6, 6, size=(3, 1, 1)),
+                  jnp.float32)
+  plain_norm = jax.jit(lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axis=(-2, -1))))
+  np.testing.assert_array_equal(np.asarray(jax.jit(
+      lambda v: numerics.norm(v, axis=(-2, -1)))(x)), np.asarray(plain_norm(x)))
+  plain_normalize = jax.jit(lambda v: v / (jnp.sqrt(jnp.sum(
+      jnp.square(v), axis=(-2, -1), keepdims=True)) * 1.02 + 1e-7))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda v: numerics.normalize(v, 1e-7, 1.02, axis=(-2, -1)))(x)),
+      np.asarray(plain_normalize(x)))
+  np.testing.assert_array_equal(np.asarray(jax.jit(numerics.mean_square)(x)),
+                                np.asarray(jax.jit(lambda v: jnp.mean(v ** 2))(x)))
+  np.testing.assert_array_equal(np.asarray(jax.jit(numerics.mean)(x)),
+                                np.asarray(jax.jit(jnp.mean)(x)))
+  np.testing.assert_array_equal(np.asarray(jax.jit(numerics.saturate_norm)(x, 2.0 ** 61)),
+                                np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(numerics.saturate(x)), np.asarray(x))
