@@ -80,11 +80,15 @@ def square_bound(*dtypes: Any, terms: int = 1) -> float:
 def saturate(x: jax.Array, bound: Any = None) -> jax.Array:
   """Clips ``x`` to ``[-bound, bound]`` (default :func:`square_bound` of ``x``'s dtype).
 
-  NaN stays NaN; ±Inf become ±bound; entries inside the bound are unchanged bit for bit.
+  NaN stays NaN; ±Inf become ±bound; entries inside the bound are unchanged bit for bit. A
+  complex ``x`` has its real and imaginary parts clipped (each at ``bound``).
   """
   x = jnp.asarray(x)
   if bound is None:
-    bound = square_bound(x.dtype)
+    bound = square_bound(jnp.finfo(x.dtype).dtype if jnp.iscomplexobj(x) else x.dtype)
+  if jnp.iscomplexobj(x):
+    return jax.lax.complex(jnp.clip(jnp.real(x), -bound, bound),
+                           jnp.clip(jnp.imag(x), -bound, bound))
   return jnp.clip(x, -bound, bound)
 
 
