@@ -94,7 +94,8 @@ def encoder_loss(model, batch):
 
 # ----------------------------------------------------------------------------- conv net
 class ConvNet(torch.nn.Module):
-  """conv(3→64) + BN + ReLU, conv(64→64) + BN + ReLU, global average pool, linear classifier (64→10)."""
+  """conv(3→64) + BN + ReLU, conv(64→64) + BN + ReLU, global average pool, linear classifier
+  (64→10)."""
 
   def __init__(self, width: int = 64):
     super().__init__()
