@@ -209,7 +209,7 @@ def _default_split(path: Any, shape: tuple) -> Any:
   from stax.transforms import orthogonalize as O  # pylint: disable=g-import-not-at-top
   from stax import partition  # pylint: disable=g-import-not-at-top
   parts = partition.normalize_path(path)
-  if len(shape) >= 2 and parts and parts[-1] == "bias":
+  if len(shape) >= 2 and parts and parts[-1] in O.NEVER_MATRICES:
     return "pass"
   module = parts[-2] if len(parts) >= 2 else ""
   if len(shape) >= 3 and module in O.ATTENTION_IN_PROJECTIONS + O.ATTENTION_OUT_PROJECTIONS:

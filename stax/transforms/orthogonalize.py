@@ -283,13 +283,15 @@ def _to_matrices(x, dims):
 #: NNX ``MultiHeadAttention``).
 ATTENTION_IN_PROJECTIONS = ("query", "key", "value")
 ATTENTION_OUT_PROJECTIONS = ("out",)
+#: Leaf names that are never matrices (biases, norm scales), whatever their rank.
+NEVER_MATRICES = ("bias", "scale")
 
 
 def default_dimension_numbers(path: Any, shape: Sequence[int]):
   """The matrix view stax gives a JAX/Flax leaf when no ``dimension_numbers`` is passed.
 
-  * ``ndim < 2``, or a leaf named ``bias`` (attention biases are ``(heads, head_dim)``):
-    ``None``, not a matrix;
+  * ``ndim < 2``, or a leaf named ``bias`` or ``scale`` (attention biases are
+    ``(heads, head_dim)``; stacked norm scales and biases ``(L, d)``): ``None``, not a matrix;
   * a ``query``/``key``/``value`` kernel ``(..., in, heads, head_dim)``: one ``in × heads·head_dim``
     matrix (leading axes, e.g. scanned layers, are batch axes); an attention ``out`` kernel
     ``(..., heads, head_dim, out)``: one ``heads·head_dim × out`` matrix;
@@ -303,7 +305,7 @@ def default_dimension_numbers(path: Any, shape: Sequence[int]):
   """
   ndim = len(shape)
   parts = partition.normalize_path(path) if path is not None else ()
-  if ndim < 2 or (parts and parts[-1] == "bias"):
+  if ndim < 2 or (parts and parts[-1] in NEVER_MATRICES):
     return None
   module = parts[-2] if len(parts) >= 2 else ""
   if ndim >= 3 and module in ATTENTION_IN_PROJECTIONS:
