@@ -12,7 +12,8 @@ Quick mode (default):
     and torch, learning rate swept over the fixed grid {3e-3, 1e-2, 3e-2}, one seed (the first
     recorded run used {1e-3, 3e-3, 1e-2}, and nearly every optimizer chose the grid's top
     point, so the grid moved up; the grid a run used is saved in its JSON);
-  * speed and state memory at 1M and 16M parameters, and the optax-vs-torch AdamW gap at 16M;
+  * speed and state memory at 1M and 16M parameters (the optax-vs-torch AdamW gap at 16M runs
+    with ``--full`` or ``--update-results``, or when asked with ``--investigate``);
   * mnist and shakespeare run only when named with ``--task`` (about 3 minutes each on an idle
     2-core CPU): mnist (200 steps, every optimizer, JAX and torch, grid {3e-3, 1e-2}) and
     shakespeare (150 steps, batch 16 × 64 characters: the baselines and each stax optimizer's
@@ -85,7 +86,9 @@ def parse_args(argv=None):
   ap.add_argument("--no-speed", action="store_true")
   ap.add_argument("--no-quality", action="store_true")
   ap.add_argument("--no-torch", action="store_true")
-  ap.add_argument("--no-investigate", action="store_true")
+  ap.add_argument("--investigate", action=argparse.BooleanOptionalAction, default=None,
+                  help="time the optax-vs-torch AdamW gap at 16M (default: with --full or "
+                       "--update-results; about 20 s)")
   ap.add_argument("--torch-threads", type=int, default=1,
                   help="torch intra-op threads (default 1: on a shared 2-core CPU, 2 threads "
                        "made small torch steps 5-15x slower from oversubscription)")
@@ -292,7 +295,9 @@ def run_speed_part(args, optimizers, results, out, log):
                              "warmup_steps": 2, "donated": True}
   results["timings_s"]["speed"] = time.time() - t_speed
   save(results, out)
-  if not args.no_investigate:
+  investigate = (args.investigate if args.investigate is not None
+                 else bool(args.full or args.update_results))
+  if investigate:
     flags = (S.INVESTIGATION_FLAGS if args.full else
              {k: v for k, v in S.INVESTIGATION_FLAGS.items() if k != "fast_math"})
     if not args.quiet:
