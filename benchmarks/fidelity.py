@@ -1,4 +1,4 @@
-"""Multi-step fidelity of the compressed Adam moments (TurboAdam issue 5, peers.md §5.4.6).
+"""Multi-step fidelity of the compressed Adam moments (TurboAdam; peers.md §5.4.6).
 
 v: one 128-element block, Gaussian gradients whose per-element scales are log-uniform over a
 range, beta2 = 0.999, T = 3000 steps; the stored v is re-encoded every step exactly as the

@@ -18,7 +18,8 @@ from stax.transforms.adam import (Beta1Rule, ScaleByAdamState, adam_moments, deb
                                   scale_by_adam)
 from stax.transforms.adaptive_beta import (residual_variance_beta1, snr_beta1,
                                            spatial_variance_beta1)
-from stax.transforms.guards import NonFiniteGuardState, all_finite, nonfinite_guard
+from stax.transforms.guards import (NonFiniteGuardState, all_finite, gate_state, gated_chain,
+                                   nonfinite_guard, zero_nonfinite)
 from stax.transforms.kahan import KahanState, kahan_summation
 from stax.transforms.kron import ScaleByKronState, scale_by_kron_lowrank, scale_by_kron_scao
 from stax.transforms.orthogonalize import (NS_PRESETS, MatrixDimensionNumbers,
@@ -41,7 +42,7 @@ from stax.partition import (execution_order, is_embedding_path, is_output_head_p
 # Codecs: how a moment is stored.
 from stax.codecs.accounting import state_bits_per_param
 from stax.codecs.base import (FullPrecision, MomentCodec, MomentStorage, SeparateStorage,
-                              full_precision_storage)
+                              StorageBase, StorageStep, full_precision_storage)
 from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.log_quant import LogQuantCodec
 from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage

@@ -149,13 +149,22 @@ def _kron_label(st: Any) -> tuple[str, Optional[tuple]]:
   return type(st).__name__, None
 
 
+def _kron_leaves(node, numels) -> Optional[list]:
+  """The per-leaf curvature states of a SCAO state, one per parameter leaf, else ``None``."""
+  from stax.transforms import kron  # pylint: disable=g-import-not-at-top
+  if not isinstance(node, kron.ScaleByKronState):
+    return None
+  states = kron.leaf_states(node)
+  return states if len(states) == len(numels) else None
+
+
 def _walk(node, field, treedef, numels, per_leaf, kron, shared):
   """Adds each state subtree's bytes to the leaf it belongs to (or to ``shared``)."""
   if node is None:
     return
-  from stax.transforms.kron import ScaleByKronState  # pylint: disable=g-import-not-at-top
-  if isinstance(node, ScaleByKronState) and len(node.leaves) == len(numels):
-    for i, st in enumerate(node.leaves):
+  kron_leaves = _kron_leaves(node, numels)
+  if kron_leaves is not None:
+    for i, st in enumerate(kron_leaves):
       b = _nbytes(st)
       if b:
         label, mat = _kron_label(st)
@@ -239,14 +248,6 @@ def describe(tx: optax.GradientTransformation, params: Any) -> Description:
   return out
 
 
-def matrix_view(dims: Any, path: Any, x: Any) -> Optional[tuple]:
-  """``(batch, m, n)`` of a leaf under dimension numbers (resolved like the matrix transforms),
-  or ``None``."""
-  from stax.transforms import orthogonalize as O  # pylint: disable=g-import-not-at-top
-  d = O.resolve_dimension_numbers(dims, path, x)
-  return None if d is None else tuple(O.matrix_shape(np.shape(x), d))
-
-
 def uniform_plan(rule: str) -> Callable[[Any], list]:
   """A plan giving every leaf ``rule`` and no matrix view."""
   return lambda params: [(rule, None)] * len(jax.tree.leaves(params))
@@ -258,12 +259,16 @@ def labels_plan(label_fn: Callable[[Any], Any], rules: dict,
   ``matrix_rules`` get their matrix view under ``dims``."""
 
   def plan(params):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    from stax import layout  # pylint: disable=g-import-not-at-top
+    leaves, treedef = jax.tree.flatten(params)
     labels = treedef.flatten_up_to(label_fn(params))
+    views = layout.resolve_tree(dims, params)
     out = []
-    for (path, x), lab in zip(flat, labels):
+    for x, lab, d in zip(leaves, labels, views):
       rule = rules.get(lab, str(lab))
-      out.append((rule, matrix_view(dims, path, x) if rule in matrix_rules else None))
+      matrix = (tuple(layout.matrix_shape(np.shape(x), d))
+                if rule in matrix_rules and d is not None else None)
+      out.append((rule, matrix))
     return out
 
   return plan

@@ -1,7 +1,7 @@
 """The registry of every public optimizer, driving the shared contract tests.
 
-Each optimizer issue adds a module ``tests/registry_<name>.py`` defining ``ENTRIES``, a list of
-:class:`Entry`; this module collects them all (so no two issues edit the same file).
+Each optimizer family has a module ``tests/registry_<name>.py`` defining ``ENTRIES``, a list of
+:class:`Entry`; this module collects them all.
 """
 
 from __future__ import annotations

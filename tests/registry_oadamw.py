@@ -1,4 +1,4 @@
-"""Contract-registry entries of issue 4: OAdamW (both Muon modes) and StableAdamW."""
+"""Contract-registry entries for OAdamW (both Muon modes) and StableAdamW."""
 
 import stax
 from tests.registry import Entry

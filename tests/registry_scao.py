@@ -1,4 +1,4 @@
-"""Contract-registry entries for SCAO (issue 6): both modes, reaching the preconditioned phase.
+"""Contract-registry entries for SCAO: both modes, reaching the preconditioned phase.
 
 Small ``warmup_steps``/``precond_freq`` so the contract problems run mostly preconditioned
 (phase 2 from step 21, full blend from step 31). ``k_max=3`` and, for the faithful mode,

@@ -1,4 +1,4 @@
-"""Contract-registry entries for STAM and STAMLite (issue 3): faithful and improved beta1."""
+"""Contract-registry entries for STAM and STAMLite: faithful and improved beta1."""
 
 import stax
 from tests.registry import Entry

@@ -1,4 +1,4 @@
-"""Contract-registry entries for stax.turbo_adam (issue 5)."""
+"""Contract-registry entries for stax.turbo_adam."""
 
 import stax
 from tests.registry import Entry

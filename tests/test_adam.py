@@ -149,6 +149,66 @@ def test_storage_seam_uses_codec_and_key_reproducibly():
   assert s.nu["small"].dtype == jnp.float32 and s.nu["big"].dtype == jnp.float16
 
 
+class _HalfV:
+  """A custom storage with only the protocol's required members (no needs_key, exact or
+  project): m in full precision, v stored as v/2 in float16; it records the contexts."""
+
+  def __init__(self):
+    self.seen = []
+
+  def init(self, param):
+    return jnp.zeros(param.shape, jnp.float32), jnp.zeros(param.shape, jnp.float16)
+
+  def read(self, mu_enc, nu_enc, like, ctx):
+    self.seen.append(("read", ctx.index, ctx.mu_enc is None, ctx.rounding_key is None))
+    return mu_enc, nu_enc.astype(jnp.float32) * 2
+
+  def write(self, mu, nu, ctx):
+    self.seen.append(("write", ctx.index, ctx.mu_enc is not None, ctx.rounding_key is None))
+    return mu, (nu / 2).astype(jnp.float16)
+
+
+def test_custom_storage_with_only_the_required_members():
+  from stax.codecs.base import MomentStorage, as_storage
+  storage = _HalfV()
+  assert isinstance(storage, MomentStorage)
+  full = as_storage(storage)
+  assert not full.needs_key and not full.exact
+  assert full.project(1.0, 2.0) == (1.0, 2.0)
+  tx = stax.scale_by_adam(0.9, 0.99, storage=storage)
+  ref = optax.scale_by_adam(0.9, 0.99)
+  params = {"a": jnp.zeros(4), "b": jnp.zeros(3)}
+  s, r = tx.init(params), ref.init(params)
+  assert s.key is None and s.nu["a"].dtype == jnp.float16
+  g = {"a": jnp.arange(4.0) / 8, "b": jnp.ones(3) / 4}   # step 1 reads exact zeros
+  u, s = tx.update(g, s)
+  ur, r = ref.update(g, r)
+  for k in params:
+    np.testing.assert_allclose(np.asarray(u[k]), np.asarray(ur[k]), rtol=1e-6)
+  # The context is always passed: the leaf index, previous encodings in write only, no rounding
+  # key for a storage that does not need one.
+  assert sorted(storage.seen) == [("read", 0, True, True), ("read", 1, True, True),
+                                  ("write", 0, True, True), ("write", 1, True, True)]
+  # Not exact: refused by the gated guard at construction.
+  with pytest.raises(ValueError, match="gate-aware"):
+    stax.nonfinite_guard(tx, gated=True)
+
+
+def test_storage_protocol_defaults_and_exactness():
+  from stax.codecs.base import StorageBase, StorageStep, as_storage
+  from stax.codecs.tensor_rms import tensor_rms_storage
+  from stax.transforms import adam as A
+  assert A.StorageStep is StorageStep                      # re-exported where it used to live
+  fp = stax.full_precision_storage(jnp.bfloat16)
+  assert isinstance(fp, StorageBase) and as_storage(fp) is fp
+  assert fp.exact and not fp.needs_key
+  assert not SeparateStorage(FullPrecision(), _HalfCodec()).exact
+  assert SeparateStorage(FullPrecision(), _HalfCodec()).needs_key
+  assert not tensor_rms_storage().exact
+  with pytest.raises(TypeError, match="init, read and write"):
+    as_storage(FullPrecision())                            # a codec is not a storage
+
+
 def test_moment_dtype_and_adam_moments():
   tx = stax.scale_by_adam(mu_dtype=jnp.bfloat16)
   p = {"w": jnp.zeros(3)}

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness (issue 8): a tiny budget end to end, plus the pieces
+"""Smoke test of the benchmark harness: a tiny budget end to end, plus the pieces
 whose correctness the reported numbers rest on (same model in both frameworks, exact state
 accounting, JSON schema, README section)."""
 

@@ -157,13 +157,67 @@ def test_gated_adamw_skips_exactly_and_equals_the_cond_guard(name):
 
 
 def test_gated_guard_refuses_state_it_cannot_keep_exact():
-  params, _, _ = cp.quadratic()
-  g = cp.random_grads(params, 0)
   codec = stax.scale_by_adam(storage=stax.SeparateStorage(stax.FullPrecision(),
                                                            stax.LogQuantCodec(4)))
-  tx = stax.nonfinite_guard(codec, gated=True)
   with pytest.raises(ValueError, match="gated"):
-    tx.update(g, tx.init(params), params)
+    stax.nonfinite_guard(codec, gated=True)
+
+
+@pytest.mark.parametrize("inner", [
+    lambda: optax.chain(stax.scale_by_adam(), optax.scale(-1e-2)),      # a plain chain
+    lambda: stax.scale_by_adam(b1=stax.Beta1Rule(lambda p: None,        # a Beta1Rule's state
+                                                 lambda g, m, s, c: (0.9, s))),
+    lambda: stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()),  # per leaf
+    lambda: optax.sgd(1e-2, momentum=0.9),
+])
+def test_gated_guard_checks_the_inner_transformation_at_construction(inner):
+  with pytest.raises(ValueError, match="gate-aware"):
+    stax.nonfinite_guard(inner(), gated=True)
+  stax.nonfinite_guard(inner(), gated=False)          # the lax.cond guard takes any inner
+  stax.nonfinite_guard(inner(), "ignore", gated=True)  # no gate: nothing to check
+
+
+def test_gated_chain_names_the_element_that_is_not_gate_aware():
+  from stax.transforms.guards import is_gate_aware
+  with pytest.raises(ValueError, match=r"element 1 .*not gate-aware.*gate_state"):
+    stax.gated_chain(stax.scale_by_adam(), optax.scale_by_learning_rate(1e-2))
+  tx = stax.gated_chain(stax.scale_by_adam(), stax.gate_state(optax.scale_by_learning_rate(1e-2)),
+                        stax.kahan_summation())
+  assert is_gate_aware(tx) and is_gate_aware(stax.kahan_summation(enabled=False))
+  assert is_gate_aware(stax.scale_by_stable_adam())
+  assert not is_gate_aware(stax.scale_by_adam(storage=stax.SeparateStorage(
+      stax.FullPrecision(), stax.LogQuantCodec(4))))
+  stax.nonfinite_guard(tx, gated=True)
+
+
+def test_gate_aware_transforms_keep_their_own_state_on_a_skipped_step():
+  """With the gate false each gate-aware part returns its state unchanged by itself (counters
+  included): the guard patches nothing."""
+  from stax.transforms.guards import NONFINITE_OK
+  sched = optax.linear_schedule(1e-2, 0.0, 10)
+  tx = stax.gated_chain(stax.scale_by_adam(bias_correction="product"),
+                        stax.gate_state(optax.scale_by_learning_rate(sched)),
+                        stax.kahan_summation())
+  params = {"w": jnp.ones((3, 2), jnp.bfloat16), "s": jnp.ones((), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3, p.dtype), params)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params, **{NONFINITE_OK: jnp.array(True)})
+  zeros = jax.tree.map(jnp.zeros_like, grads)
+  _, kept = jax.jit(lambda g, s, p: tx.update(g, s, p, **{NONFINITE_OK: jnp.array(False)}))(
+      zeros, state, params)
+  assert int(kept[0].count) == 1 and int(kept[1].count) == 1
+  for x, y in zip(jax.tree.leaves(kept), jax.tree.leaves(state)):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_zero_policy_lives_in_the_guard():
+  from stax.optimizers import stam as stam_module
+  assert stam_module.zero_nonfinite is stax.zero_nonfinite
+  tx = stax.nonfinite_guard(optax.sgd(1.0), "zero")
+  params = {"w": jnp.ones(3)}
+  u, _ = tx.update({"w": jnp.array([1.0, jnp.nan, -jnp.inf])}, tx.init(params), params)
+  np.testing.assert_array_equal(np.asarray(u["w"]), [-1.0, 0.0, 0.0])
 
 
 def test_default_adamw_step_updates_the_state_in_place():

@@ -1,4 +1,4 @@
-"""SCAO (issue 6): parity with scao 0.2.4, the low-rank mode's promises, diagnostics, validation.
+"""SCAO: parity with scao 0.2.4, the low-rank mode's promises, diagnostics, validation.
 
 References used here, each independent of the code under test: the installed ``scao==0.2.4``
 package (CPU torch) for the faithful mode; ``torch.optim.AdamW`` (to show the preconditioned
@@ -18,6 +18,9 @@ import pytest
 
 import stax
 from stax.transforms import kron as K
+from stax.transforms.kron import _view
+from stax.transforms.kron import lowrank as LR
+from stax.transforms.kron import scao as SC
 
 
 # --------------------------------------------------------------------------- parity (faithful)
@@ -183,9 +186,9 @@ def test_lowrank_tracking_matches_dense_ema_and_rank_rule():
   above the tail level) finds the signal rank, 3, on both sides."""
   m, n, rho, steps = 40, 30, 0.9, 12
   grads, ul, _ = _signal_grads(m, n, 3, steps, noise=0.05)
-  kmin, kmax = K._lowrank_ranks(m, n, 1, 8)
-  st = K._lowrank_init(m, n, kmin, kmax)
-  upd = jax.jit(lambda s, g, z: K._lowrank_update(s, g, rho, 0.05, kmin, z))
+  kmin, kmax = LR._ranks(m, n, 1, 8)
+  st = LR._init(m, n, kmin, kmax)
+  upd = jax.jit(lambda s, g, z: LR._update(s, g, rho=rho, eps_sparse=0.05, kmin=kmin, noise=z))
   L = np.zeros((m, m))
   for i, g in enumerate(grads):
     z = jax.random.normal(jax.random.PRNGKey(i), ((m + n) * kmax,))
@@ -298,14 +301,14 @@ def test_faithful_plans_follow_the_seed():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       ref = SparsePreconditioner(torch.zeros(shape), k_min=4, k_max=16, max_precond_dim=maxd)
-    m, n = K._view_shape(shape, K._split_axis(None, len(shape)))
-    plan = K._faithful_plan(m, n, 4, 16, maxd)
+    m, n = _view.view_shape(shape, _view.split_axis(None, len(shape)))
+    plan = SC._plan(m, n, 4, 16, maxd)
     assert (plan.kind == "grid") == ref.use_block_diagonal
     assert (plan.kind == "kron") == ref.use_kronecker
     if plan.kind == "kron":
       assert (plan.kmin, plan.kmax, int(ref.k)) == (ref.k_min, ref.k_max, ref.k_min)
     if plan.kind == "grid":
-      sizes = [(bs, cs) for (_, bs, _, cs) in K._grid_slices(plan)]
+      sizes = [(b.m, b.n) for _, _, b in plan.blocks]
       ref_sizes = [(b.m, b.n) for blk in ref._blocks
                    for b in (blk._blocks if blk.use_block_diagonal else [blk])]
       assert sizes == ref_sizes
@@ -319,7 +322,7 @@ def test_zero_dim_and_conv_leaves():
   state = tx.init(params)
   (ks,) = [x for x in jax.tree.leaves(state, is_leaf=lambda z: isinstance(z, K.ScaleByKronState))
            if isinstance(x, K.ScaleByKronState)]
-  conv_state, s_state = ks.leaves
+  conv_state, s_state = ks.leaves["conv"], ks.leaves["s"]
   assert conv_state.L.shape == (36, 36) and conv_state.R.shape == (8, 8)
   assert isinstance(s_state, K.DiagBlockState)
 

@@ -1,4 +1,4 @@
-"""STAM / STAMLite (issue 3): parity with the installed ``stam-optimizer`` 0.1.0, the improved SNR
+"""STAM / STAMLite: parity with the installed ``stam-optimizer`` 0.1.0, the improved SNR
 beta1 (scale invariance, limits, an independent numpy reference), diagnostics, state bytes,
 the per-tensor RMS codec and validation."""
 

@@ -99,31 +99,31 @@ def test_hyperparameter_vector_follows_every_kind_of_group_change():
   """The step's packed hyperparameters are refilled in place when only traced values change
   (a scheduler's write) and re-parsed when anything else does; either way they equal a fresh
   parse of the group."""
-  from torch_bridge import optimizer as bridge_opt  # pylint: disable=import-outside-toplevel
+  from torch_bridge import _hyperparams  # pylint: disable=import-outside-toplevel
   m = _mlp()
   opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, nesterov=False)
   group = opt.param_groups[0]
 
   def fresh():
-    traced, static, _ = opt._hyperparams_uncached(0)  # pylint: disable=protected-access
-    return (static,) + bridge_opt._pack(traced)  # pylint: disable=protected-access
+    traced, static, _ = opt._parse_group(0)  # pylint: disable=protected-access
+    return (static,) + _hyperparams.pack(traced)
 
   def entry():
-    e = opt._hp_entry(0)  # pylint: disable=protected-access
-    return (e[0], e[2], e[3])
+    e = opt._group_hyper(0)  # pylint: disable=protected-access
+    return (e.static, e.layout, e.vector)
 
   def same(a, b):
     return a[0] == b[0] and a[1] == b[1] and np.array_equal(a[2], b[2])
 
   assert same(entry(), fresh())
   parses = []
-  real = opt._hyperparams_uncached  # pylint: disable=protected-access
+  real = opt._parse_group  # pylint: disable=protected-access
 
   def counting(gi):
     parses.append(gi)
     return real(gi)
 
-  opt._hyperparams_uncached = counting  # pylint: disable=protected-access
+  opt._parse_group = counting  # pylint: disable=protected-access
   for change, reparse in ((lambda: group.update(lr=3e-3), False),             # traced: refill
                           (lambda: group.update(betas=(0.8, 0.95)), False),   # traced tuple
                           (lambda: group.update(weight_decay=0), True),       # int: new type
@@ -245,7 +245,7 @@ def test_dlpack_zero_copy_and_fallbacks():
   assert dict(convert.copy_counts) == before
   assert [q.data_ptr() for q in m.parameters()] == ptrs  # written back in place (copy_)
   # init never aliased a parameter (torch memory) into the JAX state
-  state_ptrs = {x.unsafe_buffer_pointer() for st in opt._jstate.values()  # pylint: disable=protected-access
+  state_ptrs = {x.unsafe_buffer_pointer() for st in opt._states.states.values()  # pylint: disable=protected-access
                 for x in jax.tree.leaves(st) if x.size}
   assert not state_ptrs & set(ptrs)
 
@@ -623,8 +623,8 @@ def test_swap_writeback_without_in_place_aliasing_moves_parameters_safely(monkey
   executable's alias table), the bridge must not donate that buffer under torch's views: it
   holds a DLPack reference for the call, JAX writes a new buffer, and the parameter moves
   there; a view taken earlier keeps the old values (never freed, never overwritten)."""
-  from torch_bridge import optimizer as bridge_opt
-  monkeypatch.setattr(bridge_opt, "_inplace_outputs", lambda fn, leaves, k, n: (False,) * n)
+  from torch_bridge import _internals  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_internals, "inplace_outputs", lambda fn, leaves, k, n: (False,) * n)
   m1, m2 = _mlp(), _mlp()
   o1 = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2)
   o2 = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2, writeback="swap")
@@ -638,7 +638,7 @@ def test_swap_writeback_without_in_place_aliasing_moves_parameters_safely(monkey
 
 
 def test_inplace_outputs_reads_the_alias_table():
-  from torch_bridge.optimizer import _inplace_outputs  # pylint: disable=import-outside-toplevel
+  from torch_bridge._internals import inplace_outputs as _inplace_outputs  # noqa: E501
 
   # flat steps as the bridge compiles them: (state, p0, p1, g0, g1) -> (state, p0', p1')
   def step(s, p0, p1, g0, g1):
@@ -714,16 +714,16 @@ def test_step_outputs_alias_their_own_buffers():
     plan = next(iter(opt._plans.values()))  # pylint: disable=protected-access
     seen = {}
 
-    def spy(*args, real=plan.fn):
+    def spy(*args, real=plan.compiled.fn):
       seen["args"] = jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a,
           args)
       return real(*args)
 
-    real = plan.fn
-    plan.fn = spy
+    real = plan.compiled.fn
+    plan.compiled.fn = spy
     opt.step()
-    plan.fn = real
+    plan.compiled.fn = real
     stats = real.lower(*seen["args"]).compile().memory_analysis()
     one_param = 64 * 64 * 4
     assert stats.temp_size_in_bytes < one_param, (writeback, stats)

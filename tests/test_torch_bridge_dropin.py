@@ -217,13 +217,16 @@ def test_oadamw_core_matches_optimi_stable_adamw_and_lr_is_positional():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import stax  # pylint: disable=g-import-not-at-top
   default = torch_bridge.OAdamW(_mlp(), 1e-2)
-  dims = default.param_groups[0]["dimension_numbers"]
-  assert dims is torch_bridge.torch_matrix_dims
+  assert "dimension_numbers" not in default.param_groups[0]
+  assert default._layout.kwarg == "dimension_numbers"  # pylint: disable=protected-access
+  rows = default.describe().by_path
+  assert rows["0.weight"].rule == "muon" and rows["2.bias"].rule != "muon"
+  d = torch_bridge.torch_dimension_numbers((16, 128), "0.weight")
+  assert (d.reduction_axis, d.output_axis) == (1, 0)
+  dims = lambda name, x: torch_bridge.torch_dimension_numbers(x.shape, name)
   labels = stax.oadamw_labels({"0": {"weight": jnp.zeros((16, 128))}, "2": {"bias": jnp.zeros(4)}},
                               dimension_numbers=dims)
   assert labels == {"0": {"weight": "muon"}, "2": {"bias": "adam"}}
-  d = dims("0.weight", jnp.zeros((16, 128)))
-  assert (d.reduction_axis, d.output_axis) == (1, 0)
 
 
 @pytest.mark.parametrize("cls", ["STAM", "STAMLite"])

@@ -167,7 +167,7 @@ def test_codecs_compose_with_debiased_adam_core():
 # --------------------------------------------------------------------------- fused kernel
 def _fused_inputs(shape=(2, 256), steps_before=3):
   from stax.codecs import log_quant as LQ, ustate as US
-  from stax.kernels.fused_adam import FusedHyper
+  from stax.kernels.turbo_step import FusedHyper
   rng = np.random.default_rng(0)
   p = jnp.asarray(rng.normal(size=shape).astype(np.float32))
   # a non-trivial previous state: encode some moments
@@ -183,7 +183,7 @@ def _fused_inputs(shape=(2, 256), steps_before=3):
 
 
 def test_fused_pallas_kernel_equals_reference_in_interpret_mode():
-  from stax.kernels.fused_adam import fused_turbo_step
+  from stax.kernels.turbo_step import fused_turbo_step
   p, g, m_enc, v_enc, hp, count = _fused_inputs()
   ref = fused_turbo_step(p, g, m_enc, v_enc, hp, count, jnp.uint32(0x12345678), 1,
                          implementation="xla")
@@ -205,7 +205,7 @@ def test_fused_reference_equals_turbo_adam_step():
   """The fused reference is the same step as stax.turbo_adam(codec='turboadam-0.2'): same codes,
   parameters to float32 rounding (the optimizer forms p - lr·(u + λp), the fused step
   p - lr·λ·p - lr·u)."""
-  from stax.kernels.fused_adam import FusedHyper, fused_turbo_step
+  from stax.kernels.turbo_step import FusedHyper, fused_turbo_step
   shape = (2, 256)
   tx = stax.turbo_adam(1e-2, 0.9, 0.999, 1e-8, 0.01, codec="turboadam-0.2",
                        min_compress_elements=1, nonfinite="ignore")
@@ -227,7 +227,7 @@ def test_fused_reference_equals_turbo_adam_step():
 
 
 def test_codecs_compose_with_stable_adamw_part():
-  """OAdamW's StableAdamW part (issue 4's ``scale_by_stable_adam``) with 4-bit log v."""
+  """OAdamW's StableAdamW part (``scale_by_stable_adam``) with 4-bit log v."""
   import inspect
   fn = getattr(stax, "scale_by_stable_adam", None)
   if fn is None or "storage" not in inspect.signature(fn).parameters:

@@ -1,4 +1,4 @@
-"""Bad input fails early and clearly (issue 13, point 4).
+"""Bad input fails early and clearly.
 
 Each test pins one class of bad input: the error type, the argument (or leaf path) it names and
 the allowed range, raised at construction (or at ``init`` for leaf properties), never an

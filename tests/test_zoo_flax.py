@@ -384,8 +384,8 @@ def leaf_state_bytes(state, params, exclude_scalars=False):
 
   Independent of ``stax.describe``: every subtree of the state that has the parameters' tree
   structure (``treedef.flatten_up_to``: Adam's moments, Muon's momentum, a codec's per-leaf
-  state, ...) gives its i-th subtree to leaf i; SCAO's ``ScaleByKronState.leaves`` (one entry
-  per leaf, flatten order) likewise. Everything else (step counters, keys) is shared.
+  state, ...) gives its i-th subtree to leaf i; SCAO's ``ScaleByKronState.leaves`` (laid out
+  like the params) likewise. Everything else (step counters, keys) is shared.
   """
   treedef = jax.tree.structure(params)
   per_leaf, shared = [0] * treedef.num_leaves, [0]
@@ -394,7 +394,7 @@ def leaf_state_bytes(state, params, exclude_scalars=False):
 
   def visit(node):
     if isinstance(node, ScaleByKronState):
-      for i, sub in enumerate(node.leaves):
+      for i, sub in enumerate(treedef.flatten_up_to(node.leaves)):
         per_leaf[i] += count(sub)
       shared[0] += count(node._replace(leaves=()))
       return
@@ -419,7 +419,7 @@ def leaf_state_bytes(state, params, exclude_scalars=False):
 def _scao_view(name, shape):
   """SCAO's documented default matrix view ``(m, n)`` of a leaf, ``None`` for "Adam alone".
 
-  stax/transforms/kron.py (``_default_split``): the seed's ``(shape[0], -1)``, except that a
+  stax/transforms/kron/_view.py ``default_split``: the seed's ``(shape[0], -1)``, except that a
   ``>= 2``-D leaf named ``bias`` is never a matrix and a Flax attention projection is split
   where its matrix is (``query``/``key``/``value`` ``(in, heads·dh)``, ``out``
   ``(heads·dh, out)``); 0-/1-D leaves are ``(1, n)``.
@@ -439,7 +439,7 @@ def _scao_view(name, shape):
 
 
 def _scao_factor_bytes(name, shape, mode, k_max, max_precond_dim):
-  """Documented SCAO factor bytes of one leaf (stax/transforms/kron.py), default view.
+  """Documented SCAO factor bytes of one leaf (stax/transforms/kron/), default view.
 
   ``lowrank``: U (m×K), S (K) per side, the trace and two int32 ranks, K = min(k_max,
   min(m, n)//2); nothing for a side of 1 or a side above ``max_precond_dim``. Faithful

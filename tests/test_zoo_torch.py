@@ -1,4 +1,4 @@
-"""Every bridge optimizer through a torch model zoo (issue 13, point 1, the torch half).
+"""Every bridge optimizer through a torch model zoo (the torch half).
 
 Models (``tests/zoo_torch.py``): an ``nn.TransformerEncoderLayer`` (fused ``in_proj_weight``
 ``(3E, E)``), a conv net (a ``(64, 64, 3, 3)`` kernel, BatchNorm), a tiny random-init Hugging
@@ -109,6 +109,11 @@ def _bridge_filled(factory, kwargs: dict) -> dict:
   return out
 
 
+def TORCH_DIMS(name, x):  # pylint: disable=invalid-name
+  """stax's per-leaf form of the bridge's torch layout adapter (pure-JAX side of a comparison)."""
+  return torch_bridge.torch_dimension_numbers(np.shape(x), name)
+
+
 def _registry_spec(entry) -> Spec:
   if entry.factory is stax.stac:
     lr = entry.kwargs["learning_rate"]
@@ -116,7 +121,7 @@ def _registry_spec(entry) -> Spec:
     return _stac_spec(f"STAC[{entry.name}]", lr, entry.kwargs["last_n_modules"], 1e-2)
   kw = dict(entry.kwargs)
   if entry.factory is stax.oadamw:
-    kw["dimension_numbers"] = torch_bridge.torch_matrix_dims  # torch (out, in) weights
+    kw["dimension_numbers"] = TORCH_DIMS  # torch (out, in) weights
   if entry.factory is stax.scao:
     kw.update(SCAO_FAST)
     if "max_precond_dim" in kw:
@@ -148,7 +153,7 @@ DROPINS = [
         blend_steps=1, min_precond_updates=1, max_precond_dim=4096), **SCAO_FAST),
     _dropin("OAdamW", torch_bridge.OAdamW, stax.oadamw, dict(
         learning_rate=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
-        max_lr=None, kahan_sum=None, dimension_numbers=torch_bridge.torch_matrix_dims)),
+        max_lr=None, kahan_sum=None, dimension_numbers=TORCH_DIMS)),
     _dropin("TurboAdam", torch_bridge.TurboAdam, stax.turbo_adam, dict(
         learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, block_size=128,
         v_bits=4, compress_m=True, compress_v=True, min_compress_elements=4096,
@@ -650,7 +655,7 @@ def test_oadamw_gpt2_c_attn_orthogonalised_as_three_matrices():
 
   # q, k, v side by side at different scales (a joint orthogonalisation would shrink q and k)
   g = jnp.asarray(np.concatenate([block(1.0), block(3.0), block(10.0)], axis=1), jnp.float32)
-  tx = stax.oadamw(1.0, weight_decay=0.0, dimension_numbers=torch_bridge.torch_matrix_dims)
+  tx = stax.oadamw(1.0, weight_decay=0.0, dimension_numbers=TORCH_DIMS)
   u, _ = tx.update(_tree1(name, g), tx.init(_tree1(name, w)), _tree1(name, w))
   blocks = np.split(np.asarray(_get(u, name), np.float64), 3, axis=1)
   svs = [np.linalg.svd(b, compute_uv=False) for b in blocks]

@@ -25,14 +25,14 @@ Example:
 from __future__ import annotations
 
 import collections
-from typing import Any
-
 import jax
 import numpy as np
 import torch
 
+from torch_bridge import _internals
+
 __all__ = ["to_jax", "grad_to_jax", "to_torch", "owned_view", "Owner", "shares_memory", "check_dtype",
-           "copy_counts", "PARAM_DTYPES", "jax_device_of"]
+           "copy_counts", "PARAM_DTYPES"]
 
 #: Parameter dtypes the bridge steps (float64 too when ``jax_enable_x64`` is on).
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,12 +62,11 @@ def to_jax(t: torch.Tensor) -> jax.Array:
   The JAX array aliases the tensor: the caller must not mutate ``t`` while the array is in use
   (the bridge blocks on its step's outputs before returning control to torch).
   """
-  if (_FAST_IMPORT is not None and t.is_cpu and t.layout is torch.strided
-      and t.dtype in PARAM_DTYPES and t.is_contiguous()):
-    try:  # runs per tensor per step: jaxlib's entry point, without the public wrapper
-      return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _CPU, None, False, _DL_CPU)
-    except Exception:  # noqa: BLE001 - requires_grad, misaligned, ...: the checked path decides
-      pass
+  if (t.is_cpu and t.layout is torch.strided and t.dtype in PARAM_DTYPES
+      and t.is_contiguous()):
+    a = _internals.import_cpu(t)  # per tensor per step: no public wrapper
+    if a is not None:
+      return a
   if t.layout is not torch.strided:
     raise TypeError(f"torch_bridge: only dense (strided) tensors cross to JAX, got {t.layout}.")
   if t.requires_grad:
@@ -96,55 +95,6 @@ def grad_to_jax(g: torch.Tensor) -> jax.Array:
     raise
 
 
-def _fast_import_fn():
-  """jaxlib's DLPack import without ``jax.dlpack.from_dlpack``'s Python wrapper (~20 us per
-  tensor, a third of a small step's overhead), for CPU tensors of non-64-bit dtypes, where
-  that wrapper adds nothing (no stream, no dtype canonicalisation, no device move). ``None``
-  when this jaxlib does not have the 5-argument form; then the public path is used."""
-  try:
-    from jax._src.lib import _jax, jaxlib_extension_version  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  fn = getattr(_jax, "dlpack_managed_tensor_to_buffer", None)
-  if fn is None or jaxlib_extension_version < 467:
-    return None
-  try:  # self-check once: same memory, same dtype, a jax.Array
-    t = torch.arange(16, dtype=torch.float32)
-    a = fn(_TORCH_TO_DLPACK(t), jax.devices("cpu")[0], None, False, _DL_CPU)
-    if (isinstance(a, jax.Array) and a.dtype == np.float32 and a.shape == (16,)
-        and int(a.unsafe_buffer_pointer()) == t.data_ptr()):
-      return fn
-  except Exception:  # noqa: BLE001
-    pass
-  return None
-
-
-_DL_CPU = 1  # DLDeviceType.kDLCPU
-_TORCH_TO_DLPACK = torch.utils.dlpack.to_dlpack  # C entry point (Tensor.__dlpack__ wraps it)
-_CPU = jax.devices("cpu")[0]
-_FAST_IMPORT = _fast_import_fn()
-
-
-def _fast_export_fn():
-  """jaxlib's DLPack export without ``jax.Array.__dlpack__``'s Python wrapper, for arrays on
-  the CPU (no stream, no device move); ``None`` when this jaxlib lacks it or the self-check
-  fails (then ``torch.from_dlpack`` is used)."""
-  try:
-    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
-    fn = _jax.buffer_to_dlpack_managed_tensor
-    a = jax.device_put(np.arange(16, dtype=np.float32), jax.devices("cpu")[0])
-    t = torch.utils.dlpack.from_dlpack(fn(a, stream=None))
-    if (t.dtype == torch.float32 and tuple(t.shape) == (16,)
-        and t.data_ptr() == int(a.unsafe_buffer_pointer())):
-      return fn
-  except Exception:  # noqa: BLE001
-    pass
-  return None
-
-
-_FAST_EXPORT = _fast_export_fn()
-
-
 def to_torch(a: jax.Array) -> torch.Tensor:
   """A torch tensor aliasing JAX array ``a`` (zero-copy).
 
@@ -152,9 +102,8 @@ def to_torch(a: jax.Array) -> torch.Tensor:
   ``clone()`` it — or, as ``writeback="swap"`` does, hand the buffer over to torch and stop
   using the JAX array.
   """
-  if _FAST_EXPORT is not None and a.sharding.device_set == {_CPU}:
-    return torch.utils.dlpack.from_dlpack(_FAST_EXPORT(a, stream=None))
-  return torch.from_dlpack(a)
+  t = _internals.export_cpu(a)
+  return torch.from_dlpack(a) if t is None else t
 
 
 class Owner:
@@ -215,22 +164,3 @@ def shares_memory(t: torch.Tensor, a: jax.Array) -> bool:
     return int(a.unsafe_buffer_pointer()) == int(t.data_ptr())
   except Exception:  # noqa: BLE001 - sharded/deleted arrays have no single pointer
     return False
-
-
-def jax_device_of(t: torch.Tensor) -> Any:
-  """The JAX device holding a torch tensor's memory (CPU, or the same CUDA ordinal)."""
-  if t.device.type == "cuda":
-    gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    if not gpus:
-      raise RuntimeError("torch_bridge: CUDA tensors need a CUDA-enabled jaxlib "
-                         "(pip install 'jax[cuda12]'); set XLA_PYTHON_CLIENT_PREALLOCATE=false "
-                         "so JAX and torch share the GPU.")
-    return gpus[t.device.index or 0]
-  return jax.devices("cpu")[0]
-
-
-def numpy_scalar(value: Any, dtype=np.float32) -> np.ndarray:
-  """A typed 0-d numpy array from a Python number or 0-d tensor (fed to jit without retracing)."""
-  if isinstance(value, torch.Tensor):
-    value = value.detach().cpu().item()
-  return np.asarray(value, dtype=dtype)

@@ -33,8 +33,7 @@ from stax import _validation as V
 from stax.optimizers import stac as stac_rules
 from torch_bridge.optimizer import Optimizer
 
-__all__ = ["STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "stac_modules",
-           "torch_matrix_dims"]
+__all__ = ["STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "stac_modules"]
 
 
 def stac_modules(model_or_params: Any) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
@@ -246,24 +245,12 @@ def _named(params: Any) -> Any:
   return params
 
 
-def torch_matrix_dims(path: str, x: Any) -> Any:
-  """Dimension numbers of a torch weight for stax's matrix transforms.
-
-  Output axis 0, fan-in axes 1..ndim-1 (``Linear`` ``(out, in)``, conv ``(out, in, kh, kw)``);
-  ``None`` below 2-D (biases, norms). Fused attention projections are three matrices, q, k and
-  v: ``nn.MultiheadAttention``'s ``in_proj_weight`` ``(3E, E)`` and Hugging Face GPT-2's
-  ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``) get ``output_groups=3``.
-  """
-  nd = len(getattr(x, "shape", ()))
-  if nd < 2:
-    return None
-  name = path.replace("/", ".").rsplit(".", 2)
-  if name[-1] == "in_proj_weight" and nd == 2:
-    return stax.MatrixDimensionNumbers(1, 0, output_groups=3)
-  if name[-1] == "weight" and len(name) > 1 and name[-2] == "c_attn" and nd == 2:
-    return stax.MatrixDimensionNumbers(0, 1, output_groups=3)
-  red = tuple(range(1, nd))
-  return stax.MatrixDimensionNumbers(red if len(red) > 1 else red[0], 0)
+def _torch_layout(kwargs: dict) -> dict:
+  """``kwargs`` with the bridge passing each parameter's torch layout
+  (:func:`torch_bridge.torch_dimension_numbers`) as ``dimension_numbers``, unless given."""
+  if "dimension_numbers" in kwargs or kwargs.get("layout_kwarg") is not None:
+    return kwargs
+  return dict(kwargs, layout_kwarg="dimension_numbers")
 
 
 class STAM(Optimizer):
@@ -326,7 +313,7 @@ class SCAO(Optimizer):
                      epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max, rho=rho, tau=tau,
                      warmup_steps=warmup_steps, blend_steps=blend_steps,
                      min_precond_updates=min_precond_updates, max_precond_dim=max_precond_dim,
-                     **kwargs)
+                     **_torch_layout(kwargs))
 
 
 class OAdamW(Optimizer):
@@ -336,7 +323,8 @@ class OAdamW(Optimizer):
   ``lr`` (the seed's ``training_args`` broke ``OAdamW(params, 3e-4)``); a model is grouped
   automatically by :func:`stax.oadamw` (``grouping="auto"``: ``ndim >= 2`` weights but not
   embeddings/heads; ``grouping="seed"`` for the seed's every-matrix rule), with torch's
-  ``(out, in)`` layout (:func:`torch_matrix_dims`). ``muon="gradient"`` is the seed's update,
+  ``(out, in)`` layout (:func:`torch_bridge.torch_dimension_numbers`, passed per parameter
+  as ``dimension_numbers``; fused q/k/v projections are three matrices). ``muon="gradient"`` is the seed's update,
   ``muon="off"`` is optimi's ``StableAdamW``. Defaults are the seed's (``betas=(0.9, 0.99)``,
   ``weight_decay=1e-2``, ``eps=1e-6``).
   """
@@ -346,8 +334,8 @@ class OAdamW(Optimizer):
                max_lr: Optional[float] = None, kahan_sum: Optional[bool] = None,
                **kwargs: Any):
     _check_scalars(lr=lr, weight_decay=weight_decay, eps=eps, max_lr=max_lr)
-    if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices (and would warn)
-      kwargs.setdefault("dimension_numbers", torch_matrix_dims)
+    if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices
+      kwargs = _torch_layout(kwargs)
     super().__init__(_named(params), stax.oadamw, lr=lr, betas=_betas(betas),
                      weight_decay=weight_decay, eps=eps, decouple_lr=decouple_lr,
                      max_lr=max_lr, kahan_sum=kahan_sum, **kwargs)

@@ -1,6 +1,7 @@
 """How a moment tensor is stored: full precision, quantised, compressed."""
 from stax.codecs.base import (FullPrecision, MomentCodec, MomentStorage, SeparateStorage,
-                              full_precision_storage, resolve_storage)
+                              StorageBase, StorageStep, as_storage, full_precision_storage,
+                              resolve_storage)
 from stax.codecs.accounting import state_bits_per_param, state_bytes
 from stax.codecs.block_signed import BlockSignedCodec, BlockSignedState
 from stax.codecs.log_quant import LogQuantCodec, LogQuantState

@@ -1,51 +1,95 @@
-"""How Adam's two moments are stored: the storage interface of the shared Adam core.
+"""How Adam's two moments are stored: the storage protocol of the shared Adam core.
 
 The Adam core (:mod:`stax.transforms.adam`) never touches stored moments directly. For every
 parameter leaf it asks a :class:`MomentStorage` for
 
 * ``init(param) -> (mu_enc, nu_enc)``: the encoded zero moments (pytrees of arrays that keep the
   parameter's rank, so sharding metadata applies to them);
-* ``read(mu_enc, nu_enc) -> (mu, nu)``: the decoded moments as arrays of the parameter's shape;
-* ``write(mu, nu, key) -> (mu_enc, nu_enc)``: the encoded new moments. ``key`` is a raw
-  ``uint32[2]`` PRNG key for stochastic rounding (derived from the key in the Adam state, the
-  step count and the leaf index) or ``None`` when ``needs_key`` is False.
+* ``read(mu_enc, nu_enc, like, ctx) -> (mu, nu)``: the decoded moments as arrays of ``like``'s
+  shape;
+* ``write(mu, nu, ctx) -> (mu_enc, nu_enc)``: the encoded new moments.
 
-Optionally a storage defines ``project(mu, nu) -> (mu, nu)``: the Adam core then forms its
-update from the projected new moments (STAMLite's per-tensor RMS uses it: the update must use
-what the storage keeps, one mean of v per tensor, not the exact elementwise v).
+``ctx`` is a :class:`StorageStep`, always passed: the step count, the leaf's index, the state's
+PRNG key, and in ``write`` the previous encodings and the leaf's rounding key (TurboAdam 0.2.0's
+UState decodes m with the previous step's bias corrections and seeds its counter-hash RNG with
+the step and the leaf index; stochastic-rounding codecs use the rounding key).
 
-The two moments are read and written *together* because some codecs store one moment relative to
-the other (TurboAdam 0.2.0's "UState" stores m as the normalised update and decodes it with v).
-Codecs that store each moment on its own compose with :class:`SeparateStorage`.
+Optional members, with the defaults :class:`StorageBase` declares (every stax storage subclasses
+it; an object that implements only ``init``/``read``/``write`` gets them through
+:func:`as_storage`):
 
-A storage may also be chosen per leaf: the Adam core accepts a callable ``leaf -> MomentStorage``
+* ``needs_key`` (``False``): the storage rounds stochastically, so the Adam state keeps a PRNG
+  key and ``ctx.rounding_key`` is set in ``write``;
+* ``exact`` (``False``): full precision, no rounding: writing back what was read changes nothing,
+  so a gated no-op step (:func:`stax.nonfinite_guard` with ``gated=True``) keeps the state exactly;
+* ``project(mu, nu) -> (mu, nu)`` (identity): the moments the update is formed from instead of
+  the exact new ones (STAMLite's per-tensor RMS: the update must use what the storage keeps, one
+  mean of v per tensor, not the exact elementwise v).
+
+The two moments are read and written *together* because some storages keep one moment relative
+to the other (TurboAdam 0.2.0's "UState" stores m as the normalised update and decodes it with v).
+Codecs that store each moment on their own (a :class:`MomentCodec`) compose with
+:class:`SeparateStorage`; a codec's optional members are ``needs_key``, ``exact`` and
+``project(value)``, with the same defaults.
+
+A storage may also be chosen per leaf: the Adam core accepts a callable ``leaf -> storage``
 (called on a parameter leaf or on a ``jax.ShapeDtypeStruct``; it must depend only on the static
 shape and dtype), e.g. "compress only tensors above 4096 elements".
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Protocol, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
+from stax.codecs import _layout as L
+
 __all__ = [
     "MomentCodec",
     "MomentStorage",
+    "StorageBase",
+    "StorageStep",
     "FullPrecision",
     "SeparateStorage",
     "full_precision_storage",
+    "as_storage",
+    "is_storage",
     "resolve_storage",
     "StorageLike",
 ]
 
 
+class StorageStep(NamedTuple):
+  """What the Adam core tells a storage about the step (the ``ctx`` of ``read``/``write``).
+
+  Attributes:
+    count: int32 scalar, steps taken *before* this update.
+    index: the leaf's index in flatten order.
+    key: the raw ``uint32[2]`` key of the Adam state (not folded), or ``None``.
+    mu_enc: this leaf's previous encoded first moment (``write`` only; ``None`` in ``read``).
+    nu_enc: this leaf's previous encoded second moment (``write`` only).
+    rounding_key: ``write`` only, for a storage with ``needs_key``: the raw ``uint32[2]`` key
+      for stochastic rounding (the state key folded with ``count`` and then with ``index``);
+      ``None`` otherwise.
+  """
+
+  count: jax.Array
+  index: int
+  key: Any = None
+  mu_enc: Any = None
+  nu_enc: Any = None
+  rounding_key: Any = None
+
+
 @runtime_checkable
 class MomentCodec(Protocol):
-  """Stores one moment tensor. ``decode(encode(x, key)) ≈ x``."""
+  """Stores one moment tensor. ``decode(encode(x, key)) ≈ x``.
 
-  needs_key: bool
+  Optional members (see the module docstring): ``needs_key``, ``exact``, ``project(value)``.
+  """
 
   def init(self, param: jax.Array) -> Any:
     """Encoded zeros for a moment of ``param``'s shape."""
@@ -59,22 +103,78 @@ class MomentCodec(Protocol):
 
 @runtime_checkable
 class MomentStorage(Protocol):
-  """Stores the pair (m, v) of one parameter leaf."""
+  """Stores the pair (m, v) of one parameter leaf (the required members).
 
-  needs_key: bool
+  Optional members (see the module docstring and :class:`StorageBase`): ``needs_key``,
+  ``exact``, ``project(mu, nu)``.
+  """
 
   def init(self, param: jax.Array) -> tuple[Any, Any]:
-    ...
+    """Encoded zero moments for ``param``."""
 
-  def read(self, mu_enc: Any, nu_enc: Any, like: jax.Array) -> tuple[jax.Array, jax.Array]:
-    ...
+  def read(self, mu_enc: Any, nu_enc: Any, like: jax.Array, ctx: StorageStep
+           ) -> tuple[jax.Array, jax.Array]:
+    """The decoded moments, each of ``like``'s shape."""
 
-  def write(self, mu: jax.Array, nu: jax.Array, key: jax.Array | None) -> tuple[Any, Any]:
-    ...
+  def write(self, mu: jax.Array, nu: jax.Array, ctx: StorageStep) -> tuple[Any, Any]:
+    """The encoded new moments."""
+
+
+class StorageBase:
+  """Base of the stax storages: the defaults of the protocol's optional members."""
+
+  needs_key: bool = False
+  exact: bool = False
+
+  def project(self, mu: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The moments the update is formed from (default: the exact new moments)."""
+    return mu, nu
+
+
+def _optional(obj: Any, name: str, default: Any) -> Any:
+  """``obj``'s optional protocol member ``name``, or the protocol's declared default."""
+  return getattr(obj, name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithDefaults(StorageBase):
+  """A storage implementing only the required members, given the optional ones it lacks."""
+
+  inner: Any
+
+  @property
+  def needs_key(self) -> bool:
+    return bool(_optional(self.inner, "needs_key", False))
+
+  @property
+  def exact(self) -> bool:
+    return bool(_optional(self.inner, "exact", False))
+
+  def project(self, mu, nu):
+    project = _optional(self.inner, "project", None)
+    return (mu, nu) if project is None else project(mu, nu)
+
+  def init(self, param):
+    return self.inner.init(param)
+
+  def read(self, mu_enc, nu_enc, like, ctx):
+    return self.inner.read(mu_enc, nu_enc, like, ctx)
+
+  def write(self, mu, nu, ctx):
+    return self.inner.write(mu, nu, ctx)
+
+
+def as_storage(storage: MomentStorage) -> StorageBase:
+  """``storage`` with every optional member (a :class:`StorageBase` is returned as is)."""
+  if isinstance(storage, StorageBase):
+    return storage
+  if not isinstance(storage, MomentStorage):
+    raise TypeError(f"not a moment storage (it needs init, read and write): {storage!r}")
+  return _WithDefaults(storage)
 
 
 class FullPrecision(NamedTuple):
-  """A moment kept as a plain array.
+  """A moment kept as a plain array (an exact codec).
 
   Args:
     dtype: storage dtype; ``None`` (default) keeps the dtype of the value written (at ``init``,
@@ -83,6 +183,8 @@ class FullPrecision(NamedTuple):
 
   dtype: Any = None
   needs_key: bool = False
+
+  exact = True
 
   def init(self, param):
     return jnp.zeros_like(param, dtype=self.dtype)
@@ -96,33 +198,59 @@ class FullPrecision(NamedTuple):
     return value if self.dtype is None else value.astype(self.dtype)
 
 
-class SeparateStorage(NamedTuple):
-  """Stores m and v with two independent codecs."""
+@dataclasses.dataclass(frozen=True)
+class SeparateStorage(StorageBase):
+  """Stores m and v with two independent codecs (:class:`MomentCodec`).
+
+  Args:
+    mu_codec: the first moment's codec (default full precision).
+    nu_codec: the second moment's codec (default full precision).
+    follow_sharding: constrain every encoded array of rank >= 1 to the moment's sharding under an
+      explicit mesh (default False).
+  """
 
   mu_codec: Any = FullPrecision()
   nu_codec: Any = FullPrecision()
+  follow_sharding: bool = False
 
   @property
   def needs_key(self) -> bool:
-    return bool(self.mu_codec.needs_key or self.nu_codec.needs_key)
+    return bool(_optional(self.mu_codec, "needs_key", False)
+                or _optional(self.nu_codec, "needs_key", False))
+
+  @property
+  def exact(self) -> bool:
+    return bool(_optional(self.mu_codec, "exact", False)
+                and _optional(self.nu_codec, "exact", False))
 
   def init(self, param):
     return self.mu_codec.init(param), self.nu_codec.init(param)
 
-  def read(self, mu_enc, nu_enc, like):
+  def read(self, mu_enc, nu_enc, like, ctx):
+    del ctx
     return self.mu_codec.decode(mu_enc, like), self.nu_codec.decode(nu_enc, like)
 
-  def write(self, mu, nu, key):
+  def write(self, mu, nu, ctx):
+    key = ctx.rounding_key
     if key is None or not self.needs_key:
-      return self.mu_codec.encode(mu, None), self.nu_codec.encode(nu, None)
-    k_mu, k_nu = jax.random.split(key)
-    return self.mu_codec.encode(mu, k_mu), self.nu_codec.encode(nu, k_nu)
+      mu_enc, nu_enc = self.mu_codec.encode(mu, None), self.nu_codec.encode(nu, None)
+    else:
+      k_mu, k_nu = jax.random.split(key)
+      mu_enc, nu_enc = self.mu_codec.encode(mu, k_mu), self.nu_codec.encode(nu, k_nu)
+    if self.follow_sharding:
+      mu_enc, nu_enc = _follow(mu_enc, mu), _follow(nu_enc, mu)
+    return mu_enc, nu_enc
 
   def project(self, mu, nu):
-    """Each codec's optional ``project(value)`` (what the update uses); identity otherwise."""
-    pm = getattr(self.mu_codec, "project", None)
-    pn = getattr(self.nu_codec, "project", None)
+    """Each codec's ``project(value)`` (what the update uses); identity for a codec without."""
+    pm = _optional(self.mu_codec, "project", None)
+    pn = _optional(self.nu_codec, "project", None)
     return (mu if pm is None else pm(mu)), (nu if pn is None else pn(nu))
+
+
+def _follow(encoded: Any, like: jax.Array) -> Any:
+  """Every array of rank >= 1 in ``encoded`` resharded to follow ``like``'s sharding."""
+  return jax.tree.map(lambda x: L.constrain_like(x, like) if jnp.ndim(x) else x, encoded)
 
 
 def full_precision_storage(mu_dtype: Any = None, nu_dtype: Any = None) -> SeparateStorage:
@@ -133,8 +261,12 @@ def full_precision_storage(mu_dtype: Any = None, nu_dtype: Any = None) -> Separa
 StorageLike = Union[MomentStorage, Callable[[Any], MomentStorage]]
 
 
-def resolve_storage(storage: StorageLike, leaf: Any) -> MomentStorage:
-  """Returns the storage for one leaf (``storage`` may be a per-leaf callable)."""
-  if hasattr(storage, "read") and hasattr(storage, "write"):
-    return storage
-  return storage(leaf)
+def is_storage(storage: StorageLike) -> bool:
+  """True for a storage, False for a per-leaf callable returning one."""
+  return isinstance(storage, (StorageBase, MomentStorage))
+
+
+def resolve_storage(storage: StorageLike, leaf: Any) -> StorageBase:
+  """The storage of one leaf (``storage`` may be a per-leaf callable), with every optional
+  member (:func:`as_storage`)."""
+  return as_storage(storage if is_storage(storage) else storage(leaf))

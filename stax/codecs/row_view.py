@@ -24,13 +24,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from stax.codecs import _layout as L
+from stax.codecs.base import StorageBase, as_storage
 
 __all__ = ["row_view_shape", "RowView"]
 
@@ -58,24 +60,28 @@ def row_view_shape(shape: Sequence[int], block_size: int, spec: Any = None) -> t
   return best
 
 
-class RowView(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class RowView(StorageBase):
   """A :class:`~stax.codecs.base.MomentStorage` seen through the row view of each leaf.
 
   ``init``/``read``/``write`` reshape the moments to :func:`row_view_shape` before the inner
-  storage and back after it; the encoded state keeps the view's shape. ``needs_key``,
-  ``needs_step`` and ``project`` are the inner storage's.
+  storage and back after it; the encoded state keeps the view's shape. ``needs_key``, ``exact``
+  and ``project`` are the inner storage's.
   """
 
   inner: Any
   block_size: int
+
+  def __post_init__(self):
+    object.__setattr__(self, "inner", as_storage(self.inner))
 
   @property
   def needs_key(self) -> bool:
     return self.inner.needs_key
 
   @property
-  def needs_step(self) -> bool:
-    return bool(getattr(self.inner, "needs_step", False))
+  def exact(self) -> bool:
+    return self.inner.exact
 
   def _view(self, x):
     shape = row_view_shape(jnp.shape(x), self.block_size, L.explicit_spec(x))
@@ -92,16 +98,15 @@ class RowView(NamedTuple):
   def init(self, param):
     return self.inner.init(self._view(param))
 
-  def read(self, mu_enc, nu_enc, like, **kw):
+  def read(self, mu_enc, nu_enc, like, ctx):
     view = jax.ShapeDtypeStruct(
         row_view_shape(jnp.shape(like), self.block_size, L.explicit_spec(like)),
         jnp.result_type(like))
-    m, v = self.inner.read(mu_enc, nu_enc, view, **kw)
+    m, v = self.inner.read(mu_enc, nu_enc, view, ctx)
     return self._back(m, like), self._back(v, like)
 
-  def write(self, mu, nu, key, **kw):
-    return self.inner.write(self._view(mu), self._view(nu), key, **kw)
+  def write(self, mu, nu, ctx):
+    return self.inner.write(self._view(mu), self._view(nu), ctx)
 
   def project(self, mu, nu):
-    pr = getattr(self.inner, "project", None)
-    return (mu, nu) if pr is None else pr(mu, nu)
+    return self.inner.project(mu, nu)

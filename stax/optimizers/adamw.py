@@ -8,7 +8,7 @@ import optax
 
 from stax import _validation as V
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import nonfinite_guard
+from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
 
 __all__ = ["adamw"]
 
@@ -48,7 +48,8 @@ def adamw(
     mask: pytree or callable selecting the leaves that decay (default: all).
     mu_dtype: first-moment dtype, ``None`` or a floating dtype (default: the parameter's).
     nesterov: Nesterov momentum, a bool (default False).
-    nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
+    nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"``; see
+      :func:`stax.nonfinite_guard`.
 
   References:
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
@@ -64,13 +65,14 @@ def adamw(
   V.check_betas(b1=b1, b2=b2)
   V.check_bool("nesterov", nesterov)
   V.check_dtype("mu_dtype", mu_dtype)
-  tx = optax.chain(
+  # gated: on a skipped step the core's decays become 1 and its count is held, and the
+  # schedule's count is held by gate_state, so no lax.cond (which copies the state on CPU) is
+  # needed; the result is bit-identical to the cond version.
+  tx = gated_chain(
       scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      gate_state(optax.add_decayed_weights(weight_decay, mask)),
+      gate_state(optax.scale_by_learning_rate(learning_rate)),
   )
-  # gated: the core's decays become 1 on a skipped step, so no lax.cond (which copies the
-  # state on CPU) is needed; the result is bit-identical to the cond version.
   # Complex parameters work as in optax.adamw, but a real `mu_dtype` would drop mu's
   # imaginary part, so it refuses them.
   return V.with_param_checks(

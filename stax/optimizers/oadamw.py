@@ -65,10 +65,10 @@ from stax import _validation as V
 from stax import numerics as num
 from stax import partition
 from stax.describe import labels_plan, register_plan
-from stax.transforms.guards import nonfinite_guard
+from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
 from stax.transforms.kahan import kahan_summation
 from stax.transforms.orthogonalize import (ORTHOGONALIZE_MODES, SHAPE_SCALES, matrix_shape,
-                                           ns_coefficients, resolve_dimension_numbers,
+                                           ns_coefficients, resolve_tree,
                                            scale_by_orthogonalization)
 from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_adam
 
@@ -184,15 +184,16 @@ def stable_adamw(
   _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, decouple_lr=decouple_lr,
                 max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
-  tx = optax.chain(
+  # gated (no lax.cond, which copies the state on CPU): on a skipped step the core's decays
+  # become 1 and its count is held, the schedule's count is held by gate_state and Kahan keeps
+  # its compensation; bit-identical state to the cond version.
+  tx = gated_chain(
       scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
                            mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
                            mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-      optax.scale_by_learning_rate(learning_rate),
+      gate_state(optax.scale_by_learning_rate(learning_rate)),
       kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
   )
-  # gated (no lax.cond, which copies the state on CPU): the core's decays become 1 and Kahan
-  # keeps its compensation on a skipped step; bit-identical state to the cond version.
   return V.with_param_checks(nonfinite_guard(tx, nonfinite, gated=True),
                              optimizer="stax.stable_adamw")
 
@@ -210,18 +211,16 @@ def oadamw_labels(params: Any, *, grouping: str = "auto",
   cand = partition.matrix_labels(params, exclude=tuple(exclude), min_dim=1, matrix_label=MUON,
                                  other_label=ADAM)
 
-  def refine(path, x, lab):
-    if lab != MUON:
-      return ADAM
-    d = resolve_dimension_numbers(dimension_numbers, path, x)
-    if d is None:
+  def refine(x, d, lab):
+    if lab != MUON or d is None:
       return ADAM
     _, m, n = matrix_shape(np.shape(x), d)
     return MUON if min(m, n) >= min_dim else ADAM
 
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves, treedef = jax.tree.flatten(params)
   labs = treedef.flatten_up_to(cand)
-  return jax.tree.unflatten(treedef, [refine(p, x, l) for (p, x), l in zip(flat, labs)])
+  dims = resolve_tree(dimension_numbers, params)
+  return jax.tree.unflatten(treedef, [refine(x, d, l) for x, d, l in zip(leaves, dims, labs)])
 
 
 def _warn_unused_muon_args(muon, labels, values):
@@ -307,15 +306,17 @@ def oadamw(
       (overrides ``grouping``; list it in ``static_args`` of inject_hyperparams if callable).
     exclude: path predicates sending a leaf to StableAdamW (default: embeddings, output heads).
     min_dim: smallest matrix side >= 1 for the Muon group under ``"auto"`` (default 4).
-    dimension_numbers: :class:`stax.MatrixDimensionNumbers` or callable
-      ``(path, leaf) -> dims | None`` (default
-      :func:`stax.transforms.orthogonalize.default_dimension_numbers`: 2-D ``(in, out)``;
+    dimension_numbers: the matrix view of each leaf, any form :mod:`stax.layout` accepts: a
+      :class:`stax.MatrixDimensionNumbers` (optax's ``MuonDimensionNumbers`` too), a tree of
+      them laid out like the params, a callable ``(path, leaf) -> dims | None`` or
+      ``params -> tree`` (default :func:`stax.layout.default_dimension_numbers`: 2-D ``(in, out)``;
       attention ``query``/``key``/``value`` kernels ``(in, heads, dh)`` as one
       ``in × heads·dh`` matrix and the ``out`` kernel ``(heads, dh, out)`` as one
       ``heads·dh × out`` matrix; 3-D stacked layers ``(L, in, out)`` as L matrices; 4-D+ Flax
       conv kernels as ``(spatial·in) × out``; biases never). Torch layout:
-      ``MatrixDimensionNumbers(1, 0)`` (``torch_bridge.OAdamW`` passes it, with q/k/v of a
-      fused ``in_proj_weight`` split by ``output_groups=3``).
+      ``MatrixDimensionNumbers(1, 0)`` (``torch_bridge.OAdamW`` passes a tree of
+      :func:`torch_bridge.torch_dimension_numbers`, with q/k/v of a fused ``in_proj_weight``
+      split by ``output_groups=3``).
     mode: ``"per_leaf"`` (default) or ``"stacked"`` (same-shape matrices orthogonalised as one
       batch, its stack axis sharded over an explicit mesh).
     implementation: Newton–Schulz kernel (``"xla"``, ``"pallas"``; ``None``: ``"xla"`` until the

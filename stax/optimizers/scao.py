@@ -138,8 +138,10 @@ def scao(
     blend_steps: steps of the linear blend into preconditioning, int >= 0 (default 50).
     mode: ``"lowrank"`` (default, improved) or ``"scao-0.2.4"`` (faithful).
     mask: pytree or callable selecting the leaves that decay (default: all, as the seed).
-    dimension_numbers: split axis turning a tensor into a matrix (int, pytree of ints or
-      callable; default ``None`` → 1, the seed's ``(shape[0], -1)``, except that leaves named
+    dimension_numbers: how a tensor becomes a matrix, any form of :mod:`stax.layout`: an int
+      split axis (rows = the axes before it), a :class:`stax.MatrixDimensionNumbers` whose
+      reduction and output axes split the tensor in two, a tree of either, or a callable
+      (default ``None`` → 1, the seed's ``(shape[0], -1)``, except that leaves named
       ``bias`` are never matrices and Flax attention kernels ``(in, heads, dh)`` /
       ``(heads, dh, out)`` are split where their matrix is; ``-1`` for Flax convs).
     seed: seed of the key of ``lowrank``'s randomized subspace iteration (default 0).
@@ -158,20 +160,22 @@ def scao(
   V.check_number("eps", eps, low=0.0)
   V.check_number("weight_decay", weight_decay, low=0.0)
   V.check_choice("mode", mode, K.MODES)
+  schedule = dict(warmup_steps=warmup_steps, precond_freq=precond_freq,
+                  min_precond_updates=min_precond_updates, blend_steps=blend_steps)
+  curvature = dict(rho=rho, epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max,
+                   max_precond_dim=max_precond_dim)
   if mode == "lowrank":
     V.check_number("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
     V.warn_no_effect("tau", tau, 1.0, "with mode='lowrank' (only mode='scao-0.2.4' clips)")
-    precond = K.scale_by_kron_lowrank(
-        warmup_steps, precond_freq, min_precond_updates, rho, epsilon_sparse, k_min, k_max,
-        max_precond_dim, blend_steps, dimension_numbers=dimension_numbers, seed=seed)
+    precond = K.scale_by_kron_lowrank(**schedule, **curvature,
+                                      dimension_numbers=dimension_numbers, seed=seed)
   else:
     V.warn_no_effect("seed", seed, 0, "with mode='scao-0.2.4' (it draws no random numbers)")
-    precond = K.scale_by_kron_scao(
-        warmup_steps, precond_freq, min_precond_updates, rho, epsilon_sparse, k_min, k_max,
-        tau, max_precond_dim, blend_steps, eps, dimension_numbers=dimension_numbers)
+    precond = K.scale_by_kron_scao(**schedule, **curvature, tau=tau, eps=eps,
+                                   dimension_numbers=dimension_numbers)
   tx = optax.chain(
       precond,
-      scale_by_adam(b1, b2, eps, mu_dtype=jnp.float32, nu_dtype=jnp.float32),
+      scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32, nu_dtype=jnp.float32),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
       _cast_to_params(),
@@ -180,21 +184,9 @@ def scao(
 
 
 def _find_kron_states(state: Any) -> list:
-  found = []
-
-  def visit(x):
-    if isinstance(x, K.ScaleByKronState):
-      found.append(x)
-      return
-    if isinstance(x, (tuple, list)):
-      for y in x:
-        visit(y)
-    elif isinstance(x, dict):
-      for y in x.values():
-        visit(y)
-
-  visit(state)
-  return found
+  """Every :class:`~stax.transforms.kron.ScaleByKronState` inside ``state``."""
+  found = optax.tree_utils.tree_get_all_with_path(state, K.ScaleByKronState.__name__)
+  return [x for _, x in found]
 
 
 def scao_diagnostics(state: Any, params: Any = None, rho: float = 0.999) -> dict:

@@ -45,7 +45,8 @@ b1\_base]` (``b1_min`` overrides the lower one).
 Non-finite gradients: the seed silently replaces NaN/±Inf gradient entries by 0 (moments still
 decay, weight decay still applies). stax's default ``nonfinite="skip"`` skips such a step
 entirely (:func:`stax.nonfinite_guard`); ``nonfinite="zero"`` reproduces the seed (used by the
-parity test); ``"error"`` and ``"ignore"`` as in :func:`stax.nonfinite_guard`.
+parity test; the guard's ``"zero"`` policy, :func:`stax.zero_nonfinite`); ``"error"`` and
+``"ignore"`` as in :func:`stax.nonfinite_guard`.
 
 Other differences from the seed: updates follow optax's sign convention (the seed's
 ``STAM.update`` returns descent steps; only its optax wrapper negates); learning rates may be
@@ -82,24 +83,13 @@ from stax import _validation as V
 from stax.codecs.tensor_rms import tensor_rms_storage
 from stax.transforms import adaptive_beta as AB
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import NONFINITE_POLICIES, nonfinite_guard
+from stax.transforms.guards import NONFINITE_POLICIES, nonfinite_guard, zero_nonfinite
 
 __all__ = ["stam", "stam_lite", "stam_beta1", "zero_nonfinite", "BETA1_SIGNALS",
            "STAM_NONFINITE_POLICIES"]
 
 BETA1_SIGNALS = ("seed", "snr")
-STAM_NONFINITE_POLICIES = NONFINITE_POLICIES + ("zero",)
-
-
-def zero_nonfinite() -> optax.GradientTransformation:
-  """Replaces NaN and ±Inf gradient entries by 0 (the seed's ``jnp.nan_to_num(g, 0, 0, 0)``)."""
-
-  def update_fn(updates, state, params=None):
-    del params
-    return jax.tree.map(
-        lambda g: jnp.where(jnp.isfinite(g), g, jnp.zeros([], g.dtype)), updates), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+STAM_NONFINITE_POLICIES = NONFINITE_POLICIES  # "zero" included (the seed's behaviour)
 
 
 def _check_common(learning_rate, b1_base, eps, weight_decay, adapt_strength, b1_min,
@@ -142,11 +132,9 @@ def _keep_grad_dtype(inner) -> optax.GradientTransformationExtraArgs:
 
 
 def _finish(core, weight_decay, mask, learning_rate, nonfinite, name):
-  parts = [zero_nonfinite()] if nonfinite == "zero" else []
-  tx = optax.chain(*parts, _keep_grad_dtype(core), optax.add_decayed_weights(weight_decay, mask),
+  tx = optax.chain(_keep_grad_dtype(core), optax.add_decayed_weights(weight_decay, mask),
                    optax.scale_by_learning_rate(learning_rate))
-  return V.with_param_checks(nonfinite_guard(tx, "ignore" if nonfinite == "zero" else nonfinite),
-                             optimizer=name)
+  return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer=name)
 
 
 def stam(

@@ -25,11 +25,21 @@ The seams later optimizers plug into:
   :math:`\beta_1`); the rule's state lives in this transform's state.
 * ``storage`` — how m and v are stored (:mod:`stax.codecs`): full precision in ``mu_dtype`` /
   ``nu_dtype`` by default, or any :class:`~stax.codecs.base.MomentStorage` (TurboAdam's
-  compressed codecs), possibly chosen per leaf. Stochastic-rounding codecs draw from a key kept in
-  the state (``seed``), folded with the step count and the leaf index, so runs are reproducible
-  and checkpoints resume bit-exactly. A storage may also define ``project(mu, nu)``: the moments
-  the update then uses instead of the exact new ones (e.g. :mod:`stax.codecs.tensor_rms` reduces
-  v to one mean per tensor, STAMLite's denominator); without it the exact new moments are used.
+  compressed codecs), possibly chosen per leaf. The core always passes the storage a
+  :class:`~stax.codecs.base.StorageStep` context. Stochastic-rounding codecs draw from a key kept
+  in the state (``seed``), folded with the step count and the leaf index, so runs are
+  reproducible and checkpoints resume bit-exactly. The storage's ``project(mu, nu)`` gives the
+  moments the update uses (identity by default; :mod:`stax.codecs.tensor_rms` reduces v to one
+  mean per tensor, STAMLite's denominator).
+
+The arithmetic of one leaf is the pure function :func:`adam_step`; :func:`adam_update` applies it
+to a tree through the storage (reading, the :class:`Beta1Rule`, writing) and is shared by
+:func:`scale_by_adam` and :func:`stax.scale_by_stable_adam`.
+
+The non-finite gate: with an exact storage and a constant b1, :func:`scale_by_adam` is
+gate-aware (:class:`stax.transforms.guards.GateAwareTransformation`): when the extra argument
+``nonfinite_ok`` is false both moment decays are 1 and the step count and ``b1_prod`` are held,
+so its state is returned unchanged.
 
 Huge gradients. Before the moments are formed, every gradient entry is saturated at
 :math:`\pm B` with :math:`B = 2^{e/2-1}` for the moments' dtype of maximum exponent ``e``
@@ -67,12 +77,19 @@ from optax._src import numerics
 from stax import _validation as V
 from stax import numerics as num
 from stax._trees import conform
-from stax.codecs.base import (FullPrecision, SeparateStorage, StorageLike,
-                              full_precision_storage, resolve_storage)
+from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
+                              is_storage, resolve_storage)
+from stax.transforms.guards import NONFINITE_OK, gate_aware
 
 __all__ = [
     "ScaleByAdamState",
     "Beta1Rule",
+    "AdamConfig",
+    "AdamStep",
+    "adam_config",
+    "adam_init",
+    "adam_step",
+    "adam_update",
     "scale_by_adam",
     "debias_beta",
     "adam_moments",
@@ -118,32 +135,47 @@ class ScaleByAdamState(NamedTuple):
   key: Any = None
 
 
-class StorageStep(NamedTuple):
-  """Step context for storages that declare ``needs_step = True``.
+class AdamConfig(NamedTuple):
+  """The Adam core's validated configuration (see :func:`scale_by_adam` for the fields)."""
 
-  Such a storage is called as ``read(mu_enc, nu_enc, like, step=...)`` and
-  ``write(mu, nu, key, step=...)`` (TurboAdam 0.2.0's UState decodes m with the previous step's
-  bias corrections and seeds its counter-hash RNG with the step and the parameter index).
+  b1: Any
+  b2: Any
+  eps: Any
+  eps_root: Any
+  bias_correction: str
+  correction_eps: Any
+  nesterov: bool
+  storage: StorageLike
+  seed: int
+
+  @property
+  def rule(self) -> Optional[Beta1Rule]:
+    """The :class:`Beta1Rule`, or ``None`` for a constant b1."""
+    return self.b1 if isinstance(self.b1, Beta1Rule) else None
+
+  @property
+  def honours_gate(self) -> bool:
+    """Whether a skipped step (gate false) keeps the state exactly: a constant b1 (a rule's
+    state would move) and one storage, known now, that is exact (a per-leaf callable can only
+    be resolved on the parameters)."""
+    return self.rule is None and is_storage(self.storage) and as_storage(self.storage).exact
+
+
+class AdamStep(NamedTuple):
+  """The result of :func:`adam_step` for one leaf (of :func:`adam_update`: one tree per field).
 
   Attributes:
-    count: int32 scalar, steps taken *before* this update.
-    index: the leaf's index in flatten order.
-    key: the raw ``uint32[2]`` key of the Adam state (not folded), or ``None``.
-    mu_enc: this leaf's previous encoded first moment (``write`` only; ``None`` in ``read``).
-    nu_enc: this leaf's previous encoded second moment (``write`` only).
+    update: the Adam direction :math:`\\hat m/(\\sqrt{\\hat v+\\epsilon_{root}}+\\epsilon)`.
+    mu: the new first moment, exact (what the storage is given to write).
+    nu: the new second moment, exact.
+    nu_used: the second moment the update was formed from (the storage's projection of ``nu``;
+      ``nu`` itself by default).
   """
 
-  count: jax.Array
-  index: int
-  key: Any = None
-  mu_enc: Any = None
-  nu_enc: Any = None
-
-
-def _read(s, me, ne, like, count, index, key):
-  if getattr(s, "needs_step", False):
-    return s.read(me, ne, like, step=StorageStep(count, index, key))
-  return s.read(me, ne, like)
+  update: Any
+  mu: Any
+  nu: Any
+  nu_used: Any
 
 
 def debias_beta(beta: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
@@ -157,14 +189,192 @@ def debias_beta(beta: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
   return beta * (1.0 - beta ** (t - 1.0)) / (1.0 - beta ** t)
 
 
-def _is_exact_storage(s) -> bool:
-  """Full precision, no rounding: writing back what was read changes nothing."""
-  return (isinstance(s, SeparateStorage) and isinstance(s.mu_codec, FullPrecision)
-          and isinstance(s.nu_codec, FullPrecision))
+def adam_config(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    bias_correction: str = "standard",
+    correction_eps: Any = 0.0,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    storage: Optional[StorageLike] = None,
+    seed: int = 0,
+) -> AdamConfig:
+  """Validates :func:`scale_by_adam`'s arguments (``ValueError``) and returns them as a record
+  (``storage`` defaults to full precision in ``mu_dtype``/``nu_dtype``)."""
+  rule = b1 if isinstance(b1, Beta1Rule) else None
+  if rule is None:
+    V.check_betas(b1=b1)
+  V.check_betas(b2=b2)
+  V.check_number("eps", eps, low=0.0)
+  V.check_number("eps_root", eps_root, low=0.0)
+  V.check_number("correction_eps", correction_eps, low=0.0)
+  V.check_choice("bias_correction", bias_correction, BIAS_CORRECTIONS)
+  if nesterov and bias_correction != "standard":
+    raise ValueError("`nesterov=True` requires bias_correction='standard'.")
+  if rule is not None and nesterov:
+    raise ValueError("`nesterov=True` is not supported with a Beta1Rule.")
+  V.check_int("seed", seed)
+  if storage is None:
+    storage = full_precision_storage(mu_dtype, nu_dtype)
+  return AdamConfig(b1, b2, eps, eps_root, bias_correction, correction_eps, nesterov, storage,
+                    seed)
 
 
-def _is_none(x):
-  return x is None
+def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Array,
+              cfg: AdamConfig, *, b1_prod: Any = None, ok: Any = None,
+              project: Optional[Callable] = None) -> AdamStep:
+  """One leaf's Adam step: a pure function (like torch's functional ``adamw``).
+
+  Args:
+    g: the gradient, already saturated (:func:`stax.numerics.saturate`).
+    mu: the previous first moment (decoded).
+    nu: the previous second moment (decoded).
+    b1: this leaf's first-moment decay (``"debiased"`` debiases it and ``cfg.b2`` here).
+    count: int32 scalar, steps taken *including* this one (t >= 1).
+    cfg: the configuration (b2, eps, eps_root, bias correction, Nesterov).
+    b1_prod: for ``"product"``: this leaf's product of the b1s up to this step.
+    ok: ``None``, or the non-finite gate (a scalar bool): when false the EMA coefficients are
+      (0, 1), so ``mu`` and ``nu`` come back unchanged.
+    project: the storage's ``project(mu, nu)`` (default identity).
+  """
+  b2 = cfg.b2
+  b1_t, b2_t = b1, b2
+  if cfg.bias_correction == "debiased":
+    b1_t, b2_t = debias_beta(b1, count), debias_beta(b2, count)
+  # EMA coefficients (1 - b, b). A skipped step of the gated guard uses (0, 1), so m and v
+  # stay exactly as they are; on a good step the values are the ungated ones bit for bit
+  # (``1 - b`` is formed exactly as without the gate: in Python for a Python float).
+  a1, d1 = 1 - b1_t, b1_t
+  a2, d2 = 1 - b2_t, b2_t
+  if ok is not None:
+    a1, d1 = jnp.where(ok, a1, 0.0), jnp.where(ok, d1, 1.0)
+    a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
+  new_mu = (a1 * g + d1 * mu).astype(_moment_dtype(mu, g))
+  new_nu = (a2 * numerics.abs_sq(g) + d2 * nu).astype(_moment_dtype(nu, g))
+
+  m, v = (new_mu, new_nu) if project is None else project(new_mu, new_nu)
+  if cfg.bias_correction == "standard":
+    # optax's own bias correction, so this is bit-identical with optax.scale_by_adam.
+    if cfg.nesterov:
+      m_hat = (b1 * optax.tree.bias_correction(m, b1, numerics.safe_increment(count))
+               + (1 - b1) * optax.tree.bias_correction(g, b1, count))
+    else:
+      m_hat = optax.tree.bias_correction(m, b1, count)
+    v_hat = optax.tree.bias_correction(v, b2, count)
+  elif cfg.bias_correction == "product":
+    c1 = 1 - b1_prod
+    c2 = 1 - jnp.asarray(b2, jnp.float32) ** count.astype(jnp.float32)
+    m_hat = m / (c1 + cfg.correction_eps).astype(m.dtype)
+    v_hat = v / (c2 + cfg.correction_eps).astype(v.dtype)
+  else:  # "debiased" moments are already unbiased; "none" skips the correction.
+    m_hat, v_hat = m, v
+  update = m_hat / (jnp.sqrt(v_hat + cfg.eps_root) + cfg.eps)
+  return AdamStep(update, new_mu, new_nu, v)
+
+
+def adam_init(cfg: AdamConfig, params: Any) -> ScaleByAdamState:
+  """The initial :class:`ScaleByAdamState` of ``params``."""
+  leaves, treedef = jax.tree.flatten(params)
+  stores = [resolve_storage(cfg.storage, p) for p in leaves]
+  encoded = [s.init(p) for s, p in zip(stores, leaves)]
+  mu = jax.tree.unflatten(treedef, [e[0] for e in encoded])
+  nu = jax.tree.unflatten(treedef, [e[1] for e in encoded])
+  b1_prod = None
+  if cfg.bias_correction == "product":
+    b1_prod = jax.tree.unflatten(treedef, [jnp.ones([], jnp.float32) for _ in leaves])
+  rule = cfg.rule
+  b1_state = rule.init(params) if rule is not None else None
+  key = None
+  if any(s.needs_key for s in stores):
+    key = jax.random.key_data(jax.random.PRNGKey(cfg.seed))
+  return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, b1_prod=b1_prod,
+                          b1_state=b1_state, key=key)
+
+
+def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any = None
+                ) -> tuple[AdamStep, ScaleByAdamState]:
+  """Adam over a tree: reads the moments through the storage, runs :func:`adam_step` per leaf,
+  writes the new moments.
+
+  Args:
+    cfg: the configuration (:func:`adam_config`).
+    updates: the gradients.
+    state: the previous state.
+    ok: ``None``, or the non-finite gate (a scalar bool; only for a configuration that
+      :attr:`~AdamConfig.honours_gate`): when false the state comes back unchanged.
+
+  Returns:
+    An :class:`AdamStep` whose fields are trees shaped like ``updates``, and the new state.
+  """
+  if ok is not None and not cfg.honours_gate:
+    raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with full-precision "
+                     "storage and a constant b1 (a codec or a Beta1Rule would change its "
+                     "state on a skipped step); use gated=False.")
+  rule = cfg.rule
+  g_leaves, treedef = jax.tree.flatten(updates)
+  stores = [resolve_storage(cfg.storage, g) for g in g_leaves]
+  mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
+  count_inc = numerics.safe_increment(state.count)
+
+  decoded = [s.read(me, ne, g, StorageStep(state.count, i, state.key))
+             for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
+  mus = [d[0] for d in decoded]
+  nus = [d[1] for d in decoded]
+  # Saturate each entry at ±B (2**63 for float32/bf16 moments; stax.numerics) so g² and the
+  # moments stay finite for any finite gradient; entries inside the bound are unchanged.
+  g_leaves = [None if g is None else num.saturate(g, num.square_bound(m.dtype, v.dtype))
+              for g, m, v in zip(g_leaves, mus, nus)]
+
+  # First-moment decay, per leaf.
+  b1_state = state.b1_state
+  if rule is not None:
+    b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, g_leaves),
+                                    jax.tree.unflatten(treedef, mus),
+                                    state.b1_state, state.count)
+    b1s = treedef.flatten_up_to(b1_tree)
+  else:
+    b1s = [cfg.b1] * len(g_leaves)
+
+  b1_prod, prods = state.b1_prod, [None] * len(g_leaves)
+  if cfg.bias_correction == "product":
+    old = treedef.flatten_up_to(state.b1_prod)
+    # A Beta1Rule gives one beta1 per leaf (a scalar), so the product is one scalar per leaf.
+    prods = [p * jnp.reshape(jnp.asarray(b, jnp.float32), ()) for p, b in zip(old, b1s)]
+    kept = prods if ok is None else [jnp.where(ok, n, p) for n, p in zip(prods, old)]
+    b1_prod = jax.tree.unflatten(treedef, kept)
+
+  steps = [None if g is None else
+           adam_step(g, m, v, b, count_inc, cfg, b1_prod=bp, ok=ok, project=s.project)
+           for s, g, m, v, b, bp in zip(stores, g_leaves, mus, nus, b1s, prods)]
+
+  # Store the new moments through the storage (stochastic rounding keyed by step and leaf).
+  step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
+  new_mu_enc, new_nu_enc = [], []
+  for i, (s, st, me, ne) in enumerate(zip(stores, steps, mu_enc, nu_enc)):
+    if st is None:
+      new_mu_enc.append(me)
+      new_nu_enc.append(ne)
+      continue
+    k = jax.random.fold_in(step_key, i) if s.needs_key and step_key is not None else None
+    a, c = s.write(st.mu, st.nu, StorageStep(state.count, i, state.key, me, ne, k))
+    new_mu_enc.append(_cast_like_tree(a, me))
+    new_nu_enc.append(_cast_like_tree(c, ne))
+
+  new_state = ScaleByAdamState(
+      count=count_inc if ok is None else jnp.where(ok, count_inc, state.count),
+      mu=jax.tree.unflatten(treedef, new_mu_enc),
+      nu=jax.tree.unflatten(treedef, new_nu_enc),
+      b1_prod=b1_prod,
+      b1_state=b1_state,
+      key=state.key,
+  )
+  fields = [jax.tree.unflatten(treedef, [None if st is None else st[j] for st in steps])
+            for j in range(len(AdamStep._fields))]
+  return AdamStep(*fields), new_state
 
 
 def scale_by_adam(
@@ -181,7 +391,7 @@ def scale_by_adam(
     storage: Optional[StorageLike] = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """Rescales updates by Adam's bias-corrected moments (the shared Adam core).
+  r"""Rescales updates by Adam's bias-corrected moments (the shared Adam core).
 
   Gradient entries beyond :math:`\pm B` (:func:`stax.numerics.square_bound` of the moments'
   dtypes, :math:`2^{63}` for float32/bfloat16) are saturated to ±B before the moments are formed
@@ -207,158 +417,27 @@ def scale_by_adam(
       (default 0).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Its ``update`` accepts the extra argument
-    ``nonfinite_ok`` (a scalar bool, from ``nonfinite_guard(gated=True)``): when false, both
-    moment decays are 1, so the moments are kept exactly (the guard zeroes the gradients and
-    updates and restores the step count). Only with full-precision storage and a constant b1
-    (``ValueError`` otherwise).
+    An ``optax.GradientTransformationExtraArgs``; with an exact storage (full precision, given
+    as one storage rather than a per-leaf callable) and a constant b1 it is a
+    :class:`~stax.transforms.guards.GateAwareTransformation`: its ``update`` accepts the extra
+    argument ``nonfinite_ok`` (a scalar bool, from ``nonfinite_guard(gated=True)``), and when
+    it is false both moment decays are 1 and the step count and ``b1_prod`` are held, so the
+    state is returned unchanged.
   """
-  rule = b1 if isinstance(b1, Beta1Rule) else None
-  if rule is None:
-    V.check_betas(b1=b1)
-  V.check_betas(b2=b2)
-  V.check_number("eps", eps, low=0.0)
-  V.check_number("eps_root", eps_root, low=0.0)
-  V.check_number("correction_eps", correction_eps, low=0.0)
-  V.check_choice("bias_correction", bias_correction, BIAS_CORRECTIONS)
-  if nesterov and bias_correction != "standard":
-    raise ValueError("`nesterov=True` requires bias_correction='standard'.")
-  if rule is not None and nesterov:
-    raise ValueError("`nesterov=True` is not supported with a Beta1Rule.")
-  V.check_int("seed", seed)
-  if storage is None:
-    storage = full_precision_storage(mu_dtype, nu_dtype)
-
-  def leaf_storages(tree):
-    return [resolve_storage(storage, leaf) for leaf in jax.tree.leaves(tree)]
+  cfg = adam_config(b1, b2, eps, eps_root, bias_correction=bias_correction,
+                    correction_eps=correction_eps, nesterov=nesterov, mu_dtype=mu_dtype,
+                    nu_dtype=nu_dtype, storage=storage, seed=seed)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    stores = [resolve_storage(storage, p) for p in leaves]
-    encoded = [s.init(p) for s, p in zip(stores, leaves)]
-    mu = jax.tree.unflatten(treedef, [e[0] for e in encoded])
-    nu = jax.tree.unflatten(treedef, [e[1] for e in encoded])
-    b1_prod = None
-    if bias_correction == "product":
-      b1_prod = jax.tree.unflatten(treedef, [jnp.ones([], jnp.float32) for _ in leaves])
-    b1_state = rule.init(params) if rule is not None else None
-    key = None
-    if any(s.needs_key for s in stores):
-      key = jax.random.key_data(jax.random.PRNGKey(seed))
-    return ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, b1_prod=b1_prod,
-        b1_state=b1_state, key=key)
+    return adam_init(cfg, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
-    ok = extra_args.get("nonfinite_ok")  # from nonfinite_guard(gated=True)
-    g_leaves, treedef = jax.tree.flatten(updates)
-    stores = leaf_storages(updates)
-    if ok is not None and (rule is not None or not all(_is_exact_storage(s) for s in stores)):
-      raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with full-precision "
-                       "storage and a constant b1 (a codec or a Beta1Rule would change its "
-                       "state on a skipped step); use gated=False.")
-    mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
-    count_inc = numerics.safe_increment(state.count)
+    step, new_state = adam_update(cfg, updates, state, extra_args.get(NONFINITE_OK))
+    return step.update, new_state
 
-    decoded = [_read(s, me, ne, g, state.count, i, state.key)
-               for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
-    mus = [d[0] for d in decoded]
-    nus = [d[1] for d in decoded]
-    # Saturate each entry at ±B (2**63 for float32/bf16 moments; stax.numerics) so g² and the
-    # moments stay finite for any finite gradient; entries inside the bound are unchanged.
-    g_leaves = [None if g is None else num.saturate(g, num.square_bound(m.dtype, v.dtype))
-                for g, m, v in zip(g_leaves, mus, nus)]
-
-    # First-moment decay, per leaf.
-    b1_state = state.b1_state
-    if rule is not None:
-      b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, g_leaves),
-                                      jax.tree.unflatten(treedef, mus),
-                                      state.b1_state, state.count)
-      b1s = treedef.flatten_up_to(b1_tree)
-    else:
-      b1s = [b1] * len(g_leaves)
-    b2_t = b2
-    if bias_correction == "debiased":
-      b1s = [debias_beta(b, count_inc) for b in b1s]
-      b2_t = debias_beta(b2, count_inc)
-
-    # EMA coefficients (1 - b, b). A skipped step of the gated guard uses (0, 1), so m and v
-    # stay exactly as they are; on a good step the values are the ungated ones bit for bit
-    # (``1 - b`` is formed exactly as without the gate: in Python for a Python float).
-    c1s = [(1 - b, b) for b in b1s]
-    c2 = (1 - b2_t, b2_t)
-    if ok is not None:
-      c1s = [(jnp.where(ok, a, 0.0), jnp.where(ok, b, 1.0)) for a, b in c1s]
-      c2 = (jnp.where(ok, c2[0], 0.0), jnp.where(ok, c2[1], 1.0))
-    new_mu = [None if g is None else (a * g + b * m).astype(_moment_dtype(m, g))
-              for g, m, (a, b) in zip(g_leaves, mus, c1s)]
-    new_nu = [None if g is None else (c2[0] * numerics.abs_sq(g) + c2[1] * v).astype(
-        _moment_dtype(v, g)) for g, v in zip(g_leaves, nus)]
-
-    b1_prod = state.b1_prod
-    if bias_correction == "product":
-      prods = treedef.flatten_up_to(state.b1_prod)
-      # A Beta1Rule gives one beta1 per leaf (a scalar), so the product is one scalar per leaf.
-      prods = [p * jnp.reshape(jnp.asarray(b, jnp.float32), ()) for p, b in zip(prods, b1s)]
-      b1_prod = jax.tree.unflatten(treedef, prods)
-
-    out = []
-    for i, (g, m, v, b) in enumerate(zip(g_leaves, new_mu, new_nu, b1s)):
-      if g is None:
-        out.append(None)
-        continue
-      project = getattr(stores[i], "project", None)
-      if project is not None:  # per-tensor storages (STAMLite's RMS) reduce the new moments
-        m, v = project(m, v)
-      if bias_correction == "standard":
-        # optax's own bias correction, so this is bit-identical with optax.scale_by_adam.
-        if nesterov:
-          m_hat = (b * optax.tree.bias_correction(m, b, numerics.safe_increment(count_inc))
-                   + (1 - b) * optax.tree.bias_correction(g, b, count_inc))
-        else:
-          m_hat = optax.tree.bias_correction(m, b, count_inc)
-        v_hat = optax.tree.bias_correction(v, b2, count_inc)
-      elif bias_correction == "product":
-        c1 = 1 - prods[i]
-        c2 = 1 - jnp.asarray(b2, jnp.float32) ** count_inc.astype(jnp.float32)
-        m_hat = m / (c1 + correction_eps).astype(m.dtype)
-        v_hat = v / (c2 + correction_eps).astype(v.dtype)
-      else:  # "debiased" moments are already unbiased; "none" skips the correction.
-        m_hat, v_hat = m, v
-      out.append(m_hat / (jnp.sqrt(v_hat + eps_root) + eps))
-
-    # Store the new moments through the codec (stochastic rounding keyed by step and leaf).
-    step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
-    new_mu_enc, new_nu_enc = [], []
-    for i, (s, g, m, v, me, ne) in enumerate(
-        zip(stores, g_leaves, new_mu, new_nu, mu_enc, nu_enc)):
-      if g is None:
-        new_mu_enc.append(me)
-        new_nu_enc.append(ne)
-        continue
-      k = None
-      if s.needs_key and step_key is not None:
-        k = jax.random.fold_in(step_key, i)
-      if getattr(s, "needs_step", False):
-        a, c = s.write(m, v, k, step=StorageStep(state.count, i, state.key, me, ne))
-      else:
-        a, c = s.write(m, v, k)
-      new_mu_enc.append(_cast_like_tree(a, me))
-      new_nu_enc.append(_cast_like_tree(c, ne))
-
-    new_state = ScaleByAdamState(
-        count=count_inc,
-        mu=jax.tree.unflatten(treedef, new_mu_enc),
-        nu=jax.tree.unflatten(treedef, new_nu_enc),
-        b1_prod=b1_prod,
-        b1_state=b1_state,
-        key=state.key,
-    )
-    return jax.tree.unflatten(treedef, out), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gate_aware(tx) if cfg.honours_gate else tx
 
 
 def _moment_dtype(stored: jax.Array, g: jax.Array):
@@ -398,7 +477,7 @@ def adam_moments(state: ScaleByAdamState, params: Any, storage: Optional[Storage
   leaves, treedef = jax.tree.flatten(params)
   stores = [resolve_storage(storage, p) for p in leaves]
   mu_enc, nu_enc = _encoded_leaves(stores, leaves, treedef, state)
-  pairs = [_read(s, me, ne, p, state.count, i, state.key)
+  pairs = [s.read(me, ne, p, StorageStep(state.count, i, state.key))
            for i, (s, p, me, ne) in enumerate(zip(stores, leaves, mu_enc, nu_enc))]
   return (jax.tree.unflatten(treedef, [p[0] for p in pairs]),
           jax.tree.unflatten(treedef, [p[1] for p in pairs]))

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _validation as V
+from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware
 
 __all__ = ["KahanState", "kahan_summation", "LOW_PRECISION"]
 
@@ -58,7 +59,7 @@ def _compensated(p) -> bool:
 
 
 def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
-                    ) -> optax.GradientTransformationExtraArgs:
+                    ) -> GateAwareTransformation:
   """Compensated summation of the final updates into low-precision parameters.
 
   Args:
@@ -67,14 +68,16 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
     enabled: ``False`` returns ``optax.identity()`` (kept for static configuration).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` that needs ``params`` in ``update``. With the
-    extra argument ``nonfinite_ok`` (from ``nonfinite_guard(gated=True)``, which zeroes the
-    updates of such a step) false, the compensation buffers are kept as they are.
+    A gate-aware ``optax.GradientTransformationExtraArgs``
+    (:class:`~stax.transforms.guards.GateAwareTransformation`) that needs ``params`` in
+    ``update``. With the extra argument ``nonfinite_ok`` (from ``nonfinite_guard(gated=True)``,
+    which zeroes the updates of such a step) false, the compensation buffers are kept as they
+    are.
   """
   V.check_bool("enabled", enabled)
   V.check_dtype("comp_dtype", comp_dtype)
   if not enabled:
-    return optax.with_extra_args_support(optax.identity())
+    return gate_aware(optax.identity())
 
   def init_fn(params):
     return KahanState(jax.tree.map(
@@ -82,7 +85,7 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
         params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    ok = extra_args.get("nonfinite_ok")
+    ok = extra_args.get(NONFINITE_OK)
     if params is None:
       raise ValueError("kahan_summation needs `params` in update().")
     leaves, treedef = jax.tree.flatten(updates)
@@ -106,4 +109,4 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
       out.append(delta)
     return jax.tree.unflatten(treedef, out), KahanState(jax.tree.unflatten(treedef, new_c))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gate_aware(optax.GradientTransformationExtraArgs(init_fn, update_fn))

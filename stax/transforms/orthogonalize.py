@@ -54,7 +54,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -70,6 +69,16 @@ from stax import _validation as V
 from stax import numerics as num
 from stax import partition
 from stax.kernels import newton_schulz as nsk
+from stax.kernels._registry import check_implementation
+from stax.layout import (ATTENTION_IN_PROJECTIONS, ATTENTION_OUT_PROJECTIONS, NEVER_MATRICES,
+                         MatrixDimensionNumbers, conv_dimension_numbers, default_dimension_numbers,
+                         matrix_shape, resolve_dimension_numbers, resolve_tree)
+from stax.layout import check_dimension_numbers as _check_layout_spec
+from stax.layout import axes as _axes
+from stax.layout import groups as _groups
+from stax.layout import is_dimension_numbers as _is_dims
+from stax.layout import last_two as _default_dims
+from stax.layout import ungroup as _ungroup
 
 __all__ = [
     "MatrixDimensionNumbers", "conv_dimension_numbers", "NS_PRESETS", "ns_coefficients",
@@ -77,66 +86,6 @@ __all__ = [
     "resolve_dimension_numbers", "default_dimension_numbers", "shape_scale_factor", "ScaleByOrthogonalizationState",
     "scale_by_orthogonalization", "SHAPE_SCALES", "ORTHOGONALIZE_MODES",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class MatrixDimensionNumbers:
-  """Which axes of a tensor are the matrix rows (fan-in) and columns (fan-out).
-
-  Attributes:
-    reduction_axis: axis or axes contracted with the layer input (fan-in), default 0.
-    output_axis: axis or axes of the layer output (fan-out), default 1.
-    output_groups: number of separate matrices fused along the (single) output axis, >= 1
-      (default 1). torch's ``nn.MultiheadAttention.in_proj_weight`` ``(3E, E)`` holds q, k and
-      v: ``MatrixDimensionNumbers(1, 0, output_groups=3)`` orthogonalises three ``E×E``
-      matrices, not one ``3E×E``.
-  All other axes are batch axes. Negative axes count from the end. ``optax``'s
-  ``MuonDimensionNumbers`` is accepted wherever this is.
-  """
-
-  reduction_axis: Union[int, tuple[int, ...]] = 0
-  output_axis: Union[int, tuple[int, ...]] = 1
-  output_groups: int = 1
-
-
-def _groups(dims) -> int:
-  return int(getattr(dims, "output_groups", 1) or 1)
-
-
-def _ungroup(shape, dims):
-  """(shape, dims) with a fused output axis split into ``(groups, n/groups)``, the groups a
-  batch axis; unchanged for ``output_groups == 1``."""
-  g = _groups(dims)
-  if g == 1:
-    return tuple(shape), dims
-  ndim = len(shape)
-  out = _axes(dims.output_axis, ndim)
-  if len(out) != 1 or shape[out[0]] % g:
-    raise ValueError(f"`output_groups={g}` needs one output axis whose size it divides; got "
-                     f"{dims!r} for shape {tuple(shape)}.")
-  o = out[0]
-  new_shape = tuple(shape[:o]) + (g, shape[o] // g) + tuple(shape[o + 1:])
-  red = tuple(a + 1 if a > o else a for a in _axes(dims.reduction_axis, ndim))
-  return new_shape, MatrixDimensionNumbers(red if len(red) > 1 else red[0], o + 1)
-
-
-def conv_dimension_numbers(ndim: int = 4) -> MatrixDimensionNumbers:
-  """Flax conv kernel ``(*spatial, in, out)``: fan-in = spatial × in, fan-out = out."""
-  V.check_int("ndim", ndim, low=2)
-  return MatrixDimensionNumbers(tuple(range(ndim - 1)), ndim - 1)
-
-
-def _is_dims(x) -> bool:
-  return hasattr(x, "reduction_axis") and hasattr(x, "output_axis")
-
-
-def _axes(a, ndim) -> tuple[int, ...]:
-  a = (a,) if isinstance(a, (int, np.integer)) else tuple(a)
-  return tuple(int(i) % ndim for i in a)
-
-
-def _default_dims(ndim: int) -> MatrixDimensionNumbers:
-  return MatrixDimensionNumbers(ndim - 2, ndim - 1)
 
 
 # --------------------------------------------------------------------------- coefficients
@@ -192,17 +141,6 @@ def singular_value_band(coeffs: Any = "jordan", ns_steps: int = 5,
 
 
 # --------------------------------------------------------------------------- layout
-def matrix_shape(shape: Sequence[int], dims: Any) -> tuple[int, int, int]:
-  """``(batch, m, n)`` of a tensor of ``shape`` under dimension numbers ``dims``."""
-  shape, dims = _ungroup(shape, dims)
-  ndim = len(shape)
-  red, out = _axes(dims.reduction_axis, ndim), _axes(dims.output_axis, ndim)
-  batch = [i for i in range(ndim) if i not in red + out]
-  return (int(np.prod([shape[i] for i in batch], dtype=np.int64)),
-          int(np.prod([shape[i] for i in red], dtype=np.int64)),
-          int(np.prod([shape[i] for i in out], dtype=np.int64)))
-
-
 def _check_dims(shape, dims):
   ndim = len(shape)
   if ndim < 2:
@@ -240,7 +178,7 @@ def _to_matrices(x, dims):
   """``x`` → ``(B, m, n)`` and the inverse function."""
   if _groups(dims) > 1:                 # fused q/k/v: split the output axis, groups are batch
     shape, inner = _ungroup(x.shape, dims)
-    if nsk.explicit_spec(x) is not None:
+    if _sh.explicit_spec(x) is not None:
       x = _sh.reshard(x, (), like=_sh.mesh_of(x))
     y, back = _to_matrices(x.reshape(shape), inner)
     return y, lambda z: back(z).reshape(x.shape)
@@ -253,7 +191,7 @@ def _to_matrices(x, dims):
   bsz, m, n = matrix_shape(shape, dims)
   xt = jnp.transpose(x, perm) if perm != tuple(range(ndim)) else x
   t_shape = xt.shape
-  spec = nsk.explicit_spec(xt)
+  spec = _sh.explicit_spec(xt)
   if spec is None:
     y = xt.reshape(bsz, m, n)
 
@@ -267,7 +205,7 @@ def _to_matrices(x, dims):
   if axis_spec != spec:
     xt = _sh.reshard(xt, axis_spec)
   y = xt.reshape((bsz, m, n), out_sharding=_sh.named(mesh, merged))
-  orig = nsk.explicit_spec(x)
+  orig = _sh.explicit_spec(x)
 
   def back_sharded(z):
     z = _sh.reshard(z, merged, like=mesh).reshape(t_shape,
@@ -276,62 +214,6 @@ def _to_matrices(x, dims):
       z = jnp.transpose(z, inv_perm)
     return _sh.reshard(z, orig, like=mesh)
   return y, back_sharded
-
-
-#: Flax attention projections: ``query``/``key``/``value`` kernels ``(..., in, heads, head_dim)``
-#: and the ``out`` kernel ``(..., heads, head_dim, out)`` (Linen ``MultiHeadDotProductAttention``,
-#: NNX ``MultiHeadAttention``).
-ATTENTION_IN_PROJECTIONS = ("query", "key", "value")
-ATTENTION_OUT_PROJECTIONS = ("out",)
-#: Leaf names that are never matrices (biases, norm scales), whatever their rank.
-NEVER_MATRICES = ("bias", "scale")
-
-
-def default_dimension_numbers(path: Any, shape: Sequence[int]):
-  """The matrix view stax gives a JAX/Flax leaf when no ``dimension_numbers`` is passed.
-
-  * ``ndim < 2``, or a leaf named ``bias`` or ``scale`` (attention biases are
-    ``(heads, head_dim)``; stacked norm scales and biases ``(L, d)``): ``None``, not a matrix;
-  * a ``query``/``key``/``value`` kernel ``(..., in, heads, head_dim)``: one ``in × heads·head_dim``
-    matrix (leading axes, e.g. scanned layers, are batch axes); an attention ``out`` kernel
-    ``(..., heads, head_dim, out)``: one ``heads·head_dim × out`` matrix;
-  * 2-D ``(in, out)``: itself;
-  * 3-D: stacked (scanned / ``nnx.vmap``) layers ``(L, in, out)``, L matrices;
-  * 4-D and more: a Flax conv kernel ``(*spatial, in, out)``, one ``(spatial·in) × out`` matrix
-    (:func:`conv_dimension_numbers`).
-
-  A 1-D conv kernel ``(width, in, out)`` looks like stacked layers: pass
-  ``conv_dimension_numbers(3)`` for it (or any layout) through ``dimension_numbers``.
-  """
-  ndim = len(shape)
-  parts = partition.normalize_path(path) if path is not None else ()
-  if ndim < 2 or (parts and parts[-1] in NEVER_MATRICES):
-    return None
-  module = parts[-2] if len(parts) >= 2 else ""
-  if ndim >= 3 and module in ATTENTION_IN_PROJECTIONS:
-    return MatrixDimensionNumbers(ndim - 3, (ndim - 2, ndim - 1))
-  if ndim >= 3 and module in ATTENTION_OUT_PROJECTIONS:
-    return MatrixDimensionNumbers((ndim - 3, ndim - 2), ndim - 1)
-  if ndim >= 4:
-    return conv_dimension_numbers(ndim)
-  return _default_dims(ndim)
-
-
-def resolve_dimension_numbers(dimension_numbers: Any, path: Any, x: Any):
-  """Dimension numbers of one leaf: ``None`` → :func:`default_dimension_numbers`, a dims
-  object, or a callable ``(path_name, leaf) -> dims | None``."""
-  if dimension_numbers is None:
-    return default_dimension_numbers(path, np.shape(x))
-  if _is_dims(dimension_numbers):
-    return dimension_numbers
-  if callable(dimension_numbers):
-    d = dimension_numbers(partition.path_name(path), x)
-    if d is None or _is_dims(d):
-      return d
-    raise TypeError(f"`dimension_numbers` returned {d!r} for {partition.path_name(path)}; "
-                    "expected MatrixDimensionNumbers or None.")
-  raise TypeError("`dimension_numbers` must be None, a MatrixDimensionNumbers or a callable "
-                  f"(path, leaf) -> MatrixDimensionNumbers | None, got {dimension_numbers!r}.")
 
 
 # --------------------------------------------------------------------------- functional API
@@ -356,6 +238,7 @@ def orthogonalize(x: jax.Array, coeffs: Any = "jordan", ns_steps: int = 5, eps: 
   """
   rows, norm_scale = ns_coefficients(coeffs, ns_steps)
   V.check_number("eps", eps, low=0.0)
+  check_implementation("newton_schulz", implementation)
   dims = dimension_numbers if dimension_numbers is not None else _default_dims(x.ndim)
   mats, back = _to_matrices(x, dims)
   y = nsk.newton_schulz(mats, rows, eps=eps, norm_scale=norm_scale,
@@ -496,17 +379,15 @@ def scale_by_orthogonalization(
   V.check_number("rms", rms, low=0.0, low_inclusive=False)
   V.check_number("scale", scale, low=0.0)
   V.check_int("update_proj_gap", update_proj_gap, low=1)
-  if dimension_numbers is not None and not (_is_dims(dimension_numbers)
-                                            or callable(dimension_numbers)):
-    raise TypeError("`dimension_numbers` must be None, a MatrixDimensionNumbers or a callable.")
+  check_implementation("newton_schulz", implementation)
+  _check_layout_spec(dimension_numbers)
 
   def init_fn(params):
     left = None
     if update_proj_gap > 1:
       flat, treedef = jax.tree_util.tree_flatten_with_path(params)
       lefts = []
-      for p, x in flat:
-        d = resolve_dimension_numbers(dimension_numbers, p, x)
+      for (p, x), d in zip(flat, resolve_tree(dimension_numbers, params)):
         if d is None:
           lefts.append(None)
           continue
@@ -525,7 +406,7 @@ def scale_by_orthogonalization(
     del params
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
     xs = [x for _, x in flat]
-    dims = [resolve_dimension_numbers(dimension_numbers, p, x) for p, x in flat]
+    dims = resolve_tree(dimension_numbers, updates)
     idx = [i for i, d in enumerate(dims) if d is not None and _is_array(xs[i])]
     out = list(xs)
     new_left = state.left
@@ -560,14 +441,14 @@ def _gap_step(x, d, left, refresh, rows, eps, norm_scale, compute_dtype):
   if transposed:
     g = jnp.swapaxes(g, -1, -2)
 
-  spec = nsk.explicit_spec(g)
+  spec = _sh.explicit_spec(g)
   mesh = _sh.mesh_of(g)
   left_spec = None if spec is None else (tuple(jax.typeof(left).sharding.spec)
                                          + (None,) * 3)[:3]
 
   def full(_):
-    y, new_left = nsk.newton_schulz_reference(g, rows, eps=eps, norm_scale=norm_scale,
-                                              compute_dtype=compute_dtype, return_left=True)
+    y, new_left = nsk.newton_schulz(g, rows, eps=eps, norm_scale=norm_scale,
+                                    compute_dtype=compute_dtype, return_left=True)
     new_left = new_left.astype(left.dtype)
     if spec is not None:  # keep the state's sharding stable across steps
       new_left = _sh.reshard(new_left, left_spec, like=mesh)

@@ -11,8 +11,9 @@ r"""StableAdamW's update (optimi / Wortsman et al.), on the shared Adam core.
   p_t = p_{t-1} - \eta_t\big(m_t/(\sqrt{v_t}+\epsilon) + \lambda' p_{t-1}\big),\qquad
   \lambda' = \lambda \ \text{(decoupled)}\ \text{or}\ \lambda/\eta_{max}\ \text{(fully decoupled)}
 
-The moments come from :func:`stax.scale_by_adam` with ``bias_correction="debiased"`` (optimi's
-debiased betas: the EMAs are already unbiased). The update clipping is computed on device (no
+The moments come from the shared Adam core (:func:`stax.transforms.adam.adam_update`, as
+:func:`stax.scale_by_adam` with ``bias_correction="debiased"``: optimi's debiased betas, the EMAs
+are already unbiased); the RMS uses the second moment the core formed the update from. The update clipping is computed on device (no
 ``.item()`` host sync per tensor as in optimi's PyTorch paths). Because StableAdamW clips the
 *learning rate*, the clip also scales the weight decay, so the decay is applied inside
 :func:`scale_by_stable_adam` (before ``optax.scale_by_learning_rate``) rather than by a separate
@@ -45,8 +46,9 @@ import optax
 
 from stax import _validation as V
 from stax import numerics as num
-from stax.codecs.base import StorageLike, full_precision_storage, resolve_storage
-from stax.transforms.adam import ScaleByAdamState, scale_by_adam
+from stax.codecs.base import StorageLike
+from stax.transforms.adam import ScaleByAdamState, adam_config, adam_init, adam_update
+from stax.transforms.guards import NONFINITE_OK, gate_aware
 
 __all__ = ["scale_by_stable_adam", "update_rms", "add_decoupled_weight_decay",
            "decay_coefficient"]
@@ -113,7 +115,9 @@ def scale_by_stable_adam(
     storage: a :class:`~stax.codecs.base.MomentStorage` (overrides the dtypes).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`stax.ScaleByAdamState`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`stax.ScaleByAdamState`;
+    gate-aware (:class:`~stax.transforms.guards.GateAwareTransformation`) when the storage is
+    exact, as :func:`stax.scale_by_adam`.
   """
   V.check_betas(b1=b1, b2=b2)
   V.check_number("eps", eps, low=0.0)
@@ -127,21 +131,22 @@ def scale_by_stable_adam(
       raise ValueError("`max_lr` is required when `decouple_lr=True` (the maximum scheduled "
                        "learning rate, > 0).")
     V.check_number("max_lr", max_lr, low=0.0, low_inclusive=False)
-  if storage is None:
-    storage = full_precision_storage(mu_dtype, nu_dtype)
-  core = scale_by_adam(b1, b2, eps, 0.0, bias_correction="debiased", storage=storage)
+  cfg = adam_config(b1, b2, eps, 0.0, bias_correction="debiased", mu_dtype=mu_dtype,
+                    nu_dtype=nu_dtype, storage=storage)
+
+  def init_fn(params):
+    return adam_init(cfg, params)
 
   def update_fn(updates, state: ScaleByAdamState, params=None, **extra_args):
-    direction, new_state = core.update(updates, state, params, **extra_args)
+    step, new_state = adam_update(cfg, updates, state, extra_args.get(NONFINITE_OK))
     g_leaves, treedef = jax.tree.flatten(updates)
-    d_leaves = treedef.flatten_up_to(direction)
-    nu_enc = treedef.flatten_up_to(new_state.nu)
-    mu_enc = treedef.flatten_up_to(new_state.mu)
+    d_leaves = treedef.flatten_up_to(step.update)
+    v_leaves = treedef.flatten_up_to(step.nu_used)
     p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
     decays = _mask_leaves(mask, updates)
     lam = decay_coefficient(weight_decay, decouple_lr, max_lr)
     out = []
-    for g, d, me, ne, p, dec in zip(g_leaves, d_leaves, mu_enc, nu_enc, p_leaves, decays):
+    for g, d, v, p, dec in zip(g_leaves, d_leaves, v_leaves, p_leaves, decays):
       if g is None:
         out.append(None)
         continue
@@ -152,12 +157,12 @@ def scale_by_stable_adam(
         raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG") else
                          "scale_by_stable_adam needs `params` for weight decay.")
       if clip:
-        _, v = resolve_storage(storage, g).read(me, ne, g)
         u = u / jnp.maximum(1.0, update_rms(g, v, eps))
       out.append(u.astype(g.dtype))
     return jax.tree.unflatten(treedef, out), new_state
 
-  return optax.GradientTransformationExtraArgs(core.init, update_fn)
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gate_aware(tx) if cfg.honours_gate else tx
 
 
 def _is_zero(x) -> bool:

@@ -1,0 +1,334 @@
+r"""The SCAO schedule: Adam warm-up, linear blend and periodic curvature updates over a leaf rule.
+
+The controller turns the gradient :math:`G` of each leaf (seen as a matrix, :mod:`._view`) into
+the gradient that SCAO feeds to Adam's moments:
+
+* **warm-up** — while ``step <= warmup_steps`` or fewer than ``min_precond_updates`` curvature
+  updates have happened, :math:`g_{\rm eff} = G`;
+* **preconditioned phase** — :math:`g_{\rm eff} = b\,\tilde G + (1-b)\,G` with the linear ramp
+  :math:`b = \min(1, s/\text{blend\_steps})` (``s`` counts preconditioned steps), where
+  :math:`\tilde G` is the rule's ``apply``;
+* every ``precond_freq`` steps, *after* the current gradient was preconditioned with the
+  previous factors, each leaf's curvature state takes the rule's ``update``, under
+  ``lax.cond``. All shapes are static; nothing syncs with the host.
+
+What a leaf's curvature state is and how it preconditions is the rule's business
+(:class:`LeafRule`); this module knows nothing of any rule. The state is params-shaped: one
+entry per parameter leaf in a tree laid out like the params (``optax.EmptyState()`` for a leaf
+the rule passes through), plus the shared counters. A Flax NNX ``Variable`` around a parameter
+is not repeated around its curvature state (see :func:`layout`).
+
+Under an explicit mesh the gradient is replicated for the factor work (the factors live
+replicated) and the result is resharded like the gradient, so it equals the single-device
+result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, NamedTuple, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax._src import numerics
+
+from stax import _sharding as _sh
+from stax import _validation as V
+from stax import numerics as num
+from stax._trees import conform
+from stax.partition import _NNX_VALUE_KEYS  # pylint: disable=protected-access
+from stax.transforms.kron import _view
+
+__all__ = ["Schedule", "LeafContext", "LeafRule", "ScaleByKronState", "STAT_BOUND",
+           "check_schedule", "layout", "scale_by_schedule"]
+
+# A gradient block whose Frobenius norm exceeds this (2**61) enters a rule's curvature EMAs
+# scaled down to it (stax.numerics.saturate_norm), so every EMA entry, trace and Ritz value
+# stays below 2**122: sums of a few of them, the debiasing and eigh stay finite. Never reached
+# in practice.
+STAT_BOUND = num.square_bound(jnp.float32, terms=16)
+
+
+class Schedule(NamedTuple):
+  """The controller's hyperparameters (ints, or arrays under ``inject_hyperparams``).
+
+  Attributes:
+    warmup_steps: Adam-only steps.
+    precond_freq: curvature update period in steps.
+    min_precond_updates: curvature updates required before preconditioning.
+    blend_steps: length of the linear blend (0: none).
+  """
+
+  warmup_steps: Any
+  precond_freq: Any
+  min_precond_updates: Any
+  blend_steps: Any
+
+
+class LeafContext(NamedTuple):
+  """What the controller tells a rule about the current step, for one leaf.
+
+  Attributes:
+    precond_count: int32, curvature updates taken before this step.
+    dtype: the gradient leaf's dtype (the matrix view given to the rule is float32).
+    noise: ``update`` only: this leaf's share (``noise_size(plan)`` draws) of one
+      standard-normal draw per curvature update, else ``None``.
+  """
+
+  precond_count: jax.Array
+  dtype: Any
+  noise: Optional[jax.Array] = None
+
+
+class LeafRule(Protocol):
+  """A per-leaf curvature rule driven by :func:`scale_by_schedule`.
+
+  Attributes:
+    needs_key: whether the state keeps a PRNG key (the rule draws ``noise``).
+    min_updates: a floor on ``min_precond_updates`` (curvature updates before preconditioning).
+  """
+
+  needs_key: bool
+  min_updates: int
+
+  def plan(self, m: int, n: int) -> Optional[Hashable]:
+    """The static plan of an ``m×n`` matrix view, or ``None`` to pass the leaf through."""
+
+  def init(self, plan: Any) -> Any:
+    """The leaf's initial curvature state (a NamedTuple of float32/int32 arrays)."""
+
+  def fits(self, plan: Any, st: Any) -> bool:
+    """Whether ``st`` was built for a leaf with this plan."""
+
+  def noise_size(self, plan: Any) -> int:
+    """Standard-normal draws one curvature ``update`` of this leaf needs."""
+
+  def apply(self, plan: Any, st: Any, g: jax.Array, ctx: LeafContext) -> jax.Array:
+    """The preconditioned float32 matrix :math:`\\tilde G` of the float32 matrix ``g``."""
+
+  def update(self, plan: Any, st: Any, g: jax.Array, ctx: LeafContext) -> Any:
+    """The leaf's curvature state after one curvature update with gradient ``g``."""
+
+
+class ScaleByKronState(NamedTuple):
+  """State of the SCAO preconditioners.
+
+  Attributes:
+    count: int32, steps taken.
+    precond_count: int32, curvature updates taken.
+    phase2_count: int32, preconditioned steps taken (0 during the warm-up).
+    blend: float32, the blend weight ``b`` of the last step (0 during the warm-up).
+    key: raw ``uint32[2]`` key of a rule that draws random numbers (``lowrank``), else ``None``.
+    leaves: the curvature state of each parameter leaf, in a tree laid out like the params
+      (``optax.EmptyState()`` for a leaf that is passed through).
+  """
+
+  count: jax.Array
+  precond_count: jax.Array
+  phase2_count: jax.Array
+  blend: jax.Array
+  key: Optional[jax.Array]
+  leaves: Any
+
+
+def check_schedule(s: Schedule) -> None:
+  """Validates concrete schedule hyperparameters (traced ones are skipped)."""
+  V.check_int("warmup_steps", s.warmup_steps, low=0)
+  V.check_int("precond_freq", s.precond_freq, low=1)
+  V.check_int("min_precond_updates", s.min_precond_updates, low=0)
+  V.check_int("blend_steps", s.blend_steps, low=0)
+
+
+def _is_value_box(x: Any) -> bool:
+  """Whether ``x`` is a node holding one array under the attribute ``value`` (an NNX
+  ``Variable``)."""
+  if isinstance(x, (jax.Array, np.ndarray, optax.EmptyState)) or x is None:
+    return False
+  try:
+    children = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda n: n is not x)[0]
+  except (TypeError, ValueError):
+    return False
+  if len(children) != 1 or not children[0][0]:
+    return False
+  key = children[0][0][0]
+  return isinstance(key, jax.tree_util.GetAttrKey) and key.name in _NNX_VALUE_KEYS
+
+
+def layout(tree: Any) -> jax.tree_util.PyTreeDef:
+  """The structure of ``tree`` with a Flax NNX ``Variable`` taken as the leaf it holds.
+
+  The curvature state of a parameter is a NamedTuple; Flax keeps a params-shaped state leaf in
+  a ``Variable`` and converts a NamedTuple held there into a ``State`` mapping, which a fresh
+  optimizer does not have (its pure-dict checkpoints would not restore). Without the
+  ``Variable`` the per-leaf states sit in the same nesting as the params and Flax wraps their
+  arrays one by one. For trees without Variables this is ``jax.tree.structure(tree)``.
+  """
+  return jax.tree.structure(tree, is_leaf=_is_value_box)
+
+
+class _Leaf(NamedTuple):
+  """A leaf's static description: split axis and the rule's plan (``None``: passed through)."""
+
+  split: Any
+  plan: Any
+
+
+def _leaf_plans(rule: LeafRule, dimension_numbers: Any, tree: Any) -> list[_Leaf]:
+  out = []
+  for x, split in zip(jax.tree.leaves(tree), _view.leaf_splits(dimension_numbers, tree)):
+    if split == _view.PASS:
+      out.append(_Leaf(1, None))
+      continue
+    out.append(_Leaf(split, rule.plan(*_view.view_shape(tuple(np.shape(x)), split))))
+  return out
+
+
+def _as_built(rule: LeafRule, plan: Any, st: Any) -> Any:
+  """``st`` in the containers ``rule.init`` builds: a checkpoint restored without a target
+  hands a NamedTuple back as a mapping (see :func:`stax._trees.conform`)."""
+  if plan is None or rule.fits(plan, st):
+    return st
+  return conform(st, jax.eval_shape(lambda: rule.init(plan)))
+
+
+def _fits(rule: LeafRule, plan: Any, st: Any) -> bool:
+  if plan is None:
+    return not jax.tree.leaves(st)
+  return rule.fits(plan, st)
+
+
+def _mismatch(detail: str) -> ValueError:
+  return ValueError("scao: the gradient tree does not match the params tree the state was "
+                    f"initialised with ({detail}).")
+
+
+def _leaf_states(rule: LeafRule, updates: Any, leaves: list, plans: list, tree: Any) -> list:
+  """The per-leaf states of ``tree`` in the flatten order of ``updates``; ``ValueError`` unless
+  the gradient leaves are those the state was initialised with."""
+  try:
+    states = layout(updates).flatten_up_to(tree)
+  except (ValueError, TypeError):
+    raise _mismatch(f"the {len(leaves)} gradient leaves are not laid out like the "
+                    "parameters") from None
+  out = []
+  for i, (g, leaf, st) in enumerate(zip(leaves, plans, states)):
+    try:
+      st = _as_built(rule, leaf.plan, st)
+    except (KeyError, AttributeError, TypeError, ValueError):
+      pass  # reported just below
+    if not _fits(rule, leaf.plan, st):
+      raise _mismatch(f"gradient leaf {i} in flatten order, of shape {tuple(np.shape(g))}, "
+                      f"does not fit the state of parameter leaf {i}")
+    out.append(st)
+  return out
+
+
+def _replicate(x: jax.Array) -> tuple[jax.Array, Any]:
+  """``x`` replicated over its explicit mesh, and the sharding to restore (None: unsharded)."""
+  spec = _sh.explicit_spec(x)
+  if spec is None:
+    return x, None
+  return _sh.reshard(x, ()), _sh.named(x, spec)
+
+
+def _restore(x: jax.Array, sharding: Any) -> jax.Array:
+  return x if sharding is None else jax.reshard(x, sharding)
+
+
+def _blend_weight(phase2, blend_steps):
+  """The linear ramp ``min(1, phase2/blend_steps)`` (1 when ``blend_steps`` is 0)."""
+  bsteps = jnp.asarray(blend_steps)
+  return jnp.where(bsteps > 0,
+                   jnp.minimum(1.0, phase2.astype(jnp.float32)
+                               / jnp.maximum(bsteps, 1).astype(jnp.float32)), 1.0)
+
+
+def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: Any = None,
+                      seed: Any = 0) -> optax.GradientTransformationExtraArgs:
+  """The SCAO controller (module docstring) over ``rule``.
+
+  Args:
+    rule: the per-leaf curvature rule.
+    schedule: warm-up, blend and update period.
+    dimension_numbers: how a leaf becomes a matrix (:mod:`stax.transforms.kron._view`).
+    seed: seed of the state's key when ``rule.needs_key``.
+  """
+
+  def plans(tree):
+    return _leaf_plans(rule, dimension_numbers, tree)
+
+  def init_fn(params):
+    states = [optax.EmptyState() if leaf.plan is None else rule.init(leaf.plan)
+              for leaf in plans(params)]
+    key = jax.random.key_data(jax.random.PRNGKey(seed)) if rule.needs_key else None
+    zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers (donation)
+    return ScaleByKronState(count=zero(), precond_count=zero(), phase2_count=zero(),
+                            blend=jnp.zeros([], jnp.float32), key=key,
+                            leaves=layout(params).unflatten(states))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    g_leaves, treedef = jax.tree.flatten(updates)
+    leaf_plans = plans(updates)
+    old = _leaf_states(rule, updates, g_leaves, leaf_plans, state.leaves)
+    count = numerics.safe_increment(state.count)
+    min_pu = (jnp.maximum(schedule.min_precond_updates, rule.min_updates) if rule.min_updates
+              else schedule.min_precond_updates)
+    in_warmup = (count <= schedule.warmup_steps) | (state.precond_count < min_pu)
+    phase2 = jnp.where(in_warmup, state.phase2_count, numerics.safe_increment(state.phase2_count))
+    blend = jnp.where(in_warmup, 0.0, _blend_weight(phase2, schedule.blend_steps))
+    blend = blend.astype(jnp.float32)
+    do_update = (count % schedule.precond_freq) == 0
+
+    mats, specs = [], []
+    for g, leaf in zip(g_leaves, leaf_plans):
+      if leaf.plan is None:
+        mats.append(None)
+        specs.append(None)
+        continue
+      g_rep, spec = _replicate(g)   # replicate first: reshaping a sharded leaf may not be legal
+      # Entries beyond ±2**63 act as ±2**63 (as in the Adam core that follows): every product
+      # and square below stays finite for any finite gradient; below the bound, bit for bit.
+      mats.append(num.saturate(_view.as_2d(g_rep, leaf.split)))
+      specs.append(spec)
+
+    # 1) Precondition with the current factors (curvature is updated afterwards).
+    out = []
+    for g, g2, spec, st, leaf in zip(g_leaves, mats, specs, old, leaf_plans):
+      if leaf.plan is None:
+        out.append(g)
+        continue
+      gp = rule.apply(leaf.plan, st, g2, LeafContext(state.precond_count, g.dtype))
+      eff = blend * gp + (1.0 - blend) * g2
+      eff = jnp.where(in_warmup, g2, eff)
+      out.append(_restore(eff.reshape(g.shape), spec))
+
+    # 2) Periodic curvature update under lax.cond.
+    step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
+    sizes = [0 if leaf.plan is None else rule.noise_size(leaf.plan) for leaf in leaf_plans]
+
+    def do(states):
+      noise = (jax.random.normal(step_key, (sum(sizes),), jnp.float32) if sum(sizes)
+               else None)
+      new, off = [], 0
+      for g, g2, st, leaf, size in zip(g_leaves, mats, states, leaf_plans, sizes):
+        if leaf.plan is None:
+          new.append(st)
+          continue
+        draws = noise[off:off + size] if size else None
+        off += size
+        new.append(rule.update(leaf.plan, st, g2,
+                               LeafContext(state.precond_count, g.dtype, draws)))
+      return tuple(new)
+
+    new = jax.lax.cond(do_update, do, tuple, tuple(old))
+    new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, tuple(old))
+    precond_count = jnp.where(do_update, numerics.safe_increment(state.precond_count),
+                              state.precond_count)
+    new_state = ScaleByKronState(count=count, precond_count=precond_count, phase2_count=phase2,
+                                 blend=blend, key=state.key,
+                                 leaves=layout(updates).unflatten(new))
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

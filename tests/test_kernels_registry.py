@@ -1,0 +1,178 @@
+"""The per-op kernel registry (stax/kernels/_registry.py) and its registered kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import stax
+from stax.codecs import log_quant as LQ
+from stax.codecs import ustate as US
+from stax.codecs.rng import counter_uniform, flat_index
+from stax.kernels import _registry as reg
+from stax.kernels import newton_schulz as nsk
+from stax.kernels import turbo_step as ts
+
+POLAR = stax.ns_coefficients("polar_express", 2)[0]
+
+
+def _toy_op(pallas_supports=lambda x: True):
+  op = reg.Op("toy", default_order={"gpu": ("pallas", "xla"), "other": ("xla",)}, register=False)
+
+  @op.register("xla")
+  def _xla(x):
+    return ("xla", x)
+
+  @op.register("pallas")
+  def _pallas(x):
+    if not pallas_supports(x):
+      raise NotImplementedError("odd inputs only")
+    return ("pallas", x)
+
+  return op
+
+
+# ------------------------------------------------------------------------------ the registry
+def test_registry_lists_exactly_the_existing_implementations():
+  assert {"newton_schulz", "turbo_step"} <= set(reg.ops())
+  assert reg.get_op("newton_schulz") is nsk.OP
+  assert reg.get_op("turbo_step") is ts.OP
+  assert nsk.OP.implementations == ("xla", "pallas")
+  assert ts.OP.implementations == ("xla", "pallas")
+  with pytest.raises(ValueError, match="unknown kernel op 'nope'"):
+    reg.get_op("nope")
+
+
+def test_default_order_per_platform():
+  # Newton–Schulz: the Pallas kernel is opt-in on every platform.
+  for on in ("cpu", "gpu", "tpu"):
+    assert nsk.OP.default_order(on) == ("xla",)
+  assert ts.OP.default_order("gpu") == ("pallas", "xla")
+  assert ts.OP.default_order("cpu") == ("xla",)
+  assert ts.OP.default_order("tpu") == ("xla",)
+  # Names in an order that have no registered kernel are skipped.
+  op = reg.Op("partial", default_order={"other": ("pallas", "xla")}, register=False)
+  op.register("xla", lambda x: x)
+  assert op.default_order("cpu") == ("xla",)
+
+
+def test_none_picks_the_first_supported_implementation(monkeypatch):
+  op = _toy_op()
+  assert op(1) == (("pallas", 1) if reg.platform() == "gpu" else ("xla", 1))
+  monkeypatch.setattr(reg, "platform", lambda: "cpu")
+  assert op(1) == ("xla", 1)
+  monkeypatch.setattr(reg, "platform", lambda: "gpu")
+  assert op(1) == ("pallas", 1)
+  assert op(1, implementation="xla") == ("xla", 1)
+
+
+def test_not_implemented_falls_back_for_none_only(monkeypatch):
+  monkeypatch.setattr(reg, "platform", lambda: "gpu")
+  op = _toy_op(pallas_supports=lambda x: x % 2 == 1)
+  assert op(3) == ("pallas", 3)
+  assert op(2) == ("xla", 2)
+  with pytest.raises(ValueError, match=r"op 'toy': `implementation='pallas'` does not support "
+                                       r"this input: odd inputs only"):
+    op(2, implementation="pallas")
+  nothing = reg.Op("nothing", default_order={"other": ("xla",)}, register=False)
+
+  @nothing.register("xla")
+  def _never(x):
+    raise NotImplementedError("never")
+
+  with pytest.raises(NotImplementedError, match="no implementation supports this input"):
+    nothing(1)
+
+
+def test_turbo_step_falls_back_to_reference_on_unsupported_length(monkeypatch):
+  p, g, m_enc, v_enc, hp, count = _turbo_inputs((2, 100))
+  want = ts.fused_turbo_step(p, g, m_enc, v_enc, hp, count, jnp.uint32(5), implementation="xla")
+  monkeypatch.setattr(reg, "platform", lambda: "gpu")  # default order: pallas, then xla
+  got = ts.fused_turbo_step(p, g, m_enc, v_enc, hp, count, jnp.uint32(5))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r"multiple of block_size \(128\), got 100"):
+    ts.fused_turbo_step(p, g, m_enc, v_enc, hp, count, jnp.uint32(5), implementation="pallas")
+
+
+def test_newton_schulz_left_multiplier_needs_xla():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 12))
+  y, left = nsk.newton_schulz(x, POLAR, return_left=True)
+  y_ref, left_ref = nsk.newton_schulz_reference(x, POLAR, return_left=True)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(left, left_ref)
+  with pytest.raises(ValueError, match="does not return the left multiplier"):
+    nsk.newton_schulz(x, POLAR, return_left=True, implementation="pallas")
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda", "XLA", "bogus"])
+def test_unknown_implementation_names_the_op_and_the_allowed_set(name):
+  x = jnp.ones((1, 4, 4))
+  for op in ("newton_schulz", "turbo_step"):
+    with pytest.raises(ValueError, match=rf"`implementation` for op '{op}' must be None or one of "
+                                         rf"\('xla', 'pallas'\), got '{name}'"):
+      reg.check_implementation(op, name)
+  with pytest.raises(ValueError, match=r"op 'newton_schulz' .*\('xla', 'pallas'\)"):
+    nsk.newton_schulz(x, POLAR, implementation=name)
+  with pytest.raises(ValueError, match=r"op 'newton_schulz' .*\('xla', 'pallas'\)"):
+    stax.orthogonalize(x[0], implementation=name)
+  for ok in (None, "xla", "pallas"):
+    reg.check_implementation("newton_schulz", ok)
+
+
+def test_duplicate_registration_is_refused():
+  with pytest.raises(ValueError, match="already registered"):
+    reg.Op("newton_schulz", default_order={})
+  op = _toy_op()
+  with pytest.raises(ValueError, match="already has an implementation 'xla'"):
+    op.register("xla", lambda x: x)
+
+
+# ------------------------------------------------------------- Pallas kernels vs references
+@pytest.mark.parametrize("shape,block", [((3, 8, 24), 8), ((1, 40, 16), 16), ((2, 12, 12), 8)],
+                         ids=["wide", "tall-padded", "square-padded"])
+def test_newton_schulz_pallas_equals_reference(shape, block):
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  ref = nsk.newton_schulz(x, POLAR, norm_scale=1.02, implementation="xla")
+  got = jax.jit(lambda t: nsk.newton_schulz(t, POLAR, norm_scale=1.02, implementation="pallas",
+                                            block=block, block_k=8))(x)
+  np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+def _turbo_inputs(shape):
+  rng = np.random.default_rng(0)
+  p = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  v = jnp.asarray(np.exp(rng.uniform(-8, -2, size=shape)).astype(np.float32))
+  padded = lambda k: shape[:-1] + (-(-shape[-1] // k) * k,)  # uniforms cover whole blocks
+  v_enc = LQ.log_encode(v, 4, 128, counter_uniform(flat_index(padded(128)), 11))
+  m_enc = US.ustate_encode(jnp.asarray(rng.normal(size=shape).astype(np.float32)) * 0.3,
+                           US.ustate_init(p, 64, 128), counter_uniform(flat_index(padded(64)), 12),
+                           int(np.prod(shape)), 64, 128)
+  g = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 0.05)
+  return p, g, m_enc, v_enc, ts.FusedHyper(1e-2, 0.9, 0.999, 1e-8, 0.01), jnp.int32(2)
+
+
+@pytest.mark.parametrize("shape", [(128,), (3, 256)], ids=["vector", "matrix"])
+def test_turbo_step_pallas_equals_reference(shape):
+  args = _turbo_inputs(shape)
+  ref = ts.fused_turbo_step(*args, jnp.uint32(9), 2, implementation="xla")
+  ker = ts.fused_turbo_step(*args, jnp.uint32(9), 2, implementation="pallas")
+  assert isinstance(ker, ts.TurboStepResult)
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ker)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  for a, b in ((ref.v.codes, ker.v.codes), (ref.v.scales, ker.v.scales),
+               (ref.m.codes, ker.m.codes), (ref.m.means, ker.m.means)):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                  np.asarray(b.astype(jnp.float32)))
+  # XLA contracts a·b+c into FMAs differently in the two programs: one float32 ulp of the
+  # result, or of the update lr·u (~1e-9) where p - lr·u cancels.
+  np.testing.assert_allclose(np.asarray(ker.param), np.asarray(ref.param), rtol=4e-7, atol=2e-9)
+  np.testing.assert_allclose(float(ker.m.encode_step), float(ref.m.encode_step), rtol=1e-6)
+
+
+def test_orthogonalization_factories_reject_unknown_implementation_at_construction():
+  """A name with no kernel behind it fails when the transform is built, not when it runs."""
+  with pytest.raises(ValueError, match="newton_schulz.*triton"):
+    stax.scale_by_orthogonalization(implementation="triton")
+  with pytest.raises(ValueError, match="newton_schulz.*triton"):
+    stax.orthogonalize(jnp.ones((3, 3)), implementation="triton")

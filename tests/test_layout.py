@@ -1,0 +1,103 @@
+"""The one layout type (stax.layout): optax compatibility and every accepted form."""
+
+import copy
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import stax
+from stax import layout as L
+
+MDN = stax.MatrixDimensionNumbers
+
+
+def test_is_optax_muon_dimension_numbers_and_keeps_groups():
+  d = MDN(1, 0, output_groups=3)
+  assert isinstance(d, optax.contrib.MuonDimensionNumbers)
+  assert (d.reduction_axis, d.output_axis, d.output_groups) == (1, 0, 3)
+  assert d != MDN(1, 0) and MDN(1, 0) == optax.contrib.MuonDimensionNumbers(1, 0)
+  assert len({d, MDN(1, 0, output_groups=3), MDN(1, 0)}) == 2
+  for e in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d), d._replace(reduction_axis=1)):
+    assert e == d and e.output_groups == 3
+  # a static pytree node: tree operations keep it whole
+  tree = {"w": d}
+  assert jax.tree.leaves(tree) == []
+  assert jax.tree.map(lambda x: x, tree)["w"].output_groups == 3
+  with pytest.raises(AttributeError):
+    d.output_groups = 1
+
+
+def test_optax_muon_accepts_the_stax_type():
+  """optax's muon with stax's dims equals optax's muon with its own type (torch layout)."""
+  w = jax.random.normal(jax.random.PRNGKey(0), (16, 8))
+  g = jax.random.normal(jax.random.PRNGKey(1), (16, 8))
+  outs = []
+  for dims in (MDN(1, 0), optax.contrib.MuonDimensionNumbers(1, 0)):
+    tx = optax.contrib.muon(1e-2, muon_weight_dimension_numbers={"w": dims})
+    u, _ = tx.update({"w": g}, tx.init({"w": w}), {"w": w})
+    outs.append(np.asarray(u["w"]))
+  np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_every_form_resolves_the_same():
+  params = {"dense": {"kernel": jnp.ones((4, 6)), "bias": jnp.ones(6)},
+            "conv": {"kernel": jnp.ones((3, 3, 2, 5))}}
+  conv, dense = L.conv_dimension_numbers(4), MDN(0, 1)
+  want = [conv, None, dense]        # flatten order: conv.kernel, dense.bias, dense.kernel
+  assert L.resolve_tree(None, params) == want
+  by_path = lambda name, x: None if x.ndim < 2 else (conv if x.ndim == 4 else dense)
+  assert L.resolve_tree(by_path, params) == want
+  as_tree = {"dense": {"kernel": dense, "bias": None}, "conv": {"kernel": conv}}
+  assert L.resolve_tree(as_tree, params) == want
+  assert L.resolve_tree(lambda p: as_tree, params) == want
+  # an int is the split shorthand: rows = axes before it
+  assert L.resolve_tree(1, {"w": jnp.ones((3, 4, 5))}) == [MDN((0,), (1, 2))]
+  assert L.matrix_shape((3, 4, 5), L.split_dimension_numbers(2, 3)) == (1, 12, 5)
+  with pytest.raises(TypeError, match="dimension_numbers"):
+    L.resolve_tree("rows", params)
+  with pytest.raises(ValueError, match="split axis"):
+    L.split_dimension_numbers(3, 3)
+
+
+def test_orthogonalization_takes_a_tree_of_dims():
+  params = {"a": jax.random.normal(jax.random.PRNGKey(0), (8, 4)),
+            "b": jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3))}
+  tree = {"a": MDN(1, 0), "b": MDN(2, 1)}
+  fn = lambda name, x: tree[name]
+  outs = []
+  for dims in (tree, fn, lambda p: tree):
+    tx = stax.scale_by_orthogonalization(dimension_numbers=dims)
+    u, _ = tx.update(params, tx.init(params))
+    outs.append(jax.tree.map(np.asarray, u))
+  for o in outs[1:]:
+    jax.tree.map(np.testing.assert_array_equal, outs[0], o)
+  np.testing.assert_allclose(np.asarray(outs[0]["a"]),
+                             np.asarray(stax.orthogonalize(params["a"], dimension_numbers=MDN(1, 0))),
+                             rtol=0, atol=0)
+
+
+def test_scao_takes_the_layout_type():
+  """SCAO's view from dims equals its int split bit for bit; dims with batch axes are refused."""
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 4, 3)),
+            "b": jnp.zeros(6)}
+  grads = jax.tree.map(lambda x: jnp.cos(x + 1.0), params)
+  kw = dict(learning_rate=1e-2, warmup_steps=1, blend_steps=1, precond_freq=1,
+            min_precond_updates=1, k_min=2, k_max=4)
+  outs = []
+  for dims in (1, MDN((1, 2), 0), {"w": MDN(0, (1, 2)), "b": None},
+               lambda name, x: MDN((1, 2), 0) if x.ndim == 3 else None):
+    tx = stax.scao(dimension_numbers=dims, **kw)
+    state = tx.init(params)
+    p = params
+    for _ in range(3):
+      u, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, u)
+    outs.append(p)
+  for o in outs[1:]:
+    jax.tree.map(np.testing.assert_array_equal, outs[0], o)
+  with pytest.raises(ValueError, match="'w'.*split"):
+    stax.scao(dimension_numbers=MDN(1, 2), **kw).init(params)
