@@ -86,10 +86,13 @@ class MatrixDimensionNumbers(MuonDimensionNumbers):
     return type(self)(**args)
 
   def __eq__(self, other):
-    return tuple.__eq__(self, other) and groups(other) == self.output_groups
+    if not isinstance(other, tuple):
+      return NotImplemented
+    return tuple.__eq__(self, other) is True and groups(other) == self.output_groups
 
   def __ne__(self, other):
-    return not self == other
+    eq = self.__eq__(other)
+    return eq if eq is NotImplemented else not eq
 
   def __hash__(self):
     return hash((tuple.__hash__(self), self.output_groups))

@@ -20,6 +20,8 @@ def test_is_optax_muon_dimension_numbers_and_keeps_groups():
   assert isinstance(d, optax.contrib.MuonDimensionNumbers)
   assert (d.reduction_axis, d.output_axis, d.output_groups) == (1, 0, 3)
   assert d != MDN(1, 0) and MDN(1, 0) == optax.contrib.MuonDimensionNumbers(1, 0)
+  assert MDN(1, 0) != None and not MDN(1, 0) == None and MDN(1, 0) != (1, 0, 1)  # noqa: E711
+  assert MDN(1, 0) != "x" and d != (1, 0)
   assert len({d, MDN(1, 0, output_groups=3), MDN(1, 0)}) == 2
   for e in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d), d._replace(reduction_axis=1)):
     assert e == d and e.output_groups == 3

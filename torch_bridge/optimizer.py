@@ -39,8 +39,9 @@ How it works
     for that parameter, but state shared by the group (the step count) advances.
   * Matrix transforms: torch weights are ``(out, in)`` (conv ``(out, in, kh, kw)``). Pass
     ``layout_kwarg="<the factory's dimension-numbers argument>"`` and the bridge supplies, per
-    parameter, ``layout_fn(tensor_shape)`` (default :func:`torch_dimension_numbers`: reduction
-    axes ``1..ndim-1``, output axis ``0``, ``None`` for vectors).
+    parameter, ``layout_fn(tensor_shape, name)`` (default :func:`torch_dimension_numbers`:
+    reduction axes ``1..ndim-1``, output axis ``0``, fused q/k/v as three matrices, ``None``
+    for vectors), as a tree laid out like the parameters.
   * ``state_dict()`` has torch's shape, ``{'state': {index: {name: tensor}}, 'param_groups':
     [...]}``: each parameter's JAX state leaves, named by their path in the state tree, as
     tensors of *their own* dtype. ``load_state_dict`` is overridden: ``uint8`` codes, integer
@@ -66,7 +67,7 @@ GPU
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import numpy as np
@@ -80,41 +81,12 @@ from torch_bridge import _state as S
 from torch_bridge._hyperparams import TORCH_TO_FACTORY
 from torch_bridge._units import Layout, build_units, check_update_args, describe_units
 from torch_bridge._writeback import ParamViews, make_writeback
+from torch_bridge.layout import torch_dimension_numbers
 
 __all__ = ["Optimizer", "torch_dimension_numbers", "prepare_for_gradient_release",
            "remove_gradient_release", "TORCH_TO_FACTORY"]
 
 _NONFINITE = (None, "skip", "error")
-
-
-def torch_dimension_numbers(shape: Sequence[int], name: str = "") -> Any:
-  """The matrix view of a torch parameter: :class:`stax.MatrixDimensionNumbers` (which is
-  optax's ``MuonDimensionNumbers``, so ``optax.contrib.muon`` takes it too), or ``None``.
-
-  Output axis 0, fan-in axes 1..ndim-1 (``Linear`` ``(out, in)``, conv ``(out, in, kh, kw)``);
-  ``None`` below 2-D (biases, norms). With the parameter's dotted ``name``, fused attention
-  projections are three matrices, q, k and v: ``nn.MultiheadAttention``'s ``in_proj_weight``
-  ``(3E, E)`` and Hugging Face GPT-2's ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``)
-  get ``output_groups=3``. The bridge calls it per parameter as ``layout_fn(shape, name)``
-  (see ``layout_kwarg``).
-
-  Example:
-    >>> torch_dimension_numbers((64, 3, 3, 3))
-    MatrixDimensionNumbers(reduction_axis=(1, 2, 3), output_axis=0)
-    >>> torch_dimension_numbers((96, 32), "attn.in_proj_weight").output_groups
-    3
-  """
-  from stax.layout import MatrixDimensionNumbers  # pylint: disable=g-import-not-at-top
-  nd = len(shape)
-  if nd < 2:
-    return None
-  parts = str(name).replace("/", ".").rsplit(".", 2)
-  if parts[-1] == "in_proj_weight" and nd == 2:
-    return MatrixDimensionNumbers(1, 0, output_groups=3)
-  if parts[-1] == "weight" and len(parts) > 1 and parts[-2] == "c_attn" and nd == 2:
-    return MatrixDimensionNumbers(0, 1, output_groups=3)
-  red = tuple(range(1, nd))
-  return MatrixDimensionNumbers(red if len(red) > 1 else red[0], 0)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -131,8 +103,9 @@ class Optimizer(torch.optim.Optimizer):
     static_args: factory arguments that must stay Python values (structural floats such as a
       ratio used in ``math.ceil``); ints, bools, strings and callables are static anyway.
     layout_kwarg: name of the factory's per-leaf dimension-numbers argument, filled with
-      ``layout_fn(shape)`` per parameter (default ``None``: not passed).
-    layout_fn: ``shape -> dimension numbers`` (default :func:`torch_dimension_numbers`).
+      ``layout_fn(shape, name)`` per parameter (default ``None``: not passed).
+    layout_fn: ``(shape, dotted name) -> dimension numbers`` or ``shape -> dimension numbers``
+      (default :func:`torch_dimension_numbers`).
     writeback: ``"copy"`` (default: new values are copied into each parameter's storage, which
       keeps every view, DDP bucket and tied alias valid) or ``"swap"`` (opt-in, no copy: the
       first step moves each parameter into a JAX-owned buffer — a view taken before it, or
@@ -167,7 +140,7 @@ class Optimizer(torch.optim.Optimizer):
 
   def __init__(self, params: Iterable[Any], transform: Any, *, state_scope: str = "param",
                static_args: Iterable[str] = (), layout_kwarg: Optional[str] = None,
-               layout_fn: Callable[[Sequence[int]], Any] = torch_dimension_numbers,
+               layout_fn: Callable[..., Any] = torch_dimension_numbers,
                global_nonfinite: Optional[str] = None, writeback: str = "copy",
                **defaults: Any):
     if state_scope not in ("param", "group"):
