@@ -1,7 +1,7 @@
 """Every private jax / torch entry point the bridge uses, each with its self-check and fallback.
 
 The bridge runs a few hot paths per tensor per step where the public wrappers cost as much as
-the step itself on small models, and reads two facts that no public API exposes. Each use is
+the step itself on small models, and reads facts that no public API exposes. Each use is
 here, behind a function that works (more slowly, or more conservatively) when the private
 entry point is missing or fails its self-check:
 
@@ -9,8 +9,6 @@ entry point is missing or fails its self-check:
   (fallback: ``None``, the caller takes the public path).
 * :func:`export_cpu`: jaxlib's DLPack export without ``jax.Array.__dlpack__``'s wrapper
   (fallback: ``None``, the caller uses ``torch.from_dlpack``).
-* :func:`inplace_outputs`: the compiled executable's input/output alias table, read from the
-  HLO text and ``compiled._executable._kept_var_idx`` (fallback: nothing is in place).
 * :func:`compiled_count`: ``jax.jit``'s ``_cache_size`` (fallback: 0).
 * :func:`profiler_enabled`: torch's profiler switch (fallback: ``True``, always record).
 * :func:`global_step_hooks`: torch's global optimizer step-hook registries (fallback: none).
@@ -21,14 +19,13 @@ entry point is missing or fails its self-check:
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 import torch
 
-__all__ = ["import_cpu", "export_cpu", "inplace_outputs", "compiled_count", "profiler_enabled",
+__all__ = ["import_cpu", "export_cpu", "compiled_count", "profiler_enabled",
            "global_step_hooks", "mark_step_hooked", "foreach_copy"]
 
 _DL_CPU = 1  # DLDeviceType.kDLCPU
@@ -102,27 +99,6 @@ def export_cpu(a: jax.Array) -> Optional[torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- executables
-_ALIAS = re.compile(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)")
-
-
-def inplace_outputs(fn: Any, leaves: Sequence[Any], first: int, n: int) -> tuple:
-  """Per output ``first + k`` (``k < n``) of the jitted flat function ``fn``, whether the
-  compiled executable writes it into the buffer of input ``first + k`` (donated).
-
-  Read from the executable's input/output alias table (HLO parameter numbers count only the
-  inputs JAX kept); ``False`` for every output when it cannot be read. The compilation is the
-  one the call itself uses (jit's cache), so this costs one text dump.
-  """
-  try:
-    compiled = fn.lower(*leaves).compile()
-    kept = sorted(compiled._executable._kept_var_idx)  # pylint: disable=protected-access
-    head = compiled.as_text().split("\n", 1)[0]
-  except Exception:  # noqa: BLE001 - e.g. a jax without these internals: never in place
-    return (False,) * n
-  aliases = {int(out): kept[int(inp)] for out, inp in _ALIAS.findall(head)}
-  return tuple(aliases.get(first + k) == first + k for k in range(n))
-
-
 def compiled_count(fn: Any) -> int:
   """How many executables ``jax.jit`` function ``fn`` has compiled (0 when unknown)."""
   try:

@@ -48,7 +48,6 @@ class CompiledStep:
   fn: Callable                  # flat leaves -> flat outputs (states, new params, [skip, ok])
   state_defs: tuple             # per active unit: (state treedef, number of leaves)
   n_state: int                  # state leaves in all
-  inplace: Optional[tuple] = None  # per updated parameter: written into its own buffer
 
 
 @dataclasses.dataclass(eq=False)

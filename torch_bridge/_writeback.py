@@ -4,14 +4,14 @@
   (donated "scratch", already copied into torch), then one batched ``copy_`` per step puts
   them into each parameter's own storage, which keeps every view, DDP bucket and tied alias.
 * :class:`SwapWriteback`: from the first step on, each parameter's storage is a JAX-owned
-  buffer that the step donates and XLA updates in place. On CPU torch views it through
-  :func:`convert.owned_view` (no DLPack reference, so JAX may donate it while torch keeps
-  viewing it): nothing is handed over per step, and every view of the parameter sees the
-  update. That needs the compiled step to write each new parameter into its own input buffer
-  (checked once per compiled step from the executable's alias table); otherwise a DLPack
-  export per parameter, held for the call, blocks the donation (JAX writes a new buffer and
-  torch is re-pointed to it). Elsewhere (CUDA) torch views the buffers through DLPack and
-  lets go of them for the call.
+  buffer that torch views through DLPack. For the call, torch lets go of it (the parameter
+  holds an empty placeholder), the step donates it and XLA writes the new values in place (the
+  same address step after step); once they are ready, torch views the buffer again. Torch
+  therefore never views memory JAX could free or reuse: a view of the parameter held elsewhere
+  keeps a DLPack reference, which blocks the donation (JAX writes a new buffer, the parameter
+  moves there, the view keeps the old values). The same on CPU and CUDA. (An earlier CPU path
+  let torch view the buffer with no DLPack reference while JAX donated it; in full test runs it
+  returned garbage values now and then, so it was removed.)
 
 Both share :class:`ParamViews`, the cache of each parameter's JAX view.
 """
@@ -46,19 +46,12 @@ def _placeholder(p: torch.Tensor) -> torch.Tensor:
 
 class ParamViews:
   """Parameter index → JAX view of the parameter's memory, cached while its storage stays put
-  (the view aliases the memory, so it always reads current values). Under swap writeback on
-  CPU, ``owners`` holds the :class:`convert.Owner` of each JAX-owned parameter buffer."""
+  (the view aliases the memory, so it always reads current values)."""
 
   def __init__(self):
     self.cache: dict = {}    # param index -> (storage key, JAX view)
-    self.owners: dict = {}   # param index -> convert.Owner
 
   def get(self, i: int, p: torch.Tensor) -> jax.Array:
-    owner = self.owners.get(i)
-    if owner is not None:
-      if p.data_ptr() == owner.ptr and p.shape == owner.key[0] and p.dtype is owner.key[1]:
-        return owner.array
-      del self.owners[i]  # p.data was replaced: its new storage is torch's
     key = storage_key(p)
     hit = self.cache.get(i)
     if hit is not None and hit[0] == key:
@@ -109,56 +102,44 @@ class SwapWriteback:
 
   def __init__(self, views: ParamViews):
     self.views = views
+    self.owned: dict = {}   # param index -> storage key of torch's DLPack view of a JAX buffer
+    self._released: list = []
 
   def scratch_for(self, plan: Any, p_on: Sequence[jax.Array]) -> list:
     return []
 
   def prepare(self, compiled, leaves, params, idx_on, p_on) -> list:
-    """Before the call: the DLPack exports that block donating a JAX-owned buffer the step
-    does not update in place (held until the call returns); CUDA parameters let go of their
-    buffers."""
-    owners = self.views.owners
-    if owners and compiled.inplace is None:
-      compiled.inplace = _internals.inplace_outputs(compiled.fn, leaves, compiled.n_state,
-                                                    len(p_on))
-    guards = []
-    for k, i in enumerate(idx_on):
-      if i in owners:
-        if not compiled.inplace[k]:
-          guards.append(convert.to_torch(p_on[k]))
-      elif not params[i].is_cpu:
+    """Before the call: each parameter that views a JAX-owned buffer lets go of it, so JAX may
+    donate the buffer (a view held elsewhere keeps a reference, and JAX then writes a new
+    buffer). A parameter still in torch's own memory (its first step, or ``p.data`` replaced)
+    keeps it: JAX only reads it."""
+    self._released = []
+    for i in idx_on:
+      if self.owned.get(i) == storage_key(params[i]):
         params[i].data = _placeholder(params[i])
-    return guards
+        self._released.append(i)
+    return []
 
   def abort(self, params, idx_on, p_on) -> None:
-    """The call failed before running: torch gets its (undonated) buffers back."""
+    """The call failed before running: the released parameters view their buffers again."""
+    released = set(self._released)
     for i, a in zip(idx_on, p_on):
-      if not params[i].is_cpu:
+      if i in released:
         params[i].data = convert.to_torch(a)
+    self._released = []
 
   def dispatched(self, params, idx_on, flat_new) -> list:
-    """Right after dispatch (buffers are known): CPU parameters view their new buffers; the
-    CUDA ones are returned, to be viewed once ready."""
-    owners, late = self.views.owners, []
-    for i, a in zip(idx_on, flat_new):
-      owner = owners.get(i)
-      if owner is not None and a.unsafe_buffer_pointer() == owner.ptr:
-        owner.array = a  # updated in place: torch already views this buffer
-      elif params[i].is_cpu:
-        t, owner = convert.owned_view(a)  # the JAX buffer itself (read after the wait)
-        params[i].data = t
-        owner.key = (t.shape, t.dtype)
-        owners[i] = owner
-        self.views.cache.pop(i, None)
-      else:
-        late.append((i, a))
-    return late
+    """Right after dispatch: the new buffers, to be viewed once ready."""
+    return list(zip(idx_on, flat_new))
 
   def finish(self, plan, params, idx_on, flat_new, pending) -> None:
-    for i, a in pending:  # DLPack views (CUDA): made once the buffers are ready
+    for i, a in pending:  # DLPack views, made once the buffers are ready
       t = convert.to_torch(a)
       params[i].data = t
-      self.views.cache[i] = (storage_key(t), a)
+      key = storage_key(t)
+      self.views.cache[i] = (key, a)
+      self.owned[i] = key
+    self._released = []
 
 
 def make_writeback(name: str, views: Optional[ParamViews] = None):

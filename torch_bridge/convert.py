@@ -31,7 +31,7 @@ import torch
 
 from torch_bridge import _internals
 
-__all__ = ["to_jax", "grad_to_jax", "to_torch", "owned_view", "Owner", "shares_memory", "check_dtype",
+__all__ = ["to_jax", "grad_to_jax", "to_torch", "shares_memory", "check_dtype",
            "copy_counts", "PARAM_DTYPES"]
 
 #: Parameter dtypes the bridge steps (float64 too when ``jax_enable_x64`` is on).
@@ -104,58 +104,6 @@ def to_torch(a: jax.Array) -> torch.Tensor:
   """
   t = _internals.export_cpu(a)
   return torch.from_dlpack(a) if t is None else t
-
-
-class Owner:
-  """Keeps the JAX array whose CPU buffer a torch tensor views (see :func:`owned_view`).
-
-  Attributes:
-    array: the JAX array owning the buffer; whoever updates the buffer in place (a donated
-      step whose output reuses it) must rebind ``array`` to the output, which then owns it.
-    ptr: the buffer's address.
-    key: free for the caller (the bridge keeps the tensor's storage key there).
-  """
-  __slots__ = ("array", "ptr", "key", "__array_interface__", "__weakref__")
-
-
-# JAX dtype name -> (torch dtype, numpy typestr of the buffer); bf16 crosses as uint16.
-_OWNED_DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"),
-                 "bfloat16": (torch.bfloat16, "<u2"), "float64": (torch.float64, "<f8")}
-
-
-def owned_view(a: jax.Array) -> tuple[torch.Tensor, Owner]:
-  """A torch tensor over JAX CPU array ``a``'s buffer that holds *no* DLPack reference.
-
-  ``to_torch`` exports through DLPack, which JAX counts as an external reference: the buffer
-  can then never be donated. Here the tensor is made from a numpy array over the address
-  (``__array_interface__``), whose base is an :class:`Owner` holding ``a``: the memory lives
-  as long as the tensor (or any view of it) does, and JAX still sees no outside user, so a
-  jitted call may donate ``owner.array`` and write its output into the same buffer — which
-  torch then sees, in place. The caller must make sure the output really reuses the buffer
-  (the bridge checks the compiled executable's input/output aliases) and rebind
-  ``owner.array`` to it; a donated buffer that is *not* reused is freed under the tensor.
-
-  CPU only; float32, float16, bfloat16 (viewed through ``uint16``) and float64.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> t, owner = owned_view(jnp.ones(4))
-    >>> step = jax.jit(lambda x: x * 3, donate_argnums=0)
-    >>> owner.array = step(owner.array)  # written into the same buffer
-    >>> t.tolist()
-    [3.0, 3.0, 3.0, 3.0]
-  """
-  kind = _OWNED_DTYPES.get(a.dtype.name)
-  if kind is None:
-    raise TypeError(f"owned_view: unsupported dtype {a.dtype}.")
-  owner = Owner()
-  owner.array = a
-  owner.ptr = int(a.unsafe_buffer_pointer())
-  owner.key = None
-  owner.__array_interface__ = {"data": (owner.ptr, False), "shape": tuple(a.shape),
-                               "typestr": kind[1], "version": 3}
-  t = torch.from_numpy(np.asarray(owner))
-  return (t.view(kind[0]) if kind[0] == torch.bfloat16 else t), owner
 
 
 def shares_memory(t: torch.Tensor, a: jax.Array) -> bool:

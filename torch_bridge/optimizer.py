@@ -22,7 +22,8 @@ How it works
     state (no state copy per step). Parameters and gradients cross by DLPack without a copy
     (``detach()``, contiguous, 64-byte aligned; see :mod:`torch_bridge.convert`); new
     parameters are written back with one ``copy_`` each, or, with ``writeback="swap"``, XLA
-    updates in place JAX-owned buffers that torch views (:func:`convert.owned_view`).
+    updates in place JAX-owned buffers that torch views through DLPack (torch lets go of them
+    for the call).
   * ``state_scope="param"`` (default): every parameter has its own transform state, like torch
     optimizers. A parameter whose ``grad`` is ``None`` is skipped exactly as torch does: no
     moment decay, no weight decay, its step count does not advance. Which parameters have
@@ -109,9 +110,10 @@ class Optimizer(torch.optim.Optimizer):
     writeback: ``"copy"`` (default: new values are copied into each parameter's storage, which
       keeps every view, DDP bucket and tied alias valid) or ``"swap"`` (opt-in, no copy: the
       first step moves each parameter into a JAX-owned buffer — a view taken before it, or
-      FSDP's flat parameters, keeps the old storage — that XLA then updates in place, so every
-      later view sees each update. On CUDA a view held elsewhere blocks the donation and keeps
-      the old values; the parameter moves).
+      FSDP's flat parameters, keeps the old storage — that XLA then updates in place, at the
+      same address step after step. Torch views it through DLPack and lets go of it for the
+      call; a view held elsewhere blocks the donation and keeps the old values, and the
+      parameter moves: torch never views memory JAX could free).
     global_nonfinite: ``None`` (default: leave it to the transform), ``"skip"`` (if any gradient
       of the step is NaN/Inf, no parameter and no state changes; counted in
       :attr:`nonfinite_skipped_steps`) or ``"error"`` (the same, then ``RuntimeError``; costs one
