@@ -93,13 +93,35 @@ def test_scao_takes_the_layout_type():
   for dims in (1, MDN((1, 2), 0), {"w": MDN(0, (1, 2)), "b": None},
                lambda name, x: MDN((1, 2), 0) if x.ndim == 3 else None):
     tx = stax.scao(dimension_numbers=dims, **kw)
+    update = jax.jit(tx.update)
     state = tx.init(params)
     p = params
     for _ in range(3):
-      u, state = tx.update(grads, state, p)
+      u, state = update(grads, state, p)
       p = optax.apply_updates(p, u)
     outs.append(p)
   for o in outs[1:]:
     jax.tree.map(np.testing.assert_array_equal, outs[0], o)
   with pytest.raises(ValueError, match="'w'.*split"):
     stax.scao(dimension_numbers=MDN(1, 2), **kw).init(params)
+
+
+@pytest.mark.parametrize("shape,name,torch_layout", [
+    ((128, 128, 3, 3), "conv.weight", True), ((256, 512), "fc.weight", True),
+    ((512, 8, 64), "attn/query/kernel", False), ((8, 64, 512), "attn/out/kernel", False),
+    ((256, 512), "dense/kernel", False), ((4, 256, 512), "layers/kernel", False)])
+def test_turbo_adam_block_rows_are_the_layouts_trailing_axis_group(shape, name, torch_layout):
+  """TurboAdam's blocks (the row view) run along the trailing axis group of the tensor's matrix
+  layout (fan-in for torch weights, heads·head_dim for a Flax query kernel, fan-out for a Dense
+  kernel) whenever that group's length is a block multiple (otherwise it merges further, to pad
+  less): the packing follows the one layout type without transposing anything."""
+  from stax.codecs.row_view import row_view_shape
+  from torch_bridge.layout import torch_dimension_numbers
+  dims = (torch_dimension_numbers(shape, name) if torch_layout
+          else stax.layout.default_dimension_numbers(name.split("/"), shape))
+  nd = len(shape)
+  groups = [stax.layout.axes(dims.reduction_axis, nd), stax.layout.axes(dims.output_axis, nd)]
+  trailing = next(g for g in groups if nd - 1 in g)
+  assert sorted(trailing) == list(range(nd - len(trailing), nd))       # a contiguous tail
+  assert row_view_shape(shape, 128) == shape[:nd - len(trailing)] + (
+      int(np.prod([shape[i] for i in trailing])),)

@@ -45,8 +45,8 @@ def test_state_maps_each_stepped_parameter_to_its_state_dict_entries():
     for name, t in st.items():
       assert isinstance(t, torch.Tensor) and t.dtype == sd[i][name].dtype
       assert torch.equal(t, sd[i][name]), name
-  mu = [k for k in opt.state[params[0]] if k.endswith("mu/param_0")]
-  nu = [k for k in opt.state[params[0]] if k.endswith("nu/param_0")]
+  mu = [k for k in opt.state[params[0]] if k.endswith("/mu")]
+  nu = [k for k in opt.state[params[0]] if k.endswith("/nu")]
   assert mu and nu
   assert opt.state[params[0]][mu[0]].shape == params[0].shape
   assert opt.state[params[0]][mu[0]].abs().sum() > 0  # the moments are there
@@ -58,17 +58,20 @@ def test_state_is_a_read_only_copy_and_costs_nothing_per_step():
   m1, m2 = _mlp(), _mlp()
   o1 = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2)
   o2 = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2)
+  _train(m1, o1, 1)
+  _train(m2, o2, 1)
+  # (the compiled step is shared by optimizers of the same configuration in this process,
+  # so count what the reads below would add, not the absolute number)
+  compiled = o2.trace_count
   for _ in range(3):
-    _train(m1, o1, 1)
-    _train(m2, o2, 1)
     for st in o2.state.values():  # reading (and scribbling on the copies) changes nothing
       for t in st.values():
         t.zero_()
+    _train(m1, o1, 1)
+    _train(m2, o2, 1)
   for p, q in zip(m1.parameters(), m2.parameters()):
     assert torch.equal(p, q)
-  assert o2.trace_count == o1.trace_count == 1
-  with pytest.raises(TypeError, match="load_state_dict"):
-    o2.state = {m2[0].weight: {}}
+  assert o2.trace_count == compiled  # reading the state recompiled nothing
 
 
 def test_state_follows_load_state_dict_and_an_empty_assignment_resets():

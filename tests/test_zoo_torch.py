@@ -169,15 +169,20 @@ BY_SPEC = {s.name: s for s in SPECS}
 #: result depends on the parameter names or layout (STAC, OAdamW, TurboAdam) on GPT-2 and BERT.
 #: (STAM, STAMLite and AdamW are per-element or per-tensor whatever the name or layout; SCAO's
 #: compilation on GPT-2 and BERT costs as much as the rest of the HF pairs together.)
+#: A registry entry run through ``torch_bridge.Optimizer`` whose drop-in class runs the same
+#: factory and mode (through the same ``Optimizer`` machinery) is left to the drop-in.
 #: ``STAX_ZOO_FULL=1`` runs every optimizer on every model (about 2.5x the CPU time).
 FULL = os.environ.get("STAX_ZOO_FULL", "") == "1"
+COVERED_BY_DROPIN = {"Optimizer[scao_lowrank]": "SCAO", "Optimizer[turbo_adam]": "TurboAdam",
+                     "Optimizer[stam]": "STAM", "Optimizer[stam_lite]": "STAMLite"}
 CONVNET = {"STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "STAC[stac]",
            "STAC[stac_sign_only]", "Optimizer[oadamw]", "Optimizer[turbo_adam_faithful]"}
 HF = {"STAC", "OAdamW", "TurboAdam"}
 MATRIX = {(s.name, z.name) for s in SPECS for z in Z.ZOO
-          if FULL or z.name == "encoder" or (z.name == "convnet" and s.name in CONVNET)
-          or (z.hf and s.name in HF)}
-assert CONVNET | HF <= set(BY_SPEC)
+          if FULL or (s.name not in COVERED_BY_DROPIN
+                      and (z.name == "encoder" or (z.name == "convnet" and s.name in CONVNET)
+                           or (z.hf and s.name in HF)))}
+assert CONVNET | HF | set(COVERED_BY_DROPIN) | set(COVERED_BY_DROPIN.values()) <= set(BY_SPEC)
 
 
 # ================================================================================ JAX reference
@@ -276,7 +281,7 @@ class Run:
 
   names: list
   shapes: dict
-  diffs: list            # per step: {name: max |bridge - reference|}
+  diffs: list            # per step: {name: max |bridge - reference| in ulps (_ulps)}
   resumed_equal: dict    # name -> torch.equal(uninterrupted, resumed) after STEPS
   moved_after_save: bool  # some parameter changed after the checkpoint (resume is not vacuous)
   state_bytes: dict      # name -> bytes of its state in opt.state_dict() after STEPS
@@ -299,6 +304,14 @@ def _train_step(zoo, model, opt, t):
   return grads
 
 
+def _ulps(got, want) -> float:
+  """max |got - want| in units of the tensor's last place (float32 eps × its largest |want|):
+  0 when bit for bit, ~1 for one rounding difference in the largest element."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  scale = max(float(np.max(np.abs(want), initial=0.0)), np.finfo(np.float32).tiny)
+  return float(np.max(np.abs(got - want), initial=0.0)) / (scale * np.finfo(np.float32).eps)
+
+
 @functools.lru_cache(maxsize=None)
 def run(spec_name: str, zoo_name: str) -> Run:
   """Trains ``zoo_name``'s model STEPS steps with ``spec_name`` next to its pure-JAX reference,
@@ -316,7 +329,7 @@ def run(spec_name: str, zoo_name: str) -> Run:
     grads = _train_step(zoo, model, opt, t)
     assert set(grads) == set(names)
     want = ref.step(grads)
-    diffs.append({n: float(jnp.max(jnp.abs(_np(named[n]) - want[n]))) for n in names})
+    diffs.append({n: _ulps(_np(named[n]), want[n]) for n in names})
     if t == SAVE_AFTER:
       ck = _save(model, opt)
       saved = {n: p.detach().clone() for n, p in named.items()}
@@ -357,8 +370,9 @@ class StateBytesError(AssertionError):
   """3. A parameter's state costs more than torch AdamW's."""
 
 
-#: (spec, model) -> (tolerance, why): pure-JAX parity to a tolerance instead of bit for bit.
-_STAC_TOL = (1e-7, "the reference is stax.stac over the whole model tree (one partition, one "
+#: (spec, model) -> (tolerance in ulps of each tensor's largest element, why): pure-JAX parity
+#: to a tolerance instead of bit for bit.
+_STAC_TOL = (4.0, "the reference is stax.stac over the whole model tree (one partition, one "
              "AdamW-cap bias correction), the drop-in runs each parameter alone: the same math, "
              "fused (and FMA-contracted) differently by XLA, a few ulp")
 PARITY_TOL = {(s.name, z.name): _STAC_TOL for s in SPECS if s.name.startswith("STAC")
@@ -410,7 +424,7 @@ def test_zoo(spec_name, zoo_name):
   for t, d in enumerate(r.diffs):
     bad = {n: v for n, v in d.items() if not v <= tol}
     if bad:
-      raise ParityError(f"step {t}: bridge != pure JAX (max |diff| > {tol}): {bad}")
+      raise ParityError(f"step {t}: bridge != pure JAX (max |diff| > {tol} ulp): {bad}")
   if "scao_phase" in r.extra and not (r.extra["scao_phase"] == 1
                                       and r.extra["scao_blend"] == 1.0):
     raise ParityError(f"SCAO did not reach its preconditioned phase: {r.extra}")

@@ -94,6 +94,14 @@ def map_key(spec: FactorySpec, key: str, value: Any) -> Optional[list]:
   return None
 
 
+def check_tensor_lr(group: dict) -> None:
+  """torch's rule for a tensor learning rate: ``ValueError`` unless it has one element."""
+  for key in ("lr", "learning_rate"):
+    v = group.get(key)
+    if isinstance(v, torch.Tensor) and v.numel() != 1:
+      raise ValueError(f"Tensor lr must be 1-element: `{key}` has shape {tuple(v.shape)}.")
+
+
 def fill_defaults(factory: Callable, defaults: dict) -> dict:
   """``defaults`` with ``lr``, ``betas``, ``eps`` and ``weight_decay`` taken from the factory's
   own defaults when it has them; ``TypeError`` for a key the factory does not take."""

@@ -1,10 +1,15 @@
-"""The optimizer's JAX state: where each unit's state lives, its torch names, loading, masking.
+"""The optimizer's state: each unit's JAX state, its torch names, loading, masking, and the view.
 
 Each unit's state is a JAX pytree filed under the unit's parameter indices. A step hands its
 output state leaves straight to the next step with the same plan (:class:`StateStore` keeps
 them as one flat list, "live", and files them per unit only when something asks). Outside the
-bridge a state leaf is named by its path in the state tree (:func:`leaf_name`, e.g.
-``"inner_state/0/mu/0/weight"``), as ``state_dict()`` and ``optimizer.state`` show it.
+bridge a state leaf is named by its path in the state tree (:func:`unit_leaf_names`): inside a
+sub-tree laid out like the unit's parameters, a one-parameter unit drops the parameter's own
+path (``"inner_state/0/mu"``, whatever the parameter is called, so a state dict saved from
+``model.parameters()`` loads into an optimizer built from ``model.named_parameters()`` and back)
+and a group unit keeps it (``"inner_state/0/mu/0/weight"``). ``state_dict()`` and
+``optimizer.state`` show these names; what a user puts into ``optimizer.state`` is kept beside
+them (:class:`UserEntries`).
 """
 
 from __future__ import annotations
@@ -23,24 +28,75 @@ from torch_bridge._units import build_tx, nest
 
 
 def leaf_name(path: Any) -> str:
-  """A state leaf's name: its key path joined by ``/`` (:func:`stax.partition.path_name`)."""
+  """A state leaf's full name: its key path joined by ``/`` (:func:`stax.partition.path_name`)."""
   return path_name(path)
 
 
-def named_leaves(state: Any) -> list:
-  """``[(name, leaf), ...]`` of a state pytree in flatten order."""
-  return [(leaf_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+def _param_like(ptreedef: Any) -> Callable[[Any], bool]:
+  """Whether a state node is laid out like the unit's parameter tree ``ptreedef``."""
+
+  def param_like(x):
+    if x is None or isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+      return False
+    try:
+      ptreedef.flatten_up_to(x)
+      return True
+    except (ValueError, TypeError):
+      return False
+
+  return param_like
 
 
-def to_torch_entries(state: Any) -> dict:
-  """``{name: torch tensor}`` of a state pytree: copies of its leaves, in their own dtypes."""
-  return {name: convert.to_torch(x).clone() for name, x in named_leaves(state)}
+def unit_leaf_names(state: Any, names: Sequence[str]) -> list:
+  """The names of a unit's state leaves, in flatten order (see the module docstring).
+
+  Args:
+    state: the unit's state pytree (arrays or ``ShapeDtypeStruct``s).
+    names: the unit's parameter names (dotted); one name: the per-parameter form.
+  """
+  ptreedef = jax.tree.structure(nest(names, list(range(len(names)))))
+  param_paths = ptreedef.flatten_up_to(nest(names, [n.replace(".", "/") for n in names]))
+  out = []
+  nodes = jax.tree_util.tree_flatten_with_path(state, is_leaf=_param_like(ptreedef))[0]
+  for path, node in nodes:
+    prefix = leaf_name(path)
+    if not _param_like(ptreedef)(node):
+      out.append(prefix)
+      continue
+    for ppath, sub in zip(param_paths, ptreedef.flatten_up_to(node)):
+      base = prefix if len(names) == 1 else "/".join(x for x in (prefix, ppath) if x)
+      for spath, _ in jax.tree_util.tree_flatten_with_path(sub)[0]:
+        out.append("/".join(x for x in (base, leaf_name(spath)) if x) or "param")
+  return out
+
+
+def legacy_leaf_names(state: Any) -> list:
+  """The full key paths (the names before per-parameter names dropped the parameter's path)."""
+  return [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def to_torch_entries(state: Any, names: Sequence[str]) -> dict:
+  """``{name: torch tensor}`` of a unit's state: copies of its leaves, in their own dtypes."""
+  return {n: convert.to_torch(x).clone()
+          for n, x in zip(unit_leaf_names(state, names), jax.tree.leaves(state))}
 
 
 def jax_dtype(t: torch.Tensor) -> Any:
   """The JAX dtype of a torch tensor's dtype."""
   return jnp.dtype(str(t.dtype).replace("torch.", ""))
 
+
+class UserEntries:
+  """What a user (or a state-dict hook) puts into ``optimizer.state``, kept as torch keeps it:
+  per parameter (``state[p]["key"] = v``, keyed by the tensor) and under other keys
+  (``state["key"] = v``). ``state_dict()`` packs both beside the JAX state's entries."""
+
+  def __init__(self):
+    self.by_param: dict = {}   # tensor -> {key: value}
+    self.other: dict = {}      # non-tensor key -> value
+
+  def clear(self) -> None:
+    self.by_param, self.other = {}, {}
 
 class _Live(NamedTuple):
   state_keys: tuple    # unit keys, in plan order
@@ -107,51 +163,58 @@ class StateStore:
     return leaves, tuple(defs)
 
 
-def load_unit(entry: dict, template: Any, device: torch.device, where: str) -> Any:
-  """The JAX state of one unit from its saved ``{name: tensor}`` entry, checked leaf by leaf
-  against ``template`` (``jax.eval_shape`` of its init): every name present, no extra name,
-  each shape and dtype equal (codes, counters and keys are never cast). ``where`` names the
-  parameter in error messages."""
-  leaves = jax.tree_util.tree_flatten_with_path(template)[0]
-  vals, names = [], []
-  for path, spec in leaves:
-    name = leaf_name(path)
-    names.append(name)
-    if name not in entry:
+def _leaf_from_torch(t: Any, spec: Any, name: str, where: Any, device: torch.device) -> Any:
+  """A state leaf from a saved tensor, its shape and dtype checked against ``spec`` (never
+  cast: codes, counters and keys keep their dtypes)."""
+  if not isinstance(t, torch.Tensor):
+    t = torch.as_tensor(t)
+  if (tuple(t.shape) != tuple(spec.shape)
+      or str(t.dtype).replace("torch.", "") != jnp.dtype(spec.dtype).name):
+    raise ValueError(
+        f"torch_bridge: state {name!r} of parameter {where} is "
+        f"{t.dtype}{tuple(t.shape)}, expected {spec.dtype}{tuple(spec.shape)}.")
+  a = convert.to_jax(t.to(device=device))
+  return jax.device_put(a, list(a.devices())[0], may_alias=False)
+
+
+def load_unit(entry: dict, template: Any, names: Sequence[str], device: torch.device,
+              where: Any) -> tuple[Any, dict]:
+  """``(JAX state, other entries)`` of one unit from its saved ``{name: tensor}`` entry.
+
+  Every leaf of ``template`` (``jax.eval_shape`` of the unit's init; ``names``: the unit's
+  parameter names) must be present under its name (:func:`unit_leaf_names`; the full key path
+  of earlier versions is accepted too), with its shape and dtype. The entry's other keys are
+  returned: they are what a user put into ``optimizer.state``. ``where`` names the parameter in
+  error messages."""
+  vals, used = [], set()
+  specs = jax.tree.leaves(template)
+  for name, legacy, spec in zip(unit_leaf_names(template, names), legacy_leaf_names(template),
+                                specs):
+    key = name if name in entry else legacy if legacy in entry else None
+    if key is None:
       raise ValueError(f"torch_bridge: state of parameter {where} lacks {name!r}.")
-    t = entry[name]
-    if not isinstance(t, torch.Tensor):
-      t = torch.as_tensor(t)
-    if (tuple(t.shape) != tuple(spec.shape)
-        or str(t.dtype).replace("torch.", "") != jnp.dtype(spec.dtype).name):
-      raise ValueError(
-          f"torch_bridge: state {name!r} of parameter {where} is "
-          f"{t.dtype}{tuple(t.shape)}, expected {spec.dtype}{tuple(spec.shape)}.")
-    a = convert.to_jax(t.to(device=device))
-    if tuple(a.shape) != tuple(spec.shape) or a.dtype != spec.dtype:
-      raise ValueError(
-          f"torch_bridge: state {name!r} of parameter {where} is "
-          f"{a.dtype}{tuple(a.shape)}, expected {spec.dtype}{tuple(spec.shape)}.")
-    vals.append(jax.device_put(a, list(a.devices())[0], may_alias=False))
-  extra = set(entry) - set(names)
-  if extra:
-    raise ValueError(f"torch_bridge: unexpected state keys {sorted(extra)} for parameter "
-                     f"{where}.")
-  return jax.tree_util.tree_unflatten(jax.tree.structure(template), vals)
+    used.add(key)
+    vals.append(_leaf_from_torch(entry[key], spec, name, where, device))
+  extra = {k: v for k, v in entry.items() if k not in used}
+  return jax.tree.unflatten(jax.tree.structure(template), vals), extra
+
+
+def set_leaves(state: Any, names: Sequence[str], values: dict, device: torch.device,
+               where: Any) -> Any:
+  """``state`` with the leaves named in ``values`` replaced (shape and dtype checked)."""
+  leaves, tdef = jax.tree.flatten(state)
+  by_name = dict(zip(unit_leaf_names(state, names), range(len(leaves))))
+  leaves = list(leaves)
+  for name, t in values.items():
+    i = by_name[name]
+    leaves[i] = _leaf_from_torch(t, leaves[i], name, where, device)
+  return jax.tree.unflatten(tdef, leaves)
 
 
 def keep_masked(new: Any, old: Any, ptreedef: Any, names: Sequence[str],
                 mask: Sequence[bool]) -> Any:
   """Keeps ``old`` for unmasked parameters in every state sub-tree laid out like the params."""
-
-  def param_like(x):
-    if x is None or isinstance(x, (jax.Array, np.ndarray)):
-      return False
-    try:
-      ptreedef.flatten_up_to(x)
-      return True
-    except (ValueError, TypeError):
-      return False
+  param_like = _param_like(ptreedef)
 
   # flatten order of a dict tree is sorted by key: each name's flatten position
   order = ptreedef.flatten_up_to(nest(names, list(names)))
@@ -166,51 +229,142 @@ def keep_masked(new: Any, old: Any, ptreedef: Any, names: Sequence[str],
   return jax.tree.map(select, new, old, is_leaf=param_like)
 
 
-class StateView(collections.abc.Mapping):
-  """``optimizer.state``: parameter tensor → ``{name: tensor}`` of its state, read only.
+class ParamState(dict):
+  """``optimizer.state[p]``: the parameter's state entries (copies of its JAX state leaves,
+  then what was put there), as a dict whose writes reach the optimizer: a JAX entry set to a
+  tensor of its shape and dtype replaces that leaf; any other key is kept (and saved by
+  ``state_dict()``). Changing a returned tensor in place changes nothing (it is a copy)."""
 
-  Built on access from the JAX state (nothing is kept or updated per step): each entry is a
-  fresh dict of copies, named as in ``state_dict()["state"][index]``. Parameters that have no
-  state yet (never stepped) are not in the mapping, and ``view[p]`` gives ``{}`` for them, as
-  torch's ``defaultdict(dict)`` does. With ``state_scope="group"`` a group's state appears
-  under its first parameter, as in ``state_dict()``. Writing into the tensors changes nothing;
-  use ``load_state_dict`` to set state.
+  def __init__(self, view: "StateView", p: torch.Tensor, entries: dict):
+    super().__init__(entries)
+    self._view, self._p = view, p
+
+  def __setitem__(self, key: Any, value: Any) -> None:
+    self._view._set_entries(self._p, {key: value})
+    super().__setitem__(key, value)
+
+  def __delitem__(self, key: Any) -> None:
+    self._view._del_entry(self._p, key)
+    super().__delitem__(key)
+
+  def update(self, *args: Any, **kwargs: Any) -> None:  # pylint: disable=arguments-differ
+    for k, v in dict(*args, **kwargs).items():
+      self[k] = v
+
+  def setdefault(self, key: Any, default: Any = None) -> Any:
+    if key not in self:
+      self[key] = default
+    return self[key]
+
+
+class StateView(collections.abc.MutableMapping):
+  """``optimizer.state``: parameter → :class:`ParamState`, plus any other key a user sets.
+
+  Built on access from the JAX state (nothing is copied per step): ``view[p]`` holds copies of
+  ``p``'s JAX state leaves, named as in ``state_dict()["state"][index]``, and what was put into
+  it. A parameter with no state yet (never stepped) gives an empty entry, as torch's
+  ``defaultdict(dict)`` does, and is listed once something is put there. With
+  ``state_scope="group"`` a group's JAX state appears under its first parameter, as in
+  ``state_dict()``. ``view[p] = {...}`` sets the given entries; ``del view[p]`` drops ``p``'s
+  state (its unit starts afresh at its next step) and its entries; other keys
+  (``view["note"] = 1``) are kept and saved by ``state_dict()`` as torch's are.
   """
 
-  def __init__(self, params: Callable[[], list], states: Callable[[], dict]):
-    self._params, self._states = params, states
+  def __init__(self, opt: Any):
+    self._opt = opt
 
-  def _by_param(self) -> dict:
-    """``{id(param): (param, state)}`` in parameter order, for parameters with state."""
-    params, states = self._params(), self._states()
-    return {id(params[key[0]]): (params[key[0]], st)
-            for key, st in sorted(states.items()) if key[0] < len(params)}
+  # -- lookups
+  def _jax_by_param(self) -> dict:
+    """``{param: (unit, JAX state)}`` in parameter order, for units with JAX state."""
+    params, states = self._opt._ensure_units(), self._opt._states.states
+    out = {}
+    for u in self._opt._units:
+      st = states.get(u.indices)
+      if st is not None and params[u.indices[0]] not in out:
+        out[params[u.indices[0]]] = (u, st)
+    return out
 
-  def __getitem__(self, p: Any) -> dict:
-    hit = self._by_param().get(id(p))
-    return {} if hit is None else to_torch_entries(hit[1])
+  def _entries(self, p: torch.Tensor) -> Optional[dict]:
+    hit = self._jax_by_param().get(p)
+    user = self._opt._user.by_param.get(p)
+    if hit is None and user is None:
+      return None
+    out = {} if hit is None else to_torch_entries(hit[1], hit[0].names)
+    out.update(user or {})
+    return out
 
-  def get(self, p: Any, default: Any = None) -> Any:
-    hit = self._by_param().get(id(p))
-    return default if hit is None else to_torch_entries(hit[1])
+  def __getitem__(self, key: Any) -> Any:
+    if isinstance(key, torch.Tensor):
+      return ParamState(self, key, self._entries(key) or {})
+    return self._opt._user.other[key]
 
-  def __contains__(self, p: Any) -> bool:
-    return id(p) in self._by_param()
+  def get(self, key: Any, default: Any = None) -> Any:
+    """Like ``dict.get`` (as torch's ``defaultdict``: a parameter with nothing gives
+    ``default``)."""
+    return self[key] if key in self else default
+
+  def __contains__(self, key: Any) -> bool:
+    if isinstance(key, torch.Tensor):
+      return key in self._opt._user.by_param or key in self._jax_by_param()
+    return key in self._opt._user.other
 
   def __iter__(self):
-    return iter([p for p, _ in self._by_param().values()])
+    jax_params = list(self._jax_by_param())
+    seen = set(map(id, jax_params))
+    extra = [p for p in self._opt._user.by_param if id(p) not in seen]
+    return iter(jax_params + extra + list(self._opt._user.other))
 
   def __len__(self) -> int:
-    return len(self._by_param())
+    return len(list(iter(self)))
 
-  def items(self):  # one conversion pass, not one lookup per key
-    return [(p, to_torch_entries(st)) for p, st in self._by_param().values()]
+  # -- writes
+  def __setitem__(self, key: Any, value: Any) -> None:
+    if not isinstance(key, torch.Tensor):
+      self._opt._user.other[key] = value
+      return
+    if not isinstance(value, collections.abc.Mapping):
+      raise TypeError(f"torch_bridge: a parameter's state is a mapping, got "
+                      f"{type(value).__name__}.")
+    self._opt._user.by_param.pop(key, None)
+    self._set_entries(key, dict(value))
 
-  def values(self):
-    return [to_torch_entries(st) for _, st in self._by_param().values()]
+  def __delitem__(self, key: Any) -> None:
+    if not isinstance(key, torch.Tensor):
+      del self._opt._user.other[key]
+      return
+    hit = self._jax_by_param().get(key)
+    user = self._opt._user.by_param.pop(key, None)
+    if hit is None and user is None:
+      raise KeyError(key)
+    if hit is not None:
+      self._opt._states.states.pop(hit[0].indices, None)
+
+  def clear(self) -> None:
+    self._opt._states.clear()
+    self._opt._user.clear()
+
+  def _set_entries(self, p: torch.Tensor, entries: dict) -> None:
+    """JAX-named entries replace those leaves of ``p``'s state; the rest are kept as is."""
+    hit = self._jax_by_param().get(p)
+    jax_names = set() if hit is None else set(unit_leaf_names(hit[1], hit[0].names))
+    jax_part = {k: v for k, v in entries.items() if k in jax_names}
+    if jax_part:
+      unit, st = hit
+      self._opt._states.states[unit.indices] = set_leaves(st, unit.names, jax_part, p.device,
+                                                         unit.indices[0])
+    rest = {k: v for k, v in entries.items() if k not in jax_names}
+    if rest or p not in self._opt._user.by_param:
+      self._opt._user.by_param.setdefault(p, {}).update(rest)
+
+  def _del_entry(self, p: torch.Tensor, key: Any) -> None:
+    hit = self._jax_by_param().get(p)
+    if hit is not None and key in set(unit_leaf_names(hit[1], hit[0].names)):
+      raise KeyError(f"torch_bridge: {key!r} is part of the transform's state and cannot be "
+                     "deleted alone; `del optimizer.state[p]` drops the parameter's state.")
+    del self._opt._user.by_param[p][key]
 
   def __repr__(self) -> str:
-    return f"StateView({len(self)} parameters with state)"
+    return f"StateView({len(self)} entries)"
 
 
 def template(factory: Callable, static: tuple, traced: dict, names: Sequence[str],

@@ -36,41 +36,93 @@ from torch_bridge.optimizer import Optimizer
 __all__ = ["STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "stac_modules"]
 
 
+def _stac_inputs(model_or_params: Any) -> tuple[list, bool]:
+  """``([(overrides, [(name, tensor), ...]), ...], named)``: STAC's input as torch reads it.
+
+  An ``nn.Module`` is one group of its ``named_parameters()`` (frozen ones included, a tied
+  parameter under its first owner); an iterable holds tensors, ``(name, tensor)`` pairs or
+  param-group dicts (``{"params": ..., "lr": ...}``). Unnamed tensors are called
+  ``param_<position>``. torch's errors: ``TypeError`` for a tensor or a set given as the
+  iterable, for a group's set of parameters and for a non-tensor parameter, ``ValueError`` for
+  no parameters and for named and unnamed parameters mixed.
+  """
+  if isinstance(model_or_params, torch.nn.Module):
+    return [({}, list(model_or_params.named_parameters()))], True
+  if isinstance(model_or_params, torch.Tensor):
+    raise TypeError("params argument given to the optimizer should be an iterable of Tensors "
+                    f"or dicts, but got {torch.typename(model_or_params)}")
+  items = list(model_or_params)
+  if not items:
+    raise ValueError("optimizer got an empty parameter list")
+  if all(isinstance(x, dict) for x in items):
+    raw = [({k: v for k, v in g.items() if k != "params"}, g["params"]) for g in items]
+  elif any(isinstance(x, dict) for x in items):
+    raise TypeError("STAC takes tensors, (name, tensor) pairs or param-group dicts, not a mix "
+                    "of groups and parameters.")
+  else:
+    raw = [({}, items)]
+  groups, kinds, pos = [], set(), 0
+  for overrides, params in raw:
+    if isinstance(params, torch.Tensor):
+      params = [params]
+    elif isinstance(params, (set, frozenset)):
+      raise TypeError("optimizer parameters need to be organized in ordered collections, but "
+                      "the ordering of tensors in sets will change between runs. Please use a "
+                      "list instead.")
+    entries = []
+    for item in params:
+      named = isinstance(item, tuple)
+      name, p = item if named else (f"param_{pos}", item)
+      pos += 1
+      kinds.add(named)
+      if not isinstance(p, torch.Tensor):
+        raise TypeError(f"optimizer can only optimize Tensors, but one of the params is "
+                        f"{torch.typename(p)}")
+      if not p.is_leaf:
+        raise ValueError("can't optimize a non-leaf Tensor")
+      entries.append((str(name), p))
+    groups.append((overrides, entries))
+  if len(kinds) > 1:
+    raise ValueError("all optimizer params should be with/without names. Some param names are "
+                     "missing")
+  return groups, kinds == {True}
+
+
+def _module_of(name: str, named: bool) -> str:
+  """The module that owns a parameter: its name without the last component (``"<root>"`` for
+  a top-level name); an unnamed tensor is its own module."""
+  if not named:
+    return name
+  return name.rsplit(".", 1)[0] if "." in name else "<root>"
+
+
 def stac_modules(model_or_params: Any) -> list[tuple[str, list[tuple[str, torch.Tensor]]]]:
   """``[(module_name, [(param_name, param), ...]), ...]`` in STAC's order (see module doc).
 
   ``model_or_params`` is an ``nn.Module`` (registration order, trainable parameters only, tied
   parameters owned by their first module, root parameters under ``"<root>"``), a sequence of
   ``(name, tensor)`` pairs (module = the name without its last component, in first-appearance
-  order), or plain tensors (each tensor its own module).
+  order), plain tensors (each tensor its own module) or param-group dicts of these (their
+  parameters in order). Frozen parameters and repeated tensors are not counted.
   """
+  return _modules(*_stac_inputs(model_or_params))
+
+
+def _modules(groups: list, named: bool) -> list:
+  """:func:`stac_modules` of parsed inputs (:func:`_stac_inputs`)."""
   seen: set = set()
-  modules: list = []
-  if isinstance(model_or_params, torch.nn.Module):
-    for mname, module in model_or_params.named_modules():
-      entries = []
-      for pname, p in module.named_parameters(recurse=False):
-        if not p.requires_grad or id(p) in seen:
-          continue
-        seen.add(id(p))
-        entries.append((f"{mname}.{pname}" if mname else pname, p))
-      if entries:
-        modules.append((mname or "<root>", entries))
-    return modules
   index: dict = {}
-  for i, item in enumerate(model_or_params):
-    name, p = item if isinstance(item, tuple) else (f"param_{i}", item)
-    if not isinstance(p, torch.Tensor):
-      raise TypeError(f"STAC takes a model, (name, tensor) pairs or tensors; got {type(p)}.")
-    if id(p) in seen or not p.requires_grad:
-      continue
-    seen.add(id(p))
-    mname = name.rsplit(".", 1)[0] if (isinstance(item, tuple) and "." in name) else (
-        "<root>" if isinstance(item, tuple) else name)
-    if mname not in index:
-      index[mname] = len(modules)
-      modules.append((mname, []))
-    modules[index[mname]][1].append((name, p))
+  modules: list = []
+  for _, entries in groups:
+    for name, p in entries:
+      if id(p) in seen or not p.requires_grad:
+        continue
+      seen.add(id(p))
+      mname = _module_of(name, named)
+      if mname not in index:
+        index[mname] = len(modules)
+        modules.append((mname, []))
+      modules[index[mname]][1].append((name, p))
   return modules
 
 
@@ -79,8 +131,8 @@ def _scalar(name: str, value: Any) -> Any:
   tensor ``lr``); a tensor with more elements raises ``ValueError`` naming ``name``."""
   if isinstance(value, torch.Tensor):
     if value.numel() != 1:
-      raise ValueError(f"`{name}` must be a number or a 1-element tensor, got a tensor of "
-                       f"shape {tuple(value.shape)}.")
+      raise ValueError(f"`{name}` must be a number or a 1-element tensor (Tensor {name} must "
+                       f"be 1-element), got a tensor of shape {tuple(value.shape)}.")
     return value.item()
   return value
 
@@ -137,9 +189,21 @@ class STAC(Optimizer):
   ``stac_role`` and ``module_names``; each parameter has its own state (``None`` gradients are
   skipped as torch does).
 
+  As a torch optimizer: param-group dicts are accepted, each split into its ``[sign, adamw]``
+  parts (in that order, each carrying the group's own ``lr``, ``betas``, ``eps``,
+  ``weight_decay``, ``sign_weight_decay``, ``adamw_weight_decay`` and flags; other keys pass
+  through), the partition counting every group's modules in order. Frozen parameters stay with
+  their module's group and are never stepped; a module with no trainable parameter is not
+  counted (the seed's rule) and its parameters join the trunk. A 1-element tensor is accepted
+  wherever a number is. torch's errors and warning for bad ``params`` apply. Two torch
+  behaviours cannot: ``add_param_group`` after construction raises ``RuntimeError`` (the
+  seed's partition is fixed at construction), and unnamed tensors are each their own module,
+  so named and unnamed inputs partition differently and their state dicts move between each
+  other only when both partitions agree.
+
   Args:
-    model_or_params: an ``nn.Module`` (recommended), ``(name, tensor)`` pairs or tensors; see
-      :func:`stac_modules`.
+    model_or_params: an ``nn.Module`` (recommended), ``(name, tensor)`` pairs, tensors or
+      param-group dicts of these; see :func:`stac_modules`.
     lr: learning rate >= 0 (default 1e-3).
     last_n_modules: counted modules in the AdamW cap, >= 0 (default 1). ``None`` uses
       ``last_n_ratio``.
@@ -199,29 +263,22 @@ class STAC(Optimizer):
               sign_weight_decay=sign_weight_decay, adamw_weight_decay=adamw_weight_decay,
               sign_lr_scale=sign_lr_scale, last_n_ratio=last_n_ratio, b1=betas[0],
               b2=betas[1], eps=eps)
-    modules = stac_modules(model_or_params)
-    if not modules:
-      raise ValueError("STAC requires at least one trainable parameter.")
+    inputs, named = _stac_inputs(model_or_params)
+    modules = _modules(inputs, named)
     n = len(modules)
     k = stac_rules.cap_size(n, last_n_modules, last_n_ratio)
-    sign_mods, cap_mods = modules[:n - k], modules[n - k:]
-    hybrid = bool(sign_mods) and bool(cap_mods)
-    lam_s = stac_rules.trunk_weight_decay(weight_decay, sign_weight_decay, hybrid)
-    lam_a = weight_decay if adamw_weight_decay is None else adamw_weight_decay
-    common = dict(exclude_1d_from_weight_decay=exclude_1d_from_weight_decay,
-                  exclude_bias_from_weight_decay=exclude_bias_from_weight_decay,
-                  maximize=maximize)
+    cap_names = {m for m, _ in modules[n - k:]}
+    owner = {id(p): m for m, entries in modules for _, p in entries}
+    hybrid = n - k > 0 and k > 0
+    defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    sign_weight_decay=sign_weight_decay, adamw_weight_decay=adamw_weight_decay,
+                    exclude_1d_from_weight_decay=exclude_1d_from_weight_decay,
+                    exclude_bias_from_weight_decay=exclude_bias_from_weight_decay,
+                    maximize=maximize)
     groups = []
-    if sign_mods:
-      groups.append(dict(
-          params=[np_ for _, entries in sign_mods for np_ in entries], transform=_stac_sign,
-          stac_role="sign", module_names=tuple(m for m, _ in sign_mods),
-          lr=lr * sign_lr_scale if hybrid else lr, weight_decay=lam_s, **common))
-    if cap_mods:
-      groups.append(dict(
-          params=[np_ for _, entries in cap_mods for np_ in entries], transform=_stac_adamw,
-          stac_role="adamw", module_names=tuple(m for m, _ in cap_mods), lr=lr,
-          betas=tuple(betas), eps=eps, weight_decay=lam_a, **common))
+    for overrides, entries in inputs:
+      groups += self._split_group(overrides, entries, named, owner, cap_names, hybrid,
+                                  sign_lr_scale, defaults)
     self.sign_lr_scale = sign_lr_scale
     self.resolved_last_n_modules = k
     self.trainable_module_count = n
@@ -229,6 +286,50 @@ class STAC(Optimizer):
                      global_nonfinite="error" if error_if_nonfinite else "skip",
                      lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     self._initialized = True
+
+  @staticmethod
+  def _split_group(overrides: dict, entries: list, named: bool, owner: dict, cap_names: set,
+                   hybrid: bool, sign_lr_scale: float, defaults: dict) -> list:
+    """One input group as up to two bridge groups, ``[sign, adamw]``: each parameter goes with
+    its module (a frozen parameter of an uncounted module with the sign trunk), and the group's
+    own values (``lr``, ``betas``, ``eps``, ``weight_decay``, ``sign_weight_decay``,
+    ``adamw_weight_decay``, the flags) override the constructor's; other keys pass through."""
+    hp = dict(defaults)
+    extra = {}
+    for key, v in overrides.items():
+      (hp if key in hp else extra)[key] = v
+    hp["betas"] = _betas(hp["betas"])
+    for name in ("lr", "eps", "weight_decay", "sign_weight_decay", "adamw_weight_decay"):
+      hp[name] = _scalar(name, hp[name])
+    for name in ("exclude_bias_from_weight_decay", "exclude_1d_from_weight_decay", "maximize"):
+      V.check_bool(name, hp[name])
+    stax.stac(hp["lr"], last_n_modules=1, weight_decay=hp["weight_decay"],
+              sign_weight_decay=hp["sign_weight_decay"],
+              adamw_weight_decay=hp["adamw_weight_decay"], b1=hp["betas"][0],
+              b2=hp["betas"][1], eps=hp["eps"])  # a ValueError naming a bad group value
+    lam_s = stac_rules.trunk_weight_decay(hp["weight_decay"], hp["sign_weight_decay"], hybrid)
+    lam_a = hp["weight_decay"] if hp["adamw_weight_decay"] is None else hp["adamw_weight_decay"]
+    common = {k: hp[k] for k in ("exclude_1d_from_weight_decay",
+                                 "exclude_bias_from_weight_decay", "maximize")}
+    parts: dict = {"sign": [], "adamw": []}
+    mods: dict = {"sign": [], "adamw": []}
+    for name, p in entries:
+      mname = owner.get(id(p), _module_of(name, named))  # a repeated tensor: its first module
+      role = "adamw" if mname in cap_names else "sign"
+      parts[role].append((name, p) if named else p)
+      if mname not in mods[role] and (mname in cap_names or p.requires_grad):
+        mods[role].append(mname)
+    out = []
+    if parts["sign"]:
+      out.append(dict(extra, params=parts["sign"], transform=_stac_sign, stac_role="sign",
+                      module_names=tuple(mods["sign"]),
+                      lr=hp["lr"] * sign_lr_scale if hybrid else hp["lr"], weight_decay=lam_s,
+                      **common))
+    if parts["adamw"]:
+      out.append(dict(extra, params=parts["adamw"], transform=_stac_adamw, stac_role="adamw",
+                      module_names=tuple(mods["adamw"]), lr=hp["lr"], betas=hp["betas"],
+                      eps=hp["eps"], weight_decay=lam_a, **common))
+    return out
 
   def add_param_group(self, param_group: dict) -> None:
     if getattr(self, "_initialized", False):

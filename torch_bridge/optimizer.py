@@ -43,16 +43,26 @@ How it works
     parameter, ``layout_fn(tensor_shape, name)`` (default :func:`torch_dimension_numbers`:
     reduction axes ``1..ndim-1``, output axis ``0``, fused q/k/v as three matrices, ``None``
     for vectors), as a tree laid out like the parameters.
-  * ``state_dict()`` has torch's shape, ``{'state': {index: {name: tensor}}, 'param_groups':
-    [...]}``: each parameter's JAX state leaves, named by their path in the state tree, as
-    tensors of *their own* dtype. ``load_state_dict`` is overridden: ``uint8`` codes, integer
-    counters and ``uint32`` RNG keys are never cast (torch's default casts every non-``step``
-    tensor to the parameter dtype), and every leaf's shape and dtype is checked.
-    ``torch.save`` → ``torch.load`` → continue equals the uninterrupted run bit for bit.
-    ``optimizer.state[p]`` shows the same entries for parameter ``p`` (read-only copies
-    built on access; no entry for a parameter never stepped).
+  * ``state_dict()`` has torch's shape (:mod:`torch_bridge._checkpoint`): each parameter's JAX
+    state leaves, named by their path in the state tree, as tensors of *their own* dtypes;
+    ``load_state_dict`` never casts them and checks each leaf's shape and dtype.
+    ``torch.save`` → ``torch.load`` → continue equals the uninterrupted run bit for bit. A
+    parameter's leaf names do not contain its own name, so state dicts move between optimizers
+    built from ``model.parameters()`` and ``model.named_parameters()``; a parameter listed
+    twice keeps its first index, as in torch.
+  * ``optimizer.state`` is torch's mapping (:class:`torch_bridge._state.StateView`):
+    ``state[p]`` shows ``p``'s state leaves (copies) and keeps what a user or a hook puts there
+    (saved and loaded with the state dict); ``del state[p]`` restarts ``p``.
+  * ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` carry settings, groups and
+    state (not hooks or gradient release, which torch does not carry either); a ready
+    transformation (not a factory) is held in a local function, which ``pickle`` refuses.
 
 Errors
+  torch's own: ``TypeError`` for a tensor given as ``params`` and for non-tensor parameters,
+  ``ValueError`` for no parameters, for named and unnamed parameters mixed, for a parameter in
+  two groups and for a tensor ``lr`` with more than one element ("Tensor lr must be 1-element");
+  a repeated parameter in one group warns. Frozen parameters (``requires_grad=False``) stay in
+  their group and are never stepped (no gradient), as torch does.
   Sparse gradients raise ``RuntimeError`` at ``step()``; complex, integer and (without x64)
   float64 parameters raise ``TypeError`` at construction; hyperparameters the factory does not
   accept raise ``TypeError``; invalid values raise the factory's own ``ValueError`` at
@@ -70,17 +80,18 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
-import jax
-import numpy as np
 import optax
 import torch
 
+from torch_bridge import _checkpoint as C
 from torch_bridge import _internals, convert
+from torch_bridge import _release as R
 from torch_bridge import _hyperparams as H
-from torch_bridge import _plan as P
 from torch_bridge import _state as S
+from torch_bridge import _step
 from torch_bridge._hyperparams import TORCH_TO_FACTORY
 from torch_bridge._units import Layout, build_units, check_update_args, describe_units
+from torch_bridge._release import prepare_for_gradient_release, remove_gradient_release
 from torch_bridge._writeback import ParamViews, make_writeback
 from torch_bridge.layout import torch_dimension_numbers
 
@@ -167,7 +178,15 @@ class Optimizer(torch.optim.Optimizer):
     self._static_args = frozenset(static_args)
     self._layout = Layout(layout_kwarg, layout_fn)
     self._global_nonfinite = global_nonfinite
+    self._wb_name = writeback
+    self._init_runtime(writeback)
+    H.check_tensor_lr(defaults)
+    super().__init__(params, H.fill_defaults(transform, dict(defaults)))
+
+  def _init_runtime(self, writeback: str) -> None:
+    """The per-process caches and the state (again after unpickling)."""
     self._states = S.StateStore()          # unit key (parameter indices) -> JAX state
+    self._user = S.UserEntries()           # what users put into optimizer.state
     self._views = ParamViews()             # parameter index -> JAX view of its memory
     self._wb = make_writeback(writeback, self._views)
     self._hyper = H.HyperCache()           # group index -> GroupHyper
@@ -178,16 +197,26 @@ class Optimizer(torch.optim.Optimizer):
     self._skipped = None                   # int32 JAX scalar, steps skipped by global_nonfinite
     self._device = None                    # the parameters' JAX sharding (from the first step)
     self._release_handles: Optional[list] = None
-    super().__init__(params, H.fill_defaults(transform, dict(defaults)))
+
+  def __getstate__(self) -> dict:
+    """``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep the settings, param
+    groups and state (:func:`torch_bridge._checkpoint.getstate`); hooks and gradient release
+    are not carried (torch drops hooks too)."""
+    return C.getstate(self)
+
+  def __setstate__(self, state: dict) -> None:
+    C.setstate(self, state)
 
   # ---------------------------------------------------------------------------------- groups
   def _factory(self, gi: int) -> Callable:
     return self.param_groups[gi].get("transform", self._transform)
 
   def add_param_group(self, param_group: dict) -> None:
-    factory = param_group.get("transform", None)
+    factory = param_group.get("transform", None) if isinstance(param_group, dict) else None
     if factory is not None and not callable(factory):
       raise TypeError("a param group's `transform` must be a factory.")
+    if isinstance(param_group, dict):
+      H.check_tensor_lr(param_group)
     super().add_param_group(param_group)
     for p in self.param_groups[-1]["params"]:
       convert.check_dtype(p)
@@ -261,88 +290,25 @@ class Optimizer(torch.optim.Optimizer):
         hook(self, args, kwargs)
     return loss
 
-  def _plan(self, mask: tuple, hyper: list) -> P.Plan:
-    factories = [self._factory(gi) for gi in range(len(hyper))]
-    key = (mask, tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
-    return H.cached(self._plans, key, lambda: P.make_plan(
-        self._units, mask, hyper, factories, self._layout, self._global_nonfinite, self._wb))
-
-  def _init_states(self, keys: list, plan: P.Plan, hyper: list, hps: list, params: list) -> dict:
-    wanted = set(keys)
-    units = [u for u in self._units if u.indices in wanted]
-    jparams = [tuple(self._views.get(i, params[i]) for i in u.indices) for u in units]
-    factories = [self._factory(gi) for gi in range(len(hyper))]
-    news = P.init_states(units, plan, hyper, factories, self._layout, hps, jparams)
-    return {u.indices: st for u, st in zip(units, news)}
-
   def _run(self, only: Optional[set]) -> None:
     """One step of the parameters with a gradient (and, if given, an index in ``only``)."""
-    params = self._ensure_units()
-    mask = tuple([p.grad is not None and (only is None or i in only)
-                  for i, p in enumerate(params)])
-    if True not in mask:
-      return
-    hyper = [self._group_hyper(gi) for gi in range(len(self.param_groups))]
-    plan, wb = self._plan(mask, hyper), self._wb
-    p_on = [self._views.get(i, params[i]) for i in plan.idx_on]
-    p_off = [self._views.get(i, params[i]) for i in plan.idx_off]
-    if self._skipped is None:
-      self._skipped = jax.device_put(np.zeros((), np.int32), p_on[0].device)
-    if self._device is None:
-      self._device = p_on[0].sharding
-    hps = [hyper[gi].on(self._device) for gi in plan.groups]
-    compiled = plan.compiled
-    states = None if compiled is None else self._states.live_leaves(compiled)
-    if states is None:  # not the previous step's outputs: gather (and initialise) them
-      states, defs = self._states.leaves(
-          plan.state_keys, lambda keys: self._init_states(keys, plan, hyper, hps, params))
-      if compiled is not None and compiled.state_defs != defs:
-        compiled = None
-    args = P.StepArgs(states, p_on, [convert.grad_to_jax(params[i].grad) for i in plan.idx_on],
-                      hps, [] if self._global_nonfinite is None else [self._skipped],
-                      wb.scratch_for(plan, p_on), p_off)
-    if compiled is None:
-      compiled = plan.compiled = P.compile_step(plan, defs, args, hyper, self._layout)
-      self._used_fns[id(compiled.fn)] = compiled.fn
-    leaves = args.flat()
-    guards = wb.prepare(compiled, leaves, params, plan.idx_on, p_on)
-    try:
-      out = compiled.fn(*leaves)
-    except BaseException:
-      wb.abort(params, plan.idx_on, p_on)
-      raise
-    # Drop the inputs now: the donated ones die while XLA runs, not after the wait.
-    self._states.drop_live()
-    del leaves, args, states, guards, p_off
-    n_state, n_on = compiled.n_state, len(plan.idx_on)
-    # Bookkeeping while XLA runs: the outputs' buffers are known at dispatch.
-    self._states.keep(compiled, plan.state_keys, compiled.state_defs, out[:n_state])
-    flat_new = out[n_state:n_state + n_on]
-    if self._global_nonfinite is not None:
-      self._skipped, ok = out[n_state + n_on], out[n_state + n_on + 1]
-    pending = wb.dispatched(params, plan.idx_on, flat_new)
-    del out, p_on
-    # Torch reads only the parameters; the next JAX call orders itself after the states.
-    jax.block_until_ready(flat_new)
-    wb.finish(plan, params, plan.idx_on, flat_new, pending)
-    if self._global_nonfinite == "error" and not bool(ok):
-      raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
-                         "for every parameter.")
+    _step.run(self, only)
 
   # ---------------------------------------------------------------------------------- info
   @property
   def state(self) -> S.StateView:
-    """Parameter → ``{name: tensor}`` of its state (read only; see :class:`S.StateView`)."""
-    return S.StateView(self._ensure_units, lambda: self._states.states)
+    """Parameter → its state entries (copies of the JAX state leaves, then what was put there),
+    and any other key a user sets; see :class:`torch_bridge._state.StateView`."""
+    return S.StateView(self)
 
   @state.setter
   def state(self, value: Any) -> None:
-    # torch.optim.Optimizer.__init__ assigns an empty defaultdict; an empty mapping resets.
-    if value:
-      raise TypeError("torch_bridge: `optimizer.state` is a view of the JAX state; set it "
-                      "with load_state_dict().")
-    if "_states" in self.__dict__:
-      self._states.clear()
+    # torch.optim.Optimizer.__init__ assigns an empty defaultdict: the state is reset, then
+    # set from the mapping.
+    view = S.StateView(self)
+    view.clear()
+    for k, v in dict(value).items():
+      view[k] = v
 
   def describe(self) -> Any:
     """Every parameter: its rule, matrix view and state, by torch name (:func:`stax.describe`).
@@ -358,7 +324,8 @@ class Optimizer(torch.optim.Optimizer):
   @property
   def trace_count(self) -> int:
     """Compilations of the steps this optimizer ran (one per has-grad pattern and shape set;
-    hyperparameter changes add none)."""
+    hyperparameter changes add none). A compiled step is shared by the optimizers of one
+    configuration in a process, so their compilations count here too."""
     return sum(_internals.compiled_count(fn) for fn in self._used_fns.values())
 
   @property
@@ -369,60 +336,11 @@ class Optimizer(torch.optim.Optimizer):
   # ---------------------------------------------------------------------------------- state_dict
   def state_dict(self) -> dict:
     """torch-shaped state: ``{'state': {index: {leaf_path: tensor}}, 'param_groups': [...]}``."""
-    for hook in self._optimizer_state_dict_pre_hooks.values():
-      hook(self)
-    groups, start = [], 0
-    for g in self.param_groups:
-      # Callables (factories, schedules) are code, not data: not saved; a loaded group keeps
-      # the current ones.
-      packed = {k: v for k, v in g.items() if k not in ("params", "transform")
-                and not callable(v)}
-      packed["params"] = list(range(start, start + len(g["params"])))
-      start += len(g["params"])
-      groups.append(packed)
-    state = {key[0]: S.to_torch_entries(st) for key, st in self._states.states.items()}
-    out = {"state": state, "param_groups": groups}
-    if self._skipped is not None:
-      out["bridge"] = {"nonfinite_skipped_steps": convert.to_torch(self._skipped).clone()}
-    for hook in self._optimizer_state_dict_post_hooks.values():
-      hooked = hook(self, out)
-      if hooked is not None:
-        out = hooked
-    return out
+    return C.state_dict(self)
 
   def load_state_dict(self, state_dict: dict) -> None:
     """Loads a :meth:`state_dict`; state tensors keep their dtypes (no cast to the param's)."""
-    for hook in self._optimizer_load_state_dict_pre_hooks.values():
-      hooked = hook(self, state_dict)
-      if hooked is not None:
-        state_dict = hooked
-    saved = state_dict["param_groups"]
-    if len(saved) != len(self.param_groups):
-      raise ValueError("loaded state dict has a different number of parameter groups")
-    for g, sg in zip(self.param_groups, saved):
-      if len(g["params"]) != len(sg["params"]):
-        raise ValueError("loaded state dict contains a parameter group that doesn't match the "
-                         "size of optimizer's group")
-    for g, sg in zip(self.param_groups, saved):
-      g.update({k: v for k, v in sg.items() if k != "params"})
-    params = self._ensure_units()
-    loaded = {}
-    for unit in self._units:
-      entry = state_dict["state"].get(unit.indices[0])
-      if entry is not None:
-        traced, static = self._hyperparams(unit.group)
-        template = S.template(self._factory(unit.group), static, traced, unit.names,
-                              [params[i] for i in unit.indices], self._layout)
-        loaded[unit.indices] = S.load_unit(entry, template, params[unit.indices[0]].device,
-                                           unit.indices[0])
-    self._states.replace(loaded)
-    bridge = state_dict.get("bridge")
-    self._skipped = None
-    if bridge is not None:
-      sk = convert.to_jax(bridge["nonfinite_skipped_steps"])
-      self._skipped = jax.device_put(sk, list(sk.devices())[0], may_alias=False)
-    for hook in self._optimizer_load_state_dict_post_hooks.values():
-      hook(self)
+    C.load_state_dict(self, state_dict)
 
   # ---------------------------------------------------------------------------------- release
   def enable_gradient_release(self, params_or_model: Any = None) -> list:
@@ -434,45 +352,8 @@ class Optimizer(torch.optim.Optimizer):
     own state) and no ``global_nonfinite`` policy. Each parameter's step is compiled once
     (first backward). Returns the hook handles; :meth:`disable_gradient_release` removes them.
     """
-    if self._state_scope != "param" or self._global_nonfinite is not None:
-      raise ValueError("gradient release needs state_scope='param' and global_nonfinite=None.")
-    if params_or_model is None:
-      params_or_model = self._flat_params()
-    params = (params_or_model.parameters() if isinstance(params_or_model, torch.nn.Module)
-              else params_or_model)
-
-    def hook(p):
-      if p.grad is None:
-        return
-      self._step_param(p)
-      p.grad = None
-
-    handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
-    self._release_handles = (self._release_handles or []) + handles
-    return handles
+    return R.enable(self, params_or_model)
 
   def disable_gradient_release(self) -> None:
     """Removes the hooks of :meth:`enable_gradient_release`; ``step()`` steps again."""
-    for h in self._release_handles or []:
-      h.remove()
-    self._release_handles = None
-
-  def _step_param(self, p: torch.Tensor) -> None:
-    for i, q in enumerate(self._flat_params()):
-      if q is p:
-        self._run({i})
-        return
-    raise ValueError("torch_bridge: this parameter is not in the optimizer.")
-
-
-def prepare_for_gradient_release(params_or_model: Any, optimizer: Optimizer) -> list:
-  """``optimizer.enable_gradient_release(params_or_model)`` (see
-  :meth:`Optimizer.enable_gradient_release`)."""
-  if not isinstance(optimizer, Optimizer):
-    raise TypeError("prepare_for_gradient_release needs a torch_bridge.Optimizer.")
-  return optimizer.enable_gradient_release(params_or_model)
-
-
-def remove_gradient_release(optimizer: Optimizer) -> None:
-  """``optimizer.disable_gradient_release()``: ``step()`` steps again."""
-  optimizer.disable_gradient_release()
+    R.disable(self)

@@ -19,12 +19,24 @@ it; an object that implements only ``init``/``read``/``write`` gets them through
 :func:`as_storage`):
 
 * ``needs_key`` (``False``): the storage rounds stochastically, so the Adam state keeps a PRNG
-  key and ``ctx.rounding_key`` is set in ``write``;
+  key and ``ctx.rounding_key`` is set in ``write``. A per-leaf storage callable may carry
+  ``needs_key = True`` too: the key is then kept whatever the leaves, so the state's structure
+  does not depend on the parameters' sizes (``optax.tree.map_params`` inits from a placeholder);
 * ``exact`` (``False``): full precision, no rounding: writing back what was read changes nothing,
   so a gated no-op step (:func:`stax.nonfinite_guard` with ``gated=True``) keeps the state exactly;
 * ``project(mu, nu) -> (mu, nu)`` (identity): the moments the update is formed from instead of
   the exact new ones (STAMLite's per-tensor RMS: the update must use what the storage keeps, one
-  mean of v per tensor, not the exact elementwise v).
+  mean of v per tensor, not the exact elementwise v);
+* ``fused_update`` (``None``): a callable ``(g, step, ctx) -> (update, mu_enc, nu_enc)`` that
+  does ``read``, the core's arithmetic and ``write`` of one leaf in one pass (a fused kernel)
+  and returns the Adam direction and the new encodings. ``step`` is the core's per-leaf
+  arithmetic as a pure function (:class:`stax.transforms.adam.LeafStep`:
+  ``step.fn(g, mu, nu, *step.operands)``, whose static configuration is closed over and whose
+  array inputs are ``step.operands``, so a kernel can call it on one block); ``ctx`` is the
+  ``write`` context. The core uses it only where the caller needs the direction alone
+  (:func:`stax.scale_by_adam`, not :func:`stax.scale_by_stable_adam`, which needs the second
+  moment the update used). It must equal :func:`read_step_write` (bit for bit for an ``"xla"``
+  implementation; codes equal and floats to rounding for a kernel).
 
 The two moments are read and written *together* because some storages keep one moment relative
 to the other (TurboAdam 0.2.0's "UState" stores m as the normalised update and decodes it with v).
@@ -40,7 +52,7 @@ shape and dtype), e.g. "compress only tensors above 4096 elements".
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Protocol, Union, runtime_checkable
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +70,7 @@ __all__ = [
     "as_storage",
     "is_storage",
     "resolve_storage",
+    "read_step_write",
     "StorageLike",
 ]
 
@@ -106,7 +119,7 @@ class MomentStorage(Protocol):
   """Stores the pair (m, v) of one parameter leaf (the required members).
 
   Optional members (see the module docstring and :class:`StorageBase`): ``needs_key``,
-  ``exact``, ``project(mu, nu)``.
+  ``exact``, ``project(mu, nu)``, ``fused_update``.
   """
 
   def init(self, param: jax.Array) -> tuple[Any, Any]:
@@ -125,6 +138,7 @@ class StorageBase:
 
   needs_key: bool = False
   exact: bool = False
+  fused_update: Optional[Callable] = None
 
   def project(self, mu: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The moments the update is formed from (default: the exact new moments)."""
@@ -149,6 +163,10 @@ class _WithDefaults(StorageBase):
   @property
   def exact(self) -> bool:
     return bool(_optional(self.inner, "exact", False))
+
+  @property
+  def fused_update(self) -> Optional[Callable]:
+    return _optional(self.inner, "fused_update", None)
 
   def project(self, mu, nu):
     project = _optional(self.inner, "project", None)
@@ -270,3 +288,18 @@ def resolve_storage(storage: StorageLike, leaf: Any) -> StorageBase:
   """The storage of one leaf (``storage`` may be a per-leaf callable), with every optional
   member (:func:`as_storage`)."""
   return as_storage(storage if is_storage(storage) else storage(leaf))
+
+
+def read_step_write(storage: Any, g: jax.Array, step: Callable, ctx: StorageStep
+                    ) -> tuple[Any, Any, Any]:
+  """One leaf through ``storage`` unfused: ``read`` → ``step(g, mu, nu)`` → ``write``.
+
+  ``step`` is the core's :class:`~stax.transforms.adam.LeafStep` and ``ctx`` the ``write``
+  context; returns ``(step's AdamStep, mu_enc, nu_enc)``. A storage's ``fused_update`` returns
+  the same with the AdamStep's ``update`` alone.
+  """
+  mu, nu = storage.read(ctx.mu_enc, ctx.nu_enc, g,
+                        ctx._replace(mu_enc=None, nu_enc=None, rounding_key=None))
+  out = step(g, mu, nu)
+  mu_enc, nu_enc = storage.write(out.mu, out.nu, ctx)
+  return out, mu_enc, nu_enc

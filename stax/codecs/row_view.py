@@ -64,9 +64,9 @@ def row_view_shape(shape: Sequence[int], block_size: int, spec: Any = None) -> t
 class RowView(StorageBase):
   """A :class:`~stax.codecs.base.MomentStorage` seen through the row view of each leaf.
 
-  ``init``/``read``/``write`` reshape the moments to :func:`row_view_shape` before the inner
-  storage and back after it; the encoded state keeps the view's shape. ``needs_key``, ``exact``
-  and ``project`` are the inner storage's.
+  ``init``/``read``/``write`` (and a ``fused_update``) reshape the moments to
+  :func:`row_view_shape` before the inner storage and back after it; the encoded state keeps
+  the view's shape. ``needs_key``, ``exact`` and ``project`` are the inner storage's.
   """
 
   inner: Any
@@ -82,6 +82,18 @@ class RowView(StorageBase):
   @property
   def exact(self) -> bool:
     return self.inner.exact
+
+  @property
+  def fused_update(self):
+    inner = self.inner.fused_update
+    if inner is None:
+      return None
+
+    def fused(g, step, ctx):
+      u, mu_enc, nu_enc = inner(self._view(g), step, ctx)
+      return self._back(u, g), mu_enc, nu_enc
+
+    return fused
 
   def _view(self, x):
     shape = row_view_shape(jnp.shape(x), self.block_size, L.explicit_spec(x))

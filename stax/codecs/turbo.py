@@ -17,8 +17,11 @@ r"""Joint (m, v) storages for :func:`stax.turbo_adam`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
 
 from stax.codecs import log_quant as LQ
@@ -29,7 +32,7 @@ from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.row_view import RowView
 from stax.codecs.rng import counter_uniform, flat_index, seed_for, seed_from_key
 
-__all__ = ["TurboAdam02Storage", "turbo_storage", "bias_corrections", "CODECS"]
+__all__ = ["TurboAdam02Storage", "StepScalars", "turbo_storage", "bias_corrections", "CODECS"]
 
 CODECS = ("stax", "turboadam-0.2")
 
@@ -48,9 +51,27 @@ def bias_corrections(b1, b2, t):
   return c1, jnp.sqrt(c2)
 
 
+class StepScalars(NamedTuple):
+  """float32 scalars of one step of :class:`TurboAdam02Storage`: the bias corrections
+  ``(c1, sqrt(c2))`` of the step that wrote the stored state (``c1p``, ``c2p``; ``c2p`` is 1
+  before the first step, as the seed's) and of this step (``c1``, ``c2``)."""
+
+  c1p: jax.Array
+  c2p: jax.Array
+  c1: jax.Array
+  c2: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class TurboAdam02Storage(StorageBase):
-  """TurboAdam 0.2.0's state for one leaf (see the module docstring)."""
+  """TurboAdam 0.2.0's state for one leaf (see the module docstring).
+
+  ``kernel``: ``None``, or a fused update ``(storage, g, step, ctx) -> (AdamStep, mu_enc,
+  nu_enc)`` for leaves with both moments compressed (:mod:`stax.kernels.turbo_step`, plugged in
+  by :func:`stax.turbo_adam`); it is this storage's ``fused_update``. The per-block pieces
+  :meth:`decode_block` and :meth:`encode_block` are what ``read``/``write`` run on the whole
+  tensor and what the kernel runs on one block.
+  """
 
   compress_m: bool
   compress_v: bool
@@ -61,10 +82,17 @@ class TurboAdam02Storage(StorageBase):
   b1: Any
   b2: Any
   eps: Any
+  kernel: Optional[Callable] = None
 
   @property
   def needs_key(self) -> bool:
     return bool(self.compress_m or self.compress_v)
+
+  @property
+  def fused_update(self) -> Optional[Callable]:
+    if self.kernel is None or not (self.compress_m and self.compress_v):
+      return None
+    return functools.partial(self.kernel, self)
 
   def init(self, param):
     if self.compress_m:
@@ -77,58 +105,80 @@ class TurboAdam02Storage(StorageBase):
       nu = jnp.zeros(param.shape, jnp.float32)
     return mu, nu
 
-  def _v(self, nu_enc, n):
-    if self.compress_v:
-      return LQ.log_decode(nu_enc, self.bits, self.block_size, n)
-    return nu_enc
+  def scalars(self, count) -> StepScalars:
+    """The :class:`StepScalars` of step ``count + 1``."""
+    c1p, c2p = bias_corrections(self.b1, self.b2, count)
+    c1, c2 = bias_corrections(self.b1, self.b2, count + 1)
+    return StepScalars(c1p, jnp.where(count > 0, c2p, 1.0), c1, c2)
 
-  def read(self, mu_enc, nu_enc, like, ctx):
-    n = like.shape[-1]
-    v = self._v(nu_enc, n)
+  def _denom(self, v, c2):
+    return jnp.sqrt(jnp.maximum(v, 0.0)) / c2 + jnp.asarray(self.eps, jnp.float32)
+
+  def decode_block(self, mu_enc, nu_enc, n: int, sc: StepScalars):
+    """(m, v) from the encodings of rows of length ``n``: v decoded, m = u·c1p·(√v/c2p + eps)."""
+    v = LQ.log_decode(nu_enc, self.bits, self.block_size, n) if self.compress_v else nu_enc
     if not self.compress_m:
       return mu_enc, v
     u = US.ustate_decode(mu_enc, n, self.m_block_size, self.block_size)
-    c1, c2s = bias_corrections(self.b1, self.b2, ctx.count)
-    c2s = jnp.where(ctx.count > 0, c2s, 1.0)          # the seed's "previous_bc2_sqrt = 1" at t=0
-    denom = jnp.sqrt(jnp.maximum(v, 0.0)) / c2s + jnp.asarray(self.eps, jnp.float32)
-    return u * c1 * denom, v
+    return u * sc.c1p * self._denom(v, sc.c2p), v
+
+  def encode_block(self, mu, nu, mu_prev, sc: StepScalars, v_uniform, m_uniform):
+    """The new v encoding (``v_uniform``'s stochastic rounding) and, for a compressed m, the
+    UState parts ``(codes, means, squared residuals)`` of u = (m/c1)/(√v_p/c2 + eps) with the
+    persisted v_p (``None`` otherwise)."""
+    if self.compress_v:
+      nu_enc = LQ.log_encode(nu, self.bits, self.block_size, v_uniform)
+      v_p = LQ.log_decode(nu_enc, self.bits, self.block_size, nu.shape[-1])
+    else:
+      nu_enc = v_p = nu.astype(jnp.float32)
+    if not self.compress_m:
+      return nu_enc, None
+    u = mu.astype(jnp.float32) / sc.c1 / self._denom(v_p, sc.c2)
+    return nu_enc, US.ustate_encode_parts(u, mu_prev, m_uniform, self.m_block_size,
+                                          self.block_size)
+
+  def finish_m(self, mu_prev, codes, means, sq_sum, total: int):
+    """The new UState m: its next encode step is ``step_factor·sqrt(Σr²/N)`` over the tensor."""
+    next_step = jnp.sqrt(sq_sum / jnp.float32(total)) * jnp.float32(self.step_factor)
+    return US.UStateM(codes, means, mu_prev.encode_step.astype(jnp.float32),
+                      next_step.astype(jnp.float32))
+
+  def seeds(self, ctx):
+    """uint32 seeds of the m (stream 1) and v (stream 2) rounding of this step and leaf."""
+    seed, t = seed_from_key(ctx.key), ctx.count + 1
+    return seed_for(seed, t, 0, ctx.index, 1), seed_for(seed, t, 0, ctx.index, 2)
+
+  def read(self, mu_enc, nu_enc, like, ctx):
+    return self.decode_block(mu_enc, nu_enc, like.shape[-1], self.scalars(ctx.count))
 
   def write(self, mu, nu, ctx):
     n = mu.shape[-1]
-    t = ctx.count + 1
-    seed = seed_from_key(ctx.key)
+    sc = self.scalars(ctx.count)
+    m_seed, v_seed = self.seeds(ctx)
+    v_u = m_u = None
     if self.compress_v:
       _, n_pad = LQ._dims(n, self.block_size)
-      v_seed = seed_for(seed, t, 0, ctx.index, 2)
-      uniform = counter_uniform(flat_index(nu.shape[:-1] + (n_pad,)), v_seed)
-      nu_enc = LQ.log_encode(nu, self.bits, self.block_size, uniform)
+      v_u = counter_uniform(flat_index(nu.shape[:-1] + (n_pad,)), v_seed)
+    if self.compress_m:
+      nmb = L.num_blocks(n, self.m_block_size)
+      m_u = counter_uniform(flat_index(mu.shape[:-1] + (nmb * self.m_block_size,)), m_seed)
+    nu_enc, parts = self.encode_block(mu, nu, ctx.mu_enc, sc, v_u, m_u)
+    if self.compress_v:
       nu_enc = LQ.LogQuantState(*(L.constrain_like(a, mu) for a in nu_enc))
-      v_p = LQ.log_decode(nu_enc, self.bits, self.block_size, n)
-    else:
-      nu_enc = nu.astype(jnp.float32)
-      v_p = nu_enc
     if not self.compress_m:
       return mu.astype(jnp.float32), nu_enc
-    c1, c2s = bias_corrections(self.b1, self.b2, t)
-    denom = jnp.sqrt(jnp.maximum(v_p, 0.0)) / c2s + jnp.asarray(self.eps, jnp.float32)
-    u = mu.astype(jnp.float32) / c1 / denom
-    nmb = L.num_blocks(n, self.m_block_size)
-    m_seed = seed_for(seed, t, 0, ctx.index, 1)
-    uniform = counter_uniform(flat_index(mu.shape[:-1] + (nmb * self.m_block_size,)), m_seed)
-    total = 1
-    for d in mu.shape:
-      total *= d
-    mu_enc = US.ustate_encode(u, ctx.mu_enc, uniform, total, self.m_block_size, self.block_size,
-                              float(self.step_factor))
-    mu_enc = mu_enc._replace(codes=L.constrain_like(mu_enc.codes, mu),
-                             means=L.constrain_like(mu_enc.means, mu))
+    codes, means, sq = parts
+    mu_enc = self.finish_m(ctx.mu_enc, L.constrain_like(codes, mu), L.constrain_like(means, mu),
+                           jnp.sum(sq), math.prod(mu.shape))
     return mu_enc, nu_enc
 
 
 def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, compress_m: bool,
                   compress_v: bool, min_compress_elements: int, m_block_size: int,
-                  m_bits: int = 4, step_factor: float = US.DEFAULT_STEP_FACTOR):
-  """The per-leaf storage callable used by :func:`stax.turbo_adam`."""
+                  m_bits: int = 4, step_factor: float = US.DEFAULT_STEP_FACTOR,
+                  kernel: Optional[Callable] = None):
+  """The per-leaf storage callable used by :func:`stax.turbo_adam` (``kernel``: the faithful
+  storage's fused update, see :class:`TurboAdam02Storage`)."""
 
   def choose(leaf):
     size = 1
@@ -140,10 +190,11 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
       if not (cm or cv):
         return SeparateStorage(FullPrecision(jnp.float32), FullPrecision(jnp.float32))
       return RowView(TurboAdam02Storage(cm, cv, v_bits, block_size, m_block_size, step_factor,
-                                        b1, b2, eps), block_size)
+                                        b1, b2, eps, kernel), block_size)
     m_codec = BlockSignedCodec(m_bits, m_block_size) if cm else FullPrecision(jnp.float32)
     v_codec = LQ.LogQuantCodec(v_bits, block_size) if cv else FullPrecision(jnp.float32)
     storage = SeparateStorage(m_codec, v_codec, follow_sharding=True)
     return RowView(storage, block_size) if (cm or cv) else storage
 
+  choose.needs_key = bool(compress_m or compress_v)  # some leaves round stochastically
   return choose

@@ -160,18 +160,16 @@ def scao(
   V.check_number("eps", eps, low=0.0)
   V.check_number("weight_decay", weight_decay, low=0.0)
   V.check_choice("mode", mode, K.MODES)
-  schedule = dict(warmup_steps=warmup_steps, precond_freq=precond_freq,
-                  min_precond_updates=min_precond_updates, blend_steps=blend_steps)
-  curvature = dict(rho=rho, epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max,
-                   max_precond_dim=max_precond_dim)
+  schedule = K.Schedule(warmup_steps, precond_freq, min_precond_updates, blend_steps)
+  curvature = K.KronHyperparams(rho, epsilon_sparse, k_min, k_max, max_precond_dim, tau, eps)
   if mode == "lowrank":
     V.check_number("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
     V.warn_no_effect("tau", tau, 1.0, "with mode='lowrank' (only mode='scao-0.2.4' clips)")
-    precond = K.scale_by_kron_lowrank(**schedule, **curvature,
+    precond = K.scale_by_kron_lowrank(schedule=schedule, hyperparams=curvature,
                                       dimension_numbers=dimension_numbers, seed=seed)
   else:
     V.warn_no_effect("seed", seed, 0, "with mode='scao-0.2.4' (it draws no random numbers)")
-    precond = K.scale_by_kron_scao(**schedule, **curvature, tau=tau, eps=eps,
+    precond = K.scale_by_kron_scao(schedule=schedule, hyperparams=curvature,
                                    dimension_numbers=dimension_numbers)
   tx = optax.chain(
       precond,

@@ -55,6 +55,7 @@ import optax
 from stax import _validation as V
 from stax.codecs.log_quant import V_BITS
 from stax.codecs.turbo import CODECS, turbo_storage
+from stax.kernels import turbo_step
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import nonfinite_guard
 
@@ -90,6 +91,7 @@ def turbo_adam(
     seed: int = 0x12345678,
     mask: Optional[Any | Callable[[optax.Params], Any]] = None,
     nonfinite: str = "skip",
+    implementation: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""TurboAdam: AdamW whose moments are stored compressed (see the module docstring).
 
@@ -119,6 +121,12 @@ def turbo_adam(
     seed: the rounding seed, an int in [0, 2**32) (default 0x12345678, the seed's default).
     mask: weight-decay mask (pytree or callable; default: all leaves).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
+    implementation: the fused update of the faithful codec's compressed leaves
+      (:mod:`stax.kernels.turbo_step`): ``None`` (default: the Pallas kernel on GPU where a
+      leaf's row is a multiple of ``block_size``, else the unfused ``"xla"`` path), ``"xla"`` or
+      ``"pallas"``. ``"pallas"`` needs ``codec="turboadam-0.2"`` with both moments compressed
+      (``ValueError`` otherwise); a leaf whose row is not a multiple of ``block_size`` then
+      raises ``ValueError`` when the step is traced.
 
   Parameters must be real floating-point (complex, integer and bool leaves raise ``TypeError`` at
   ``init``, naming the leaf). Non-default arguments with no effect (the codec arguments with
@@ -177,10 +185,20 @@ def turbo_adam(
       and V.is_concrete_number(b2) and float(b1) ** 2 >= float(b2)):
     raise ValueError(f"UState (codec='turboadam-0.2', compress_m=True) requires b1**2 < b2, "
                      f"got b1={b1}, b2={b2}.")
+  fusable = codec == "turboadam-0.2" and compress_m and compress_v
+  if implementation == "pallas" and not fusable:
+    raise ValueError("`implementation='pallas'` (the fused TurboAdam kernel) needs "
+                     "codec='turboadam-0.2' with compress_m=True and compress_v=True, got "
+                     f"codec={codec!r}, compress_m={compress_m}, compress_v={compress_v}.")
+  hook = turbo_step.kernel(implementation)
+  if not fusable:
+    V.warn_no_effect("implementation", implementation, None,
+                     "without the faithful codec's fused update (codec='turboadam-0.2' with "
+                     "both moments compressed)")
   storage = turbo_storage(codec, b1=b1, b2=b2, eps=eps, block_size=block_size, v_bits=v_bits,
                           compress_m=bool(compress_m), compress_v=bool(compress_v),
                           min_compress_elements=min_compress_elements,
-                          m_block_size=m_block_size)
+                          m_block_size=m_block_size, kernel=hook)
   tx = optax.chain(
       scale_by_adam(b1, b2, eps, storage=storage, seed=seed),
       optax.add_decayed_weights(weight_decay, mask),

@@ -67,10 +67,12 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import numerics
 
@@ -78,7 +80,7 @@ from stax import _validation as V
 from stax import numerics as num
 from stax._trees import conform
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
-                              is_storage, resolve_storage)
+                              is_storage, read_step_write, resolve_storage)
 from stax.transforms.guards import NONFINITE_OK, gate_aware
 
 __all__ = [
@@ -90,6 +92,8 @@ __all__ = [
     "adam_init",
     "adam_step",
     "adam_update",
+    "LeafStep",
+    "leaf_step",
     "scale_by_adam",
     "debias_beta",
     "adam_moments",
@@ -189,22 +193,19 @@ def debias_beta(beta: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
   return beta * (1.0 - beta ** (t - 1.0)) / (1.0 - beta ** t)
 
 
-def adam_config(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
-    *,
-    bias_correction: str = "standard",
-    correction_eps: Any = 0.0,
-    nesterov: bool = False,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    storage: Optional[StorageLike] = None,
-    seed: int = 0,
-) -> AdamConfig:
+def adam_config(*args: Any, **kwargs: Any) -> AdamConfig:
   """Validates :func:`scale_by_adam`'s arguments (``ValueError``) and returns them as a record
-  (``storage`` defaults to full precision in ``mu_dtype``/``nu_dtype``)."""
+  (``storage`` defaults to full precision in ``mu_dtype``/``nu_dtype``).
+
+  Takes exactly :func:`scale_by_adam`'s arguments (bound to its signature, so the names and
+  defaults are declared once, there).
+  """
+  bound = inspect.signature(scale_by_adam).bind(*args, **kwargs)
+  bound.apply_defaults()
+  a = bound.arguments
+  b1, b2, eps, eps_root = a["b1"], a["b2"], a["eps"], a["eps_root"]
+  bias_correction, nesterov, seed = a["bias_correction"], a["nesterov"], a["seed"]
+  correction_eps, storage = a["correction_eps"], a["storage"]
   rule = b1 if isinstance(b1, Beta1Rule) else None
   if rule is None:
     V.check_betas(b1=b1)
@@ -219,7 +220,7 @@ def adam_config(
     raise ValueError("`nesterov=True` is not supported with a Beta1Rule.")
   V.check_int("seed", seed)
   if storage is None:
-    storage = full_precision_storage(mu_dtype, nu_dtype)
+    storage = full_precision_storage(a["mu_dtype"], a["nu_dtype"])
   return AdamConfig(b1, b2, eps, eps_root, bias_correction, correction_eps, nesterov, storage,
                     seed)
 
@@ -289,14 +290,56 @@ def adam_init(cfg: AdamConfig, params: Any) -> ScaleByAdamState:
   rule = cfg.rule
   b1_state = rule.init(params) if rule is not None else None
   key = None
-  if any(s.needs_key for s in stores):
+  # A per-leaf storage callable may declare ``needs_key``: then the key is kept whatever the
+  # leaves, so the state's structure does not depend on the parameters' sizes (as
+  # ``optax.tree.map_params`` needs: it inits from a placeholder with no leaves).
+  if any(s.needs_key for s in stores) or getattr(cfg.storage, "needs_key", False) is True:
     key = jax.random.key_data(jax.random.PRNGKey(cfg.seed))
   return ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu, b1_prod=b1_prod,
                           b1_state=b1_state, key=key)
 
 
-def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any = None
-                ) -> tuple[AdamStep, ScaleByAdamState]:
+class LeafStep(NamedTuple):
+  """The core's arithmetic of one leaf as a pure function, for a storage's fused update.
+
+  ``fn(g, mu, nu, *operands) -> AdamStep`` saturates ``g`` (:func:`stax.numerics.saturate` at the
+  decoded moments' bound) and runs :func:`adam_step`; every static part of the configuration
+  (Python-number hyperparameters, the bias correction, ``project``) is closed over, and every
+  array input (the step count, hyperparameters given as arrays, ``b1_prod``, the gate) is in
+  ``operands``, so a kernel passes the operands in and calls ``fn`` on one block. Calling the
+  record, ``step(g, mu, nu)``, runs ``fn`` with its operands.
+  """
+
+  fn: Callable[..., AdamStep]
+  operands: tuple
+
+  def __call__(self, g, mu, nu) -> AdamStep:
+    return self.fn(g, mu, nu, *self.operands)
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None,
+              ok: Any = None, project: Optional[Callable] = None) -> LeafStep:
+  """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s)."""
+  named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
+           "b1_prod": b1_prod, "ok": ok}
+  dynamic = tuple(k for k, v in named.items() if _is_array(v))
+
+  def fn(g, mu, nu, *operands):
+    v = dict(named, **dict(zip(dynamic, operands)))
+    c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"])
+    g = num.saturate(g, num.square_bound(mu.dtype, nu.dtype))
+    return adam_step(g, mu, nu, v["b1"], v["count"], c, b1_prod=v["b1_prod"], ok=v["ok"],
+                     project=project)
+
+  return LeafStep(fn, tuple(named[k] for k in dynamic))
+
+
+def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any = None, *,
+                fuse: bool = False) -> tuple[AdamStep, ScaleByAdamState]:
   """Adam over a tree: reads the moments through the storage, runs :func:`adam_step` per leaf,
   writes the new moments.
 
@@ -306,6 +349,9 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     state: the previous state.
     ok: ``None``, or the non-finite gate (a scalar bool; only for a configuration that
       :attr:`~AdamConfig.honours_gate`): when false the state comes back unchanged.
+    fuse: let a storage with a ``fused_update`` (and a constant b1) do read, step and write in
+      one pass; for such leaves only the ``update`` field of the result is set (the others are
+      ``None``). Default False.
 
   Returns:
     An :class:`AdamStep` whose fields are trees shaped like ``updates``, and the new state.
@@ -316,51 +362,57 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
                      "state on a skipped step); use gated=False.")
   rule = cfg.rule
   g_leaves, treedef = jax.tree.flatten(updates)
+  n = len(g_leaves)
   stores = [resolve_storage(cfg.storage, g) for g in g_leaves]
   mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
   count_inc = numerics.safe_increment(state.count)
+  read_ctx = lambda i: StorageStep(state.count, i, state.key)
 
-  decoded = [s.read(me, ne, g, StorageStep(state.count, i, state.key))
-             for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
-  mus = [d[0] for d in decoded]
-  nus = [d[1] for d in decoded]
-  # Saturate each entry at ±B (2**63 for float32/bf16 moments; stax.numerics) so g² and the
-  # moments stay finite for any finite gradient; entries inside the bound are unchanged.
-  g_leaves = [None if g is None else num.saturate(g, num.square_bound(m.dtype, v.dtype))
-              for g, m, v in zip(g_leaves, mus, nus)]
-
-  # First-moment decay, per leaf.
-  b1_state = state.b1_state
+  # First-moment decay, per leaf. A Beta1Rule sees every leaf's decoded previous m and the
+  # saturated gradient (±B, as the step itself uses; stax.numerics) before any step runs.
+  b1_state, decoded = state.b1_state, None
   if rule is not None:
-    b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, g_leaves),
-                                    jax.tree.unflatten(treedef, mus),
+    decoded = [None if g is None else s.read(me, ne, g, read_ctx(i))
+               for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
+    sat = [None if g is None else num.saturate(g, num.square_bound(d[0].dtype, d[1].dtype))
+           for g, d in zip(g_leaves, decoded)]
+    b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, sat),
+                                    jax.tree.unflatten(treedef, [d and d[0] for d in decoded]),
                                     state.b1_state, state.count)
     b1s = treedef.flatten_up_to(b1_tree)
   else:
-    b1s = [cfg.b1] * len(g_leaves)
+    b1s = [cfg.b1] * n
 
-  b1_prod, prods = state.b1_prod, [None] * len(g_leaves)
+  b1_prod, prods = state.b1_prod, [None] * n
   if cfg.bias_correction == "product":
     old = treedef.flatten_up_to(state.b1_prod)
     # A Beta1Rule gives one beta1 per leaf (a scalar), so the product is one scalar per leaf.
     prods = [p * jnp.reshape(jnp.asarray(b, jnp.float32), ()) for p, b in zip(old, b1s)]
-    kept = prods if ok is None else [jnp.where(ok, n, p) for n, p in zip(prods, old)]
+    kept = prods if ok is None else [jnp.where(ok, n_, p) for n_, p in zip(prods, old)]
     b1_prod = jax.tree.unflatten(treedef, kept)
 
-  steps = [None if g is None else
-           adam_step(g, m, v, b, count_inc, cfg, b1_prod=bp, ok=ok, project=s.project)
-           for s, g, m, v, b, bp in zip(stores, g_leaves, mus, nus, b1s, prods)]
-
-  # Store the new moments through the storage (stochastic rounding keyed by step and leaf).
+  # Each leaf: read → step → write through its storage (stochastic rounding keyed by step and
+  # leaf), or the storage's fused update of the three.
   step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
-  new_mu_enc, new_nu_enc = [], []
-  for i, (s, st, me, ne) in enumerate(zip(stores, steps, mu_enc, nu_enc)):
-    if st is None:
+  steps, new_mu_enc, new_nu_enc = [], [], []
+  for i, (s, g, me, ne) in enumerate(zip(stores, g_leaves, mu_enc, nu_enc)):
+    if g is None:
+      steps.append(None)
       new_mu_enc.append(me)
       new_nu_enc.append(ne)
       continue
     k = jax.random.fold_in(step_key, i) if s.needs_key and step_key is not None else None
-    a, c = s.write(st.mu, st.nu, StorageStep(state.count, i, state.key, me, ne, k))
+    ctx = StorageStep(state.count, i, state.key, me, ne, k)
+    step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project)
+    if decoded is not None:
+      out = step(g, *decoded[i])
+      a, c = s.write(out.mu, out.nu, ctx)
+    elif fuse and s.fused_update is not None:
+      u, a, c = s.fused_update(g, step, ctx)
+      out = AdamStep(u, None, None, None)
+    else:
+      out, a, c = read_step_write(s, g, step, ctx)
+    steps.append(out)
     new_mu_enc.append(_cast_like_tree(a, me))
     new_nu_enc.append(_cast_like_tree(c, ne))
 
@@ -424,16 +476,14 @@ def scale_by_adam(
     it is false both moment decays are 1 and the step count and ``b1_prod`` are held, so the
     state is returned unchanged.
   """
-  cfg = adam_config(b1, b2, eps, eps_root, bias_correction=bias_correction,
-                    correction_eps=correction_eps, nesterov=nesterov, mu_dtype=mu_dtype,
-                    nu_dtype=nu_dtype, storage=storage, seed=seed)
+  cfg = adam_config(**locals())
 
   def init_fn(params):
     return adam_init(cfg, params)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
-    step, new_state = adam_update(cfg, updates, state, extra_args.get(NONFINITE_OK))
+    step, new_state = adam_update(cfg, updates, state, extra_args.get(NONFINITE_OK), fuse=True)
     return step.update, new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,87 +1,82 @@
-r"""The fused step of the TurboAdam storage's update: one pass over p, g and the packed state.
+r"""The fused update of the TurboAdam storage: one pass over g and the packed state.
 
-This is the op ``"turbo_step"`` (:mod:`stax.kernels._registry`): one TurboAdam 0.2.0 AdamW step
-on one tensor whose moments are stored compressed, v as 4-bit log codes
-(:class:`~stax.codecs.log_quant.LogQuantState`) and m as 2-bit UState codes
-(:class:`~stax.codecs.ustate.UStateM`). Per block of ``block_size`` elements (along the last
-axis) it
+This is the op ``"turbo_step"`` (:mod:`stax.kernels._registry`): the ``fused_update`` of
+:class:`stax.codecs.turbo.TurboAdam02Storage` (TurboAdam 0.2.0's state: v as ``bits``-bit log
+codes with fp16 endpoints per block, m as 2-bit UState codes with bf16 means), reached through
+the shared Adam core (:func:`stax.scale_by_adam` hands the storage its per-leaf step as a pure
+function, :class:`stax.transforms.adam.LeafStep`). Per block of ``block_size`` elements of the
+leaf's row view it
 
-1. unpacks the v codes and decodes :math:`\hat v` from the block's fp16 log endpoints;
-2. unpacks the 2-bit UState codes, decodes u with the bf16 means (re-centred per mean block) and
-   reconstructs :math:`m = u\,c_1^{prev}(\sqrt{\hat v}/\sqrt{c_2^{prev}}+\epsilon)`;
-3. forms the EMAs, applies decoupled decay and the AdamW update to p (exact new v);
-4. re-encodes v (outward fp16 endpoints, value-unbiased stochastic rounding) and packs it;
-5. computes :math:`u = (m/c_1)/(\sqrt{v_p}/\sqrt{c_2}+\epsilon)` with the persisted v, its bf16
-   means and 2-bit stochastic codes with the lagged step, packs them, and writes the block's
-   :math:`\sum r^2` (the next encode step is :math:`1.1\sqrt{\sum r^2/N}`, finished outside with
-   one tiny reduction, as the seed's finalize kernel does).
+1. unpacks the v codes and decodes :math:`\hat v`; unpacks the UState codes and reconstructs
+   :math:`m = u\,c_1^{prev}(\sqrt{\hat v}/\sqrt{c_2^{prev}}+\epsilon)`;
+2. runs the core's step: the EMAs and the direction
+   :math:`\hat m/(\sqrt{\hat v}+\epsilon)` (what the chain then decays and scales);
+3. re-encodes v (outward fp16 endpoints, value-unbiased stochastic rounding), then
+   :math:`u = (m/c_1)/(\sqrt{v_p}/\sqrt{c_2}+\epsilon)` with the persisted v, its bf16 means and
+   2-bit stochastic codes with the lagged step, and the block's :math:`\sum r^2`.
 
-So p, g and every packed state array are read once and written once; the random stream is the
-seed's counter hash, generated from (seed, step, ``index``, flat element index), so no random
-array moves. Bytes per parameter (fp32 p and g, 4-bit v, 2-bit m): read 4 + 4 + 0.5 + 0.25 +
-metadata (0.031 + 0.031) ≈ 8.81, written 4 + 0.5 + 0.25 + 0.06 ≈ 4.81: 13.6 B/param vs 28 for
-fp32 AdamW.
+The random stream is the seed's counter hash, generated from (seed, step, leaf index, flat
+element index), so no random array moves.
 
 Implementations:
 
-* ``"xla"``: :func:`fused_turbo_step_reference` (:mod:`.reference`), any shape;
-* ``"pallas"``: :func:`fused_turbo_step_pallas` (:mod:`.pallas`); the last axis must be a
-  multiple of ``block_size`` (else ``NotImplementedError``, and ``None`` falls back to
-  ``"xla"``).
+* ``"xla"``: :func:`turbo_update_reference` (:mod:`.reference`), read → step → write on the
+  whole tensor: bit for bit what the optimizer computes unfused;
+* ``"pallas"``: :func:`turbo_update_pallas` (:mod:`.pallas`); the row length must be a multiple
+  of ``block_size`` (else ``NotImplementedError``, and ``None`` falls back to ``"xla"``).
 
 ``implementation=None`` tries ``"pallas"`` then ``"xla"`` on GPU and runs ``"xla"`` elsewhere.
 
 Example:
-  >>> import jax.numpy as jnp
-  >>> from stax.codecs import log_quant as LQ, ustate as US
-  >>> from stax.kernels.turbo_step import FusedHyper, fused_turbo_step
-  >>> p = jnp.ones((2, 128))
-  >>> m, v = US.ustate_init(p, 64, 128), LQ.log_init(p, 4, 128)
-  >>> out = fused_turbo_step(p, 0.1 * p, m, v, FusedHyper(1e-2, 0.9, 0.999, 1e-8, 0.0),
-  ...                        jnp.int32(0), jnp.uint32(7))
-  >>> out.param.shape, out.v.codes.shape
-  ((2, 128), (2, 64))
+  >>> import jax.numpy as jnp, stax
+  >>> tx = stax.turbo_adam(1e-3, codec="turboadam-0.2", min_compress_elements=1,
+  ...                      implementation="pallas")
+  >>> params = {"w": jnp.ones((2, 128))}
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update({"w": jnp.full((2, 128), 0.1)}, state, params)
+  >>> updates["w"].shape
+  (2, 128)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Callable, Optional
 
-from stax.codecs import log_quant as LQ
-from stax.codecs import ustate as US
 from stax.kernels._registry import Op
-from stax.kernels.turbo_step.pallas import fused_turbo_step_pallas
-from stax.kernels.turbo_step.reference import (FusedHyper, TurboStepResult,
-                                               fused_turbo_step_reference)
+from stax.kernels.turbo_step.pallas import turbo_update_pallas
+from stax.kernels.turbo_step.reference import turbo_update_reference
 
-__all__ = ["fused_turbo_step", "fused_turbo_step_reference", "fused_turbo_step_pallas",
-           "FusedHyper", "TurboStepResult", "OP"]
+__all__ = ["turbo_fused_update", "turbo_update_reference", "turbo_update_pallas", "kernel",
+           "OP"]
 
 #: The registry entry of this op.
 OP = Op("turbo_step", default_order={"gpu": ("pallas", "xla"), "other": ("xla",)})
-OP.register("xla", fused_turbo_step_reference)
-OP.register("pallas", fused_turbo_step_pallas)
+OP.register("xla", turbo_update_reference)
+OP.register("pallas", turbo_update_pallas)
 
 
-def fused_turbo_step(p, g, m_enc: US.UStateM, v_enc: LQ.LogQuantState, hp: FusedHyper, count,
-                     seed, index: int = 0, *, bits: int = 4, block_size: int = 128,
-                     m_block: int = 64, implementation: Optional[str] = None) -> TurboStepResult:
-  """One fused TurboAdam 0.2.0 AdamW step on one tensor (see the module docstring).
+def turbo_fused_update(storage: Any, g, step: Any, ctx: Any, *,
+                       implementation: Optional[str] = None):
+  """The fused update of one leaf (see the module docstring).
 
   Args:
-    p: the parameter, shape ``(..., n)``.
-    g: its gradient, same shape.
-    m_enc: the encoded first moment (2-bit UState, ``m_block`` means per row block).
-    v_enc: the encoded second moment (``bits``-bit log codes, ``block_size`` blocks).
-    hp: :class:`FusedHyper` (lr, b1, b2, eps, weight_decay).
-    count: the number of steps taken so far (this is step ``count + 1``).
-    seed: uint32 seed of the stochastic rounding.
-    index: the tensor's index in the parameter tree (separates the random streams of leaves).
-    bits: v code width; block_size: v block; m_block: UState mean block.
+    storage: the leaf's :class:`~stax.codecs.turbo.TurboAdam02Storage` (both moments
+      compressed), seen through its row view.
+    g: the gradient, shaped as the row view.
+    step: the core's :class:`~stax.transforms.adam.LeafStep`.
+    ctx: the core's write context (:class:`~stax.codecs.base.StorageStep`: the previous
+      encodings, the step count, the leaf index and the state key).
     implementation: ``"xla"``, ``"pallas"`` or ``None`` (best available).
 
   Returns:
-    :class:`TurboStepResult` ``(param, m, v)``: the new parameter and encodings.
+    ``(update, mu_enc, nu_enc)``: the Adam direction and the new encodings.
   """
-  return OP(p, g, m_enc, v_enc, hp, count, seed, index, bits=bits, block_size=block_size,
-            m_block=m_block, implementation=implementation)
+  return OP(storage, g, step, ctx, implementation=implementation)
+
+
+def kernel(implementation: Optional[str] = None) -> Callable:
+  """The storage's kernel hook ``(storage, g, step, ctx) -> (update, mu_enc, nu_enc)`` for
+  ``implementation`` (checked now: ``ValueError`` for a name with no kernel)."""
+  OP.check(implementation)
+  return functools.partial(turbo_fused_update, implementation=implementation)

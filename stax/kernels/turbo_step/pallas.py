@@ -1,99 +1,102 @@
-r"""Pallas kernel of the fused TurboAdam step (the ``"pallas"`` implementation).
+r"""Pallas kernel of the fused TurboAdam update (the ``"pallas"`` implementation).
 
-The grid is ``(rows, n / block_size)``: each program reads one block of p, g and the packed state
-once, runs :func:`~stax.kernels.turbo_step.reference.block_math` on it with the random stream
-generated in the kernel from (seed, flat index), and writes the block's new p, packed codes,
-endpoints, means and :math:`\sum r^2`. Off GPU/TPU it runs with ``interpret=True``.
+The grid is ``(rows, n / block_size)`` over the leaf's row view: each program reads one block
+of g and of the packed state once, decodes it (the storage's
+:meth:`~stax.codecs.turbo.TurboAdam02Storage.decode_block`), runs the Adam core's step on it
+(:class:`stax.transforms.adam.LeafStep`: its array operands come in as inputs), re-encodes
+(:meth:`~stax.codecs.turbo.TurboAdam02Storage.encode_block`) with the random stream generated in
+the kernel from (seed, flat index), and writes the block's Adam direction, packed codes,
+endpoints, means and :math:`\sum r^2`; one tiny reduction outside gives UState's next encode
+step, as the seed's finalize kernel does. Bytes per parameter with float32 g and update, 4-bit v
+and 2-bit m: read 4 + 0.81, written 4 + 0.81 (the AdamW update of p that follows in the chain is
+one more elementwise pass). Off GPU/TPU it runs with ``interpret=True``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from stax.codecs import log_quant as LQ
 from stax.codecs import ustate as US
-from stax.codecs.rng import counter_uniform, seed_for
+from stax.codecs.rng import counter_uniform
+from stax.codecs.turbo import StepScalars
 from stax.kernels._registry import use_interpret
-from stax.kernels.turbo_step.reference import (FusedHyper, StepScalars, TurboStepResult,
-                                               block_math, finish_m, step_scalars)
 
-__all__ = ["fused_turbo_step_pallas"]
+__all__ = ["turbo_update_pallas"]
 
 
-def fused_turbo_step_pallas(p, g, m_enc: US.UStateM, v_enc: LQ.LogQuantState, hp: FusedHyper,
-                            count, seed, index: int = 0, *, bits: int = 4, block_size: int = 128,
-                            m_block: int = 64) -> TurboStepResult:
-  """The fused step as one Pallas kernel (same arguments as the reference).
+def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
+                        ) -> tuple[jax.Array, Any, Any]:
+  """The fused update as one Pallas kernel (same arguments and result as the reference).
 
   Raises:
-    NotImplementedError: when the last axis is not a multiple of ``block_size``.
+    NotImplementedError: when the row length is not a multiple of ``storage.block_size``.
   """
-  shape = p.shape
-  n = shape[-1]
-  if n % block_size:
-    raise NotImplementedError(f"the last axis must be a multiple of block_size ({block_size}), "
-                              f"got {n}")
-  bs, mb = block_size, m_block
-  rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-  nb = n // bs
-  n_total = rows * n
-  p2, g2 = p.reshape(rows, n), g.reshape(rows, n)
-  vc = v_enc.codes.reshape(rows, -1)
-  vs = v_enc.scales.reshape(rows, nb * 2)
-  mc = m_enc.codes.reshape(rows, -1)
-  mm = m_enc.means.reshape(rows, -1)
-  t = count + 1
-  sc = jnp.stack([jnp.asarray(x, jnp.float32) for x in step_scalars(hp, count)])
-  seeds = jnp.stack([seed_for(seed, t, 0, index, 1), seed_for(seed, t, 0, index, 2)])
-  steps = jnp.stack([m_enc.decode_step, m_enc.encode_step]).astype(jnp.float32)
+  shape = g.shape
+  n, bs, mb, bits = shape[-1], storage.block_size, storage.m_block_size, storage.bits
+  if n % bs:
+    raise NotImplementedError(f"the last axis must be a multiple of block_size ({bs}), got {n}")
+  rows, nb = math.prod(shape[:-1]), n // bs
+  mu_enc, nu_enc = ctx.mu_enc, ctx.nu_enc
+  scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in
+                       (*storage.scalars(ctx.count), mu_enc.decode_step, mu_enc.encode_step)])
+  seeds = jnp.stack(storage.seeds(ctx))
+  operands = [jnp.reshape(jnp.asarray(o), (1,)) for o in step.operands]
+  block = jax.ShapeDtypeStruct((1, bs), jnp.float32)
+  u_dtype = jax.eval_shape(lambda g_, m, v: step(g_, m, v).update,
+                           jax.ShapeDtypeStruct((1, bs), g.dtype), block, block).dtype
   vbytes, mbytes, nmb = bs * bits // 8, bs // 4, bs // mb
   full = lambda k: pl.BlockSpec((k,), lambda r, b: (0,))
   row = lambda w: pl.BlockSpec((1, w), lambda r, b: (r, b))
-  kernel = functools.partial(_kernel, bits=bits, bs=bs, mb=mb, n=n)
-  out_shape = (jax.ShapeDtypeStruct((rows, n), p.dtype),
-               jax.ShapeDtypeStruct(vc.shape, jnp.uint8),
-               jax.ShapeDtypeStruct(vs.shape, jnp.float16),
-               jax.ShapeDtypeStruct(mc.shape, jnp.uint8),
-               jax.ShapeDtypeStruct(mm.shape, jnp.bfloat16),
-               jax.ShapeDtypeStruct((rows, nb), jnp.float32))
-  nsc = len(StepScalars._fields)
+  kernel = functools.partial(_kernel, storage=storage, fn=step.fn, n_ops=len(operands), n=n)
   outs = pl.pallas_call(
       kernel, grid=(rows, nb),
-      in_specs=[full(nsc), full(2), full(2), row(bs), row(bs), row(vbytes), row(2), row(mbytes),
-                row(nmb)],
+      in_specs=[full(scalars.shape[0]), full(2), *(full(1) for _ in operands), row(bs),
+                row(vbytes), row(2), row(mbytes), row(nmb)],
       out_specs=(row(bs), row(vbytes), row(2), row(mbytes), row(nmb), row(1)),
-      out_shape=out_shape, interpret=use_interpret(),
-  )(sc, seeds, steps, p2, g2, vc, vs, mc, mm)
-  new_p, vc_n, vs_n, mc_n, mm_n, ssq = outs
+      out_shape=(jax.ShapeDtypeStruct((rows, n), u_dtype),
+                 jax.ShapeDtypeStruct((rows, nb * vbytes), jnp.uint8),
+                 jax.ShapeDtypeStruct((rows, nb * 2), jnp.float16),
+                 jax.ShapeDtypeStruct((rows, nb * mbytes), jnp.uint8),
+                 jax.ShapeDtypeStruct((rows, nb * nmb), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((rows, nb), jnp.float32)),
+      interpret=use_interpret(),
+  )(scalars, seeds, *operands, g.reshape(rows, n), nu_enc.codes.reshape(rows, -1),
+    nu_enc.scales.reshape(rows, nb * 2), mu_enc.codes.reshape(rows, -1),
+    mu_enc.means.reshape(rows, -1))
+  u, vc, vs, mc, mm, ssq = outs
   lead = shape[:-1]
-  new_v = LQ.LogQuantState(vc_n.reshape(lead + (-1,)), vs_n.reshape(lead + (nb, 2)))
-  new_m = finish_m(m_enc, mc_n.reshape(lead + (-1,)), mm_n.reshape(lead + (-1,)),
-                   ssq.reshape(lead + (nb,)), n_total)
-  return TurboStepResult(new_p.reshape(shape), new_m, new_v)
+  new_nu = LQ.LogQuantState(vc.reshape(lead + (-1,)), vs.reshape(lead + (nb, 2)))
+  new_mu = storage.finish_m(mu_enc, mc.reshape(lead + (-1,)), mm.reshape(lead + (-1,)),
+                            jnp.sum(ssq), rows * n)
+  return u.reshape(shape), new_mu, new_nu
 
 
-def _kernel(sc_ref, seeds_ref, steps_ref, p_ref, g_ref, vc_ref, vs_ref, mc_ref, mm_ref,
-            p_out, vc_out, vs_out, mc_out, mm_out, ssq_out, *, bits, bs, mb, n):
-  """One ``(row, block)`` program: the step on a ``(1, bs)`` block."""
-  r = pl.program_id(0)
-  b = pl.program_id(1)
-  sc = StepScalars(*(sc_ref[i] for i in range(len(StepScalars._fields))))
-  base = (r * n + b * bs).astype(jnp.uint32)
-  idx = base + jnp.arange(bs, dtype=jnp.uint32)[None, :]
-  v_u = counter_uniform(idx, seeds_ref[1])
-  m_u = counter_uniform(idx, seeds_ref[0])
+def _kernel(sc_ref, seeds_ref, *refs, storage, fn, n_ops, n):
+  """One ``(row, block)`` program: decode, the core's step and encode on a ``(1, bs)`` block."""
+  op_refs, (g_ref, vc_ref, vs_ref, mc_ref, mm_ref), outs = (refs[:n_ops], refs[n_ops:n_ops + 5],
+                                                             refs[n_ops + 5:])
+  u_out, vc_out, vs_out, mc_out, mm_out, ssq_out = outs
+  bs = storage.block_size
+  r, b = pl.program_id(0), pl.program_id(1)
+  sc = StepScalars(*(sc_ref[i] for i in range(4)))
+  idx = (r * n + b * bs).astype(jnp.uint32) + jnp.arange(bs, dtype=jnp.uint32)[None, :]
+  seeds = seeds_ref[...]
   v_enc = LQ.LogQuantState(vc_ref[...], vs_ref[...].reshape(1, 1, 2))
-  m_enc = US.UStateM(mc_ref[...], mm_ref[...], steps_ref[0], steps_ref[1])
-  new_p, v_new, (codes, means), ssq = block_math(p_ref[...], g_ref[...], v_enc, m_enc, sc, bits,
-                                                 bs, mb, v_u, m_u)
-  p_out[...] = new_p
-  vc_out[...] = v_new.codes
-  vs_out[...] = v_new.scales.reshape(1, 2)
+  m_enc = US.UStateM(mc_ref[...], mm_ref[...], sc_ref[4], sc_ref[5])
+  m, v = storage.decode_block(m_enc, v_enc, bs, sc)
+  out = fn(g_ref[...], m, v, *(o[0] for o in op_refs))
+  nu_enc, (codes, means, sq) = storage.encode_block(
+      out.mu, out.nu, m_enc, sc, counter_uniform(idx, seeds[1]), counter_uniform(idx, seeds[0]))
+  u_out[...] = out.update.astype(u_out.dtype)
+  vc_out[...] = nu_enc.codes
+  vs_out[...] = nu_enc.scales.reshape(1, 2)
   mc_out[...] = codes
   mm_out[...] = means
-  ssq_out[...] = ssq.reshape(1, 1)
+  ssq_out[...] = jnp.sum(sq).reshape(1, 1)

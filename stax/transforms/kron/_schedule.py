@@ -40,8 +40,8 @@ from stax._trees import conform
 from stax.partition import _NNX_VALUE_KEYS  # pylint: disable=protected-access
 from stax.transforms.kron import _view
 
-__all__ = ["Schedule", "LeafContext", "LeafRule", "ScaleByKronState", "STAT_BOUND",
-           "check_schedule", "layout", "scale_by_schedule"]
+__all__ = ["Schedule", "KronHyperparams", "LeafContext", "LeafRule", "ScaleByKronState",
+           "STAT_BOUND", "check_schedule", "check_hyperparams", "layout", "scale_by_schedule"]
 
 # A gradient block whose Frobenius norm exceeds this (2**61) enters a rule's curvature EMAs
 # scaled down to it (stax.numerics.saturate_norm), so every EMA entry, trace and Ritz value
@@ -54,16 +54,56 @@ class Schedule(NamedTuple):
   """The controller's hyperparameters (ints, or arrays under ``inject_hyperparams``).
 
   Attributes:
-    warmup_steps: Adam-only steps.
-    precond_freq: curvature update period in steps.
-    min_precond_updates: curvature updates required before preconditioning.
-    blend_steps: length of the linear blend (0: none).
+    warmup_steps: Adam-only steps, int >= 0 (default 100).
+    precond_freq: curvature update period in steps, int >= 1 (default 20).
+    min_precond_updates: curvature updates required before preconditioning, int >= 0
+      (default 2; the low-rank rule uses at least 1).
+    blend_steps: length of the linear blend into preconditioning, int >= 0 (default 50; 0: none).
   """
 
-  warmup_steps: Any
-  precond_freq: Any
-  min_precond_updates: Any
-  blend_steps: Any
+  warmup_steps: Any = 100
+  precond_freq: Any = 20
+  min_precond_updates: Any = 2
+  blend_steps: Any = 50
+
+
+class KronHyperparams(NamedTuple):
+  """The curvature rules' hyperparameters (one record for both rules).
+
+  Attributes:
+    rho: curvature EMA decay per curvature update, in [0, 1) (default 0.999).
+    epsilon_sparse: spectral mass the rank rule may leave out, in [0, 1) (default 0.05).
+    k_min: smallest rank, int >= 1 (default 8; clamped to the matrix size).
+    k_max: largest rank, int >= k_min (default 128).
+    max_precond_dim: the faithful rule's block size (a larger matrix is cut into a block grid);
+      the low-rank rule's largest side (a larger matrix uses Adam alone); int >= 2
+      (default 4096).
+    tau: the faithful rule's natural-gradient norm clip > 0, or ``None`` (default 1.0; the
+      low-rank rule does not clip).
+    eps: the faithful rule's floor in the clip, >= 0 (default 1e-8, Adam's eps; unused by the
+      low-rank rule).
+  """
+
+  rho: Any = 0.999
+  epsilon_sparse: Any = 0.05
+  k_min: int = 8
+  k_max: int = 128
+  max_precond_dim: int = 4096
+  tau: Any = 1.0
+  eps: Any = 1e-8
+
+
+def check_hyperparams(hp: KronHyperparams) -> None:
+  """Validates the concrete values among the rules' hyperparameters (traced ones are skipped)."""
+  V.check_int("k_min", hp.k_min, low=1)
+  V.check_int("k_max", hp.k_max, low=1)
+  V.check_int("max_precond_dim", hp.max_precond_dim, low=2)
+  if hp.k_max < hp.k_min:
+    raise ValueError(f"`k_max` must be >= `k_min` (= {hp.k_min}), got {hp.k_max}.")
+  V.check_betas(rho=hp.rho)
+  V.check_number("epsilon_sparse", hp.epsilon_sparse, low=0.0, high=1.0, high_inclusive=False)
+  V.check_number("tau", hp.tau, low=0.0, low_inclusive=False, allow_none=True)
+  V.check_number("eps", hp.eps, low=0.0)
 
 
 class LeafContext(NamedTuple):

@@ -42,10 +42,10 @@ import optax
 from stax import _validation as V
 from stax import numerics as num
 from stax.transforms.kron import _schedule
-from stax.transforms.kron._schedule import LeafContext
+from stax.transforms.kron._schedule import KronHyperparams, LeafContext, Schedule
 from stax.transforms.kron._view import DimensionNumbers
 
-__all__ = ["LowRankState", "LowRankPlan", "LowRankHyperparams", "LowRankRule",
+__all__ = ["LowRankState", "LowRankPlan", "LowRankRule",
            "lowrank_precondition", "scale_by_kron_lowrank", "leaf_diagnostics"]
 
 
@@ -75,16 +75,6 @@ class LowRankPlan:
   n: int
   kmin: int
   kmax: int
-
-
-class LowRankHyperparams(NamedTuple):
-  """The rule's hyperparameters (see :func:`scale_by_kron_lowrank`)."""
-
-  rho: Any
-  epsilon_sparse: Any
-  k_min: int
-  k_max: int
-  max_precond_dim: int
 
 
 def _ranks(m: int, n: int, k_min: int, k_max: int) -> tuple[int, int]:
@@ -193,7 +183,7 @@ class LowRankRule:
   Gaussian test matrices of the subspace iteration (``needs_key``) and preconditions only
   after at least one curvature update (its factors start empty)."""
 
-  hp: LowRankHyperparams
+  hp: KronHyperparams
   needs_key: bool = True
   min_updates: int = 1
 
@@ -221,55 +211,38 @@ class LowRankRule:
                    noise=ctx.noise)
 
 
-def check_hyperparams(hp: LowRankHyperparams) -> None:
-  """Validates the concrete values among the low-rank rule's hyperparameters."""
-  V.check_int("k_min", hp.k_min, low=1)
-  V.check_int("k_max", hp.k_max, low=1)
-  V.check_int("max_precond_dim", hp.max_precond_dim, low=2)
-  if hp.k_max < hp.k_min:
-    raise ValueError(f"`k_max` must be >= `k_min` (= {hp.k_min}), got {hp.k_max}.")
-  V.check_betas(rho=hp.rho)
-  V.check_number("epsilon_sparse", hp.epsilon_sparse, low=0.0, high=1.0, high_inclusive=False)
-
-
 def scale_by_kron_lowrank(
-    warmup_steps: int = 100,
-    precond_freq: int = 20,
-    min_precond_updates: int = 2,
-    rho: float = 0.999,
-    epsilon_sparse: float = 0.05,
-    k_min: int = 8,
-    k_max: int = 128,
-    max_precond_dim: int = 4096,
-    blend_steps: int = 50,
     *,
+    schedule: Schedule = Schedule(),
+    hyperparams: KronHyperparams = KronHyperparams(),
     dimension_numbers: DimensionNumbers = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """The low-rank, scale-invariant preconditioner (module docstring) under the SCAO schedule.
 
-  Arguments as :func:`stax.transforms.kron.scale_by_kron_scao` (``min_precond_updates`` is at
-  least 1 here; there is no ``tau`` or ``eps``), plus ``seed`` (int) for the key of the
-  randomized subspace iteration kept in the state.
+  Args:
+    schedule: the warm-up / blend / refresh schedule (:class:`~._schedule.Schedule`;
+      ``min_precond_updates`` is at least 1 here).
+    hyperparams: the curvature hyperparameters (:class:`~._schedule.KronHyperparams`; ``tau``
+      and ``eps`` are unused: this rule does not clip).
+    dimension_numbers: how a tensor becomes a matrix, as for :func:`stax.scao`.
+    seed: int seed of the key of the randomized subspace iteration kept in the state
+      (default 0).
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from stax.transforms.kron import scale_by_kron_lowrank
-    >>> tx = scale_by_kron_lowrank(warmup_steps=0, precond_freq=1, k_min=1, k_max=2)
+    >>> from stax.transforms.kron import KronHyperparams, Schedule, scale_by_kron_lowrank
+    >>> tx = scale_by_kron_lowrank(schedule=Schedule(warmup_steps=0, precond_freq=1),
+    ...                            hyperparams=KronHyperparams(k_min=1, k_max=2))
     >>> state = tx.init({"w": jnp.ones((4, 3)), "b": jnp.ones(3)})
     >>> state.leaves["w"].U_l.shape, state.leaves["b"]
     ((4, 1), EmptyState())
   """
-  schedule = _schedule.Schedule(warmup_steps=warmup_steps, precond_freq=precond_freq,
-                                min_precond_updates=min_precond_updates,
-                                blend_steps=blend_steps)
-  hp = LowRankHyperparams(rho=rho, epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max,
-                          max_precond_dim=max_precond_dim)
   _schedule.check_schedule(schedule)
-  check_hyperparams(hp)
+  _schedule.check_hyperparams(hyperparams)
   if not isinstance(seed, jax.Array):  # inject_hyperparams passes defaults as arrays
     V.check_int("seed", seed)
-  return _schedule.scale_by_schedule(LowRankRule(hp), schedule,
+  return _schedule.scale_by_schedule(LowRankRule(hyperparams), schedule,
                                      dimension_numbers=dimension_numbers, seed=seed)
 
 

@@ -36,13 +36,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stax import _validation as V
 from stax import numerics as num
 from stax.transforms.kron import _schedule
-from stax.transforms.kron._schedule import LeafContext
+from stax.transforms.kron._schedule import KronHyperparams, LeafContext, Schedule
 from stax.transforms.kron._view import DimensionNumbers
 
-__all__ = ["KronBlockState", "DiagBlockState", "BlockGridState", "BlockPlan", "ScaoHyperparams",
+__all__ = ["KronBlockState", "DiagBlockState", "BlockGridState", "BlockPlan",
            "ScaoRule", "scale_by_kron_scao", "leaf_diagnostics"]
 
 _EYE_EPS = 1e-4       # the seed's initial L = R = 1e-4·I
@@ -99,18 +98,6 @@ class BlockPlan:
   rows: tuple = ()
   cols: tuple = ()
   blocks: tuple = ()
-
-
-class ScaoHyperparams(NamedTuple):
-  """The rule's hyperparameters (see :func:`scale_by_kron_scao`)."""
-
-  rho: Any
-  epsilon_sparse: Any
-  k_min: int
-  k_max: int
-  tau: Any
-  max_precond_dim: int
-  eps: Any
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +282,7 @@ def _fits(plan: BlockPlan, st: Any) -> bool:
 class ScaoRule:
   """The faithful rule as a :class:`stax.transforms.kron._schedule.LeafRule`."""
 
-  hp: ScaoHyperparams
+  hp: KronHyperparams
   needs_key: bool = False
   min_updates: int = 0
 
@@ -333,68 +320,34 @@ class ScaoRule:
                          eps_sparse=self.hp.epsilon_sparse)
 
 
-def check_hyperparams(hp: ScaoHyperparams) -> None:
-  """Validates the concrete values among the faithful rule's hyperparameters."""
-  V.check_int("k_min", hp.k_min, low=1)
-  V.check_int("k_max", hp.k_max, low=1)
-  V.check_int("max_precond_dim", hp.max_precond_dim, low=2)
-  if hp.k_max < hp.k_min:
-    raise ValueError(f"`k_max` must be >= `k_min` (= {hp.k_min}), got {hp.k_max}.")
-  V.check_betas(rho=hp.rho)
-  V.check_number("epsilon_sparse", hp.epsilon_sparse, low=0.0, high=1.0, high_inclusive=False)
-  V.check_number("tau", hp.tau, low=0.0, low_inclusive=False, allow_none=True)
-  V.check_number("eps", hp.eps, low=0.0)
-
-
 def scale_by_kron_scao(
-    warmup_steps: int = 100,
-    precond_freq: int = 20,
-    min_precond_updates: int = 2,
-    rho: float = 0.999,
-    epsilon_sparse: float = 0.05,
-    k_min: int = 8,
-    k_max: int = 128,
-    tau: Optional[float] = 1.0,
-    max_precond_dim: int = 4096,
-    blend_steps: int = 50,
-    eps: float = 1e-8,
     *,
+    schedule: Schedule = Schedule(),
+    hyperparams: KronHyperparams = KronHyperparams(),
     dimension_numbers: DimensionNumbers = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The faithful ``scao`` 0.2.4 preconditioner (module docstring) under the SCAO schedule.
 
   Args:
-    warmup_steps: Adam warm-up steps, int >= 0 (default 100).
-    precond_freq: curvature update period, int >= 1 (default 20).
-    min_precond_updates: curvature updates needed before preconditioning, int >= 0 (default 2).
-    rho: curvature EMA decay in [0, 1) (default 0.999).
-    epsilon_sparse: spectral mass left out by the rank rule, in [0, 1) (default 0.05).
-    k_min: smallest rank, int >= 1 (default 8).
-    k_max: largest rank, int >= k_min (default 128).
-    tau: natural-gradient norm clip > 0, or ``None`` for no clip (default 1.0).
-    max_precond_dim: block size above which a matrix is cut into blocks, int >= 2 (default 4096).
-    blend_steps: length of the linear blend, int >= 0 (default 50; 0 = no blend).
-    eps: Adam's eps, used as a floor by the clip, >= 0 (default 1e-8).
+    schedule: the warm-up / blend / refresh schedule (:class:`~._schedule.Schedule`).
+    hyperparams: the curvature hyperparameters (:class:`~._schedule.KronHyperparams`, all
+      fields used: ``tau`` clips the natural-gradient norm, ``eps`` floors it).
     dimension_numbers: how a tensor becomes a matrix: the split axis ``s`` (rows =
       ``prod(shape[:s])``), as an int, a pytree of ints or a callable ``params -> pytree``;
       default ``None`` = 1, the seed's ``(shape[0], -1)`` (use ``-1`` for Flax conv kernels).
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from stax.transforms.kron import scale_by_kron_scao
-    >>> tx = scale_by_kron_scao(warmup_steps=0, precond_freq=1, k_min=1, k_max=2)
+    >>> from stax.transforms.kron import KronHyperparams, Schedule, scale_by_kron_scao
+    >>> tx = scale_by_kron_scao(schedule=Schedule(warmup_steps=0, precond_freq=1),
+    ...                         hyperparams=KronHyperparams(k_min=1, k_max=2))
     >>> state = tx.init({"w": jnp.ones((4, 3)), "b": jnp.ones(3)})
     >>> type(state.leaves["w"]).__name__, type(state.leaves["b"]).__name__
     ('KronBlockState', 'DiagBlockState')
   """
-  schedule = _schedule.Schedule(warmup_steps=warmup_steps, precond_freq=precond_freq,
-                                min_precond_updates=min_precond_updates,
-                                blend_steps=blend_steps)
-  hp = ScaoHyperparams(rho=rho, epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max,
-                       tau=tau, max_precond_dim=max_precond_dim, eps=eps)
   _schedule.check_schedule(schedule)
-  check_hyperparams(hp)
-  return _schedule.scale_by_schedule(ScaoRule(hp), schedule,
+  _schedule.check_hyperparams(hyperparams)
+  return _schedule.scale_by_schedule(ScaoRule(hyperparams), schedule,
                                      dimension_numbers=dimension_numbers)
 
 

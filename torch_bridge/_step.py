@@ -1,0 +1,94 @@
+"""One bridged step: the plan, the states, the compiled call and the write-back.
+
+:func:`run` is ``Optimizer._run``: the parameters with a gradient form the has-grad mask; the
+plan for the mask and the groups' static configuration is cached (:mod:`torch_bridge._plan`);
+the units' JAX states come straight from the previous step with the same plan, or are gathered
+(and initialised) from :class:`torch_bridge._state.StateStore`; the hyperparameters are fed as
+float32 arrays; one jitted call updates every parameter; the write-back strategy
+(:mod:`torch_bridge._writeback`) puts the new values into torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from torch_bridge import _plan as P
+from torch_bridge import _hyperparams as H
+from torch_bridge import convert
+
+
+def plan_for(opt: Any, mask: tuple, hyper: list) -> P.Plan:
+  """The cached step plan of has-grad ``mask`` and the groups' static configuration."""
+  factories = [opt._factory(gi) for gi in range(len(hyper))]
+  key = (mask, tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
+  return H.cached(opt._plans, key, lambda: P.make_plan(
+      opt._units, mask, hyper, factories, opt._layout, opt._global_nonfinite, opt._wb))
+
+
+def init_states(opt: Any, keys: list, plan: P.Plan, hyper: list, hps: list, params: list
+                ) -> dict:
+  """The initial JAX states of the units ``keys``."""
+  wanted = set(keys)
+  units = [u for u in opt._units if u.indices in wanted]
+  jparams = [tuple(opt._views.get(i, params[i]) for i in u.indices) for u in units]
+  factories = [opt._factory(gi) for gi in range(len(hyper))]
+  news = P.init_states(units, plan, hyper, factories, opt._layout, hps, jparams)
+  return {u.indices: st for u, st in zip(units, news)}
+
+
+def run(opt: Any, only: Optional[set]) -> None:
+  """One step of the parameters with a gradient (and, if given, an index in ``only``)."""
+  params = opt._ensure_units()
+  mask = tuple([p.grad is not None and (only is None or i in only)
+                for i, p in enumerate(params)])
+  if True not in mask:
+    return
+  hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
+  plan, wb = plan_for(opt, mask, hyper), opt._wb
+  p_on = [opt._views.get(i, params[i]) for i in plan.idx_on]
+  p_off = [opt._views.get(i, params[i]) for i in plan.idx_off]
+  if opt._skipped is None:
+    opt._skipped = jax.device_put(np.zeros((), np.int32), p_on[0].device)
+  if opt._device is None:
+    opt._device = p_on[0].sharding
+  hps = [hyper[gi].on(opt._device) for gi in plan.groups]
+  compiled = plan.compiled
+  states = None if compiled is None else opt._states.live_leaves(compiled)
+  if states is None:  # not the previous step's outputs: gather (and initialise) them
+    states, defs = opt._states.leaves(
+        plan.state_keys, lambda keys: init_states(opt, keys, plan, hyper, hps, params))
+    if compiled is not None and compiled.state_defs != defs:
+      compiled = None
+  args = P.StepArgs(states, p_on, [convert.grad_to_jax(params[i].grad) for i in plan.idx_on],
+                    hps, [] if opt._global_nonfinite is None else [opt._skipped],
+                    wb.scratch_for(plan, p_on), p_off)
+  if compiled is None:
+    compiled = plan.compiled = P.compile_step(plan, defs, args, hyper, opt._layout)
+    opt._used_fns[id(compiled.fn)] = compiled.fn
+  leaves = args.flat()
+  guards = wb.prepare(compiled, leaves, params, plan.idx_on, p_on)
+  try:
+    out = compiled.fn(*leaves)
+  except BaseException:
+    wb.abort(params, plan.idx_on, p_on)
+    raise
+  # Drop the inputs now: the donated ones die while XLA runs, not after the wait.
+  opt._states.drop_live()
+  del leaves, args, states, guards, p_off
+  n_state, n_on = compiled.n_state, len(plan.idx_on)
+  # Bookkeeping while XLA runs: the outputs' buffers are known at dispatch.
+  opt._states.keep(compiled, plan.state_keys, compiled.state_defs, out[:n_state])
+  flat_new = out[n_state:n_state + n_on]
+  if opt._global_nonfinite is not None:
+    opt._skipped, ok = out[n_state + n_on], out[n_state + n_on + 1]
+  pending = wb.dispatched(params, plan.idx_on, flat_new)
+  del out, p_on
+  # Torch reads only the parameters; the next JAX call orders itself after the states.
+  jax.block_until_ready(flat_new)
+  wb.finish(plan, params, plan.idx_on, flat_new, pending)
+  if opt._global_nonfinite == "error" and not bool(ok):
+    raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
+                       "for every parameter.")
