@@ -50,6 +50,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
@@ -182,6 +183,146 @@ def contenders(n, d, device):
   return out
 
 
+# --------------------------------------------------------------------------- real models
+def resnet18_shapes():
+  """torchvision ResNet-18's parameter shapes (11.7M; conv kernels (out, in, kh, kw))."""
+  shapes = {"conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "bn1.bias": (64,)}
+  cin = 64
+  for li, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+    for b in range(2):
+      pre = f"layer{li}.{b}."
+      shapes[pre + "conv1.weight"] = (cout, cin if b == 0 else cout, 3, 3)
+      shapes[pre + "bn1.weight"] = shapes[pre + "bn1.bias"] = (cout,)
+      shapes[pre + "conv2.weight"] = (cout, cout, 3, 3)
+      shapes[pre + "bn2.weight"] = shapes[pre + "bn2.bias"] = (cout,)
+      if b == 0 and (stride != 1 or cin != cout):
+        shapes[pre + "downsample.0.weight"] = (cout, cin, 1, 1)
+        shapes[pre + "downsample.1.weight"] = shapes[pre + "downsample.1.bias"] = (cout,)
+    cin = cout
+  shapes["fc.weight"], shapes["fc.bias"] = (1000, 512), (1000,)
+  return shapes
+
+
+def gpt2_small_shapes():
+  """GPT-2 small's parameter shapes (124M; Hugging Face Conv1D weights are (in, out))."""
+  d, v, ctx = 768, 50257, 1024
+  shapes = {"wte.weight": (v, d), "wpe.weight": (ctx, d)}
+  for i in range(12):
+    pre = f"h.{i}."
+    for ln in ("ln_1", "ln_2"):
+      shapes[pre + ln + ".weight"] = shapes[pre + ln + ".bias"] = (d,)
+    shapes[pre + "attn.c_attn.weight"], shapes[pre + "attn.c_attn.bias"] = (d, 3 * d), (3 * d,)
+    shapes[pre + "attn.c_proj.weight"], shapes[pre + "attn.c_proj.bias"] = (d, d), (d,)
+    shapes[pre + "mlp.c_fc.weight"], shapes[pre + "mlp.c_fc.bias"] = (d, 4 * d), (4 * d,)
+    shapes[pre + "mlp.c_proj.weight"], shapes[pre + "mlp.c_proj.bias"] = (4 * d, d), (d,)
+  shapes["ln_f.weight"] = shapes["ln_f.bias"] = (d,)
+  return shapes
+
+
+MODELS = {"resnet18": resnet18_shapes, "gpt2_small": gpt2_small_shapes}
+
+
+class _Shapes(torch.nn.Module):
+  """Parameters of the given shapes, registered under their names ('.' → '_')."""
+
+  def __init__(self, shapes):
+    super().__init__()
+    for name, shape in shapes.items():
+      self.register_parameter(name.replace(".", "_"),
+                              torch.nn.Parameter(torch.randn(shape) * 0.02))
+
+
+def model_contenders(shapes, device):
+  """Pure JAX vs the bridge vs torch, same transform, same shapes (stax.adamw, and the default
+  stax.turbo_adam against torch_bridge.TurboAdam)."""
+  kw = dict(lr=1e-3, weight_decay=1e-2)
+
+  def torch_run(make_opt):
+    torch.manual_seed(0)
+    m = _Shapes(shapes).to(device)
+    for p in m.parameters():
+      p.grad = torch.randn_like(p) * 1e-2
+    opt = make_opt(m)
+    return lambda: opt.step()
+
+  def jax_run(tx):
+    keys = jax.random.split(jax.random.PRNGKey(0), len(shapes))
+    params = {k.replace(".", "_"): jax.random.normal(key, s) * 0.02
+              for key, (k, s) in zip(keys, shapes.items())}
+    grads = jax.tree.map(lambda p: p * 0.5, params)
+    box = {"p": params, "s": tx.init(params)}
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+
+    def run():
+      box["p"], box["s"] = step(box["p"], box["s"], grads)
+      jax.block_until_ready(box["p"])
+
+    return run
+
+  return {
+      "jax_adamw": lambda: jax_run(stax.adamw(1e-3, weight_decay=1e-2)),
+      "bridge_adamw": lambda: torch_run(
+          lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, **kw)),
+      "bridge_adamw_swap": lambda: torch_run(
+          lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, writeback="swap",
+                                           **kw)),
+      "torch_adamw_foreach": lambda: torch_run(
+          lambda m: torch.optim.AdamW(m.parameters(), foreach=True, **kw)),
+      "torch_adamw_fused": lambda: torch_run(
+          lambda m: torch.optim.AdamW(m.parameters(), fused=True, **kw)),
+      "jax_turbo_adam": lambda: jax_run(stax.turbo_adam(1e-3, weight_decay=1e-2)),
+      "bridge_turbo_adam_swap": lambda: torch_run(
+          lambda m: torch_bridge.TurboAdam(m, writeback="swap", **kw)),
+  }
+
+
+def bench_model(model, steps, warmup, device, block=2):
+  """Like :func:`bench` on a real model's parameter shapes; ratios to the same transform in
+  pure JAX (``jax_adamw`` / ``jax_turbo_adam``) and bridged AdamW against torch's foreach."""
+  shapes = MODELS[model]()
+  runs = {}
+  for name, make in model_contenders(shapes, device).items():
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      try:
+        run = make()
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        for _ in range(warmup):
+          run()
+        runs[name] = (run, first)
+      except Exception as e:  # noqa: BLE001
+        print(f"  {name}: skipped ({type(e).__name__}: {e})", flush=True)
+  times = {k: [] for k in runs}
+  rng = random.Random(0)
+  for _ in range(steps):
+    order = list(runs.items())
+    rng.shuffle(order)
+    for name, (run, _) in order:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(block):
+          t0 = time.perf_counter()
+          run()
+          times[name].append(time.perf_counter() - t0)
+  med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+  ref = {"bridge_adamw": "jax_adamw", "bridge_adamw_swap": "jax_adamw",
+         "bridge_turbo_adam_swap": "jax_turbo_adam"}
+  return {"n_params": int(sum(int(np.prod(s)) for s in shapes.values())),
+          "median_ms": med, "first_step_s": {k: v[1] for k, v in runs.items()},
+          "bridge_vs_pure_jax": {k: med[k] / med[r] for k, r in ref.items()
+                                 if k in med and r in med},
+          "bridge_adamw_vs_torch_foreach": {k: med[k] / med["torch_adamw_foreach"]
+                                            for k in ("bridge_adamw", "bridge_adamw_swap")
+                                            if k in med and "torch_adamw_foreach" in med}}
+
+
 def bench(size, steps, warmup, device, only=None, block=4):
   """Round-robin over the contenders: each round runs ``block`` consecutive steps of each.
 
@@ -238,6 +379,8 @@ def main(argv=None):
   ap.add_argument("--block", type=int, default=4,
                   help="consecutive steps per contender per round (1st = cold, rest = steady)")
   ap.add_argument("--quick", action="store_true", help="1M only, 5 steps")
+  ap.add_argument("--models", nargs="*", default=None, choices=list(MODELS),
+                  help="real models' parameter shapes instead of --sizes (resnet18, gpt2_small)")
   ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bridge_speed.json"))
   a = ap.parse_args(argv)
   if a.quick:
@@ -247,6 +390,18 @@ def main(argv=None):
   out = {"device": a.device, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "jax_backend": jax.default_backend(),
          "torch": torch.__version__, "jax": jax.__version__, "cpu_threads": torch.get_num_threads(),
          "machine": platform.processor() or platform.machine(), "steps": a.steps, "results": {}}
+  if a.models:
+    out["models"] = {}
+    for model in a.models:
+      print(f"[{model}]", flush=True)
+      r = bench_model(model, a.steps, a.warmup, a.device)
+      out["models"][model] = r
+      for k, v in r["median_ms"].items():
+        print(f"  {k:28s} {v:9.2f} ms  first step {r['first_step_s'][k]:6.2f} s", flush=True)
+      print(f"  bridge / pure JAX: {r['bridge_vs_pure_jax']}", flush=True)
+      print(f"  bridged AdamW / torch foreach: {r['bridge_adamw_vs_torch_foreach']}", flush=True)
+    a.sizes = []
+    a.out = a.out.replace("bridge_speed.json", "bridge_models.json")
   for size in a.sizes:
     print(f"[{size}]", flush=True)
     r = bench(size, a.steps, a.warmup, a.device, a.only, a.block)

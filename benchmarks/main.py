@@ -293,6 +293,9 @@ def run_speed_part(args, optimizers, results, out, log):
     bar.close()
   results["speed_config"] = {"sizes": {s: S.n_params_of(s) for s in sizes}, "timed_steps": steps,
                              "warmup_steps": 2, "donated": True}
+  if any(o.name.startswith("stax.scao") for o in opts) and "16M" in sizes:
+    log("timing stax.scao's phases at 16M (warm-up, preconditioned, refresh)...")
+    results["speed_phases"] = S.scao_phases("16M", log=log)
   results["timings_s"]["speed"] = time.time() - t_speed
   save(results, out)
   investigate = (args.investigate if args.investigate is not None

@@ -118,6 +118,7 @@ def section(results: dict, link_base: str) -> str:
     if "speed_memory.png" in (results.get("plots") or []):
       out.append(f"![step time and state memory]({link_base}/speed_memory.png)")
       out.append("")
+  out += roofline_section(speed, results, link_base)
   inv = results.get("speed_investigation") or []
   if inv:
     out.append("#### AdamW on 16M parameters: optax per-leaf vs torch fused, on this CPU")
@@ -135,6 +136,58 @@ def section(results: dict, link_base: str) -> str:
       out.append(f"- task {s['task']} skipped: {s['reason']}")
     out.append("")
   return "\n".join(out).rstrip() + "\n"
+
+
+def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
+  """The roofline table at the largest size of the run (see benchmarks/speed.py)."""
+  recs = [r for r in speed if not r.get("error") and r.get("bound_ms")]
+  if not recs:
+    return []
+  size = list(dict.fromkeys(r["size"] for r in recs))[-1]
+  recs = [r for r in recs if r["size"] == size]
+  bw = recs[0]["copy_gbs"]
+  out = ["#### Roofline at " + size + " parameters", "",
+         f"Copy bandwidth measured in the same run: **{bw:.1f} GB/s** (donated `x * c` over "
+         "256 MiB, read + write). *ideal B/param*: read p and g, write p, read and write the "
+         "state once; *bound*: the ideal bytes at that bandwidth; *XLA B/param*: the compiled "
+         "step's bytes accessed (XLA's cost analysis); *target*: the speed issue's ratio to the "
+         "baseline in this run; *vs seed*: step time over the seed package's (same size, same "
+         "run); *compile × adamw*: the step's compile time over optax.adamw's.", "",
+         "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | GB/s "
+         "(XLA) | target | vs seed | compile × adamw |",
+         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+  for r in recs:
+    t = r.get("target")
+    tgt = ""
+    if t:
+      tgt = (f"{t['measured']:.2f}× {t['baseline']} (≤ {t['ratio']:g}: "
+             f"{'met' if t['met'] else '**not met**'})")
+    vs = r.get("vs_seed")
+    out.append(f"| {r['optimizer']} | {_f(r['step_ms'], '{:.2f}')} | "
+               f"{_f(r['bound_ms'], '{:.2f}')} | {_f(r['vs_bound'], '{:.1f}')} | "
+               f"{_f(r.get('xla_bytes_per_param'), '{:.1f}')} | "
+               f"{_f(r['ideal_bytes_per_param'], '{:.1f}')} | "
+               f"{_f(r.get('achieved_gbs'), '{:.1f}')} | {tgt} | "
+               f"{_f(vs and vs['ratio'], '{:.2f}')} | "
+               f"{_f(r.get('compile_vs_optax_adamw'), '{:.1f}')} |")
+  out.append("")
+  phases = [r for r in results.get("speed_phases") or [] if not r.get("error")]
+  if phases:
+    out += ["SCAO by phase (one compiled step timed call by call; warm-up and period "
+            f"{phases[0]['precond_freq']} steps; ratios to optax.adamw in the same process; "
+            "amortised = (refresh + (period − 1) · preconditioned) / period, target ≤ 1.5):", "",
+            "| optimizer | warm-up ms | preconditioned ms | refresh ms | amortised ms | "
+            "amortised × adamw |", "|---|---:|---:|---:|---:|---:|"]
+    for r in phases:
+      out.append(f"| {r['optimizer']} | {_f(r['warmup_ms'], '{:.1f}')} | "
+                 f"{_f(r['precond_ms'], '{:.1f}')} | {_f(r['refresh_ms'], '{:.1f}')} | "
+                 f"{_f(r['amortised_ms'], '{:.1f}')} | "
+                 f"{_f(r['amortised_vs_optax_adamw'], '{:.2f}')} |")
+    out.append("")
+  if "roofline.png" in (results.get("plots") or []):
+    out.append(f"![roofline]({link_base}/roofline.png)")
+    out.append("")
+  return out
 
 
 def update_file(path: pathlib.Path, results: dict, results_dir: pathlib.Path) -> bool:

@@ -148,6 +148,40 @@ def speed_plots(results, out: pathlib.Path):
   return [f.name]
 
 
+def roofline_plot(results, out: pathlib.Path):
+  """Step time against its bandwidth bound, per optimizer, at the largest size of the run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  recs = [r for r in results.get("speed", []) if not r.get("error") and r.get("bound_ms")]
+  if not recs:
+    return []
+  size = list(dict.fromkeys(r["size"] for r in recs))[-1]
+  recs = [r for r in recs if r["size"] == size]
+  names = [r["optimizer"] for r in recs]
+  y = np.arange(len(names))
+  fig, ax = plt.subplots(figsize=(9, max(4, 0.32 * len(names) + 1.5)))
+  ax.barh(y - 0.2, [r["step_ms"] for r in recs], height=0.4, label="measured step")
+  ax.barh(y + 0.2, [r["bound_ms"] for r in recs], height=0.4, color="tab:grey",
+          label=f"bound: ideal bytes at {recs[0]['copy_gbs']:.1f} GB/s")
+  for yi, r in zip(y, recs):
+    ax.text(r["step_ms"], yi - 0.2, f" {r['vs_bound']:.1f}× bound", va="center", fontsize=7)
+  ax.set_yticks(y)
+  ax.set_yticklabels(names, fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xscale("log")
+  ax.set_xlabel(f"ms per step at {size} parameters (CPU, donated)")
+  ax.set_title("roofline: step time vs the memory-traffic bound")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="x")
+  fig.tight_layout()
+  f = out / "roofline.png"
+  fig.savefig(f, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return [f.name]
+
+
 def make_all(results, out) -> list[str]:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +189,7 @@ def make_all(results, out) -> list[str]:
   for task in results.get("tasks", {}):
     files += task_plots(results, task, out)
   files += speed_plots(results, out)
+  files += roofline_plot(results, out)
   return files
 
 

@@ -13,6 +13,13 @@ Exact state bytes: the sum of ``size * itemsize`` over every leaf of ``jax.eval_
 (counters, keys and the guard's counter included); for torch, every tensor storage in
 ``optimizer.state`` after one step.
 
+Roofline (:func:`roofline`): per record, the bytes the compiled step accesses (XLA's cost
+analysis) per parameter, the ideal bytes per parameter from the state layout
+(:func:`ideal_bytes_per_param`: read p and g, write p, read and write the state once), the
+achieved GB/s, and the bound (ideal bytes at this machine's copy bandwidth, measured in the same
+run by :func:`copy_bandwidth_gbs`); with the issue's targets (:data:`TARGETS`) and the ratio to
+each optimizer's seed package (:data:`SEEDS`).
+
 ``investigate()`` records what closes the gap between optax's per-leaf AdamW and torch's fused
 AdamW on CPU: donation, ``optax.flatten`` (one flat vector for the moments), keeping the
 parameters themselves as one flat buffer, and XLA CPU flags (each flag set in a fresh
@@ -88,8 +95,12 @@ def jax_state_bytes(tx, params) -> int:
 
 
 def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
-             flat_params: bool = False):
-  """(median_ms, min_ms, compile_s) of one donated update+apply step."""
+             flat_params: bool = False, cost: dict | None = None):
+  """(median_ms, min_ms, compile_s) of one donated update+apply step.
+
+  ``cost``, when given, receives XLA's cost analysis of the compiled step (``bytes accessed``,
+  ``flops``) and its temporary memory (``temp_bytes``).
+  """
   import jax
   import jax.numpy as jnp
   import optax
@@ -112,6 +123,8 @@ def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
   t0 = time.perf_counter()
   compiled = fn.lower(params, state, grads).compile()
   compile_s = time.perf_counter() - t0
+  if cost is not None:
+    cost.update(compiled_cost(compiled))
   for _ in range(warmup):
     params, state = compiled(params, state, grads)
   jax.block_until_ready((params, state))
@@ -122,6 +135,178 @@ def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
     jax.block_until_ready((params, state))
     times.append(time.perf_counter() - t0)
   return 1e3 * statistics.median(times), 1e3 * min(times), compile_s
+
+
+def compiled_cost(compiled) -> dict:
+  """``bytes_accessed``, ``flops`` (XLA's cost analysis) and ``temp_bytes`` of a compiled step."""
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  ca = ca or {}
+  out = {"bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
+         "flops": float(ca.get("flops", float("nan")))}
+  try:
+    out["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    out["temp_bytes"] = None
+  return out
+
+
+def copy_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 7) -> float:
+  """This machine's streaming bandwidth in GB/s, measured now: a jitted, donated ``x * c`` over
+  ``n_bytes`` of float32 (each byte read once and written once; both counted), best of
+  ``repeats``. The roofline's bound: a step that must move B bytes takes at least B / this."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  fn = jax.jit(lambda a: a * jnp.float32(1.0000001), donate_argnums=0)
+  x = fn(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    x = fn(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n_bytes / best / 1e9
+
+
+def ideal_bytes_per_param(state_bytes_per_param: float, param_itemsize: int = 4) -> float:
+  """The bytes one step must move per parameter: read p and g, write p, and read and write
+  the optimizer state once (a single fused pass; per-tensor statistics and the non-finite
+  check need a second read of g on top of this, see the README's roofline)."""
+  return 3 * param_itemsize + 2 * state_bytes_per_param
+
+
+# Targets of the speed issue, as (baseline, ratio): at 16M parameters a stax optimizer's step
+# within `ratio` x the baseline's step in the same run.
+TARGETS = {
+    "stax.adamw": ("optax.adamw", 1.05),
+    "stax.stac": ("optax.adamw", 0.6),
+    "stax.stam[seed]": ("optax.adamw", 1.3),
+    "stax.stam[snr]": ("optax.adamw", 1.3),
+    "stax.stam_lite[seed]": ("optax.adamw", 1.3),
+    "stax.stam_lite[snr]": ("optax.adamw", 1.3),
+    "stax.stable_adamw": ("optax.adamw", 1.3),
+    "stax.turbo_adam": ("optax.adamw", 1.0),
+    "stax.turbo_adam[turboadam-0.2]": ("optax.adamw", 1.3),
+    "stax.scao": ("optax.adamw", 1.5),
+    "stax.oadamw": ("optax.contrib.muon", 1.05),
+    "stax.oadamw[gradient]": ("optax.contrib.muon", 1.05),
+}
+
+# Each stax optimizer's seed package in the benchmark (OAdamW is not on PyPI: its base,
+# optimi's StableAdamW, stands in for stable_adamw only).
+SEEDS = {
+    "stax.stac": "seed:stac_optimizer.STAC",
+    "stax.stam[seed]": "seed:stam_optimizer.stam",
+    "stax.stam[snr]": "seed:stam_optimizer.stam",
+    "stax.stam_lite[seed]": "seed:stam_optimizer.stam_lite",
+    "stax.stam_lite[snr]": "seed:stam_optimizer.stam_lite",
+    "stax.stable_adamw": "seed:optimi.StableAdamW",
+    "stax.turbo_adam": "seed:turboadam.TurboAdam",
+    "stax.turbo_adam[turboadam-0.2]": "seed:turboadam.TurboAdam",
+    "stax.scao": "seed:scao.SCAO",
+    "stax.scao[scao-0.2.4]": "seed:scao.SCAO",
+}
+
+
+def roofline(records: list[dict], copy_gbs: float) -> None:
+  """Adds the roofline fields to each speed record, in place: ``ideal_bytes_per_param``,
+  ``bound_ms`` (the ideal bytes at the measured copy bandwidth), ``vs_bound`` (step / bound),
+  ``xla_bytes_per_param`` and ``achieved_gbs`` (XLA's count of the bytes the compiled step
+  accesses, over the step time), and the target and seed comparisons (same size, same run)."""
+  by = {(r["size"], r["optimizer"]): r for r in records if not r.get("error")}
+  for r in records:
+    if r.get("error") or "state_bytes_per_param" not in r:
+      continue
+    n = r["n_params"]
+    ideal = ideal_bytes_per_param(r["state_bytes_per_param"])
+    r["ideal_bytes_per_param"] = ideal
+    r["copy_gbs"] = copy_gbs
+    r["bound_ms"] = 1e3 * ideal * n / (copy_gbs * 1e9)
+    r["vs_bound"] = r["step_ms"] / r["bound_ms"]
+    ba = r.get("bytes_accessed")
+    if ba is not None and np.isfinite(ba):
+      r["xla_bytes_per_param"] = ba / n
+      r["achieved_gbs"] = ba / (r["step_ms"] * 1e-3) / 1e9
+    base_rec = by.get((r["size"], "optax.adamw"))
+    if r["framework"] == "jax" and base_rec is not None:
+      r["compile_vs_optax_adamw"] = r["compile_s"] / base_rec["compile_s"]
+    if r["optimizer"] in TARGETS:
+      base, ratio = TARGETS[r["optimizer"]]
+      b = by.get((r["size"], base))
+      if b is not None:
+        r["target"] = {"baseline": base, "ratio": ratio,
+                       "measured": r["step_ms"] / b["step_ms"],
+                       "met": r["step_ms"] / b["step_ms"] <= ratio}
+    if r["optimizer"] in SEEDS:
+      sd = by.get((r["size"], SEEDS[r["optimizer"]]))
+      if sd is not None:
+        r["vs_seed"] = {"seed": SEEDS[r["optimizer"]], "ratio": r["step_ms"] / sd["step_ms"]}
+
+
+def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int = 20,
+                periods: int = 1, modes=("lowrank",), log=print) -> list[dict]:
+  """Step time of ``stax.scao`` (``modes``; default the low-rank one, whose target this is) in
+  each phase, and amortised over its period. (The faithful ``"scao-0.2.4"`` mode, with full
+  curvature matrices, took 66 s per refresh at 16M on this CPU: pass it explicitly.)
+
+  One donated compiled step runs ``warmup_steps + periods * precond_freq`` times on a fixed
+  gradient, each call timed. Step ``t`` (1-based) is a *warm-up* step while ``t <=
+  warmup_steps`` and a *preconditioned* step after; it is also a *refresh* step when
+  ``t % precond_freq == 0`` (the curvature update, :mod:`stax.transforms.kron._schedule`).
+  Reported per mode: the median of each phase, and the amortised preconditioned step
+  ``(refresh + (precond_freq - 1) * preconditioned) / precond_freq``, with ``optax.adamw``'s
+  median step from the same process (its ratio is the speed issue's target, <= 1.5).
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import stax
+  from benchmarks.optimizers import WEIGHT_DECAY
+  params_np, order = make_params(size)
+  base_ms, _, _ = time_jax(optax.adamw(1e-3, weight_decay=WEIGHT_DECAY), params_np, steps=10)
+  out = []
+  names = {"lowrank": "stax.scao", "scao-0.2.4": "stax.scao[scao-0.2.4]"}
+  for mode in modes:
+    name = names[mode]
+    try:
+      tx = stax.scao(1e-3, weight_decay=WEIGHT_DECAY, warmup_steps=warmup_steps,
+                     precond_freq=precond_freq, mode=mode)
+      params = jax.tree.map(jnp.asarray, params_np)
+      rng = np.random.default_rng(1)
+      grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)
+                                                 * 1e-3), params_np)
+
+      def step(p, s, g, tx=tx):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      state = jax.jit(tx.init)(params)
+      compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+      phases = {"warmup": [], "warmup_refresh": [], "precond": [], "refresh": []}
+      for t in range(1, warmup_steps + periods * precond_freq + 1):
+        t0 = time.perf_counter()
+        params, state = compiled(params, state, grads)
+        jax.block_until_ready((params, state))
+        ms = 1e3 * (time.perf_counter() - t0)
+        refresh = t % precond_freq == 0
+        key = ("warmup_refresh" if refresh else "warmup") if t <= warmup_steps else (
+            "refresh" if refresh else "precond")
+        phases[key].append(ms)
+      med = {k: (statistics.median(v) if v else None) for k, v in phases.items()}
+      amort = (med["refresh"] + (precond_freq - 1) * med["precond"]) / precond_freq
+      rec = {"size": size, "optimizer": name, "mode": mode, "warmup_steps": warmup_steps,
+             "precond_freq": precond_freq, "optax_adamw_ms": base_ms,
+             **{f"{k}_ms": v for k, v in med.items()}, "amortised_ms": amort,
+             "amortised_vs_optax_adamw": amort / base_ms,
+             "warmup_vs_optax_adamw": med["warmup"] / base_ms, "error": None}
+    except Exception as e:  # noqa: BLE001 - one mode failing must not stop the run
+      rec = {"size": size, "optimizer": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
+      log(f"  scao phases {name}: {rec['error']}")
+    out.append(rec)
+  return out
 
 
 def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2):
@@ -164,8 +349,9 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
         if opt.framework == "jax":
           tx = opt.build(1e-3, task)
           rec["state_bytes"] = jax_state_bytes(tx, jax.tree.map(np.asarray, params))
-          med, mn, comp = time_jax(tx, params, steps=steps)
-          rec.update(step_ms=med, step_ms_min=mn, compile_s=comp)
+          cost = {}
+          med, mn, comp = time_jax(tx, params, steps=steps, cost=cost)
+          rec.update(step_ms=med, step_ms_min=mn, compile_s=comp, **cost)
         else:
           med, mn, first, sb = time_torch(lambda m: opt.build(1e-3, m, task), params, order,
                                           steps=steps)
@@ -180,6 +366,7 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
       records.append(rec)
       if progress is not None:
         progress.update(1)
+  roofline(records, copy_bandwidth_gbs())
   return records
 
 

@@ -25,3 +25,27 @@ try:
   _hsettings.load_profile("stax")
 except ImportError:  # pragma: no cover
   pass
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache per test session, shared by the xdist workers.
+
+  Many tests compile the same step (the same optimizer on the same contract problem) in
+  different test functions; the cache compiles it once per session. A fresh directory each
+  session (nothing carries over between runs), removed at the end; ``STAX_TEST_JAX_CACHE``
+  names one to keep instead.
+  """
+  import tempfile
+  if "STAX_TEST_JAX_CACHE" not in os.environ:
+    os.environ["STAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="stax-jax-cache-")
+    config._stax_cache_owner = True
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.environ["STAX_TEST_JAX_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_stax_cache_owner", False):
+    import shutil
+    shutil.rmtree(os.environ.pop("STAX_TEST_JAX_CACHE"), ignore_errors=True)

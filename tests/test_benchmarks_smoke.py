@@ -108,7 +108,14 @@ def test_json_schema_and_finite_numbers(tiny_run):
   for r in saved["speed"]:
     assert r["error"] is None, r
     assert r["step_ms"] > 0 and math.isfinite(r["step_ms"])
-  assert {p for p in saved["plots"]} >= {"digits_loss.png", "speed_memory.png"}
+    # Roofline: the bound is the state layout's bytes at the bandwidth measured in the run.
+    assert r["ideal_bytes_per_param"] == pytest.approx(12 + 2 * r["state_bytes_per_param"])
+    assert r["bound_ms"] == pytest.approx(
+        1e3 * r["ideal_bytes_per_param"] * r["n_params"] / (r["copy_gbs"] * 1e9))
+    assert 0.1 < r["copy_gbs"] < 1e4
+    if r["framework"] == "jax":  # a compiled AdamW step reads p, g, m, v and writes p, m, v
+      assert r["xla_bytes_per_param"] >= r["ideal_bytes_per_param"] - 1e-6, r
+  assert {p for p in saved["plots"]} >= {"digits_loss.png", "speed_memory.png", "roofline.png"}
   for p in saved["plots"]:
     assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

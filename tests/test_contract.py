@@ -382,3 +382,49 @@ def test_invalid_hyperparameters_raise_at_construction(entry):
   if "betas" in sig:
     with pytest.raises(ValueError, match="beta"):
       entry.make(betas=(1.5, 0.99))
+
+
+# --------------------------------------------------------------------------- non-finite steps
+def _state_conds(jaxpr) -> list:
+  """Output shapes of every ``cond`` (nested included) that carries a non-scalar array."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "cond" and any(v.aval.shape for v in eqn.outvars):
+      out.append(tuple(sorted(str(v.aval) for v in eqn.outvars)))
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      out += _state_conds(sub)
+  return out
+
+
+@pytest.mark.parametrize("entry", ALL, ids=IDS)
+def test_a_nonfinite_step_is_skipped_exactly_without_a_state_branch(entry):
+  """For every optimizer: a NaN/Inf gradient leaves parameters and every state leaf
+  bit-identical, the run then continues exactly as if the step had not happened, and the guard
+  adds no ``lax.cond`` that carries state (XLA copies such state on CPU): the conds of the
+  guarded update are those of the unguarded one (SCAO's own refresh branch, for instance)."""
+  if entry.kwargs.get("nonfinite", "skip") not in ("skip", "error"):
+    pytest.skip("this entry runs without the skip guard")
+  params, _, _ = cp.quadratic()
+  tx = entry.make()
+  step = jax.jit(_grad_step(tx))
+  p, s = params, tx.init(params)
+  for i in range(3):
+    p, s = step(p, s, cp.random_grads(params, i))
+  for bad in (jnp.nan, jnp.inf):
+    g = cp.random_grads(params, 3)
+    g["layer_0"]["kernel"] = g["layer_0"]["kernel"].at[1, 2].set(bad)
+    p2, s2 = step(p, s, g)
+    for a, b in zip(jax.tree.leaves((p2, s2)), jax.tree.leaves((p, s))):
+      if jnp.issubdtype(a.dtype, jnp.integer) and a.ndim == 0 and int(a) == int(b) + 1:
+        continue  # the guard's skip counter
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _guard_counts(s2) == [1] * len(_guard_counts(s2))
+  good = cp.random_grads(params, 4)
+  p3, _ = step(p2, s2, good)
+  p3_ref, _ = step(p, s, good)
+  assert cp.max_abs_diff(p3, p3_ref) == 0.0
+  g = cp.random_grads(params, 0)
+  guarded = jax.make_jaxpr(tx.update)(g, s, p).jaxpr
+  plain = entry.make(nonfinite="ignore")
+  unguarded = jax.make_jaxpr(plain.update)(g, plain.init(params), p).jaxpr
+  assert sorted(_state_conds(guarded)) == sorted(_state_conds(unguarded))

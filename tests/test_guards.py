@@ -156,17 +156,32 @@ def test_gated_adamw_skips_exactly_and_equals_the_cond_guard(name):
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **tol)
 
 
-def test_gated_guard_refuses_state_it_cannot_keep_exact():
+def test_gated_codec_core_keeps_its_encoded_state_by_a_select():
+  """A core whose v is quantised cannot rewrite an unchanged v exactly (stochastic rounding), so
+  on a skipped step it selects the old codes and scales; its exact m keeps itself. Only a
+  per-leaf storage callable (unknown until the parameters come) is refused by gated=True."""
+  from stax.transforms.guards import NONFINITE_OK
   codec = stax.scale_by_adam(storage=stax.SeparateStorage(stax.FullPrecision(),
                                                            stax.LogQuantCodec(4)))
+  params = {"w": jnp.linspace(-1.0, 1.0, 256).reshape(2, 128)}
+  state = codec.init(params)
+  _, state = codec.update(params, state, params)
+  _, skipped = codec.update(jax.tree.map(lambda x: 0 * x, params), state, params,
+                            **{NONFINITE_OK: jnp.array(False)})
+  for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, moved = codec.update(jax.tree.map(lambda x: 0 * x, params), state, params,
+                          **{NONFINITE_OK: jnp.array(True)})
+  assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(moved.nu),
+                                                   jax.tree.leaves(state.nu)))
+  stax.nonfinite_guard(codec, gated=True)
   with pytest.raises(ValueError, match="gated"):
-    stax.nonfinite_guard(codec, gated=True)
+    stax.nonfinite_guard(stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()),
+                         gated=True)
 
 
 @pytest.mark.parametrize("inner", [
     lambda: optax.chain(stax.scale_by_adam(), optax.scale(-1e-2)),      # a plain chain
-    lambda: stax.scale_by_adam(b1=stax.Beta1Rule(lambda p: None,        # a Beta1Rule's state
-                                                 lambda g, m, s, c: (0.9, s))),
     lambda: stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()),  # per leaf
     lambda: optax.sgd(1e-2, momentum=0.9),
 ])
@@ -177,6 +192,24 @@ def test_gated_guard_checks_the_inner_transformation_at_construction(inner):
   stax.nonfinite_guard(inner(), "ignore", gated=True)  # no gate: nothing to check
 
 
+def test_a_beta1_rule_core_honours_the_gate_and_keeps_the_rule_state():
+  """A Beta1Rule's state (a few scalars per leaf) is held by the core on a skipped step, so
+  STAM-style cores are gate-aware (no state select, no lax.cond)."""
+  from stax.transforms.guards import NONFINITE_OK, is_gate_aware
+  rule = stax.Beta1Rule(lambda p: jax.tree.map(lambda _: jnp.zeros([]), p),
+                        lambda g, m, s, c: (jax.tree.map(lambda _: 0.8, g),
+                                            jax.tree.map(lambda x: x + 1.0, s)))
+  core = stax.scale_by_adam(b1=rule)
+  assert is_gate_aware(core)
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+  state = core.init(params)
+  _, s1 = core.update(params, state, params)
+  _, s2 = core.update(params, s1, params, **{NONFINITE_OK: jnp.array(False)})
+  for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(s1.b1_state["w"]) == 1.0
+
+
 def test_gated_chain_names_the_element_that_is_not_gate_aware():
   from stax.transforms.guards import is_gate_aware
   with pytest.raises(ValueError, match=r"element 1 .*not gate-aware.*gate_state"):
@@ -185,8 +218,9 @@ def test_gated_chain_names_the_element_that_is_not_gate_aware():
                         stax.kahan_summation())
   assert is_gate_aware(tx) and is_gate_aware(stax.kahan_summation(enabled=False))
   assert is_gate_aware(stax.scale_by_stable_adam())
-  assert not is_gate_aware(stax.scale_by_adam(storage=stax.SeparateStorage(
+  assert is_gate_aware(stax.scale_by_adam(storage=stax.SeparateStorage(
       stax.FullPrecision(), stax.LogQuantCodec(4))))
+  assert not is_gate_aware(stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()))
   stax.nonfinite_guard(tx, gated=True)
 
 

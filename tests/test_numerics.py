@@ -121,3 +121,20 @@ def test_ordinary_inputs_are_bit_identical_to_the_plain_expressions():
   np.testing.assert_array_equal(np.asarray(jax.jit(numerics.saturate_norm)(x, 2.0 ** 61)),
                                 np.asarray(x))
   np.testing.assert_array_equal(np.asarray(numerics.saturate(x)), np.asarray(x))
+
+
+@pytest.mark.parametrize("shape", [(7,), (33, 65), (3, 5, 129), ()])
+def test_mean_square_and_abs_is_both_means_in_one_pass(shape):
+  """The one-pass pair equals float64 means to float32 rounding, saturates the square as
+  mean_square does (the mean of |x| is the plain mean's, as STAM's seed computes it), and keeps
+  NaN."""
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3
+  ms, ma = numerics.mean_square_and_abs(jnp.asarray(x))
+  np.testing.assert_allclose(float(ms), np.mean(x.astype(np.float64) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(float(ma), np.mean(np.abs(x.astype(np.float64))), rtol=1e-5)
+  big = jnp.full((4,), 3e38, jnp.float32)
+  ms, ma = numerics.mean_square_and_abs(big)
+  assert float(ms) == float(numerics.mean_square(big)) and np.isfinite(float(ms))
+  assert float(ma) == float(jnp.mean(jnp.abs(big)))  # as the plain mean (it overflows)
+  ms, ma = numerics.mean_square_and_abs(jnp.array([1.0, jnp.nan]))
+  assert np.isnan(float(ms)) and np.isnan(float(ma))

@@ -181,9 +181,9 @@ def test_scao_gradient_tree_mismatch_without_params(mode):
 @pytest.mark.parametrize("implementation", ["bogus", "triton", "XLA"])
 def test_oadamw_implementation_checked_at_construction(implementation):
   with pytest.raises(ValueError, match=r"`implementation` must be one of \(None, 'xla', "
-                                       r"'pallas'\)"):
+                                       r"'pallas', 'gram'\)"):
     stax.oadamw(implementation=implementation)
-  for ok in (None, "xla", "pallas"):
+  for ok in (None, "xla", "pallas", "gram"):
     stax.oadamw(implementation=ok)
 
 

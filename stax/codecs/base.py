@@ -144,6 +144,12 @@ class StorageBase:
     """The moments the update is formed from (default: the exact new moments)."""
     return mu, nu
 
+  @property
+  def exact_parts(self) -> tuple[bool, bool]:
+    """Whether writing an unchanged m (v) gives back its encoding bit for bit (default:
+    ``exact`` for both). The gated Adam core selects the old encoding of a part that is not."""
+    return self.exact, self.exact
+
 
 def _optional(obj: Any, name: str, default: Any) -> Any:
   """``obj``'s optional protocol member ``name``, or the protocol's declared default."""
@@ -238,8 +244,12 @@ class SeparateStorage(StorageBase):
 
   @property
   def exact(self) -> bool:
-    return bool(_optional(self.mu_codec, "exact", False)
-                and _optional(self.nu_codec, "exact", False))
+    return all(self.exact_parts)
+
+  @property
+  def exact_parts(self) -> tuple[bool, bool]:
+    return (bool(_optional(self.mu_codec, "exact", False)),
+            bool(_optional(self.nu_codec, "exact", False)))
 
   def init(self, param):
     return self.mu_codec.init(param), self.nu_codec.init(param)

@@ -319,8 +319,8 @@ def oadamw(
       split by ``output_groups=3``).
     mode: ``"per_leaf"`` (default) or ``"stacked"`` (same-shape matrices orthogonalised as one
       batch, its stack axis sharded over an explicit mesh).
-    implementation: Newton–Schulz kernel (``"xla"``, ``"pallas"``; ``None``: ``"xla"`` until the
-      Pallas kernel is checked on a GPU).
+    implementation: Newton–Schulz kernel (``"xla"``, ``"pallas"``, ``"gram"``: the iteration on
+      the small Gram matrix, :mod:`stax.kernels.newton_schulz.gram`; ``None``: ``"xla"``).
     weight_decay_mask: pytree or callable of booleans (default: all leaves decay, as the seed).
     mu_dtype, nu_dtype: StableAdamW moment dtypes / Muon momentum dtype (``mu_dtype``)
       (default: the parameter's).
@@ -340,7 +340,7 @@ def oadamw(
   V.check_choice("muon", muon, MUON_MODES)
   V.check_betas(muon_momentum=muon_momentum)
   V.check_bool("muon_nesterov", muon_nesterov)
-  V.check_choice("implementation", implementation, (None, "xla", "pallas"))
+  V.check_choice("implementation", implementation, (None, "xla", "pallas", "gram"))
   V.check_int("ns_steps", ns_steps, low=1)
   ns_coefficients(ns_coeffs, ns_steps)
   V.check_number("ns_eps", ns_eps, low=0.0)

@@ -51,7 +51,7 @@ from stax import _validation as V
 from stax import partition
 from stax.describe import labels_plan, register_plan
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import nonfinite_guard
+from stax.transforms.guards import gate_aware, gate_state, gated_chain, nonfinite_guard
 
 __all__ = ["stac", "stac_labels", "decay_mask"]
 
@@ -198,12 +198,15 @@ def stac(
     if hybrid:
       lr_s = ((lambda c: learning_rate(c) * sign_lr_scale) if callable(learning_rate)
               else learning_rate * sign_lr_scale)
-    trunk = optax.chain(optax.scale_by_sign(), optax.add_decayed_weights(lam_s, mask_fn),
-                        optax.scale_by_learning_rate(lr_s))
-    cap = optax.chain(scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype),
-                      optax.add_decayed_weights(lam_a, mask_fn),
-                      optax.scale_by_learning_rate(learning_rate))
-    return optax.partition({TRUNK: trunk, CAP: cap}, labels)
+    # Gate-aware throughout (the trunk keeps no state but a schedule's count, the cap is the
+    # exact Adam core), so a skipped step needs neither a lax.cond nor a state select.
+    trunk = gated_chain(gate_state(optax.scale_by_sign()),
+                        gate_state(optax.add_decayed_weights(lam_s, mask_fn)),
+                        gate_state(optax.scale_by_learning_rate(lr_s)))
+    cap = gated_chain(scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype),
+                      gate_state(optax.add_decayed_weights(lam_a, mask_fn)),
+                      gate_state(optax.scale_by_learning_rate(learning_rate)))
+    return gate_aware(optax.partition({TRUNK: trunk, CAP: cap}, labels))
 
   def init_fn(params):
     # The sign trunk refuses complex leaves (the seed's torch.sign does; sign descent has no
@@ -219,7 +222,8 @@ def stac(
     return build(updates).update(updates, state, params, **extra_args)
 
   tx = V.with_param_checks(
-      nonfinite_guard(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite),
+      nonfinite_guard(gate_aware(optax.GradientTransformationExtraArgs(init_fn, update_fn)),
+                      nonfinite),
       optimizer="stax.stac", allow_complex=mu_dtype is None,
       complex_note="a real `mu_dtype` cannot hold a complex first moment; leave "
                    "mu_dtype=None for complex parameters")

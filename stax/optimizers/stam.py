@@ -83,7 +83,8 @@ from stax import _validation as V
 from stax.codecs.tensor_rms import tensor_rms_storage
 from stax.transforms import adaptive_beta as AB
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import NONFINITE_POLICIES, nonfinite_guard, zero_nonfinite
+from stax.transforms.guards import (NONFINITE_POLICIES, gate_aware, gate_state, gated_chain,
+                                   is_gate_aware, nonfinite_guard, zero_nonfinite)
 
 __all__ = ["stam", "stam_lite", "stam_beta1", "zero_nonfinite", "BETA1_SIGNALS",
            "STAM_NONFINITE_POLICIES"]
@@ -122,18 +123,23 @@ def _keep_grad_dtype(inner) -> optax.GradientTransformationExtraArgs:
   The seed returns updates in the gradient's dtype even when its state is wider (STAMLite's
   float32 ``state_dtype`` with bfloat16 gradients); the Adam core returns the wider dtype.
   """
+  aware = is_gate_aware(inner)
   inner = optax.with_extra_args_support(inner)
 
   def update_fn(updates, state, params=None, **extra_args):
     out, state = inner.update(updates, state, params, **extra_args)
     return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  tx = optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  return gate_aware(tx) if aware else tx
 
 
 def _finish(core, weight_decay, mask, learning_rate, nonfinite, name):
-  tx = optax.chain(_keep_grad_dtype(core), optax.add_decayed_weights(weight_decay, mask),
-                   optax.scale_by_learning_rate(learning_rate))
+  # Gate-aware (no lax.cond and no state select: on a skipped step the core keeps its moments
+  # and its rule's scalars itself), so XLA updates the donated state in place.
+  tx = gated_chain(gate_state(_keep_grad_dtype(core)), gate_state(optax.add_decayed_weights(weight_decay,
+                                                                                 mask)),
+                   gate_state(optax.scale_by_learning_rate(learning_rate)))
   return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer=name)
 
 

@@ -159,10 +159,11 @@ class AdamConfig(NamedTuple):
 
   @property
   def honours_gate(self) -> bool:
-    """Whether a skipped step (gate false) keeps the state exactly: a constant b1 (a rule's
-    state would move) and one storage, known now, that is exact (a per-leaf callable can only
-    be resolved on the parameters)."""
-    return self.rule is None and is_storage(self.storage) and as_storage(self.storage).exact
+    """Whether a skipped step (gate false) keeps the state exactly: one storage, known now (a
+    per-leaf callable can only be resolved on the parameters). An exact part keeps itself (its
+    decays become 1); the encoding of a part that is not exact (a codec, a per-tensor mean) and
+    a Beta1Rule's state (a few scalars per leaf) are held by a select."""
+    return is_storage(self.storage)
 
 
 class AdamStep(NamedTuple):
@@ -227,7 +228,8 @@ def adam_config(*args: Any, **kwargs: Any) -> AdamConfig:
 
 def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Array,
               cfg: AdamConfig, *, b1_prod: Any = None, ok: Any = None,
-              project: Optional[Callable] = None) -> AdamStep:
+              project: Optional[Callable] = None,
+              exact_parts: tuple[bool, bool] = (True, True)) -> AdamStep:
   """One leaf's Adam step: a pure function (like torch's functional ``adamw``).
 
   Args:
@@ -241,6 +243,9 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     ok: ``None``, or the non-finite gate (a scalar bool): when false the EMA coefficients are
       (0, 1), so ``mu`` and ``nu`` come back unchanged.
     project: the storage's ``project(mu, nu)`` (default identity).
+    exact_parts: with the gate, which moments must come back unchanged by themselves (their
+      gradient is zeroed on a skipped step); the others are selected by the caller, so their
+      possibly non-finite value does not matter (default both).
   """
   b2 = cfg.b2
   b1_t, b2_t = b1, b2
@@ -249,13 +254,22 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   # EMA coefficients (1 - b, b). A skipped step of the gated guard uses (0, 1), so m and v
   # stay exactly as they are; on a good step the values are the ungated ones bit for bit
   # (``1 - b`` is formed exactly as without the gate: in Python for a Python float).
+  g_mu = g_nu = g
+  if ok is not None:  # a skipped step's gradient may be non-finite: 0·NaN would reach m, v
+    zeroed = jnp.where(ok, g, jnp.zeros((), g.dtype))
+    # A part the caller selects keeps the raw gradient: a select feeding a reduction (a
+    # per-tensor v) makes XLA materialise the zeroed gradient, one more pass.
+    g_mu = zeroed if exact_parts[0] else g
+    g_nu = zeroed if exact_parts[1] else g
+    if cfg.nesterov:
+      g = zeroed
   a1, d1 = 1 - b1_t, b1_t
   a2, d2 = 1 - b2_t, b2_t
   if ok is not None:
     a1, d1 = jnp.where(ok, a1, 0.0), jnp.where(ok, d1, 1.0)
     a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
-  new_mu = (a1 * g + d1 * mu).astype(_moment_dtype(mu, g))
-  new_nu = (a2 * numerics.abs_sq(g) + d2 * nu).astype(_moment_dtype(nu, g))
+  new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
+  new_nu = (a2 * numerics.abs_sq(g_nu) + d2 * nu).astype(_moment_dtype(nu, g))
 
   m, v = (new_mu, new_nu) if project is None else project(new_mu, new_nu)
   if cfg.bias_correction == "standard":
@@ -322,7 +336,8 @@ def _is_array(x: Any) -> bool:
 
 
 def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None,
-              ok: Any = None, project: Optional[Callable] = None) -> LeafStep:
+              ok: Any = None, project: Optional[Callable] = None,
+              exact_parts: tuple[bool, bool] = (True, True)) -> LeafStep:
   """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s)."""
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
            "b1_prod": b1_prod, "ok": ok}
@@ -333,7 +348,7 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
     c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"])
     g = num.saturate(g, num.square_bound(mu.dtype, nu.dtype))
     return adam_step(g, mu, nu, v["b1"], v["count"], c, b1_prod=v["b1_prod"], ok=v["ok"],
-                     project=project)
+                     project=project, exact_parts=exact_parts)
 
   return LeafStep(fn, tuple(named[k] for k in dynamic))
 
@@ -357,9 +372,10 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     An :class:`AdamStep` whose fields are trees shaped like ``updates``, and the new state.
   """
   if ok is not None and not cfg.honours_gate:
-    raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with full-precision "
-                     "storage and a constant b1 (a codec or a Beta1Rule would change its "
-                     "state on a skipped step); use gated=False.")
+    raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with one storage known "
+                     "at construction (a per-leaf storage callable cannot declare how it keeps "
+                     "its state on a skipped step); use gated=None (a select of the old state) "
+                     "or gated=False.")
   rule = cfg.rule
   g_leaves, treedef = jax.tree.flatten(updates)
   n = len(g_leaves)
@@ -379,6 +395,9 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, sat),
                                     jax.tree.unflatten(treedef, [d and d[0] for d in decoded]),
                                     state.b1_state, state.count)
+    if ok is not None:  # a skipped step keeps the rule's state (a few scalars per leaf)
+      b1_state = jax.tree.map(lambda n_, o: jnp.where(ok, n_, o), b1_state,
+                              conform(state.b1_state, b1_state))
     b1s = treedef.flatten_up_to(b1_tree)
   else:
     b1s = [cfg.b1] * n
@@ -403,7 +422,8 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       continue
     k = jax.random.fold_in(step_key, i) if s.needs_key and step_key is not None else None
     ctx = StorageStep(state.count, i, state.key, me, ne, k)
-    step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project)
+    step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
+                     exact_parts=s.exact_parts)
     if decoded is not None:
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)
@@ -412,6 +432,10 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       out = AdamStep(u, None, None, None)
     else:
       out, a, c = read_step_write(s, g, step, ctx)
+    if ok is not None:  # a part the storage cannot rewrite unchanged keeps its old encoding
+      keep_mu, keep_nu = s.exact_parts
+      a = a if keep_mu else _select_tree(ok, a, me)
+      c = c if keep_nu else _select_tree(ok, c, ne)
     steps.append(out)
     new_mu_enc.append(_cast_like_tree(a, me))
     new_nu_enc.append(_cast_like_tree(c, ne))
@@ -488,6 +512,11 @@ def scale_by_adam(
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
   return gate_aware(tx) if cfg.honours_gate else tx
+
+
+def _select_tree(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, else ``old``, leaf by leaf (``old`` in ``new``'s containers)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, conform(old, new))
 
 
 def _moment_dtype(stored: jax.Array, g: jax.Array):

@@ -179,8 +179,9 @@ def residual_variance_beta1(
     b2_ = _f32(b2)
     td = _f32(tau_decay)
     r = _f32(g) - _f32(m)
-    sigma_sq = b2_ * s + (1.0 - b2_) * num.mean_square(r)
-    tau = td * t + (1.0 - td) * jnp.mean(jnp.abs(r))
+    ms, ma = num.mean_square_and_abs(r)
+    sigma_sq = b2_ * s + (1.0 - b2_) * ms
+    tau = td * t + (1.0 - td) * ma
     scale = tau ** 2 + 1e-8
     fallback = jnp.logical_or(~jnp.isfinite(sigma_sq),
                               ~(sigma_sq < _f32(fallback_threshold) * scale))
@@ -240,8 +241,9 @@ def spatial_variance_beta1(
     rho = _f32(moment_decay)
     e = _f32(eps)
     g = _f32(g)
-    a = rho * a + (1.0 - rho) * jnp.mean(g)
-    q = rho * q + (1.0 - rho) * num.mean_square(g)
+    g_mean, g_sq = num.one_pass_means(g, jnp.square(g))
+    a = rho * a + (1.0 - rho) * g_mean
+    q = rho * q + (1.0 - rho) * jnp.minimum(g_sq, num.statistic_bound(g_sq.dtype))
     c = 1.0 - rho ** (count + 1)
     a_hat = a / (c + e)
     q_hat = q / (c + e)
@@ -299,8 +301,10 @@ def snr_beta1(
     g = _f32(g)
     c = 1.0 - prod
     m_hat = jnp.where(c > 0, _f32(m) / jnp.where(c > 0, c, 1.0), 0.0)
-    big_g = rho * big_g + (1.0 - rho) * num.mean_square(g)
-    big_r = rho * big_r + (1.0 - rho) * num.mean_square(g - m_hat)
+    g_sq, r_sq = num.one_pass_means(jnp.square(g), jnp.square(g - m_hat))
+    bound = num.statistic_bound(g_sq.dtype)
+    big_g = rho * big_g + (1.0 - rho) * jnp.minimum(g_sq, bound)
+    big_r = rho * big_r + (1.0 - rho) * jnp.minimum(r_sq, bound)
     ok = big_g > 0
     w = jnp.clip(1.0 - big_r / jnp.where(ok, big_g, 1.0), 0.0, 1.0)
     w = jnp.where(ok & jnp.isfinite(w), w, 1.0)

@@ -229,8 +229,9 @@ def orthogonalize(x: jax.Array, coeffs: Any = "jordan", ns_steps: int = 5, eps: 
     eps: added to the Frobenius norm, >= 0 (default 1e-7, Keller Jordan's and the seed's).
     dimension_numbers: :class:`MatrixDimensionNumbers` (default: 2-D ``(0, 1)``, higher rank:
       the last two axes, leading axes batch).
-    implementation: ``"xla"``, ``"pallas"`` or ``None`` (currently ``"xla"``; the Pallas
-      kernel is opt-in).
+    implementation: ``"xla"``, ``"pallas"``, ``"gram"`` or ``None`` (``"gram"``: the iteration
+      on the small Gram matrix for aspect ratios >= 2, else ``"xla"``; the Pallas kernel is
+      opt-in; see :mod:`stax.kernels.newton_schulz`).
     compute_dtype: dtype of the iteration (default float32).
 
   Returns:
@@ -368,8 +369,9 @@ def scale_by_orthogonalization(
       ``L_cached·G_t/‖G_t‖``. The current gradient is always used; only the orthogonaliser is
       stale (GaLore's "projection refresh gap" semantics). The seed instead returned the stale
       orthogonalised gradient of an earlier step.
-    implementation: ``"xla"``, ``"pallas"`` or ``None`` (currently ``"xla"``; the Pallas
-      kernel is opt-in).
+    implementation: ``"xla"``, ``"pallas"``, ``"gram"`` or ``None`` (``"gram"``: the iteration
+      on the small Gram matrix for aspect ratios >= 2, else ``"xla"``; the Pallas kernel is
+      opt-in; see :mod:`stax.kernels.newton_schulz`).
     compute_dtype: iteration dtype (default float32).
   """
   rows, norm_scale = ns_coefficients(coeffs, ns_steps)

@@ -17,9 +17,15 @@ Implementations (op ``"newton_schulz"`` in :mod:`stax.kernels._registry`):
   under an explicit mesh; the only one that returns the left multiplier (``return_left``).
 * ``"pallas"``: :func:`newton_schulz_pallas` (:mod:`.pallas`), three tiled kernels per
   iteration; under an explicit mesh it runs in ``jax.shard_map`` on whole matrices.
+* ``"gram"``: :func:`newton_schulz_gram` (:mod:`.gram`), the same iteration on the small Gram
+  matrix with one restart; matrices with aspect ratio below 2 (and explicitly sharded ones)
+  run ``"xla"``. Also returns the left multiplier.
 
-``implementation=None`` runs ``"xla"`` on every platform: the Pallas kernel is verified in
-interpret mode only, so it is opt-in with ``implementation="pallas"``.
+``implementation=None`` runs ``"gram"`` on every platform (which is ``"xla"`` for matrices with
+aspect ratio below 2): measured on this project's 2-core CPU, 5 steps, one restart, 4:1 shapes
+(384×1536, 1536×384, 768×3072) took 0.59–0.79× the standard iteration's time with the same
+distance to a float64 standard iteration (4–7e-6 against 5–13e-6, relative). The Pallas kernel
+is verified in interpret mode only, so it is opt-in with ``implementation="pallas"``.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -38,13 +44,16 @@ import jax
 import jax.numpy as jnp
 
 from stax.kernels._registry import Op
+from stax.kernels.newton_schulz.gram import newton_schulz_gram
 from stax.kernels.newton_schulz.pallas import newton_schulz_pallas, newton_schulz_pallas_sharded
 from stax.kernels.newton_schulz.reference import Coeffs, newton_schulz_reference
 
-__all__ = ["newton_schulz", "newton_schulz_reference", "newton_schulz_pallas", "Coeffs", "OP"]
+__all__ = ["newton_schulz", "newton_schulz_reference", "newton_schulz_pallas",
+           "newton_schulz_gram", "Coeffs", "OP"]
 
 #: The registry entry of this op.
-OP = Op("newton_schulz", default_order={"cpu": ("xla",), "gpu": ("xla",), "other": ("xla",)})
+OP = Op("newton_schulz", default_order={"cpu": ("gram", "xla"), "gpu": ("gram", "xla"),
+                                        "other": ("gram", "xla")})
 
 
 @OP.register("xla")
@@ -54,6 +63,12 @@ def _xla(x, coeffs, *, block: int, block_k: int, **kw):
 
 
 OP.register("pallas", newton_schulz_pallas_sharded)
+
+
+@OP.register("gram")
+def _gram(x, coeffs, *, block: int, block_k: int, **kw):
+  del block, block_k  # Pallas tiling only
+  return newton_schulz_gram(x, coeffs, **kw)
 
 
 def newton_schulz(x: jax.Array, coeffs: Coeffs, *, eps: float = 1e-7, norm_scale: float = 1.0,
