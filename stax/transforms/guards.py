@@ -6,11 +6,11 @@ device (one fused reduction, no host synchronisation) and then
 * ``"skip"`` (default): if any gradient is NaN/Inf, returns all-zero updates and leaves the inner
   state *exactly* unchanged — the parameters and every moment, counter and RNG key stay as they
   were (as STAC's ``step()`` does); ``nonfinite_count`` in the guard state counts skipped steps.
-  There is no branch (the default, ``gated=None``): the inner update always runs, on gradients
-  whose bad step is zeroed, and either turns itself into an exact no-op (a gate-aware inner,
-  see "The gate" below) or has its new state replaced by the old one with one select per
-  state leaf, which XLA fuses into the loop that writes the leaf, so a donated state is still
-  updated in place. ``gated=False`` is the ``lax.cond`` form: the inner update is not
+  There is no branch (the default, ``gated=None``): the inner update always runs and either
+  turns itself into an exact no-op (a gate-aware inner, given the gradients as they are; see
+  "The gate" below) or, run on gradients whose bad step is zeroed, has its new state replaced
+  by the old one with one select per state leaf, which XLA fuses into the loop that writes the
+  leaf, so a donated state is still updated in place. ``gated=False`` is the ``lax.cond`` form: the inner update is not
   evaluated on a skipped step, but XLA copies the state through the branch on CPU (measured at
   16M parameters: a STAC step 46 → 23 ms without it; see the README's roofline table).
 * ``"error"``: the same skip, plus a host callback that raises ``FloatingPointError`` naming the
@@ -26,12 +26,14 @@ The gate. A *gate-aware* transformation (a :class:`GateAwareTransformation`) acc
 argument :data:`NONFINITE_OK` (a scalar bool) in ``update``; when it is false the state it
 returns equals the state it was given, bit for bit, counters included (its updates may be
 anything: the guard zeroes them). It is given the gradients as they are, non-finite entries
-included, so it must not let them reach its state on such a step (the Adam core zeroes the
-gradient inside its moment update; everything else selects its old state). :func:`stax.scale_by_adam` with an exact (full-precision)
-storage and a constant b1 is one (its moment decays become 1 and its counters are held), so are
-:func:`stax.scale_by_stable_adam` on such a core and :func:`stax.kahan_summation` (it keeps its
-compensation); :func:`gate_state` makes any other transformation gate-aware by selecting its old
-state (meant for small states: a schedule's step count). :func:`gated_chain` chains gate-aware
+included, so it must not let them reach its state on such a step. :func:`stax.scale_by_adam`
+with one storage is one: on a skipped step its moment decays become 1 on a zeroed gradient (an
+exact, full-precision moment stays bit for bit), the encoding of a part that is not exact (a
+codec, a per-tensor mean) and a ``Beta1Rule``'s per-leaf scalars are selected back, and its
+counters are held; so are :func:`stax.scale_by_stable_adam` on such a core and
+:func:`stax.kahan_summation` (it keeps its compensation). :func:`gate_state` makes any other
+transformation gate-aware by selecting its old state (meant for small states: a schedule's step
+count; inside a :func:`gated_chain` it sees the raw gradients too). :func:`gated_chain` chains gate-aware
 transformations, and ``nonfinite_guard(inner, gated=True)`` refuses, at construction, an
 ``inner`` that is not gate-aware.
 
