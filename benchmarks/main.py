@@ -84,6 +84,9 @@ def parse_args(argv=None):
   ap.add_argument("--sizes", default="", help="speed sizes, e.g. 1M,16M (default by mode)")
   ap.add_argument("--speed-steps", type=int, default=None)
   ap.add_argument("--no-speed", action="store_true")
+  ap.add_argument("--step-memory", default=None, metavar="SIZE",
+                  help="peak memory of one step at SIZE from XLA's buffer assignment (default: "
+                       "128M with --update-results or --full, else off; 'off' to skip)")
   ap.add_argument("--no-quality", action="store_true")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--investigate", action=argparse.BooleanOptionalAction, default=None,
@@ -100,7 +103,12 @@ def parse_args(argv=None):
                        "written)")
   ap.add_argument("--no-plots", action="store_true")
   ap.add_argument("--quiet", action="store_true", help="no progress bars")
-  return ap.parse_args(argv)
+  args = ap.parse_args(argv)
+  if args.step_memory is None:
+    args.step_memory = "128M" if (args.update_results or args.full) else None
+  elif args.step_memory == "off":
+    args.step_memory = None
+  return args
 
 
 def machine_description(device: str) -> dict:
@@ -296,6 +304,9 @@ def run_speed_part(args, optimizers, results, out, log):
   if any(o.name.startswith("stax.scao") for o in opts) and "16M" in sizes:
     log("timing stax.scao's phases at 16M (warm-up, preconditioned, refresh)...")
     results["speed_phases"] = S.scao_phases("16M", log=log)
+  if args.step_memory:
+    log(f"step memory at {args.step_memory} (XLA buffer assignment, two schedulers)...")
+    results["step_memory"] = S.step_memory(args.step_memory, log=log)
   results["timings_s"]["speed"] = time.time() - t_speed
   save(results, out)
   investigate = (args.investigate if args.investigate is not None

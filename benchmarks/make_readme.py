@@ -184,6 +184,19 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
                  f"{_f(r['amortised_ms'], '{:.1f}')} | "
                  f"{_f(r['amortised_vs_optax_adamw'], '{:.2f}')} |")
     out.append("")
+  mem = [r for r in results.get("step_memory") or [] if not r.get("error")]
+  if mem:
+    out += [f"Peak memory of one step at {mem[0]['size']} parameters "
+            f"({mem[0]['n_params'] / 1e6:.0f}M; XLA's buffer assignment of the donated, jitted "
+            "step: arguments + unaliased outputs + temporaries; *lean*: compiled with "
+            "`stax.lean_memory_options()`; ratio to optax.adamw with the default scheduler, "
+            "target ≤ 1 for TurboAdam):", "",
+            "| optimizer | scheduler | arguments GiB | temporaries GiB | peak GiB | × optax.adamw |",
+            "|---|---|---:|---:|---:|---:|"]
+    for r in mem:
+      out.append(f"| {r['optimizer']} | {r['scheduler']} | {r['argument_gib']:.2f} | "
+                 f"{r['temp_gib']:.2f} | {r['peak_gib']:.2f} | {r['vs_optax_adamw']:.2f} |")
+    out.append("")
   if "roofline.png" in (results.get("plots") or []):
     out.append(f"![roofline]({link_base}/roofline.png)")
     out.append("")

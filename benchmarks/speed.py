@@ -309,6 +309,70 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
   return out
 
 
+MEMORY_ENTRIES = ("optax.adamw", "stax.adamw", "stax.turbo_adam", "stax.turbo_adam[chunked]",
+                  "stax.turbo_adam[turboadam-0.2]")
+
+
+def _memory_tx(name: str):
+  import optax
+
+  import stax
+  from benchmarks.optimizers import WEIGHT_DECAY
+  wd = WEIGHT_DECAY
+  return {"optax.adamw": lambda: optax.adamw(1e-3, weight_decay=wd),
+          "stax.adamw": lambda: stax.adamw(1e-3, weight_decay=wd),
+          "stax.turbo_adam": lambda: stax.turbo_adam(1e-3, weight_decay=wd),
+          "stax.turbo_adam[chunked]": lambda: stax.turbo_adam(1e-3, weight_decay=wd,
+                                                              implementation="chunked"),
+          "stax.turbo_adam[turboadam-0.2]": lambda: stax.turbo_adam(
+              1e-3, weight_decay=wd, codec="turboadam-0.2")}[name]()
+
+
+def step_memory(size: str = "128M", names=MEMORY_ENTRIES, log=print) -> list[dict]:
+  """Peak memory of one donated, jitted ``update`` + ``apply_updates`` step at ``size``, from
+  XLA's buffer assignment (``compiled.memory_analysis()``; compiled on abstract shapes, nothing
+  is allocated): arguments (params, state, gradients) + outputs not aliased to a donated
+  argument + temporaries. Each optimizer is compiled twice: with XLA's default CPU scheduler
+  and with :func:`stax.lean_memory_options`. ``vs_optax_adamw`` is the peak over
+  ``optax.adamw``'s with the default scheduler (the speed issue's target for TurboAdam: <= 1).
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import stax
+  shapes = _gpt_shapes(param_shapes(size))
+  params = {m: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in leaves.items()}
+            for m, leaves in shapes.items()}
+  n = n_params_of(size)
+  out, base = [], None
+  for name in names:
+    for sched, opts in (("default", {}), ("lean", stax.lean_memory_options())):
+      tx = _memory_tx(name)
+
+      def step(p, s, g, tx=tx):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      t0 = time.perf_counter()
+      state = jax.eval_shape(tx.init, params)
+      m = jax.jit(step, donate_argnums=(0, 1), compiler_options=opts).lower(
+          params, state, params).compile().memory_analysis()
+      peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+              + m.temp_size_in_bytes)
+      rec = {"size": size, "n_params": n, "optimizer": name, "scheduler": sched,
+             "argument_gib": m.argument_size_in_bytes / 2 ** 30,
+             "temp_gib": m.temp_size_in_bytes / 2 ** 30, "peak_gib": peak / 2 ** 30,
+             "compile_s": time.perf_counter() - t0}
+      if base is None:
+        base = rec["peak_gib"]
+      rec["vs_optax_adamw"] = rec["peak_gib"] / base
+      log(f"  step memory {size} {name} ({sched}): peak {rec['peak_gib']:.2f} GiB, "
+          f"temporaries {rec['temp_gib']:.2f} GiB ({rec['vs_optax_adamw']:.2f}x optax.adamw)")
+      out.append(rec)
+  return out
+
+
 def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2):
   """(median_ms, min_ms, first_step_s, state_bytes) for a torch optimizer."""
   import torch

@@ -48,4 +48,7 @@ from stax.codecs.log_quant import LogQuantCodec
 from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage
 from stax.codecs.turbo import TurboAdam02Storage
 
+# Compiling a step.
+from stax.compile_options import lean_memory_options
+
 __version__ = "0.1.0"

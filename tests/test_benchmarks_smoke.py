@@ -176,3 +176,24 @@ def test_data_splits_are_fixed():
   # the order is a function of the seed only
   np.testing.assert_array_equal(d.order(3, 10), d.order(3, 10))
   assert not np.array_equal(d.order(3, 10), d.order(4, 10))
+
+
+def test_step_memory_counts_the_step_arguments_exactly():
+  """The step-memory table (speed.step_memory): the arguments are the parameters, the
+  gradients and the state, byte for byte; the peak is at least that; optax.adamw with the
+  default scheduler is the reference (ratio 1); both schedulers are recorded."""
+  import optax
+
+  import stax
+  recs = speed.step_memory("tiny", names=("optax.adamw", "stax.turbo_adam"), log=lambda *_: None)
+  assert [(r["optimizer"], r["scheduler"]) for r in recs] == [
+      ("optax.adamw", "default"), ("optax.adamw", "lean"),
+      ("stax.turbo_adam", "default"), ("stax.turbo_adam", "lean")]
+  params, _ = speed.make_params("tiny")
+  p_bytes = sum(x.nbytes for m in params.values() for x in m.values())
+  for r, tx in zip(recs, [optax.adamw(1e-3)] * 2 + [stax.turbo_adam(1e-3)] * 2):
+    want = 2 * p_bytes + speed.jax_state_bytes(tx, params)
+    assert r["argument_gib"] * 2 ** 30 == pytest.approx(want, abs=64), r
+    assert r["peak_gib"] >= r["argument_gib"] and r["temp_gib"] >= 0
+  assert recs[0]["vs_optax_adamw"] == 1.0
+  assert recs[2]["vs_optax_adamw"] == pytest.approx(recs[2]["peak_gib"] / recs[0]["peak_gib"])

@@ -35,7 +35,7 @@ def test_registry_lists_exactly_the_existing_implementations():
   assert reg.get_op("newton_schulz") is nsk.OP
   assert reg.get_op("turbo_step") is ts.OP
   assert nsk.OP.implementations == ("xla", "pallas", "gram")
-  assert ts.OP.implementations == ("xla", "pallas")
+  assert ts.OP.implementations == ("xla", "pallas", "chunked")
   with pytest.raises(ValueError, match="unknown kernel op 'nope'"):
     reg.get_op("nope")
 
@@ -116,7 +116,8 @@ def test_newton_schulz_left_multiplier_needs_xla():
 def test_unknown_implementation_names_the_op_and_the_allowed_set(name):
   x = jnp.ones((1, 4, 4))
   for op in ("newton_schulz", "turbo_step"):
-    impls = r"\('xla', 'pallas', 'gram'\)" if op == "newton_schulz" else r"\('xla', 'pallas'\)"
+    impls = (r"\('xla', 'pallas', 'gram'\)" if op == "newton_schulz"
+             else r"\('xla', 'pallas', 'chunked'\)")
     with pytest.raises(ValueError, match=rf"`implementation` for op '{op}' must be None or one of "
                                          rf"{impls}, got '{name}'"):
       reg.check_implementation(op, name)

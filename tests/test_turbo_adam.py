@@ -235,14 +235,18 @@ def test_fused_pallas_update_equals_the_reference_in_interpret_mode():
 
 def test_fused_implementation_is_checked_at_construction():
   with pytest.raises(ValueError, match=r"op 'turbo_step' must be None or one of \('xla', "
-                                       r"'pallas'\), got 'triton'"):
+                                       r"'pallas', 'chunked'\), got 'triton'"):
     stax.turbo_adam(codec="turboadam-0.2", implementation="triton")
   with pytest.raises(ValueError, match="implementation='pallas'.*codec='turboadam-0.2'"):
     stax.turbo_adam(implementation="pallas")                       # the "stax" codec
   with pytest.raises(ValueError, match="compress_m=True and compress_v=True"):
     stax.turbo_adam(codec="turboadam-0.2", compress_m=False, implementation="pallas")
+  with pytest.raises(ValueError, match="implementation='chunked'.*codec='stax'"):
+    stax.turbo_adam(codec="turboadam-0.2", implementation="chunked")
   with pytest.warns(UserWarning, match="`implementation`.*no effect"):
-    stax.turbo_adam(implementation="xla")
+    stax.turbo_adam(codec="turboadam-0.2", compress_m=False, implementation="xla")
+  with pytest.warns(UserWarning, match="`implementation`.*no effect"):
+    stax.turbo_adam(compress_m=False, compress_v=False, implementation="chunked")
   tx = stax.turbo_adam(codec="turboadam-0.2", min_compress_elements=1, implementation="pallas")
   params = {"w": jnp.ones((2, 100))}                                 # row not a block multiple
   with pytest.raises(ValueError, match=r"multiple of block_size \(128\), got 100"):
@@ -272,3 +276,94 @@ def test_codecs_compose_with_stable_adamw_part():
   assert codes and codes[0].shape == (8, 64)
   assert float(loss(finals["q4"][0])) < 1e-2 * float(loss({"w": jnp.zeros((8, 128))}))
   assert float(jnp.max(jnp.abs(finals["q4"][0]["w"] - finals["f32"][0]["w"]))) < 0.1
+
+
+# ------------------------------------------------------------- the row-chunked fused update
+# Row views: w (40, 256); conv (32, 384); lead (6, 5, 256); prime_rows (257, 128); tall and vec
+# are one padded row (a 1-D view: one chunk, the whole-tensor program).
+_CHUNK_PARAMS = {"w": (40, 256), "conv": (32, 32, 3, 4), "lead": (6, 5, 256),
+                 "prime_rows": (257, 128), "tall": (1024, 96), "vec": (4096,)}
+
+
+def _stax_codec_run(implementation, steps=4, **kw):
+  """stax.turbo_adam (the "stax" codec) with ``implementation``; the gradient scale changes by
+  up to ×300 between steps."""
+  rng = np.random.default_rng(0)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in _CHUNK_PARAMS.items()}
+  tx = stax.turbo_adam(1e-2, weight_decay=0.01, min_compress_elements=1,
+                       implementation=implementation, **kw)
+  state, step = tx.init(params), _apply(tx)
+  for i in range(steps):
+    scale = (0.01 + i % 3) * 10.0 ** (2 * (i % 2))
+    grads = {k: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32)
+             for k, p in params.items()}
+    params, state = step(params, state, grads)
+  return tx, params, state
+
+
+def test_chunked_update_equals_the_whole_tensor_update(monkeypatch):
+  """``implementation="chunked"`` (chunks of 4,096 elements, so every leaf with a 2-D or 3-D row
+  view runs in a loop of several chunks, "prime_rows" with a remainder chunk) keeps the state
+  bit for bit and the parameters to an ulp of the whole-tensor program's: each chunk draws the
+  tensor's own counter-hash stream from its first row."""
+  from stax.kernels.turbo_step import chunked
+  monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4096)
+  assert chunked.rows_per_chunk(257, 128, 4096) == 32          # no divisor: 32 rows + a tail
+  assert chunked.rows_per_chunk(300, 200, 4096) == 20          # a divisor of 300
+  _, p_ref, s_ref = _stax_codec_run("xla")
+  tx, p_chk, s_chk = _stax_codec_run("chunked")
+  for a, b in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_chk)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                  np.asarray(b.astype(jnp.float32)))
+  for name in p_ref:
+    np.testing.assert_allclose(np.asarray(p_chk[name]), np.asarray(p_ref[name]), rtol=2.5e-7,
+                               atol=0)
+  loops = lambda t: jax.jit(t.update).lower(p_chk, s_chk, p_chk).as_text().count("stablehlo.while")
+  tx_ref = stax.turbo_adam(1e-2, weight_decay=0.01, min_compress_elements=1, implementation="xla")
+  assert loops(tx) - loops(tx_ref) == 4               # w, conv, lead, prime_rows; not tall, vec
+
+
+def test_chunked_stream_is_the_tensors_own():
+  """Encoding rows 3.. of a tensor with ``row0=3`` gives those rows of the whole encoding."""
+  from stax.codecs.block_signed import BlockSignedCodec
+  from stax.codecs.log_quant import LogQuantCodec
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 160)) ** 2, jnp.float32)
+  key = jax.random.PRNGKey(7)
+  for codec in (LogQuantCodec(4, 32), BlockSignedCodec(4, 32)):
+    whole = codec.encode(x, key)
+    part = codec.encode(x[3:], key, row0=3)
+    for a, b in zip(whole, part):
+      np.testing.assert_array_equal(np.asarray(a[3:].astype(jnp.float32)),
+                                    np.asarray(b.astype(jnp.float32)))
+    other = codec.encode(x[3:], key)                         # without the offset: another stream
+    assert not np.array_equal(np.asarray(other.codes), np.asarray(whole.codes[3:]))
+
+
+def test_lean_memory_options_change_the_schedule_not_the_result():
+  """``stax.lean_memory_options()`` (the memory-minimising CPU scheduler) gives the same
+  parameters and state bit for bit as XLA's default; a bad platform name is refused."""
+  assert stax.lean_memory_options("cpu") == {
+      "xla_cpu_enable_concurrency_optimized_scheduler": False}
+  assert stax.lean_memory_options("gpu") == {} and stax.lean_memory_options("tpu") == {}
+  with pytest.raises(ValueError, match="`platform` must be None, 'cpu', 'gpu' or 'tpu'"):
+    stax.lean_memory_options("metal")
+  rng = np.random.default_rng(3)
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in _CHUNK_PARAMS.items()}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  tx = stax.turbo_adam(1e-2, min_compress_elements=1)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  runs = []
+  for opts in ({}, stax.lean_memory_options()):
+    p, s = params, tx.init(params)
+    fn = jax.jit(step, compiler_options=opts)
+    for _ in range(3):
+      p, s = fn(p, s, grads)
+    runs.append((p, s))
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                  np.asarray(b.astype(jnp.float32)))

@@ -42,7 +42,10 @@ The two moments are read and written *together* because some storages keep one m
 to the other (TurboAdam 0.2.0's "UState" stores m as the normalised update and decodes it with v).
 Codecs that store each moment on their own (a :class:`MomentCodec`) compose with
 :class:`SeparateStorage`; a codec's optional members are ``needs_key``, ``exact`` and
-``project(value)``, with the same defaults.
+``project(value)``, with the same defaults, and ``rows_local`` (``False``): every row of the
+last axis is encoded on its own and ``encode(value, key, row0=r)`` encodes a chunk of rows
+starting at row ``r`` exactly as those rows of the whole tensor, so a fused update may run the
+leaf chunk by chunk (:mod:`stax.kernels.turbo_step.chunked`).
 
 A storage may also be chosen per leaf: the Adam core accepts a callable ``leaf -> storage``
 (called on a parameter leaf or on a ``jax.ShapeDtypeStruct``; it must depend only on the static
@@ -52,6 +55,7 @@ shape and dtype), e.g. "compress only tensors above 4096 elements".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import jax
@@ -87,6 +91,9 @@ class StorageStep(NamedTuple):
     rounding_key: ``write`` only, for a storage with ``needs_key``: the raw ``uint32[2]`` key
       for stochastic rounding (the state key folded with ``count`` and then with ``index``);
       ``None`` otherwise.
+    row0: ``write`` only: the moments are rows ``row0 ..`` of the leaf's row view (a chunk
+      written by a row-chunked fused update, for a storage whose ``rows_local`` is true);
+      ``0`` (default) for the whole leaf.
   """
 
   count: jax.Array
@@ -95,6 +102,7 @@ class StorageStep(NamedTuple):
   mu_enc: Any = None
   nu_enc: Any = None
   rounding_key: Any = None
+  row0: Any = 0
 
 
 @runtime_checkable
@@ -209,6 +217,7 @@ class FullPrecision(NamedTuple):
   needs_key: bool = False
 
   exact = True
+  rows_local = True
 
   def init(self, param):
     return jnp.zeros_like(param, dtype=self.dtype)
@@ -217,8 +226,8 @@ class FullPrecision(NamedTuple):
     del like
     return encoded
 
-  def encode(self, value, key):
-    del key
+  def encode(self, value, key, row0=0):
+    del key, row0
     return value if self.dtype is None else value.astype(self.dtype)
 
 
@@ -231,11 +240,16 @@ class SeparateStorage(StorageBase):
     nu_codec: the second moment's codec (default full precision).
     follow_sharding: constrain every encoded array of rank >= 1 to the moment's sharding under an
       explicit mesh (default False).
+    kernel: ``None`` (default), or a fused update ``(storage, g, step, ctx) -> (update, mu_enc,
+      nu_enc)`` (:mod:`stax.kernels.turbo_step`): this storage's ``fused_update``, offered when
+      both codecs are ``rows_local`` (each row encoded on its own, and ``encode(value, key,
+      row0=r)`` encodes a chunk of rows starting at row ``r``).
   """
 
   mu_codec: Any = FullPrecision()
   nu_codec: Any = FullPrecision()
   follow_sharding: bool = False
+  kernel: Optional[Callable] = None
 
   @property
   def needs_key(self) -> bool:
@@ -251,6 +265,18 @@ class SeparateStorage(StorageBase):
     return (bool(_optional(self.mu_codec, "exact", False)),
             bool(_optional(self.nu_codec, "exact", False)))
 
+  @property
+  def rows_local(self) -> bool:
+    """True when both codecs encode each row on its own (a row chunk can be written alone)."""
+    return bool(_optional(self.mu_codec, "rows_local", False)
+                and _optional(self.nu_codec, "rows_local", False))
+
+  @property
+  def fused_update(self) -> Optional[Callable]:
+    if self.kernel is None or not self.rows_local:
+      return None
+    return functools.partial(self.kernel, self)
+
   def init(self, param):
     return self.mu_codec.init(param), self.nu_codec.init(param)
 
@@ -260,11 +286,13 @@ class SeparateStorage(StorageBase):
 
   def write(self, mu, nu, ctx):
     key = ctx.rounding_key
+    whole = isinstance(ctx.row0, int) and ctx.row0 == 0
+    enc = lambda codec, x, k: codec.encode(x, k) if whole else codec.encode(x, k, row0=ctx.row0)
     if key is None or not self.needs_key:
-      mu_enc, nu_enc = self.mu_codec.encode(mu, None), self.nu_codec.encode(nu, None)
+      mu_enc, nu_enc = enc(self.mu_codec, mu, None), enc(self.nu_codec, nu, None)
     else:
       k_mu, k_nu = jax.random.split(key)
-      mu_enc, nu_enc = self.mu_codec.encode(mu, k_mu), self.nu_codec.encode(nu, k_nu)
+      mu_enc, nu_enc = enc(self.mu_codec, mu, k_mu), enc(self.nu_codec, nu, k_nu)
     if self.follow_sharding:
       mu_enc, nu_enc = _follow(mu_enc, mu), _follow(nu_enc, mu)
     return mu_enc, nu_enc

@@ -85,11 +85,16 @@ class BlockSignedCodec(NamedTuple):
     bits: 2, 3, 4, 6 or 8 (default 4).
     block_size: block length along the last axis (default 128).
     stochastic: unbiased stochastic rounding (default True) or nearest.
+
+  Rows are encoded independently (``rows_local``; ``encode(..., row0=r)`` encodes a chunk of
+  rows starting at row ``r`` exactly as those rows of the whole tensor).
   """
 
   bits: int = 4
   block_size: int = 128
   stochastic: bool = True
+
+  rows_local = True
 
   @property
   def needs_key(self):
@@ -101,10 +106,10 @@ class BlockSignedCodec(NamedTuple):
   def decode(self, encoded, like):
     return signed_decode(encoded, self.bits, self.block_size, like.shape[-1])
 
-  def encode(self, value, key):
+  def encode(self, value, key, row0=0):
     uniform = None
     if self.stochastic:
       _, n_pad = _dims(value.shape[-1], self.block_size)
       seed = key_to_seed(key) ^ jnp.uint32(0x5BD1E995)
-      uniform = counter_uniform_like(value.shape[:-1] + (n_pad,), seed)
+      uniform = counter_uniform_like(value.shape[:-1] + (n_pad,), seed, row0)
     return signed_encode(value, self.bits, self.block_size, uniform)

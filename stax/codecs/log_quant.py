@@ -138,9 +138,14 @@ def log_encode(v: jax.Array, bits: int, block_size: int,
   return LogQuantState(codes, scales)
 
 
-def counter_uniform_like(shape: tuple, seed: jax.Array) -> jax.Array:
-  """The seed's antithetic counter uniforms over a row-major layout of ``shape``."""
-  return counter_uniform(flat_index(shape), seed)
+def counter_uniform_like(shape: tuple, seed: jax.Array, row0: Any = 0) -> jax.Array:
+  """The seed's antithetic counter uniforms over a row-major layout of ``shape``, whose first
+  row is row ``row0`` of the whole tensor (a row chunk: the index is offset by
+  ``row0 · shape[-1]``, so a tensor encoded chunk by chunk draws the same stream as at once)."""
+  index = flat_index(shape)
+  if not (isinstance(row0, int) and row0 == 0):
+    index = index + jnp.asarray(row0).astype(jnp.uint32) * jnp.uint32(shape[-1])
+  return counter_uniform(index, seed)
 
 
 def key_to_seed(key: jax.Array) -> jax.Array:
@@ -158,13 +163,17 @@ class LogQuantCodec(NamedTuple):
     stochastic: value-unbiased stochastic rounding (default True) or nearest in log space.
 
   The random stream is the seed's counter hash keyed by a 32-bit seed drawn from the per-leaf
-  key the Adam core passes (state key folded with the step and the leaf index).
+  key the Adam core passes (state key folded with the step and the leaf index). Rows are
+  encoded independently (``rows_local``): ``encode(..., row0=r)`` encodes a chunk of rows
+  starting at row ``r`` exactly as those rows of the whole tensor.
   """
 
   bits: int = 4
   block_size: int = 128
 
   stochastic: bool = True
+
+  rows_local = True
 
   @property
   def needs_key(self) -> bool:
@@ -176,9 +185,9 @@ class LogQuantCodec(NamedTuple):
   def decode(self, encoded, like):
     return log_decode(encoded, self.bits, self.block_size, like.shape[-1])
 
-  def encode(self, value, key):
+  def encode(self, value, key, row0=0):
     uniform = None
     if self.stochastic:
       nb, n_pad = _dims(value.shape[-1], self.block_size)
-      uniform = counter_uniform_like(value.shape[:-1] + (n_pad,), key_to_seed(key))
+      uniform = counter_uniform_like(value.shape[:-1] + (n_pad,), key_to_seed(key), row0)
     return log_encode(value, self.bits, self.block_size, uniform)

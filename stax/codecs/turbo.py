@@ -177,8 +177,9 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
                   compress_v: bool, min_compress_elements: int, m_block_size: int,
                   m_bits: int = 4, step_factor: float = US.DEFAULT_STEP_FACTOR,
                   kernel: Optional[Callable] = None):
-  """The per-leaf storage callable used by :func:`stax.turbo_adam` (``kernel``: the faithful
-  storage's fused update, see :class:`TurboAdam02Storage`)."""
+  """The per-leaf storage callable used by :func:`stax.turbo_adam` (``kernel``: the compressed
+  leaves' fused update, see :class:`TurboAdam02Storage` and
+  :class:`~stax.codecs.base.SeparateStorage`)."""
 
   def choose(leaf):
     size = 1
@@ -193,7 +194,7 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
                                         b1, b2, eps, kernel), block_size)
     m_codec = BlockSignedCodec(m_bits, m_block_size) if cm else FullPrecision(jnp.float32)
     v_codec = LQ.LogQuantCodec(v_bits, block_size) if cv else FullPrecision(jnp.float32)
-    storage = SeparateStorage(m_codec, v_codec, follow_sharding=True)
+    storage = SeparateStorage(m_codec, v_codec, follow_sharding=True, kernel=kernel)
     return RowView(storage, block_size) if (cm or cv) else storage
 
   choose.needs_key = bool(compress_m or compress_v)  # some leaves round stochastically

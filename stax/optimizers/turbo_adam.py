@@ -121,12 +121,17 @@ def turbo_adam(
     seed: the rounding seed, an int in [0, 2**32) (default 0x12345678, the seed's default).
     mask: weight-decay mask (pytree or callable; default: all leaves).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
-    implementation: the fused update of the faithful codec's compressed leaves
-      (:mod:`stax.kernels.turbo_step`): ``None`` (default: the Pallas kernel on GPU where a
-      leaf's row is a multiple of ``block_size``, else the unfused ``"xla"`` path), ``"xla"`` or
-      ``"pallas"``. ``"pallas"`` needs ``codec="turboadam-0.2"`` with both moments compressed
-      (``ValueError`` otherwise); a leaf whose row is not a multiple of ``block_size`` then
-      raises ``ValueError`` when the step is traced.
+    implementation: the fused update of the compressed leaves (:mod:`stax.kernels.turbo_step`):
+      ``None`` (default: the best available), ``"xla"`` (read → step → write on the whole
+      tensor), ``"chunked"`` (the same a chunk of rows at a time in one XLA loop: bounded
+      temporaries; the ``"stax"`` codec; the default off GPU, where a leaf has more than one
+      chunk of rows) or ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both
+      moments compressed, the default on GPU where a leaf's row is a multiple of
+      ``block_size``). All give the same state bit for bit and the same update to float32
+      rounding. ``"chunked"`` with the faithful codec (its UState m has a tensor-wide step
+      size) and ``"pallas"`` without it raise ``ValueError``; a leaf a named implementation
+      cannot run (``"pallas"`` on a row that is not a multiple of ``block_size``) raises
+      ``ValueError`` when the step is traced.
 
   Parameters must be real floating-point (complex, integer and bool leaves raise ``TypeError`` at
   ``init``, naming the leaf). Non-default arguments with no effect (the codec arguments with
@@ -185,16 +190,20 @@ def turbo_adam(
       and V.is_concrete_number(b2) and float(b1) ** 2 >= float(b2)):
     raise ValueError(f"UState (codec='turboadam-0.2', compress_m=True) requires b1**2 < b2, "
                      f"got b1={b1}, b2={b2}.")
-  fusable = codec == "turboadam-0.2" and compress_m and compress_v
-  if implementation == "pallas" and not fusable:
+  faithful_fused = codec == "turboadam-0.2" and compress_m and compress_v
+  if implementation == "pallas" and not faithful_fused:
     raise ValueError("`implementation='pallas'` (the fused TurboAdam kernel) needs "
                      "codec='turboadam-0.2' with compress_m=True and compress_v=True, got "
                      f"codec={codec!r}, compress_m={compress_m}, compress_v={compress_v}.")
+  if implementation == "chunked" and codec != "stax":
+    raise ValueError("`implementation='chunked'` needs codec='stax' (rows encoded "
+                     "independently; UState's step size is a sum over the whole tensor), got "
+                     f"codec={codec!r}.")
   hook = turbo_step.kernel(implementation)
-  if not fusable:
+  if not (faithful_fused or (codec == "stax" and (compress_m or compress_v))):
     V.warn_no_effect("implementation", implementation, None,
-                     "without the faithful codec's fused update (codec='turboadam-0.2' with "
-                     "both moments compressed)")
+                     "without a fused update (codec='turboadam-0.2' needs both moments "
+                     "compressed; codec='stax' at least one)")
   storage = turbo_storage(codec, b1=b1, b2=b2, eps=eps, block_size=block_size, v_bits=v_bits,
                           compress_m=bool(compress_m), compress_v=bool(compress_v),
                           min_compress_elements=min_compress_elements,

@@ -1,9 +1,10 @@
-r"""The fused update of the TurboAdam storage: one pass over g and the packed state.
+r"""The fused update of the TurboAdam storages: one pass over g and the packed state.
 
-This is the op ``"turbo_step"`` (:mod:`stax.kernels._registry`): the ``fused_update`` of
-:class:`stax.codecs.turbo.TurboAdam02Storage` (TurboAdam 0.2.0's state: v as ``bits``-bit log
-codes with fp16 endpoints per block, m as 2-bit UState codes with bf16 means), reached through
-the shared Adam core (:func:`stax.scale_by_adam` hands the storage its per-leaf step as a pure
+This is the op ``"turbo_step"`` (:mod:`stax.kernels._registry`): the ``fused_update`` of both
+TurboAdam codecs' storages — :class:`stax.codecs.turbo.TurboAdam02Storage` (TurboAdam 0.2.0's
+state: v as ``bits``-bit log codes with fp16 endpoints per block, m as 2-bit UState codes with
+bf16 means) and the ``"stax"`` codec's :class:`~stax.codecs.base.SeparateStorage` (4-bit signed
+m, log v; every row encoded on its own) — reached through the shared Adam core (:func:`stax.scale_by_adam` hands the storage its per-leaf step as a pure
 function, :class:`stax.transforms.adam.LeafStep`). Per block of ``block_size`` elements of the
 leaf's row view it
 
@@ -18,14 +19,22 @@ leaf's row view it
 The random stream is the seed's counter hash, generated from (seed, step, leaf index, flat
 element index), so no random array moves.
 
+(The steps above are the faithful storage's; the ``"stax"`` codec's decode m from its signed
+codes and scales and re-encode both moments block by block, with no tensor-wide term.)
+
 Implementations:
 
 * ``"xla"``: :func:`turbo_update_reference` (:mod:`.reference`), read → step → write on the
-  whole tensor: bit for bit what the optimizer computes unfused;
-* ``"pallas"``: :func:`turbo_update_pallas` (:mod:`.pallas`); the row length must be a multiple
-  of ``block_size`` (else ``NotImplementedError``, and ``None`` falls back to ``"xla"``).
+  whole tensor: bit for bit what the optimizer computes unfused (both storages);
+* ``"chunked"``: :func:`turbo_update_chunked` (:mod:`.chunked`), the same a chunk of rows at a
+  time in one XLA loop, for a storage that encodes rows independently (the ``"stax"`` codec;
+  ``NotImplementedError`` for UState; a 1-D leaf, one that fits in one chunk or one sharded
+  under an explicit mesh runs as one chunk): bounded temporaries, cache-resident passes;
+* ``"pallas"``: :func:`turbo_update_pallas` (:mod:`.pallas`), the faithful storage only; the row
+  length must be a multiple of ``block_size`` (else ``NotImplementedError``).
 
-``implementation=None`` tries ``"pallas"`` then ``"xla"`` on GPU and runs ``"xla"`` elsewhere.
+``implementation=None`` tries ``"pallas"`` then ``"xla"`` on GPU, and ``"chunked"`` then
+``"xla"`` elsewhere.
 
 Example:
   >>> import jax.numpy as jnp, stax
@@ -44,16 +53,18 @@ import functools
 from typing import Any, Callable, Optional
 
 from stax.kernels._registry import Op
+from stax.kernels.turbo_step.chunked import turbo_update_chunked
 from stax.kernels.turbo_step.pallas import turbo_update_pallas
 from stax.kernels.turbo_step.reference import turbo_update_reference
 
-__all__ = ["turbo_fused_update", "turbo_update_reference", "turbo_update_pallas", "kernel",
-           "OP"]
+__all__ = ["turbo_fused_update", "turbo_update_reference", "turbo_update_chunked",
+           "turbo_update_pallas", "kernel", "OP"]
 
 #: The registry entry of this op.
 OP = Op("turbo_step", default_order={"gpu": ("pallas", "xla"), "other": ("xla",)})
 OP.register("xla", turbo_update_reference)
 OP.register("pallas", turbo_update_pallas)
+OP.register("chunked", turbo_update_chunked)
 
 
 def turbo_fused_update(storage: Any, g, step: Any, ctx: Any, *,
@@ -62,12 +73,13 @@ def turbo_fused_update(storage: Any, g, step: Any, ctx: Any, *,
 
   Args:
     storage: the leaf's :class:`~stax.codecs.turbo.TurboAdam02Storage` (both moments
-      compressed), seen through its row view.
+      compressed) or ``"stax"``-codec :class:`~stax.codecs.base.SeparateStorage`, seen through
+      its row view.
     g: the gradient, shaped as the row view.
     step: the core's :class:`~stax.transforms.adam.LeafStep`.
     ctx: the core's write context (:class:`~stax.codecs.base.StorageStep`: the previous
       encodings, the step count, the leaf index and the state key).
-    implementation: ``"xla"``, ``"pallas"`` or ``None`` (best available).
+    implementation: ``"xla"``, ``"chunked"``, ``"pallas"`` or ``None`` (best available).
 
   Returns:
     ``(update, mu_enc, nu_enc)``: the Adam direction and the new encodings.

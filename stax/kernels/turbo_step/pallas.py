@@ -36,8 +36,12 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   """The fused update as one Pallas kernel (same arguments and result as the reference).
 
   Raises:
-    NotImplementedError: when the row length is not a multiple of ``storage.block_size``.
+    NotImplementedError: for a storage other than TurboAdam 0.2.0's (the ``"stax"`` codec has no
+      Pallas kernel yet), or when the row length is not a multiple of ``storage.block_size``.
   """
+  if not hasattr(storage, "decode_block"):
+    raise NotImplementedError("the Pallas kernel is TurboAdam 0.2.0's storage's "
+                              "(codec='turboadam-0.2')")
   shape = g.shape
   n, bs, mb, bits = shape[-1], storage.block_size, storage.m_block_size, storage.bits
   if n % bs:
