@@ -146,16 +146,21 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
   size = list(dict.fromkeys(r["size"] for r in recs))[-1]
   recs = [r for r in recs if r["size"] == size]
   bw = recs[0]["copy_gbs"]
+  gf = next((r["matmul_gflops"] for r in recs if r.get("matmul_gflops")), None)
+  gf_txt = (f" and float32 matmul throughput **{gf:.0f} GFLOP/s** (a 2048² `x @ x`)"
+            if gf else "")
   out = ["#### Roofline at " + size + " parameters", "",
-         f"Copy bandwidth measured in the same run: **{bw:.1f} GB/s** (donated `x * c` over "
-         "256 MiB, read + write). *ideal B/param*: read p and g, write p, read and write the "
-         "state once; *bound*: the ideal bytes at that bandwidth; *XLA B/param*: the compiled "
-         "step's bytes accessed (XLA's cost analysis); *target*: the speed issue's ratio to the "
-         "baseline in this run; *vs seed*: step time over the seed package's (same size, same "
-         "run); *compile × adamw*: the step's compile time over optax.adamw's.", "",
-         "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | GB/s "
-         "(XLA) | target | vs seed | compile × adamw |",
-         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+         f"Measured in the same run: copy bandwidth **{bw:.1f} GB/s** (donated `x * c` over "
+         f"256 MiB, read + write){gf_txt}. *ideal B/param*: read p and g, write p, read and "
+         "write the state once; *flops/param*: XLA's flop count of the compiled step; *bound*: "
+         "the larger of the ideal bytes at that bandwidth (m) and the flops at that throughput "
+         "(c); *XLA B/param*: the compiled step's bytes accessed (XLA's cost analysis); "
+         "*target*: the speed issue's ratio to the baseline in this run; *vs seed*: step time "
+         "over the seed package's (same size, same run); *compile × adamw*: the step's compile "
+         "time over optax.adamw's.", "",
+         "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | "
+         "flops/param | GB/s (XLA) | target | vs seed | compile × adamw |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
   for r in recs:
     t = r.get("target")
     tgt = ""
@@ -163,10 +168,12 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
       tgt = (f"{t['measured']:.2f}× {t['baseline']} (≤ {t['ratio']:g}: "
              f"{'met' if t['met'] else '**not met**'})")
     vs = r.get("vs_seed")
+    kind = {"memory": " (m)", "compute": " (c)"}.get(r.get("bound_kind"), "")
     out.append(f"| {r['optimizer']} | {_f(r['step_ms'], '{:.2f}')} | "
-               f"{_f(r['bound_ms'], '{:.2f}')} | {_f(r['vs_bound'], '{:.1f}')} | "
+               f"{_f(r['bound_ms'], '{:.2f}')}{kind} | {_f(r['vs_bound'], '{:.1f}')} | "
                f"{_f(r.get('xla_bytes_per_param'), '{:.1f}')} | "
                f"{_f(r['ideal_bytes_per_param'], '{:.1f}')} | "
+               f"{_f(r.get('flops_per_param'), '{:.0f}')} | "
                f"{_f(r.get('achieved_gbs'), '{:.1f}')} | {tgt} | "
                f"{_f(vs and vs['ratio'], '{:.2f}')} | "
                f"{_f(r.get('compile_vs_optax_adamw'), '{:.1f}')} |")

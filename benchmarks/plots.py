@@ -164,15 +164,18 @@ def roofline_plot(results, out: pathlib.Path):
   fig, ax = plt.subplots(figsize=(9, max(4, 0.32 * len(names) + 1.5)))
   ax.barh(y - 0.2, [r["step_ms"] for r in recs], height=0.4, label="measured step")
   ax.barh(y + 0.2, [r["bound_ms"] for r in recs], height=0.4, color="tab:grey",
-          label=f"bound: ideal bytes at {recs[0]['copy_gbs']:.1f} GB/s")
+          label=f"bound: ideal bytes at {recs[0]['copy_gbs']:.1f} GB/s, or XLA's flops at the "
+                "measured matmul rate if larger (c)")
   for yi, r in zip(y, recs):
-    ax.text(r["step_ms"], yi - 0.2, f" {r['vs_bound']:.1f}× bound", va="center", fontsize=7)
+    kind = " (c)" if r.get("bound_kind") == "compute" else ""
+    ax.text(r["step_ms"], yi - 0.2, f" {r['vs_bound']:.1f}× bound{kind}", va="center",
+            fontsize=7)
   ax.set_yticks(y)
   ax.set_yticklabels(names, fontsize=8)
   ax.invert_yaxis()
   ax.set_xscale("log")
   ax.set_xlabel(f"ms per step at {size} parameters (CPU, donated)")
-  ax.set_title("roofline: step time vs the memory-traffic bound")
+  ax.set_title("roofline: step time vs its memory-traffic or compute bound")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, axis="x")
   fig.tight_layout()

@@ -138,13 +138,15 @@ def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
 
 
 def compiled_cost(compiled) -> dict:
-  """``bytes_accessed``, ``flops`` (XLA's cost analysis) and ``temp_bytes`` of a compiled step."""
+  """``bytes_accessed``, ``flops``, ``transcendentals`` (XLA's cost analysis) and ``temp_bytes``
+  of a compiled step."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   ca = ca or {}
   out = {"bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
-         "flops": float(ca.get("flops", float("nan")))}
+         "flops": float(ca.get("flops", float("nan"))),
+         "transcendentals": float(ca.get("transcendentals", float("nan")))}
   try:
     out["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # noqa: BLE001 - not every backend reports it
@@ -168,6 +170,25 @@ def copy_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 7) -> float:
     x = fn(x).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2 * n_bytes / best / 1e9
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """This machine's float32 matrix-multiply throughput in GFLOP/s, measured now: a jitted
+  ``n×n @ n×n`` (``2n³`` flops), best of ``repeats``. The roofline's compute bound: a step that
+  must do F flops takes at least F / this (a lower bound for elementwise work too, which runs
+  below the matmul peak)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  fn = jax.jit(lambda x: x @ x)
+  fn(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best / 1e9
 
 
 def ideal_bytes_per_param(state_bytes_per_param: float, param_itemsize: int = 4) -> float:
@@ -210,11 +231,14 @@ SEEDS = {
 }
 
 
-def roofline(records: list[dict], copy_gbs: float) -> None:
+def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None) -> None:
   """Adds the roofline fields to each speed record, in place: ``ideal_bytes_per_param``,
-  ``bound_ms`` (the ideal bytes at the measured copy bandwidth), ``vs_bound`` (step / bound),
-  ``xla_bytes_per_param`` and ``achieved_gbs`` (XLA's count of the bytes the compiled step
-  accesses, over the step time), and the target and seed comparisons (same size, same run)."""
+  ``memory_bound_ms`` (the ideal bytes at the measured copy bandwidth), ``compute_bound_ms``
+  (XLA's flop count of the compiled step at the measured matmul throughput ``gflops``, JAX
+  records only), ``bound_ms`` (the larger) and ``bound_kind`` ("memory" or "compute"),
+  ``vs_bound`` (step / bound), ``xla_bytes_per_param``, ``flops_per_param`` and
+  ``achieved_gbs`` (XLA's count of the bytes the compiled step accesses, over the step time),
+  and the target and seed comparisons (same size, same run)."""
   by = {(r["size"], r["optimizer"]): r for r in records if not r.get("error")}
   for r in records:
     if r.get("error") or "state_bytes_per_param" not in r:
@@ -223,7 +247,15 @@ def roofline(records: list[dict], copy_gbs: float) -> None:
     ideal = ideal_bytes_per_param(r["state_bytes_per_param"])
     r["ideal_bytes_per_param"] = ideal
     r["copy_gbs"] = copy_gbs
-    r["bound_ms"] = 1e3 * ideal * n / (copy_gbs * 1e9)
+    r["memory_bound_ms"] = 1e3 * ideal * n / (copy_gbs * 1e9)
+    r["bound_ms"], r["bound_kind"] = r["memory_bound_ms"], "memory"
+    flops = r.get("flops")
+    if gflops and flops is not None and np.isfinite(flops):
+      r["matmul_gflops"] = gflops
+      r["flops_per_param"] = flops / n
+      r["compute_bound_ms"] = 1e3 * flops / (gflops * 1e9)
+      if r["compute_bound_ms"] > r["memory_bound_ms"]:
+        r["bound_ms"], r["bound_kind"] = r["compute_bound_ms"], "compute"
     r["vs_bound"] = r["step_ms"] / r["bound_ms"]
     ba = r.get("bytes_accessed")
     if ba is not None and np.isfinite(ba):
@@ -245,11 +277,18 @@ def roofline(records: list[dict], copy_gbs: float) -> None:
         r["vs_seed"] = {"seed": SEEDS[r["optimizer"]], "ratio": r["step_ms"] / sd["step_ms"]}
 
 
+#: ``stax.scao`` variants timed by phase: the default (low-rank, rank up to 128 per side) and
+#: the same at rank up to 32 (its preconditioner's four m·n·K products are compute-bound, so
+#: the step scales with K). The faithful ``scao-0.2.4`` mode, with full curvature matrices,
+#: took 66 s per refresh at 16M on this CPU: add ``("stax.scao[scao-0.2.4]", {"mode":
+#: "scao-0.2.4"})`` to time it.
+SCAO_PHASE_VARIANTS = (("stax.scao", {}), ("stax.scao[k_max=32]", {"k_max": 32}))
+
+
 def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int = 20,
-                periods: int = 1, modes=("lowrank",), log=print) -> list[dict]:
-  """Step time of ``stax.scao`` (``modes``; default the low-rank one, whose target this is) in
-  each phase, and amortised over its period. (The faithful ``"scao-0.2.4"`` mode, with full
-  curvature matrices, took 66 s per refresh at 16M on this CPU: pass it explicitly.)
+                periods: int = 1, variants=SCAO_PHASE_VARIANTS, log=print) -> list[dict]:
+  """Step time of each ``stax.scao`` variant (``(name, keyword arguments)``; default
+  :data:`SCAO_PHASE_VARIANTS`) in each phase, and amortised over its period.
 
   One donated compiled step runs ``warmup_steps + periods * precond_freq`` times on a fixed
   gradient, each call timed. Step ``t`` (1-based) is a *warm-up* step while ``t <=
@@ -268,12 +307,11 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
   params_np, order = make_params(size)
   base_ms, _, _ = time_jax(optax.adamw(1e-3, weight_decay=WEIGHT_DECAY), params_np, steps=10)
   out = []
-  names = {"lowrank": "stax.scao", "scao-0.2.4": "stax.scao[scao-0.2.4]"}
-  for mode in modes:
-    name = names[mode]
+  for name, kwargs in variants:
+    mode = kwargs.get("mode", "lowrank")
     try:
       tx = stax.scao(1e-3, weight_decay=WEIGHT_DECAY, warmup_steps=warmup_steps,
-                     precond_freq=precond_freq, mode=mode)
+                     precond_freq=precond_freq, **kwargs)
       params = jax.tree.map(jnp.asarray, params_np)
       rng = np.random.default_rng(1)
       grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)
@@ -430,7 +468,7 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
       records.append(rec)
       if progress is not None:
         progress.update(1)
-  roofline(records, copy_bandwidth_gbs())
+  roofline(records, copy_bandwidth_gbs(), matmul_gflops())
   return records
 
 

@@ -108,11 +108,20 @@ def test_json_schema_and_finite_numbers(tiny_run):
   for r in saved["speed"]:
     assert r["error"] is None, r
     assert r["step_ms"] > 0 and math.isfinite(r["step_ms"])
-    # Roofline: the bound is the state layout's bytes at the bandwidth measured in the run.
+    # Roofline: the bound is the larger of the state layout's bytes at the bandwidth and
+    # (JAX) XLA's flops at the matmul throughput, both measured in the run.
     assert r["ideal_bytes_per_param"] == pytest.approx(12 + 2 * r["state_bytes_per_param"])
-    assert r["bound_ms"] == pytest.approx(
+    assert r["memory_bound_ms"] == pytest.approx(
         1e3 * r["ideal_bytes_per_param"] * r["n_params"] / (r["copy_gbs"] * 1e9))
     assert 0.1 < r["copy_gbs"] < 1e4
+    if r["framework"] == "jax":
+      assert 0.1 < r["matmul_gflops"] < 1e6
+      assert r["compute_bound_ms"] == pytest.approx(1e3 * r["flops"] / (r["matmul_gflops"] * 1e9))
+      assert r["bound_ms"] == max(r["memory_bound_ms"], r["compute_bound_ms"])
+      assert r["bound_kind"] == ("compute" if r["compute_bound_ms"] > r["memory_bound_ms"]
+                                 else "memory")
+    else:
+      assert r["bound_ms"] == r["memory_bound_ms"] and r["bound_kind"] == "memory"
     if r["framework"] == "jax":  # a compiled AdamW step reads p, g, m, v and writes p, m, v
       assert r["xla_bytes_per_param"] >= r["ideal_bytes_per_param"] - 1e-6, r
   assert {p for p in saved["plots"]} >= {"digits_loss.png", "speed_memory.png", "roofline.png"}

@@ -71,7 +71,7 @@ import optax
 from stax import _validation as V
 from stax.transforms import kron as K
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import nonfinite_guard
+from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
 
 __all__ = ["scao", "scao_diagnostics", "DEFAULT_MODE"]
 
@@ -146,6 +146,7 @@ def scao(
       ``(heads, dh, out)`` are split where their matrix is; ``-1`` for Flax convs).
     seed: seed of the key of ``lowrank``'s randomized subspace iteration (default 0).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
+      Every part is gate-aware: a skipped step refreshes no factor and moves no counter.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; read its state with :func:`scao_diagnostics`.
@@ -171,12 +172,12 @@ def scao(
     V.warn_no_effect("seed", seed, 0, "with mode='scao-0.2.4' (it draws no random numbers)")
     precond = K.scale_by_kron_scao(schedule=schedule, hyperparams=curvature,
                                    dimension_numbers=dimension_numbers)
-  tx = optax.chain(
+  tx = gated_chain(
       precond,
       scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32, nu_dtype=jnp.float32),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-      _cast_to_params(),
+      gate_state(optax.add_decayed_weights(weight_decay, mask)),
+      gate_state(optax.scale_by_learning_rate(learning_rate)),
+      gate_state(_cast_to_params()),
   )
   return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer="stax.scao")
 

@@ -166,11 +166,9 @@ def lowrank_precondition(st: LowRankState, g: jax.Array) -> jax.Array:
   m, n = g.shape
   d_l = _side_gain(st.S_l, st.k[0], st.trace, m)
   d_r = _side_gain(st.S_r, st.k[1], st.trace, n)
-  a = st.U_l.T @ g                       # K × n
-  b = g @ st.U_r                         # m × K
-  c = a @ st.U_r                         # K × K
-  out = (g + st.U_l @ (d_l[:, None] * a) + (b * d_r[None, :]) @ st.U_r.T
-         + st.U_l @ ((d_l[:, None] * c * d_r[None, :]) @ st.U_r.T))
+  # Left factor first, then the right one: four m·n·K products (the expanded sum has five).
+  h = g + st.U_l @ (d_l[:, None] * (st.U_l.T @ g))
+  out = h + ((h @ st.U_r) * d_r[None, :]) @ st.U_r.T
   gn = num.norm(g)                       # overflow-safe; bit-identical for ordinary g
   on = num.norm(out)
   ok = on > 0
