@@ -138,6 +138,14 @@ def section(results: dict, link_base: str) -> str:
   return "\n".join(out).rstrip() + "\n"
 
 
+def _floor(r: dict) -> str:
+  fl = r.get("floor")
+  if not fl:
+    return ""
+  verdict = "reachable" if fl["reachable"] else "**target below the floor**"
+  return f"{fl['ratio']:.2f}× ({fl['kind']}; {verdict})"
+
+
 def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
   """The roofline table at the largest size of the run (see benchmarks/speed.py)."""
   recs = [r for r in speed if not r.get("error") and r.get("bound_ms")]
@@ -159,8 +167,8 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
          "over the seed package's (same size, same run); *compile × adamw*: the step's compile "
          "time over optax.adamw's.", "",
          "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | "
-         "flops/param | GB/s (XLA) | target | vs seed | compile × adamw |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+         "flops/param | GB/s (XLA) | target | floor | vs seed | compile × adamw |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
   for r in recs:
     t = r.get("target")
     tgt = ""
@@ -174,30 +182,46 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
                f"{_f(r.get('xla_bytes_per_param'), '{:.1f}')} | "
                f"{_f(r['ideal_bytes_per_param'], '{:.1f}')} | "
                f"{_f(r.get('flops_per_param'), '{:.0f}')} | "
-               f"{_f(r.get('achieved_gbs'), '{:.1f}')} | {tgt} | "
+               f"{_f(r.get('achieved_gbs'), '{:.1f}')} | {tgt} | {_floor(r)} | "
                f"{_f(vs and vs['ratio'], '{:.2f}')} | "
                f"{_f(r.get('compile_vs_optax_adamw'), '{:.1f}')} |")
   out.append("")
+  floors = [r for r in recs if r.get("floor")]
+  if floors:
+    out += ["*floor*: what the step cannot go below with its design, measured in this run: the "
+            "largest of its one-pass ideal bytes plus the reads it cannot avoid at the copy "
+            "bandwidth (*memory*), XLA's flop count at the matmul rate (*flops*) and XLA's "
+            "transcendental count at the measured exp rate (*transcendentals*), as a ratio to "
+            "the target's baseline; *reachable* when that ratio is within the target. Why each "
+            "floor is where it is:", ""]
+    for r in floors:
+      fl = r["floor"]
+      out.append(f"- {r['optimizer']}: {fl['reason']} (+{fl['extra_bytes_per_param']:g} "
+                 f"B/param); floor {fl['ms']:.1f} ms ({fl['kind']}).")
+    out.append("")
   phases = [r for r in results.get("speed_phases") or [] if not r.get("error")]
   if phases:
     out += ["SCAO by phase (one compiled step timed call by call; warm-up and period "
             f"{phases[0]['precond_freq']} steps; ratios to optax.adamw in the same process; "
-            "amortised = (refresh + (period − 1) · preconditioned) / period, target ≤ 1.5):", "",
+            "amortised = (refresh + (period − 1) · preconditioned) / period, target ≤ 1.5; "
+            "*floor*: a preconditioned step's ideal bytes plus the check's read of g at the copy "
+            "bandwidth, or the preconditioner's four m·n·K products per matrix at the matmul "
+            "rate, whichever is larger, both measured in the same process):", "",
             "| optimizer | warm-up ms | preconditioned ms | refresh ms | amortised ms | "
-            "amortised × adamw |", "|---|---:|---:|---:|---:|---:|"]
+            "amortised × adamw | floor |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in phases:
       out.append(f"| {r['optimizer']} | {_f(r['warmup_ms'], '{:.1f}')} | "
                  f"{_f(r['precond_ms'], '{:.1f}')} | {_f(r['refresh_ms'], '{:.1f}')} | "
                  f"{_f(r['amortised_ms'], '{:.1f}')} | "
-                 f"{_f(r['amortised_vs_optax_adamw'], '{:.2f}')} |")
+                 f"{_f(r['amortised_vs_optax_adamw'], '{:.2f}')} | {_floor(r)} |")
     out.append("")
   mem = [r for r in results.get("step_memory") or [] if not r.get("error")]
   if mem:
     out += [f"Peak memory of one step at {mem[0]['size']} parameters "
             f"({mem[0]['n_params'] / 1e6:.0f}M; XLA's buffer assignment of the donated, jitted "
             "step: arguments + unaliased outputs + temporaries; *lean*: compiled with "
-            "`stax.lean_memory_options()`; ratio to optax.adamw with the default scheduler, "
-            "target ≤ 1 for TurboAdam):", "",
+            "`stax.LEAN_MEMORY_FLAG` in `XLA_FLAGS`; ratio to optax.adamw with the default "
+            "scheduler, target ≤ 1 for TurboAdam):", "",
             "| optimizer | scheduler | arguments GiB | temporaries GiB | peak GiB | × optax.adamw |",
             "|---|---|---:|---:|---:|---:|"]
     for r in mem:

@@ -154,6 +154,20 @@ def compiled_cost(compiled) -> dict:
   return out
 
 
+def _best_seconds(fn, x, repeats: int, chain: bool) -> float:
+  """Best wall time of ``fn(x)`` over ``repeats`` calls after one warm-up call; with ``chain``
+  each call's output is the next call's (donated) input."""
+  y = fn(x).block_until_ready()
+  x = y if chain else x
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    y = fn(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+    x = y if chain else x
+  return best
+
+
 def copy_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 7) -> float:
   """This machine's streaming bandwidth in GB/s, measured now: a jitted, donated ``x * c`` over
   ``n_bytes`` of float32 (each byte read once and written once; both counted), best of
@@ -161,14 +175,8 @@ def copy_bandwidth_gbs(n_bytes: int = 256 << 20, repeats: int = 7) -> float:
   import jax
   import jax.numpy as jnp
 
-  x = jnp.ones((n_bytes // 4,), jnp.float32)
   fn = jax.jit(lambda a: a * jnp.float32(1.0000001), donate_argnums=0)
-  x = fn(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    x = fn(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  best = _best_seconds(fn, jnp.ones((n_bytes // 4,), jnp.float32), repeats, chain=True)
   return 2 * n_bytes / best / 1e9
 
 
@@ -181,14 +189,21 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   import jax.numpy as jnp
 
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  fn = jax.jit(lambda x: x @ x)
-  fn(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
+  best = _best_seconds(jax.jit(lambda x: x @ x), a, repeats, chain=False)
   return 2 * n ** 3 / best / 1e9
+
+
+def exp_rate_gelems(n: int = 1 << 25, repeats: int = 5) -> float:
+  """This machine's throughput of a float32 transcendental in G elements/s, measured now: a
+  jitted, donated ``exp(x · 1e-9)`` over ``n`` elements, best of ``repeats`` (XLA counts each
+  log/exp/power as one transcendental). The roofline's floor for a step with T transcendentals
+  is at least T / this (TurboAdam's codecs: a log and exps per element)."""
+  import jax
+  import jax.numpy as jnp
+
+  fn = jax.jit(lambda a: jnp.exp(a * jnp.float32(1e-9)), donate_argnums=0)
+  best = _best_seconds(fn, jnp.ones((n,), jnp.float32), repeats, chain=True)
+  return n / best / 1e9
 
 
 def ideal_bytes_per_param(state_bytes_per_param: float, param_itemsize: int = 4) -> float:
@@ -215,6 +230,32 @@ TARGETS = {
     "stax.oadamw[gradient]": ("optax.contrib.muon", 1.05),
 }
 
+# What a step cannot avoid beyond its one-pass ideal bytes: extra float32 reads per parameter
+# (bytes) and why. The floor of a step (``roofline``) is the largest of (ideal + extra) bytes at
+# the copy bandwidth, XLA's flops at the matmul rate and XLA's transcendentals at the exp rate,
+# all measured in the same run; its ratio to the target's baseline says whether the target is
+# reachable with this design (floor <= target) or not.
+_CHECK = "the non-finite check reads g before the update pass can start"
+FLOORS = {
+    "stax.adamw": (4, _CHECK),
+    "stax.stac": (4, _CHECK),
+    "stax.stam[seed]": (12, _CHECK + "; g and m are read again for the per-tensor residual "
+                        "statistics that set β1 before the update pass"),
+    "stax.stam[snr]": (12, _CHECK + "; g and m are read again for the per-tensor SNR "
+                       "statistics that set β1 before the update pass"),
+    "stax.stam_lite[seed]": (8, _CHECK + "; g is read again for the per-tensor mean of g² "
+                             "(the stored v) before the update pass"),
+    "stax.stam_lite[snr]": (12, _CHECK + "; g and m are read again for the per-tensor "
+                            "statistics before the update pass"),
+    "stax.stable_adamw": (12, _CHECK + "; g and v are read again for the per-tensor RMS "
+                          "clip before the update pass"),
+    "stax.turbo_adam": (4, _CHECK + "; the codec's log and exps per element (transcendentals)"),
+    "stax.turbo_adam[turboadam-0.2]": (4, _CHECK + "; the codec's log and exps per element "
+                                       "(transcendentals)"),
+    "stax.oadamw": (4, _CHECK + "; Newton–Schulz's matrix products (flops)"),
+    "stax.oadamw[gradient]": (4, _CHECK + "; Newton–Schulz's matrix products (flops)"),
+}
+
 # Each stax optimizer's seed package in the benchmark (OAdamW is not on PyPI: its base,
 # optimi's StableAdamW, stands in for stable_adamw only).
 SEEDS = {
@@ -231,14 +272,17 @@ SEEDS = {
 }
 
 
-def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None) -> None:
+def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
+             exp_gelems: float | None = None) -> None:
   """Adds the roofline fields to each speed record, in place: ``ideal_bytes_per_param``,
   ``memory_bound_ms`` (the ideal bytes at the measured copy bandwidth), ``compute_bound_ms``
   (XLA's flop count of the compiled step at the measured matmul throughput ``gflops``, JAX
   records only), ``bound_ms`` (the larger) and ``bound_kind`` ("memory" or "compute"),
   ``vs_bound`` (step / bound), ``xla_bytes_per_param``, ``flops_per_param`` and
   ``achieved_gbs`` (XLA's count of the bytes the compiled step accesses, over the step time),
-  and the target and seed comparisons (same size, same run)."""
+  and the target and seed comparisons (same size, same run). For an optimizer with a target,
+  ``floor`` (:data:`FLOORS`): the floor's ms, its ratio to the baseline's measured step and the
+  reason."""
   by = {(r["size"], r["optimizer"]): r for r in records if not r.get("error")}
   for r in records:
     if r.get("error") or "state_bytes_per_param" not in r:
@@ -271,6 +315,19 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None) 
         r["target"] = {"baseline": base, "ratio": ratio,
                        "measured": r["step_ms"] / b["step_ms"],
                        "met": r["step_ms"] / b["step_ms"] <= ratio}
+        if r["optimizer"] in FLOORS:
+          extra, why = FLOORS[r["optimizer"]]
+          parts = {"memory": 1e3 * (ideal + extra) * n / (copy_gbs * 1e9)}
+          if r.get("compute_bound_ms") is not None:
+            parts["flops"] = r["compute_bound_ms"]
+          tr = r.get("transcendentals")
+          if exp_gelems and tr is not None and np.isfinite(tr):
+            parts["transcendentals"] = 1e3 * tr / (exp_gelems * 1e9)
+          kind = max(parts, key=parts.get)
+          r["floor"] = {"ms": parts[kind], "kind": kind, "parts_ms": parts,
+                        "extra_bytes_per_param": extra, "reason": why,
+                        "ratio": parts[kind] / b["step_ms"],
+                        "reachable": parts[kind] / b["step_ms"] <= ratio}
     if r["optimizer"] in SEEDS:
       sd = by.get((r["size"], SEEDS[r["optimizer"]]))
       if sd is not None:
@@ -285,6 +342,24 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None) 
 SCAO_PHASE_VARIANTS = (("stax.scao", {}), ("stax.scao[k_max=32]", {"k_max": 32}))
 
 
+def scao_precond_flops(size: str, k_max: int = 128, k_min: int = 8,
+                       max_precond_dim: int = 4096) -> float:
+  """Flops of the low-rank preconditioner on the GPT parameter set ``size``: four m·n·K
+  products per preconditioned matrix (``stax.transforms.kron.lowrank``), 8·m·n·K flops, with
+  the plan ``stax.scao`` makes (vectors, sides of 1 and sides above ``max_precond_dim`` pass
+  through)."""
+  from stax.transforms.kron.lowrank import _plan
+  total = 0.0
+  for leaves in _gpt_shapes(param_shapes(size)).values():
+    for shape in leaves.values():
+      if len(shape) != 2:
+        continue
+      plan = _plan(shape[0], shape[1], k_min, k_max, max_precond_dim)
+      if plan is not None:
+        total += 8.0 * plan.m * plan.n * plan.kmax
+  return total
+
+
 def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int = 20,
                 periods: int = 1, variants=SCAO_PHASE_VARIANTS, log=print) -> list[dict]:
   """Step time of each ``stax.scao`` variant (``(name, keyword arguments)``; default
@@ -296,7 +371,11 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
   ``t % precond_freq == 0`` (the curvature update, :mod:`stax.transforms.kron._schedule`).
   Reported per mode: the median of each phase, and the amortised preconditioned step
   ``(refresh + (precond_freq - 1) * preconditioned) / precond_freq``, with ``optax.adamw``'s
-  median step from the same process (its ratio is the speed issue's target, <= 1.5).
+  median step from the same process (its ratio is the speed issue's target, <= 1.5), and the
+  amortised step's floor: a preconditioned step can go no faster than the larger of its ideal
+  bytes (plus the non-finite check's read of g) at the copy bandwidth and the preconditioner's
+  flops (:func:`scao_precond_flops`) at the matmul rate, both measured here (the refresh only
+  adds to it).
   """
   import jax
   import jax.numpy as jnp
@@ -306,6 +385,7 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
   from benchmarks.optimizers import WEIGHT_DECAY
   params_np, order = make_params(size)
   base_ms, _, _ = time_jax(optax.adamw(1e-3, weight_decay=WEIGHT_DECAY), params_np, steps=10)
+  copy_gbs, gflops, n = copy_bandwidth_gbs(), matmul_gflops(), n_params_of(size)
   out = []
   for name, kwargs in variants:
     mode = kwargs.get("mode", "lowrank")
@@ -340,6 +420,15 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
              **{f"{k}_ms": v for k, v in med.items()}, "amortised_ms": amort,
              "amortised_vs_optax_adamw": amort / base_ms,
              "warmup_vs_optax_adamw": med["warmup"] / base_ms, "error": None}
+      if mode == "lowrank":
+        state_bpp = jax_state_bytes(tx, params_np) / n
+        parts = {"memory": 1e3 * (ideal_bytes_per_param(state_bpp) + 4) * n / (copy_gbs * 1e9),
+                 "flops": 1e3 * scao_precond_flops(size, kwargs.get("k_max", 128))
+                          / (gflops * 1e9)}
+        kind = max(parts, key=parts.get)
+        rec["floor"] = {"ms": parts[kind], "kind": kind, "parts_ms": parts,
+                        "ratio": parts[kind] / base_ms, "reachable": parts[kind] / base_ms <= 1.5,
+                        "copy_gbs": copy_gbs, "matmul_gflops": gflops}
     except Exception as e:  # noqa: BLE001 - one mode failing must not stop the run
       rec = {"size": size, "optimizer": name, "mode": mode, "error": f"{type(e).__name__}: {e}"}
       log(f"  scao phases {name}: {rec['error']}")
@@ -347,8 +436,8 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
   return out
 
 
-MEMORY_ENTRIES = ("optax.adamw", "stax.adamw", "stax.turbo_adam", "stax.turbo_adam[chunked]",
-                  "stax.turbo_adam[turboadam-0.2]")
+MEMORY_ENTRIES = ("optax.adamw", "stax.adamw", "stax.stam_lite", "stax.turbo_adam",
+                  "stax.turbo_adam[chunked]", "stax.turbo_adam[turboadam-0.2]")
 
 
 def _memory_tx(name: str):
@@ -359,6 +448,7 @@ def _memory_tx(name: str):
   wd = WEIGHT_DECAY
   return {"optax.adamw": lambda: optax.adamw(1e-3, weight_decay=wd),
           "stax.adamw": lambda: stax.adamw(1e-3, weight_decay=wd),
+          "stax.stam_lite": lambda: stax.stam_lite(1e-3, weight_decay=wd),
           "stax.turbo_adam": lambda: stax.turbo_adam(1e-3, weight_decay=wd),
           "stax.turbo_adam[chunked]": lambda: stax.turbo_adam(1e-3, weight_decay=wd,
                                                               implementation="chunked"),
@@ -366,49 +456,69 @@ def _memory_tx(name: str):
               1e-3, weight_decay=wd, codec="turboadam-0.2")}[name]()
 
 
-def step_memory(size: str = "128M", names=MEMORY_ENTRIES, log=print) -> list[dict]:
-  """Peak memory of one donated, jitted ``update`` + ``apply_updates`` step at ``size``, from
-  XLA's buffer assignment (``compiled.memory_analysis()``; compiled on abstract shapes, nothing
-  is allocated): arguments (params, state, gradients) + outputs not aliased to a donated
-  argument + temporaries. Each optimizer is compiled twice: with XLA's default CPU scheduler
-  and with :func:`stax.lean_memory_options`. ``vs_optax_adamw`` is the peak over
-  ``optax.adamw``'s with the default scheduler (the speed issue's target for TurboAdam: <= 1).
-  """
+def _memory_records(size: str, names) -> list[dict]:
+  """Peak memory of each optimizer's step at ``size`` under this process's XLA flags."""
   import jax
   import jax.numpy as jnp
   import optax
 
-  import stax
   shapes = _gpt_shapes(param_shapes(size))
   params = {m: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in leaves.items()}
             for m, leaves in shapes.items()}
-  n = n_params_of(size)
-  out, base = [], None
+  out = []
   for name in names:
-    for sched, opts in (("default", {}), ("lean", stax.lean_memory_options())):
-      tx = _memory_tx(name)
+    tx = _memory_tx(name)
 
-      def step(p, s, g, tx=tx):
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
 
-      t0 = time.perf_counter()
-      state = jax.eval_shape(tx.init, params)
-      m = jax.jit(step, donate_argnums=(0, 1), compiler_options=opts).lower(
-          params, state, params).compile().memory_analysis()
-      peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-              + m.temp_size_in_bytes)
-      rec = {"size": size, "n_params": n, "optimizer": name, "scheduler": sched,
-             "argument_gib": m.argument_size_in_bytes / 2 ** 30,
-             "temp_gib": m.temp_size_in_bytes / 2 ** 30, "peak_gib": peak / 2 ** 30,
-             "compile_s": time.perf_counter() - t0}
-      if base is None:
-        base = rec["peak_gib"]
-      rec["vs_optax_adamw"] = rec["peak_gib"] / base
-      log(f"  step memory {size} {name} ({sched}): peak {rec['peak_gib']:.2f} GiB, "
-          f"temporaries {rec['temp_gib']:.2f} GiB ({rec['vs_optax_adamw']:.2f}x optax.adamw)")
-      out.append(rec)
+    t0 = time.perf_counter()
+    state = jax.eval_shape(tx.init, params)
+    m = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile(
+        ).memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+    out.append({"size": size, "n_params": n_params_of(size), "optimizer": name,
+                "argument_gib": m.argument_size_in_bytes / 2 ** 30,
+                "temp_gib": m.temp_size_in_bytes / 2 ** 30, "peak_gib": peak / 2 ** 30,
+                "compile_s": time.perf_counter() - t0})
   return out
+
+
+def step_memory(size: str = "128M", names=MEMORY_ENTRIES, log=print) -> list[dict]:
+  """Peak memory of one donated, jitted ``update`` + ``apply_updates`` step at ``size``, from
+  XLA's buffer assignment (``compiled.memory_analysis()``; compiled on abstract shapes, nothing
+  is allocated): arguments (params, state, gradients) + outputs not aliased to a donated
+  argument + temporaries. Each optimizer is compiled with XLA's default CPU scheduler (in this
+  process) and with :data:`stax.LEAN_MEMORY_FLAG` (in a subprocess: XLA reads the flag when it
+  creates its backend). ``vs_optax_adamw`` is the peak over ``optax.adamw``'s with the default
+  scheduler (the speed issue's target for TurboAdam: <= 1).
+  """
+  import stax
+  names = list(names)
+  recs = [dict(r, scheduler="default") for r in _memory_records(size, names)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = stax.lean_memory_xla_flags(env.get("XLA_FLAGS"))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [sys.executable, "-m", "benchmarks.speed", "--memory-child", size, *names]
+  out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=1800)
+  try:
+    lean = json.loads(out.stdout.strip().splitlines()[-1])
+  except (IndexError, json.JSONDecodeError):
+    raise RuntimeError(f"step_memory: the lean-scheduler child failed: {out.stderr[-800:]}")
+  by_name = {r["optimizer"]: r for r in lean}
+  base = recs[0]["peak_gib"]
+  result = []
+  for r in recs:
+    for rec in (r, dict(by_name[r["optimizer"]], scheduler="lean")):
+      rec["vs_optax_adamw"] = rec["peak_gib"] / base
+      log(f"  step memory {size} {rec['optimizer']} ({rec['scheduler']}): peak "
+          f"{rec['peak_gib']:.2f} GiB, temporaries {rec['temp_gib']:.2f} GiB "
+          f"({rec['vs_optax_adamw']:.2f}x {names[0]})")
+      result.append(rec)
+  return result
 
 
 def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2):
@@ -468,7 +578,7 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
       records.append(rec)
       if progress is not None:
         progress.update(1)
-  roofline(records, copy_bandwidth_gbs(), matmul_gflops())
+  roofline(records, copy_bandwidth_gbs(), matmul_gflops(), exp_rate_gelems())
   return records
 
 
@@ -555,10 +665,14 @@ def main(argv=None):
   ap.add_argument("--sizes", default="1M,16M")
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--memory-child", nargs="+", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   sizes = [s for s in args.sizes.split(",") if s]
   if args.child:
     print(json.dumps(investigate_child(sizes[0], args.steps)))
+    return
+  if args.memory_child:
+    print(json.dumps(_memory_records(args.memory_child[0], args.memory_child[1:])))
     return
   from benchmarks import optimizers as O
   recs = run_speed(sizes, O.all_optimizers(), steps=args.steps)

@@ -49,6 +49,6 @@ from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage
 from stax.codecs.turbo import TurboAdam02Storage
 
 # Compiling a step.
-from stax.compile_options import lean_memory_options
+from stax.compile_options import LEAN_MEMORY_FLAG, lean_memory_xla_flags
 
 __version__ = "0.1.0"

@@ -1,55 +1,57 @@
-r"""XLA compiler options for optimizer steps.
+r"""The XLA flag that keeps an optimizer step's temporaries small on CPU.
 
-:func:`lean_memory_options` returns the options to pass to ``jax.jit(..., compiler_options=...)``
-for a training step whose optimizer decodes and re-encodes compressed state (TurboAdam) or
-reduces per tensor (STAMLite, StableAdamW).
+:data:`LEAN_MEMORY_FLAG` (and :func:`lean_memory_xla_flags`, which adds it to an ``XLA_FLAGS``
+value) selects XLA's memory-minimising CPU scheduler instead of its default
+*concurrency-optimised* one. The default interleaves independent work of all parameter leaves,
+so the float32 temporaries of every leaf's decode/encode (decoded v, its log, the new m, ...)
+are live at the same time; the memory-minimising scheduler runs each leaf's work to the end
+before the next. It matters for optimizers that decode and re-encode compressed state
+(TurboAdam) or reduce per tensor (STAMLite, StableAdamW); elementwise ones (``optax.adamw``,
+``stax.adamw``) need no temporaries either way. It changes only the order of independent work,
+never a result (tested bit for bit).
 
-On CPU, XLA's default scheduler is *concurrency-optimised*: it interleaves independent work of
-all parameter leaves, so the float32 temporaries of every leaf's decode/encode (decoded v, its
-log, the new m, ...) are live at the same time. The memory-minimising scheduler runs each leaf's
-work to the end before the next. Measured in one compile at 128M parameters (GPT shapes,
-donated step, ``benchmarks/speed.py``'s step-memory table): ``stax.turbo_adam``'s temporaries
-2.06 GiB → 0.60 GiB (peak 3.20 → 1.74 GiB, under ``optax.adamw``'s 2.01 GiB), and at 16M
-STAMLite's 79 MiB → 12 MiB, with the step time unchanged within this CPU's noise. Elementwise
-optimizers (``optax.adamw``, ``stax.adamw``) need no temporaries either way. The option changes
-only the order of independent work, never a result (tested bit for bit).
+Measured (``benchmarks/speed.py``'s step-memory table, XLA's buffer assignment of a donated step
+at 128M parameters with GPT shapes): ``stax.turbo_adam``'s temporaries 2.06 GiB → 0.60 GiB, its
+peak 3.20 → 1.74 GiB (``optax.adamw``: 2.01 GiB); at 16M STAMLite's 79 MiB → 12 MiB; step times
+unchanged within this CPU's noise.
+
+XLA reads this choice from the process's flags, not from a compilation's options:
+``jax.jit(..., compiler_options={"xla_cpu_enable_concurrency_optimized_scheduler": False})`` is
+accepted and has no effect (measured with jax 0.10.2). So the flag goes into ``XLA_FLAGS``
+before JAX creates its CPU backend (before the first computation), e.g. at the top of a
+training script::
+
+    import os, stax
+    os.environ["XLA_FLAGS"] = stax.lean_memory_xla_flags(os.environ.get("XLA_FLAGS"))
+    import jax  # the CPU backend is created at the first computation, with the flag
 
 Example:
-  >>> import jax, jax.numpy as jnp, optax, stax
-  >>> tx = stax.turbo_adam(1e-3)
-  >>> def step(p, s, g):
-  ...   u, s = tx.update(g, s, p)
-  ...   return optax.apply_updates(p, u), s
-  >>> fast = jax.jit(step, donate_argnums=(0, 1), compiler_options=stax.lean_memory_options())
-  >>> params = {"w": jnp.ones((64, 128))}
-  >>> params, state = fast(params, tx.init(params), {"w": jnp.full((64, 128), 0.1)})
-  >>> params["w"].shape
-  (64, 128)
+  >>> import stax
+  >>> stax.lean_memory_xla_flags("--xla_cpu_multi_thread_eigen=false")
+  '--xla_cpu_multi_thread_eigen=false --xla_cpu_enable_concurrency_optimized_scheduler=false'
+  >>> stax.lean_memory_xla_flags(stax.lean_memory_xla_flags())      # idempotent
+  '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import jax
+__all__ = ["LEAN_MEMORY_FLAG", "lean_memory_xla_flags"]
 
-__all__ = ["lean_memory_options"]
+#: The XLA flag for the memory-minimising CPU scheduler.
+LEAN_MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_NAME = LEAN_MEMORY_FLAG.split("=")[0]
 
-_CPU = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 
+def lean_memory_xla_flags(xla_flags: Optional[str] = None) -> str:
+  """``xla_flags`` (an ``XLA_FLAGS`` value; ``None`` or ``""`` for none) with
+  :data:`LEAN_MEMORY_FLAG` set: appended, or replacing another value of the same flag.
 
-def lean_memory_options(platform: Optional[str] = None) -> dict:
-  """XLA options that schedule a step for the least live memory on ``platform``.
-
-  Args:
-    platform: ``"cpu"``, ``"gpu"``, ``"tpu"``, or ``None`` (default: JAX's default backend).
-
-  Returns:
-    A new dict for ``jax.jit(..., compiler_options=...)``: on CPU
-    ``{"xla_cpu_enable_concurrency_optimized_scheduler": False}``; elsewhere empty (the GPU and
-    TPU schedulers already account for memory).
+  Raises:
+    TypeError: when ``xla_flags`` is not a string or ``None``.
   """
-  platform = jax.default_backend() if platform is None else platform
-  if platform not in ("cpu", "gpu", "tpu", "cuda", "rocm"):
-    raise ValueError(f"`platform` must be None, 'cpu', 'gpu' or 'tpu', got {platform!r}.")
-  return dict(_CPU) if platform == "cpu" else {}
+  if xla_flags is not None and not isinstance(xla_flags, str):
+    raise TypeError(f"`xla_flags` must be a string or None, got {type(xla_flags).__name__}.")
+  kept = [f for f in (xla_flags or "").split() if f.split("=")[0] != _NAME]
+  return " ".join(kept + [LEAN_MEMORY_FLAG])

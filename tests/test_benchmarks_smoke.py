@@ -122,6 +122,14 @@ def test_json_schema_and_finite_numbers(tiny_run):
                                  else "memory")
     else:
       assert r["bound_ms"] == r["memory_bound_ms"] and r["bound_kind"] == "memory"
+    if r["optimizer"] == "stax.adamw":   # its floor: one more read of g (the non-finite check)
+      fl, base = r["floor"], next(b for b in saved["speed"] if b["optimizer"] == "optax.adamw"
+                                  and b["size"] == r["size"])
+      assert fl["parts_ms"]["memory"] == pytest.approx(
+          1e3 * (r["ideal_bytes_per_param"] + 4) * r["n_params"] / (r["copy_gbs"] * 1e9))
+      assert fl["ms"] == max(fl["parts_ms"].values())
+      assert fl["ratio"] == pytest.approx(fl["ms"] / base["step_ms"])
+      assert fl["reachable"] == (fl["ratio"] <= r["target"]["ratio"])
     if r["framework"] == "jax":  # a compiled AdamW step reads p, g, m, v and writes p, m, v
       assert r["xla_bytes_per_param"] >= r["ideal_bytes_per_param"] - 1e-6, r
   assert {p for p in saved["plots"]} >= {"digits_loss.png", "speed_memory.png", "roofline.png"}
