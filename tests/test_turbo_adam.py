@@ -379,7 +379,10 @@ def test_lean_memory_flag_changes_the_schedule_not_the_result(tmp_path):
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = stax.lean_memory_xla_flags(flags) if lean else flags
     out = tmp_path / f"run{int(lean)}.npz"
-    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if run.returncode:                  # the child's stderr names the failure (conftest.py)
+      raise RuntimeError(f"child run (lean={lean}) failed: {run.stderr[-2000:]}")
     outs.append(np.load(out))
   assert len(outs[0].files) == len(outs[1].files) > 10
   for name in outs[0].files:
