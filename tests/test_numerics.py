@@ -124,8 +124,8 @@ def test_ordinary_inputs_are_bit_identical_to_the_plain_expressions():
 
 
 @pytest.mark.parametrize("shape", [(7,), (33, 65), (3, 5, 129), ()])
-def test_mean_square_and_abs_is_both_means_in_one_pass(shape):
-  """The one-pass pair equals float64 means to float32 rounding, saturates the square as
+def test_mean_square_and_abs_is_both_means(shape):
+  """The pair equals float64 means to float32 rounding, saturates the square as
   mean_square does (the mean of |x| is the plain mean's, as STAM's seed computes it), and keeps
   NaN."""
   x = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 3
@@ -138,3 +138,20 @@ def test_mean_square_and_abs_is_both_means_in_one_pass(shape):
   assert float(ma) == float(jnp.mean(jnp.abs(big)))  # as the plain mean (it overflows)
   ms, ma = numerics.mean_square_and_abs(jnp.array([1.0, jnp.nan]))
   assert np.isnan(float(ms)) and np.isnan(float(ma))
+
+
+def test_separate_means_are_the_plain_means_each_its_own_reduction():
+  """Each result is jnp.mean of its expression bit for bit (an empty one 0), and the compiled
+  program has one reduction per mean (no variadic or multi-output reduction, which XLA's CPU
+  backend runs as a slow scalar loop)."""
+  rng = np.random.default_rng(3)
+  g, m = (jnp.asarray(rng.standard_normal((64, 33)).astype(np.float32)) for _ in range(2))
+  fns = (lambda g, m: jnp.square(g - m), lambda g, m: jnp.abs(g - m), lambda g, m: g * 0.25)
+  got = jax.jit(lambda g, m: numerics.separate_means(numerics.independent(g, m), *fns))(g, m)
+  for fn, value in zip(fns, got):
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(jax.jit(
+        lambda g, m, fn=fn: jnp.mean(fn(g, m)))(g, m)))
+  (empty,) = numerics.separate_means((jnp.zeros((0, 3)),), jnp.square)
+  assert float(empty) == 0.0
+  hlo = jax.jit(lambda g, m: numerics.separate_means((g, m), *fns)).lower(g, m).as_text()
+  assert hlo.count("stablehlo.reduce") == 3 and "optimization_barrier" in hlo

@@ -356,3 +356,21 @@ def test_explicit_mesh_with_3d_and_vector_leaves(mode):
     assert got["t"].sharding.spec == specs["t"]
   for k in params:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), atol=1e-5)
+
+
+def test_faithful_eigh_reads_the_lower_triangle_of_the_ema():
+  """``_eig_desc`` hands LAPACK the transpose of the matrix symmetrised from its lower triangle
+  (so the row-major EMA is LAPACK's column-major operand: no transposing copy of the state each
+  step): the same numbers as ``eigh(d, UPLO="L")`` bit for bit, even for an EMA whose rounding
+  left it slightly asymmetric (only the lower triangle counts), eigenvalues descending."""
+  rng = np.random.default_rng(5)
+  a = rng.standard_normal((24, 24)).astype(np.float32)
+  ema = jnp.asarray(a @ a.T + np.triu(rng.standard_normal((24, 24)), 1).astype(np.float32))
+  bias = jnp.float32(0.7)
+  w, v = jax.jit(SC._eig_desc, static_argnums=2)(ema, bias, 24)
+  d = ema / bias
+  lam = jnp.maximum(SC._EPS, 1e-4 * jnp.trace(d) / 24)
+  w_ref, v_ref = jax.jit(lambda x: jnp.linalg.eigh(x, UPLO="L", symmetrize_input=False))(
+      d + lam * jnp.eye(24, dtype=d.dtype))
+  np.testing.assert_array_equal(np.asarray(w), np.maximum(np.asarray(w_ref)[::-1], 0.0))
+  np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref)[:, ::-1])

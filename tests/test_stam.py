@@ -360,3 +360,71 @@ def test_stam_validation(kwargs, name):
 def test_stam_lite_validation(kwargs, err, name):
   with pytest.raises(err, match=name):
     stax.stam_lite(**kwargs)
+
+
+# --------------------------------------------------------------------------- raw-gradient rules
+def test_rules_get_the_raw_gradient_and_the_steps_bound():
+  """A ``raw_grads`` rule receives (g, B) with B the bound the step saturates at: 2**63 for
+  float32 moments, 128 when a moment is float16; a plain rule still gets the saturated g."""
+  seen = {}
+
+  def make(raw):
+    def update(grads, mu, state, count):
+      seen[raw] = grads["w"]
+      return jax.tree.map(lambda _: jnp.float32(0.9), mu), state
+    return stax.Beta1Rule(lambda p: jnp.zeros([]), update, raw_grads=raw)
+
+  g = {"w": jnp.array([1.0, 3e38, -jnp.inf], jnp.float32)}
+  for raw, nu_dtype, bound in ((True, None, 2.0 ** 63), (True, jnp.float16, 128.0),
+                               (False, None, 2.0 ** 63)):
+    tx = stax.scale_by_adam(make(raw), 0.99, bias_correction="product", nu_dtype=nu_dtype)
+    tx.update(g, tx.init({"w": jnp.zeros(3)}))
+    if raw:
+      got, b = seen[raw]
+      assert b == bound
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(g["w"]))
+    else:
+      np.testing.assert_array_equal(np.asarray(seen[raw]), [1.0, bound, -bound])
+
+
+def _rule_stats(rule, g, m):
+  """One update of ``rule`` on one leaf (raw gradient g with the float32 bound)."""
+  params = {"w": jnp.zeros(g.shape)}
+  state = rule.init(params)
+  _, state = jax.jit(rule.update)({"w": (g, 2.0 ** 63)}, {"w": m}, state, jnp.int32(0))
+  return {k: float(v["w"]) for k, v in state._asdict().items()}
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30, "inf"])
+def test_rule_statistics_are_the_saturated_gradients_and_stay_finite(scale):
+  """Each rule's statistics against float64 numpy of the saturated gradient: equal (to float32
+  rounding) while every |g| <= B = 2**63; beyond, bounded at R = 2**126 (means of squares) and
+  B (means, mean absolute values), finite for any finite or infinite entry."""
+  rng = np.random.default_rng(7)
+  g = rng.standard_normal((9, 11)).astype(np.float32)
+  m = (0.5 * rng.standard_normal((9, 11))).astype(np.float32)
+  if scale != 1.0:
+    g[2, 3] = np.inf if scale == "inf" else scale
+  big_b, big_r = 2.0 ** 63, 2.0 ** 126
+  g64, m64 = g.astype(np.float64), m.astype(np.float64)
+  sat = np.clip(g64, -big_b, big_b)
+  huge = scale != 1.0
+  gj, mj = jnp.asarray(g), jnp.asarray(m)
+
+  res = _rule_stats(AB.residual_variance_beta1(b2=0.9, tau_decay=0.8), gj, mj)
+  ms = min(np.mean((g64 - m64) ** 2), big_r) if huge else np.mean((sat - m64) ** 2)
+  ma = min(np.mean(np.abs(g64 - m64)), big_b) if huge else np.mean(np.abs(sat - m64))
+  np.testing.assert_allclose(res["sigma_sq"], 0.1 * ms, rtol=1e-5)
+  np.testing.assert_allclose(res["tau"], 0.2 * ma, rtol=1e-5)
+
+  res = _rule_stats(AB.spatial_variance_beta1(moment_decay=0.9), gj, mj)
+  mean = np.clip(np.mean(g64), -big_b, big_b) if huge else np.mean(sat)
+  np.testing.assert_allclose(res["grad_mean"], 0.1 * mean, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(res["grad_sq_mean"], 0.1 * min(np.mean(g64 ** 2), big_r),
+                             rtol=1e-5)
+
+  res = _rule_stats(AB.snr_beta1(decay=0.9), gj, mj)  # prod = 1: m_hat = 0, so r = g
+  np.testing.assert_allclose(res["grad_sq"], 0.1 * min(np.mean(g64 ** 2), big_r), rtol=1e-5)
+  np.testing.assert_allclose(res["resid_sq"], res["grad_sq"], rtol=1e-6)
+  for rule in ("sigma_sq", "tau"):
+    assert np.isfinite(_rule_stats(AB.residual_variance_beta1(), gj, mj)[rule])

@@ -158,6 +158,14 @@ class StorageBase:
     ``exact`` for both). The gated Adam core selects the old encoding of a part that is not."""
     return self.exact, self.exact
 
+  @property
+  def reduces_nu(self) -> bool:
+    """Whether ``project`` reduces v over the tensor (default False). The Adam core then forms
+    v's ``|g|²`` from its own copy of the gradient (:func:`stax.numerics.independent`), so XLA
+    keeps the reduction in its vectorised kernel instead of materialising the saturated
+    gradient it shares with the elementwise update."""
+    return False
+
 
 def _optional(obj: Any, name: str, default: Any) -> Any:
   """``obj``'s optional protocol member ``name``, or the protocol's declared default."""
@@ -181,6 +189,10 @@ class _WithDefaults(StorageBase):
   @property
   def fused_update(self) -> Optional[Callable]:
     return _optional(self.inner, "fused_update", None)
+
+  @property
+  def reduces_nu(self) -> bool:
+    return bool(_optional(self.inner, "reduces_nu", False))
 
   def project(self, mu, nu):
     project = _optional(self.inner, "project", None)
@@ -264,6 +276,10 @@ class SeparateStorage(StorageBase):
   def exact_parts(self) -> tuple[bool, bool]:
     return (bool(_optional(self.mu_codec, "exact", False)),
             bool(_optional(self.nu_codec, "exact", False)))
+
+  @property
+  def reduces_nu(self) -> bool:
+    return bool(_optional(self.nu_codec, "reduces", False))
 
   @property
   def rows_local(self) -> bool:

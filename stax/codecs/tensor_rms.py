@@ -65,6 +65,11 @@ class TensorMean(NamedTuple):
     """The value the update uses: the tensor mean (a 0-d array, broadcasting against m)."""
     return _mean(value)
 
+  @property
+  def reduces(self) -> bool:
+    """``project`` is a reduction over the tensor (see ``StorageBase.reduces``)."""
+    return True
+
 
 def tensor_rms_storage(mu_dtype: Any = None) -> SeparateStorage:
   """Full first moment in ``mu_dtype`` (default: the parameter's) and a per-tensor mean of v."""

@@ -111,11 +111,17 @@ class Beta1Rule(NamedTuple):
     init: ``params -> rule_state``.
     update: ``(grads, mu, rule_state, count) -> (b1_tree, rule_state)`` where ``mu`` is the
       decoded previous first moment, ``count`` the number of steps taken before this one, and
-      ``b1_tree`` has one scalar (or broadcastable array) per leaf.
+      ``b1_tree`` has one scalar (or broadcastable array) per leaf. ``grads`` is the
+      saturated gradient (each entry clipped to ``±bound``, the bound the step itself uses).
+    raw_grads: when True (default False), ``grads`` is instead a tree of ``(g, bound)`` pairs:
+      the raw gradient and that bound, and the rule saturates it (:func:`stax.numerics.saturate`)
+      inside its own statistics. Equal results; it lets each per-tensor reduction read ``g``
+      itself rather than a saturated copy that XLA's CPU backend would materialise.
   """
 
   init: Callable[[Any], Any]
   update: Callable[[Any, Any, Any, jax.Array], tuple[Any, Any]]
+  raw_grads: bool = False
 
 
 class ScaleByAdamState(NamedTuple):
@@ -229,7 +235,8 @@ def adam_config(*args: Any, **kwargs: Any) -> AdamConfig:
 def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Array,
               cfg: AdamConfig, *, b1_prod: Any = None, ok: Any = None,
               project: Optional[Callable] = None,
-              exact_parts: tuple[bool, bool] = (True, True)) -> AdamStep:
+              exact_parts: tuple[bool, bool] = (True, True),
+              nu_sq: Optional[jax.Array] = None) -> AdamStep:
   """One leaf's Adam step: a pure function (like torch's functional ``adamw``).
 
   Args:
@@ -246,6 +253,8 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     exact_parts: with the gate, which moments must come back unchanged by themselves (their
       gradient is zeroed on a skipped step); the others are selected by the caller, so their
       possibly non-finite value does not matter (default both).
+    nu_sq: ``None`` (default: ``|g|²``), or ``|g|²`` formed elsewhere (bit for bit equal): a
+      storage whose ``project`` reduces v gets its own copy (``StorageBase.reduces_nu``).
   """
   b2 = cfg.b2
   b1_t, b2_t = b1, b2
@@ -254,13 +263,15 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   # EMA coefficients (1 - b, b). A skipped step of the gated guard uses (0, 1), so m and v
   # stay exactly as they are; on a good step the values are the ungated ones bit for bit
   # (``1 - b`` is formed exactly as without the gate: in Python for a Python float).
-  g_mu = g_nu = g
+  sq = numerics.abs_sq(g) if nu_sq is None else nu_sq
+  g_mu = g
   if ok is not None:  # a skipped step's gradient may be non-finite: 0·NaN would reach m, v
-    zeroed = jnp.where(ok, g, jnp.zeros((), g.dtype))
+    zero = lambda x: jnp.where(ok, x, jnp.zeros((), x.dtype))
+    zeroed = zero(g)
     # A part the caller selects keeps the raw gradient: a select feeding a reduction (a
     # per-tensor v) makes XLA materialise the zeroed gradient, one more pass.
     g_mu = zeroed if exact_parts[0] else g
-    g_nu = zeroed if exact_parts[1] else g
+    sq = zero(sq) if exact_parts[1] else sq
     if cfg.nesterov:
       g = zeroed
   a1, d1 = 1 - b1_t, b1_t
@@ -269,7 +280,7 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     a1, d1 = jnp.where(ok, a1, 0.0), jnp.where(ok, d1, 1.0)
     a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
   new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
-  new_nu = (a2 * numerics.abs_sq(g_nu) + d2 * nu).astype(_moment_dtype(nu, g))
+  new_nu = (a2 * sq + d2 * nu).astype(_moment_dtype(nu, g))
 
   m, v = (new_mu, new_nu) if project is None else project(new_mu, new_nu)
   if cfg.bias_correction == "standard":
@@ -337,8 +348,11 @@ def _is_array(x: Any) -> bool:
 
 def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None,
               ok: Any = None, project: Optional[Callable] = None,
-              exact_parts: tuple[bool, bool] = (True, True)) -> LeafStep:
-  """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s)."""
+              exact_parts: tuple[bool, bool] = (True, True),
+              reduces_nu: bool = False) -> LeafStep:
+  """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
+  storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
+  saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction)."""
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
            "b1_prod": b1_prod, "ok": ok}
   dynamic = tuple(k for k, v in named.items() if _is_array(v))
@@ -346,9 +360,14 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
   def fn(g, mu, nu, *operands):
     v = dict(named, **dict(zip(dynamic, operands)))
     c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"])
-    g = num.saturate(g, num.square_bound(mu.dtype, nu.dtype))
+    bound = num.square_bound(mu.dtype, nu.dtype)
+    nu_sq = None
+    if reduces_nu and not jnp.iscomplexobj(g):
+      own, b2_sq = num.independent(g, bound * bound)  # B² is a power of two: exact
+      nu_sq = jnp.minimum(jnp.square(own), b2_sq.astype(own.dtype))
+    g = num.saturate(g, bound)
     return adam_step(g, mu, nu, v["b1"], v["count"], c, b1_prod=v["b1_prod"], ok=v["ok"],
-                     project=project, exact_parts=exact_parts)
+                     project=project, exact_parts=exact_parts, nu_sq=nu_sq)
 
   return LeafStep(fn, tuple(named[k] for k in dynamic))
 
@@ -390,8 +409,12 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   if rule is not None:
     decoded = [None if g is None else s.read(me, ne, g, read_ctx(i))
                for i, (s, me, ne, g) in enumerate(zip(stores, mu_enc, nu_enc, g_leaves))]
-    sat = [None if g is None else num.saturate(g, num.square_bound(d[0].dtype, d[1].dtype))
-           for g, d in zip(g_leaves, decoded)]
+    bounds = [None if g is None else num.square_bound(d[0].dtype, d[1].dtype)
+              for g, d in zip(g_leaves, decoded)]
+    if rule.raw_grads:
+      sat = [None if g is None else (g, b) for g, b in zip(g_leaves, bounds)]
+    else:
+      sat = [None if g is None else num.saturate(g, b) for g, b in zip(g_leaves, bounds)]
     b1_tree, b1_state = rule.update(jax.tree.unflatten(treedef, sat),
                                     jax.tree.unflatten(treedef, [d and d[0] for d in decoded]),
                                     state.b1_state, state.count)
@@ -423,7 +446,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     k = jax.random.fold_in(step_key, i) if s.needs_key and step_key is not None else None
     ctx = StorageStep(state.count, i, state.key, me, ne, k)
     step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
-                     exact_parts=s.exact_parts)
+                     exact_parts=s.exact_parts, reduces_nu=s.reduces_nu)
     if decoded is not None:
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)

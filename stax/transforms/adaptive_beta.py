@@ -6,10 +6,17 @@ the decoded previous first moment ``m``; the Adam core (:func:`stax.scale_by_ada
 corrects the bias with :math:`1-\prod_i \beta_{1,i}`. Every rule keeps its per-leaf statistics as
 float32 scalars in the Adam state (``b1_state``), including the last :math:`\beta_1` it returned
 (read it with :func:`stax.stam_beta1`).
-The Adam core hands the rules its saturated gradient (``|g| <= 2**63``), so the plain means of
-``g`` and ``|g - m|`` cannot overflow, and the means of squares are
-:func:`stax.numerics.mean_square` (saturating at ``2**126``): a huge finite gradient never makes
-a statistic non-finite, and below the bounds nothing changes.
+The rules read the raw gradient (they are ``raw_grads`` rules: the Adam core hands them each
+leaf's gradient with the bound ``B`` it saturates at, ``2**63`` for float32 moments) and bound
+their *statistics* instead of every entry: a mean of squares saturates at ``R = 2**126``
+(:func:`stax.numerics.statistic_bound`), a mean or mean absolute value at ``B``. Wherever every
+``|g| <= B`` this is bit for bit the statistics of the saturated gradient the step uses; a
+huge finite gradient still never makes a statistic non-finite. Each statistic is its own
+reduction of the raw operands (:func:`stax.numerics.separate_means`): XLA's CPU backend then
+runs it in its vectorised reduction kernel (a clamp inside it, or a variadic reduction, runs
+2-6× slower; measured at 16M float32 elements, STAM's two residual means 37.5 ms as one
+variadic reduction of the saturated residual, 27.4 ms as two reductions of it, 14.8 ms as two
+reductions of the raw residual).
 
 Three rules, all with the bounds :math:`[\beta_{lo}, \beta_{hi}] = [\max(0.5,
 \beta_{base}(1-\alpha)), \beta_{base}]` unless ``b1_min`` overrides the lower one:
@@ -62,6 +69,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from stax import numerics as num
 from stax.transforms.adam import Beta1Rule
@@ -172,14 +180,17 @@ def residual_variance_beta1(
     return ResidualVarianceState(_scalars(params, 0.0), _scalars(params, 0.0),
                                  jax.tree.map(lambda _: _f32(b1_base), params))
 
-  def leaf(g, m, s, t):
+  def leaf(gb, m, s, t):
+    g, bound = gb
     base = _f32(b1_base)
     if g.size == 0:  # the seed's mean() of an empty leaf is NaN forever; stax keeps it inert
       return base, s, t
     b2_ = _f32(b2)
     td = _f32(tau_decay)
-    r = _f32(g) - _f32(m)
-    ms, ma = num.mean_square_and_abs(r)
+    resid = lambda g, m: _f32(g) - _f32(m)
+    ms, ma = num.separate_means(num.independent(g, m), lambda g, m: jnp.square(resid(g, m)),
+                                lambda g, m: jnp.abs(resid(g, m)))
+    ms, ma = _saturated(ms, ma, bound)
     sigma_sq = b2_ * s + (1.0 - b2_) * ms
     tau = td * t + (1.0 - td) * ma
     scale = tau ** 2 + 1e-8
@@ -193,7 +204,7 @@ def residual_variance_beta1(
 
   def update(grads, mu, state, count):
     del count
-    g_l, treedef = jax.tree.flatten(grads)
+    g_l, treedef = _raw_leaves(grads, state.sigma_sq)
     out = [leaf(g, m, s, t) for g, m, s, t in zip(
         g_l, treedef.flatten_up_to(mu), treedef.flatten_up_to(state.sigma_sq),
         treedef.flatten_up_to(state.tau))]
@@ -201,7 +212,31 @@ def residual_variance_beta1(
     return b1, ResidualVarianceState(jax.tree.unflatten(treedef, [o[1] for o in out]),
                                      jax.tree.unflatten(treedef, [o[2] for o in out]), b1)
 
-  return Beta1Rule(init, update)
+  return Beta1Rule(init, update, raw_grads=True)
+
+
+def _mean_scale(g):
+  """``2**-k`` with ``2**k >= 4n``: ``mean(g·c)/c`` is ``mean(g)`` exactly, never overflowing."""
+  return jnp.asarray(2.0 ** -(int(np.ceil(np.log2(max(g.size, 1)))) + 2), _F32)
+
+
+def _saturated(mean_sq, mean_abs=None, bound=None):
+  """The statistics of the raw gradient as the saturated gradient bounds them: a mean of
+  squares at ``R = 2**126`` (:func:`stax.numerics.statistic_bound`) and a mean of absolute
+  values at the gradient's bound ``B``. Below the bounds (every ``|g| <= B``) both are the
+  saturated gradient's own statistics bit for bit; beyond, they stay finite (an overflowing
+  sum of squares is +Inf and becomes ``R``)."""
+  ms = jnp.minimum(mean_sq, num.statistic_bound(_F32))
+  if mean_abs is None:
+    return ms, None
+  return ms, jnp.minimum(mean_abs, jnp.asarray(bound, _F32))
+
+
+def _raw_leaves(grads, like):
+  """The ``(g, bound)`` leaves of a ``raw_grads`` rule's gradient tree, and the params' treedef
+  (``like``: a rule-state tree with one scalar per parameter)."""
+  treedef = jax.tree.structure(like)
+  return treedef.flatten_up_to(grads), treedef
 
 
 def _lazy(count, interval, candidate, previous):
@@ -234,16 +269,20 @@ def spatial_variance_beta1(
     return SpatialVarianceState(_scalars(params, 0.0), _scalars(params, 0.0),
                                 jax.tree.map(lambda _: _f32(b1_base), params))
 
-  def leaf(g, a, q, b_prev, count):
+  def leaf(gb, a, q, b_prev, count):
+    g, bound = gb
     base = _f32(b1_base)
     if g.size == 0:
       return b_prev, a, q
     rho = _f32(moment_decay)
     e = _f32(eps)
-    g = _f32(g)
-    g_mean, g_sq = num.one_pass_means(g, jnp.square(g))
+    c = _mean_scale(g)
+    g_mean, g_sq = num.separate_means(num.independent(g, c), lambda g, c: _f32(g) * c,
+                                      lambda g, c: jnp.square(_f32(g)))
+    g_mean = jnp.clip(g_mean / c, -bound, bound)
+    g_sq = _saturated(g_sq, bound=bound)[0]
     a = rho * a + (1.0 - rho) * g_mean
-    q = rho * q + (1.0 - rho) * jnp.minimum(g_sq, num.statistic_bound(g_sq.dtype))
+    q = rho * q + (1.0 - rho) * g_sq
     c = 1.0 - rho ** (count + 1)
     a_hat = a / (c + e)
     q_hat = q / (c + e)
@@ -257,7 +296,7 @@ def spatial_variance_beta1(
 
   def update(grads, mu, state, count):
     del mu
-    g_l, treedef = jax.tree.flatten(grads)
+    g_l, treedef = _raw_leaves(grads, state.grad_mean)
     out = [leaf(g, a, q, b, count) for g, a, q, b in zip(
         g_l, treedef.flatten_up_to(state.grad_mean), treedef.flatten_up_to(state.grad_sq_mean),
         treedef.flatten_up_to(state.beta1))]
@@ -265,7 +304,7 @@ def spatial_variance_beta1(
     return b1, SpatialVarianceState(jax.tree.unflatten(treedef, [o[1] for o in out]),
                                     jax.tree.unflatten(treedef, [o[2] for o in out]), b1)
 
-  return Beta1Rule(init, update)
+  return Beta1Rule(init, update, raw_grads=True)
 
 
 def snr_beta1(
@@ -292,19 +331,23 @@ def snr_beta1(
     return SNRState(_scalars(params, 0.0), _scalars(params, 0.0), _scalars(params, 1.0),
                     jax.tree.map(lambda _: _f32(b1_max), params))
 
-  def leaf(g, m, big_g, big_r, prod, b_prev, count):
+  def leaf(gb, m, big_g, big_r, prod, b_prev, count):
+    g, bound = gb
     hi = _f32(b1_max)
     lo = _f32(b1_min)
     if g.size == 0:
       return b_prev, big_g, big_r, prod
     rho = _f32(decay)
-    g = _f32(g)
     c = 1.0 - prod
-    m_hat = jnp.where(c > 0, _f32(m) / jnp.where(c > 0, c, 1.0), 0.0)
-    g_sq, r_sq = num.one_pass_means(jnp.square(g), jnp.square(g - m_hat))
-    bound = num.statistic_bound(g_sq.dtype)
-    big_g = rho * big_g + (1.0 - rho) * jnp.minimum(g_sq, bound)
-    big_r = rho * big_r + (1.0 - rho) * jnp.minimum(r_sq, bound)
+    # m_hat = m / c, 0 while c = 0 (then m = 0): a scalar factor, not a select, so the
+    # reduction stays in XLA's vectorised kernel (m is finite, so m/1·0 is 0).
+    c_safe, live = jnp.where(c > 0, c, 1.0), (c > 0).astype(_F32)
+    g_sq, r_sq = num.separate_means(
+        num.independent(g, m, c_safe, live), lambda g, m, c, w: jnp.square(_f32(g)),
+        lambda g, m, c, w: jnp.square(_f32(g) - _f32(m) / c * w))
+    g_sq, r_sq = _saturated(g_sq)[0], _saturated(r_sq)[0]
+    big_g = rho * big_g + (1.0 - rho) * g_sq
+    big_r = rho * big_r + (1.0 - rho) * r_sq
     ok = big_g > 0
     w = jnp.clip(1.0 - big_r / jnp.where(ok, big_g, 1.0), 0.0, 1.0)
     w = jnp.where(ok & jnp.isfinite(w), w, 1.0)
@@ -312,7 +355,7 @@ def snr_beta1(
     return b1, big_g, big_r, prod * b1
 
   def update(grads, mu, state, count):
-    g_l, treedef = jax.tree.flatten(grads)
+    g_l, treedef = _raw_leaves(grads, state.grad_sq)
     fields = [treedef.flatten_up_to(x) for x in
               (mu, state.grad_sq, state.resid_sq, state.b1_prod, state.beta1)]
     out = [leaf(g, *rest, count) for g, *rest in zip(g_l, *fields)]
@@ -321,7 +364,7 @@ def snr_beta1(
                         jax.tree.unflatten(treedef, [o[2] for o in out]),
                         jax.tree.unflatten(treedef, [o[3] for o in out]), b1)
 
-  return Beta1Rule(init, update)
+  return Beta1Rule(init, update, raw_grads=True)
 
 
 def find_beta1(state: Any) -> Any:
