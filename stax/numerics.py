@@ -166,9 +166,14 @@ def mean(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
   For the means of large non-negative moments (a per-tensor second moment, RMS ratios).
   """
   x = jnp.asarray(x)
-  k = _ceil_log2(_reduced_size(x.shape, axis)) + 2
-  c = float(2.0 ** -k)
+  c = mean_scale(_reduced_size(x.shape, axis))
   return jnp.mean(x * c, axis=axis, keepdims=keepdims) / c
+
+
+def mean_scale(n: int) -> float:
+  """:func:`mean`'s factor ``2**-k`` with ``2**k >= 4n`` for ``n`` reduced elements: the mean of
+  ``x·c`` never overflows for finite ``x``, and ``mean(x·c)/c`` is ``mean(x)`` bit for bit."""
+  return float(2.0 ** -(_ceil_log2(n) + 2))
 
 
 def _pow2(k: jax.Array, dtype: Any) -> jax.Array:

@@ -67,7 +67,7 @@ class TensorMean(NamedTuple):
 
   @property
   def reduces(self) -> bool:
-    """``project`` is a reduction over the tensor (see ``StorageBase.reduces``)."""
+    """``project`` is a reduction over the tensor (see ``StorageBase.reduces_nu``)."""
     return True
 
 

@@ -114,8 +114,9 @@ class Beta1Rule(NamedTuple):
       ``b1_tree`` has one scalar (or broadcastable array) per leaf. ``grads`` is the
       saturated gradient (each entry clipped to ``±bound``, the bound the step itself uses).
     raw_grads: when True (default False), ``grads`` is instead a tree of ``(g, bound)`` pairs:
-      the raw gradient and that bound, and the rule saturates it (:func:`stax.numerics.saturate`)
-      inside its own statistics. Equal results; it lets each per-tensor reduction read ``g``
+      the raw gradient and that bound; the rule bounds what it computes from it (the rules of
+      :mod:`stax.transforms.adaptive_beta` bound their means: equal to the saturated
+      gradient's wherever every ``|g| <= bound``). Each per-tensor reduction then reads ``g``
       itself rather than a saturated copy that XLA's CPU backend would materialise.
   """
 

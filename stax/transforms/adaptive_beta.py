@@ -69,7 +69,6 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from stax import numerics as num
 from stax.transforms.adam import Beta1Rule
@@ -215,11 +214,6 @@ def residual_variance_beta1(
   return Beta1Rule(init, update, raw_grads=True)
 
 
-def _mean_scale(g):
-  """``2**-k`` with ``2**k >= 4n``: ``mean(g·c)/c`` is ``mean(g)`` exactly, never overflowing."""
-  return jnp.asarray(2.0 ** -(int(np.ceil(np.log2(max(g.size, 1)))) + 2), _F32)
-
-
 def _saturated(mean_sq, mean_abs=None, bound=None):
   """The statistics of the raw gradient as the saturated gradient bounds them: a mean of
   squares at ``R = 2**126`` (:func:`stax.numerics.statistic_bound`) and a mean of absolute
@@ -276,7 +270,7 @@ def spatial_variance_beta1(
       return b_prev, a, q
     rho = _f32(moment_decay)
     e = _f32(eps)
-    c = _mean_scale(g)
+    c = jnp.asarray(num.mean_scale(g.size), _F32)  # mean(g·c)/c: mean(g), never overflowing
     g_mean, g_sq = num.separate_means(num.independent(g, c), lambda g, c: _f32(g) * c,
                                       lambda g, c: jnp.square(_f32(g)))
     g_mean = jnp.clip(g_mean / c, -bound, bound)
