@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["square_bound", "statistic_bound", "saturate", "mean_square", "mean", "norm",
-           "normalize", "saturate_norm"]
+           "normalize", "saturate_norm", "rounded", "divide"]
 
 Axis = Optional[Union[int, Sequence[int]]]
 
@@ -136,6 +136,35 @@ def separate_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax
     x = jnp.asarray(fn(*ops))
     out.append(jnp.mean(x) if x.size else jnp.zeros([], x.dtype))
   return tuple(out)
+
+
+def rounded(x: jax.Array) -> jax.Array:
+  """``x`` itself, rounded to its dtype where it stands: ``a + rounded(b * c)`` rounds twice.
+
+  XLA's CPU and GPU compilers contract a multiply feeding an add into one fused multiply-add
+  (one rounding), which NumPy and PyTorch's CPU kernels do not. Where a port must reproduce
+  their arithmetic bit for bit (a level ``exp(l_min + k·step)`` whose last bit decides a
+  stochastic rounding), the product goes through this: a select on ``x == x`` (NaN stays NaN)
+  that the compiler cannot see through, so the multiply is rounded before the add. Costs a
+  compare and a select per element; float dtypes only.
+  """
+  return jnp.where(x == x, x, jnp.asarray(jnp.nan, x.dtype))
+
+
+def divide(x: Any, d: Any) -> jax.Array:
+  """``x / d`` correctly rounded (IEEE division), also where ``d`` broadcasts against ``x``.
+
+  XLA rewrites a division by a broadcast divisor (a constant, a scalar, a per-row statistic)
+  into a multiplication by its reciprocal, which is off by an ulp in about 30-70 % of the
+  elements. Where a port must reproduce NumPy's or PyTorch's division bit for bit (a level
+  spacing ``(l_max - l_min)/255``, a position ``r/step`` that a stochastic rounding compares with
+  a uniform), divide through this: the divisor is selected elementwise on ``x == x`` (NaN still
+  gives NaN), so it is not a broadcast and the division stays a division. Float dtypes only.
+  """
+  x = jnp.asarray(x)
+  d = jnp.asarray(d, x.dtype)
+  x = jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, d.shape))
+  return x / jnp.where(x == x, d, jnp.asarray(jnp.nan, x.dtype))
 
 
 def independent(*xs: Any) -> tuple:

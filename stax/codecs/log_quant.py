@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stax import numerics
 from stax.codecs import _layout as L
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
 from stax.codecs.rng import counter_uniform, flat_index
@@ -71,12 +72,13 @@ def log_decode(state: LogQuantState, bits: int, block_size: int, n: int) -> jax.
   """float32 ``v`` of last-axis length ``n``."""
   nb, n_pad = _dims(n, block_size)
   idx = unpack_bits(state.codes, bits, n_pad).astype(jnp.float32)
-  coord = idx / jnp.float32((1 << bits) - 1)
+  coord = numerics.divide(idx, float((1 << bits) - 1))
   coord = L.split_last(coord, (nb, block_size))
   lmin = state.scales[..., 0:1].astype(jnp.float32)
   lmax = state.scales[..., 1:2].astype(jnp.float32)
   # never zero: levels below the smallest normal float32 (flushed to 0 by XLA) decode to it
-  v = jnp.maximum(jnp.exp(lmin + coord * (lmax - lmin)), jnp.float32(_F32_TINY))
+  v = jnp.maximum(jnp.exp(lmin + numerics.rounded(coord * (lmax - lmin))),
+                  jnp.float32(_F32_TINY))
   v = L.merge_last(v, 2)
   return v[..., :n] if n != n_pad else v
 
@@ -121,15 +123,16 @@ def log_encode(v: jax.Array, bits: int, block_size: int,
   scales = jnp.stack([min_h, max_h], axis=-1)
   lmin = min_h.astype(jnp.float32)[..., None]
   lmax = max_h.astype(jnp.float32)[..., None]
-  step = (lmax - lmin) / jnp.float32(intervals)
-  position = jnp.clip((logb - lmin) / jnp.maximum(step, jnp.float32(1e-10)), 0.0, float(intervals))
+  step = numerics.divide(lmax - lmin, float(intervals))
+  position = jnp.clip(numerics.divide(logb - lmin, jnp.maximum(step, jnp.float32(1e-10))), 0.0,
+                      float(intervals))
   if uniform is None:
     idx = jnp.clip(jnp.floor(position + 0.5), 0, intervals)
   else:
     lower = jnp.clip(jnp.floor(position), 0, intervals)
     upper = jnp.minimum(lower + 1.0, float(intervals))
-    lo_v = jnp.exp(lmin + lower * step)
-    hi_v = jnp.exp(lmin + upper * step)
+    lo_v = jnp.exp(lmin + numerics.rounded(lower * step))
+    hi_v = jnp.exp(lmin + numerics.rounded(upper * step))
     p_up = jnp.clip((blocks - lo_v) / jnp.maximum(hi_v - lo_v, jnp.float32(_F32_TINY)), 0.0, 1.0)
     p_up = jnp.where(upper > lower, p_up, 0.0)
     u = L.split_last(uniform, (nb, block_size))

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from stax import numerics
 from stax.codecs import log_quant as LQ
 from stax.codecs import ustate as US
 from stax.codecs import _layout as L
@@ -41,14 +42,21 @@ def bias_corrections(b1, b2, t):
   """float32 ``(1 - b1**t, sqrt(1 - b2**t))`` computed as ``-expm1(t·log1p(b - 1))``.
 
   Accurate to a few float32 ulps of the double-precision values the seed computes (a plain
-  float32 ``1 - b**t`` loses ~1e-5 relative for b2 = 0.999 at small t).
+  float32 ``1 - b**t`` loses ~1e-5 relative for b2 = 0.999 at small t); a Python-float ``b``
+  enters through its double-precision logarithm.
   """
   t = jnp.asarray(t, jnp.float32)
-  b1 = jnp.asarray(b1, jnp.float32)
-  b2 = jnp.asarray(b2, jnp.float32)
-  c1 = -jnp.expm1(t * jnp.log1p(b1 - 1.0))
-  c2 = -jnp.expm1(t * jnp.log1p(b2 - 1.0))
+  c1 = -jnp.expm1(t * _log_decay(b1))
+  c2 = -jnp.expm1(t * _log_decay(b2))
   return c1, jnp.sqrt(c2)
+
+
+def _log_decay(b):
+  """float32 ``log(b)``: from the Python float itself (in double precision) when ``b`` is one,
+  so ``b = 0.999`` gives the seed's ``1 - 0.999**t``, not that of float32(0.999) (1.3e-5 off)."""
+  if isinstance(b, (float, int)) and not isinstance(b, bool):
+    return jnp.float32(math.log1p(float(b) - 1.0))
+  return jnp.log1p(jnp.asarray(b, jnp.float32) - 1.0)
 
 
 class StepScalars(NamedTuple):
@@ -112,7 +120,7 @@ class TurboAdam02Storage(StorageBase):
     return StepScalars(c1p, jnp.where(count > 0, c2p, 1.0), c1, c2)
 
   def _denom(self, v, c2):
-    return jnp.sqrt(jnp.maximum(v, 0.0)) / c2 + jnp.asarray(self.eps, jnp.float32)
+    return numerics.divide(jnp.sqrt(jnp.maximum(v, 0.0)), c2) + jnp.asarray(self.eps, jnp.float32)
 
   def decode_block(self, mu_enc, nu_enc, n: int, sc: StepScalars):
     """(m, v) from the encodings of rows of length ``n``: v decoded, m = u·c1p·(√v/c2p + eps)."""
@@ -133,13 +141,13 @@ class TurboAdam02Storage(StorageBase):
       nu_enc = v_p = nu.astype(jnp.float32)
     if not self.compress_m:
       return nu_enc, None
-    u = mu.astype(jnp.float32) / sc.c1 / self._denom(v_p, sc.c2)
+    u = numerics.divide(mu.astype(jnp.float32), sc.c1) / self._denom(v_p, sc.c2)
     return nu_enc, US.ustate_encode_parts(u, mu_prev, m_uniform, self.m_block_size,
                                           self.block_size)
 
   def finish_m(self, mu_prev, codes, means, sq_sum, total: int):
     """The new UState m: its next encode step is ``step_factor·sqrt(Σr²/N)`` over the tensor."""
-    next_step = jnp.sqrt(sq_sum / jnp.float32(total)) * jnp.float32(self.step_factor)
+    next_step = jnp.sqrt(numerics.divide(sq_sum, float(total))) * jnp.float32(self.step_factor)
     return US.UStateM(codes, means, mu_prev.encode_step.astype(jnp.float32),
                       next_step.astype(jnp.float32))
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stax import numerics
 from stax.codecs import _layout as L
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
 
@@ -90,11 +91,11 @@ def ustate_decode(state: UStateM, n: int, m_block: int, block: int) -> jax.Array
   nmb, n_mpad, n_spad = _dims(n, m_block, block)
   codes = unpack_bits(state.codes, 2, n_spad)[..., :n_mpad]
   levels = L.split_last(codes.astype(jnp.float32), (nmb, m_block)) - jnp.float32(LEVEL_CENTER)
-  raw = levels * state.decode_step.astype(jnp.float32)
+  raw = numerics.rounded(levels * state.decode_step.astype(jnp.float32))
   valid = _valid_mask(n, m_block)
   if not valid.all():
     raw = jnp.where(valid, raw, 0.0)
-  raw = raw - (jnp.sum(raw, axis=-1) / _counts(n, m_block))[..., None]
+  raw = raw - numerics.divide(jnp.sum(raw, axis=-1), _counts(n, m_block))[..., None]
   decoded = state.means.astype(jnp.float32)[..., None] + raw
   if not valid.all():
     decoded = jnp.where(valid, decoded, 0.0)
@@ -111,14 +112,14 @@ def ustate_encode_parts(u: jax.Array, prev: UStateM, uniform: jax.Array, m_block
   nmb, n_mpad, n_spad = _dims(n, m_block, block)
   x = L.pad_last(u.astype(jnp.float32), n_mpad, 0.0)
   blocks = L.split_last(x, (nmb, m_block))
-  means = (jnp.sum(blocks, axis=-1) / _counts(n, m_block)).astype(jnp.bfloat16)
+  means = numerics.divide(jnp.sum(blocks, axis=-1), _counts(n, m_block)).astype(jnp.bfloat16)
   residual = blocks - means.astype(jnp.float32)[..., None]
   valid = _valid_mask(n, m_block)
   if not valid.all():
     residual = jnp.where(valid, residual, 0.0)
   used = prev.encode_step.astype(jnp.float32)
   safe = jnp.maximum(used, jnp.float32(_TINY))
-  position = jnp.clip(residual / safe + jnp.float32(LEVEL_CENTER), 0.0, 3.0)
+  position = jnp.clip(numerics.divide(residual, safe) + jnp.float32(LEVEL_CENTER), 0.0, 3.0)
   lower = jnp.floor(position)
   codes = lower + (L.split_last(uniform, (nmb, m_block)) < position - lower).astype(jnp.float32)
   codes = jnp.where(used > 0.0, codes, 0.0).astype(jnp.uint8)
@@ -137,5 +138,5 @@ def ustate_encode(u: jax.Array, prev: UStateM, uniform: jax.Array, total: int, m
     total: number of elements of the tensor (the RMS denominator).
   """
   codes, means, sq = ustate_encode_parts(u, prev, uniform, m_block, block)
-  next_step = jnp.sqrt(jnp.sum(sq) / jnp.float32(total)) * jnp.float32(step_factor)
+  next_step = jnp.sqrt(numerics.divide(jnp.sum(sq), float(total))) * jnp.float32(step_factor)
   return UStateM(codes, means, prev.encode_step.astype(jnp.float32), next_step.astype(jnp.float32))

@@ -32,6 +32,15 @@ flattened equals the seed's flattened-tensor state; otherwise each row of the vi
 to a block multiple (the seed pads only the end of the flattened tensor), which changes block
 membership and the random stream for such tensors.
 
+Parity with the seed: each faithful step is the seed's step, codes and endpoints included, to
+a near-tie or two per 10⁵ codes (the codecs divide and round as PyTorch does:
+:func:`stax.numerics.divide`, :func:`stax.numerics.rounded`; a Python-float beta's bias
+corrections come from its double-precision log). Over many steps the two runs still part
+where a one-ulp difference (XLA's ``exp``/``log``, summation order) lands on a stochastic
+rounding's near-tie: the seed's own trajectory is that sensitive (one 2-bit m code flipped in
+the seed alone moves parameters by ~5·lr within 50 steps), because a flipped code decays only
+stochastically and changes the tensor-wide step every element is rounded with.
+
 Reference: ``turboadam`` 0.2.0 (PyPI), ``optimizer.py``, ``quantize.py``, ``ustate.py``.
 
 Example:
