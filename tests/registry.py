@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pathlib
 from typing import Any, Callable
 
@@ -83,3 +84,15 @@ def _collect() -> list[Entry]:
 
 
 ALL = _collect()
+
+#: Entries that are another option of an optimizer whose main entry is registered too, with the
+#: main entry's state layout and code path (a hyperparameter, a β1 rule, a flag). The machinery
+#: contracts (inject_hyperparams, MultiSteps, dtypes, donation, pmap, mesh styles, orbax, empty
+#: leaves, the bridge round trip) run on ``MAIN``; the numerical ones (convergence, huge and
+#: non-finite gradients, validation, explicit-mesh sharding of every per-tensor statistic) on
+#: ``ALL``. ``STAX_TEST_FULL=1`` (or ``STAX_ZOO_FULL=1``) runs every entry everywhere.
+OPTION_VARIANTS = {"adamw_wd_nesterov": "adamw", "stac_sign_only": "stac", "stam_snr": "stam",
+                   "stam_lite_snr": "stam_lite", "oadamw_gradient": "oadamw"}
+FULL = "1" in (os.environ.get("STAX_TEST_FULL", ""), os.environ.get("STAX_ZOO_FULL", ""))
+MAIN = [e for e in ALL if FULL or e.name not in OPTION_VARIANTS]
+assert {e.name for e in ALL} >= set(OPTION_VARIANTS) | set(OPTION_VARIANTS.values())

@@ -17,19 +17,17 @@ its ``"mixed"`` layout (row- and column-sharded, long- and short-axis-sharded ma
 tree) only, to keep the compilations few. A faithful mode whose sharding code is its default
 mode's (SCAO's two modes share the schedule controller that replicates and reshards each leaf;
 TurboAdam's two codecs share the row view and ``follow_sharding``) runs styles 2 and 3 through
-its default mode only, and style 1 and 4 itself (``STAX_ZOO_FULL=1`` runs every pair; about
-30 s of the CI's two workers).
+its default mode only, and style 1 and 4 itself; an option variant (``tests.registry.MAIN``)
+runs style 1 only (``STAX_TEST_FULL=1`` runs every pair; about 30 s of the CI's two workers).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 from jax.sharding import AxisType
 
 import stax
-from tests.registry import ALL, Entry
+from tests.registry import ALL, FULL, MAIN, Entry
 from tests.test_contract import IDS, _check_mesh_sharding
 
 STYLES = {
@@ -39,8 +37,7 @@ STYLES = {
 
 
 SAME_SHARDING_CODE = {"scao_0.2.4": "scao_lowrank", "turbo_adam_faithful": "turbo_adam"}
-_FULL = os.environ.get("STAX_ZOO_FULL", "") == "1"
-_STYLED = [e for e in ALL if _FULL or e.name not in SAME_SHARDING_CODE]
+_STYLED = [e for e in MAIN if FULL or e.name not in SAME_SHARDING_CODE]
 assert {e.name for e in ALL} >= set(SAME_SHARDING_CODE) | set(SAME_SHARDING_CODE.values())
 
 
