@@ -224,3 +224,73 @@ def test_multistep_fidelity_reproduces_turboadam_drift_and_improved_m():
   s = fid.m_fidelity("signed4", 0.3, steps=1200)
   assert u["cos_mean"] < 0.8
   assert s["cos_mean"] > 0.93
+
+
+# --------------------------------------------------------------------------- factored v
+def test_factored_v_in_the_adam_core_is_adafactors_factored_second_moment():
+  """scale_by_adam with a Factored v equals a NumPy transcription of Adafactor's factored
+  estimate (Shazeer & Stern 2018, Alg. 4, with Adam's m and bias corrections): row and column
+  EMAs of g², V̂ = r cᵀ / mean(r), update m̂ / (sqrt(V̂ / c2) + eps); a batch of matrices
+  (leading axis) is factored matrix by matrix."""
+  import optax
+  import stax
+  from stax.codecs.base import FullPrecision, SeparateStorage
+  from stax.codecs.factored import Factored, FactoredState
+  b1, b2, eps, lr = 0.9, 0.99, 1e-8, 1e-2
+  rng = np.random.default_rng(0)
+  p0 = rng.normal(size=(3, 6, 5)).astype(np.float32)
+  grads = [(rng.normal(size=p0.shape) * (1 + 3 * rng.random((1, 6, 1)))).astype(np.float32)
+           for _ in range(6)]
+  tx = optax.chain(stax.scale_by_adam(b1, b2, eps, storage=SeparateStorage(
+      FullPrecision(jnp.float32), Factored())), optax.scale(-lr))
+  p, s = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+  assert isinstance(s[0].nu, FactoredState) and s[0].nu.rows.shape == (3, 6)
+  assert s[0].nu.cols.shape == (3, 5)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  q = p0.astype(np.float64)
+  m = np.zeros_like(q)
+  r, c = np.zeros((3, 6)), np.zeros((3, 5))
+  for t, g in enumerate(grads, 1):
+    p, s = step(p, s, jnp.asarray(g))
+    g = g.astype(np.float64)
+    m = b1 * m + (1 - b1) * g
+    r = b2 * r + (1 - b2) * np.mean(g * g, axis=-1)
+    c = b2 * c + (1 - b2) * np.mean(g * g, axis=-2)
+    vhat = r[..., :, None] * c[..., None, :] / np.mean(r, axis=-1)[..., None, None]
+    q = q - lr * (m / (1 - b1 ** t)) / (np.sqrt(vhat / (1 - b2 ** t)) + eps)
+  np.testing.assert_allclose(np.asarray(p), q, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(s[0].nu.rows), r, rtol=1e-5)
+
+
+def test_factored_codec_keeps_row_and_column_means_and_refuses_vectors():
+  from stax.codecs.factored import Factored
+  codec = Factored()
+  v = jnp.asarray(np.random.default_rng(1).random((2, 7, 9)), jnp.float32)
+  dec = codec.decode(codec.encode(v, None), v)
+  np.testing.assert_allclose(np.asarray(dec.mean(-1)), np.asarray(v.mean(-1)), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(dec.mean(-2)), np.asarray(v.mean(-2)), rtol=1e-5)
+  zero = jnp.zeros((4, 3))
+  np.testing.assert_array_equal(np.asarray(codec.decode(codec.encode(zero, None), zero)), 0.0)
+  with pytest.raises(ValueError, match=r"rank >= 2.*\(12,\)"):
+    codec.init(jnp.zeros(12))
+
+
+def test_turbo_adam_factored_codec_bits_per_param():
+  """codec="factored": 4-bit signed m (4.5 bits) and the factored v on every matrix (a conv
+  kernel through its row view (out, in·kh·kw)): 4.5 + 32(m+n)/(mn) bits, under 5 for a
+  256×512 matrix; the 1Q log v on vectors."""
+  import stax
+  from stax.codecs.factored import FactoredState
+  params = {"w": jnp.zeros((256, 512)), "conv": jnp.zeros((64, 32, 3, 3)),
+            "vec": jnp.zeros((8192,))}
+  tx = stax.turbo_adam(1e-3, codec="factored")
+  state = tx.init(params)
+  inner = state.inner_state[0]
+  bits = lambda k: stax.state_bits_per_param((inner.mu[k], inner.nu[k]), params[k],
+                                             exclude_scalars=True)
+  for k, (m, n) in (("w", (256, 512)), ("conv", (64, 32 * 3 * 3))):
+    assert isinstance(inner.nu[k], FactoredState)
+    assert inner.nu[k].rows.shape == (m,) and inner.nu[k].cols.shape == (n,)
+    assert bits(k) == pytest.approx(4.5 + 32 * (m + n) / (m * n))
+  assert bits("w") < 5
+  assert isinstance(inner.nu["vec"], LQ.LogQuantState)

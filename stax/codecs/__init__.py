@@ -4,6 +4,7 @@ from stax.codecs.base import (FullPrecision, MomentCodec, MomentStorage, Separat
                               resolve_storage)
 from stax.codecs.accounting import state_bits_per_param, state_bytes
 from stax.codecs.block_signed import BlockSignedCodec, BlockSignedState
+from stax.codecs.factored import Factored, FactoredState
 from stax.codecs.log_quant import LogQuantCodec, LogQuantState
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
 from stax.codecs.turbo import TurboAdam02Storage, turbo_storage

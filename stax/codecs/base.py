@@ -321,8 +321,11 @@ class SeparateStorage(StorageBase):
 
 
 def _follow(encoded: Any, like: jax.Array) -> Any:
-  """Every array of rank >= 1 in ``encoded`` resharded to follow ``like``'s sharding."""
-  return jax.tree.map(lambda x: L.constrain_like(x, like) if jnp.ndim(x) else x, encoded)
+  """Every array in ``encoded`` laid out like ``like`` (rank >= ``like``'s: ``like.shape[:-1]``
+  then the encoding's own axes) resharded to follow ``like``'s sharding; lower-rank arrays
+  (scalars, a factored moment's row and column means) are left as they are."""
+  return jax.tree.map(lambda x: L.constrain_like(x, like)
+                      if jnp.ndim(x) and jnp.ndim(x) >= jnp.ndim(like) else x, encoded)
 
 
 def full_precision_storage(mu_dtype: Any = None, nu_dtype: Any = None) -> SeparateStorage:

@@ -30,12 +30,13 @@ from stax.codecs import ustate as US
 from stax.codecs import _layout as L
 from stax.codecs.base import FullPrecision, SeparateStorage, StorageBase
 from stax.codecs.block_signed import BlockSignedCodec
-from stax.codecs.row_view import RowView
+from stax.codecs.factored import Factored
+from stax.codecs.row_view import RowView, row_view_shape
 from stax.codecs.rng import counter_uniform, flat_index, seed_for, seed_from_key
 
 __all__ = ["TurboAdam02Storage", "StepScalars", "turbo_storage", "bias_corrections", "CODECS"]
 
-CODECS = ("stax", "turboadam-0.2")
+CODECS = ("stax", "turboadam-0.2", "factored")
 
 
 def bias_corrections(b1, b2, t):
@@ -202,6 +203,14 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
                                         b1, b2, eps, kernel), block_size)
     m_codec = BlockSignedCodec(m_bits, m_block_size) if cm else FullPrecision(jnp.float32)
     v_codec = LQ.LogQuantCodec(v_bits, block_size) if cv else FullPrecision(jnp.float32)
+    if codec == "factored":
+      # the view the m codec's blocks pad least (a conv kernel: (out, in·kh·kw)); where it is a
+      # matrix, v is Adafactor's factored moment, else the 1Q log v
+      view = row_view_shape(leaf.shape, m_block_size)
+      if cv and len(view) >= 2 and min(view[-2:]) > 1:
+        v_codec = Factored()
+      storage = SeparateStorage(m_codec, v_codec, follow_sharding=True)
+      return RowView(storage, m_block_size) if (cm or cv) else storage
     storage = SeparateStorage(m_codec, v_codec, follow_sharding=True, kernel=kernel)
     return RowView(storage, block_size) if (cm or cv) else storage
 

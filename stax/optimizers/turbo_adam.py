@@ -18,6 +18,10 @@ Codecs (``codec=``):
   absmax per 32 elements, unbiased stochastic rounding, 4.5 bits) and the same 1Q log v; m no
   longer inherits v's quantisation noise and keeps cos(m̂, m) ≈ 0.95 instead of 0.6–0.85
   (8.75 bits/param at ``v_bits=4``; the README's TurboAdam section has the measured fidelity).
+* ``"factored"``: the ``"stax"`` signed 4-bit m and, for every leaf whose row view is a matrix,
+  Adafactor's factored v (row and column means, :mod:`stax.codecs.factored`; the update divides
+  by the rank-1 estimate of the new v); vectors keep the 1Q log v. 4.5 bits/param plus
+  32·(m+n)/(m·n) for an m×n matrix (4.75 at 256×512).
 
 With ``compress_m=False, compress_v=False`` this is ``optax.adamw`` (float32 moments).
 
@@ -123,7 +127,7 @@ def turbo_adam(
     compress_m: compress the first moment (default True).
     compress_v: compress the second moment (default True).
     min_compress_elements: leaves with fewer elements keep float32 moments, >= 0 (default 4096).
-    codec: ``"stax"`` (default) or ``"turboadam-0.2"``.
+    codec: ``"stax"`` (default), ``"turboadam-0.2"`` or ``"factored"``.
     m_block_size: the first moment's block: UState's mean block for the faithful codec (default
       ``min(64, block_size)``), the signed codec's scale block for ``"stax"`` (default
       ``min(32, block_size)``); must divide ``block_size``.
