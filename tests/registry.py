@@ -92,7 +92,8 @@ ALL = _collect()
 #: non-finite gradients, validation, explicit-mesh sharding of every per-tensor statistic) on
 #: ``ALL``. ``STAX_TEST_FULL=1`` (or ``STAX_ZOO_FULL=1``) runs every entry everywhere.
 OPTION_VARIANTS = {"adamw_wd_nesterov": "adamw", "stac_sign_only": "stac", "stam_snr": "stam",
-                   "stam_lite_snr": "stam_lite", "oadamw_gradient": "oadamw"}
+                   "stam_lite_snr": "stam_lite", "oadamw_gradient": "oadamw",
+                   "turbo_adam_factored": "turbo_adam"}
 FULL = "1" in (os.environ.get("STAX_TEST_FULL", ""), os.environ.get("STAX_ZOO_FULL", ""))
 MAIN = [e for e in ALL if FULL or e.name not in OPTION_VARIANTS]
 assert {e.name for e in ALL} >= set(OPTION_VARIANTS) | set(OPTION_VARIANTS.values())

@@ -21,4 +21,6 @@ ENTRIES = [
     Entry("turbo_adam_faithful", stax.turbo_adam,
           dict(_COMMON, **_F32_BETAS, codec="turboadam-0.2"), static_args=_STATIC),
     Entry("turbo_adam", stax.turbo_adam, dict(_COMMON, codec="stax"), static_args=_STATIC),
+    Entry("turbo_adam_factored", stax.turbo_adam, dict(_COMMON, codec="factored"),
+          static_args=_STATIC),
 ]

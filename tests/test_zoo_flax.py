@@ -66,7 +66,7 @@ MODELS = list(Z.MODELS)
 #: Registry entries that are another mode or option of an optimizer whose main entry runs on
 #: every model: the layout, name and framework handling they share is tested there.
 VARIANTS = {"adamw_wd_nesterov", "stac_sign_only", "oadamw_gradient", "scao_0.2.4", "stam_snr",
-            "stam_lite_snr", "turbo_adam_faithful"}
+            "stam_lite_snr", "turbo_adam_faithful", "turbo_adam_factored"}
 VARIANT_MODELS = ("nnx_transformer", "nnx_tied_lm")
 FULL = os.environ.get("STAX_ZOO_FULL", "") == "1"
 STEPS = 4
@@ -355,7 +355,7 @@ _MASKED_TYPES = ("ValueError: pytree structure error: different types at key pat
 _TURBO_LEAF = {"nnx_transformer": "'attn', 'key', 'kernel'", "nnx_tied_lm": "'embed', 'embedding'",
                "nnx_convnet": "'conv1', 'kernel'", "nnx_scan": "'head', 'kernel'"}
 for _m, _leaf in _TURBO_LEAF.items():
-  for _e in ("turbo_adam", "turbo_adam_faithful"):
+  for _e in ("turbo_adam", "turbo_adam_faithful", "turbo_adam_factored"):
     KNOWN[(_e, _m, "resume_raw")] = (
         "ValueError: key in pure_dict not available in state: ('opt_state', 'inner_state', "
         f"'0', 'mu', {_leaf}, 'codes')")

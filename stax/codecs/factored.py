@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from stax import _sharding as _sh
 from stax import numerics as num
 
 __all__ = ["FactoredState", "Factored", "factored_decode"]
@@ -94,6 +95,8 @@ class Factored(NamedTuple):
   def encode(self, value, key):
     del key
     rows, cols = _encode(value)
+    if _sh.explicit_spec(value) is not None:   # an explicit mesh: replicated, as init made them
+      rows, cols = (_sh.reshard(x, (None,) * x.ndim, like=value) for x in (rows, cols))
     return FactoredState(rows.astype(self.dtype), cols.astype(self.dtype))
 
   def project(self, value):
