@@ -10,6 +10,13 @@ exact v (to isolate m), beta1 = 0.9; reported: mean cos(m_hat, m_exact) over the
 for UState (0.2.0) and stax's blockwise signed 4-bit m (blocks of 32, bf16 scale; "signed4_128":
 blocks of 128; a trailing "n": nearest instead of stochastic rounding).
 
+v on a matrix (``v_matrix``): a 64×128 matrix of Gaussian gradients whose scales are rank-1
+(``s_ij = a_i b_j``, a and b log-uniform so s spans [1e-3, 1e-1]), rank-1 times a per-element
+factor log-uniform in [1/2, 2] (``"rank1x2"``), or per element log-uniform over the same range
+(``"unstructured"``): the stored v of the factored codec (Adafactor's row/column means, decoded
+as their rank-1 estimate) and of the 1Q log codec (4 bits, blocks of 128 along the rows) against
+the exact EMA, same percentiles.
+
 Run: ``python benchmarks/fidelity.py`` (writes benchmarks/results/fidelity.json).
 """
 
@@ -24,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stax.codecs import block_signed as BS
+from stax.codecs.factored import Factored
 from stax.codecs import log_quant as LQ
 from stax.codecs import ustate as US
 from stax.codecs.rng import counter_uniform, seed_for
@@ -63,6 +71,46 @@ def v_fidelity(bits: int, lo: float, hi: float, steps: int = 3000, b2: float = 0
           "p50": float(np.percentile(r, 50)), "p95": float(np.percentile(r, 95)),
           "mean": float(r.mean()), "update_amp_p95": float(np.percentile(amp, 95)),
           "update_amp_max": float(amp.max())}
+
+
+def _matrix_scales(structure: str, shape, lo: float, hi: float, rng) -> np.ndarray:
+  m, n = shape
+  half = lambda k: np.exp(rng.uniform(np.log(lo) / 2, np.log(hi) / 2, size=k))
+  if structure == "unstructured":
+    return np.exp(rng.uniform(np.log(lo), np.log(hi), size=shape))
+  s = np.outer(half(m), half(n))
+  if structure == "rank1x2":
+    s = s * np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=shape))
+  return s
+
+
+def v_matrix_fidelity(codec: str, structure: str, steps: int = 3000, b2: float = 0.999,
+                      seed: int = 0, shape=(64, 128), lo: float = 1e-3, hi: float = 1e-1) -> dict:
+  """p5/p50/p95 of the stored v over the exact EMA for ``codec`` ("factored" or "log4") on a
+  matrix whose gradient scales have ``structure`` (see the module docstring)."""
+  rng = np.random.default_rng(seed)
+  scales = _matrix_scales(structure, shape, lo, hi, rng).astype(np.float32)
+  c = Factored() if codec == "factored" else LQ.LogQuantCodec(4, BLOCK)
+  like = jnp.zeros(shape, jnp.float32)
+  key0 = jax.random.key_data(jax.random.PRNGKey(seed + 1))
+
+  def body(carry, t):
+    enc, v_exact = carry
+    gt = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), t), shape) * scales
+    v_new = b2 * c.decode(enc, like) + (1 - b2) * gt * gt
+    v_exact = b2 * v_exact + (1 - b2) * gt * gt
+    enc = c.encode(v_new, jax.random.fold_in(key0, t))
+    return (enc, v_exact), c.decode(enc, like) / v_exact
+
+  _, ratios = jax.jit(lambda: jax.lax.scan(body, (c.init(like), like),
+                                           jnp.arange(1, steps + 1)))()
+  r = np.asarray(ratios[-1000:]).ravel()
+  amp = np.sqrt(1.0 / r)
+  bits = 32 * sum(shape) / np.prod(shape) if codec == "factored" else 4 + 32 / BLOCK
+  return {"codec": codec, "structure": structure, "shape": list(shape), "scale_range": [lo, hi],
+          "v_bits": float(bits), "p5": float(np.percentile(r, 5)),
+          "p50": float(np.percentile(r, 50)), "p95": float(np.percentile(r, 95)),
+          "update_amp_p95": float(np.percentile(amp, 95)), "update_amp_max": float(amp.max())}
 
 
 def m_fidelity(codec: str, snr: float, steps: int = 3000, b1: float = 0.9, b2: float = 0.999,
@@ -118,6 +166,7 @@ BITS_PER_PARAM = {  # large tensors, from the state arrays (see stax.state_bits_
     "stax (signed m4/32 + 1Q v8)": 4 + 16 / 32 + 8 + 32 / 128,
     "UState m + 1Q v8": 2 + 16 / 64 + 8 + 32 / 128,
     "fp32 AdamW": 64.0,
+    "factored (signed m4/32 + row/col v), 1024x1024": 4 + 16 / 32 + 32 * 2048 / 1024 ** 2,
 }
 
 
@@ -126,6 +175,9 @@ def main(steps: int = 3000) -> dict:
   for bits in (4, 6, 8):
     for lo, hi in ((0.05, 0.05), (3e-2, 1e-1), (1e-3, 1e-1)):
       out["v"].append(v_fidelity(bits, lo, hi, steps))
+  out["v_matrix"] = [v_matrix_fidelity(codec, structure, steps)
+                     for structure in ("rank1", "rank1x2", "unstructured")
+                     for codec in ("factored", "log4")]
   for codec in ("ustate", "signed4", "signed4_128", "signed4n"):
     for snr in (0.0, 0.3, 1.0):
       out["m"].append(m_fidelity(codec, snr, steps))
@@ -139,6 +191,9 @@ if __name__ == "__main__":
   path.write_text(json.dumps(res, indent=1))
   for r in res["v"]:
     print(f"v{r['bits']} {r['scale_range']}: p5-p95 {r['p5']:.2f}-{r['p95']:.2f} "
+          f"median {r['p50']:.2f} amp p95 {r['update_amp_p95']:.2f}")
+  for r in res["v_matrix"]:
+    print(f"v {r['codec']:8s} {r['structure']:12s}: p5-p95 {r['p5']:.2f}-{r['p95']:.2f} "
           f"median {r['p50']:.2f} amp p95 {r['update_amp_p95']:.2f}")
   for r in res["m"]:
     print(f"m {r['codec']} snr {r['snr']}: cos {r['cos_mean']:.3f} (p5 {r['cos_p5']:.3f})")

@@ -123,7 +123,7 @@ STAX_MODES = {
     "stam_lite": [("[seed]", {}, "faithful"), ("[snr]", {"beta1_signal": "snr"}, "improved")],
     "scao": [("", {}, "improved"), ("[scao-0.2.4]", {"mode": "scao-0.2.4"}, "faithful")],
     "oadamw": [("", {}, "improved"), ("[gradient]", {"muon": "gradient"}, "faithful")],
-    "turbo_adam": [("", {}, "improved"),
+    "turbo_adam": [("", {}, "improved"), ("[stax]", {"codec": "stax"}, "improved"),
                    ("[turboadam-0.2]", {"codec": "turboadam-0.2"}, "faithful")],
 }
 

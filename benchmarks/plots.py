@@ -185,6 +185,74 @@ def roofline_plot(results, out: pathlib.Path):
   return [f.name]
 
 
+def frontier_points(turbo_rows, codec_rows) -> list[dict]:
+  """(task, name, bits/param, gap to float32) for every low-bit configuration measured:
+  turbo_quality's codecs against optax.adamw, codec_quality's against their own float32 run."""
+  pts = []
+  for t in dict.fromkeys(r["task"] for r in turbo_rows):
+    rows = [r for r in turbo_rows if r["task"] == t]
+    base = next((r for r in rows if r["optimizer"].startswith("optax.adamw")), None)
+    if base is None:
+      continue
+    for r in rows:
+      if r is not base:
+        pts.append(dict(task=t, name="turbo_adam " + r["optimizer"].split(" (")[0],
+                        bits=r["bits_per_param"], std=r["final_val_loss_std"] / base["final_val_loss"],
+                        gap=r["final_val_loss"] / base["final_val_loss"] - 1))
+  for r in codec_rows:
+    if r.get("gap_to_fp32") and not r["optimizer"].endswith("fp32"):
+      base = r["final_val_loss"] / (1 + r["gap_to_fp32"])
+      pts.append(dict(task=r["task"], name=r["optimizer"], bits=r["bits_per_param"],
+                      std=r["final_val_loss_std"] / base, gap=r["gap_to_fp32"]))
+  return pts
+
+
+def frontier_plot(points, out: pathlib.Path, name: str = "codec_frontier.png"):
+  """Bits/param of state against the final validation loss gap to float32, one panel a task."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  tasks = list(dict.fromkeys(p["task"] for p in points))
+  if not tasks:
+    return []
+  names = list(dict.fromkeys(p["name"] for p in points))      # one colour per configuration
+  import matplotlib.ticker  # noqa: F401  (the minor-tick formatter)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 7.5), squeeze=False)
+  for ax, t in zip(axes[0], tasks):
+    pts = [p for p in points if p["task"] == t]
+    # % gap shown: enough for every point within 50 %; one beyond is drawn at the edge
+    inside = [100 * (abs(p["gap"]) + p["std"]) for p in pts if abs(p["gap"]) <= 0.5]
+    lim = min(50.0, max([3.0] + [1.15 * x for x in inside]))
+    for p in pts:
+      gap, color = 100 * p["gap"], plt.get_cmap("tab20")(names.index(p["name"]) % 20)
+      if abs(gap) <= 50.0:
+        ax.errorbar(p["bits"], gap, yerr=100 * p["std"], fmt="o", ms=5, capsize=2,
+                    color=color, label=p["name"])
+      else:
+        edge = math.copysign(lim * 0.97, gap)
+        ax.plot(p["bits"], edge, "^" if gap > 0 else "v", ms=8, color=color,
+                label=f"{p['name']} ({gap:+.0f}%, off scale)")
+    ax.set_ylim(-lim, lim)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axhspan(-1, 1, color="tab:green", alpha=0.12, label="within 1% of float32")
+    ax.axvline(5, color="tab:grey", ls="--", lw=0.8, label="5 bits/param")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(4, 16)
+    ax.set_xticks([4, 5, 6, 8, 10, 12, 16], ["4", "5", "6", "8", "10", "12", "16"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("optimizer state, bits per parameter (whole model)")
+    ax.set_ylabel("final val loss vs float32 self (%; ± std of 3 seeds)")
+    ax.set_title(f"{t}: low-bit state frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+  fig.tight_layout()
+  f = pathlib.Path(out) / name
+  fig.savefig(f, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return [f.name]
+
+
 def make_all(results, out) -> list[str]:
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)

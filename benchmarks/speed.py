@@ -249,7 +249,11 @@ FLOORS = {
                             "statistics before the update pass"),
     "stax.stable_adamw": (12, _CHECK + "; g and v are read again for the per-tensor RMS "
                           "clip before the update pass"),
-    "stax.turbo_adam": (4, _CHECK + "; the codec's log and exps per element (transcendentals)"),
+    "stax.turbo_adam": (8, _CHECK + "; g is read again: the update divides by the rank-1 "
+                        "estimate of the new v, whose row and column means take a pass over "
+                        "g² first (the factored codec)"),
+    "stax.turbo_adam[stax]": (4, _CHECK + "; the codec's log and exps per element "
+                              "(transcendentals)"),
     "stax.turbo_adam[turboadam-0.2]": (4, _CHECK + "; the codec's log and exps per element "
                                        "(transcendentals)"),
     "stax.oadamw": (4, _CHECK + "; Newton–Schulz's matrix products (flops)"),
@@ -266,6 +270,7 @@ SEEDS = {
     "stax.stam_lite[snr]": "seed:stam_optimizer.stam_lite",
     "stax.stable_adamw": "seed:optimi.StableAdamW",
     "stax.turbo_adam": "seed:turboadam.TurboAdam",
+    "stax.turbo_adam[stax]": "seed:turboadam.TurboAdam",
     "stax.turbo_adam[turboadam-0.2]": "seed:turboadam.TurboAdam",
     "stax.scao": "seed:scao.SCAO",
     "stax.scao[scao-0.2.4]": "seed:scao.SCAO",
@@ -437,7 +442,8 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
 
 
 MEMORY_ENTRIES = ("optax.adamw", "stax.adamw", "stax.stam_lite", "stax.turbo_adam",
-                  "stax.turbo_adam[chunked]", "stax.turbo_adam[turboadam-0.2]")
+                  "stax.turbo_adam[stax]", "stax.turbo_adam[chunked]",
+                  "stax.turbo_adam[turboadam-0.2]")
 
 
 def _memory_tx(name: str):
@@ -450,7 +456,8 @@ def _memory_tx(name: str):
           "stax.adamw": lambda: stax.adamw(1e-3, weight_decay=wd),
           "stax.stam_lite": lambda: stax.stam_lite(1e-3, weight_decay=wd),
           "stax.turbo_adam": lambda: stax.turbo_adam(1e-3, weight_decay=wd),
-          "stax.turbo_adam[chunked]": lambda: stax.turbo_adam(1e-3, weight_decay=wd,
+          "stax.turbo_adam[stax]": lambda: stax.turbo_adam(1e-3, weight_decay=wd, codec="stax"),
+          "stax.turbo_adam[chunked]": lambda: stax.turbo_adam(1e-3, weight_decay=wd, codec="stax",
                                                               implementation="chunked"),
           "stax.turbo_adam[turboadam-0.2]": lambda: stax.turbo_adam(
               1e-3, weight_decay=wd, codec="turboadam-0.2")}[name]()

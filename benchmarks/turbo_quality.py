@@ -56,20 +56,27 @@ def _bits(build, task) -> float:
   return float(stax.state_bits_per_param(state, params, exclude_scalars=True))
 
 
+def seeds_row(task, name: str, build, lr: float, seeds) -> dict:
+  """One configuration on ``task`` at ``lr`` for every seed: bits/param and the final losses'
+  mean and std (the row both quality scripts save)."""
+  runner = Q.JaxRunner(task, BenchOptimizer(name, "jax", build, "stax"), task.steps)
+  res = [runner.run(lr, s) for s in seeds]
+  last = lambda key: [r[key][-1] for r in res]
+  return {"task": task.name, "optimizer": name, "lr": lr, "seeds": list(seeds),
+          "bits_per_param": _bits(build, task),
+          "final_val_loss": float(np.mean(last("val_loss"))),
+          "final_val_loss_std": float(np.std(last("val_loss"))),
+          "final_val_metric": float(np.mean(last("val_metric"))),
+          "final_train_loss": float(np.mean(last("train_loss"))),
+          "wall_s": float(np.mean(last("wall_s")))}
+
+
 def main(task_names=("digits",), seeds=(0, 1, 2), lr=3e-3):
   out = []
   for tname in task_names:
     task = T.make_task(tname, quick=True)
     for name, build in CONFIGS:
-      opt = BenchOptimizer(name, "jax", build, "stax")
-      runner = Q.JaxRunner(task, opt, task.steps)
-      res = [runner.run(lr, s) for s in seeds]
-      row = {"task": tname, "optimizer": name, "lr": lr, "seeds": list(seeds),
-             "bits_per_param": _bits(build, task),
-             "final_val_loss": float(np.mean([r["val_loss"][-1] for r in res])),
-             "final_val_loss_std": float(np.std([r["val_loss"][-1] for r in res])),
-             "final_val_metric": float(np.mean([r["val_metric"][-1] for r in res])),
-             "final_train_loss": float(np.mean([r["train_loss"][-1] for r in res]))}
+      row = seeds_row(task, name, build, lr, seeds)
       out.append(row)
       print(f"{tname:12s} {name:36s} {row['bits_per_param']:6.2f} bits  val_loss "
             f"{row['final_val_loss']:.4f} ± {row['final_val_loss_std']:.4f} "

@@ -27,6 +27,7 @@ from stax.transforms.orthogonalize import (NS_PRESETS, MatrixDimensionNumbers,
                                            ns_coefficients, orthogonalize, orthogonalize_many,
                                            scale_by_orthogonalization, singular_value_band)
 from stax.transforms.stable import add_decoupled_weight_decay, scale_by_stable_adam
+from stax.transforms.trace import StoredTraceState, saturating_trace, stored_trace
 
 # Kernels (each beside its jax.numpy reference).
 from stax.kernels.newton_schulz import newton_schulz
@@ -46,7 +47,7 @@ from stax.codecs.base import (FullPrecision, MomentCodec, MomentStorage, Separat
 from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.log_quant import LogQuantCodec
 from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage
-from stax.codecs.turbo import TurboAdam02Storage
+from stax.codecs.turbo import STATE_CODECS, TurboAdam02Storage, state_codec_storage
 
 # Compiling a step.
 from stax.compile_options import LEAN_MEMORY_FLAG, lean_memory_xla_flags

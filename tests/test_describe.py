@@ -20,6 +20,7 @@ def _params():
 @pytest.mark.parametrize("make", [
     lambda: stax.adamw(1e-3), lambda: stax.oadamw(1e-3), lambda: stax.scao(1e-3, k_min=1, k_max=4),
     lambda: stax.turbo_adam(1e-3, min_compress_elements=256),
+    lambda: stax.turbo_adam(1e-3, min_compress_elements=256, codec="stax"),
     lambda: stax.stac(1e-3, last_n_modules=1,
                       module_order=["embed", "attn/query", "attn/out", "conv", "head"])])
 def test_bytes_add_up_to_the_state(make):
@@ -41,7 +42,8 @@ def test_rules_and_matrix_views():
                     _params()).by_path
   assert s["head/kernel"].rule == "adam" and s["conv/kernel"].rule == "sign"
   assert s["conv/kernel"].state_bytes == 0
-  t = stax.describe(stax.turbo_adam(1e-3, min_compress_elements=256), _params()).by_path
+  t = stax.describe(stax.turbo_adam(1e-3, min_compress_elements=256, codec="stax"),
+                    _params()).by_path
   assert np.isclose(t["conv/kernel"].bits_per_param, 8.75)
   assert "BlockSigned" in t["conv/kernel"].storage and "float32" in t["attn/out/bias"].storage
   assert t["attn/out/bias"].bits_per_param == 64.0
@@ -57,5 +59,5 @@ def test_torch_names_and_fused_attention():
   assert d["self_attn.in_proj_bias"].rule == "adam"
   assert d["linear1.weight"].rule == "muon"
   conv = torch.nn.Conv2d(64, 64, 3)
-  t = torch_bridge.TurboAdam(conv, lr=1e-3).describe().by_path
+  t = torch_bridge.TurboAdam(conv, lr=1e-3, codec="stax").describe().by_path
   assert np.isclose(t["weight"].bits_per_param, 8.75)              # not 229: rows of in·kh·kw

@@ -322,7 +322,7 @@ def test_fused_implementation_is_checked_at_construction():
                                        r"'pallas', 'chunked'\), got 'triton'"):
     stax.turbo_adam(codec="turboadam-0.2", implementation="triton")
   with pytest.raises(ValueError, match="implementation='pallas'.*codec='turboadam-0.2'"):
-    stax.turbo_adam(implementation="pallas")                       # the "stax" codec
+    stax.turbo_adam(implementation="pallas")                       # the "factored" codec
   with pytest.raises(ValueError, match="compress_m=True and compress_v=True"):
     stax.turbo_adam(codec="turboadam-0.2", compress_m=False, implementation="pallas")
   with pytest.raises(ValueError, match="implementation='chunked'.*codec='stax'"):
@@ -330,7 +330,7 @@ def test_fused_implementation_is_checked_at_construction():
   with pytest.warns(UserWarning, match="`implementation`.*no effect"):
     stax.turbo_adam(codec="turboadam-0.2", compress_m=False, implementation="xla")
   with pytest.warns(UserWarning, match="`implementation`.*no effect"):
-    stax.turbo_adam(compress_m=False, compress_v=False, implementation="chunked")
+    stax.turbo_adam(compress_m=False, compress_v=False, codec="stax", implementation="chunked")
   tx = stax.turbo_adam(codec="turboadam-0.2", min_compress_elements=1, implementation="pallas")
   params = {"w": jnp.ones((2, 100))}                                 # row not a block multiple
   with pytest.raises(ValueError, match=r"multiple of block_size \(128\), got 100"):
@@ -374,7 +374,7 @@ def _stax_codec_run(implementation, steps=4, **kw):
   up to ×300 between steps."""
   rng = np.random.default_rng(0)
   params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in _CHUNK_PARAMS.items()}
-  tx = stax.turbo_adam(1e-2, weight_decay=0.01, min_compress_elements=1,
+  tx = stax.turbo_adam(1e-2, weight_decay=0.01, min_compress_elements=1, codec="stax",
                        implementation=implementation, **kw)
   state, step = tx.init(params), _apply(tx)
   for i in range(steps):
@@ -404,7 +404,8 @@ def test_chunked_update_equals_the_whole_tensor_update(monkeypatch):
     np.testing.assert_allclose(np.asarray(p_chk[name]), np.asarray(p_ref[name]), rtol=2.5e-7,
                                atol=0)
   loops = lambda t: jax.jit(t.update).lower(p_chk, s_chk, p_chk).as_text().count("stablehlo.while")
-  tx_ref = stax.turbo_adam(1e-2, weight_decay=0.01, min_compress_elements=1, implementation="xla")
+  tx_ref = stax.turbo_adam(1e-2, weight_decay=0.01, min_compress_elements=1, codec="stax",
+                           implementation="xla")
   assert loops(tx) - loops(tx_ref) == 4               # w, conv, lead, prime_rows; not tall, vec
 
 

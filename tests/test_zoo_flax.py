@@ -66,7 +66,8 @@ MODELS = list(Z.MODELS)
 #: Registry entries that are another mode or option of an optimizer whose main entry runs on
 #: every model: the layout, name and framework handling they share is tested there.
 VARIANTS = {"adamw_wd_nesterov", "stac_sign_only", "oadamw_gradient", "scao_0.2.4", "stam_snr",
-            "stam_lite_snr", "turbo_adam_faithful", "turbo_adam_factored"}
+            "stam_lite_snr", "turbo_adam_faithful", "turbo_adam_factored", "oadamw_m8",
+            "stable_adamw_factored", "stam_factored"}
 VARIANT_MODELS = ("nnx_transformer", "nnx_tied_lm")
 FULL = os.environ.get("STAX_ZOO_FULL", "") == "1"
 STEPS = 4
@@ -352,13 +353,20 @@ _MASKED_NONE = ("ValueError: Expected named tuple, got None. (orbax raw restore 
                 "for optax MaskedNode)")
 _MASKED_TYPES = ("ValueError: pytree structure error: different types at key path: MaskedNode "
                  "vs NoneType (orbax raw restore returns None for optax MaskedNode)")
+# The same holds for any codec's state: the Adam family's codec= and OAdamW's 8-bit Muon trace.
 _TURBO_LEAF = {"nnx_transformer": "'attn', 'key', 'kernel'", "nnx_tied_lm": "'embed', 'embedding'",
                "nnx_convnet": "'conv1', 'kernel'", "nnx_scan": "'head', 'kernel'"}
+_TRACE_LEAF = {"nnx_transformer": "'attn', 'key', 'kernel'", "nnx_tied_lm": "'hidden', 'kernel'",
+               "nnx_convnet": "'conv1', 'kernel'", "nnx_scan": "'inp', 'kernel'"}
 for _m, _leaf in _TURBO_LEAF.items():
-  for _e in ("turbo_adam", "turbo_adam_faithful", "turbo_adam_factored"):
+  for _e in ("turbo_adam", "turbo_adam_faithful", "turbo_adam_factored", "stable_adamw_factored",
+             "stam_factored"):
     KNOWN[(_e, _m, "resume_raw")] = (
         "ValueError: key in pure_dict not available in state: ('opt_state', 'inner_state', "
         f"'0', 'mu', {_leaf}, 'codes')")
+  KNOWN[("oadamw_m8", _m, "resume_raw")] = (
+      "ValueError: key in pure_dict not available in state: ('opt_state', 'inner_state', '0', "
+      f"'inner_states', 'muon', 'inner_state', '0', 'trace', {_TRACE_LEAF[_m]}, 'codes')")
   KNOWN[("stac_sign_only", _m, "resume_raw")] = _MASKED_NONE
   KNOWN[("oadamw", _m, "resume_raw")] = _MASKED_TYPES
   if _m != "nnx_tied_lm":   # stac's cap (last 2 modules) is the whole tied LM: no MaskedNode

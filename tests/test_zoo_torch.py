@@ -157,7 +157,7 @@ DROPINS = [
     _dropin("TurboAdam", torch_bridge.TurboAdam, stax.turbo_adam, dict(
         learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, block_size=128,
         v_bits=4, compress_m=True, compress_v=True, min_compress_elements=4096,
-        m_block_size=None, seed=305419896, codec="stax")),
+        m_block_size=None, seed=305419896, codec="factored")),
 ]
 SPECS = [_registry_spec(e) for e in ALL] + DROPINS
 BY_SPEC = {s.name: s for s in SPECS}

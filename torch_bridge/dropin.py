@@ -446,8 +446,9 @@ class TurboAdam(Optimizer):
   """TurboAdam (compressed Adam state) as a torch optimizer; the seed's (``turboadam`` 0.2.0)
   argument names and defaults.
 
-  ``codec="turboadam-0.2"`` reproduces the seed's codecs, ``codec="stax"`` (default) is stax's
-  rank-preserving variant (see :func:`stax.turbo_adam`). The seed's separate
+  ``codec="turboadam-0.2"`` reproduces the seed's codecs, ``codec="factored"`` (default: 4-bit
+  m + Adafactor's factored v, ≈ 4.6–5 bits/param) and ``codec="stax"`` (4-bit m + 4-bit log v,
+  8.75 bits/param) are stax's (see :func:`stax.turbo_adam`). The seed's separate
   ``min_m_compress_elements``/``min_v_compress_elements`` must be equal (stax has one
   threshold); ``rounding_seed`` seeds the JAX key kept in the state. ``capturable`` is accepted
   and ignored (the bridge step is one jitted call).
@@ -458,7 +459,8 @@ class TurboAdam(Optimizer):
                v_bits: int = 4, compress_m: bool = True, compress_v: bool = True,
                capturable: bool = False, min_m_compress_elements: int = 4096,
                min_v_compress_elements: int = 4096, m_block_size: Optional[int] = None,
-               rounding_seed: int = 305419896, codec: str = "stax", **kwargs: Any):
+               rounding_seed: int = 305419896, codec: str = "factored",
+               **kwargs: Any):
     V.check_bool("capturable", capturable)
     del capturable
     _check_scalars(lr=lr, eps=eps, weight_decay=weight_decay, block_size=block_size,

@@ -7,5 +7,6 @@ from stax.codecs.block_signed import BlockSignedCodec, BlockSignedState
 from stax.codecs.factored import Factored, FactoredState
 from stax.codecs.log_quant import LogQuantCodec, LogQuantState
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
-from stax.codecs.turbo import TurboAdam02Storage, turbo_storage
+from stax.codecs.turbo import (STATE_CODECS, TurboAdam02Storage, state_codec_storage,
+                               turbo_storage)
 from stax.codecs.ustate import UStateM

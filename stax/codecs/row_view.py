@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from stax.codecs import _layout as L
 from stax.codecs.base import StorageBase, as_storage
 
-__all__ = ["row_view_shape", "RowView"]
+__all__ = ["row_view_shape", "RowView", "to_row_view", "from_row_view"]
 
 
 def row_view_shape(shape: Sequence[int], block_size: int, spec: Any = None) -> tuple[int, ...]:
@@ -58,6 +58,22 @@ def row_view_shape(shape: Sequence[int], block_size: int, spec: Any = None) -> t
     if best_cost is None or cost < best_cost:
       best, best_cost = shape[:-k] + (row,), cost
   return best
+
+
+def to_row_view(x: jax.Array, block_size: int) -> jax.Array:
+  """``x`` reshaped to :func:`row_view_shape` (its trailing axes merged into one row)."""
+  shape = row_view_shape(jnp.shape(x), block_size, L.explicit_spec(x))
+  if shape == tuple(jnp.shape(x)):
+    return x
+  return L.merge_last(x, jnp.ndim(x) - len(shape) + 1)
+
+
+def from_row_view(x: jax.Array, like: Any) -> jax.Array:
+  """The inverse of :func:`to_row_view`: ``x`` (a row view) back in ``like``'s shape."""
+  if tuple(x.shape) == tuple(jnp.shape(like)):
+    return x
+  k = jnp.ndim(like) - x.ndim + 1
+  return L.split_last(x, tuple(jnp.shape(like))[-k:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +112,10 @@ class RowView(StorageBase):
     return fused
 
   def _view(self, x):
-    shape = row_view_shape(jnp.shape(x), self.block_size, L.explicit_spec(x))
-    if shape == tuple(jnp.shape(x)):
-      return x
-    return L.merge_last(x, jnp.ndim(x) - len(shape) + 1)
+    return to_row_view(x, self.block_size)
 
   def _back(self, x, like):
-    if tuple(x.shape) == tuple(jnp.shape(like)):
-      return x
-    k = jnp.ndim(like) - x.ndim + 1
-    return L.split_last(x, tuple(jnp.shape(like))[-k:])
+    return from_row_view(x, like)
 
   def init(self, param):
     return self.inner.init(self._view(param))

@@ -34,7 +34,8 @@ from stax.codecs.factored import Factored
 from stax.codecs.row_view import RowView, row_view_shape
 from stax.codecs.rng import counter_uniform, flat_index, seed_for, seed_from_key
 
-__all__ = ["TurboAdam02Storage", "StepScalars", "turbo_storage", "bias_corrections", "CODECS"]
+__all__ = ["TurboAdam02Storage", "StepScalars", "turbo_storage", "bias_corrections", "CODECS",
+           "STATE_CODECS", "state_codec_storage"]
 
 CODECS = ("stax", "turboadam-0.2", "factored")
 
@@ -216,3 +217,40 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
 
   choose.needs_key = bool(compress_m or compress_v)  # some leaves round stochastically
   return choose
+
+
+STATE_CODECS = ("stax", "factored")
+
+
+def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 4096,
+                        mu_dtype: Any = None, nu_dtype: Any = None):
+  """The per-leaf moment storage behind an Adam-family optimizer's ``codec=`` argument.
+
+  ``None`` gives ``None`` (the core's full-precision moments in ``mu_dtype``/``nu_dtype``);
+  ``"stax"`` (signed 4-bit m in blocks of 32 + 4-bit 1Q log v in blocks of 128, ≈ 8.75
+  bits/param) or ``"factored"`` (the same m + Adafactor's row/column v on matrices, ≈ 4.5
+  bits/param plus ``32(m+n)/(mn)``) stores every leaf with at least ``min_compress_elements``
+  elements as :func:`stax.turbo_adam` does; smaller leaves keep float32 moments. The faithful
+  ``"turboadam-0.2"`` codec is TurboAdam's own (its UState m is decoded with TurboAdam's bias
+  corrections) and is refused here.
+
+  Raises:
+    ValueError: an unknown codec, ``min_compress_elements < 0``, or a codec together with
+      ``mu_dtype``/``nu_dtype`` (the codec decides how the moments are stored).
+  """
+  from stax import _validation as V
+  if codec is None:
+    return None
+  if codec == "turboadam-0.2":
+    raise ValueError("`codec='turboadam-0.2'` is TurboAdam's faithful storage (its m is decoded "
+                     "with TurboAdam's own bias corrections); use stax.turbo_adam for it, or "
+                     f"one of {STATE_CODECS} here.")
+  V.check_choice("codec", codec, STATE_CODECS + (None,))
+  V.check_int("min_compress_elements", min_compress_elements, low=0)
+  for name, dt in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
+    if dt is not None:
+      raise ValueError(f"`{name}` and `codec` cannot both be set: the codec ({codec!r}) decides "
+                       f"how the moments are stored; got {name}={dt!r}.")
+  return turbo_storage(codec, b1=None, b2=None, eps=None, block_size=128, v_bits=4,
+                       compress_m=True, compress_v=True,
+                       min_compress_elements=min_compress_elements, m_block_size=32)

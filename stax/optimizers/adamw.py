@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import optax
 
 from stax import _validation as V
+from stax.codecs.turbo import state_codec_storage
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
 
@@ -24,6 +25,8 @@ def adamw(
     *,
     mu_dtype: Any = None,
     nesterov: bool = False,
+    codec: Optional[str] = None,
+    min_compress_elements: int = 4096,
     nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW (decoupled weight decay) built on :func:`stax.scale_by_adam`.
@@ -48,6 +51,12 @@ def adamw(
     mask: pytree or callable selecting the leaves that decay (default: all).
     mu_dtype: first-moment dtype, ``None`` or a floating dtype (default: the parameter's).
     nesterov: Nesterov momentum, a bool (default False).
+    codec: ``None`` (default: full precision) or ``"stax"`` (4-bit m + 4-bit log v, ≈ 8.75
+      bits/param) / ``"factored"`` (4-bit m + Adafactor's row/column v on matrices, ≈ 4.5
+      bits/param): the moments of every leaf with at least ``min_compress_elements`` elements
+      stored as :func:`stax.turbo_adam` stores them (then real parameters only, and exclusive
+      with ``mu_dtype``); see :func:`stax.codecs.state_codec_storage`.
+    min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"``; see
       :func:`stax.nonfinite_guard`.
 
@@ -68,8 +77,12 @@ def adamw(
   # gated: on a skipped step the core's decays become 1 and its count is held, and the
   # schedule's count is held by gate_state, so no lax.cond (which copies the state on CPU) is
   # needed; the result is bit-identical to the cond version.
+  storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
+                                mu_dtype=mu_dtype)
+  core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov,
+                       storage=storage)
   tx = gated_chain(
-      scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+      core if storage is None else gate_state(core),   # a codec's state: kept by a select
       gate_state(optax.add_decayed_weights(weight_decay, mask)),
       gate_state(optax.scale_by_learning_rate(learning_rate)),
   )
@@ -77,6 +90,6 @@ def adamw(
   # imaginary part, so it refuses them.
   return V.with_param_checks(
       nonfinite_guard(tx, nonfinite, gated=True), optimizer="stax.adamw",
-      allow_complex=mu_dtype is None,
-      complex_note="a real `mu_dtype` cannot hold a complex first moment; leave "
-                   "mu_dtype=None for complex parameters")
+      allow_complex=mu_dtype is None and codec is None,
+      complex_note="a real `mu_dtype` or a codec cannot hold a complex first moment; leave "
+                   "mu_dtype=None and codec=None for complex parameters")

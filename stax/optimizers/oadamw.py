@@ -66,7 +66,9 @@ from stax import numerics as num
 from stax import partition
 from stax.describe import labels_plan, register_plan
 from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
+from stax.codecs.turbo import state_codec_storage
 from stax.transforms.kahan import kahan_summation
+from stax.transforms.trace import TRACE_BITS, saturating_trace, stored_trace
 from stax.transforms.orthogonalize import (ORTHOGONALIZE_MODES, SHAPE_SCALES, matrix_shape,
                                            ns_coefficients, resolve_tree,
                                            scale_by_orthogonalization)
@@ -78,32 +80,6 @@ __all__ = ["oadamw", "stable_adamw", "oadamw_labels", "saturating_trace", "MUON_
 MUON, ADAM = "muon", "adam"
 MUON_MODES = ("momentum", "gradient", "off")
 GROUPINGS = ("auto", "seed")
-
-
-def saturating_trace(decay: Any, nesterov: bool = False,
-                     accumulator_dtype: Any = None) -> optax.GradientTransformation:
-  """``optax.trace`` (``t ← g + decay·t``, same state) whose sums saturate at ±B.
-
-  Muon's momentum has no ``(1-decay)`` factor, so huge gradients would grow it past any bound;
-  here the gradient, the new trace and the Nesterov output are each saturated at
-  ``B = stax.numerics.square_bound`` of the gradient's and accumulator's dtypes (2**63 for
-  float32/bfloat16), so they stay finite for any finite gradient. Below ``B`` this is
-  ``optax.trace`` bit for bit.
-  """
-  base = optax.trace(decay=decay, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
-
-  def f(g, t):
-    b = num.square_bound(g.dtype, t.dtype)
-    return num.saturate(num.saturate(g, b) + decay * t, b)
-
-  def update_fn(updates, state, params=None):
-    del params
-    new_trace = jax.tree.map(lambda g, t: None if g is None else f(g, t), updates, state.trace,
-                             is_leaf=lambda g: g is None)
-    updates = jax.tree.map(f, updates, new_trace) if nesterov else new_trace
-    return updates, optax.TraceState(trace=optax.tree.cast(new_trace, accumulator_dtype))
-
-  return optax.GradientTransformation(base.init, update_fn)
 
 
 def _max_lr(learning_rate, decouple_lr, max_lr):
@@ -147,6 +123,8 @@ def stable_adamw(
     weight_decay_mask: Optional[Any | Callable[[Any], Any]] = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    codec: Optional[str] = None,
+    min_compress_elements: int = 4096,
     nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableAdamW (``torch-optimi`` 0.3.3 semantics) on the shared Adam core.
@@ -174,23 +152,38 @@ def stable_adamw(
     kahan_dtype: compensation-buffer dtype (default: the parameter's, as optimi).
     weight_decay_mask: pytree or callable of booleans (default: every leaf decays, as optimi).
     mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi).
+    codec: ``None`` (default: ``mu_dtype``/``nu_dtype``), ``"stax"`` (4-bit m + 4-bit log v,
+      ≈ 8.75 bits/param) or ``"factored"`` (4-bit m + Adafactor's row/column v on matrices,
+      ≈ 4.5 bits/param): the moments of every leaf with at least ``min_compress_elements``
+      elements stored as :func:`stax.turbo_adam` stores them
+      (:func:`stax.codecs.state_codec_storage`); the RMS clip then reads the decoded v.
+      Exclusive with ``mu_dtype``/``nu_dtype``.
+    min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
 
   Example:
     >>> import jax.numpy as jnp, stax
     >>> tx = stax.stable_adamw(1e-3, weight_decay=1e-2)
     >>> state = tx.init({"w": jnp.ones(3)})
+    >>> tx = stax.stable_adamw(1e-3, codec="factored")     # ≈ 4.5 bits/param of state
+    >>> params = {"w": jnp.ones((256, 512))}
+    >>> round(stax.state_bits_per_param(tx.init(params), params, exclude_scalars=True), 2)
+    4.69
   """
   _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, decouple_lr=decouple_lr,
                 max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
+  storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+  core = scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
+                              mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
+                              mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage)
   # gated (no lax.cond, which copies the state on CPU): on a skipped step the core's decays
   # become 1 and its count is held, the schedule's count is held by gate_state and Kahan keeps
-  # its compensation; bit-identical state to the cond version.
+  # its compensation; bit-identical state to the cond version. A codec's encodings cannot be
+  # rewritten unchanged, so a compressed core keeps its old state by a select (gate_state).
   tx = gated_chain(
-      scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
-                           mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
-                           mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+      core if storage is None else gate_state(core),
       gate_state(optax.scale_by_learning_rate(learning_rate)),
       kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
   )
@@ -226,7 +219,8 @@ def oadamw_labels(params: Any, *, grouping: str = "auto",
 def _warn_unused_muon_args(muon, labels, values):
   """``UserWarning`` for each non-default argument the chosen ``muon`` mode does not use."""
   defaults = {k: p.default for k, p in inspect.signature(oadamw).parameters.items()}
-  momentum_only = ("muon_momentum", "muon_nesterov", "shape_scale", "rms")
+  momentum_only = ("muon_momentum", "muon_nesterov", "shape_scale", "rms",
+                   "muon_momentum_bits")
   for name, value in values.items():
     if muon == "off":
       why = "with muon='off' (StableAdamW on every leaf)"
@@ -273,6 +267,9 @@ def oadamw(
     weight_decay_mask: Optional[Any | Callable[[Any], Any]] = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    muon_momentum_bits: Optional[int] = None,
+    codec: Optional[str] = None,
+    min_compress_elements: int = 4096,
     nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   """OAdamW: Muon (or the seed's NS-then-Adam) on matrices, StableAdamW elsewhere.
@@ -324,6 +321,14 @@ def oadamw(
     weight_decay_mask: pytree or callable of booleans (default: all leaves decay, as the seed).
     mu_dtype, nu_dtype: StableAdamW moment dtypes / Muon momentum dtype (``mu_dtype``)
       (default: the parameter's).
+    muon_momentum_bits: ``None`` (default: Muon's momentum in ``mu_dtype``) or bits in
+      (2, 3, 4, 6, 8): the momentum of each Muon leaf with at least ``min_compress_elements``
+      elements stored in a blockwise signed code with stochastic rounding
+      (:func:`stax.stored_trace`; 8 bits: 8.125 bits/param, as 8-bit Muon); ``"momentum"`` only.
+    codec: ``None`` (default) or a moment codec for the StableAdamW leaves (``"stax"``,
+      ``"factored"``; see :func:`stable_adamw`).
+    min_compress_elements: smallest leaf the codec and the low-bit momentum compress, >= 0
+      (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``.
 
   Returns:
@@ -351,7 +356,12 @@ def oadamw(
   V.check_choice("grouping", grouping, GROUPINGS)
   V.check_int("min_dim", min_dim, low=1)
   V.check_choice("mode", mode, ORTHOGONALIZE_MODES)
-  _warn_unused_muon_args(muon, labels, dict(
+  if muon_momentum_bits is not None:
+    V.check_int("muon_momentum_bits", muon_momentum_bits)
+    V.check_choice("muon_momentum_bits", muon_momentum_bits, TRACE_BITS)
+  storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+  _warn_unused_muon_args(muon, labels, dict(muon_momentum_bits=muon_momentum_bits,
       muon_momentum=muon_momentum, muon_nesterov=muon_nesterov, ns_steps=ns_steps,
       ns_coeffs=ns_coeffs, ns_eps=ns_eps, update_proj_gap=update_proj_gap, scale=scale,
       shape_scale=shape_scale, rms=rms, grouping=grouping, labels=labels, exclude=exclude,
@@ -369,7 +379,7 @@ def oadamw(
   def stable(**kw):
     return scale_by_stable_adam(b1, b2, eps, weight_decay=weight_decay, mask=weight_decay_mask,
                                 decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype,
-                                nu_dtype=nu_dtype, **kw)
+                                nu_dtype=nu_dtype, storage=storage, **kw)
 
   def orth(**kw):
     return scale_by_orthogonalization(ns_coeffs, ns_steps, ns_eps,
@@ -386,7 +396,10 @@ def oadamw(
         stable())
   else:
     muon_tx = optax.chain(
-        saturating_trace(muon_momentum, muon_nesterov, accumulator_dtype=mu_dtype),
+        (saturating_trace(muon_momentum, muon_nesterov, accumulator_dtype=mu_dtype)
+         if muon_momentum_bits is None else
+         stored_trace(muon_momentum, muon_nesterov, bits=muon_momentum_bits,
+                      min_compress_elements=min_compress_elements, accumulator_dtype=mu_dtype)),
         orth(shape_scale=shape_scale, rms=rms, update_proj_gap=update_proj_gap),
         add_decoupled_weight_decay(weight_decay, weight_decay_mask, decouple_lr=decouple_lr,
                                    max_lr=max_lr),

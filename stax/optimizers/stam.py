@@ -81,6 +81,7 @@ import optax
 
 from stax import _validation as V
 from stax.codecs.tensor_rms import tensor_rms_storage
+from stax.codecs.turbo import state_codec_storage
 from stax.transforms import adaptive_beta as AB
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import (NONFINITE_POLICIES, gate_aware, gate_state, gated_chain,
@@ -158,6 +159,8 @@ def stam(
     mask: Optional[Any | Callable[[optax.Params], Any]] = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    codec: Optional[str] = None,
+    min_compress_elements: int = 4096,
     nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""STAM: Adam with a per-tensor adaptive :math:`\beta_1` (see the module docstring).
@@ -189,6 +192,11 @@ def stam(
       ``max(0.5, b1_base·(1-adapt_strength))``, the seed's).
     mask: pytree or callable selecting the leaves that decay (default ``None``: all, as the seed).
     mu_dtype, nu_dtype: moment dtypes (default ``None``: the parameter's, as the seed).
+    codec: ``None`` (default) or ``"stax"`` / ``"factored"``: the moments of every leaf with at
+      least ``min_compress_elements`` elements stored as :func:`stax.turbo_adam` stores them
+      (≈ 8.75 / ≈ 4.5 bits/param; :func:`stax.codecs.state_codec_storage`); the β1 rule then
+      reads the decoded m. Exclusive with ``mu_dtype``/``nu_dtype``.
+    min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"`` (the seed's
       zeroing of NaN/Inf gradient entries).
 
@@ -220,8 +228,10 @@ def stam(
   else:
     lo, _ = AB.beta1_bounds(b1_base, adapt_strength, b1_min)
     rule = AB.snr_beta1(b1_max=b1_base, b1_min=lo, decay=tau_decay, interval=1)
+  storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   core = scale_by_adam(rule, _f32_hyper(b2), eps, bias_correction="product", correction_eps=eps,
-                       mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                       mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage)
   return _finish(core, weight_decay, mask, learning_rate, nonfinite, "stax.stam")
 
 

@@ -1,0 +1,168 @@
+r"""Momentum traces (``t ← g + μ·t``, Muon's momentum) that stay finite, optionally stored low-bit.
+
+* :func:`saturating_trace`: ``optax.trace`` whose sums saturate at ±B (B =
+  :func:`stax.numerics.square_bound`), so no finite gradient makes it non-finite.
+* :func:`stored_trace`: the same trace stored in a blockwise signed ``bits``-bit code
+  (:class:`stax.codecs.BlockSignedCodec`: per block an absmax scale in bfloat16, unbiased
+  stochastic rounding to ``2^{bits-1}-1`` levels each side of zero), as 8-bit Muon
+  (Gupta et al., *Effective Quantization of Muon Optimizer States*, 2025: 8-bit blockwise Muon
+  momentum matching full-precision Muon). Each step decodes the stored trace
+  :math:`\hat t_{t-1}`, forms :math:`t_t = g_t + \mu \hat t_{t-1}` in float32 (the step's output,
+  as the Adam core uses the exact new moment) and stores :math:`t_t` re-encoded. The rounding
+  key lives in the state (folded with the step count and the leaf index), so runs are
+  reproducible and a checkpoint resumes bit-exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stax import _validation as V
+from stax import numerics as num
+from stax.codecs.base import _follow
+from stax.codecs.block_signed import BlockSignedCodec
+from stax.codecs.row_view import from_row_view, to_row_view
+
+__all__ = ["saturating_trace", "stored_trace", "StoredTraceState", "TRACE_BITS"]
+
+TRACE_BITS = (2, 3, 4, 6, 8)
+
+
+def _saturated_sum(g, t, decay):
+  b = num.square_bound(g.dtype, t.dtype)
+  return num.saturate(num.saturate(g, b) + decay * t, b)
+
+
+def saturating_trace(decay: Any, nesterov: bool = False,
+                     accumulator_dtype: Any = None) -> optax.GradientTransformation:
+  """``optax.trace`` (``t ← g + decay·t``, same state) whose sums saturate at ±B.
+
+  Muon's momentum has no ``(1-decay)`` factor, so huge gradients would grow it past any bound;
+  here the gradient, the new trace and the Nesterov output are each saturated at
+  ``B = stax.numerics.square_bound`` of the gradient's and accumulator's dtypes (2**63 for
+  float32/bfloat16), so they stay finite for any finite gradient. Below ``B`` this is
+  ``optax.trace`` bit for bit.
+  """
+  base = optax.trace(decay=decay, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+  f = lambda g, t: _saturated_sum(g, t, decay)
+
+  def update_fn(updates, state, params=None):
+    del params
+    new_trace = jax.tree.map(lambda g, t: None if g is None else f(g, t), updates, state.trace,
+                             is_leaf=lambda g: g is None)
+    updates = jax.tree.map(f, updates, new_trace) if nesterov else new_trace
+    return updates, optax.TraceState(trace=optax.tree.cast(new_trace, accumulator_dtype))
+
+  return optax.GradientTransformation(base.init, update_fn)
+
+
+class StoredTraceState(NamedTuple):
+  """State of :func:`stored_trace`.
+
+  Attributes:
+    count: int32 steps taken (folded into the rounding key).
+    key: raw ``uint32[2]`` PRNG key of the stochastic rounding.
+    trace: per leaf, the codec's encoding of the trace on the leaf's row view (a
+      :class:`stax.codecs.BlockSignedState`), or a float array for a leaf kept in full precision.
+  """
+  count: jax.Array
+  key: jax.Array
+  trace: Any
+
+
+def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
+                 block_size: Optional[int] = None, min_compress_elements: int = 4096,
+                 accumulator_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
+  r""":func:`saturating_trace` with the trace of each large leaf stored in ``bits`` bits.
+
+  .. math::
+    t_t = \mathrm{sat}(\mathrm{sat}(g_t) + \mu\,\hat t_{t-1}),\qquad
+    \hat t_t = Q(t_t),\qquad \text{output } t_t \ (\text{Nesterov: } \mathrm{sat}(g_t + \mu t_t))
+
+  with :math:`Q` the blockwise signed codec (stochastic rounding, :math:`E[Q(x)] = x`).
+
+  Args:
+    decay: the momentum μ in [0, 1) (default of Muon: 0.95).
+    nesterov: Nesterov output ``g + μ t`` (default False).
+    bits: bits per stored element, one of (2, 3, 4, 6, 8) (default 8).
+    block_size: elements per bfloat16 scale along the leaf's row view (default ``None``: 128 at
+      6 or 8 bits, 32 below, i.e. 8.125 / 4.5 bits per element); >= 1.
+    min_compress_elements: leaves with fewer elements (and scalars) keep a full-precision trace,
+      >= 0 (default 4096, as :func:`stax.turbo_adam`).
+    accumulator_dtype: dtype of a full-precision trace (default: the gradient's).
+    seed: seed of the rounding key kept in the state, an int in [0, 2**32) (default 0).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`StoredTraceState`.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> tx = stax.stored_trace(0.95, bits=8)
+    >>> params = {"w": jnp.zeros((512, 512))}
+    >>> state = tx.init(params)
+    >>> u, state = tx.update({"w": jnp.ones((512, 512))}, state)
+    >>> float(u["w"][0, 0])
+    1.0
+    >>> round(stax.state_bits_per_param(state, params, exclude_scalars=True), 3)  # + the key
+    8.125
+  """
+  V.check_decay("decay", decay)
+  V.check_bool("nesterov", nesterov)
+  V.check_int("bits", bits)
+  V.check_choice("bits", bits, TRACE_BITS)
+  if block_size is None:
+    block_size = 128 if bits >= 6 else 32
+  V.check_int("block_size", block_size, low=1)
+  if (block_size * bits) % 8:
+    raise ValueError(f"`block_size`·`bits` must be a multiple of 8 (block_size={block_size}, "
+                     f"bits={bits}).")
+  V.check_int("min_compress_elements", min_compress_elements, low=0)
+  V.check_dtype("accumulator_dtype", accumulator_dtype)
+  V.check_int("seed", seed, low=0, high=2 ** 32 - 1)
+  codec = BlockSignedCodec(bits, block_size)
+
+  def stored(x) -> bool:
+    return jnp.ndim(x) >= 1 and jnp.size(x) >= max(min_compress_elements, 1)
+
+  def init_fn(params):
+    def leaf(p):
+      if p is None:
+        return None
+      if stored(p):
+        return codec.init(to_row_view(p, block_size))
+      return jnp.zeros_like(p, dtype=accumulator_dtype or jnp.result_type(p))
+    trace = jax.tree.map(leaf, params, is_leaf=lambda x: x is None)
+    return StoredTraceState(jnp.zeros([], jnp.int32),
+                            jax.random.key_data(jax.random.PRNGKey(seed)), trace)
+
+  def update_fn(updates, state, params=None):
+    del params
+    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+    enc = treedef.flatten_up_to(state.trace)
+    step_key = jax.random.fold_in(state.key, state.count)
+    outs, new_enc = [], []
+    for i, (g, e) in enumerate(zip(g_leaves, enc)):
+      if g is None:
+        outs.append(None)
+        new_enc.append(e)
+        continue
+      if stored(g):
+        view = to_row_view(g, block_size)
+        prev = from_row_view(codec.decode(e, view), g)
+        t = _saturated_sum(g, prev, decay)
+        code = codec.encode(to_row_view(t, block_size), jax.random.fold_in(step_key, i))
+        new_enc.append(_follow(code, view))        # the codes on the leaf's sharding
+      else:
+        t = _saturated_sum(g, e, decay)
+        new_enc.append(t.astype(e.dtype))
+      out = _saturated_sum(g, t, decay) if nesterov else t
+      outs.append(out.astype(g.dtype))
+    new_state = StoredTraceState(optax.safe_increment(state.count), state.key,
+                                 jax.tree.unflatten(treedef, new_enc))
+    return jax.tree.unflatten(treedef, outs), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
