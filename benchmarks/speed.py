@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -138,8 +139,8 @@ def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
 
 
 def compiled_cost(compiled) -> dict:
-  """``bytes_accessed``, ``flops``, ``transcendentals`` (XLA's cost analysis) and ``temp_bytes``
-  of a compiled step."""
+  """``bytes_accessed``, ``flops``, ``transcendentals`` (XLA's cost analysis), ``fusions`` (the
+  fused computations the step launches) and ``temp_bytes`` of a compiled step."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
@@ -147,6 +148,10 @@ def compiled_cost(compiled) -> dict:
   out = {"bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
          "flops": float(ca.get("flops", float("nan"))),
          "transcendentals": float(ca.get("transcendentals", float("nan")))}
+  try:  # kernels per step: on a GPU each fusion is a launch
+    out["fusions"] = len(re.findall(r"= [^=\n]*\bfusion\(", compiled.as_text()))
+  except Exception:  # noqa: BLE001
+    out["fusions"] = None
   try:
     out["temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # noqa: BLE001 - not every backend reports it

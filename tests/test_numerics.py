@@ -157,6 +157,22 @@ def test_separate_means_are_the_plain_means_each_its_own_reduction():
   assert hlo.count("stablehlo.reduce") == 3 and "optimization_barrier" in hlo
 
 
+def test_the_barrier_is_a_cpu_tuning_only(monkeypatch):
+  """Off the CPU (where each fused kernel is a launch; measured on an H200, see
+  ``independent``'s docstring) no barrier is placed, and the means are the same values."""
+  rng = np.random.default_rng(4)
+  g, m = (jnp.asarray(rng.standard_normal((64, 33)).astype(np.float32)) for _ in range(2))
+  fns = (lambda g, m: jnp.square(g - m), lambda g, m: jnp.abs(g - m))
+  def fn(g, m):  # a new function each time: JAX caches traces by function
+    return numerics.separate_means(numerics.independent(g, m), *fns)
+  on_cpu = jax.jit(lambda g, m: fn(g, m))(g, m)
+  monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
+  assert "optimization_barrier" not in str(jax.make_jaxpr(lambda g, m: fn(g, m))(g, m))
+  off_cpu = jax.jit(lambda g, m: fn(g, m))(g, m)
+  for a, b in zip(on_cpu, off_cpu):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_divide_is_correctly_rounded_where_the_divisor_broadcasts():
   """numerics.divide equals NumPy's float32 division bit for bit for a constant, a scalar array
   and a per-row divisor (all of which XLA would otherwise turn into a multiplication by the

@@ -139,11 +139,11 @@ def turbo_adam(
     mask: weight-decay mask (pytree or callable; default: all leaves).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
     implementation: the fused update of the compressed leaves (:mod:`stax.kernels.turbo_step`):
-      ``None`` (default: the best available), ``"xla"`` (read → step → write on the whole
-      tensor; the default off GPU), ``"chunked"`` (the same a chunk of rows at a time in one
+      ``None`` (default: the best available, ``"xla"`` on every platform today), ``"xla"``
+      (read → step → write on the whole tensor), ``"chunked"``  (the same a chunk of rows at a time in one
       XLA loop: bounded temporaries, but 1.8–2.7× slower on CPU; the ``"stax"`` codec) or
-      ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both moments compressed,
-      the default on GPU where a leaf's row is a multiple of ``block_size``). All give the same state bit for bit and the same update to float32
+      ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both moments compressed;
+      interpret mode only: it does not lower for a GPU yet, a ``ValueError`` there). All give the same state bit for bit and the same update to float32
       rounding. ``"chunked"`` with the faithful codec (its UState m has a tensor-wide step
       size) or the factored codec (no fused update of its own) and ``"pallas"`` without the
       faithful codec raise ``ValueError``; a leaf a named implementation

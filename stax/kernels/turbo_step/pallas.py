@@ -10,6 +10,16 @@ endpoints, means and :math:`\sum r^2`; one tiny reduction outside gives UState's
 step, as the seed's finalize kernel does. Bytes per parameter with float32 g and update, 4-bit v
 and 2-bit m: read 4 + 0.81, written 4 + 0.81 (the AdamW update of p that follows in the chain is
 one more elementwise pass). Off GPU/TPU it runs with ``interpret=True``.
+
+Compiled for a GPU it does not lower yet: checked on an NVIDIA H200 (jax 0.11.2, the Triton
+backend) the codec's block decode uses ``lax.slice`` and reshapes that Pallas's Triton lowering
+does not implement ("Unimplemented primitive in Pallas Triton lowering: slice"), and Mosaic GPU
+refuses copies of fewer than 128 bytes (a block's fp16 endpoints are 4). So outside interpret mode
+:func:`turbo_update_pallas` raises ``NotImplementedError`` when traced (the registry's
+``implementation=None`` then runs ``"xla"``, and an explicit ``"pallas"`` is a ``ValueError``
+naming this reason) instead of failing later inside XLA's compile. A GPU version needs a kernel
+body written for the lowering (gathered nibble loads in place of the reshapes, a few hundred
+elements per program); the interpret-mode kernel stays as the executable specification.
 """
 
 from __future__ import annotations
@@ -36,9 +46,13 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   """The fused update as one Pallas kernel (same arguments and result as the reference).
 
   Raises:
-    NotImplementedError: for a storage other than TurboAdam 0.2.0's (the ``"stax"`` codec has no
+    NotImplementedError: outside interpret mode (the kernel does not lower for a GPU yet); for a
+      storage other than TurboAdam 0.2.0's (the ``"stax"`` codec has no
       Pallas kernel yet), or when the row length is not a multiple of ``storage.block_size``.
   """
+  if not use_interpret():
+    raise NotImplementedError("the fused TurboAdam kernel does not lower for GPU/TPU yet (Pallas's "
+                              "Triton lowering has no `slice`; see stax.kernels.turbo_step.pallas)")
   if not hasattr(storage, "decode_block"):
     raise NotImplementedError("the Pallas kernel is TurboAdam 0.2.0's storage's "
                               "(codec='turboadam-0.2')")
