@@ -46,6 +46,9 @@ def run(opt: Any, only: Optional[set]) -> None:
                 for i, p in enumerate(params)])
   if True not in mask:
     return
+  sharded = None
+  if opt._full is not None:  # FSDP2: the step runs on full copies (torch_bridge._dtensor)
+    sharded, params = params, opt._full.gather(params)
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
   plan, wb = plan_for(opt, mask, hyper), opt._wb
   p_on = [opt._views.get(i, params[i]) for i in plan.idx_on]
@@ -89,6 +92,8 @@ def run(opt: Any, only: Optional[set]) -> None:
   # Torch reads only the parameters; the next JAX call orders itself after the states.
   jax.block_until_ready(flat_new)
   wb.finish(plan, params, plan.idx_on, flat_new, pending)
+  if sharded is not None:
+    opt._full.scatter(sharded, plan.idx_on)
   if opt._global_nonfinite == "error" and not bool(ok):
     raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
                        "for every parameter.")

@@ -83,6 +83,7 @@ from typing import Any, Callable, Iterable, Optional
 import optax
 import torch
 
+from torch_bridge._dtensor import FullCopies, has_dtensors
 from torch_bridge import _checkpoint as C
 from torch_bridge import _internals, convert
 from torch_bridge import _release as R
@@ -197,6 +198,7 @@ class Optimizer(torch.optim.Optimizer):
     self._skipped = None                   # int32 JAX scalar, steps skipped by global_nonfinite
     self._device = None                    # the parameters' JAX sharding (from the first step)
     self._release_handles: Optional[list] = None
+    self._full: Optional[FullCopies] = None   # FSDP2: full copies of DTensor parameters
 
   def __getstate__(self) -> dict:
     """``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep the settings, param
@@ -247,6 +249,7 @@ class Optimizer(torch.optim.Optimizer):
     if sig != self._units_sig:
       self._units = build_units(self.param_groups, self._state_scope)
       self._units_sig, self._plans = sig, {}
+      self._full = FullCopies() if has_dtensors(params) else None
     return params
 
   # ---------------------------------------------------------------------------------- step
@@ -352,6 +355,9 @@ class Optimizer(torch.optim.Optimizer):
     own state) and no ``global_nonfinite`` policy. Each parameter's step is compiled once
     (first backward). Returns the hook handles; :meth:`disable_gradient_release` removes them.
     """
+    if has_dtensors(self._flat_params()):
+      raise ValueError("torch_bridge: gradient release does not support DTensor (FSDP2) "
+                       "parameters: their step gathers every parameter at once; call step().")
     return R.enable(self, params_or_model)
 
   def disable_gradient_release(self) -> None:

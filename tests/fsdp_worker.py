@@ -1,0 +1,135 @@
+"""One rank of the FSDP2 bridge test (``python -m tests.fsdp_worker RANK PORT DIR NAMES``).
+
+Two ranks (gloo, CPU, localhost) train :func:`model` wrapped with ``fully_shard`` through
+``torch_bridge.Optimizer`` for each named optimizer (:data:`OPTIMIZERS`): :data:`STEPS` steps,
+each rank on its own half of :func:`batch`; after :data:`SAVE_AT` steps the model's full
+parameters and the optimizer's ``state_dict`` are saved with ``torch.distributed.checkpoint``.
+Rank 0 writes the final full parameters to ``DIR/NAME-fsdp.pt``; then both ranks restore the
+one-process run's checkpoint (``DIR/NAME-dcp-1proc``) into a sharded model, continue, and rank 0
+writes ``DIR/NAME-fsdp-from-1proc.pt``. ``tests/test_torch_bridge_fsdp.py`` runs the one-process
+side and compares.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import torch
+
+STEPS, SAVE_AT = 4, 2
+
+
+def _optimizers():
+  import stax
+  return {
+      "adamw": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2)),
+      "stable_adamw": (stax.stable_adamw, dict(lr=1e-2)),             # per-tensor RMS clip
+      "stam": (stax.stam, dict(lr=1e-2)),                             # per-tensor β1 statistics
+      "oadamw": (stax.oadamw, dict(lr=1e-2)),                         # Newton–Schulz per matrix
+      "turbo_adam": (stax.turbo_adam, dict(lr=1e-2, min_compress_elements=1)),  # codec blocks
+  }
+
+
+OPTIMIZERS = ("adamw", "stable_adamw", "stam", "oadamw", "turbo_adam")
+
+
+def model() -> torch.nn.Module:
+  """Two linear layers; 5 outputs, so FSDP2's row shards are uneven (3 and 2) on 2 ranks."""
+  torch.manual_seed(0)
+  return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+
+
+def batch(step: int) -> tuple:
+  g = torch.Generator().manual_seed(100 + step)
+  return torch.randn(16, 8, generator=g), torch.randn(16, 5, generator=g)
+
+
+def make_opt(name: str, m: torch.nn.Module):
+  import torch_bridge
+  factory, kw = _optimizers()[name]
+  return torch_bridge.Optimizer(m.parameters(), factory, **kw)
+
+
+def train_step(m, opt, step: int, rank: int = 0, world: int = 1) -> None:
+  x, y = batch(step)
+  n = x.shape[0] // world
+  x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+  opt.zero_grad()
+  torch.nn.functional.mse_loss(m(x), y).backward()
+  opt.step()
+
+
+def full_params(m) -> dict:
+  """Parameter index (as a string) → its full value (gathered from the shards)."""
+  return {str(i): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+          for i, p in enumerate(m.parameters())}
+
+
+def sharded_model() -> torch.nn.Module:
+  from torch.distributed.fsdp import fully_shard
+  m = model()
+  for layer in m:
+    if isinstance(layer, torch.nn.Linear):
+      fully_shard(layer)
+  fully_shard(m)
+  return m
+
+
+def restore(name: str, path, sharded: bool):
+  """A model and optimizer at step SAVE_AT from the checkpoint at ``path`` (written by either
+  world size). The optimizer's state entries exist after its first step, so the template
+  ``state_dict`` comes from SAVE_AT steps of a fresh run; then every value is the checkpoint's.
+  """
+  import torch.distributed.checkpoint as dcp
+  from torch.distributed.tensor import distribute_tensor
+  m = sharded_model() if sharded else model()
+  opt = make_opt(name, m)
+  rank, world = (int(os.environ["RANK"]), 2) if sharded else (0, 1)
+  for step in range(SAVE_AT):
+    train_step(m, opt, step, rank, world)
+  sd = {"model": full_params(m), "optim": opt.state_dict()}
+  dcp.load(sd, checkpoint_id=str(path))
+  with torch.no_grad():
+    for i, p in enumerate(m.parameters()):
+      full = sd["model"][str(i)]
+      if hasattr(p, "full_tensor"):  # this rank's shard of the full value
+        full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        p.to_local().copy_(full.to_local())
+      else:
+        p.copy_(full)
+  opt.load_state_dict(sd["optim"])
+  return m, opt
+
+
+def main(argv) -> None:
+  rank, port, out, names = int(argv[0]), argv[1], pathlib.Path(argv[2]), argv[3].split(",")
+  os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
+  import torch.distributed as dist
+  import torch.distributed.checkpoint as dcp
+  dist.init_process_group("gloo", rank=rank, world_size=2)
+  for name in names:
+    m = sharded_model()
+    opt = make_opt(name, m)
+    for step in range(STEPS):
+      if step == SAVE_AT:
+        dcp.save({"model": full_params(m), "optim": opt.state_dict()},
+                 checkpoint_id=str(out / f"{name}-dcp"))
+      train_step(m, opt, step, rank, 2)
+    final = full_params(m)
+    if rank == 0:
+      torch.save(final, out / f"{name}-fsdp.pt")
+    # the one-process run's checkpoint at SAVE_AT, restored on 2 ranks and continued
+    m, opt = restore(name, out / f"{name}-dcp-1proc", sharded=True)
+    for step in range(SAVE_AT, STEPS):
+      train_step(m, opt, step, rank, 2)
+    final = full_params(m)
+    if rank == 0:
+      torch.save(final, out / f"{name}-fsdp-from-1proc.pt")
+  dist.barrier()
+  dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
