@@ -257,3 +257,18 @@ def test_codec_state_bits():
     assert bits(tx) == pytest.approx(want, abs=1e-9)
   assert bits(stax.oadamw(muon_momentum_bits=8)) == pytest.approx(8.125 + key, abs=1e-9)
   assert bits(stax.oadamw(muon_momentum_bits=4)) == pytest.approx(4.5 + key, abs=1e-9)
+
+
+@pytest.mark.parametrize("factory", [stax.adamw, stax.stable_adamw, stax.stam, stax.oadamw])
+def test_compress_threshold_without_a_codec_warns(factory):
+  """``min_compress_elements`` without a codec has no effect: a UserWarning naming it (OAdamW's
+  low-bit Muon momentum reads it, so there it is silent); a negative one is refused either way."""
+  with pytest.warns(UserWarning, match="min_compress_elements.*codec=None"):
+    factory(min_compress_elements=64)
+  with pytest.raises(ValueError, match="min_compress_elements"):
+    factory(min_compress_elements=-1)
+  if factory is stax.oadamw:
+    import warnings
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      factory(muon_momentum_bits=8, min_compress_elements=64)

@@ -223,7 +223,8 @@ STATE_CODECS = ("stax", "factored")
 
 
 def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 4096,
-                        mu_dtype: Any = None, nu_dtype: Any = None):
+                        mu_dtype: Any = None, nu_dtype: Any = None,
+                        threshold_used: bool = False):
   """The per-leaf moment storage behind an Adam-family optimizer's ``codec=`` argument.
 
   ``None`` gives ``None`` (the core's full-precision moments in ``mu_dtype``/``nu_dtype``);
@@ -234,19 +235,32 @@ def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 40
   ``"turboadam-0.2"`` codec is TurboAdam's own (its UState m is decoded with TurboAdam's bias
   corrections) and is refused here.
 
+  ``min_compress_elements`` is validated either way (an array, as ``inject_hyperparams`` and the
+  torch bridge pass it, only with a codec, where it is structural); with ``codec=None`` a
+  non-default value has no effect and gives a ``UserWarning`` unless ``threshold_used`` (another
+  part of the optimizer reads it, as OAdamW's low-bit Muon momentum does).
+
   Raises:
     ValueError: an unknown codec, ``min_compress_elements < 0``, or a codec together with
       ``mu_dtype``/``nu_dtype`` (the codec decides how the moments are stored).
   """
+  import jax
   from stax import _validation as V
   if codec is None:
+    # inject_hyperparams and the torch bridge pass it as an array (traced or not), which has
+    # no effect here either: only a plain Python value is checked
+    if not isinstance(min_compress_elements, (jax.Array, jax.core.Tracer)):
+      V.check_int("min_compress_elements", min_compress_elements, low=0)
+      if not threshold_used:
+        V.warn_no_effect("min_compress_elements", min_compress_elements, 4096,
+                         "with codec=None (full-precision moments)", stacklevel=4)
     return None
+  V.check_int("min_compress_elements", min_compress_elements, low=0)
   if codec == "turboadam-0.2":
     raise ValueError("`codec='turboadam-0.2'` is TurboAdam's faithful storage (its m is decoded "
                      "with TurboAdam's own bias corrections); use stax.turbo_adam for it, or "
                      f"one of {STATE_CODECS} here.")
   V.check_choice("codec", codec, STATE_CODECS + (None,))
-  V.check_int("min_compress_elements", min_compress_elements, low=0)
   for name, dt in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
     if dt is not None:
       raise ValueError(f"`{name}` and `codec` cannot both be set: the codec ({codec!r}) decides "

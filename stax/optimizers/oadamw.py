@@ -360,7 +360,8 @@ def oadamw(
     V.check_int("muon_momentum_bits", muon_momentum_bits)
     V.check_choice("muon_momentum_bits", muon_momentum_bits, TRACE_BITS)
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
-                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                threshold_used=muon_momentum_bits is not None)
   _warn_unused_muon_args(muon, labels, dict(muon_momentum_bits=muon_momentum_bits,
       muon_momentum=muon_momentum, muon_nesterov=muon_nesterov, ns_steps=ns_steps,
       ns_coeffs=ns_coeffs, ns_eps=ns_eps, update_proj_gap=update_proj_gap, scale=scale,
