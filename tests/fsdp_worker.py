@@ -103,6 +103,10 @@ def restore(name: str, path, sharded: bool):
   return m, opt
 
 
+def _flat_state(sd) -> list:
+  return [t for st in sd["state"].values() for t in st.values() if isinstance(t, torch.Tensor)]
+
+
 def main(argv) -> None:
   rank, port, out, names = int(argv[0]), argv[1], pathlib.Path(argv[2]), argv[3].split(",")
   os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
@@ -118,6 +122,13 @@ def main(argv) -> None:
                  checkpoint_id=str(out / f"{name}-dcp"))
       train_step(m, opt, step, rank, 2)
     final = full_params(m)
+    # torch's FSDP2 state-dict API round-trips the bridge's state (full tensors, replicated)
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    before = _flat_state(opt.state_dict())
+    set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m, opt))
+    after = _flat_state(opt.state_dict())
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
     if rank == 0:
       torch.save(final, out / f"{name}-fsdp.pt")
     # the one-process run's checkpoint at SAVE_AT, restored on 2 ranks and continued

@@ -105,7 +105,9 @@ def unpack(opt: Any, sd: dict) -> None:
       user.by_param[params[unit.indices[0]]] = extra
   unit_firsts = {u.indices[0] for u in opt._units}
   for k, v in sd["state"].items():
-    pos = where.get(k) if isinstance(k, int) else None
+    # any hashable parameter id, as torch's id_map: ints from state_dict(), FQN strings from
+    # torch.distributed.checkpoint.state_dict.set_optimizer_state_dict
+    pos = where.get(k)
     if pos is None:
       user.other[k] = v
     elif (pos not in unit_firsts or pos_to_saved.get(pos) != k
