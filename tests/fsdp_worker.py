@@ -29,10 +29,12 @@ def _optimizers():
       "stam": (stax.stam, dict(lr=1e-2)),                             # per-tensor β1 statistics
       "oadamw": (stax.oadamw, dict(lr=1e-2)),                         # Newton–Schulz per matrix
       "turbo_adam": (stax.turbo_adam, dict(lr=1e-2, min_compress_elements=1)),  # codec blocks
+      # element-wise: each rank steps its own shards, no gather
+      "adamw_local": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2, dtensor="local")),
   }
 
 
-OPTIMIZERS = ("adamw", "stable_adamw", "stam", "oadamw", "turbo_adam")
+OPTIMIZERS = ("adamw", "stable_adamw", "stam", "oadamw", "turbo_adam", "adamw_local")
 
 
 def model() -> torch.nn.Module:
@@ -103,6 +105,12 @@ def restore(name: str, path, sharded: bool):
   return m, opt
 
 
+def state_elements(opt) -> int:
+  """Elements of the optimizer's JAX state held by this process."""
+  import jax
+  return int(sum(x.size for x in jax.tree.leaves(opt._states.states)))
+
+
 def _flat_state(sd) -> list:
   return [t for st in sd["state"].values() for t in st.values() if isinstance(t, torch.Tensor)]
 
@@ -131,6 +139,7 @@ def main(argv) -> None:
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
     if rank == 0:
       torch.save(final, out / f"{name}-fsdp.pt")
+    (out / f"{name}-state-elements-rank{rank}.txt").write_text(str(state_elements(opt)))
     # the one-process run's checkpoint at SAVE_AT, restored on 2 ranks and continued
     m, opt = restore(name, out / f"{name}-dcp-1proc", sharded=True)
     for step in range(SAVE_AT, STEPS):

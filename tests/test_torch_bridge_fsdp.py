@@ -105,3 +105,26 @@ def test_gradient_release_refuses_dtensor_parameters(monkeypatch):
   monkeypatch.setattr(opt, "_flat_params", lambda: [FakeDTensor()])
   with pytest.raises(ValueError, match="gradient release does not support DTensor"):
     opt.enable_gradient_release()
+
+
+def test_local_mode_keeps_each_ranks_share_of_the_state(runs):
+  """``dtensor="local"`` (element-wise transforms): a rank holds its shards' state, half of the
+  full-copy mode's on 2 ranks (the 3/2 row split of the 5-row layer: 3 rows on rank 0)."""
+  out, _ = runs
+  full = [int((out / f"adamw-state-elements-rank{r}.txt").read_text()) for r in range(2)]
+  local = [int((out / f"adamw_local-state-elements-rank{r}.txt").read_text()) for r in range(2)]
+  assert full[0] == full[1]
+  assert sum(local) <= full[0] + 64                  # + the per-parameter scalars on each rank
+  assert max(local) < 0.6 * full[0]
+
+
+def test_local_mode_refuses_transforms_that_are_not_element_wise():
+  import stax
+  import torch_bridge
+  m = W.model()
+  for factory, kw in ((stax.stable_adamw, {}), (stax.oadamw, {}),
+                      (stax.adamw, {"codec": "factored"})):
+    with pytest.raises(ValueError, match="dtensor='local'.*element-wise"):
+      torch_bridge.Optimizer(m.parameters(), factory, lr=1e-2, dtensor="local", **kw)
+  with pytest.raises(ValueError, match="`dtensor` must be one of"):
+    torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, dtensor="sharded")

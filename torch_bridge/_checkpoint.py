@@ -27,11 +27,12 @@ import torch
 
 from torch_bridge import _state as S
 from torch_bridge import convert
+from torch_bridge._dtensor import LocalShards
 
 #: Attributes of an Optimizer that are caches of one process (rebuilt after unpickling) or
 #: hooks (which torch does not pickle either).
 _RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_plans", "_used_fns",
-            "_skipped", "_device", "_release_handles", "_user", "state",
+            "_skipped", "_device", "_release_handles", "_user", "state", "_full",
             "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
             "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -55,12 +56,15 @@ def pack(opt: Any) -> dict:
     start += len(g["params"])
     groups.append(packed)
   by_id = {id(params[i]): i for i in reversed(range(len(params)))}
+  local = opt._full if isinstance(opt._full, LocalShards) else None
   state: dict = {}
   units = {u.indices: u for u in opt._units}
   for key, st in sorted(opt._states.states.items()):
     i = index[key[0]] if key[0] < len(params) else None
     if i is not None and i not in state and key in units:
       state[i] = S.to_torch_entries(st, units[key].names)
+      if local is not None:
+        state[i] = local.to_saved(state[i], params[key[0]])
   for p, entries in opt._user.by_param.items():
     if id(p) in by_id:
       state.setdefault(by_id[id(p)], {}).update(entries)
@@ -83,6 +87,8 @@ def unpack(opt: Any, sd: dict) -> None:
   for g, sg in zip(opt.param_groups, saved):
     g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
   params = opt._ensure_units()
+  local = opt._full if isinstance(opt._full, LocalShards) else None
+  shards = params if local is None else local.proxies(params, grads=False)
   # saved index -> current flat position (torch's id_map; a repeated index keeps its first)
   where: dict = {}
   for i, pos in zip((i for sg in saved for i in sg["params"]), range(len(params))):
@@ -96,9 +102,11 @@ def unpack(opt: Any, sd: dict) -> None:
       continue
     if not any(isinstance(v, torch.Tensor) for v in entry.values()):
       continue  # only what a user put there (no state yet): kept below
+    if local is not None:
+      entry = local.from_saved(entry, params[unit.indices[0]])
     traced, static = opt._hyperparams(unit.group)
     template = S.template(opt._factory(unit.group), static, traced, unit.names,
-                          [params[j] for j in unit.indices], opt._layout)
+                          [shards[j] for j in unit.indices], opt._layout)
     loaded[unit.indices], extra = S.load_unit(entry, template, unit.names,
                                               params[unit.indices[0]].device, unit.indices[0])
     if extra:

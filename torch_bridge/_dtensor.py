@@ -14,6 +14,12 @@ equals the single-process run (``tests/test_torch_bridge_fsdp.py``). The price: 
 the full parameter copy and the full optimizer state (FSDP's sharding of the optimizer state is
 not kept), and each step all-gathers every DTensor parameter and gradient. The state is
 therefore the same on every rank and its ``state_dict`` does not depend on the world size.
+
+``dtensor="local"`` (:class:`LocalShards`) is for element-wise transforms only (checked at
+construction, :func:`check_local`): each rank steps its own shard with no gather, keeps only its
+shard's state (1/world of it), agrees with the other ranks on skipping a step with a non-finite
+gradient (one all-reduce of a flag: the transforms' own guards see only their shard, and the
+skip is not counted in their state), and saves its state as DTensors placed like the parameter.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["dtensor_type", "has_dtensors", "FullCopies"]
+__all__ = ["dtensor_type", "has_dtensors", "FullCopies", "LocalShards", "check_local",
+           "DTENSOR_MODES"]
+
+#: ``torch_bridge.Optimizer(dtensor=...)``: ``"full"`` (default) or ``"local"``.
+DTENSOR_MODES = ("full", "local")
 
 
 def dtensor_type() -> Optional[type]:
@@ -71,3 +81,85 @@ class FullCopies:
       if isinstance(p, self.cls):
         shard = distribute_tensor(self.full[i], p.device_mesh, p.placements, src_data_rank=None)
         p.to_local().copy_(shard.to_local())
+
+
+def _local_factories() -> dict:
+  """Factories whose update of each element depends only on that element (and scalars), so
+  stepping each rank's shard on its own is the one-process step: name → extra check."""
+  import optax
+  import stax
+  no_codec = lambda kw: kw.get("codec") is None          # noqa: E731 - a codec works in blocks
+  anything = lambda kw: True                             # noqa: E731
+  return {stax.adamw: no_codec, optax.adam: anything, optax.adamw: anything,
+          optax.sgd: anything, optax.lion: anything}
+
+
+def check_local(transform, defaults: dict, writeback: str) -> None:
+  """``ValueError`` unless ``dtensor="local"`` can step shards exactly (see the module doc)."""
+  ok = _local_factories().get(transform)
+  if ok is None or not ok(defaults):
+    raise ValueError(
+        "torch_bridge: `dtensor='local'` steps each rank's shard on its own, which equals the "
+        "one-process step only for element-wise transforms (stax.adamw without a codec, "
+        "optax.adam/adamw/sgd/lion); use dtensor='full' (the default) for "
+        f"{getattr(transform, '__name__', transform)!r} with these arguments.")
+  if writeback != "copy":
+    raise ValueError("torch_bridge: `dtensor='local'` needs writeback='copy' (the shards are "
+                     "views into FSDP's storage).")
+
+
+class LocalShards:
+  """``dtensor="local"``: each DTensor parameter steps as its local shard (a view of FSDP's
+  storage), its state is the shard's, and ``state_dict`` carries that state as DTensors placed
+  like the parameter, so ``torch.distributed.checkpoint`` reshards it across world sizes."""
+
+  def __init__(self):
+    self.cls = dtensor_type()
+
+  def proxies(self, params: Sequence[torch.Tensor], grads: bool = True) -> list:
+    """``params`` with each DTensor replaced by its local tensor (and local gradient)."""
+    out = list(params)
+    for i, p in enumerate(params):
+      if isinstance(p, self.cls):
+        local = p.to_local()
+        if grads:
+          local.grad = None if p.grad is None else p.grad.to_local()
+        out[i] = local
+    return out
+
+  def all_finite(self, params: Sequence[torch.Tensor]) -> bool:
+    """Whether every rank's gradients are finite (one all-reduce), so that the ranks agree on
+    skipping a step (the transforms' own guards see only the local shard)."""
+    import torch.distributed as dist
+    ok = all(bool(torch.isfinite(p.grad.to_local() if isinstance(p, self.cls) else p.grad).all())
+             for p in params if p.grad is not None)
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.is_available() and dist.is_initialized():
+      dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+  def to_saved(self, entry: dict, p: torch.Tensor) -> dict:
+    """A state entry with the shard-shaped tensors as DTensors placed like ``p``."""
+    if not isinstance(p, self.cls):
+      return entry
+    from torch.distributed.tensor import DTensor
+    shape = p.to_local().shape
+    return {n: (DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                   shape=p.shape, stride=p.stride())
+                if isinstance(v, torch.Tensor) and v.ndim and v.shape == shape else v)
+            for n, v in entry.items()}
+
+  def from_saved(self, entry: dict, p: torch.Tensor) -> dict:
+    """A loaded entry for ``p``'s shard: DTensors as their local tensors, full-size tensors
+    (from a one-process checkpoint) cut to this rank's shard."""
+    if not isinstance(p, self.cls):
+      return entry
+    from torch.distributed.tensor import distribute_tensor
+    out = {}
+    for n, v in entry.items():
+      if isinstance(v, self.cls):
+        v = v.to_local()
+      elif isinstance(v, torch.Tensor) and v.ndim and v.shape == p.shape:
+        v = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None).to_local()
+      out[n] = v
+    return out

@@ -18,6 +18,7 @@ import numpy as np
 from torch_bridge import _plan as P
 from torch_bridge import _hyperparams as H
 from torch_bridge import convert
+from torch_bridge._dtensor import LocalShards
 
 
 def plan_for(opt: Any, mask: tuple, hyper: list) -> P.Plan:
@@ -47,7 +48,11 @@ def run(opt: Any, only: Optional[set]) -> None:
   if True not in mask:
     return
   sharded = None
-  if opt._full is not None:  # FSDP2: the step runs on full copies (torch_bridge._dtensor)
+  if isinstance(opt._full, LocalShards):  # FSDP2, element-wise: each rank steps its shards
+    if not opt._full.all_finite([p for p, on in zip(params, mask) if on]):
+      return                                # some rank has a non-finite gradient: all skip
+    params = opt._full.proxies(params)
+  elif opt._full is not None:  # FSDP2: the step runs on full copies (torch_bridge._dtensor)
     sharded, params = params, opt._full.gather(params)
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
   plan, wb = plan_for(opt, mask, hyper), opt._wb

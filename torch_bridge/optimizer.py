@@ -83,7 +83,8 @@ from typing import Any, Callable, Iterable, Optional
 import optax
 import torch
 
-from torch_bridge._dtensor import FullCopies, has_dtensors
+from torch_bridge._dtensor import (DTENSOR_MODES, FullCopies, LocalShards, check_local,
+                                   has_dtensors)
 from torch_bridge import _checkpoint as C
 from torch_bridge import _internals, convert
 from torch_bridge import _release as R
@@ -156,7 +157,7 @@ class Optimizer(torch.optim.Optimizer):
                static_args: Iterable[str] = (), layout_kwarg: Optional[str] = None,
                layout_fn: Callable[..., Any] = torch_dimension_numbers,
                global_nonfinite: Optional[str] = None, writeback: str = "copy",
-               **defaults: Any):
+               dtensor: str = "full", **defaults: Any):
     if state_scope not in ("param", "group"):
       raise ValueError(f"`state_scope` must be 'param' or 'group', got {state_scope!r}.")
     if global_nonfinite not in _NONFINITE:
@@ -164,6 +165,11 @@ class Optimizer(torch.optim.Optimizer):
                        f"{global_nonfinite!r}.")
     if writeback not in ("copy", "swap"):
       raise ValueError(f"`writeback` must be 'copy' or 'swap', got {writeback!r}.")
+    if dtensor not in DTENSOR_MODES:
+      raise ValueError(f"`dtensor` must be one of {DTENSOR_MODES}, got {dtensor!r}.")
+    if dtensor == "local":
+      check_local(transform, defaults, writeback)
+    self._dtensor_mode = dtensor
     if isinstance(static_args, str):
       static_args = (static_args,)
     if isinstance(transform, optax.GradientTransformation):
@@ -249,7 +255,8 @@ class Optimizer(torch.optim.Optimizer):
     if sig != self._units_sig:
       self._units = build_units(self.param_groups, self._state_scope)
       self._units_sig, self._plans = sig, {}
-      self._full = FullCopies() if has_dtensors(params) else None
+      self._full = None if not has_dtensors(params) else (
+          LocalShards() if getattr(self, "_dtensor_mode", "full") == "local" else FullCopies())
     return params
 
   # ---------------------------------------------------------------------------------- step
