@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-STEPS, SAVE_AT = 4, 2
+STEPS, SAVE_AT, NAN_STEP = 5, 2, 3
 
 
 def _optimizers():
@@ -55,11 +55,21 @@ def make_opt(name: str, m: torch.nn.Module):
 
 
 def train_step(m, opt, step: int, rank: int = 0, world: int = 1) -> None:
+  """One step on this rank's half of the batch. On step :data:`NAN_STEP` one gradient element
+  is NaN, element (16, 0) of the first weight, which FSDP2 places in rank 1's shard only: every
+  optimizer must skip that step on every rank, as one process skips it."""
   x, y = batch(step)
   n = x.shape[0] // world
   x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
   opt.zero_grad()
   torch.nn.functional.mse_loss(m(x), y).backward()
+  if step == NAN_STEP:
+    g = next(m.parameters()).grad
+    if hasattr(g, "to_local"):
+      if rank == 1:
+        g.to_local()[0, 0] = float("nan")       # global row 16: the first row of rank 1's shard
+    else:
+      g[16, 0] = float("nan")
   opt.step()
 
 

@@ -1,7 +1,9 @@
 """torch_bridge under FSDP2 (``fully_shard``, 2 processes, gloo, CPU; tests/fsdp_worker.py):
 DTensor parameters step on full copies (torch_bridge/_dtensor.py), equal to one process for
-element-wise, per-tensor-statistic, matrix (Muon) and block-codec optimizers; the optimizer state
-saved with ``torch.distributed.checkpoint`` by 2 ranks restores in 1 process and back."""
+element-wise, per-tensor-statistic, matrix (Muon) and block-codec optimizers, and as local shards
+(``dtensor="local"``) for element-wise ones; a NaN gradient element in one rank's shard skips
+the step on every rank; the optimizer state saved with ``torch.distributed.checkpoint`` by 2
+ranks restores in 1 process and back."""
 
 from __future__ import annotations
 

@@ -17,9 +17,10 @@ therefore the same on every rank and its ``state_dict`` does not depend on the w
 
 ``dtensor="local"`` (:class:`LocalShards`) is for element-wise transforms only (checked at
 construction, :func:`check_local`): each rank steps its own shard with no gather, keeps only its
-shard's state (1/world of it), agrees with the other ranks on skipping a step with a non-finite
-gradient (one all-reduce of a flag: the transforms' own guards see only their shard, and the
-skip is not counted in their state), and saves its state as DTensors placed like the parameter.
+shard's state (1/world of it), makes the ranks agree on non-finite gradients (one all-reduce of
+a flag per parameter; a parameter non-finite on any rank gets a NaN gradient on all, so its
+guard skips it everywhere, as it does in one process), and saves its state as DTensors placed
+like the parameter.
 """
 
 from __future__ import annotations
@@ -116,27 +117,34 @@ class LocalShards:
   def __init__(self):
     self.cls = dtensor_type()
 
-  def proxies(self, params: Sequence[torch.Tensor], grads: bool = True) -> list:
-    """``params`` with each DTensor replaced by its local tensor (and local gradient)."""
+  def proxies(self, params: Sequence[torch.Tensor], grads: bool = True,
+              nonfinite: frozenset = frozenset()) -> list:
+    """``params`` with each DTensor replaced by its local tensor (and local gradient; for the
+    indices in ``nonfinite``, a NaN gradient of the shard's shape)."""
     out = list(params)
     for i, p in enumerate(params):
       if isinstance(p, self.cls):
         local = p.to_local()
         if grads:
-          local.grad = None if p.grad is None else p.grad.to_local()
+          g = None if p.grad is None else p.grad.to_local()
+          local.grad = torch.full_like(g, float("nan")) if i in nonfinite else g
         out[i] = local
     return out
 
-  def all_finite(self, params: Sequence[torch.Tensor]) -> bool:
-    """Whether every rank's gradients are finite (one all-reduce), so that the ranks agree on
-    skipping a step (the transforms' own guards see only the local shard)."""
+  def nonfinite(self, params: Sequence[torch.Tensor], mask: Sequence[bool]) -> frozenset:
+    """The stepped DTensor parameters whose gradient is non-finite on *some* rank (one
+    all-reduce of a flag per parameter). Their shards get NaN gradients on every rank, so each
+    parameter's non-finite guard decides the same on all ranks, as it does on the whole
+    gradient in one process."""
     import torch.distributed as dist
-    ok = all(bool(torch.isfinite(p.grad.to_local() if isinstance(p, self.cls) else p.grad).all())
-             for p in params if p.grad is not None)
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    idx = [i for i, (p, on) in enumerate(zip(params, mask)) if on and isinstance(p, self.cls)]
+    if not idx:
+      return frozenset()
+    flags = torch.tensor([int(bool(torch.isfinite(params[i].grad.to_local()).all()))
+                          for i in idx], dtype=torch.int32)
     if dist.is_available() and dist.is_initialized():
-      dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+      dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return frozenset(i for i, f in zip(idx, flags.tolist()) if not f)
 
   def to_saved(self, entry: dict, p: torch.Tensor) -> dict:
     """A state entry with the shard-shaped tensors as DTensors placed like ``p``."""

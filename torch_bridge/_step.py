@@ -49,9 +49,7 @@ def run(opt: Any, only: Optional[set]) -> None:
     return
   sharded = None
   if isinstance(opt._full, LocalShards):  # FSDP2, element-wise: each rank steps its shards
-    if not opt._full.all_finite([p for p, on in zip(params, mask) if on]):
-      return                                # some rank has a non-finite gradient: all skip
-    params = opt._full.proxies(params)
+    params = opt._full.proxies(params, nonfinite=opt._full.nonfinite(params, mask))
   elif opt._full is not None:  # FSDP2: the step runs on full copies (torch_bridge._dtensor)
     sharded, params = params, opt._full.gather(params)
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
