@@ -31,10 +31,14 @@ def _optimizers():
       "turbo_adam": (stax.turbo_adam, dict(lr=1e-2, min_compress_elements=1)),  # codec blocks
       # element-wise: each rank steps its own shards, no gather
       "adamw_local": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2, dtensor="local")),
+      # one owner per parameter: Newton–Schulz and the state on one rank, then a broadcast
+      "oadamw_owner": (stax.oadamw, dict(lr=1e-2, dtensor="owner")),
+      "stam_owner": (stax.stam, dict(lr=1e-2, dtensor="owner")),
   }
 
 
-OPTIMIZERS = ("adamw", "stable_adamw", "stam", "oadamw", "turbo_adam", "adamw_local")
+OPTIMIZERS = ("adamw", "stable_adamw", "stam", "oadamw", "turbo_adam", "adamw_local",
+              "oadamw_owner", "stam_owner")
 
 
 def model() -> torch.nn.Module:
@@ -141,10 +145,13 @@ def main(argv) -> None:
       train_step(m, opt, step, rank, 2)
     final = full_params(m)
     # torch's FSDP2 state-dict API round-trips the bridge's state (full tensors, replicated)
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+    # (with one owner per parameter a rank has no state for the others: strict=False)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
     before = _flat_state(opt.state_dict())
-    set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m, opt))
+    set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m, opt),
+                             options=StateDictOptions(strict=not name.endswith("_owner")))
     after = _flat_state(opt.state_dict())
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
     if rank == 0:

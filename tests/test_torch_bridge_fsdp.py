@@ -120,6 +120,28 @@ def test_local_mode_keeps_each_ranks_share_of_the_state(runs):
   assert max(local) < 0.6 * full[0]
 
 
+@pytest.mark.parametrize("name", ["oadamw", "stam"])
+def test_owner_mode_splits_the_state_between_ranks(runs, name):
+  """``dtensor="owner"``: each parameter's state (and its Newton–Schulz) on one rank only; the
+  two ranks together hold what each holds with full copies."""
+  out, _ = runs
+  full = [int((out / f"{name}-state-elements-rank{r}.txt").read_text()) for r in range(2)]
+  owner = [int((out / f"{name}_owner-state-elements-rank{r}.txt").read_text()) for r in range(2)]
+  assert full[0] == full[1] and sum(owner) == full[0] and max(owner) < 0.75 * full[0]
+
+
+def test_owner_mode_needs_per_parameter_state():
+  import stax
+  import torch_bridge
+  m = W.model()
+  with pytest.raises(ValueError, match="dtensor='owner'.*state_scope='param'"):
+    torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, dtensor="owner",
+                           state_scope="group")
+  with pytest.raises(ValueError, match="dtensor='owner'"):
+    torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, dtensor="owner",
+                           global_nonfinite="skip")
+
+
 def test_local_mode_refuses_transforms_that_are_not_element_wise():
   import stax
   import torch_bridge

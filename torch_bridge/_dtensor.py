@@ -29,11 +29,12 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["dtensor_type", "has_dtensors", "FullCopies", "LocalShards", "check_local",
+__all__ = ["dtensor_type", "has_dtensors", "FullCopies", "OwnedCopies", "LocalShards",
+           "check_local",
            "DTENSOR_MODES"]
 
-#: ``torch_bridge.Optimizer(dtensor=...)``: ``"full"`` (default) or ``"local"``.
-DTENSOR_MODES = ("full", "local")
+#: ``torch_bridge.Optimizer(dtensor=...)``: ``"full"`` (default), ``"owner"`` or ``"local"``.
+DTENSOR_MODES = ("full", "owner", "local")
 
 
 def dtensor_type() -> Optional[type]:
@@ -171,3 +172,43 @@ class LocalShards:
         v = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None).to_local()
       out[n] = v
     return out
+
+
+class OwnedCopies(FullCopies):
+  """``dtensor="owner"``: every DTensor parameter has one owning rank (sizes balanced, greedy
+  largest first, the same on every rank). Gradients and values are still all-gathered, but only
+  the owner runs the parameter's step and keeps its state (about 1/world of the state and of
+  the optimizer's compute per rank: Muon's Newton–Schulz runs once per matrix, not on every
+  rank); it then broadcasts the new value and each rank copies its shard. Exact for every
+  transform with per-parameter state (``state_scope="param"``), which is how the bridge runs."""
+
+  def __init__(self, params: Sequence[torch.Tensor]):
+    import torch.distributed as dist
+    super().__init__()
+    self.rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    load = [0] * world
+    self.owner: dict = {}
+    order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
+    for i in order:
+      if isinstance(params[i], self.cls):
+        r = min(range(world), key=lambda k: (load[k], k))
+        self.owner[i] = r
+        load[r] += params[i].numel()
+
+  def owned(self, i: int) -> bool:
+    """Whether this rank steps parameter ``i`` (plain tensors: every rank)."""
+    return self.owner.get(i, self.rank) == self.rank
+
+  def scatter(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
+    """The owners broadcast the new values; every rank copies its shard."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+    for i in indices:
+      p = params[i]
+      if not isinstance(p, self.cls):
+        continue
+      full = self.full[i]
+      dist.broadcast(full, src=self.owner[i])
+      shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+      p.to_local().copy_(shard.to_local())

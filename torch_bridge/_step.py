@@ -18,7 +18,7 @@ import numpy as np
 from torch_bridge import _plan as P
 from torch_bridge import _hyperparams as H
 from torch_bridge import convert
-from torch_bridge._dtensor import LocalShards
+from torch_bridge._dtensor import LocalShards, OwnedCopies
 
 
 def plan_for(opt: Any, mask: tuple, hyper: list) -> P.Plan:
@@ -47,11 +47,23 @@ def run(opt: Any, only: Optional[set]) -> None:
                 for i, p in enumerate(params)])
   if True not in mask:
     return
-  sharded = None
-  if isinstance(opt._full, LocalShards):  # FSDP2, element-wise: each rank steps its shards
-    params = opt._full.proxies(params, nonfinite=opt._full.nonfinite(params, mask))
-  elif opt._full is not None:  # FSDP2: the step runs on full copies (torch_bridge._dtensor)
-    sharded, params = params, opt._full.gather(params)
+  full = opt._full                          # FSDP2 / DTensor parameters (torch_bridge._dtensor)
+  if full is None:
+    _run_masked(opt, params, mask)
+  elif isinstance(full, LocalShards):       # element-wise: each rank steps its own shards
+    _run_masked(opt, full.proxies(params, nonfinite=full.nonfinite(params, mask)), mask)
+  else:                                     # full copies; with an owner, only it steps
+    stepped = [i for i, on in enumerate(mask) if on]
+    copies = full.gather(params)
+    if isinstance(full, OwnedCopies):
+      mask = tuple([on and full.owned(i) for i, on in enumerate(mask)])
+    if True in mask:
+      _run_masked(opt, copies, mask)
+    full.scatter(params, stepped)
+
+
+def _run_masked(opt: Any, params: list, mask: tuple) -> None:
+  """The compiled step of the parameters in ``mask`` (at least one)."""
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
   plan, wb = plan_for(opt, mask, hyper), opt._wb
   p_on = [opt._views.get(i, params[i]) for i in plan.idx_on]
@@ -95,8 +107,6 @@ def run(opt: Any, only: Optional[set]) -> None:
   # Torch reads only the parameters; the next JAX call orders itself after the states.
   jax.block_until_ready(flat_new)
   wb.finish(plan, params, plan.idx_on, flat_new, pending)
-  if sharded is not None:
-    opt._full.scatter(sharded, plan.idx_on)
   if opt._global_nonfinite == "error" and not bool(ok):
     raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
                        "for every parameter.")

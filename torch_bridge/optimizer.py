@@ -83,8 +83,8 @@ from typing import Any, Callable, Iterable, Optional
 import optax
 import torch
 
-from torch_bridge._dtensor import (DTENSOR_MODES, FullCopies, LocalShards, check_local,
-                                   has_dtensors)
+from torch_bridge._dtensor import (DTENSOR_MODES, FullCopies, LocalShards, OwnedCopies,
+                                   check_local, has_dtensors)
 from torch_bridge import _checkpoint as C
 from torch_bridge import _internals, convert
 from torch_bridge import _release as R
@@ -169,6 +169,10 @@ class Optimizer(torch.optim.Optimizer):
       raise ValueError(f"`dtensor` must be one of {DTENSOR_MODES}, got {dtensor!r}.")
     if dtensor == "local":
       check_local(transform, defaults, writeback)
+    if dtensor == "owner" and (state_scope != "param" or global_nonfinite is not None):
+      raise ValueError("torch_bridge: `dtensor='owner'` steps each parameter on one rank, so it "
+                       "needs state_scope='param' and no global_nonfinite (both couple "
+                       "parameters); use dtensor='full'.")
     self._dtensor_mode = dtensor
     if isinstance(static_args, str):
       static_args = (static_args,)
@@ -255,8 +259,10 @@ class Optimizer(torch.optim.Optimizer):
     if sig != self._units_sig:
       self._units = build_units(self.param_groups, self._state_scope)
       self._units_sig, self._plans = sig, {}
+      mode = getattr(self, "_dtensor_mode", "full")
       self._full = None if not has_dtensors(params) else (
-          LocalShards() if getattr(self, "_dtensor_mode", "full") == "local" else FullCopies())
+          LocalShards() if mode == "local" else
+          OwnedCopies(params) if mode == "owner" else FullCopies())
     return params
 
   # ---------------------------------------------------------------------------------- step
