@@ -74,7 +74,7 @@ from stax.codecs.log_quant import V_BITS
 from stax.codecs.turbo import CODECS, turbo_storage
 from stax.kernels import turbo_step
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import nonfinite_guard
+from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
 
 __all__ = ["turbo_adam", "cast_updates_to_params"]
 
@@ -229,10 +229,15 @@ def turbo_adam(
                           compress_m=bool(compress_m), compress_v=bool(compress_v),
                           min_compress_elements=min_compress_elements,
                           m_block_size=m_block_size, kernel=hook)
-  tx = optax.chain(
-      scale_by_adam(b1, b2, eps, storage=storage, seed=seed),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-      cast_updates_to_params(),
+  # gated, as stax.adamw: on a skipped step each element keeps its old state by a select (the
+  # compressed core's codes, endpoints, counters and key included), with no lax.cond, which
+  # copies the whole state through its branches on CPU (measured on one 4096×4096 leaf: the
+  # uncompressed path 62 → 18 ms, the default codec 103 → 61 ms); bit-identical to the cond.
+  tx = gated_chain(
+      gate_state(scale_by_adam(b1, b2, eps, storage=storage, seed=seed)),
+      gate_state(optax.add_decayed_weights(weight_decay, mask)),
+      gate_state(optax.scale_by_learning_rate(learning_rate)),
+      gate_state(cast_updates_to_params()),
   )
-  return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer="stax.turbo_adam")
+  return V.with_param_checks(nonfinite_guard(tx, nonfinite, gated=True),
+                             optimizer="stax.turbo_adam")
