@@ -229,10 +229,11 @@ def turbo_adam(
                           compress_m=bool(compress_m), compress_v=bool(compress_v),
                           min_compress_elements=min_compress_elements,
                           m_block_size=m_block_size, kernel=hook)
-  # gated, as stax.adamw: on a skipped step each element keeps its old state by a select (the
-  # compressed core's codes, endpoints, counters and key included), with no lax.cond, which
-  # copies the whole state through its branches on CPU (measured on one 4096×4096 leaf: the
-  # uncompressed path 62 → 18 ms, the default codec 103 → 61 ms); bit-identical to the cond.
+  # gated per element of the chain, as stax.adamw: on a skipped step each element keeps its
+  # old state by its own select (the compressed core's codes, endpoints, counters and key
+  # included). Before, nonfinite_guard selected the whole chain's state at once; same bits,
+  # but measured interleaved on one 4096×4096 leaf (this 2-core CPU, 5 rounds) the default
+  # codec's step went from a median 107 ms to 82 ms.
   tx = gated_chain(
       gate_state(scale_by_adam(b1, b2, eps, storage=storage, seed=seed)),
       gate_state(optax.add_decayed_weights(weight_decay, mask)),
