@@ -58,23 +58,35 @@ def _specs(params):
   return jax.tree.map(lambda x: _spec(x, "mixed"), params)
 
 
+_COMPILED: dict = {}
+
+
+def _jitted(entry):
+  """``(init, step)`` of ``entry``, jitted once per process (every run of the entry reuses the
+  compiled programs: the same mesh, shapes and shardings)."""
+  import jax
+  import optax
+  if entry.name not in _COMPILED:
+    tx = entry.make()
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    _COMPILED[entry.name] = (jax.jit(tx.init), jax.jit(step))
+  return _COMPILED[entry.name]
+
+
 def run(entry, m, start: int, stop: int, p=None, state=None):
   """Steps ``start..stop-1`` of ``entry`` on mesh ``m`` (from ``init`` when ``state`` is None)."""
   import jax
-  import optax
   from tests import contract_problems as cp
   params, _, _ = cp.quadratic()
   specs = _specs(params)
-  tx = entry.make()
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
+  init, fn = _jitted(entry)
   with jax.set_mesh(m):
     if p is None:
       p = _put(params, m, specs)
-      state = jax.jit(tx.init)(p)
-    fn = jax.jit(step)
+      state = init(p)
     for i in range(start, stop):
       p, state = fn(p, state, _put(cp.random_grads(params, i), m, specs))
   return p, state
