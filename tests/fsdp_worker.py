@@ -34,11 +34,13 @@ def _optimizers():
       # one owner per parameter: Newton–Schulz and the state on one rank, then a broadcast
       "oadamw_owner": (stax.oadamw, dict(lr=1e-2, dtensor="owner")),
       "stam_owner": (stax.stam, dict(lr=1e-2, dtensor="owner")),
+      # the same through the fallback for other placements (all-gather and broadcast)
+      "oadamw_owner_allgather": (stax.oadamw, dict(lr=1e-2, dtensor="owner")),
   }
 
 
 OPTIMIZERS = ("adamw", "stable_adamw", "stam", "oadamw", "turbo_adam", "adamw_local",
-              "oadamw_owner", "stam_owner")
+              "oadamw_owner", "stam_owner", "oadamw_owner_allgather")
 
 
 def model() -> torch.nn.Module:
@@ -54,8 +56,14 @@ def batch(step: int) -> tuple:
 
 def make_opt(name: str, m: torch.nn.Module):
   import torch_bridge
+  from torch_bridge import _dtensor
   factory, kw = _optimizers()[name]
-  return torch_bridge.Optimizer(m.parameters(), factory, **kw)
+  opt = torch_bridge.Optimizer(m.parameters(), factory, **kw)
+  if name.endswith("_allgather"):
+    opt._ensure_units()
+    if isinstance(opt._full, _dtensor.OwnedCopies):
+      opt._full._dim = lambda p: None          # as for a placement other than one Shard
+  return opt
 
 
 def train_step(m, opt, step: int, rank: int = 0, world: int = 1) -> None:
@@ -151,7 +159,7 @@ def main(argv) -> None:
                                                          set_optimizer_state_dict)
     before = _flat_state(opt.state_dict())
     set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m, opt),
-                             options=StateDictOptions(strict=not name.endswith("_owner")))
+                             options=StateDictOptions(strict="_owner" not in name))
     after = _flat_state(opt.state_dict())
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
     if rank == 0:

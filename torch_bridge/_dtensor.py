@@ -61,19 +61,19 @@ class FullCopies:
   def gather(self, params: Sequence[torch.Tensor]) -> list:
     """``params`` with every DTensor replaced by its full copy, refreshed now (values and
     gradient); a collective: every rank calls it with the same parameters in the same order."""
-    out = list(params)
-    for i, p in enumerate(params):
-      if not isinstance(p, self.cls):
-        continue
-      value = p.detach().full_tensor()
-      f = self.full.get(i)
-      if f is None or f.shape != value.shape or f.dtype != value.dtype:
-        f = self.full[i] = value.clone()
-      else:
-        f.copy_(value)
-      f.grad = None if p.grad is None else p.grad.full_tensor()
-      out[i] = f
-    return out
+    return [self._full_copy(i, p) if isinstance(p, self.cls) else p
+            for i, p in enumerate(params)]
+
+  def _full_copy(self, i: int, p) -> torch.Tensor:
+    """Parameter ``i``'s full copy with its full gradient, all-gathered now."""
+    value = p.detach().full_tensor()
+    f = self.full.get(i)
+    if f is None or f.shape != value.shape or f.dtype != value.dtype:
+      f = self.full[i] = value.clone()
+    else:
+      f.copy_(value)
+    f.grad = None if p.grad is None else p.grad.full_tensor()
+    return f
 
   def scatter(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
     """Copies this rank's shard of each full copy in ``indices`` into its DTensor."""
@@ -176,17 +176,20 @@ class LocalShards:
 
 class OwnedCopies(FullCopies):
   """``dtensor="owner"``: every DTensor parameter has one owning rank (sizes balanced, greedy
-  largest first, the same on every rank). Gradients and values are still all-gathered, but only
-  the owner runs the parameter's step and keeps its state (about 1/world of the state and of
-  the optimizer's compute per rank: Muon's Newton–Schulz runs once per matrix, not on every
-  rank); it then broadcasts the new value and each rank copies its shard. Exact for every
-  transform with per-parameter state (``state_scope="param"``), which is how the bridge runs."""
+  largest first, the same on every rank). Its gradient and value are gathered to the owner only
+  (``dist.gather`` of the shards: each rank sends its shard once, instead of receiving every
+  other rank's as an all-gather does), only the owner runs the parameter's step and keeps its
+  state (about 1/world of the state and of the optimizer's compute per rank: Muon's
+  Newton–Schulz runs once per matrix, not on every rank), and the owner scatters the new value's
+  shards back (``dist.scatter``). Exact for every transform with per-parameter state
+  (``state_scope="param"``, how the bridge runs by default). Parameters placed other than one
+  ``Shard`` on a 1-D mesh fall back to the all-gather and broadcast."""
 
   def __init__(self, params: Sequence[torch.Tensor]):
     import torch.distributed as dist
     super().__init__()
     self.rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    self.world = world = dist.get_world_size() if dist.is_initialized() else 1
     load = [0] * world
     self.owner: dict = {}
     order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
@@ -200,15 +203,79 @@ class OwnedCopies(FullCopies):
     """Whether this rank steps parameter ``i`` (plain tensors: every rank)."""
     return self.owner.get(i, self.rank) == self.rank
 
+  def _dim(self, p) -> Optional[int]:
+    """The sharded axis when ``p`` is one ``Shard`` over a 1-D mesh of the default group."""
+    from torch.distributed.tensor import Shard
+    if (p.device_mesh.ndim == 1 and len(p.placements) == 1
+        and isinstance(p.placements[0], Shard) and p.device_mesh.size() == self.world):
+      return p.placements[0].dim
+    return None
+
+  def _sizes(self, p, dim: int) -> list:
+    """Each rank's shard length along ``dim`` (torch.chunk's split, as DTensor's)."""
+    n = p.shape[dim]
+    step = -(-n // self.world)
+    return [max(0, min(step, n - r * step)) for r in range(self.world)]
+
+  def _gather(self, local: torch.Tensor, p, dim: int, owner: int) -> Optional[torch.Tensor]:
+    """The full tensor on ``owner`` (None elsewhere) from every rank's shard ``local``."""
+    import torch.distributed as dist
+    sizes = self._sizes(p, dim)
+    pad = [0, 0] * (local.ndim - 1 - dim) + [0, max(sizes) - local.shape[dim]]
+    send = torch.nn.functional.pad(local.detach(), pad).contiguous()
+    if self.rank != owner:
+      dist.gather(send, dst=owner)
+      return None
+    bufs = [torch.empty_like(send) for _ in range(self.world)]
+    dist.gather(send, gather_list=bufs, dst=owner)
+    return torch.cat([b.narrow(dim, 0, k) for b, k in zip(bufs, sizes)], dim=dim)
+
+  def gather(self, params: Sequence[torch.Tensor]) -> list:
+    out = list(params)
+    for i, p in enumerate(params):
+      if not isinstance(p, self.cls):
+        continue
+      dim = self._dim(p)
+      if dim is None:  # another placement: the all-gather of every rank's copy
+        out[i] = self._full_copy(i, p)
+        continue
+      owner = self.owner[i]
+      value = self._gather(p.to_local(), p, dim, owner)
+      grad = None if p.grad is None else self._gather(p.grad.to_local(), p, dim, owner)
+      f = self.full.get(i)
+      if f is None or f.shape != p.shape or f.dtype != p.dtype:
+        f = self.full[i] = torch.zeros(p.shape, dtype=p.dtype)   # stale off the owner
+      if value is not None:
+        f.copy_(value)
+      f.grad = grad if self.rank == owner else None
+      out[i] = f
+    return out
+
   def scatter(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
-    """The owners broadcast the new values; every rank copies its shard."""
+    """The owners send each rank its shard of the new values."""
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
     for i in indices:
       p = params[i]
       if not isinstance(p, self.cls):
         continue
-      full = self.full[i]
-      dist.broadcast(full, src=self.owner[i])
-      shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
-      p.to_local().copy_(shard.to_local())
+      dim, owner, local = self._dim(p), self.owner[i], p.to_local()
+      if dim is None:
+        full = self.full[i]
+        dist.broadcast(full, src=owner)
+        shard = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+        local.copy_(shard.to_local())
+        continue
+      sizes = self._sizes(p, dim)
+      width = max(sizes)
+      shape = list(p.shape)
+      shape[dim] = width
+      recv = torch.empty(shape, dtype=p.dtype)
+      chunks = None
+      if self.rank == owner:
+        pieces = torch.split(self.full[i], sizes, dim=dim)
+        chunks = [torch.nn.functional.pad(c, [0, 0] * (c.ndim - 1 - dim) +
+                                          [0, width - c.shape[dim]]).contiguous()
+                  for c in pieces]
+      dist.scatter(recv, scatter_list=chunks, src=owner)
+      local.copy_(recv.narrow(dim, 0, local.shape[dim]))
