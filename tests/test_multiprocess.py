@@ -10,28 +10,16 @@ process continues from theirs. Localhost only; the workers are bounded by a time
 
 from __future__ import annotations
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from tests import multiprocess as mp
+from tests.localhost_ranks import run_ranks
 from tests.registry import MAIN
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT_S = 600
 IDS = [e.name for e in MAIN]
 N_PARAMS = 6  # leaves of the contract quadratic's parameter tree, first in every saved list
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +31,8 @@ def runs(tmp_path_factory):
     pytest.skip("needs 8 host devices (tests/conftest.py sets XLA_FLAGS)")
   out = tmp_path_factory.mktemp("multiprocess")
   mp.side(MAIN, out, "1proc", None)
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess", str(i), str(port),
-                             str(out), ",".join(IDS)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, f"worker failed ({p.returncode}):\n{log[-4000:]}"
+  run_ranks("tests.multiprocess", [out, ",".join(IDS)], timeout_s=WORKER_TIMEOUT_S,
+            env={"JAX_PLATFORMS": "cpu"})
   m = mp.mesh()
   for e in MAIN:
     p, s = mp.restore(out / f"{e.name}-2proc", e, m)

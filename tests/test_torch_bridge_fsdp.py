@@ -7,12 +7,6 @@ ranks restores in 1 process and back."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,18 +15,12 @@ if not dist.is_available() or not dist.is_gloo_available():
   pytest.skip("torch without gloo", allow_module_level=True)
 
 from tests import fsdp_worker as W  # noqa: E402
+from tests.localhost_ranks import run_ranks  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
 # float32 rounding: the ranks' gradients are averaged by a reduce-scatter, one process takes the
 # mean over the whole batch; the parameters move by ~0.04 over the run
 ATOL = 2e-7
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +38,7 @@ def runs(tmp_path_factory):
                  checkpoint_id=str(out / f"{name}-dcp-1proc"))
       W.train_step(m, opt, step)
     ref[name] = W.full_params(m)
-  port = str(_free_port())
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.fsdp_worker", str(r), port, str(out),
-                             ",".join(W.OPTIMIZERS)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for r in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  finally:
-    for p in procs:
-      p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, f"rank failed ({p.returncode}):\n{log[-4000:]}"
+  run_ranks("tests.fsdp_worker", [out, ",".join(W.OPTIMIZERS)], timeout_s=TIMEOUT_S)
   return out, ref
 
 
