@@ -21,6 +21,9 @@ shard's state (1/world of it), makes the ranks agree on non-finite gradients (on
 a flag per parameter; a parameter non-finite on any rank gets a NaN gradient on all, so its
 guard skips it everywhere, as it does in one process), and saves its state as DTensors placed
 like the parameter.
+
+``dtensor="owner"`` (:class:`OwnedCopies`) gives each DTensor parameter one owning rank: only the
+owner gathers it, runs its step and keeps its state, then scatters the new shards back.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["dtensor_type", "has_dtensors", "FullCopies", "OwnedCopies", "LocalShards",
-           "check_local",
-           "DTENSOR_MODES"]
+           "check_local", "DTENSOR_MODES"]
 
 #: ``torch_bridge.Optimizer(dtensor=...)``: ``"full"`` (default), ``"owner"`` or ``"local"``.
 DTENSOR_MODES = ("full", "owner", "local")

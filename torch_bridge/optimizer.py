@@ -131,6 +131,13 @@ class Optimizer(torch.optim.Optimizer):
       of the step is NaN/Inf, no parameter and no state changes; counted in
       :attr:`nonfinite_skipped_steps`) or ``"error"`` (the same, then ``RuntimeError``; costs one
       host sync per step).
+    dtensor: for ``DTensor`` parameters (FSDP2's ``fully_shard``; ignored for plain tensors,
+      see :mod:`torch_bridge._dtensor`): ``"full"`` (default: every rank steps full copies;
+      any transform, state replicated), ``"owner"`` (one rank per parameter steps it and keeps
+      its state; needs ``state_scope="param"`` and no ``global_nonfinite``) or ``"local"``
+      (each rank steps its shards; element-wise transforms only: ``stax.adamw`` without a
+      codec, ``optax.adam``/``adamw``/``sgd``/``lion``, and ``writeback="copy"``). Anything
+      else raises ``ValueError`` here.
     **defaults: default hyperparameters of every group, torch names (``lr``, ``betas``,
       ``eps``, ``weight_decay``) or the factory's own names. ``lr``, ``betas``, ``eps`` and
       ``weight_decay`` are filled from the factory's defaults when it has them.

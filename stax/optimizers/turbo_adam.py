@@ -140,11 +140,11 @@ def turbo_adam(
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
     implementation: the fused update of the compressed leaves (:mod:`stax.kernels.turbo_step`):
       ``None`` (default: the best available, ``"xla"`` on every platform today), ``"xla"``
-      (read → step → write on the whole tensor), ``"chunked"``  (the same a chunk of rows at a time in one
-      XLA loop: bounded temporaries, but 1.8–2.7× slower on CPU; the ``"stax"`` codec) or
-      ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both moments compressed;
-      interpret mode only: it does not lower for a GPU yet, a ``ValueError`` there). All give the same state bit for bit and the same update to float32
-      rounding. ``"chunked"`` with the faithful codec (its UState m has a tensor-wide step
+      (read → step → write on the whole tensor), ``"chunked"`` (the same a chunk of rows at a
+      time in one XLA loop: bounded temporaries, but 1.8–2.7× slower on CPU; the ``"stax"``
+      codec) or ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both moments
+      compressed; interpret mode only: it does not lower for a GPU yet, a ``ValueError``
+      there). All give the same state bit for bit and the same update to float32 rounding. ``"chunked"`` with the faithful codec (its UState m has a tensor-wide step
       size) or the factored codec (no fused update of its own) and ``"pallas"`` without the
       faithful codec raise ``ValueError``; a leaf a named implementation
       cannot run (``"pallas"`` on a row that is not a multiple of ``block_size``) raises

@@ -39,7 +39,7 @@ Implementations:
 runs a loop body on one thread, 1.8–2.7× slower). Until the H200 check (``benchmarks/gpu.py``)
 the GPU order tried ``"pallas"`` first, and since the kernel's failure came from XLA's compile,
 after the registry's fallback, the faithful codec failed on every GPU; now it runs ``"xla"``
-there: 0.69 ms for a donated step of a 4096×4096 leaf on the H200.
+there: 0.69–0.93 ms for a donated step of a 4096×4096 leaf on the H200 (two runs).
 
 Example:
   >>> import jax.numpy as jnp, stax
