@@ -1,4 +1,9 @@
-"""Sharded Newton–Schulz on an 8-device CPU mesh: ``mode="per_leaf"`` against ``"stacked"``.
+"""Sharded matrix work on an 8-device CPU mesh: Muon's Newton–Schulz and SCAO's refresh.
+
+Newton–Schulz: ``mode="per_leaf"`` against ``"stacked"``. SCAO: the periodic curvature update
+(``eigh`` pairs for ``scao-0.2.4``, subspace iterations for ``lowrank``) with
+``refresh="replicated"`` (every device repeats every leaf) against ``"owners"`` (each leaf once,
+on a balanced owner device, :mod:`stax.owners`); ``--part`` picks (default both).
 
 ``python -m benchmarks.sharded_muon [--out FILE]`` builds the hidden matrices of a small GPT
 (``--layers`` blocks of q, k, v, o ``(d, d)`` and an MLP ``(d, 4d)``, ``(4d, d)``), places each
@@ -96,14 +101,72 @@ def run(d: int = 256, layers: int = 4, repeats: int = 10, modes=("per_leaf", "st
   return res
 
 
+def run_scao(d: int = 128, layers: int = 2, repeats: int = 5,
+             modes=("lowrank", "scao-0.2.4"), refreshes=("replicated", "owners")):
+  """One jitted SCAO preconditioner step that refreshes every leaf (``precond_freq=1``, no
+  warm-up) on the GPT matrices of width ``d``, row-sharded over 8 devices, per mode and
+  ``refresh``: median time, compile time, collectives and the largest difference of the new
+  factors and of the preconditioned gradient to the replicated refresh (absolute, and relative
+  to each leaf's largest entry)."""
+  import jax
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from stax.transforms import kron as K
+
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Explicit,))
+  rng = np.random.default_rng(0)
+  gs_np = {f"w{i}": rng.standard_normal(s).astype(np.float32)
+           for i, s in enumerate(shapes(d, layers))}
+  sched = K.Schedule(warmup_steps=0, precond_freq=1, min_precond_updates=0, blend_steps=0)
+  hp = K.KronHyperparams(k_min=8, k_max=32, max_precond_dim=4 * d)
+  res = {"d": d, "layers": layers, "matrices": len(gs_np), "devices": 8, "modes": {}}
+  for mode in modes:
+    make = K.scale_by_kron_lowrank if mode == "lowrank" else K.scale_by_kron_scao
+    outs, res["modes"][mode] = {}, {}
+    for refresh in refreshes:
+      tx = make(schedule=sched, hyperparams=hp, refresh=refresh)
+      with jax.set_mesh(mesh):
+        g = {k: jax.device_put(v, NamedSharding(mesh, P("x", None))) for k, v in gs_np.items()}
+        state = jax.jit(tx.init)(g)
+        fn = jax.jit(tx.update)
+        t0 = time.perf_counter()
+        compiled = fn.lower(g, state).compile()
+        compile_s = time.perf_counter() - t0
+        outs[refresh] = jax.device_get(compiled(g, state))
+        ts = []
+        for _ in range(repeats):
+          t0 = time.perf_counter()
+          jax.block_until_ready(compiled(g, state))
+          ts.append(time.perf_counter() - t0)
+      diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - b)))
+                 for a, b in zip(jax.tree.leaves(outs[refresh]),
+                                 jax.tree.leaves(outs[refreshes[0]])) if np.size(a))
+      rel = max(float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-30))
+                for a, b in zip(jax.tree.leaves(outs[refresh]),
+                                jax.tree.leaves(outs[refreshes[0]])) if np.size(a))
+      row = {"ms": 1e3 * statistics.median(ts), "compile_s": compile_s,
+             f"max_abs_diff_vs_{refreshes[0]}": diff,
+             f"max_rel_diff_vs_{refreshes[0]}": rel,
+             "collectives": collectives(compiled.as_text(), 8)}
+      res["modes"][mode][refresh] = row
+      print(json.dumps({mode: {refresh: row}}), flush=True)
+  return res
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--d", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--scao-d", type=int, default=128)
+  ap.add_argument("--scao-layers", type=int, default=2)
+  ap.add_argument("--part", choices=("all", "muon", "scao"), default="all")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
-  res = run(args.d, args.layers, args.repeats)
+  res = {}
+  if args.part in ("all", "muon"):
+    res = run(args.d, args.layers, args.repeats)
+  if args.part in ("all", "scao"):
+    res["scao"] = run_scao(args.scao_d, args.scao_layers, max(1, args.repeats // 2))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(res, f, indent=1)

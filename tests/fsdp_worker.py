@@ -133,6 +133,12 @@ def state_elements(opt) -> int:
   return int(sum(x.size for x in jax.tree.leaves(opt._states.states)))
 
 
+def copy_elements(opt) -> int:
+  """Elements of the full-size parameter copies the bridge keeps on this rank (FSDP2)."""
+  full = getattr(opt._full, "full", None) or {}
+  return int(sum(t.numel() for t in full.values()))
+
+
 def _flat_state(sd) -> list:
   return [t for st in sd["state"].values() for t in st.values() if isinstance(t, torch.Tensor)]
 
@@ -165,6 +171,7 @@ def main(argv) -> None:
     if rank == 0:
       torch.save(final, out / f"{name}-fsdp.pt")
     (out / f"{name}-state-elements-rank{rank}.txt").write_text(str(state_elements(opt)))
+    (out / f"{name}-copy-elements-rank{rank}.txt").write_text(str(copy_elements(opt)))
     # the one-process run's checkpoint at SAVE_AT, restored on 2 ranks and continued
     m, opt = restore(name, out / f"{name}-dcp-1proc", sharded=True)
     for step in range(SAVE_AT, STEPS):

@@ -97,11 +97,21 @@ def test_local_mode_keeps_each_ranks_share_of_the_state(runs):
 @pytest.mark.parametrize("name", ["oadamw", "stam"])
 def test_owner_mode_splits_the_state_between_ranks(runs, name):
   """``dtensor="owner"``: each parameter's state (and its Newton–Schulz) on one rank only; the
-  two ranks together hold what each holds with full copies."""
+  two ranks together hold what each holds with full copies, and so do their parameter copies."""
   out, _ = runs
   full = [int((out / f"{name}-state-elements-rank{r}.txt").read_text()) for r in range(2)]
   owner = [int((out / f"{name}_owner-state-elements-rank{r}.txt").read_text()) for r in range(2)]
   assert full[0] == full[1] and sum(owner) == full[0] and max(owner) < 0.75 * full[0]
+  # and each full-size parameter copy lives on its owner only (the all-gather fallback keeps
+  # one on every rank)
+  copies = {m: [int((out / f"{m}-copy-elements-rank{r}.txt").read_text()) for r in range(2)]
+            for m in (name, f"{name}_owner")}
+  assert copies[name][0] == copies[name][1] > 0
+  assert sum(copies[f"{name}_owner"]) == copies[name][0]
+  if name == "oadamw":
+    fallback = [int((out / f"oadamw_owner_allgather-copy-elements-rank{r}.txt").read_text())
+                for r in range(2)]
+    assert fallback == copies[name]
 
 
 def test_owner_mode_needs_per_parameter_state():

@@ -183,9 +183,11 @@ class OwnedCopies(FullCopies):
   other rank's as an all-gather does), only the owner runs the parameter's step and keeps its
   state (about 1/world of the state and of the optimizer's compute per rank: Muon's
   Newton–Schulz runs once per matrix, not on every rank), and the owner scatters the new value's
-  shards back (``dist.scatter``). Exact for every transform with per-parameter state
-  (``state_scope="param"``, how the bridge runs by default). Parameters placed other than one
-  ``Shard`` on a 1-D mesh fall back to the all-gather and broadcast."""
+  shards back (``dist.scatter``). Only the owner holds a full-size copy of a parameter (and its
+  gradient); the other ranks hand the step their DTensor, which it does not read. Exact for
+  every transform with per-parameter state (``state_scope="param"``, how the bridge runs by
+  default). Parameters placed other than one ``Shard`` on a 1-D mesh fall back to the
+  all-gather and broadcast (a full copy on every rank)."""
 
   def __init__(self, params: Sequence[torch.Tensor]):
     import torch.distributed as dist
@@ -244,12 +246,13 @@ class OwnedCopies(FullCopies):
       owner = self.owner[i]
       value = self._gather(p.to_local(), p, dim, owner)
       grad = None if p.grad is None else self._gather(p.grad.to_local(), p, dim, owner)
+      if self.rank != owner:   # not stepped here: no full-size copy on this rank
+        continue
       f = self.full.get(i)
       if f is None or f.shape != p.shape or f.dtype != p.dtype:
-        f = self.full[i] = torch.zeros(p.shape, dtype=p.dtype)   # stale off the owner
-      if value is not None:
-        f.copy_(value)
-      f.grad = grad if self.rank == owner else None
+        f = self.full[i] = torch.empty(p.shape, dtype=p.dtype)
+      f.copy_(value)
+      f.grad = grad
       out[i] = f
     return out
 

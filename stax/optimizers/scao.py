@@ -115,6 +115,7 @@ def scao(
     dimension_numbers: K.DimensionNumbers = None,
     seed: int = 0,
     nonfinite: str = "skip",
+    refresh: str = "owners",
 ) -> optax.GradientTransformationExtraArgs:
   """SCAO: Adam warm-up, then Kronecker curvature preconditioning under AdamW moments.
 
@@ -147,6 +148,11 @@ def scao(
     seed: seed of the key of ``lowrank``'s randomized subspace iteration (default 0).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
       Every part is gate-aware: a skipped step refreshes no factor and moves no counter.
+    refresh: where the periodic curvature updates run on an explicit mesh: ``"owners"``
+      (default: each matrix's ``eigh`` pair / subspace iteration once, on one device chosen to
+      balance the work, and the factors gathered back; :mod:`stax.owners`) or ``"replicated"``
+      (every device repeats every update). Same values up to float32 rounding; no effect off
+      a mesh.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; read its state with :func:`scao_diagnostics`.
@@ -161,17 +167,19 @@ def scao(
   V.check_number("eps", eps, low=0.0)
   V.check_number("weight_decay", weight_decay, low=0.0)
   V.check_choice("mode", mode, K.MODES)
+  V.check_choice("refresh", refresh, K.REFRESHES)
   schedule = K.Schedule(warmup_steps, precond_freq, min_precond_updates, blend_steps)
   curvature = K.KronHyperparams(rho, epsilon_sparse, k_min, k_max, max_precond_dim, tau, eps)
   if mode == "lowrank":
     V.check_number("tau", tau, low=0.0, low_inclusive=False, allow_none=True)
     V.warn_no_effect("tau", tau, 1.0, "with mode='lowrank' (only mode='scao-0.2.4' clips)")
     precond = K.scale_by_kron_lowrank(schedule=schedule, hyperparams=curvature,
-                                      dimension_numbers=dimension_numbers, seed=seed)
+                                      dimension_numbers=dimension_numbers, seed=seed,
+                                      refresh=refresh)
   else:
     V.warn_no_effect("seed", seed, 0, "with mode='scao-0.2.4' (it draws no random numbers)")
     precond = K.scale_by_kron_scao(schedule=schedule, hyperparams=curvature,
-                                   dimension_numbers=dimension_numbers)
+                                   dimension_numbers=dimension_numbers, refresh=refresh)
   tx = gated_chain(
       precond,
       scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=jnp.float32, nu_dtype=jnp.float32),

@@ -74,6 +74,7 @@ from stax import numerics as num
 from stax import partition
 from stax.kernels import newton_schulz as nsk
 from stax.kernels._registry import check_implementation
+from stax.owners import stack_mesh
 from stax.layout import (ATTENTION_IN_PROJECTIONS, ATTENTION_OUT_PROJECTIONS, NEVER_MATRICES,
                          MatrixDimensionNumbers, conv_dimension_numbers, default_dimension_numbers,
                          matrix_shape, resolve_dimension_numbers, resolve_tree)
@@ -251,16 +252,6 @@ def orthogonalize(x: jax.Array, coeffs: Any = "jordan", ns_steps: int = 5, eps: 
   return back(y)
 
 
-def _stack_mesh(xs=()):
-  """The explicit mesh to stack over and its explicit axes: the `jax.set_mesh` context's, else
-  (arrays placed on an explicit mesh, jitted without a mesh context) the first of ``xs``'s."""
-  for mesh in (jax.sharding.get_abstract_mesh(), *(_sh.mesh_of(x) for x in xs)):
-    axes = _sh.explicit_axes(None if mesh is None or mesh.empty else mesh)
-    if axes:
-      return mesh, axes
-  return None, ()
-
-
 def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any = "jordan",
                        ns_steps: int = 5, eps: float = 1e-7, *, mode: str = "per_leaf",
                        implementation: Optional[str] = None,
@@ -273,7 +264,7 @@ def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any
                           implementation=implementation, compute_dtype=compute_dtype)
             for x, d in zip(xs, dims)]
   rows, norm_scale = ns_coefficients(coeffs, ns_steps)
-  mesh, axes = _stack_mesh(xs)
+  mesh, axes = stack_mesh(xs)
   n_dev = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
   ax = (axes if len(axes) > 1 else axes[0]) if axes else None
   groups: dict[tuple, list[int]] = {}

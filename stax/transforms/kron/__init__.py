@@ -34,7 +34,7 @@ import optax
 
 from stax.transforms.kron import lowrank as _lowrank
 from stax.transforms.kron import scao as _scao
-from stax.transforms.kron._schedule import KronHyperparams, ScaleByKronState, Schedule
+from stax.transforms.kron._schedule import REFRESHES, KronHyperparams, ScaleByKronState, Schedule
 from stax.transforms.kron._view import DimensionNumbers
 from stax.transforms.kron.lowrank import LowRankState, lowrank_precondition, scale_by_kron_lowrank
 from stax.transforms.kron.scao import (BlockGridState, DiagBlockState, KronBlockState,
@@ -42,6 +42,7 @@ from stax.transforms.kron.scao import (BlockGridState, DiagBlockState, KronBlock
 
 __all__ = [
     "MODES",
+    "REFRESHES",
     "ScaleByKronState",
     "Schedule",
     "KronHyperparams",

@@ -24,7 +24,12 @@ The transformation is gate-aware (:mod:`stax.transforms.guards`): when the extra
 
 Under an explicit mesh the gradient is replicated for the factor work (the factors live
 replicated) and the result is resharded like the gradient, so it equals the single-device
-result.
+result. The periodic curvature updates — eigendecompositions, subspace iterations — run once
+per leaf on an *owner* device (``refresh="owners"``, :mod:`stax.owners`: same-plan leaves
+stacked over the mesh, owners balanced by the rule's ``cost``), and the new factors are
+gathered back: one gather instead of every device repeating every decomposition. The result
+is the replicated one up to float32 rounding (a product inside the owner's loop may round its
+last bit differently; tested in ``tests/test_owners.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from stax import numerics as num
 from stax._trees import conform
 from stax.partition import _NNX_VALUE_KEYS  # pylint: disable=protected-access
 from stax.transforms.guards import NONFINITE_OK, gate_aware
+from stax.owners import owner_map
 from stax.transforms.kron import _view
 
 __all__ = ["Schedule", "KronHyperparams", "LeafContext", "LeafRule", "ScaleByKronState",
@@ -154,6 +160,10 @@ class LeafRule(Protocol):
 
   def update(self, plan: Any, st: Any, g: jax.Array, ctx: LeafContext) -> Any:
     """The leaf's curvature state after one curvature update with gradient ``g``."""
+
+  def cost(self, plan: Any) -> float:
+    """Optional: the relative cost (≈ flops) of one ``update``, to balance owner devices
+    (default: the matrix view's size)."""
 
 
 class ScaleByKronState(NamedTuple):
@@ -289,8 +299,34 @@ def _blend_weight(phase2, blend_steps):
                                / jnp.maximum(bsteps, 1).astype(jnp.float32)), 1.0)
 
 
+def _cost(rule: LeafRule, plan: Any, g2: jax.Array) -> float:
+  """The relative cost of one curvature update (the rule's ``cost``, else the view's size)."""
+  cost = getattr(rule, "cost", None)
+  return float(cost(plan)) if cost is not None else float(np.prod(g2.shape))
+
+
+def _update_fn(rule: LeafRule, plan: Any, dtype: str):
+  """``(state, g, noise, precond_count) -> rule.update(...)`` for the leaves of one plan and
+  dtype (the counter is an input: a ``shard_map`` may not close over a traced value)."""
+  def fn(item):
+    st, g2, draws, precond_count = item
+    return rule.update(plan, st, g2, LeafContext(precond_count, jnp.dtype(dtype), draws))
+  return fn
+
+
+def _like(new: Any, old: Any) -> Any:
+  """``new`` (replicated) laid out like ``old``'s explicitly sharded leaves (both branches of
+  the refresh's ``lax.cond`` must have one type)."""
+  return jax.tree.map(lambda n, o: n if _sh.explicit_spec(o) is None
+                      else jax.reshard(n, jax.typeof(o).sharding), new, old)
+
+
+REFRESHES = ("owners", "replicated")
+
+
 def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: Any = None,
-                      seed: Any = 0) -> optax.GradientTransformationExtraArgs:
+                      seed: Any = 0, refresh: str = "owners"
+                      ) -> optax.GradientTransformationExtraArgs:
   """The SCAO controller (module docstring) over ``rule``.
 
   Args:
@@ -298,7 +334,11 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     schedule: warm-up, blend and update period.
     dimension_numbers: how a leaf becomes a matrix (:mod:`stax.transforms.kron._view`).
     seed: seed of the state's key when ``rule.needs_key``.
+    refresh: where the periodic curvature updates run under an explicit mesh: ``"owners"``
+      (default; each leaf's update on one device, balanced, :func:`stax.owners.owner_map`) or
+      ``"replicated"`` (every device computes every leaf). Without a mesh both are one loop.
   """
+  V.check_choice("refresh", refresh, REFRESHES)
 
   def plans(tree):
     return _leaf_plans(rule, dimension_numbers, tree)
@@ -367,15 +407,24 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     def do(states):
       noise = (jax.random.normal(step_key, (sum(sizes),), jnp.float32) if sum(sizes)
                else None)
-      new, off = [], 0
-      for g, g2, st, leaf, size in zip(g_leaves, mats, states, leaf_plans, sizes):
+      items, groups, costs, at, off = [], [], [], [], 0
+      for i, (g, g2, st, leaf, size) in enumerate(zip(g_leaves, mats, states, leaf_plans, sizes)):
         if leaf.plan is None:
-          new.append(st)
           continue
-        draws = noise[off:off + size] if size else None
+        items.append((st, g2, noise[off:off + size] if size else None, state.precond_count))
+        groups.append((leaf.plan, jnp.dtype(g.dtype).name))
+        costs.append(_cost(rule, leaf.plan, g2))
+        at.append(i)
         off += size
-        new.append(rule.update(leaf.plan, st, g2,
-                               LeafContext(state.precond_count, g.dtype, draws)))
+      fns = {grp: _update_fn(rule, *grp) for grp in groups}
+      if refresh == "owners":
+        outs = owner_map(fns, items, groups=groups, costs=costs)
+        outs = [_like(n, states[i]) for n, i in zip(outs, at)]
+      else:
+        outs = [fns[grp](item) for grp, item in zip(groups, items)]
+      new = list(states)
+      for i, n in zip(at, outs):
+        new[i] = n
       return tuple(new)
 
     new = jax.lax.cond(do_update, do, tuple, tuple(old))

@@ -203,6 +203,11 @@ class LowRankRule:
     del plan, ctx
     return lowrank_precondition(st, g)
 
+  def cost(self, plan: LowRankPlan) -> float:
+    # ≈ flops: a few products of the m×n matrix with m×K / n×K blocks, and the QRs.
+    m, n, k = plan.m, plan.n, plan.kmax
+    return float(4 * m * n * k + 2 * (m + n) * k * k)
+
   def update(self, plan: LowRankPlan, st: LowRankState, g: jax.Array,
              ctx: LeafContext) -> LowRankState:
     return _update(st, g, rho=self.hp.rho, eps_sparse=self.hp.epsilon_sparse, kmin=plan.kmin,
@@ -215,6 +220,7 @@ def scale_by_kron_lowrank(
     hyperparams: KronHyperparams = KronHyperparams(),
     dimension_numbers: DimensionNumbers = None,
     seed: int = 0,
+    refresh: str = "owners",
 ) -> optax.GradientTransformationExtraArgs:
   """The low-rank, scale-invariant preconditioner (module docstring) under the SCAO schedule.
 
@@ -226,6 +232,8 @@ def scale_by_kron_lowrank(
     dimension_numbers: how a tensor becomes a matrix, as for :func:`stax.scao`.
     seed: int seed of the key of the randomized subspace iteration kept in the state
       (default 0).
+    refresh: under an explicit mesh, ``"owners"`` (default: each matrix's subspace iteration
+      on one device, :mod:`stax.owners`) or ``"replicated"`` (on every device).
 
   Example:
     >>> import jax.numpy as jnp
@@ -241,7 +249,8 @@ def scale_by_kron_lowrank(
   if not isinstance(seed, jax.Array):  # inject_hyperparams passes defaults as arrays
     V.check_int("seed", seed)
   return _schedule.scale_by_schedule(LowRankRule(hyperparams), schedule,
-                                     dimension_numbers=dimension_numbers, seed=seed)
+                                     dimension_numbers=dimension_numbers, seed=seed,
+                                     refresh=refresh)
 
 
 def leaf_diagnostics(st: LowRankState, bias: jax.Array) -> tuple[jax.Array, jax.Array]:

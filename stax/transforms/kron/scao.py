@@ -285,6 +285,16 @@ def _fits(plan: BlockPlan, st: Any) -> bool:
   return isinstance(st, BlockGridState) and len(st.blocks) == len(plan.blocks)
 
 
+def _cost(plan: BlockPlan) -> float:
+  """≈ flops of one curvature update: two ``eigh`` (≈ d³ each) and the EMA products."""
+  if plan.kind == "diag":
+    return float(plan.m * plan.n)
+  if plan.kind == "kron":
+    m, n = plan.m, plan.n
+    return float(m ** 3 + n ** 3 + m * n * (m + n))
+  return sum(_cost(b) for _, _, b in plan.blocks)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaoRule:
   """The faithful rule as a :class:`stax.transforms.kron._schedule.LeafRule`."""
@@ -320,6 +330,9 @@ class ScaoRule:
     # The seed casts the preconditioned gradient to the gradient dtype, then back.
     return gp.astype(ctx.dtype).astype(jnp.float32)
 
+  def cost(self, plan: BlockPlan) -> float:
+    return _cost(plan)
+
   def update(self, plan: BlockPlan, st, g: jax.Array, ctx: LeafContext):
     # The Kronecker EMAs are debiased including this update.
     bias = 1.0 - self._rho() ** (ctx.precond_count + 1).astype(jnp.float32)
@@ -332,6 +345,7 @@ def scale_by_kron_scao(
     schedule: Schedule = Schedule(),
     hyperparams: KronHyperparams = KronHyperparams(),
     dimension_numbers: DimensionNumbers = None,
+    refresh: str = "owners",
 ) -> optax.GradientTransformationExtraArgs:
   """The faithful ``scao`` 0.2.4 preconditioner (module docstring) under the SCAO schedule.
 
@@ -342,6 +356,8 @@ def scale_by_kron_scao(
     dimension_numbers: how a tensor becomes a matrix: the split axis ``s`` (rows =
       ``prod(shape[:s])``), as an int, a pytree of ints or a callable ``params -> pytree``;
       default ``None`` = 1, the seed's ``(shape[0], -1)`` (use ``-1`` for Flax conv kernels).
+    refresh: under an explicit mesh, ``"owners"`` (default: each leaf's ``eigh`` pair on one
+      device, :mod:`stax.owners`) or ``"replicated"`` (on every device).
 
   Example:
     >>> import jax.numpy as jnp
@@ -355,7 +371,7 @@ def scale_by_kron_scao(
   _schedule.check_schedule(schedule)
   _schedule.check_hyperparams(hyperparams)
   return _schedule.scale_by_schedule(ScaoRule(hyperparams), schedule,
-                                     dimension_numbers=dimension_numbers)
+                                     dimension_numbers=dimension_numbers, refresh=refresh)
 
 
 # --------------------------------------------------------------------------------------------
