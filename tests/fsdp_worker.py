@@ -24,13 +24,14 @@ STEPS, SAVE_AT, NAN_STEP = 5, 2, 3
 def _optimizers():
   import stax
   return {
-      "adamw": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2)),
+      "adamw": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2, dtensor="full")),
       "stable_adamw": (stax.stable_adamw, dict(lr=1e-2)),             # per-tensor RMS clip
       "stam": (stax.stam, dict(lr=1e-2)),                             # per-tensor β1 statistics
       "oadamw": (stax.oadamw, dict(lr=1e-2)),                         # Newton–Schulz per matrix
       "turbo_adam": (stax.turbo_adam, dict(lr=1e-2, min_compress_elements=1)),  # codec blocks
-      # element-wise: each rank steps its own shards, no gather
-      "adamw_local": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2, dtensor="local")),
+      # element-wise: each rank steps its own shards, no gather (the default "auto" mode picks
+      # "local" for it; the others above resolve to "full")
+      "adamw_local": (stax.adamw, dict(lr=1e-2, weight_decay=1e-2)),
       # one owner per parameter: Newton–Schulz and the state on one rank, then a broadcast
       "oadamw_owner": (stax.oadamw, dict(lr=1e-2, dtensor="owner")),
       "stam_owner": (stax.stam, dict(lr=1e-2, dtensor="owner")),
@@ -59,6 +60,8 @@ def make_opt(name: str, m: torch.nn.Module):
   from torch_bridge import _dtensor
   factory, kw = _optimizers()[name]
   opt = torch_bridge.Optimizer(m.parameters(), factory, **kw)
+  want = kw.get("dtensor", "local" if name.endswith("_local") else "full")
+  assert opt._dtensor_mode == want, (name, opt._dtensor_mode)
   if name.endswith("_allgather"):
     opt._ensure_units()
     if isinstance(opt._full, _dtensor.OwnedCopies):

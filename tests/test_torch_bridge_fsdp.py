@@ -136,3 +136,20 @@ def test_local_mode_refuses_transforms_that_are_not_element_wise():
       torch_bridge.Optimizer(m.parameters(), factory, lr=1e-2, dtensor="local", **kw)
   with pytest.raises(ValueError, match="`dtensor` must be one of"):
     torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, dtensor="sharded")
+
+
+def test_auto_mode_keeps_fsdp_state_sharding_where_it_is_exact():
+  """The default ``dtensor="auto"``: ``"local"`` for element-wise transforms (state sharded as
+  FSDP2 shards it, as torch's own optimizers), ``"full"`` for everything else (per-tensor
+  statistics, matrices, codec blocks) and for ``writeback="swap"``; never ``"owner"`` unasked."""
+  import optax
+  import stax
+  import torch_bridge
+  m = W.model()
+  cases = [(stax.adamw, {}, "local"), (optax.lion, {}, "local"), (optax.sgd, {}, "local"),
+           (stax.adamw, {"codec": "factored"}, "full"), (stax.stable_adamw, {}, "full"),
+           (stax.oadamw, {}, "full"), (stax.stam, {}, "full"), (stax.turbo_adam, {}, "full"),
+           (stax.adamw, {"writeback": "swap"}, "full")]
+  for factory, kw, want in cases:
+    opt = torch_bridge.Optimizer(m.parameters(), factory, lr=1e-2, **kw)
+    assert opt._dtensor_mode == want, (factory, kw)

@@ -24,6 +24,10 @@ like the parameter.
 
 ``dtensor="owner"`` (:class:`OwnedCopies`) gives each DTensor parameter one owning rank: only the
 owner gathers it, runs its step and keeps its state, then scatters the new shards back.
+
+``dtensor="auto"`` (the default, :func:`resolve_mode`) picks ``"local"`` for element-wise
+transforms (FSDP's sharding of the optimizer state kept, as torch's own optimizers keep it) and
+``"full"`` for the rest; ``"owner"`` is asked for by name.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["dtensor_type", "has_dtensors", "FullCopies", "OwnedCopies", "LocalShards",
-           "check_local", "DTENSOR_MODES"]
+           "check_local", "resolve_mode", "DTENSOR_MODES"]
 
-#: ``torch_bridge.Optimizer(dtensor=...)``: ``"full"`` (default), ``"owner"`` or ``"local"``.
-DTENSOR_MODES = ("full", "owner", "local")
+#: ``torch_bridge.Optimizer(dtensor=...)``: ``"auto"`` (default), ``"full"``, ``"owner"`` or
+#: ``"local"``.
+DTENSOR_MODES = ("auto", "full", "owner", "local")
 
 
 def dtensor_type() -> Optional[type]:
@@ -105,11 +110,39 @@ def check_local(transform, defaults: dict, writeback: str) -> None:
     raise ValueError(
         "torch_bridge: `dtensor='local'` steps each rank's shard on its own, which equals the "
         "one-process step only for element-wise transforms (stax.adamw without a codec, "
-        "optax.adam/adamw/sgd/lion); use dtensor='full' (the default) for "
+        "optax.adam/adamw/sgd/lion); use dtensor='owner' or 'full' for "
         f"{getattr(transform, '__name__', transform)!r} with these arguments.")
   if writeback != "copy":
     raise ValueError("torch_bridge: `dtensor='local'` needs writeback='copy' (the shards are "
                      "views into FSDP's storage).")
+
+
+def resolve_mode(dtensor: str, transform, defaults: dict, *, writeback: str, state_scope: str,
+                 global_nonfinite) -> str:
+  """The mode ``dtensor`` names, checked (``ValueError`` naming why and the alternative).
+
+  ``"auto"`` is ``"local"`` for element-wise transforms (:func:`check_local`): FSDP's sharding
+  of the optimizer state is kept and the state is saved as DTensors, as torch's own optimizers
+  do under FSDP2. Anything else is ``"full"``; ``"owner"`` also shards the state but holds it
+  as full tensors on one rank per parameter (torch's ``set_optimizer_state_dict`` then needs
+  ``strict=False``), so it is asked for by name.
+  """
+  if dtensor not in DTENSOR_MODES:
+    raise ValueError(f"`dtensor` must be one of {DTENSOR_MODES}, got {dtensor!r}.")
+  owner_ok = state_scope == "param" and global_nonfinite is None
+  if dtensor == "auto":
+    try:
+      check_local(transform, defaults, writeback)
+      return "local"
+    except ValueError:
+      return "full"
+  if dtensor == "local":
+    check_local(transform, defaults, writeback)
+  if dtensor == "owner" and not owner_ok:
+    raise ValueError("torch_bridge: `dtensor='owner'` steps each parameter on one rank, so it "
+                     "needs state_scope='param' and no global_nonfinite (both couple "
+                     "parameters); use dtensor='full'.")
+  return dtensor
 
 
 class LocalShards:

@@ -83,8 +83,7 @@ from typing import Any, Callable, Iterable, Optional
 import optax
 import torch
 
-from torch_bridge._dtensor import (DTENSOR_MODES, FullCopies, LocalShards, OwnedCopies,
-                                   check_local, has_dtensors)
+from torch_bridge._dtensor import FullCopies, LocalShards, OwnedCopies, has_dtensors, resolve_mode
 from torch_bridge import _checkpoint as C
 from torch_bridge import _internals, convert
 from torch_bridge import _release as R
@@ -132,12 +131,13 @@ class Optimizer(torch.optim.Optimizer):
       :attr:`nonfinite_skipped_steps`) or ``"error"`` (the same, then ``RuntimeError``; costs one
       host sync per step).
     dtensor: for ``DTensor`` parameters (FSDP2's ``fully_shard``; ignored for plain tensors,
-      see :mod:`torch_bridge._dtensor`): ``"full"`` (default: every rank steps full copies;
+      see :mod:`torch_bridge._dtensor`): ``"auto"`` (default: ``"local"`` for the element-wise
+      transforms listed below, else ``"full"``), ``"full"`` (every rank steps full copies;
       any transform, state replicated), ``"owner"`` (one rank per parameter steps it and keeps
       its state; needs ``state_scope="param"`` and no ``global_nonfinite``) or ``"local"``
       (each rank steps its shards; element-wise transforms only: ``stax.adamw`` without a
-      codec, ``optax.adam``/``adamw``/``sgd``/``lion``, and ``writeback="copy"``). Anything
-      else raises ``ValueError`` here.
+      codec, ``optax.adam``/``adamw``/``sgd``/``lion``, and ``writeback="copy"``). A mode
+      that is not allowed raises ``ValueError`` here.
     **defaults: default hyperparameters of every group, torch names (``lr``, ``betas``,
       ``eps``, ``weight_decay``) or the factory's own names. ``lr``, ``betas``, ``eps`` and
       ``weight_decay`` are filled from the factory's defaults when it has them.
@@ -164,7 +164,7 @@ class Optimizer(torch.optim.Optimizer):
                static_args: Iterable[str] = (), layout_kwarg: Optional[str] = None,
                layout_fn: Callable[..., Any] = torch_dimension_numbers,
                global_nonfinite: Optional[str] = None, writeback: str = "copy",
-               dtensor: str = "full", **defaults: Any):
+               dtensor: str = "auto", **defaults: Any):
     if state_scope not in ("param", "group"):
       raise ValueError(f"`state_scope` must be 'param' or 'group', got {state_scope!r}.")
     if global_nonfinite not in _NONFINITE:
@@ -172,15 +172,9 @@ class Optimizer(torch.optim.Optimizer):
                        f"{global_nonfinite!r}.")
     if writeback not in ("copy", "swap"):
       raise ValueError(f"`writeback` must be 'copy' or 'swap', got {writeback!r}.")
-    if dtensor not in DTENSOR_MODES:
-      raise ValueError(f"`dtensor` must be one of {DTENSOR_MODES}, got {dtensor!r}.")
-    if dtensor == "local":
-      check_local(transform, defaults, writeback)
-    if dtensor == "owner" and (state_scope != "param" or global_nonfinite is not None):
-      raise ValueError("torch_bridge: `dtensor='owner'` steps each parameter on one rank, so it "
-                       "needs state_scope='param' and no global_nonfinite (both couple "
-                       "parameters); use dtensor='full'.")
-    self._dtensor_mode = dtensor
+    self._dtensor_mode = resolve_mode(dtensor, transform, defaults, writeback=writeback,
+                                      state_scope=state_scope,
+                                      global_nonfinite=global_nonfinite)
     if isinstance(static_args, str):
       static_args = (static_args,)
     if isinstance(transform, optax.GradientTransformation):
@@ -266,7 +260,7 @@ class Optimizer(torch.optim.Optimizer):
     if sig != self._units_sig:
       self._units = build_units(self.param_groups, self._state_scope)
       self._units_sig, self._plans = sig, {}
-      mode = getattr(self, "_dtensor_mode", "full")
+      mode = getattr(self, "_dtensor_mode", "full")   # (a pickled optimizer from before)
       self._full = None if not has_dtensors(params) else (
           LocalShards() if mode == "local" else
           OwnedCopies(params) if mode == "owner" else FullCopies())
