@@ -227,14 +227,11 @@ class OwnedCopies(FullCopies):
     super().__init__()
     self.rank = dist.get_rank() if dist.is_initialized() else 0
     self.world = world = dist.get_world_size() if dist.is_initialized() else 1
-    load = [0] * world
-    self.owner: dict = {}
-    order = sorted(range(len(params)), key=lambda i: (-params[i].numel(), i))
-    for i in order:
-      if isinstance(params[i], self.cls):
-        r = min(range(world), key=lambda k: (load[k], k))
-        self.owner[i] = r
-        load[r] += params[i].numel()
+    # the same on every rank: longest processing time first by size (stax.owners.balance)
+    from stax.owners import balance
+    dts = [i for i, p in enumerate(params) if isinstance(p, self.cls)]
+    where = balance([float(params[i].numel()) for i in dts], [0] * len(dts), world)
+    self.owner: dict = {i: d for i, (d, _) in zip(dts, where)}
 
   def owned(self, i: int) -> bool:
     """Whether this rank steps parameter ``i`` (plain tensors: every rank)."""
