@@ -176,3 +176,24 @@ def test_sharded_refresh_benchmark_runs_small():
   for row in rows.values():
     assert row["collectives"]["all-reduce"]["count"] == 0
   assert rows["owners"]["collectives"]["all-gather"]["count"] > 0
+
+
+def test_faithful_block_grid_refreshes_block_by_block():
+  """A faithful-SCAO block grid is split into its blocks for the owners (each block's eigh
+  pair can go to another device): updating the blocks one by one and joining them is the
+  grid's update bit for bit."""
+  from stax.transforms.kron._schedule import KronHyperparams, LeafContext
+  from stax.transforms.kron.scao import BlockGridState, ScaoRule
+  rule = ScaoRule(KronHyperparams(k_min=1, k_max=4, max_precond_dim=16))
+  plan = rule.plan(40, 24)
+  st = rule.init(plan)
+  g = jnp.asarray(np.random.default_rng(1).standard_normal((40, 24)), jnp.float32)
+  units = rule.units(plan, st, g, None)
+  assert [(u[0].m, u[0].n) for u in units] == [(16, 16), (16, 8)] * 2 + [(8, 16), (8, 8)]
+  ctx = LeafContext(jnp.asarray(3, jnp.int32), jnp.float32)
+  whole = rule.update(plan, st, g, ctx)
+  joined = rule.join(plan, [rule.update(p, s, gu, ctx) for p, s, gu, _ in units])
+  assert isinstance(joined, BlockGridState)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(joined)):
+    np.testing.assert_array_equal(a, b)
+  assert rule.cost(plan) == sum(rule.cost(u[0]) for u in units)

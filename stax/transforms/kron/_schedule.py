@@ -165,6 +165,13 @@ class LeafRule(Protocol):
     """Optional: the relative cost (≈ flops) of one ``update``, to balance owner devices
     (default: the matrix view's size)."""
 
+  def units(self, plan: Any, st: Any, g: jax.Array, noise: Any) -> list:
+    """Optional: the leaf's update as independent ``(plan, state, g, noise)`` units, each
+    updated by ``update`` on its own (and owned by its own device); with :meth:`join`."""
+
+  def join(self, plan: Any, states: list) -> Any:
+    """Optional: the leaf's state from its units' updated states (inverse of :meth:`units`)."""
+
 
 class ScaleByKronState(NamedTuple):
   """State of the SCAO preconditioners.
@@ -305,6 +312,18 @@ def _cost(rule: LeafRule, plan: Any, g2: jax.Array) -> float:
   return float(cost(plan)) if cost is not None else float(np.prod(g2.shape))
 
 
+def _units(rule: LeafRule, plan: Any, st: Any, g2: jax.Array, noise: Any) -> list:
+  """The rule's independent units of one leaf's update (``rule.units``), else the leaf."""
+  units = getattr(rule, "units", None)
+  return units(plan, st, g2, noise) if units is not None else [(plan, st, g2, noise)]
+
+
+def _join(rule: LeafRule, plan: Any, pieces: list) -> Any:
+  """A leaf's new state from its units' new states (``rule.join``; one unit: itself)."""
+  join = getattr(rule, "join", None)
+  return join(plan, pieces) if join is not None else pieces[0]
+
+
 def _update_fn(rule: LeafRule, plan: Any, dtype: str):
   """``(state, g, noise, precond_count) -> rule.update(...)`` for the leaves of one plan and
   dtype (the counter is an input: a ``shard_map`` may not close over a traced value)."""
@@ -411,20 +430,24 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       for i, (g, g2, st, leaf, size) in enumerate(zip(g_leaves, mats, states, leaf_plans, sizes)):
         if leaf.plan is None:
           continue
-        items.append((st, g2, noise[off:off + size] if size else None, state.precond_count))
-        groups.append((leaf.plan, jnp.dtype(g.dtype).name))
-        costs.append(_cost(rule, leaf.plan, g2))
-        at.append(i)
+        draws = noise[off:off + size] if size else None
         off += size
+        # a leaf's independent pieces of work (a block grid's blocks), each with its own owner
+        for plan, st_u, g_u, draws_u in _units(rule, leaf.plan, st, g2, draws):
+          items.append((st_u, g_u, draws_u, state.precond_count))
+          groups.append((plan, jnp.dtype(g.dtype).name))
+          costs.append(_cost(rule, plan, g_u))
+          at.append(i)
       fns = {grp: _update_fn(rule, *grp) for grp in groups}
       if refresh == "owners":
         outs = owner_map(fns, items, groups=groups, costs=costs)
-        outs = [_like(n, states[i]) for n, i in zip(outs, at)]
       else:
         outs = [fns[grp](item) for grp, item in zip(groups, items)]
       new = list(states)
-      for i, n in zip(at, outs):
-        new[i] = n
+      for i in dict.fromkeys(at):
+        pieces = [o for o, j in zip(outs, at) if j == i]
+        joined = _join(rule, leaf_plans[i].plan, pieces)
+        new[i] = _like(joined, states[i]) if refresh == "owners" else joined
       return tuple(new)
 
     new = jax.lax.cond(do_update, do, tuple, tuple(old))

@@ -333,6 +333,17 @@ class ScaoRule:
   def cost(self, plan: BlockPlan) -> float:
     return _cost(plan)
 
+  def units(self, plan: BlockPlan, st, g: jax.Array, noise) -> list:
+    """A block grid's blocks as separate units (each its own ``eigh`` pair, so each can have
+    its own owner device); any other leaf is one unit."""
+    if plan.kind != "grid":
+      return [(plan, st, g, noise)]
+    return [(sub, blk, g[r0:r0 + sub.m, c0:c0 + sub.n], noise)
+            for (r0, c0, sub), blk in zip(plan.blocks, st.blocks)]
+
+  def join(self, plan: BlockPlan, states: list):
+    return BlockGridState(tuple(states)) if plan.kind == "grid" else states[0]
+
   def update(self, plan: BlockPlan, st, g: jax.Array, ctx: LeafContext):
     # The Kronecker EMAs are debiased including this update.
     bias = 1.0 - self._rho() ** (ctx.precond_count + 1).astype(jnp.float32)
