@@ -52,7 +52,21 @@ def shard(model: torch.nn.Module, name: str) -> torch.nn.Module:
 
 
 def run(model_name: str, cfg: str, sharded: bool) -> dict:
-  """``STEPS`` steps of one configuration; the full parameters (by name) at the end."""
+  """``STEPS`` steps of one configuration; the full parameters (by name) at the end.
+
+  torch runs on one thread here (and the ranks too): with more, MKL may use fewer threads when
+  the machine is busy and round the matmuls differently, and GPT-2's key-bias gradient is pure
+  rounding noise (softmax ignores it), which Adam turns into steps of ±lr.
+  """
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    return _run(model_name, cfg, sharded)
+  finally:
+    torch.set_num_threads(threads)
+
+
+def _run(model_name: str, cfg: str, sharded: bool) -> dict:
   import torch_bridge
   build, batch, loss_fn = zoo(model_name)
   m = build(0)
