@@ -254,3 +254,23 @@ def test_newton_schulz_pallas_lowers_to_triton_for_gpu():
   text = _lower_for_cuda(lambda t: nsp.newton_schulz_pallas(t, POLAR, interpret=False),
                          x)
   assert text.count("__gpu$xla.gpu.triton") == 6
+
+
+def test_codec_kernel_building_blocks_lower_through_triton_but_slice_does_not():
+  """The facts a GPU codec kernel is designed around (benchmarks/pallas_probe.py): with Triton
+  compiler params, strided ref loads, a last-axis reshape split with a block reduction, uint32
+  hashing, bf16 bitcasts, 2-D iota and the transcendentals lower for CUDA; ``lax.slice`` (what
+  stops the faithful TurboAdam kernel) does not."""
+  from benchmarks.pallas_probe import run
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+  res = run()["probes"]
+  assert all(row["lowers"] for row in res.values()), res
+
+  def sliced(x_ref, o_ref):
+    o_ref[...] = x_ref[...][:, 0:16] * 2.0
+
+  call = lambda x: pl.pallas_call(sliced, out_shape=jax.ShapeDtypeStruct((8, 16), jnp.float32),
+                                  compiler_params=pltriton.CompilerParams(num_warps=4))(x)
+  with pytest.raises(Exception, match="slice"):
+    _lower_for_cuda(call, jnp.ones((8, 32)))

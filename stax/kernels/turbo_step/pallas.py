@@ -20,6 +20,14 @@ refuses copies of fewer than 128 bytes (a block's fp16 endpoints are 4). So outs
 naming this reason) instead of failing later inside XLA's compile. A GPU version needs a kernel
 body written for the lowering (gathered nibble loads in place of the reshapes, a few hundred
 elements per program); the interpret-mode kernel stays as the executable specification.
+What such a body can use (``benchmarks/pallas_probe.py``, lowered for CUDA on a CPU with
+``jax.experimental.pallas.triton.CompilerParams``; without them jax picks Mosaic GPU, which
+refuses strided slices, 2-D iota layouts and 8-bit arithmetic): strided ref loads and stores
+(``pl.ds(start, n, stride=2)`` reads the even and odd elements of a nibble pair), a last-axis
+reshape split with a reduction (per-block absmax), uint8/uint32 bit arithmetic (the counter
+hash), bf16↔uint16 bitcasts (the next bf16 up is the bits plus one), 2-D iota, ``exp``/``log``;
+not ``lax.slice`` (the endpoints ``scales[..., 0:1]`` must come in by a strided load) nor a bf16
+``nextafter``. Run the script on a GPU to see which of them also match XLA bit for bit.
 """
 
 from __future__ import annotations
