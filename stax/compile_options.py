@@ -12,8 +12,11 @@ never a result (tested bit for bit).
 
 Measured (``benchmarks/speed.py``'s step-memory table, XLA's buffer assignment of a donated step
 at 128M parameters with GPT shapes): ``stax.turbo_adam``'s temporaries 2.06 GiB → 0.60 GiB, its
-peak 3.20 → 1.74 GiB (``optax.adamw``: 2.01 GiB); at 16M STAMLite's 79 MiB → 12 MiB; step times
-unchanged within this CPU's noise.
+peak 3.20 → 1.74 GiB (``optax.adamw``: 2.01 GiB); at 16M STAMLite's 79 MiB → 12 MiB. Smaller
+temporaries are also faster on CPU: XLA allocates them afresh every step and glibc maps a block
+above 32 MiB anew each time, so every page faults in again (``benchmarks/cpu_allocation.py``: a
+16M TurboAdam step, 85.5 MiB of temporaries and 21,888 faults per step, 3.77× ``optax.adamw``;
+with this flag 21.5 MiB, 14 faults, 2.82×).
 
 XLA reads this choice from the process's flags, not from a compilation's options:
 ``jax.jit(..., compiler_options={"xla_cpu_enable_concurrency_optimized_scheduler": False})`` is
