@@ -147,43 +147,40 @@ def _flat_state(sd) -> list:
 
 
 def main(argv) -> None:
+  from tests.localhost_ranks import gloo_rank
   rank, port, out, names = int(argv[0]), argv[1], pathlib.Path(argv[2]), argv[3].split(",")
-  os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
-  import torch.distributed as dist
   import torch.distributed.checkpoint as dcp
-  dist.init_process_group("gloo", rank=rank, world_size=2)
-  for name in names:
-    m = sharded_model()
-    opt = make_opt(name, m)
-    for step in range(STEPS):
-      if step == SAVE_AT:
-        dcp.save({"model": full_params(m), "optim": opt.state_dict()},
-                 checkpoint_id=str(out / f"{name}-dcp"))
-      train_step(m, opt, step, rank, 2)
-    final = full_params(m)
-    # torch's FSDP2 state-dict API round-trips the bridge's state (full tensors, replicated)
-    # (with one owner per parameter a rank has no state for the others: strict=False)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-    before = _flat_state(opt.state_dict())
-    set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m, opt),
-                             options=StateDictOptions(strict="_owner" not in name))
-    after = _flat_state(opt.state_dict())
-    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
-    if rank == 0:
-      torch.save(final, out / f"{name}-fsdp.pt")
-    (out / f"{name}-state-elements-rank{rank}.txt").write_text(str(state_elements(opt)))
-    (out / f"{name}-copy-elements-rank{rank}.txt").write_text(str(copy_elements(opt)))
-    # the one-process run's checkpoint at SAVE_AT, restored on 2 ranks and continued
-    m, opt = restore(name, out / f"{name}-dcp-1proc", sharded=True)
-    for step in range(SAVE_AT, STEPS):
-      train_step(m, opt, step, rank, 2)
-    final = full_params(m)
-    if rank == 0:
-      torch.save(final, out / f"{name}-fsdp-from-1proc.pt")
-  dist.barrier()
-  dist.destroy_process_group()
+  with gloo_rank(rank, port):
+    for name in names:
+      m = sharded_model()
+      opt = make_opt(name, m)
+      for step in range(STEPS):
+        if step == SAVE_AT:
+          dcp.save({"model": full_params(m), "optim": opt.state_dict()},
+                   checkpoint_id=str(out / f"{name}-dcp"))
+        train_step(m, opt, step, rank, 2)
+      final = full_params(m)
+      # torch's FSDP2 state-dict API round-trips the bridge's state (full tensors, replicated)
+      # (with one owner per parameter a rank has no state for the others: strict=False)
+      from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                           get_optimizer_state_dict,
+                                                           set_optimizer_state_dict)
+      before = _flat_state(opt.state_dict())
+      set_optimizer_state_dict(m, opt, get_optimizer_state_dict(m, opt),
+                               options=StateDictOptions(strict="_owner" not in name))
+      after = _flat_state(opt.state_dict())
+      assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+      if rank == 0:
+        torch.save(final, out / f"{name}-fsdp.pt")
+      (out / f"{name}-state-elements-rank{rank}.txt").write_text(str(state_elements(opt)))
+      (out / f"{name}-copy-elements-rank{rank}.txt").write_text(str(copy_elements(opt)))
+      # the one-process run's checkpoint at SAVE_AT, restored on 2 ranks and continued
+      m, opt = restore(name, out / f"{name}-dcp-1proc", sharded=True)
+      for step in range(SAVE_AT, STEPS):
+        train_step(m, opt, step, rank, 2)
+      final = full_params(m)
+      if rank == 0:
+        torch.save(final, out / f"{name}-fsdp-from-1proc.pt")
 
 
 if __name__ == "__main__":

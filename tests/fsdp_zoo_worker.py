@@ -12,7 +12,6 @@ rounding: what differs is only how the optimizer handles the shards.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 
@@ -85,17 +84,14 @@ def _run(model_name: str, cfg: str, sharded: bool) -> dict:
 
 
 def main(argv) -> None:
+  from tests.localhost_ranks import gloo_rank
   rank, port, out = int(argv[0]), argv[1], pathlib.Path(argv[2])
-  os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2")
-  import torch.distributed as dist
-  dist.init_process_group("gloo", rank=rank, world_size=2)
-  for model_name in MODELS:
-    for cfg in configs():
-      got = run(model_name, cfg, sharded=True)
-      if rank == 0:
-        torch.save(got, out / f"{model_name}-{cfg}.pt")
-  dist.barrier()
-  dist.destroy_process_group()
+  with gloo_rank(rank, port):
+    for model_name in MODELS:
+      for cfg in configs():
+        got = run(model_name, cfg, sharded=True)
+        if rank == 0:
+          torch.save(got, out / f"{model_name}-{cfg}.pt")
 
 
 if __name__ == "__main__":

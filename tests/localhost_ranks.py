@@ -36,3 +36,25 @@ def run_ranks(module: str, args: list, *, n: int = 2, timeout_s: float = 600,
       p.kill()
   for r, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"{module} rank {r} failed ({p.returncode}):\n{log[-4000:]}"
+
+
+class gloo_rank:
+  """``with gloo_rank(rank, port):`` — this process as rank ``rank`` of a ``world``-rank gloo
+  group on localhost (torch.distributed); on exit, a barrier and the group's teardown."""
+
+  def __init__(self, rank: int, port: str, world: int = 2):
+    self.rank, self.port, self.world = rank, str(port), world
+
+  def __enter__(self):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=self.port, RANK=str(self.rank),
+                      WORLD_SIZE=str(self.world))
+    dist.init_process_group("gloo", rank=self.rank, world_size=self.world)
+    return dist
+
+  def __exit__(self, exc_type, exc, tb):
+    import torch.distributed as dist
+    if exc_type is None:
+      dist.barrier()
+    dist.destroy_process_group()
+    return False
