@@ -102,8 +102,8 @@ def owner_map(fn: Union[Callable, Mapping[Hashable, Callable]], items: Sequence[
       dtypes (checked).
     groups: a hashable group per item.
     costs: a cost per item for :func:`balance` (default: its number of elements).
-    mesh, axes: the mesh and its explicit axes to lay stacks over (default:
-      :func:`stack_mesh` of ``items``). With no explicit axis, or one device, a plain loop.
+    mesh, axes: the mesh and the axes to lay stacks over (default: :func:`stack_mesh` of
+      ``items``; a mesh alone: its explicit axes). With no axis, or one device, a plain loop.
 
   Returns:
     The list of ``fn(item)``, replicated over the mesh.
@@ -114,6 +114,8 @@ def owner_map(fn: Union[Callable, Mapping[Hashable, Callable]], items: Sequence[
   fn_of = (lambda g: fn[g]) if isinstance(fn, Mapping) else (lambda g: fn)
   if mesh is None:
     mesh, axes = stack_mesh(items)
+  elif axes is None:
+    axes = _sh.explicit_axes(mesh)
   axes = tuple(axes or ())
   n_dev = math.prod(int(mesh.shape[a]) for a in axes) if axes else 1
   if n_dev == 1:

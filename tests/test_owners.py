@@ -108,6 +108,14 @@ def test_owner_map_without_a_mesh_is_the_loop_and_checks_groups():
   mesh = _mesh()
   with jax.set_mesh(mesh), pytest.raises(ValueError, match="item 1 of group 0"):
     jax.jit(lambda ts: owner_map(jnp.sum, ts, groups=[0, 0]))([jnp.ones(3), jnp.ones(4)])
+  # a mesh given without axes: its explicit axes (each item once, on its owner)
+  calls = []
+  f = lambda x: (jax.debug.callback(lambda d: calls.append(int(d)), jax.lax.axis_index("x")),
+                 jnp.sum(x))[1]
+  got = jax.jit(lambda ts: owner_map(f, ts, groups=[0] * 3, mesh=mesh))(xs)
+  jax.effects_barrier()
+  np.testing.assert_array_equal(jnp.stack(got), jnp.stack([jnp.sum(x) for x in xs]))
+  assert sorted(calls) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("mode", ["lowrank", "scao-0.2.4"])
