@@ -42,6 +42,7 @@ import types
 
 import numpy as np
 
+from benchmarks import floors as F
 from benchmarks import tasks as T
 
 SIZES = {
@@ -235,8 +236,8 @@ TARGETS = {
     "stax.oadamw[gradient]": ("optax.contrib.muon", 1.05),
 }
 
-# What a step cannot avoid beyond its one-pass ideal bytes: extra float32 reads per parameter
-# (bytes) and why. The floor of a step (``roofline``) is the largest of (ideal + extra) bytes at
+# On a backend with multi-output fusion (a GPU; benchmarks/gpu.py), what a step cannot avoid beyond
+# its one-pass ideal bytes: extra float32 reads per parameter (bytes) and why. The floor of a step (``roofline``) is the largest of (ideal + extra) bytes at
 # the copy bandwidth, XLA's flops at the matmul rate and XLA's transcendentals at the exp rate,
 # all measured in the same run; its ratio to the target's baseline says whether the target is
 # reachable with this design (floor <= target) or not.
@@ -282,8 +283,20 @@ SEEDS = {
 }
 
 
+def _floor_program(rec: dict, floors: dict | None, by: dict):
+  """``(program, ms)`` of a record's minimal XLA:CPU program, if it was timed: its ratio to
+  optax.adamw in the interleaved loop times optax.adamw's step in this table."""
+  entry = F.FLOOR_PROGRAMS.get(rec["optimizer"])
+  timed = ((floors or {}).get(rec["size"]) or {}).get(entry[0]) if entry else None
+  base = by.get((rec["size"], "optax.adamw"))
+  if timed is None or base is None:
+    return None
+  rec["floor_program_vs_optax_adamw"] = timed["vs_optax_adamw"]
+  return entry[0], timed["vs_optax_adamw"] * base["step_ms"]
+
+
 def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
-             exp_gelems: float | None = None) -> None:
+             exp_gelems: float | None = None, floors: dict | None = None) -> None:
   """Adds the roofline fields to each speed record, in place: ``ideal_bytes_per_param``,
   ``memory_bound_ms`` (the ideal bytes at the measured copy bandwidth), ``compute_bound_ms``
   (XLA's flop count of the compiled step at the measured matmul throughput ``gflops``, JAX
@@ -291,8 +304,14 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
   ``vs_bound`` (step / bound), ``xla_bytes_per_param``, ``flops_per_param`` and
   ``achieved_gbs`` (XLA's count of the bytes the compiled step accesses, over the step time),
   and the target and seed comparisons (same size, same run). For an optimizer with a target,
-  ``floor`` (:data:`FLOORS`): the floor's ms, its ratio to the baseline's measured step and the
-  reason."""
+  ``floor``: the floor's ms, its ratio to the baseline's measured step and the reason. With
+  ``floors`` (``{size: benchmarks.floors.time_floors(size, ...)}``, on a CPU) the memory part
+  of the floor is the optimizer's minimal XLA:CPU program
+  (:data:`benchmarks.floors.FLOOR_PROGRAMS`), timed interleaved with optax.adamw: its ratio to
+  optax.adamw there, times optax.adamw's step here (``floor_program_vs_optax_adamw``; optax.adamw
+  gets one too, the method's check, about 1); without it (a GPU) the one-pass ideal bytes plus
+  :data:`FLOORS`' extra reads at the copy bandwidth. The flops and transcendental bounds count
+  either way."""
   by = {(r["size"], r["optimizer"]): r for r in records if not r.get("error")}
   for r in records:
     if r.get("error") or "state_bytes_per_param" not in r:
@@ -315,6 +334,9 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
     if ba is not None and np.isfinite(ba):
       r["xla_bytes_per_param"] = ba / n
       r["achieved_gbs"] = ba / (r["step_ms"] * 1e-3) / 1e9
+    prog = _floor_program(r, floors, by)
+    if prog is not None:
+      r["floor_program"], r["floor_program_ms"] = prog
     base_rec = by.get((r["size"], "optax.adamw"))
     if r["framework"] == "jax" and base_rec is not None:
       r["compile_vs_optax_adamw"] = r["compile_s"] / base_rec["compile_s"]
@@ -325,9 +347,13 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
         r["target"] = {"baseline": base, "ratio": ratio,
                        "measured": r["step_ms"] / b["step_ms"],
                        "met": r["step_ms"] / b["step_ms"] <= ratio}
-        if r["optimizer"] in FLOORS:
-          extra, why = FLOORS[r["optimizer"]]
-          parts = {"memory": 1e3 * (ideal + extra) * n / (copy_gbs * 1e9)}
+        if prog is not None or (not floors and r["optimizer"] in FLOORS):
+          if prog is not None:
+            extra, why = None, F.FLOOR_PROGRAMS[r["optimizer"]][1]
+            parts = {"passes": prog[1]}
+          else:
+            extra, why = FLOORS[r["optimizer"]]
+            parts = {"memory": 1e3 * (ideal + extra) * n / (copy_gbs * 1e9)}
           if r.get("compute_bound_ms") is not None:
             parts["flops"] = r["compute_bound_ms"]
           tr = r.get("transcendentals")
@@ -338,6 +364,8 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
                         "extra_bytes_per_param": extra, "reason": why,
                         "ratio": parts[kind] / b["step_ms"],
                         "reachable": parts[kind] / b["step_ms"] <= ratio}
+          if prog is not None:
+            r["floor"]["program"] = prog[0]
     if r["optimizer"] in SEEDS:
       sd = by.get((r["size"], SEEDS[r["optimizer"]]))
       if sd is not None:
@@ -590,7 +618,9 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
       records.append(rec)
       if progress is not None:
         progress.update(1)
-  roofline(records, copy_bandwidth_gbs(), matmul_gflops(), exp_rate_gelems())
+  floors = {size: F.time_floors(size, [o.name for o in optimizers], rounds=steps)
+            for size in sizes}
+  roofline(records, copy_bandwidth_gbs(), matmul_gflops(), exp_rate_gelems(), floors)
   return records
 
 

@@ -122,11 +122,13 @@ def test_json_schema_and_finite_numbers(tiny_run):
                                  else "memory")
     else:
       assert r["bound_ms"] == r["memory_bound_ms"] and r["bound_kind"] == "memory"
-    if r["optimizer"] == "stax.adamw":   # its floor: one more read of g (the non-finite check)
+    if r["optimizer"] == "stax.adamw":   # its floor: AdamW's passes and the check's, timed
       fl, base = r["floor"], next(b for b in saved["speed"] if b["optimizer"] == "optax.adamw"
                                   and b["size"] == r["size"])
-      assert fl["parts_ms"]["memory"] == pytest.approx(
-          1e3 * (r["ideal_bytes_per_param"] + 4) * r["n_params"] / (r["copy_gbs"] * 1e9))
+      assert fl["program"] == "adamw+check" and base["floor_program"] == "adamw"
+      assert fl["parts_ms"]["passes"] == pytest.approx(
+          r["floor_program_vs_optax_adamw"] * base["step_ms"])
+      assert 0.2 < base["floor_program_vs_optax_adamw"] < 5   # the method's check (~1)
       assert fl["ms"] == max(fl["parts_ms"].values())
       assert fl["ratio"] == pytest.approx(fl["ms"] / base["step_ms"])
       assert fl["reachable"] == (fl["ratio"] <= r["target"]["ratio"])

@@ -187,7 +187,7 @@ def residual_variance_beta1(
     b2_ = _f32(b2)
     td = _f32(tau_decay)
     resid = lambda g, m: _f32(g) - _f32(m)
-    ms, ma = num.separate_means(num.independent(g, m), lambda g, m: jnp.square(resid(g, m)),
+    ms, ma = num.one_pass_means(num.independent(g, m), lambda g, m: jnp.square(resid(g, m)),
                                 lambda g, m: jnp.abs(resid(g, m)))
     ms, ma = _saturated(ms, ma, bound)
     sigma_sq = b2_ * s + (1.0 - b2_) * ms
@@ -271,7 +271,7 @@ def spatial_variance_beta1(
     rho = _f32(moment_decay)
     e = _f32(eps)
     c = jnp.asarray(num.mean_scale(g.size), _F32)  # mean(g·c)/c: mean(g), never overflowing
-    g_mean, g_sq = num.separate_means(num.independent(g, c), lambda g, c: _f32(g) * c,
+    g_mean, g_sq = num.one_pass_means(num.independent(g, c), lambda g, c: _f32(g) * c,
                                       lambda g, c: jnp.square(_f32(g)))
     g_mean = jnp.clip(g_mean / c, -bound, bound)
     g_sq = _saturated(g_sq, bound=bound)[0]
@@ -336,7 +336,7 @@ def snr_beta1(
     # m_hat = m / c, 0 while c = 0 (then m = 0): a scalar factor, not a select, so the
     # reduction stays in XLA's vectorised kernel (m is finite, so m/1·0 is 0).
     c_safe, live = jnp.where(c > 0, c, 1.0), (c > 0).astype(_F32)
-    g_sq, r_sq = num.separate_means(
+    g_sq, r_sq = num.one_pass_means(
         num.independent(g, m, c_safe, live), lambda g, m, c, w: jnp.square(_f32(g)),
         lambda g, m, c, w: jnp.square(_f32(g) - _f32(m) / c * w))
     g_sq, r_sq = _saturated(g_sq)[0], _saturated(r_sq)[0]

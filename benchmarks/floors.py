@@ -1,0 +1,352 @@
+"""The XLA:CPU floor of each optimizer's step: its minimal program, timed beside it.
+
+XLA's CPU backend fuses no multi-output loops: an elementwise loop writes one array and a
+reduction is a loop of its own. So on a CPU a step needs at least one pass per array it writes
+(AdamW: m, v, p: three passes, 40 B/param by XLA's count, where a single fused loop would move
+28) and one reduction pass per group of per-tensor statistics, each before the passes that use
+it. The floor of an optimizer is therefore not its one-pass ideal bytes but the fastest XLA
+program with its passes. Each program here is that program, written directly in ``jax.numpy``
+with nothing else in it (no guards' state, no codec bookkeeping, no schedules), run as the speed
+benchmark runs a step (jitted, parameters and state donated, the same parameter set, median of
+the timed calls) in the same process as the optimizer it bounds:
+
+* ``adamw``: the three AdamW passes (``optax.adamw``'s own structure: its program's time over
+  its step checks the method, about 1).
+* ``adamw+check``: plus the non-finite check (one reduction over g before any state is written;
+  the step's coefficients are selected on it): ``stax.adamw``.
+* ``adamw+check+stats``: plus one pass computing two statistics of g and a moment
+  (:func:`stax.numerics.one_pass_means`) that set a per-tensor coefficient before the m pass
+  (STAM's β1) or the p pass (StableAdamW's RMS clip).
+* ``stam_lite`` / ``stam_lite+m``: m and p passes only (v is one number per tensor), the check,
+  and one statistics pass over g (STAMLite's rule and its v share it), or over g and m (the
+  SNR rule).
+* ``stac``: the check, one sign pass (p, g → p) on the trunk and AdamW's three on the capped
+  head.
+* ``compressed``: TurboAdam's factored default at its ideal: the check, the new v's row and
+  column means of g² (two reductions, outputs of different shapes), the new m's per-32 block
+  absmax recomputed from the 4-bit codes and g (a reduction), the encode pass (codes → codes,
+  nibbles packed from the two halves of each row so the loop vectorises) and the p pass
+  dividing by the rank-1 estimate; 1-D leaves keep AdamW's float32 moments.
+
+``FLOOR_PROGRAMS`` maps each benchmarked optimizer to its program and a sentence saying why.
+Run alone: ``python -m benchmarks.floors [--size 16M]`` prints each program's time over
+``optax.adamw``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+B1, B2, LR, EPS, WD = 0.9, 0.999, 1e-3, 1e-8, 0.01
+BLOCK = 32
+
+_CHECK = "the non-finite check (a reduction over g before any state is written)"
+_ADAMW = "AdamW's three passes (m, v, then p)"
+
+#: optimizer name -> (program, why its step cannot be faster on XLA:CPU)
+FLOOR_PROGRAMS = {
+    "optax.adamw": ("adamw", _ADAMW + "; the method's check (program ≈ step)"),
+    "stax.adamw": ("adamw+check", f"{_ADAMW} and {_CHECK}"),
+    "stax.stac": ("stac", f"one sign pass on the trunk, AdamW's three on the capped head, "
+                          f"and {_CHECK}"),
+    "stax.stam[seed]": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and m "
+                                             "for the two residual statistics that set β1 "
+                                             "before the m pass"),
+    "stax.stam[snr]": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and m "
+                                            "for the SNR statistics that set β1"),
+    "stax.stam_lite[seed]": ("stam_lite", f"the m and p passes (v is one number per tensor), "
+                                          f"{_CHECK}, and one pass over g for mean(g) and "
+                                          "mean(g²) (β1's statistics and the stored v)"),
+    "stax.stam_lite[snr]": ("stam_lite+m", f"the m and p passes, {_CHECK}, and one pass over "
+                                           "g and m for the statistics"),
+    "stax.stable_adamw": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and "
+                                               "v for the per-tensor RMS clip before the p "
+                                               "pass"),
+    "stax.turbo_adam": ("compressed", f"{_CHECK}; the new v's row and column means of g² (two "
+                                      "reductions); the new m's block absmax (a reduction "
+                                      "over g and the codes); the encode pass and the p pass"),
+    "stax.turbo_adam[turboadam-0.2]": ("compressed", f"its passes as the factored codec's "
+                                                     f"(same count), and its log and exps per "
+                                                     f"element (transcendentals)"),
+    "stax.oadamw": ("adamw+check", "Newton–Schulz's matrix products (flops); the momentum "
+                                   "and update passes"),
+    "stax.oadamw[gradient]": ("adamw+check", "Newton–Schulz's matrix products (flops); the "
+                                             "momentum and update passes"),
+}
+
+
+def _gated(ok, a, d):
+  """EMA coefficients (a, d) on a good step, (0, 1) on a skipped one (as stax's gate)."""
+  import jax.numpy as jnp
+  return jnp.where(ok, a, 0.0), jnp.where(ok, d, 1.0)
+
+
+def _adam_leaf(p, m, v, g, a1=1 - B1, d1=B1, a2=1 - B2, d2=B2, scale=1.0):
+  import jax.numpy as jnp
+  m = d1 * m + a1 * g
+  v = d2 * v + a2 * g * g
+  p = p - LR * (scale * m / (jnp.sqrt(v) + EPS) + WD * p)
+  return p, m, v
+
+
+def _stats(g, s):
+  """Two statistics of (g, s) in one pass, as the optimizers compute theirs."""
+  import jax.numpy as jnp
+  from stax import numerics as num
+  return num.one_pass_means(num.independent(g, s), lambda g, s: jnp.square(g - s),
+                            lambda g, s: jnp.abs(g - s))
+
+
+def _check(g_leaves):
+  from stax.transforms.guards import all_finite
+  return all_finite(g_leaves)
+
+
+def _pack_halves(k):
+  """uint8 codes < 16 ``[..., n]`` -> ``[..., n/2]``: byte j holds codes j and j + n/2."""
+  import jax.numpy as jnp
+  h = k.shape[-1] // 2
+  return (k[..., :h] | (k[..., h:] << 4)).astype(jnp.uint8)
+
+
+def _unpack_halves(c):
+  import jax.numpy as jnp
+  return jnp.concatenate([c & 15, c >> 4], axis=-1)
+
+
+def _compressed_leaf(p, codes, scales, r, c, g, ok):
+  """One leaf of the ideal compressed step: 4-bit signed m in blocks of 32, factored v."""
+  import jax.numpy as jnp
+  from stax import numerics as num
+  a1, d1 = _gated(ok, 1 - B1, B1)
+  a2, d2 = _gated(ok, 1 - B2, B2)
+  rows, n = g.shape[:-1], g.shape[-1]
+  nb = n // BLOCK
+
+  def m_new(codes, scales, g):
+    k = _unpack_halves(codes).astype(jnp.float32) - 7.0
+    m = (k.reshape(rows + (nb, BLOCK)) * (scales[..., None] / 7.0)).reshape(g.shape)
+    return d1 * m + a1 * g
+
+  r_new = d2 * r + a2 * jnp.mean(jnp.square(g), axis=-1)
+  gi, = num.independent(g)
+  c_new = d2 * c + a2 * jnp.mean(jnp.square(gi), axis=-2)
+  ops = num.independent(codes, scales, g)
+  s_new = jnp.max(jnp.abs(m_new(*ops).reshape(rows + (nb, BLOCK))), axis=-1)
+  ops = num.independent(codes, scales, g)
+  x = m_new(*ops).reshape(rows + (nb, BLOCK))
+  sf = jnp.where(s_new > 0, s_new, 1.0)[..., None]
+  k = (jnp.floor(jnp.clip(x / sf * 7.0, -7.0, 7.0) + 7.5)).astype(jnp.uint8).reshape(g.shape)
+  codes_new = _pack_halves(k)
+  v_hat = r_new[..., :, None] * c_new[..., None, :] / jnp.maximum(jnp.mean(r_new), 1e-30)
+  p = p - LR * (m_new(codes, scales, g) / (jnp.sqrt(v_hat) + EPS) + WD * p)
+  return p, codes_new, s_new, r_new, c_new
+
+
+def _compressible(x) -> bool:
+  return x.ndim == 2 and x.shape[-1] % (2 * BLOCK) == 0 and x.size >= 4096
+
+
+def init_state(program: str, params: dict, head: str):
+  """The program's state for ``params`` (a dict of modules of leaves)."""
+  import jax
+  import jax.numpy as jnp
+  zeros = lambda x: jnp.zeros_like(x)
+  if program == "compressed":
+    def one(x):
+      if not _compressible(x):
+        return (zeros(x), zeros(x))
+      return (jnp.full(x.shape[:-1] + (x.shape[-1] // 2,), 0x77, jnp.uint8),
+              jnp.zeros(x.shape[:-1] + (x.shape[-1] // BLOCK,), jnp.float32),
+              jnp.zeros(x.shape[:-1], jnp.float32), jnp.zeros(x.shape[-1:], jnp.float32))
+    return jax.tree.map(one, params)
+  if program == "stac":
+    return {k: ((jax.tree.map(zeros, v), jax.tree.map(zeros, v)) if k == head else None)
+            for k, v in params.items()}
+  if program.startswith("stam_lite"):
+    return (jax.tree.map(zeros, params), jax.tree.map(lambda x: jnp.zeros([]), params))
+  return (jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+
+def program_step(program: str, head: str):
+  """``step(params, state, grads) -> (params, state)`` of ``program``."""
+  import jax
+  import jax.numpy as jnp
+
+  def adamw(p, s, g, check, stats):
+    m, v = s
+    ok = _check(jax.tree.leaves(g)) if check else True
+    leaves = zip(*(jax.tree.leaves(t) for t in (p, m, v, g)))
+    out = []
+    for pl, ml, vl, gl in leaves:
+      a1, d1 = _gated(ok, 1 - B1, B1)
+      a2, d2 = _gated(ok, 1 - B2, B2)
+      if stats == "m":           # STAM: β1 from statistics of (g, m), before the m pass
+        ms, ma = _stats(gl, ml)
+        b1 = jnp.clip(B1 * (1 - 0.2 * ms / (ms + ma * ma + 1e-8)), 0.72, B1)
+        a1, d1 = _gated(ok, 1 - b1, b1)
+        out.append(_adam_leaf(pl, ml, vl, gl, a1, d1, a2, d2))
+      else:
+        out.append(_adam_leaf(pl, ml, vl, gl, a1, d1, a2, d2))
+    tdef = jax.tree.structure(p)
+    return tuple(jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
+
+  def step(p, s, g):
+    if program in ("adamw", "adamw+check"):
+      p, m, v = adamw(p, s, g, program == "adamw+check", None)
+      return p, (m, v)
+    if program == "adamw+check+stats":
+      p, m, v = adamw(p, s, g, True, "m")
+      return p, (m, v)
+    if program.startswith("stam_lite"):
+      m, vs = s
+      ok = _check(jax.tree.leaves(g))
+
+      def leaf(pl, ml, vl, gl):
+        if program == "stam_lite+m":
+          from stax import numerics as num
+          gm, gq, rq = num.one_pass_means(num.independent(gl, ml), lambda g, m: g,
+                                          lambda g, m: jnp.square(g),
+                                          lambda g, m: jnp.square(g - m))
+        else:
+          gm, gq = _stats(gl, jnp.zeros([], gl.dtype))
+          rq = gq
+        b1 = jnp.clip(B1 * (1 - 0.2 * rq / (gq + gm * gm + 1e-8)), 0.72, B1)
+        a1, d1 = _gated(ok, 1 - b1, b1)
+        a2, d2 = _gated(ok, 1 - B2, B2)
+        vl = d2 * vl + a2 * gq
+        ml = d1 * ml + a1 * gl
+        pl = pl - LR * (ml / (jnp.sqrt(vl) + EPS) + WD * pl)
+        return pl, ml, vl
+
+      out = [leaf(*x) for x in zip(*(jax.tree.leaves(t) for t in (p, m, vs, g)))]
+      tdef = jax.tree.structure(p)
+      p, m, vs = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
+      return p, (m, vs)
+    if program == "stac":
+      ok = _check(jax.tree.leaves(g))
+      new_p, new_s = {}, {}
+      for mod in p:
+        if mod == head:
+          pp, mm, vv = {}, {}, {}
+          for k in p[mod]:
+            a1, d1 = _gated(ok, 1 - B1, B1)
+            a2, d2 = _gated(ok, 1 - B2, B2)
+            pp[k], mm[k], vv[k] = _adam_leaf(p[mod][k], s[mod][0][k], s[mod][1][k], g[mod][k],
+                                             a1, d1, a2, d2)
+          new_p[mod], new_s[mod] = pp, (mm, vv)
+        else:
+          lr = jnp.where(ok, LR, 0.0)
+          new_p[mod] = {k: x - lr * (jnp.sign(g[mod][k]) + WD * x) for k, x in p[mod].items()}
+          new_s[mod] = None
+      return new_p, new_s
+    if program == "compressed":
+      ok = _check(jax.tree.leaves(g))
+      new_p, new_s = {}, {}
+      for mod in p:
+        new_p[mod], new_s[mod] = {}, {}
+        for k, x in p[mod].items():
+          st = s[mod][k]
+          if len(st) == 2:
+            a1, d1 = _gated(ok, 1 - B1, B1)
+            a2, d2 = _gated(ok, 1 - B2, B2)
+            pl, ml, vl = _adam_leaf(x, st[0], st[1], g[mod][k], a1, d1, a2, d2)
+            new_p[mod][k], new_s[mod][k] = pl, (ml, vl)
+          else:
+            pl, *rest = _compressed_leaf(x, *st, g[mod][k], ok)
+            new_p[mod][k], new_s[mod][k] = pl, tuple(rest)
+      return new_p, new_s
+    raise ValueError(f"unknown floor program {program!r}")
+
+  return step
+
+
+def _compiled_program(program: str, params_np: dict, head: str):
+  """``(compiled step, [params, state, grads])`` of ``program`` (donated, a fixed gradient)."""
+  import jax
+  import jax.numpy as jnp
+
+  params = jax.tree.map(jnp.asarray, params_np)
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)
+                                             * 1e-3), params_np)
+  state = init_state(program, params, head)
+  compiled = jax.jit(program_step(program, head), donate_argnums=(0, 1)).lower(
+      params, state, grads).compile()
+  return compiled, [params, state, grads]
+
+
+def _compiled_optax_adamw(params_np: dict):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  tx = optax.adamw(1e-3)
+  params = jax.tree.map(jnp.asarray, params_np)
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)
+                                             * 1e-3), params_np)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  return compiled, [params, state, grads]
+
+
+def time_floors(size: str, names, *, rounds: int = 10, calls: int = 3) -> dict:
+  """The minimal programs of the optimizers ``names`` (and ``adamw``, the method's check) on
+  the speed benchmark's parameter set ``size``, timed *interleaved* with ``optax.adamw``:
+  ``rounds`` rounds, each running every program (and optax.adamw's step) ``calls`` times in a
+  row, so the machine's load moves them alike. Returns ``{program: {"step_ms", "vs_optax_adamw",
+  "bytes_accessed"}}`` with medians over every timed call; the ratio is the robust number."""
+  import jax
+
+  from benchmarks import speed as S
+  params, order = S.make_params(size)
+  programs = list(dict.fromkeys(["adamw"] + [FLOOR_PROGRAMS[n][0] for n in names
+                                             if n in FLOOR_PROGRAMS]))
+  runs = {"optax.adamw": _compiled_optax_adamw(params)}
+  for p in programs:
+    runs[p] = _compiled_program(p, params, order[-1])
+  times = {k: [] for k in runs}
+  for r in range(rounds + 1):           # round 0 warms up
+    for k, (compiled, args) in runs.items():
+      for _ in range(calls):
+        t0 = time.perf_counter()
+        args[0], args[1] = compiled(*args)
+        jax.block_until_ready(args[:2])
+        if r:
+          times[k].append(time.perf_counter() - t0)
+  base = statistics.median(times["optax.adamw"])
+  out = {}
+  for p in programs:
+    ca = runs[p][0].cost_analysis()
+    ca = (ca[0] if isinstance(ca, (list, tuple)) and ca else ca) or {}
+    med = statistics.median(times[p])
+    out[p] = {"step_ms": 1e3 * med, "vs_optax_adamw": med / base,
+              "optax_adamw_ms": 1e3 * base,
+              "bytes_accessed": float(ca.get("bytes accessed", np.nan))}
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--size", default="16M")
+  ap.add_argument("--rounds", type=int, default=10)
+  args = ap.parse_args(argv)
+  from benchmarks import speed as S
+  for prog, rec in time_floors(args.size, list(FLOOR_PROGRAMS), rounds=args.rounds).items():
+    print(f"{prog:20s} {rec['step_ms']:8.2f} ms  {rec['vs_optax_adamw']:5.2f}× optax.adamw "
+          f"({rec['optax_adamw_ms']:.2f} ms)  "
+          f"{rec['bytes_accessed'] / S.n_params_of(args.size):5.1f} B/param")
+
+
+if __name__ == "__main__":
+  main()

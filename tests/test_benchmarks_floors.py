@@ -1,0 +1,92 @@
+"""The XLA:CPU floor programs of the speed benchmark (benchmarks/floors.py): each is the pass
+structure it claims (XLA's byte count of the compiled program), and the compressed one is a
+real 4-bit step (its codes decode to the moment it keeps)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import floors as F
+from benchmarks import speed as S
+
+
+def _params(shapes):
+  rng = np.random.default_rng(0)
+  return {f"m{i}": {"w": rng.standard_normal(s).astype(np.float32) * 0.02}
+          for i, s in enumerate(shapes)}
+
+
+def _bytes_per_param(program, params, head="m0"):
+  compiled, args = F._compiled_program(program, params, head)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return compiled.cost_analysis()["bytes accessed"] / n, compiled, args
+
+
+@pytest.mark.parametrize("program,want", [
+    ("adamw", 40.0),          # m, v, p passes: 12 + 12 + 16 (optax.adamw's own count)
+    ("adamw+check", 44.0),    # + one read of g
+    ("stam_lite", 28.0),      # m pass 12, p pass 12 (reads p, m'), check 4 (+ g's statistics)
+])
+def test_floor_programs_move_the_bytes_of_their_passes(program, want):
+  params = _params([(512, 256), (256, 512)])
+  got, _, _ = _bytes_per_param(program, params)
+  extra = {"stam_lite": 4.0}.get(program, 0.0)   # statistics of g: one more read
+  assert want <= got <= want + extra + 1.5, (program, got)  # + the partial sums
+
+
+def test_adamw_program_bytes_equal_optax_adamw():
+  import optax
+  params = _params([(512, 256), (384, 128)])
+  got, _, _ = _bytes_per_param("adamw", params)
+  compiled, args = F._compiled_optax_adamw(params)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert got == pytest.approx(compiled.cost_analysis()["bytes accessed"] / n, rel=1e-3)
+  del optax
+
+
+def test_stac_program_signs_the_trunk_and_runs_adamw_on_the_head():
+  params = _params([(64, 128), (128, 64)])
+  compiled, args = F._compiled_program("stac", params, "m1")
+  p0 = jax.tree.map(np.asarray, args[0])
+  g = jax.tree.map(np.asarray, args[2])
+  p1, s1 = compiled(*args)
+  trunk = np.asarray(p1["m0"]["w"])
+  np.testing.assert_allclose(trunk, p0["m0"]["w"] - F.LR * (np.sign(g["m0"]["w"])
+                                                             + F.WD * p0["m0"]["w"]), rtol=1e-6)
+  assert s1["m0"] is None and s1["m1"][0]["w"].shape == (128, 64)
+
+
+def test_compressed_program_keeps_a_4bit_moment():
+  """After one step from zero the codes and block scales decode to (1-β1)·g within half a
+  level (deterministic rounding), and the factored v's row/column means are (1-β2)·mean(g²)."""
+  params = _params([(64, 128)])
+  compiled, args = F._compiled_program("compressed", params, "m0")
+  g = np.asarray(args[2]["m0"]["w"])
+  _, state = compiled(*args)
+  codes, scales, r, c = (np.asarray(x) for x in state["m0"]["w"])
+  k = np.concatenate([codes & 15, codes >> 4], axis=-1).astype(np.float32) - 7.0
+  m = (k.reshape(64, 4, 32) * (scales[..., None] / 7.0)).reshape(64, 128)
+  want = (1 - F.B1) * g
+  step = np.repeat(scales / 7.0, 32, axis=-1)
+  assert np.all(np.abs(m - want) <= 0.5 * step + 1e-9)
+  np.testing.assert_allclose(scales, np.abs(want).reshape(64, 4, 32).max(-1), rtol=1e-6)
+  np.testing.assert_allclose(r, (1 - F.B2) * np.mean(g * g, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(c, (1 - F.B2) * np.mean(g * g, axis=-2), rtol=1e-5)
+
+
+def test_every_benchmarked_target_has_a_floor_program():
+  """Every optimizer with a speed target gets an XLA:CPU floor (SCAO has its phase table)."""
+  missing = set(S.TARGETS) - set(F.FLOOR_PROGRAMS) - {"stax.scao"}
+  assert not missing, missing
+  assert F.FLOOR_PROGRAMS["optax.adamw"][0] == "adamw"
+
+
+def test_time_floors_reports_ratios_to_optax_adamw_on_the_tiny_set():
+  out = F.time_floors("tiny", ["stax.adamw", "stax.stam[seed]"], rounds=2, calls=1)
+  assert set(out) == {"adamw", "adamw+check", "adamw+check+stats"}
+  for rec in out.values():
+    assert rec["step_ms"] > 0 and rec["vs_optax_adamw"] == pytest.approx(
+        rec["step_ms"] / rec["optax_adamw_ms"])
