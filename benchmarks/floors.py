@@ -15,7 +15,7 @@ the timed calls) in the same process as the optimizer it bounds:
 * ``adamw+check``: plus the non-finite check (one reduction over g before any state is written;
   the step's coefficients are selected on it): ``stax.adamw``.
 * ``adamw+check+stats``: plus one pass computing two statistics of g and a moment
-  (:func:`stax.numerics.one_pass_means`) that set a per-tensor coefficient before the m pass
+  (:func:`stax.numerics.tiled_means`) that set a per-tensor coefficient before the m pass
   (STAM's β1) or the p pass (StableAdamW's RMS clip).
 * ``stam_lite`` / ``stam_lite+m``: m and p passes only (v is one number per tensor), the check,
   and one statistics pass over g (STAMLite's rule and its v share it), or over g and m (the
@@ -97,7 +97,7 @@ def _stats(g, s):
   """Two statistics of (g, s) in one pass, as the optimizers compute theirs."""
   import jax.numpy as jnp
   from stax import numerics as num
-  return num.one_pass_means(num.independent(g, s), lambda g, s: jnp.square(g - s),
+  return num.tiled_means(num.independent(g, s), lambda g, s: jnp.square(g - s),
                             lambda g, s: jnp.abs(g - s))
 
 
@@ -209,7 +209,7 @@ def program_step(program: str, head: str):
       def leaf(pl, ml, vl, gl):
         if program == "stam_lite+m":
           from stax import numerics as num
-          gm, gq, rq = num.one_pass_means(num.independent(gl, ml), lambda g, m: g,
+          gm, gq, rq = num.tiled_means(num.independent(gl, ml), lambda g, m: g,
                                           lambda g, m: jnp.square(g),
                                           lambda g, m: jnp.square(g - m))
         else:

@@ -26,6 +26,10 @@ leaf into Inf/NaN:
   overflow; otherwise the power is exactly 1 and the result is bit-identical to
   ``sqrt(sum(x**2))``. This costs one max-reduction beside the sum, so these are for norms next
   to heavier work (Newton–Schulz, SCAO's preconditioner), not for a bare per-tensor statistic.
+* :func:`tiled_means` — several per-tensor statistics of the same tensors from one read (a tiled
+  variadic reduction XLA's CPU backend runs as one vectorised loop); :func:`separate_means` —
+  each its own plain reduction, bit for bit ``jnp.mean``; :func:`independent` — operands behind
+  an optimisation barrier, so a second reduction does not share a materialised producer.
 
 Momentum accumulators without a ``(1-β)`` factor must saturate their result as well
 (:func:`saturate` after every accumulation), since :math:`\sum_t \mu^t g_t` grows past any bound.
@@ -140,21 +144,21 @@ def separate_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax
   return tuple(out)
 
 
-ONE_PASS_ROWS = 16
-"""Rows summed per partial in :func:`one_pass_means`' first stage (an unrolled sum: at 32 or
+TILED_ROWS = 16
+"""Rows summed per partial in :func:`tiled_means`' first stage (an unrolled sum: at 32 or
 more XLA's CPU backend emits a strided loop instead, ~10× slower)."""
 
 
-def _one_pass_tile(n: int) -> Optional[int]:
-  """The tile width ``W`` of :func:`one_pass_means` for ``n`` elements, or ``None`` (too small:
+def _tiled_width(n: int) -> Optional[int]:
+  """The tile width ``W`` of :func:`tiled_means` for ``n`` elements, or ``None`` (too small:
   plain reductions)."""
   for w in (2048, 128):
-    if n >= 4 * ONE_PASS_ROWS * w:
+    if n >= 4 * TILED_ROWS * w:
       return w
   return None
 
 
-def one_pass_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Array, ...]:
+def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Array, ...]:
   """``mean(fn(*operands))`` for each ``fn``, all from one read of the operands on CPU.
 
   Two or more statistics of the same tensors (STAM's ``mean(r²)`` and ``mean|r|`` of
@@ -177,18 +181,18 @@ def one_pass_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax
     >>> import jax.numpy as jnp
     >>> from stax import numerics
     >>> x = jnp.arange(1.0, 1 + 2 ** 16)
-    >>> ms, ma = numerics.one_pass_means((x,), jnp.square, jnp.abs)
+    >>> ms, ma = numerics.tiled_means((x,), jnp.square, jnp.abs)
     >>> bool(jnp.allclose(ms, jnp.mean(x ** 2), rtol=1e-6)), float(ma)
     (True, 32768.5)
   """
   arrays = [jnp.asarray(x) for x in operands]
   shape = jnp.broadcast_shapes(*(x.shape for x in arrays))
   n = int(np.prod(shape, dtype=np.int64))
-  w = _one_pass_tile(n)
+  w = _tiled_width(n)
   if (w is None or len(fns) < 2 or jax.default_backend() != "cpu"
       or any(x.ndim and _sh.explicit_spec(x) is not None for x in arrays)):
     return separate_means(tuple(operands), *fns)
-  tile = ONE_PASS_ROWS * w
+  tile = TILED_ROWS * w
   main = n - n % tile
 
   def view(x, lo, hi, tiles):
@@ -197,7 +201,7 @@ def one_pass_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax
     flat = jnp.broadcast_to(x, shape).reshape(-1)[lo:hi]
     return flat.reshape(tiles) if tiles else flat
 
-  parts = tuple(jnp.asarray(fn(*(view(x, 0, main, (main // tile, ONE_PASS_ROWS, w))
+  parts = tuple(jnp.asarray(fn(*(view(x, 0, main, (main // tile, TILED_ROWS, w))
                                  for x in arrays)))
                 for fn in fns)
   zeros = tuple(jnp.zeros((), p.dtype) for p in parts)

@@ -203,7 +203,7 @@ def test_rounded_product_is_rounded_before_the_add():
 
 
 @pytest.mark.parametrize("shape", [(64, 33), (512, 256), (384, 1152), (3, 70001), (2 ** 19,)])
-def test_one_pass_means_equal_the_float64_means(shape):
+def test_tiled_means_equal_the_float64_means(shape):
   """Every statistic equals NumPy's float64 mean to float32 rounding, for tensors below the
   threshold (plain reductions), on whole tiles, and with a tail (3 × 70001 is not a multiple of
   16·2048); a scalar operand broadcasts."""
@@ -212,7 +212,7 @@ def test_one_pass_means_equal_the_float64_means(shape):
   m = rng.standard_normal(shape).astype(np.float32)
   fns = (lambda g, m, c: jnp.square(g - m), lambda g, m, c: jnp.abs(g - m),
          lambda g, m, c: g * c)
-  got = jax.jit(lambda g, m, c: numerics.one_pass_means(numerics.independent(g, m, c), *fns))(
+  got = jax.jit(lambda g, m, c: numerics.tiled_means(numerics.independent(g, m, c), *fns))(
       g, m, np.float32(0.5))
   g64, m64 = g.astype(np.float64), m.astype(np.float64)
   want = (np.mean((g64 - m64) ** 2), np.mean(np.abs(g64 - m64)), np.mean(g64 * 0.5))
@@ -220,7 +220,7 @@ def test_one_pass_means_equal_the_float64_means(shape):
     np.testing.assert_allclose(float(a), b, rtol=2e-6, atol=1e-7)
 
 
-def test_one_pass_means_read_the_operands_once():
+def test_tiled_means_read_the_operands_once():
   """On a large tensor the statistics come from one variadic reduction over the tiles (one
   loop reading g and m once, XLA's bytes accessed ≈ 8 per element plus the partial sums),
   where separate_means reads them once per statistic; a single statistic, a small tensor or
@@ -229,24 +229,24 @@ def test_one_pass_means_read_the_operands_once():
   g = jnp.arange(n, dtype=jnp.float32) / n
   m = g * 0.5
   fns = (lambda g, m: jnp.square(g - m), lambda g, m: jnp.abs(g - m))
-  one = jax.jit(lambda g, m: numerics.one_pass_means((g, m), *fns)).lower(g, m)
+  one = jax.jit(lambda g, m: numerics.tiled_means((g, m), *fns)).lower(g, m)
   sep = jax.jit(lambda g, m: numerics.separate_means((g, m), *fns)).lower(g, m)
-  jaxpr = str(jax.make_jaxpr(lambda g, m: numerics.one_pass_means((g, m), *fns))(g, m))
+  jaxpr = str(jax.make_jaxpr(lambda g, m: numerics.tiled_means((g, m), *fns))(g, m))
   assert jaxpr.count("reduce[") == 1 and "f32[8,2048] " in jaxpr  # both sums, 16 rows each
   bytes_one = one.compile().cost_analysis()["bytes accessed"] / n
   bytes_sep = sep.compile().cost_analysis()["bytes accessed"] / n
   assert bytes_one < 10.5 and bytes_sep >= 15.9, (bytes_one, bytes_sep)
-  small = jax.make_jaxpr(lambda g, m: numerics.one_pass_means((g, m), *fns))(g[:1000], m[:1000])
+  small = jax.make_jaxpr(lambda g, m: numerics.tiled_means((g, m), *fns))(g[:1000], m[:1000])
   assert str(small).count("reduce_sum") == 2 and "reduce[" not in str(small)
-  ms, ma = numerics.one_pass_means((g, m), *fns)
+  ms, ma = numerics.tiled_means((g, m), *fns)
   np.testing.assert_allclose(float(ms), np.mean((np.asarray(g, np.float64) * 0.5) ** 2),
                              rtol=2e-6)
 
 
-def test_one_pass_means_off_the_cpu_are_separate_means(monkeypatch):
+def test_tiled_means_off_the_cpu_are_separate_means(monkeypatch):
   n = 16 * 2048 * 4
   g = jnp.linspace(-1, 1, n, dtype=jnp.float32)
   fns = (jnp.square, jnp.abs)
   monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
-  jaxpr = str(jax.make_jaxpr(lambda g: numerics.one_pass_means((g,), *fns))(g))
+  jaxpr = str(jax.make_jaxpr(lambda g: numerics.tiled_means((g,), *fns))(g))
   assert jaxpr.count("reduce_sum") == 2 and "reduce[" not in jaxpr
