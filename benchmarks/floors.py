@@ -280,60 +280,44 @@ def _compiled_program(program: str, params_np: dict, head: str):
   return compiled, [params, state, grads]
 
 
-def _compiled_optax_adamw(params_np: dict):
-  import jax
-  import jax.numpy as jnp
-  import optax
+def programs_for(names) -> list[str]:
+  """The floor programs of the optimizers ``names``, ``adamw`` (the method's check) first."""
+  return list(dict.fromkeys(["adamw"] + [FLOOR_PROGRAMS[n][0] for n in names
+                                         if n in FLOOR_PROGRAMS]))
 
-  tx = optax.adamw(1e-3)
-  params = jax.tree.map(jnp.asarray, params_np)
-  rng = np.random.default_rng(1)
-  grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)
-                                             * 1e-3), params_np)
 
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  state = tx.init(params)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-  return compiled, [params, state, grads]
+def floor_records(times: dict, programs, compiled: dict, base: str = "optax.adamw") -> dict:
+  """``{program: {"step_ms", "vs_optax_adamw", "optax_adamw_ms", "bytes_accessed"}}`` from the
+  interleaved call times ``times`` (``{name: [seconds]}``, programs under ``"floor:" + name``)
+  and the compiled programs ``compiled`` (``{program: compiled}``)."""
+  b = statistics.median(times[base])
+  out = {}
+  for p in programs:
+    ca = compiled[p].cost_analysis()
+    ca = (ca[0] if isinstance(ca, (list, tuple)) and ca else ca) or {}
+    med = statistics.median(times["floor:" + p])
+    out[p] = {"step_ms": 1e3 * med, "vs_optax_adamw": med / b, "optax_adamw_ms": 1e3 * b,
+              "bytes_accessed": float(ca.get("bytes accessed", np.nan))}
+  return out
 
 
 def time_floors(size: str, names, *, rounds: int = 10, calls: int = 3) -> dict:
   """The minimal programs of the optimizers ``names`` (and ``adamw``, the method's check) on
-  the speed benchmark's parameter set ``size``, timed *interleaved* with ``optax.adamw``:
-  ``rounds`` rounds, each running every program (and optax.adamw's step) ``calls`` times in a
-  row, so the machine's load moves them alike. Returns ``{program: {"step_ms", "vs_optax_adamw",
-  "bytes_accessed"}}`` with medians over every timed call; the ratio is the robust number."""
-  import jax
+  the speed benchmark's parameter set ``size``, timed *interleaved* with ``optax.adamw``
+  (:func:`benchmarks.speed.interleave`: ``rounds`` rounds of ``calls`` calls each), so the
+  machine's load moves them alike. Returns :func:`floor_records`; the ratio is the robust
+  number. (The speed benchmark interleaves the programs with every optimizer's step instead.)"""
+  import optax
 
   from benchmarks import speed as S
   params, order = S.make_params(size)
-  programs = list(dict.fromkeys(["adamw"] + [FLOOR_PROGRAMS[n][0] for n in names
-                                             if n in FLOOR_PROGRAMS]))
-  runs = {"optax.adamw": _compiled_optax_adamw(params)}
+  programs = programs_for(names)
+  compiled, args, _ = S.prepare_jax(optax.adamw(1e-3), params)
+  runs = {"optax.adamw": (compiled, args)}
   for p in programs:
-    runs[p] = _compiled_program(p, params, order[-1])
-  times = {k: [] for k in runs}
-  for r in range(rounds + 1):           # round 0 warms up
-    for k, (compiled, args) in runs.items():
-      for _ in range(calls):
-        t0 = time.perf_counter()
-        args[0], args[1] = compiled(*args)
-        jax.block_until_ready(args[:2])
-        if r:
-          times[k].append(time.perf_counter() - t0)
-  base = statistics.median(times["optax.adamw"])
-  out = {}
-  for p in programs:
-    ca = runs[p][0].cost_analysis()
-    ca = (ca[0] if isinstance(ca, (list, tuple)) and ca else ca) or {}
-    med = statistics.median(times[p])
-    out[p] = {"step_ms": 1e3 * med, "vs_optax_adamw": med / base,
-              "optax_adamw_ms": 1e3 * base,
-              "bytes_accessed": float(ca.get("bytes accessed", np.nan))}
-  return out
+    runs["floor:" + p] = _compiled_program(p, params, order[-1])
+  times = S.interleave(runs, rounds=rounds, calls=calls)
+  return floor_records(times, programs, {p: runs["floor:" + p][0] for p in programs})
 
 
 def main(argv=None):

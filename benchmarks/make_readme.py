@@ -95,8 +95,13 @@ def section(results: dict, link_base: str) -> str:
     out.append("")
     out.append("One jitted `update` + `apply_updates` with params and state donated, fixed "
                f"gradient, median of {cfg.get('timed_steps', '?')} timed steps after "
-               f"{cfg.get('warmup_steps', '?')} warm-up steps; compile time separate. Parameter "
-               "sets shaped like the benchmark's GPT: "
+               f"{cfg.get('warmup_steps', '?')} warm-up steps; compile time separate"
+               + (f"; up to {cfg['interleaved_max_params'] / 1e6:.0f}M parameters every JAX "
+                  "step of a size (and every floor program) is compiled first and timed "
+                  "interleaved, in rounds of 2 calls each, so the machine's load moves them "
+                  "alike; torch's steps are timed one optimizer after the other"
+                  if cfg.get("interleaved_max_params") else "")
+               + ". Parameter sets shaped like the benchmark's GPT: "
                + ", ".join(f"{k} = {v:,}" for k, v in (cfg.get("sizes") or {}).items())
                + ". State bytes are exact (every state leaf, counters included).")
     out.append("")

@@ -6,8 +6,10 @@ final LayerNorm, output head). One timed step is ``tx.update`` + ``apply_updates
 gradient, jitted with params and state *donated*; compile time is measured separately
 (``lower().compile()``), warm-up steps are excluded, each step ends in ``block_until_ready``,
 and the median over the timed steps is reported next to ``optax.adamw`` measured in the same
-process. Torch optimizers are timed the same way (``.step()`` on tensors whose ``.grad`` is
-set), threads as configured by the caller.
+process. Up to :data:`INTERLEAVE_MAX_PARAMS` parameters the JAX steps of a size (and the floor
+programs of :mod:`benchmarks.floors`) are compiled first and timed interleaved
+(:func:`interleave`). Torch optimizers are timed one after the other (``.step()`` on tensors
+whose ``.grad`` is set), threads as configured by the caller.
 
 Exact state bytes: the sum of ``size * itemsize`` over every leaf of ``jax.eval_shape(tx.init)``
 (counters, keys and the guard's counter included); for torch, every tensor storage in
@@ -96,9 +98,10 @@ def jax_state_bytes(tx, params) -> int:
   return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(st)))
 
 
-def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
-             flat_params: bool = False, cost: dict | None = None):
-  """(median_ms, min_ms, compile_s) of one donated update+apply step.
+def prepare_jax(tx, params_np, *, donate: bool = True, flat_params: bool = False,
+                cost: dict | None = None):
+  """``(compiled, args, compile_s)`` of one donated update+apply step of ``tx``; ``args`` is
+  the list ``[params, state, grads]`` a call takes (and whose first two it replaces).
 
   ``cost``, when given, receives XLA's cost analysis of the compiled step (``bytes accessed``,
   ``flops``) and its temporary memory (``temp_bytes``).
@@ -127,16 +130,51 @@ def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
   compile_s = time.perf_counter() - t0
   if cost is not None:
     cost.update(compiled_cost(compiled))
+  return compiled, [params, state, grads], compile_s
+
+
+def _call(compiled, args) -> float:
+  """One timed call of a prepared step (seconds); its outputs become the next inputs."""
+  import jax
+  t0 = time.perf_counter()
+  args[0], args[1] = compiled(*args)
+  jax.block_until_ready(args[:2])
+  return time.perf_counter() - t0
+
+
+def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
+             flat_params: bool = False, cost: dict | None = None):
+  """(median_ms, min_ms, compile_s) of one donated update+apply step, timed on its own
+  (``steps`` calls after ``warmup``); ``cost`` as :func:`prepare_jax`'s."""
+  compiled, args, compile_s = prepare_jax(tx, params_np, donate=donate,
+                                          flat_params=flat_params, cost=cost)
   for _ in range(warmup):
-    params, state = compiled(params, state, grads)
-  jax.block_until_ready((params, state))
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    params, state = compiled(params, state, grads)
-    jax.block_until_ready((params, state))
-    times.append(time.perf_counter() - t0)
+    _call(compiled, args)
+  times = [_call(compiled, args) for _ in range(steps)]
   return 1e3 * statistics.median(times), 1e3 * min(times), compile_s
+
+
+def interleave(runs: dict, *, rounds: int, calls: int = 3) -> dict:
+  """``{name: [seconds, ...]}``: ``rounds`` rounds, each calling every prepared step of
+  ``runs`` (``{name: (compiled, args)}``) ``calls`` times in a row, after one warm-up round, so
+  that the machine's load moves every contender alike (these shared 2-core machines drift by
+  ±30 % within a minute). A step that raises is dropped; its entry is then the error's text."""
+  times = {k: [] for k in runs}
+  failed = {}
+  for r in range(rounds + 1):
+    for k, (compiled, args) in runs.items():
+      if k in failed:
+        continue
+      try:
+        for _ in range(calls):
+          t = _call(compiled, args)
+          if r:
+            times[k].append(t)
+      except Exception as e:  # noqa: BLE001 - one failing step must not stop the others
+        failed[k] = f"{type(e).__name__}: {e}"[:500]
+  for k, err in failed.items():
+    times[k] = err
+  return times
 
 
 def compiled_cost(compiled) -> dict:
@@ -584,16 +622,27 @@ def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2
   return 1e3 * statistics.median(times), 1e3 * min(times), first, torch_state_bytes(opt)
 
 
+#: Up to this many parameters every JAX step (and every floor program) of a size is compiled
+#: first and then timed interleaved (:func:`interleave`); above it (128M: ~2 GB per optimizer)
+#: each is timed on its own, one after the other.
+INTERLEAVE_MAX_PARAMS = 40_000_000
+
+
 def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
-  """Step time + state bytes for every optimizer at every size. Returns a list of records."""
+  """Step time + state bytes for every optimizer at every size. Returns a list of records.
+
+  JAX steps are timed interleaved at sizes up to :data:`INTERLEAVE_MAX_PARAMS` (``steps`` calls
+  each, in rounds of 2 with the floor programs of :mod:`benchmarks.floors` in the same rounds),
+  torch steps one optimizer after the other."""
   import jax
 
-  records = []
+  records, floors = [], {}
   for size in sizes:
     params, order = make_params(size)
     n = n_params_of(size)
     task = types.SimpleNamespace(module_order=order, name=f"speed-{size}")
-    base_ms = None
+    together = n <= INTERLEAVE_MAX_PARAMS
+    prepared, recs = {}, []
     for opt in optimizers:
       rec = {"size": size, "n_params": n, "optimizer": opt.name, "framework": opt.framework,
              "family": opt.family, "mode": opt.mode, "backend": "cpu", "error": None}
@@ -602,24 +651,48 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
           tx = opt.build(1e-3, task)
           rec["state_bytes"] = jax_state_bytes(tx, jax.tree.map(np.asarray, params))
           cost = {}
-          med, mn, comp = time_jax(tx, params, steps=steps, cost=cost)
-          rec.update(step_ms=med, step_ms_min=mn, compile_s=comp, **cost)
+          if together:
+            compiled, args, comp = prepare_jax(tx, params, cost=cost)
+            prepared[opt.name] = (compiled, args)
+            rec.update(compile_s=comp, timing="interleaved", **cost)
+          else:
+            med, mn, comp = time_jax(tx, params, steps=steps, cost=cost)
+            rec.update(step_ms=med, step_ms_min=mn, compile_s=comp, timing="alone", **cost)
         else:
           med, mn, first, sb = time_torch(lambda m: opt.build(1e-3, m, task), params, order,
                                           steps=steps)
-          rec.update(step_ms=med, step_ms_min=mn, compile_s=first, state_bytes=sb)
+          rec.update(step_ms=med, step_ms_min=mn, compile_s=first, state_bytes=sb,
+                     timing="alone")
         rec["state_bytes_per_param"] = rec["state_bytes"] / n
-        if opt.name == "optax.adamw":
-          base_ms = rec["step_ms"]
-        rec["vs_optax_adamw"] = rec["step_ms"] / base_ms if base_ms else None
       except Exception as e:  # noqa: BLE001 - one optimizer failing must not stop the run
         rec["error"] = f"{type(e).__name__}: {e}"[:500]
         log(f"  speed {size} {opt.name}: {rec['error']}")
-      records.append(rec)
+      recs.append(rec)
       if progress is not None:
         progress.update(1)
-  floors = {size: F.time_floors(size, [o.name for o in optimizers], rounds=steps)
-            for size in sizes}
+    programs = F.programs_for([o.name for o in optimizers])
+    if together and "optax.adamw" in prepared:
+      for p in programs:
+        prepared["floor:" + p] = F._compiled_program(p, params, order[-1])
+      times = interleave(prepared, rounds=max(1, -(-steps // 2)), calls=2)
+      for rec in recs:
+        t = times.get(rec["optimizer"]) if rec["framework"] == "jax" else None
+        if isinstance(t, str):
+          rec["error"] = t
+          log(f"  speed {size} {rec['optimizer']}: {t}")
+        elif t:
+          rec.update(step_ms=1e3 * statistics.median(t), step_ms_min=1e3 * min(t))
+      floors[size] = F.floor_records(times, programs,
+                                     {p: prepared["floor:" + p][0] for p in programs})
+    else:
+      floors[size] = F.time_floors(size, [o.name for o in optimizers], rounds=steps)
+    del prepared
+    base = next((r["step_ms"] for r in recs if r["optimizer"] == "optax.adamw"
+                 and not r["error"]), None)
+    for rec in recs:
+      if not rec["error"]:
+        rec["vs_optax_adamw"] = rec["step_ms"] / base if base else None
+    records += recs
   roofline(records, copy_bandwidth_gbs(), matmul_gflops(), exp_rate_gelems(), floors)
   return records
 

@@ -41,10 +41,9 @@ def test_adamw_program_bytes_equal_optax_adamw():
   import optax
   params = _params([(512, 256), (384, 128)])
   got, _, _ = _bytes_per_param("adamw", params)
-  compiled, args = F._compiled_optax_adamw(params)
+  compiled, args, _ = S.prepare_jax(optax.adamw(1e-3), params)
   n = sum(x.size for x in jax.tree.leaves(params))
   assert got == pytest.approx(compiled.cost_analysis()["bytes accessed"] / n, rel=1e-3)
-  del optax
 
 
 def test_stac_program_signs_the_trunk_and_runs_adamw_on_the_head():
@@ -90,3 +89,27 @@ def test_time_floors_reports_ratios_to_optax_adamw_on_the_tiny_set():
   for rec in out.values():
     assert rec["step_ms"] > 0 and rec["vs_optax_adamw"] == pytest.approx(
         rec["step_ms"] / rec["optax_adamw_ms"])
+
+
+def test_interleave_rounds_every_step_and_drops_one_that_fails():
+  """speed.interleave: each contender is called `calls` times per round after a warm-up
+  round, in the same rounds; one that raises is dropped (its entry is the error) and the others
+  go on."""
+  calls = []
+
+  def ok(name):
+    def f(p, s, g):
+      calls.append(name)
+      return p + 1, s
+    return f
+
+  def bad(p, s, g):
+    raise RuntimeError("boom")
+
+  runs = {"a": (ok("a"), [jnp.zeros(()), 0, 0]), "b": (bad, [0, 0, 0]),
+          "c": (ok("c"), [jnp.zeros(()), 0, 0])}
+  times = S.interleave(runs, rounds=3, calls=2)
+  assert len(times["a"]) == len(times["c"]) == 6 and all(t >= 0 for t in times["a"])
+  assert times["b"].startswith("RuntimeError: boom")
+  assert calls == ["a", "a", "c", "c"] * 4
+  assert float(runs["a"][1][0]) == 8.0      # outputs feed the next call
