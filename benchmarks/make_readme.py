@@ -96,10 +96,11 @@ def section(results: dict, link_base: str) -> str:
     out.append("One jitted `update` + `apply_updates` with params and state donated, fixed "
                f"gradient, median of {cfg.get('timed_steps', '?')} timed steps after "
                f"{cfg.get('warmup_steps', '?')} warm-up steps; compile time separate"
-               + (f"; up to {cfg['interleaved_max_params'] / 1e6:.0f}M parameters every JAX "
-                  "step of a size (and every floor program) is compiled first and timed "
-                  "interleaved, in rounds of 2 calls each, so the machine's load moves them "
-                  "alike; torch's steps are timed one optimizer after the other"
+               + (f"; up to {cfg['interleaved_max_params'] / 1e6:.0f}M parameters each JAX "
+                  "step is timed interleaved with optax.adamw's step and its floor program "
+                  "(rounds of 2 calls each, so the machine's load moves the three alike), and "
+                  "its ratio to optax.adamw is the ratio within that loop; torch's steps run one "
+                  "optimizer after the other"
                   if cfg.get("interleaved_max_params") else "")
                + ". Parameter sets shaped like the benchmark's GPT: "
                + ", ".join(f"{k} = {v:,}" for k, v in (cfg.get("sizes") or {}).items())
@@ -208,13 +209,13 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
               "array it writes and one reduction pass per group of per-tensor statistics: "
               "AdamW is three passes (40 B/param), not the one-pass 28 of *ideal B/param*. Each "
               "optimizer's minimal program with those passes, written plainly in `jax.numpy` "
-              "(`benchmarks/floors.py`), is timed interleaved with optax.adamw (10 rounds of 3 "
-              "steps each); its ratio there is the floor (*XLA:CPU passes*), unless XLA's flop "
+              "(`benchmarks/floors.py`), is timed interleaved with the optimizer's step and "
+              "optax.adamw's; its ratio to optax.adamw there is the floor (*XLA:CPU passes*), unless XLA's flop "
               "count at the matmul rate (*flops*) or its transcendental count at the exp rate "
               "(*transcendentals*) is larger. *reachable* when the floor is within the target; "
               "*not reached* when it is and the step is not."
               + (f" The method's check: AdamW's own three-pass program ran at {check:.2f}× "
-                 "optax.adamw's step." if check else "")
+                 "optax.adamw's step in optax.adamw's loop." if check else "")
               + " Each floor's passes:", ""]
     else:
       out += ["*floor*: what the step cannot go below with its design, measured in this run: "
