@@ -321,6 +321,30 @@ SEEDS = {
 }
 
 
+def _partners(name: str, by_name: dict) -> list[str]:
+  """The JAX steps ``name`` is compared with besides optax.adamw (its target's baseline, its
+  seed package), timed in its loop so that the comparison is within one loop."""
+  out = []
+  for other in (TARGETS.get(name, (None,))[0], SEEDS.get(name)):
+    if other and other != "optax.adamw" and other in by_name and (
+        by_name[other].framework == "jax"):
+      out.append(other)
+  return out
+
+
+def relative(rec: dict, other: dict) -> float:
+  """``rec``'s step over ``other``'s: within ``rec``'s own interleaved loop when ``other`` ran
+  in it (optax.adamw always, a target's baseline or a seed's JAX package as a partner; a
+  step as heavy as Muon's slows the optax.adamw steps beside it, so ratios of ratios from two
+  loops are not used), otherwise the ratio of the medians."""
+  if rec.get("timing") == "interleaved":
+    if other["optimizer"] == "optax.adamw" and rec.get("vs_optax_adamw"):
+      return rec["vs_optax_adamw"]
+    if other["optimizer"] in (rec.get("vs_partner") or {}):
+      return rec["vs_partner"][other["optimizer"]]
+  return rec["step_ms"] / other["step_ms"]
+
+
 def _floor_program(rec: dict, floors: dict | None, by: dict):
   """``(program, ms)`` of a record's minimal XLA:CPU program, if it was timed: its ratio to
   optax.adamw (in the record's own interleaved loop, else in :func:`benchmarks.floors.
@@ -387,9 +411,7 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
       base, ratio = TARGETS[r["optimizer"]]
       b = by.get((r["size"], base))
       if b is not None:
-        # against optax.adamw: the ratio within the record's own interleaved loop, if any
-        measured = (r["vs_optax_adamw"] if base == "optax.adamw" and r.get("vs_optax_adamw")
-                    else r["step_ms"] / b["step_ms"])
+        measured = relative(r, b)
         r["target"] = {"baseline": base, "ratio": ratio, "measured": measured,
                        "met": measured <= ratio}
         if prog is not None or (not floors and r["optimizer"] in FLOORS):
@@ -414,7 +436,7 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
     if r["optimizer"] in SEEDS:
       sd = by.get((r["size"], SEEDS[r["optimizer"]]))
       if sd is not None:
-        r["vs_seed"] = {"seed": SEEDS[r["optimizer"]], "ratio": r["step_ms"] / sd["step_ms"]}
+        r["vs_seed"] = {"seed": SEEDS[r["optimizer"]], "ratio": relative(r, sd)}
 
 
 #: ``stax.scao`` variants timed by phase: the default (low-rank, rank up to 128 per side) and
@@ -655,7 +677,8 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
     task = types.SimpleNamespace(module_order=order, name=f"speed-{size}")
     together = n <= INTERLEAVE_MAX_PARAMS
     base = prepare_jax(optax.adamw(1e-3), params)[:2] if together else None
-    programs, recs = {}, []
+    programs, partners, recs = {}, {}, []
+    by_name = {o.name: o for o in optimizers}
     for opt in optimizers:
       rec = {"size": size, "n_params": n, "optimizer": opt.name, "framework": opt.framework,
              "family": opt.family, "mode": opt.mode, "backend": "cpu", "error": None}
@@ -673,9 +696,16 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
               if prog not in programs:
                 programs[prog] = F._compiled_program(prog, params, order[-1])
               runs["floor"] = programs[prog]
+            for other in _partners(opt.name, by_name):
+              if other not in partners:
+                partners[other] = prepare_jax(by_name[other].build(1e-3, task), params)[:2]
+              runs["partner:" + other] = partners[other]
             times = interleave(runs, rounds=max(1, -(-steps // 2)), calls=2)
             if isinstance(times["step"], str):
               raise RuntimeError(times["step"])
+            rec["vs_partner"] = {
+                k.split(":", 1)[1]: statistics.median(times["step"]) / statistics.median(t)
+                for k, t in times.items() if k.startswith("partner:") and isinstance(t, list)}
             b = statistics.median(times["base"])
             rec.update(step_ms=1e3 * statistics.median(times["step"]),
                        step_ms_min=1e3 * min(times["step"]), optax_adamw_loop_ms=1e3 * b,
@@ -699,7 +729,7 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
       recs.append(rec)
       if progress is not None:
         progress.update(1)
-    del base, programs
+    del base, programs, partners
     if not together:
       floors[size] = F.time_floors(size, [o.name for o in optimizers], rounds=steps)
     base_ms = next((r["step_ms"] for r in recs if r["optimizer"] == "optax.adamw"

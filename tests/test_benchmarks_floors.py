@@ -113,3 +113,25 @@ def test_interleave_rounds_every_step_and_drops_one_that_fails():
   assert times["b"].startswith("RuntimeError: boom")
   assert calls == ["a", "a", "c", "c"] * 4
   assert float(runs["a"][1][0]) == 8.0      # outputs feed the next call
+
+
+def test_comparisons_come_from_one_loop():
+  """speed.relative: against optax.adamw the ratio within the step's own loop; against a
+  partner that ran in that loop (a target's baseline, a JAX seed) the in-loop ratio; else the
+  ratio of medians. speed._partners picks the JAX ones."""
+  import types
+  jax_opt = lambda n: types.SimpleNamespace(name=n, framework="jax")
+  by_name = {n: jax_opt(n) for n in ("optax.contrib.muon", "seed:stam_optimizer.stam")}
+  by_name["seed:optimi.StableAdamW"] = types.SimpleNamespace(name="x", framework="torch")
+  assert S._partners("stax.oadamw", by_name) == ["optax.contrib.muon"]
+  assert S._partners("stax.stam[seed]", by_name) == ["seed:stam_optimizer.stam"]
+  assert S._partners("stax.stable_adamw", by_name) == []      # a torch seed runs alone
+  rec = {"optimizer": "stax.oadamw", "timing": "interleaved", "step_ms": 460.0,
+         "vs_optax_adamw": 38.0, "vs_partner": {"optax.contrib.muon": 0.55}}
+  muon = {"optimizer": "optax.contrib.muon", "timing": "interleaved", "step_ms": 877.0,
+          "vs_optax_adamw": 41.6}
+  adamw = {"optimizer": "optax.adamw", "timing": "interleaved", "step_ms": 14.0}
+  torch_seed = {"optimizer": "seed:optimi.StableAdamW", "timing": "alone", "step_ms": 40.0}
+  assert S.relative(rec, muon) == 0.55
+  assert S.relative(rec, adamw) == 38.0
+  assert S.relative(rec, torch_seed) == pytest.approx(460.0 / 40.0)
