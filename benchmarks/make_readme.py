@@ -176,7 +176,7 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
          "the larger of the ideal bytes at that bandwidth (m) and the flops at that throughput "
          "(c); *XLA B/param*: the compiled step's bytes accessed (XLA's cost analysis); "
          "*target*: the speed issue's ratio to the baseline in this run; *vs seed*: step time "
-         "over the seed package's (same size, same run); *compile × adamw*: the step's compile "
+         "over the seed package's (same size, same run; within one loop for a JAX seed); *compile × adamw*: the step's compile "
          "time over optax.adamw's.", "",
          "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | "
          "flops/param | GB/s (XLA) | target | floor | vs seed | compile × adamw |",
