@@ -265,8 +265,9 @@ def program_step(program: str, head: str):
   return step
 
 
-def _compiled_program(program: str, params_np: dict, head: str):
-  """``(compiled step, [params, state, grads])`` of ``program`` (donated, a fixed gradient)."""
+def _compiled_program(program: str, params_np: dict, head: str, compile_s: dict | None = None):
+  """``(compiled step, [params, state, grads])`` of ``program`` (donated, a fixed gradient);
+  ``compile_s[program]``, when given, receives its compile time in seconds."""
   import jax
   import jax.numpy as jnp
 
@@ -275,8 +276,11 @@ def _compiled_program(program: str, params_np: dict, head: str):
   grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, dtype=np.float32)
                                              * 1e-3), params_np)
   state = init_state(program, params, head)
+  t0 = time.perf_counter()
   compiled = jax.jit(program_step(program, head), donate_argnums=(0, 1)).lower(
       params, state, grads).compile()
+  if compile_s is not None:
+    compile_s[program] = time.perf_counter() - t0
   return compiled, [params, state, grads]
 
 

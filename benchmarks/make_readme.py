@@ -229,8 +229,10 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
       extra = ("" if fl.get("extra_bytes_per_param") is None
                else f" (+{fl['extra_bytes_per_param']:g} B/param)")
       prog = f" (program `{fl['program']}`)" if fl.get("program") else ""
+      comp = (f"; the program compiles in {fl['compile_vs_optax_adamw']:.1f}× optax.adamw's "
+              "time" if fl.get("compile_vs_optax_adamw") else "")
       out.append(f"- {r['optimizer']}: {fl['reason']}{extra}{prog}; floor {fl['ms']:.1f} ms "
-                 f"({fl['kind']}).")
+                 f"({fl['kind']}){comp}.")
     out.append("")
   phases = [r for r in results.get("speed_phases") or [] if not r.get("error")]
   if phases:

@@ -433,6 +433,9 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
                         "reachable": parts[kind] / b["step_ms"] <= ratio}
           if prog is not None:
             r["floor"]["program"] = prog[0]
+            if r.get("floor_program_compile_s") and base_rec is not None:
+              r["floor"]["compile_vs_optax_adamw"] = (r["floor_program_compile_s"]
+                                                      / base_rec["compile_s"])
     if r["optimizer"] in SEEDS:
       sd = by.get((r["size"], SEEDS[r["optimizer"]]))
       if sd is not None:
@@ -677,7 +680,7 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
     task = types.SimpleNamespace(module_order=order, name=f"speed-{size}")
     together = n <= INTERLEAVE_MAX_PARAMS
     base = prepare_jax(optax.adamw(1e-3), params)[:2] if together else None
-    programs, partners, recs = {}, {}, []
+    programs, program_compile_s, partners, recs = {}, {}, {}, []
     by_name = {o.name: o for o in optimizers}
     for opt in optimizers:
       rec = {"size": size, "n_params": n, "optimizer": opt.name, "framework": opt.framework,
@@ -694,7 +697,8 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
             prog = F.FLOOR_PROGRAMS.get(opt.name, (None,))[0]
             if prog is not None:
               if prog not in programs:
-                programs[prog] = F._compiled_program(prog, params, order[-1])
+                programs[prog] = F._compiled_program(prog, params, order[-1],
+                                                     program_compile_s)
               runs["floor"] = programs[prog]
             for other in _partners(opt.name, by_name):
               if other not in partners:
@@ -713,6 +717,7 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
             if isinstance(times.get("floor"), list):
               rec["floor_program"] = prog
               rec["floor_program_vs_optax_adamw"] = statistics.median(times["floor"]) / b
+              rec["floor_program_compile_s"] = program_compile_s.get(prog)
             del runs, compiled, args
           else:
             med, mn, comp = time_jax(tx, params, steps=steps, cost=cost)

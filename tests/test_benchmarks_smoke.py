@@ -128,6 +128,8 @@ def test_json_schema_and_finite_numbers(tiny_run):
       fl, base = r["floor"], next(b for b in saved["speed"] if b["optimizer"] == "optax.adamw"
                                   and b["size"] == r["size"])
       assert fl["program"] == "adamw+check" and base["floor_program"] == "adamw"
+      assert fl["compile_vs_optax_adamw"] == pytest.approx(
+          r["floor_program_compile_s"] / base["compile_s"])
       assert fl["parts_ms"]["passes"] == pytest.approx(
           r["floor_program_vs_optax_adamw"] * base["step_ms"])
       assert 0.2 < base["floor_program_vs_optax_adamw"] < 5   # the method's check (~1)
