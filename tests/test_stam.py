@@ -428,3 +428,37 @@ def test_rule_statistics_are_the_saturated_gradients_and_stay_finite(scale):
   np.testing.assert_allclose(res["resid_sq"], res["grad_sq"], rtol=1e-6)
   for rule in ("sigma_sq", "tau"):
     assert np.isfinite(_rule_stats(AB.residual_variance_beta1(), gj, mj)[rule])
+
+
+def test_stam_lite_stored_v_is_the_ema_of_the_mean_of_g_squared():
+  """STAMLite keeps one mean of v per tensor, formed on scalars: v ← ρ·v + (1-ρ)·mean(g²), as
+  the seed's grad_sq_mean (float64 reference, two steps of different gradients); a huge finite
+  gradient keeps it finite (mean(g²) bounded at B² = 2**126), and a skipped non-finite step keeps
+  it exactly."""
+  rho = 0.99
+  tx = stax.stam_lite(1e-3, moment_decay=rho, weight_decay=0.0)
+  params = {"w": jnp.zeros((64, 48), jnp.float32)}
+  rng = np.random.default_rng(11)
+  gs = [rng.standard_normal((64, 48)).astype(np.float32) * s for s in (1.0, 3.0)]
+
+  def stored_v(state):
+    leaves = [(jax.tree_util.keystr(p), x) for p, x in
+              jax.tree_util.tree_leaves_with_path(state) if ".nu" in jax.tree_util.keystr(p)]
+    assert len(leaves) == 1 and leaves[0][1].shape == (), leaves
+    return float(leaves[0][1])
+
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  want = 0.0
+  for g in gs:
+    _, state = update({"w": jnp.asarray(g)}, state, params)
+    want = rho * want + (1 - rho) * np.mean(g.astype(np.float64) ** 2)
+    np.testing.assert_allclose(stored_v(state), want, rtol=1e-5)
+  big = np.full((64, 48), 1e30, np.float32)
+  _, state_big = update({"w": jnp.asarray(big)}, state, params)
+  assert np.isfinite(stored_v(state_big))
+  np.testing.assert_allclose(stored_v(state_big), rho * want + (1 - rho) * 2.0 ** 126, rtol=1e-5)
+  bad = gs[0].copy()
+  bad[0, 0] = np.nan
+  _, state_bad = update({"w": jnp.asarray(bad)}, state, params)
+  assert stored_v(state_bad) == stored_v(state)

@@ -282,6 +282,12 @@ class SeparateStorage(StorageBase):
     return bool(_optional(self.nu_codec, "reduces", False))
 
   @property
+  def nu_is_mean(self) -> bool:
+    """The stored v is one mean per tensor (a 0-d encoding, ``TensorMean``): the Adam core
+    forms its EMA on scalars (:func:`stax.transforms.adam.adam_step`'s ``nu_mean``)."""
+    return bool(_optional(self.nu_codec, "is_mean", False))
+
+  @property
   def rows_local(self) -> bool:
     """True when both codecs encode each row on its own (a row chunk can be written alone)."""
     return bool(_optional(self.mu_codec, "rows_local", False)

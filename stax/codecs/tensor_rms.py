@@ -65,6 +65,10 @@ class TensorMean(NamedTuple):
     """The value the update uses: the tensor mean (a 0-d array, broadcasting against m)."""
     return _mean(value)
 
+  #: the encoding is the tensor mean itself (0-d): the Adam core forms the new mean as the EMA
+  #: of the old one and mean(|g|²), on scalars (``SeparateStorage.nu_is_mean``)
+  is_mean = True
+
   @property
   def reduces(self) -> bool:
     """``project`` is a reduction over the tensor (see ``StorageBase.reduces_nu``)."""

@@ -237,7 +237,8 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
               cfg: AdamConfig, *, b1_prod: Any = None, ok: Any = None,
               project: Optional[Callable] = None,
               exact_parts: tuple[bool, bool] = (True, True),
-              nu_sq: Optional[jax.Array] = None) -> AdamStep:
+              nu_sq: Optional[jax.Array] = None,
+              nu_mean: Optional[jax.Array] = None) -> AdamStep:
   """One leaf's Adam step: a pure function (like torch's functional ``adamw``).
 
   Args:
@@ -256,6 +257,12 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
       possibly non-finite value does not matter (default both).
     nu_sq: ``None`` (default: ``|g|²``), or ``|g|²`` formed elsewhere (bit for bit equal): a
       storage whose ``project`` reduces v gets its own copy (``StorageBase.reduces_nu``).
+    nu_mean: ``None`` (default), or ``(mean(|g|²), stored mean of v)`` (0-d arrays) for a
+      storage that keeps one mean of v per tensor (:mod:`stax.codecs.tensor_rms`): the new v is
+      then that mean's EMA, ``a2·mean(|g|²) + d2·mean_v``, formed on scalars — the mean of the
+      elementwise EMA up to rounding, as STAMLite's seed computes it — instead of a reduction
+      over the elementwise EMA (with the gate's selects and the saturation inside, that
+      reduction made a STAMLite step 1.8× optax.adamw's; 1.5× without it).
   """
   b2 = cfg.b2
   b1_t, b2_t = b1, b2
@@ -281,7 +288,11 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     a1, d1 = jnp.where(ok, a1, 0.0), jnp.where(ok, d1, 1.0)
     a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
   new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
-  new_nu = (a2 * sq + d2 * nu).astype(_moment_dtype(nu, g))
+  if nu_mean is not None:
+    sq_mean, old_mean = nu_mean
+    new_nu = (a2 * sq_mean + d2 * old_mean.astype(sq_mean.dtype)).astype(_moment_dtype(nu, g))
+  else:
+    new_nu = (a2 * sq + d2 * nu).astype(_moment_dtype(nu, g))
 
   m, v = (new_mu, new_nu) if project is None else project(new_mu, new_nu)
   if cfg.bias_correction == "standard":
@@ -350,25 +361,33 @@ def _is_array(x: Any) -> bool:
 def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None,
               ok: Any = None, project: Optional[Callable] = None,
               exact_parts: tuple[bool, bool] = (True, True),
-              reduces_nu: bool = False) -> LeafStep:
+              reduces_nu: bool = False, nu_mean: Any = None) -> LeafStep:
   """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
   storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
   saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction)."""
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
-           "b1_prod": b1_prod, "ok": ok}
+           "b1_prod": b1_prod, "ok": ok, "nu_mean": nu_mean}
   dynamic = tuple(k for k, v in named.items() if _is_array(v))
 
   def fn(g, mu, nu, *operands):
     v = dict(named, **dict(zip(dynamic, operands)))
     c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"])
     bound = num.square_bound(mu.dtype, nu.dtype)
-    nu_sq = None
-    if reduces_nu and not jnp.iscomplexobj(g):
+    nu_sq, mean_nu = None, None
+    if v["nu_mean"] is not None and not jnp.iscomplexobj(g):
+      # mean(|g|²) of its own copy, bounded after the mean at B² (as the β1 rules bound their
+      # statistics: bit for bit the mean of min(|g|², B²) wherever every |g| <= B)
+      own, b2_sq = num.independent(g, bound * bound)
+      sq = jnp.square(own.astype(jnp.float32))
+      sq_mean = jnp.minimum(num.mean(sq), b2_sq) if g.size else jnp.zeros([], jnp.float32)
+      mean_nu = (sq_mean, v["nu_mean"])
+    elif reduces_nu and not jnp.iscomplexobj(g):
       own, b2_sq = num.independent(g, bound * bound)  # B² is a power of two: exact
       nu_sq = jnp.minimum(jnp.square(own), b2_sq.astype(own.dtype))
     g = num.saturate(g, bound)
     return adam_step(g, mu, nu, v["b1"], v["count"], c, b1_prod=v["b1_prod"], ok=v["ok"],
-                     project=project, exact_parts=exact_parts, nu_sq=nu_sq)
+                     project=project, exact_parts=exact_parts, nu_sq=nu_sq,
+                     nu_mean=mean_nu)
 
   return LeafStep(fn, tuple(named[k] for k in dynamic))
 
@@ -446,8 +465,9 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       continue
     k = jax.random.fold_in(step_key, i) if s.needs_key and step_key is not None else None
     ctx = StorageStep(state.count, i, state.key, me, ne, k)
+    mean_nu = ne if getattr(s, "nu_is_mean", False) and not jnp.iscomplexobj(g) else None
     step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
-                     exact_parts=s.exact_parts, reduces_nu=s.reduces_nu)
+                     exact_parts=s.exact_parts, reduces_nu=s.reduces_nu, nu_mean=mean_nu)
     if decoded is not None:
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)
