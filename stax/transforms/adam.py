@@ -364,7 +364,9 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
               reduces_nu: bool = False, nu_mean: Any = None) -> LeafStep:
   """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
   storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
-  saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction)."""
+  saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction;
+  ``nu_mean``: the stored per-tensor mean of v, a 0-d encoding, for a storage whose
+  ``nu_is_mean``: :func:`adam_step` then gets ``(mean(|g|²), nu_mean)``)."""
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
            "b1_prod": b1_prod, "ok": ok, "nu_mean": nu_mean}
   dynamic = tuple(k for k, v in named.items() if _is_array(v))
