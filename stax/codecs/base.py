@@ -24,6 +24,8 @@ it; an object that implements only ``init``/``read``/``write`` gets them through
   does not depend on the parameters' sizes (``optax.tree.map_params`` inits from a placeholder);
 * ``exact`` (``False``): full precision, no rounding: writing back what was read changes nothing,
   so a gated no-op step (:func:`stax.nonfinite_guard` with ``gated=True``) keeps the state exactly;
+* ``nu_is_mean`` (``False``): the encoded v is one mean per tensor (0-d); the core forms its
+  EMA on scalars and writes it 0-d (:mod:`stax.codecs.tensor_rms`, STAMLite);
 * ``project(mu, nu) -> (mu, nu)`` (identity): the moments the update is formed from instead of
   the exact new ones (STAMLite's per-tensor RMS: the update must use what the storage keeps, one
   mean of v per tensor, not the exact elementwise v);
@@ -166,6 +168,13 @@ class StorageBase:
     gradient it shares with the elementwise update."""
     return False
 
+  @property
+  def nu_is_mean(self) -> bool:
+    """Whether the encoded v is one mean per tensor, a 0-d array (default False). The Adam core
+    then forms the new mean as the EMA of that mean and ``mean(|g|²)`` on scalars
+    (:func:`stax.transforms.adam.adam_step`'s ``nu_mean``) and hands it to ``write`` 0-d."""
+    return False
+
 
 def _optional(obj: Any, name: str, default: Any) -> Any:
   """``obj``'s optional protocol member ``name``, or the protocol's declared default."""
@@ -193,6 +202,10 @@ class _WithDefaults(StorageBase):
   @property
   def reduces_nu(self) -> bool:
     return bool(_optional(self.inner, "reduces_nu", False))
+
+  @property
+  def nu_is_mean(self) -> bool:
+    return bool(_optional(self.inner, "nu_is_mean", False))
 
   def project(self, mu, nu):
     project = _optional(self.inner, "project", None)
@@ -283,8 +296,6 @@ class SeparateStorage(StorageBase):
 
   @property
   def nu_is_mean(self) -> bool:
-    """The stored v is one mean per tensor (a 0-d encoding, ``TensorMean``): the Adam core
-    forms its EMA on scalars (:func:`stax.transforms.adam.adam_step`'s ``nu_mean``)."""
     return bool(_optional(self.nu_codec, "is_mean", False))
 
   @property

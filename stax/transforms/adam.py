@@ -467,7 +467,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       continue
     k = jax.random.fold_in(step_key, i) if s.needs_key and step_key is not None else None
     ctx = StorageStep(state.count, i, state.key, me, ne, k)
-    mean_nu = ne if getattr(s, "nu_is_mean", False) and not jnp.iscomplexobj(g) else None
+    mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None
     step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
                      exact_parts=s.exact_parts, reduces_nu=s.reduces_nu, nu_mean=mean_nu)
     if decoded is not None:
