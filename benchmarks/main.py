@@ -19,12 +19,18 @@ Quick mode (default):
     shakespeare (150 steps, batch 16 × 64 characters: the baselines and each stax optimizer's
     default mode, JAX only, one learning rate 3e-3). ``--task digits,mnist,shakespeare`` is
     the earlier quick run (about 10 minutes).
-``--full``: 3 seeds, the sweep {3e-4, 1e-3, 3e-3, 1e-2, 3e-2} on every task, 600/600/1000
-steps, every optimizer (faithful modes, seeds' packages, torch) on every task, and 128M in the
-speed benchmark. ``--task``, ``--optimizer`` (comma-separated substrings of the names) and
-``--device`` (``cpu``; ``gpu`` runs the JAX side on a GPU, torch stays on CPU) select.
+``--full`` (about 95 minutes on an idle 2-core CPU; ``--torch-threads 2`` there): 3 seeds,
+every optimizer (faithful modes, seeds' packages, torch) on every task, 600/400/300 steps
+(the char-LM evaluated every 50), and 128M in the speed benchmark's step memory. Each
+learning-rate sweep starts at {1e-3, 3e-3, 1e-2} and extends along ``LADDER`` (1e-4 … 1e-1)
+while its best point is at an edge of the rates tried, so the chosen rate is interior unless
+the ladder ends (flagged ``lr_at_edge``). On the char-LM each optimizer's validation loss at
+the training seconds of ``optax.adamw`` is also recorded (equal wall-clock; an optimizer that
+finished sooner reports its final loss, one still running is cut mid-schedule).
+``--task``, ``--optimizer`` (comma-separated substrings of the names) and ``--device``
+(``cpu``; ``gpu`` runs the JAX side on a GPU, torch stays on CPU) select.
 
-The learning rate of each optimizer is the grid point with the lowest final validation loss
+The learning rate of each optimizer is the point with the lowest final validation loss
 (seed 0); further seeds rerun that learning rate. "Time to target" is the wall-clock (compile
 and evaluation excluded) and step count at which the validation loss first reaches 1.1× the
 final validation loss of tuned ``optax.adamw`` on that task.
@@ -53,10 +59,16 @@ QUICK = {
     "mnist": dict(steps=200, lrs=(3e-3, 1e-2), torch=True, faithful=True, default=False),
     "shakespeare": dict(steps=150, lrs=(3e-3,), torch=False, faithful=False, default=False),
 }
+# --full: every optimizer on every task; each sweep starts at 3 points and extends along
+# LADDER while its best is at an edge (quality.sweep). Steps are what one full run affords on
+# a 2-core CPU in about 90 minutes (measured: a char-LM step ~95 ms in JAX, ~75 ms in torch
+# with 2 threads; ~23 optimizers × ~5.5 runs per task).
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 FULL = {
-    "digits": dict(steps=600, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), torch=True, faithful=True),
-    "mnist": dict(steps=600, lrs=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2), torch=True, faithful=True),
-    "shakespeare": dict(steps=1000, lrs=(3e-4, 1e-3, 3e-3, 1e-2), torch=True, faithful=True),
+    "digits": dict(steps=600, lrs=(1e-3, 3e-3, 1e-2), ladder=LADDER, torch=True, faithful=True),
+    "mnist": dict(steps=400, lrs=(1e-3, 3e-3, 1e-2), ladder=LADDER, torch=True, faithful=True),
+    "shakespeare": dict(steps=300, eval_every=50, lrs=(1e-3, 3e-3, 1e-2), ladder=LADDER,
+                        torch=True, faithful=True),
 }
 TARGET_FACTOR = 1.1
 
@@ -71,7 +83,7 @@ def parse_args(argv=None):
              "(printed at the end), or in --out. Tracked files (benchmarks/results/, README) "
              "change only with --update-results.")
   ap.add_argument("--full", action="store_true",
-                  help="3 seeds, 5-point lr sweeps, every task, longer runs, 128M speed")
+                  help="3 seeds, adaptive lr sweeps, every task, longer runs, 128M step memory")
   ap.add_argument("--task", default="",
                   help="comma-separated: digits,mnist,shakespeare (quick default: digits; "
                        "mnist and shakespeare add about 3 minutes each)")
@@ -92,9 +104,11 @@ def parse_args(argv=None):
   ap.add_argument("--investigate", action=argparse.BooleanOptionalAction, default=None,
                   help="time the optax-vs-torch AdamW gap at 16M (default: with --full or "
                        "--update-results; about 20 s)")
-  ap.add_argument("--torch-threads", type=int, default=1,
-                  help="torch intra-op threads (default 1: on a shared 2-core CPU, 2 threads "
-                       "made small torch steps 5-15x slower from oversubscription)")
+  ap.add_argument("--torch-threads", type=int, default=None,
+                  help="torch intra-op threads (default 1, with --full every core: on a shared "
+                       "2-core CPU, 2 threads made small torch steps 5-15x slower from "
+                       "oversubscription; on an idle one 2 threads run the CNN's step in 14 ms "
+                       "against 25 and the char-LM's in 73 against 117, and JAX uses every core)")
   ap.add_argument("--out", default=None,
                   help="output folder (default: a new untracked runs/<UTC time>/)")
   ap.add_argument("--update-results", action="store_true",
@@ -104,6 +118,8 @@ def parse_args(argv=None):
   ap.add_argument("--no-plots", action="store_true")
   ap.add_argument("--quiet", action="store_true", help="no progress bars")
   args = ap.parse_args(argv)
+  if args.torch_threads is None:
+    args.torch_threads = (os.cpu_count() or 1) if args.full else 1
   if args.step_memory is None:
     args.step_memory = "128M" if (args.update_results or args.full) else None
   elif args.step_memory == "off":
@@ -186,6 +202,8 @@ def run_quality(args, optimizers, cfgs, results, out, log):
       log(f"[{tname}] skipped: {e}")
       results["skipped"].append({"task": tname, "reason": str(e)})
       continue
+    if "eval_every" in cfg:
+      task.eval_every = cfg["eval_every"]
     k = task.eval_every
     steps = max(k, cfg["steps"] // k * k)
     opts = [o for o in optimizers
@@ -195,7 +213,8 @@ def run_quality(args, optimizers, cfgs, results, out, log):
     params0 = jax.tree.map(np.asarray, task.init(0))
     results["tasks"][tname] = {"description": task.description, "n_params": T.n_params(params0),
                                "steps": steps, "batch_size": task.batch_size,
-                               "eval_every": k, "lrs": list(cfg["lrs"]), "seeds": n_seeds,
+                               "eval_every": k, "lrs": list(cfg["lrs"]), "ladder": list(cfg.get("ladder", ())),
+                               "seeds": n_seeds,
                                "metric": task.metric_name, "clip_global_norm": Q.CLIP,
                                "schedule": "linear warm-up 5% + cosine to 10% of peak"}
     total = len(opts) * (len(cfg["lrs"]) + n_seeds - 1)
@@ -207,15 +226,18 @@ def run_quality(args, optimizers, cfgs, results, out, log):
         if opt.framework == "jax":
           runner = Q.JaxRunner(task, opt, steps)
           state_bytes = runner.state_bytes(jax.tree.map(jax.numpy.asarray, params0))
-        for lr in cfg["lrs"]:
+        def run_lr(lr):
           if bar is not None:
             bar.set_postfix_str(f"{opt.name} lr={lr:g}")
           r = runner.run(lr, 0) if runner else Q.run_torch(task, opt, lr, 0, steps)
           runs.append(r)
           if bar is not None:
+            if len(runs) > len(cfg["lrs"]):
+              bar.total += 1
             bar.update(1)
-        best = min(runs, key=lambda r: (Q.final(r)["val_loss"]
-                                        if math.isfinite(Q.final(r)["val_loss"]) else math.inf))
+          return r
+
+        _, best, at_edge = Q.sweep(run_lr, cfg["lrs"], cfg.get("ladder", ()))
         best_lr = best["lr"]
         seeds = [best]
         for s in range(1, n_seeds):
@@ -246,6 +268,7 @@ def run_quality(args, optimizers, cfgs, results, out, log):
           "task": tname, "optimizer": opt.name, "framework": opt.framework,
           "family": opt.family, "mode": opt.mode, "note": opt.note, "best_lr": best_lr,
           "sweep": {f"{r['lr']:g}": Q.final(r)["val_loss"] for r in runs if r["seed"] == 0},
+          "lr_at_edge": bool(at_edge),
           "n_seeds": len(seeds), "val_loss_mean": float(np.mean(vl)),
           "val_loss_std": float(np.std(vl)), "val_metric_mean": float(np.mean(vm)),
           "val_metric_std": float(np.std(vm)), "metric": task.metric_name,
@@ -260,6 +283,7 @@ def run_quality(args, optimizers, cfgs, results, out, log):
     if bar is not None:
       bar.close()
     _targets(results, tname)
+    _equal_time(results, tname)
     results["timings_s"][tname] = time.time() - t_task
     save(results, out)
 
@@ -288,11 +312,31 @@ def _targets(results, tname):
     s["time_to_target_s"] = float(np.mean([h[1] for h in ok])) if ok else None
 
 
+def _equal_time(results, tname):
+  """Each optimizer's val loss at optax.adamw's training seconds (seed means; see quality)."""
+  import numpy as np
+
+  from benchmarks import quality as Q
+  rows = [s for s in results["summary"] if s["task"] == tname and not s.get("error")]
+  ref = next((s for s in rows if s["optimizer"] == "optax.adamw"), None)
+  if ref is None or not math.isfinite(ref.get("train_s_mean", math.nan)):
+    return
+  t = ref["train_s_mean"]
+  results["tasks"][tname]["equal_time_s"] = t
+  for s in rows:
+    runs = [r for r in results["quality"] if r["task"] == tname and r["optimizer"] ==
+            s["optimizer"] and r["lr"] == s["best_lr"]]
+    at = [Q.loss_at_time(r, t) for r in runs]
+    vals = [a[0] for a in at if a[0] is not None]
+    s["val_loss_at_equal_time"] = float(np.mean(vals)) if len(vals) == len(at) and at else None
+    s["finished_by_equal_time"] = bool(at) and all(a[1] for a in at)
+
+
 def run_speed_part(args, optimizers, results, out, log):
   from benchmarks import speed as S
   sizes = [s for s in (args.sizes.split(",") if args.sizes else
-                       (["1M", "16M", "128M"] if args.full else ["1M", "16M"])) if s]
-  steps = args.speed_steps or (20 if args.full else 3)
+                       ["1M", "16M"]) if s]
+  steps = args.speed_steps or (10 if args.full else 3)
   opts = [o for o in optimizers if not (args.no_torch and o.framework == "torch")]
   t_speed = time.time()
   bar = _bar(len(sizes) * len(opts), "speed      ", args.quiet)

@@ -62,25 +62,51 @@ def section(results: dict, link_base: str) -> str:
                f"{t.get('schedule')}. Target: validation loss ≤ "
                f"{_f(t.get('target_val_loss'))} (1.1 × tuned `optax.adamw`).")
     out.append("")
+    eq = t.get("equal_time_s")
+    if t.get("ladder"):
+      out.append(f"Each sweep started at {t['lrs']} and extended along {t['ladder']} while its "
+                 "best rate was at an edge of the rates tried; *edge* marks a best rate at an "
+                 "end of that ladder.")
+      out.append("")
+    if eq is not None:
+      out.append(f"*val loss at {eq:.1f} s*: each optimizer's validation loss (seed mean) after "
+                 f"the training seconds `optax.adamw` took for its {t['steps']} steps "
+                 "(compile and evaluation excluded; linear between evaluations); *done* marks "
+                 "an optimizer that had finished by then (its final loss); the others are cut "
+                 "mid-schedule, at a learning rate not yet decayed.")
+      out.append("")
     out.append("| optimizer | mode | lr | val loss | val accuracy | steps / s to target | "
-               "train s | state B/param |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+               "train s |" + (f" val loss at {eq:.1f} s |" if eq is not None else "")
+               + " state bits/param |")
+    out.append("|---|---|---:|---:|---:|---:|---:|" + ("---:|" if eq is not None else "")
+               + "---:|")
     rows = [s for s in results.get("summary", []) if s["task"] == tname]
     rows.sort(key=lambda s: (s.get("error") is not None, s.get("val_loss_mean")
                              if s.get("val_loss_mean") is not None else math.inf))
     for s in rows:
       if s.get("error"):
         out.append(f"| {s['optimizer']} | {s.get('mode') or ''} | — | error: "
-                   f"{s['error'][:60].replace('|', '/')} | | | | |")
+                   f"{s['error'][:60].replace('|', '/')} | | | |" + (" |" if eq is not None
+                                                                      else "") + " |")
         continue
       tt = (f"{_f(s.get('steps_to_target'), '{:.0f}')} / {_f(s.get('time_to_target_s'), '{:.2f}')}"
             if s.get("steps_to_target") is not None else f"not reached ({s.get('target_reached')})")
-      out.append(f"| {s['optimizer']} | {s.get('mode') or ''} | {s['best_lr']:g} | "
+      bpp = s.get("state_bytes_per_param")
+      eqc = ""
+      if eq is not None:
+        eqc = (f" {_f(s.get('val_loss_at_equal_time'))}"
+               + (" (done)" if s.get("finished_by_equal_time") else "") + " |")
+      out.append(f"| {s['optimizer']} | {s.get('mode') or ''} | {s['best_lr']:g}"
+                 + (" (edge)" if s.get("lr_at_edge") and t.get("ladder") else "") + " | "
                  f"{_pm(s['val_loss_mean'], s['val_loss_std'], s['n_seeds'])} | "
                  f"{_pm(s['val_metric_mean'], s['val_metric_std'], s['n_seeds'])} | {tt} | "
-                 f"{_f(s.get('train_s_mean'), '{:.2f}')} | "
-                 f"{_f(s.get('state_bytes_per_param'), '{:.3f}')} |")
+                 f"{_f(s.get('train_s_mean'), '{:.2f}')} |{eqc} "
+                 f"{_f(8 * bpp if bpp is not None else None, '{:.1f}')} |")
     out.append("")
+    verdict = beats_adamw(rows)
+    if verdict:
+      out.append(verdict)
+      out.append("")
     for suffix, what in (("loss", "validation loss vs steps and vs wall-clock"),
                          ("lr_sweep", "learning-rate sweep")):
       f = f"{tname}_{suffix}.png"
@@ -142,6 +168,41 @@ def section(results: dict, link_base: str) -> str:
       out.append(f"- task {s['task']} skipped: {s['reason']}")
     out.append("")
   return "\n".join(out).rstrip() + "\n"
+
+
+def beats_adamw(rows: list[dict]) -> str:
+  """One sentence: which stax optimizers end below tuned optax.adamw's val loss on a task.
+
+  "Beats" needs the gap to exceed the standard error of the difference of the two seed means
+  (population stds over n seeds); otherwise it is "within noise".
+  """
+  ref = next((s for s in rows if s["optimizer"] == "optax.adamw" and not s.get("error")), None)
+  if ref is None or ref.get("val_loss_mean") is None or not math.isfinite(ref["val_loss_mean"]):
+    return ""
+  better, tied, worse = [], [], []
+  for s in rows:
+    if not s["optimizer"].startswith("stax.") or s.get("error"):
+      continue
+    m = s.get("val_loss_mean")
+    if m is None or not math.isfinite(m):
+      worse.append(f"{s['optimizer']} (diverged)")
+      continue
+    n1, n2 = max(1, s.get("n_seeds", 1)), max(1, ref.get("n_seeds", 1))
+    se = math.sqrt(s["val_loss_std"] ** 2 / n1 + ref["val_loss_std"] ** 2 / n2)
+    gap = (m - ref["val_loss_mean"]) / ref["val_loss_mean"]
+    item = f"{s['optimizer']} ({100 * gap:+.1f} %)"
+    if m < ref["val_loss_mean"] - se:
+      better.append(item)
+    elif m > ref["val_loss_mean"] + se:
+      worse.append(item)
+    else:
+      tied.append(item)
+  parts = [f"**Beat tuned `optax.adamw`** ({ref['val_loss_mean']:.4f}): "
+           + (", ".join(better) if better else "none") + "."]
+  parts.append("**Within noise** (gap under one standard error of the difference): "
+               + (", ".join(tied) if tied else "none") + ".")
+  parts.append("**Worse**: " + (", ".join(worse) if worse else "none") + ".")
+  return " ".join(parts)
 
 
 def _floor(r: dict) -> str:

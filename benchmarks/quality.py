@@ -241,6 +241,65 @@ def final(res: dict) -> dict[str, Any]:
   return {"val_loss": res["val_loss"][-1], "val_metric": res["val_metric"][-1]}
 
 
+def score(res: dict) -> float:
+  """Final validation loss of a run, ``inf`` when it diverged (lower is better)."""
+  v = final(res)["val_loss"]
+  return v if math.isfinite(v) else math.inf
+
+
+def sweep(run, grid, ladder=()):
+  """Runs ``run(lr)`` on ``grid``, then extends it along ``ladder`` while the best is at an edge.
+
+  The best learning rate is the one with the lowest :func:`score`. While it is the smallest
+  (largest) rate tried and ``ladder`` has a smaller (larger) one, the next one on that side is
+  run, so the returned best is interior to the rates tried unless it is at an end of
+  ``ladder`` (or of ``grid`` when ``ladder`` is empty). Ties go to the smaller rate; when every
+  run diverged the sweep moves down.
+
+  Args:
+    run: ``lr -> result dict`` (as :func:`JaxRunner.run` or :func:`run_torch` return).
+    grid: the rates run first (any order; sorted).
+    ladder: every rate the sweep may extend to (``grid`` is added to it).
+
+  Returns:
+    ``(runs, best, at_edge)``: the runs in the order run, the best run, and whether its rate
+    is the smallest or largest rate tried (then the optimum may lie outside the ladder).
+  """
+  ladder = sorted(set(float(x) for x in (*ladder, *grid)))
+  runs = {}
+  order = []
+  for lr in sorted(float(x) for x in grid):
+    runs[lr] = run(lr)
+    order.append(runs[lr])
+  while True:
+    tried = sorted(runs)
+    best_lr = min(tried, key=lambda lr: (score(runs[lr]), lr))
+    i = ladder.index(best_lr)
+    nxt = None
+    if best_lr == tried[0] and i > 0 and ladder[i - 1] not in runs:
+      nxt = ladder[i - 1]
+    elif best_lr == tried[-1] and i + 1 < len(ladder) and ladder[i + 1] not in runs:
+      nxt = ladder[i + 1]
+    if nxt is None:
+      return order, runs[best_lr], best_lr in (tried[0], tried[-1])
+    runs[nxt] = run(nxt)
+    order.append(runs[nxt])
+
+
+def loss_at_time(res: dict, t: float):
+  """Validation loss of a run at ``t`` training seconds (linear between evaluations).
+
+  Returns ``(loss, finished)``: ``finished`` when the run ended before ``t`` (its final loss is
+  returned); ``(None, False)`` when ``t`` is before its first evaluation or the run diverged.
+  """
+  w, v = res["wall_s"], res["val_loss"]
+  if res["diverged"] or not w or t < w[0]:
+    return None, False
+  if t >= w[-1]:
+    return v[-1], True
+  return float(np.interp(t, w, v)), False
+
+
 def time_to_target(res: dict, target: float):
   """(steps, seconds) at the first evaluation with val loss <= target, else (None, None)."""
   for s, v, w in zip(res["steps"], res["val_loss"], res["wall_s"]):

@@ -34,6 +34,17 @@ DATA_DIR = pathlib.Path(__file__).parent / "data"
 
 
 # --------------------------------------------------------------------------- array shims
+def _residual_barrier(x):
+  import jax
+
+  @jax.custom_vjp
+  def ident(x):
+    return x
+
+  ident.defvjp(lambda x: (x, None), lambda _, ct: (jax.lax.optimization_barrier(ct),))
+  return ident(x)
+
+
 class JnpOps:
   """The ops the models need, in jax.numpy."""
 
@@ -61,6 +72,16 @@ class JnpOps:
   def maxpool2(self, x):
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+  def residual(self, x):
+    """Identity whose gradient is materialised (an ``optimization_barrier`` on the cotangent).
+
+    Without it XLA:CPU fuses the residual stream's whole gradient sum (every later block's
+    contribution) into each block's transposed copy for its weight gradient, recomputing it
+    once per block: the 5-block char transformer's backward pass took 173 ms, 10x its forward
+    (17 ms); with it, 93 ms. The values are unchanged (gradients agree to 2e-7 relative).
+    """
+    return _residual_barrier(x)
 
   def layer_norm(self, x, scale, bias, eps=1e-5):
     mu = x.mean(-1, keepdims=True)
@@ -118,6 +139,9 @@ class TorchOps:
   def maxpool2(self, x):
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4))
+
+  def residual(self, x):
+    return x
 
   def layer_norm(self, x, scale, bias, eps=1e-5):
     mu = x.mean(-1, keepdim=True)
@@ -242,16 +266,16 @@ def gpt_apply(ops, params, idx, cfg: GPTConfig):
   x = ops.take(params["embed"]["embedding"], idx) + params["pos"]["embedding"][:t]
   for i in range(cfg.n_layers):
     p = lambda k: params[f"block_{i}_{k}"]
-    h = ops.layer_norm(x, p("ln_0")["scale"], p("ln_0")["bias"])
+    h = ops.layer_norm(ops.residual(x), p("ln_0")["scale"], p("ln_0")["bias"])
     qkv = h @ p("qkv")["kernel"] + p("qkv")["bias"]
     d = cfg.d_model
     q, k, v = (ops.split_heads(qkv[..., j * d:(j + 1) * d], cfg.n_heads) for j in range(3))
     a = ops.merge_heads(ops.causal_attention(q, k, v))
     x = x + a @ p("proj")["kernel"] + p("proj")["bias"]
-    h = ops.layer_norm(x, p("ln_1")["scale"], p("ln_1")["bias"])
+    h = ops.layer_norm(ops.residual(x), p("ln_1")["scale"], p("ln_1")["bias"])
     h = ops.gelu(h @ p("mlp_in")["kernel"] + p("mlp_in")["bias"])
     x = x + h @ p("mlp_out")["kernel"] + p("mlp_out")["bias"]
-  x = ops.layer_norm(x, params["ln_f"]["scale"], params["ln_f"]["bias"])
+  x = ops.layer_norm(ops.residual(x), params["ln_f"]["scale"], params["ln_f"]["bias"])
   return x @ params["head"]["kernel"]
 
 
