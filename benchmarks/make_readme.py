@@ -113,6 +113,16 @@ def section(results: dict, link_base: str) -> str:
       if f in (results.get("plots") or []):
         out.append(f"![{tname} {what}]({link_base}/{f})")
         out.append("")
+  if "quality_frontier.png" in (results.get("plots") or []):
+    out.append("#### State bits against quality")
+    out.append("")
+    out.append("Each optimizer's state (bits per parameter, whole model, counters included) "
+               "against its final validation loss relative to tuned `optax.adamw` on each task "
+               "(mean ± std of the seeds), from the tables above.")
+    out.append("")
+    out.append(f"![state bits against the quality gap to optax.adamw]({link_base}/"
+               "quality_frontier.png)")
+    out.append("")
   speed = [r for r in results.get("speed", [])]
   if speed:
     sizes = list(dict.fromkeys(r["size"] for r in speed))

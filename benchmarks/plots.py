@@ -207,8 +207,31 @@ def frontier_points(turbo_rows, codec_rows) -> list[dict]:
   return pts
 
 
-def frontier_plot(points, out: pathlib.Path, name: str = "codec_frontier.png"):
-  """Bits/param of state against the final validation loss gap to float32, one panel a task."""
+def quality_points(results) -> list[dict]:
+  """(task, name, bits/param, gap to tuned optax.adamw) for every optimizer of a main run."""
+  pts = []
+  for t in results.get("tasks", {}):
+    rows = [s for s in results.get("summary", []) if s["task"] == t and not s.get("error")
+            and s.get("state_bytes_per_param") is not None
+            and s.get("val_loss_mean") is not None and math.isfinite(s["val_loss_mean"])]
+    base = next((s for s in rows if s["optimizer"] == "optax.adamw"), None)
+    if base is None:
+      continue
+    for s in rows:
+      if s is not base:
+        pts.append(dict(task=t, name=s["optimizer"], bits=8 * s["state_bytes_per_param"],
+                        std=s["val_loss_std"] / base["val_loss_mean"],
+                        gap=s["val_loss_mean"] / base["val_loss_mean"] - 1))
+  return pts
+
+
+def frontier_plot(points, out: pathlib.Path, name: str = "codec_frontier.png",
+                  xlim=(4, 16), reference="float32 self"):
+  """Bits/param of state against the final validation loss gap to a reference, one panel a task.
+
+  ``reference`` names what the gap is to (the configuration's float32 self for the codec
+  frontier, tuned ``optax.adamw`` for the main run's); ``xlim`` the bits shown (log2 axis).
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -235,15 +258,19 @@ def frontier_plot(points, out: pathlib.Path, name: str = "codec_frontier.png"):
                 label=f"{p['name']} ({gap:+.0f}%, off scale)")
     ax.set_ylim(-lim, lim)
     ax.axhline(0, color="k", lw=0.8)
-    ax.axhspan(-1, 1, color="tab:green", alpha=0.12, label="within 1% of float32")
+    ax.axhspan(-1, 1, color="tab:green", alpha=0.12, label=f"within 1% of {reference}")
     ax.axvline(5, color="tab:grey", ls="--", lw=0.8, label="5 bits/param")
     ax.set_xscale("log", base=2)
-    ax.set_xlim(4, 16)
-    ax.set_xticks([4, 5, 6, 8, 10, 12, 16], ["4", "5", "6", "8", "10", "12", "16"])
+    ax.set_xlim(*xlim)
+    ticks = ([4, 5, 6, 8, 10, 12, 16] if tuple(xlim) == (4, 16) else
+             [2.0 ** k for k in range(math.floor(math.log2(xlim[0])),
+                                      math.ceil(math.log2(xlim[1])) + 1)])
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("optimizer state, bits per parameter (whole model)")
-    ax.set_ylabel("final val loss vs float32 self (%; ± std of 3 seeds)")
-    ax.set_title(f"{t}: low-bit state frontier")
+    ax.set_ylabel(f"final val loss vs {reference} (%; ± std of the seeds)")
+    ax.set_title(f"{t}: " + ("low-bit state frontier" if reference == "float32 self"
+                              else f"state bits against quality vs {reference}"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
   fig.tight_layout()
@@ -261,6 +288,13 @@ def make_all(results, out) -> list[str]:
     files += task_plots(results, task, out)
   files += speed_plots(results, out)
   files += roofline_plot(results, out)
+  pts = quality_points(results)
+  if pts:
+    lo = min(p["bits"] for p in pts)
+    hi = max(p["bits"] for p in pts)
+    files += frontier_plot(pts, out, name="quality_frontier.png",
+                           xlim=(2.0 ** math.floor(math.log2(lo)), 2.0 ** math.ceil(math.log2(hi))),
+                           reference="optax.adamw")
   return files
 
 

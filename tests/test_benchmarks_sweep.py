@@ -126,3 +126,16 @@ def test_beats_adamw_sentence_uses_the_standard_error():
   assert "stax.b (+2.0 %)" in tied                     # 0.02 < se = 0.03·sqrt(2/3) = 0.0245
   assert "stax.c (+20.0 %)" in worse and "stax.d (diverged)" in worse
   assert "seed:x" not in text
+
+
+def test_quality_points_are_gaps_to_adamw_in_bits():
+  from benchmarks import plots
+  row = lambda name, m, sd, bpp: {"task": "t", "optimizer": name, "val_loss_mean": m,
+                                  "val_loss_std": sd, "state_bytes_per_param": bpp}
+  res = {"tasks": {"t": {}}, "summary": [row("optax.adamw", 2.0, 0.1, 8.0),
+                                         row("stax.stac", 2.2, 0.2, 0.125),
+                                         row("stax.x", math.nan, math.nan, 1.0),
+                                         dict(row("stax.y", 1.0, 0.0, 1.0), error="boom")]}
+  (p,) = plots.quality_points(res)
+  assert p["name"] == "stax.stac" and p["bits"] == 1.0
+  assert p["gap"] == pytest.approx(0.1) and p["std"] == pytest.approx(0.1)
