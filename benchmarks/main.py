@@ -24,9 +24,10 @@ every optimizer (faithful modes, seeds' packages, torch) on every task, 600/400/
 (the char-LM evaluated every 50), and 128M in the speed benchmark's step memory. Each
 learning-rate sweep starts at {1e-3, 3e-3, 1e-2} and extends along ``LADDER`` (1e-4 … 1e-1)
 while its best point is at an edge of the rates tried, so the chosen rate is interior unless
-the ladder ends (flagged ``lr_at_edge``). On the char-LM each optimizer's validation loss at
-the training seconds of ``optax.adamw`` is also recorded (equal wall-clock; an optimizer that
-finished sooner reports its final loss, one still running is cut mid-schedule).
+the ladder ends (flagged ``lr_at_edge``). Each optimizer's validation loss at the training
+seconds of ``optax.adamw`` is also recorded (equal wall-clock; an optimizer that finished
+sooner reports its final loss, one still running is cut mid-schedule); the README shows it for
+the char-LM, whose runs last long enough for it to mean something.
 ``--task``, ``--optimizer`` (comma-separated substrings of the names) and ``--device``
 (``cpu``; ``gpu`` runs the JAX side on a GPU, torch stays on CPU) select.
 
