@@ -448,11 +448,37 @@ def run_dir(out: str | None, now: _dt.datetime) -> pathlib.Path:
       path = base.with_name(f"{base.name}-{i}")
 
 
+QUALITY_KEYS = ("tasks", "quality", "summary", "skipped")
+
+
+def carry_quality(results: dict, old: dict, results_dir: pathlib.Path) -> dict:
+  """A run without quality (``--no-quality``) keeps the tracked quality tables it would erase.
+
+  Returns ``results`` with ``old``'s tasks, runs, summary rows and task plots (those still in
+  ``results_dir``), and ``quality_run`` naming the run they came from (its start, mode, argv,
+  wall time and machine), so the README can say which run each table is from.
+  """
+  merged = dict(results)
+  for k in QUALITY_KEYS:
+    merged[k] = old.get(k, [] if k != "tasks" else {})
+  merged["quality_run"] = old.get("quality_run") or {
+      k: old.get(k) for k in ("started", "mode", "argv", "wall_s", "machine")}
+  merged["quality_run"]["timings_s"] = {
+      t: v for t, v in (old.get("timings_s") or {}).items() if t in merged["tasks"]}
+  own = set(results.get("plots") or [])
+  carried = [p for p in (old.get("plots") or []) if p not in own and (results_dir / p).exists()
+             and (p == "quality_frontier.png" or any(p.startswith(f"{t}_")
+                                                     for t in merged["tasks"]))]
+  merged["plots"] = [*(results.get("plots") or []), *carried]
+  return merged
+
+
 def publish(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
   """Copies a run's JSON and plots into ``RESULTS`` and regenerates ``README``'s results section.
 
   Only ``--update-results`` calls this: it is the one path by which the main job writes
-  tracked files.
+  tracked files. A run without quality results (``--no-quality``) keeps the tracked quality
+  tables (:func:`carry_quality`), so refreshing the speed tables does not erase a full run's.
 
   Args:
     results: the run's results (``plots`` names the PNG files in ``out``).
@@ -466,9 +492,19 @@ def publish(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
   from benchmarks import make_readme
   RESULTS.mkdir(parents=True, exist_ok=True)
   written = []
+  tracked = RESULTS / "results.json"
+  old = None
+  if not results.get("summary") and tracked.exists():
+    try:
+      old = json.loads(tracked.read_text())
+    except json.JSONDecodeError:
+      old = None
+  merged = carry_quality(results, old, RESULTS) if old and old.get("summary") else None
   for name in ["results.json", *(results.get("plots") or [])]:
     src, dst = out / name, RESULTS / name
-    if src.resolve() != dst.resolve():
+    if name == "results.json" and merged is not None:
+      dst.write_text(json.dumps(_nan_to_none(merged), indent=1))
+    elif src.resolve() != dst.resolve():
       shutil.copyfile(src, dst)
     written.append(dst)
   if make_readme.update_file(README, json.loads((RESULTS / "results.json").read_text()),

@@ -53,6 +53,15 @@ def section(results: dict, link_base: str) -> str:
              f"with other jobs: wall-clock numbers are noisy, compare within a run). "
              f"CPU only; no GPU figures.")
   out.append("")
+  qr = results.get("quality_run")
+  if qr and results.get("tasks"):
+    qm = qr.get("machine") or {}
+    out.append(f"**The quality tables** are from an earlier run, `python -m benchmarks.main"
+               f"{' --full' if qr.get('mode') == 'full' else ''}` ({qr.get('mode')} mode) on "
+               f"{qr.get('started', '?')} (wall time {_f(qr.get('wall_s'), '{:.0f}')} s, "
+               f"{qm.get('cpu', '?')} × {qm.get('cores', '?')}), kept by this run, which ran "
+               "without them (`--no-quality`); the speed and memory tables are this run's.")
+    out.append("")
   for tname, t in results.get("tasks", {}).items():
     out.append(f"#### {tname}: {t['description']}")
     out.append("")

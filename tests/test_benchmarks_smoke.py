@@ -220,3 +220,32 @@ def test_step_memory_counts_the_step_arguments_exactly():
     assert r["peak_gib"] >= r["argument_gib"] and r["temp_gib"] >= 0
   assert recs[0]["vs_optax_adamw"] == 1.0
   assert recs[2]["vs_optax_adamw"] == pytest.approx(recs[2]["peak_gib"] / recs[0]["peak_gib"])
+
+
+def test_a_run_without_quality_keeps_the_tracked_quality_tables(tiny_run, tmp_path, monkeypatch):
+  """--no-quality --update-results refreshes speed but keeps the tracked full run's tables."""
+  res, out = tiny_run
+  results_dir = tmp_path / "results"
+  results_dir.mkdir()
+  old = json.loads((out / "results.json").read_text())
+  old.update(mode="full", started="2026-01-01T00:00:00+00:00", speed=[{"stale": True}])
+  (results_dir / "results.json").write_text(json.dumps(old))
+  (results_dir / "digits_loss.png").write_bytes(b"old plot")
+  readme = tmp_path / "README.md"
+  readme.write_text("# x\n<!-- results:start -->\nold text\n<!-- results:end -->\nafter\n")
+  monkeypatch.setattr(M, "RESULTS", results_dir)
+  monkeypatch.setattr(M, "README", readme)
+  monkeypatch.setattr(M, "RUNS", tmp_path / "runs")
+  new = M.main(["--no-quality", "--sizes", "tiny", "--speed-steps", "2", "--no-investigate",
+                "--optimizer", "optax.adamw", "--no-torch", "--quiet", "--update-results"])
+  saved = json.loads((results_dir / "results.json").read_text())
+  assert saved["summary"] == old["summary"] and saved["quality"] == old["quality"]
+  assert saved["tasks"] == old["tasks"] and saved["quality_run"]["mode"] == "full"
+  assert saved["quality_run"]["started"] == "2026-01-01T00:00:00+00:00"
+  assert [r["optimizer"] for r in saved["speed"]] == [r["optimizer"] for r in new["speed"]]
+  assert {"stale": True} not in saved["speed"] and saved["started"] == new["started"]
+  assert "digits_loss.png" in saved["plots"]
+  assert (results_dir / "digits_loss.png").read_bytes() == b"old plot"
+  text = readme.read_text()
+  assert "from an earlier run" in text and "2026-01-01T00:00:00+00:00" in text
+  assert "| optax.adamw |" in text and "#### digits" in text
