@@ -19,8 +19,8 @@ Quick mode (default):
     shakespeare (150 steps, batch 16 × 64 characters: the baselines and each stax optimizer's
     default mode, JAX only, one learning rate 3e-3). ``--task digits,mnist,shakespeare`` is
     the earlier quick run (about 10 minutes).
-``--full`` (about 95 minutes on an idle 2-core CPU; ``--torch-threads 2`` there): 3 seeds,
-every optimizer (faithful modes, seeds' packages, torch) on every task, 600/400/300 steps
+``--full`` (76 minutes measured on an idle 2-core CPU, speed included; torch on every
+core): 3 seeds, every optimizer (faithful modes, seeds' packages, torch) on every task, 600/400/300 steps
 (the char-LM evaluated every 50), and 128M in the speed benchmark's step memory. Each
 learning-rate sweep starts at {1e-3, 3e-3, 1e-2} and extends along ``LADDER`` (1e-4 … 1e-1)
 while its best point is at an edge of the rates tried, so the chosen rate is interior unless
@@ -62,8 +62,8 @@ QUICK = {
 }
 # --full: every optimizer on every task; each sweep starts at 3 points and extends along
 # LADDER while its best is at an edge (quality.sweep). Steps are what one full run affords on
-# a 2-core CPU in about 90 minutes (measured: a char-LM step ~95 ms in JAX, ~75 ms in torch
-# with 2 threads; ~23 optimizers × ~5.5 runs per task).
+# a 2-core CPU: 4,580 s measured with the speed part (a char-LM step ~80-95 ms in JAX, ~75 ms
+# in torch with 2 threads; 23 optimizers x ~5.5 runs per task).
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 FULL = {
     "digits": dict(steps=600, lrs=(1e-3, 3e-3, 1e-2), ladder=LADDER, torch=True, faithful=True),
