@@ -346,7 +346,8 @@ def run_speed_part(args, optimizers, results, out, log):
     bar.close()
   results["speed_config"] = {"sizes": {s: S.n_params_of(s) for s in sizes}, "timed_steps": steps,
                              "warmup_steps": 2, "donated": True,
-                             "interleaved_max_params": S.INTERLEAVE_MAX_PARAMS}
+                             "interleaved_max_params": S.INTERLEAVE_MAX_PARAMS,
+                             "torch_interleaved": True}
   if any(o.name.startswith("stax.scao") for o in opts) and "16M" in sizes:
     log("timing stax.scao's phases at 16M (warm-up, preconditioned, refresh)...")
     results["speed_phases"] = S.scao_phases("16M", log=log)

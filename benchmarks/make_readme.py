@@ -144,8 +144,11 @@ def section(results: dict, link_base: str) -> str:
                + (f"; up to {cfg['interleaved_max_params'] / 1e6:.0f}M parameters each JAX "
                   "step is timed interleaved with optax.adamw's step and its floor program "
                   "(rounds of 2 calls each, so the machine's load moves the three alike), and "
-                  "its ratio to optax.adamw is the ratio within that loop; torch's steps run one "
-                  "optimizer after the other"
+                  "its ratio to optax.adamw is the ratio within that loop; "
+                  + ("torch's steps too, each with optax.adamw's for its own row, and in the "
+                     "loop of the stax step whose seed package it is"
+                     if cfg.get("torch_interleaved") else
+                     "torch's steps run one optimizer after the other")
                   if cfg.get("interleaved_max_params") else "")
                + ". Parameter sets shaped like the benchmark's GPT: "
                + ", ".join(f"{k} = {v:,}" for k, v in (cfg.get("sizes") or {}).items())

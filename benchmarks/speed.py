@@ -322,12 +322,11 @@ SEEDS = {
 
 
 def _partners(name: str, by_name: dict) -> list[str]:
-  """The JAX steps ``name`` is compared with besides optax.adamw (its target's baseline, its
-  seed package), timed in its loop so that the comparison is within one loop."""
+  """The steps ``name`` is compared with besides optax.adamw (its target's baseline, its seed
+  package, JAX or torch), timed in its loop so that the comparison is within one loop."""
   out = []
   for other in (TARGETS.get(name, (None,))[0], SEEDS.get(name)):
-    if other and other != "optax.adamw" and other in by_name and (
-        by_name[other].framework == "jax"):
+    if other and other != "optax.adamw" and other in by_name:
       out.append(other)
   return out
 
@@ -631,26 +630,36 @@ def step_memory(size: str = "128M", names=MEMORY_ENTRIES, log=print) -> list[dic
   return result
 
 
-def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2):
-  """(median_ms, min_ms, first_step_s, state_bytes) for a torch optimizer."""
+def torch_step(make_opt, params_np, module_order):
+  """A torch optimizer's step on a fixed gradient, prepared for :func:`interleave`.
+
+  Returns ``((step, args), optimizer)``: ``step(*args)`` runs ``optimizer.step()`` and hands
+  ``args`` back, the shape of a prepared JAX step, so torch and JAX steps share one loop.
+  """
   import torch
 
-  from benchmarks.quality import torch_module, torch_state_bytes
+  from benchmarks.quality import torch_module
   module, _ = torch_module(params_np, module_order)
   rng = np.random.default_rng(1)
   for p in module.parameters():
     p.grad = torch.as_tensor(rng.standard_normal(tuple(p.shape), dtype=np.float32) * 1e-3)
   opt = make_opt(module)
-  t0 = time.perf_counter()
-  opt.step()
-  first = time.perf_counter() - t0
+
+  def step(a, b):
+    opt.step()
+    return a, b
+
+  return (step, [None, None]), opt
+
+
+def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2):
+  """(median_ms, min_ms, first_step_s, state_bytes) for a torch optimizer, timed on its own."""
+  from benchmarks.quality import torch_state_bytes
+  (step, args), opt = torch_step(make_opt, params_np, module_order)
+  first = _call(step, args)
   for _ in range(max(0, warmup - 1)):
-    opt.step()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    opt.step()
-    times.append(time.perf_counter() - t0)
+    _call(step, args)
+  times = [_call(step, args) for _ in range(steps)]
   return 1e3 * statistics.median(times), 1e3 * min(times), first, torch_state_bytes(opt)
 
 
@@ -668,8 +677,9 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
   interleaved (``steps`` calls each, in rounds of 2): ``vs_optax_adamw`` and
   ``floor_program_vs_optax_adamw`` are ratios within that loop (measured with 30 contenders in
   one loop instead, rounds of several seconds let the machine's drift into the ratios: 1.42×
-  where three-way loops gave 1.18× three times in a row). Torch steps run one optimizer after
-  the other."""
+  where three-way loops gave 1.18× three times in a row). Torch steps too run interleaved up
+  to that size: with optax.adamw's step for their own row, and in the loop of a stax step
+  whose seed is a torch package, as its partner; above it every step is timed on its own."""
   import jax
   import optax
 
@@ -702,7 +712,10 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
               runs["floor"] = programs[prog]
             for other in _partners(opt.name, by_name):
               if other not in partners:
-                partners[other] = prepare_jax(by_name[other].build(1e-3, task), params)[:2]
+                po = by_name[other]
+                partners[other] = (
+                    prepare_jax(po.build(1e-3, task), params)[:2] if po.framework == "jax" else
+                    torch_step(lambda m, po=po: po.build(1e-3, m, task), params, order)[0])
               runs["partner:" + other] = partners[other]
             times = interleave(runs, rounds=max(1, -(-steps // 2)), calls=2)
             if isinstance(times["step"], str):
@@ -722,6 +735,20 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
           else:
             med, mn, comp = time_jax(tx, params, steps=steps, cost=cost)
             rec.update(step_ms=med, step_ms_min=mn, compile_s=comp, timing="alone", **cost)
+        elif together:
+          from benchmarks.quality import torch_state_bytes
+          stepper, topt = torch_step(lambda m: opt.build(1e-3, m, task), params, order)
+          first = _call(*stepper)
+          times = interleave({"base": base, "step": stepper}, rounds=max(1, -(-steps // 2)),
+                             calls=2)
+          if isinstance(times["step"], str):
+            raise RuntimeError(times["step"])
+          b = statistics.median(times["base"])
+          rec.update(step_ms=1e3 * statistics.median(times["step"]),
+                     step_ms_min=1e3 * min(times["step"]), optax_adamw_loop_ms=1e3 * b,
+                     vs_optax_adamw=statistics.median(times["step"]) / b, compile_s=first,
+                     state_bytes=torch_state_bytes(topt), timing="interleaved")
+          del stepper, topt
         else:
           med, mn, first, sb = time_torch(lambda m: opt.build(1e-3, m, task), params, order,
                                           steps=steps)

@@ -118,14 +118,15 @@ def test_interleave_rounds_every_step_and_drops_one_that_fails():
 def test_comparisons_come_from_one_loop():
   """speed.relative: against optax.adamw the ratio within the step's own loop; against a
   partner that ran in that loop (a target's baseline, a JAX seed) the in-loop ratio; else the
-  ratio of medians. speed._partners picks the JAX ones."""
+  ratio of medians. speed._partners picks them, JAX or torch."""
   import types
   jax_opt = lambda n: types.SimpleNamespace(name=n, framework="jax")
   by_name = {n: jax_opt(n) for n in ("optax.contrib.muon", "seed:stam_optimizer.stam")}
   by_name["seed:optimi.StableAdamW"] = types.SimpleNamespace(name="x", framework="torch")
   assert S._partners("stax.oadamw", by_name) == ["optax.contrib.muon"]
   assert S._partners("stax.stam[seed]", by_name) == ["seed:stam_optimizer.stam"]
-  assert S._partners("stax.stable_adamw", by_name) == []      # a torch seed runs alone
+  assert S._partners("stax.stable_adamw", by_name) == ["seed:optimi.StableAdamW"]  # torch too
+  assert S._partners("stax.adamw", by_name) == []
   rec = {"optimizer": "stax.oadamw", "timing": "interleaved", "step_ms": 460.0,
          "vs_optax_adamw": 38.0, "vs_partner": {"optax.contrib.muon": 0.55}}
   muon = {"optimizer": "optax.contrib.muon", "timing": "interleaved", "step_ms": 877.0,
@@ -135,3 +136,18 @@ def test_comparisons_come_from_one_loop():
   assert S.relative(rec, muon) == 0.55
   assert S.relative(rec, adamw) == 38.0
   assert S.relative(rec, torch_seed) == pytest.approx(460.0 / 40.0)
+
+
+def test_torch_step_shares_the_interleaved_loop():
+  """speed.torch_step: a torch optimizer's step in the shape of a prepared JAX step, so
+  interleave times it beside JAX steps; each call is one real optimizer.step()."""
+  torch = pytest.importorskip("torch")
+  params = {"head": {"kernel": np.ones((4, 3), np.float32)}}
+  (step, args), opt = S.torch_step(lambda m: torch.optim.SGD(m.parameters(), lr=0.5), params,
+                                   ["head"])
+  (p,) = [q for g in opt.param_groups for q in g["params"]]
+  g = p.grad.clone()
+  times = S.interleave({"torch": (step, args)}, rounds=2, calls=2)
+  assert len(times["torch"]) == 4
+  # one warm-up round + 2 rounds, 2 calls each: 6 SGD steps on the fixed gradient
+  np.testing.assert_allclose(p.detach().numpy(), 1.0 - 6 * 0.5 * g.numpy(), rtol=1e-6)
