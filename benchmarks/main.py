@@ -214,8 +214,8 @@ def run_quality(args, optimizers, cfgs, results, out, log):
     params0 = jax.tree.map(np.asarray, task.init(0))
     results["tasks"][tname] = {"description": task.description, "n_params": T.n_params(params0),
                                "steps": steps, "batch_size": task.batch_size,
-                               "eval_every": k, "lrs": list(cfg["lrs"]), "ladder": list(cfg.get("ladder", ())),
-                               "seeds": n_seeds,
+                               "eval_every": k, "lrs": list(cfg["lrs"]),
+                               "ladder": list(cfg.get("ladder", ())), "seeds": n_seeds,
                                "metric": task.metric_name, "clip_global_norm": Q.CLIP,
                                "schedule": "linear warm-up 5% + cosine to 10% of peak"}
     total = len(opts) * (len(cfg["lrs"]) + n_seeds - 1)
@@ -462,10 +462,10 @@ def carry_quality(results: dict, old: dict, results_dir: pathlib.Path) -> dict:
   merged = dict(results)
   for k in QUALITY_KEYS:
     merged[k] = old.get(k, [] if k != "tasks" else {})
-  merged["quality_run"] = old.get("quality_run") or {
-      k: old.get(k) for k in ("started", "mode", "argv", "wall_s", "machine")}
-  merged["quality_run"]["timings_s"] = {
-      t: v for t, v in (old.get("timings_s") or {}).items() if t in merged["tasks"]}
+  # a run that carried them over already names their run; otherwise ``old`` is that run
+  merged["quality_run"] = old.get("quality_run") or dict(
+      {k: old.get(k) for k in ("started", "mode", "argv", "wall_s", "machine")},
+      timings_s={t: v for t, v in (old.get("timings_s") or {}).items() if t in merged["tasks"]})
   own = set(results.get("plots") or [])
   carried = [p for p in (old.get("plots") or []) if p not in own and (results_dir / p).exists()
              and (p == "quality_frontier.png" or any(p.startswith(f"{t}_")

@@ -669,6 +669,19 @@ def time_torch(make_opt, params_np, module_order, *, steps: int, warmup: int = 2
 INTERLEAVE_MAX_PARAMS = 40_000_000
 
 
+def _timed_loop(rec: dict, runs: dict, steps: int) -> dict:
+  """Interleaves ``runs`` (``"base"``: optax.adamw's step, ``"step"``: the one timed) and
+  records the step's median/min ms, optax.adamw's in the loop and their ratio in ``rec``;
+  returns the times. Raises when the step failed."""
+  times = interleave(runs, rounds=max(1, -(-steps // 2)), calls=2)
+  if isinstance(times["step"], str):
+    raise RuntimeError(times["step"])
+  b, m = statistics.median(times["base"]), statistics.median(times["step"])
+  rec.update(step_ms=1e3 * m, step_ms_min=1e3 * min(times["step"]), optax_adamw_loop_ms=1e3 * b,
+             vs_optax_adamw=m / b)
+  return times
+
+
 def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
   """Step time + state bytes for every optimizer at every size. Returns a list of records.
 
@@ -717,16 +730,11 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
                     prepare_jax(po.build(1e-3, task), params)[:2] if po.framework == "jax" else
                     torch_step(lambda m, po=po: po.build(1e-3, m, task), params, order)[0])
               runs["partner:" + other] = partners[other]
-            times = interleave(runs, rounds=max(1, -(-steps // 2)), calls=2)
-            if isinstance(times["step"], str):
-              raise RuntimeError(times["step"])
+            times = _timed_loop(rec, runs, steps)
             rec["vs_partner"] = {
                 k.split(":", 1)[1]: statistics.median(times["step"]) / statistics.median(t)
                 for k, t in times.items() if k.startswith("partner:") and isinstance(t, list)}
             b = statistics.median(times["base"])
-            rec.update(step_ms=1e3 * statistics.median(times["step"]),
-                       step_ms_min=1e3 * min(times["step"]), optax_adamw_loop_ms=1e3 * b,
-                       vs_optax_adamw=statistics.median(times["step"]) / b)
             if isinstance(times.get("floor"), list):
               rec["floor_program"] = prog
               rec["floor_program_vs_optax_adamw"] = statistics.median(times["floor"]) / b
@@ -739,15 +747,8 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
           from benchmarks.quality import torch_state_bytes
           stepper, topt = torch_step(lambda m: opt.build(1e-3, m, task), params, order)
           first = _call(*stepper)
-          times = interleave({"base": base, "step": stepper}, rounds=max(1, -(-steps // 2)),
-                             calls=2)
-          if isinstance(times["step"], str):
-            raise RuntimeError(times["step"])
-          b = statistics.median(times["base"])
-          rec.update(step_ms=1e3 * statistics.median(times["step"]),
-                     step_ms_min=1e3 * min(times["step"]), optax_adamw_loop_ms=1e3 * b,
-                     vs_optax_adamw=statistics.median(times["step"]) / b, compile_s=first,
-                     state_bytes=torch_state_bytes(topt), timing="interleaved")
+          _timed_loop(rec, {"base": base, "step": stepper}, steps)
+          rec.update(compile_s=first, state_bytes=torch_state_bytes(topt), timing="interleaved")
           del stepper, topt
         else:
           med, mn, first, sb = time_torch(lambda m: opt.build(1e-3, m, task), params, order,

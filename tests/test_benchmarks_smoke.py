@@ -251,4 +251,8 @@ def test_a_run_without_quality_keeps_the_tracked_quality_tables(tiny_run, tmp_pa
   assert (results_dir / "digits_loss.png").read_bytes() == b"old plot"
   text = readme.read_text()
   assert "from an earlier run" in text and "2026-01-01T00:00:00+00:00" in text
+  # a second refresh keeps naming the quality run, its task timings included
+  again = M.carry_quality({"summary": [], "timings_s": {"speed": 1.0}}, saved, results_dir)
+  assert again["quality_run"] == saved["quality_run"]
+  assert set(saved["quality_run"]["timings_s"]) == {"digits"}
   assert "| optax.adamw |" in text and "#### digits" in text
