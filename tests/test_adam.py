@@ -109,8 +109,50 @@ def test_beta1_rule_and_product_correction():
   for g, r in zip(gs, ref):
     u, state = jax.jit(tx.update)({"a": jnp.asarray(g)}, state)
     np.testing.assert_allclose(np.asarray(u["a"]), r, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(float(state.b1_prod["a"]), np.prod(betas), rtol=1e-6)
+  np.testing.assert_allclose(float(state.b1_prod[0]), np.prod(betas), rtol=1e-6)  # leaf "a"
 
+
+
+def test_a_stacked_rule_equals_the_same_rule_per_leaf():
+  """A ``stacked`` rule's vector of β1s (an entry per leaf, flatten order) gives the updates of
+  the per-leaf tree it stands for, bit for bit, and the core keeps the β1 products as one
+  vector: [prod of a's β1s, prod of b's]."""
+  betas = {"a": 0.5, "b": 0.8}
+  per_leaf = stax.Beta1Rule(lambda p: jnp.zeros([]),
+                            lambda g, m, st, c: (jax.tree.map(lambda _, b: jnp.float32(b), g,
+                                                              betas), st))
+  stacked = stax.Beta1Rule(lambda p: jnp.zeros([]),
+                           lambda g, m, st, c: (jnp.array([0.5, 0.8], jnp.float32), st),
+                           stacked=True)
+  params = {"a": jnp.zeros((3, 2)), "b": jnp.zeros(5)}
+  rng = np.random.default_rng(0)
+  txs = [stax.scale_by_adam(r, 0.99, bias_correction="product") for r in (per_leaf, stacked)]
+  states = [tx.init(params) for tx in txs]
+  for _ in range(3):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    outs = [jax.jit(tx.update)(g, st) for tx, st in zip(txs, states)]
+    states = [o[1] for o in outs]
+    for x, y in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_allclose(np.asarray(states[1].b1_prod), [0.5 ** 3, 0.8 ** 3], rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(states[0].b1_prod), np.asarray(states[1].b1_prod))
+
+
+def test_a_rules_mean_square_feeds_a_per_tensor_v():
+  """A rule with ``sq_means`` hands its mean(|g|²) to a storage that keeps one mean of v per
+  tensor: the stored v is the EMA of *that* value (here deliberately not the gradient's own
+  mean square, so the test sees which one was used), bounded at the storage's B² = 2**126."""
+  from stax.codecs.tensor_rms import tensor_rms_storage
+  given = {"a": 4.0, "b": 1e38}   # b's is above B² = 2**126 ≈ 8.5e37
+  rule = stax.Beta1Rule(lambda p: jnp.zeros([]),
+                        lambda g, m, st, c: (jax.tree.map(lambda _: 0.9, m), st,
+                                             jax.tree.map(lambda _, q: jnp.float32(q), m, given)),
+                        raw_grads=True, sq_means=True)
+  tx = stax.scale_by_adam(rule, 0.5, bias_correction="product", storage=tensor_rms_storage())
+  params = {"a": jnp.zeros((3, 2)), "b": jnp.zeros(5)}
+  _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params))
+  assert float(state.nu["a"]) == 0.5 * 4.0
+  assert float(state.nu["b"]) == 0.5 * 2.0 ** 126
 
 class _HalfCodec(NamedTuple):
   """A toy codec: stores x/2 in float16 and adds uniform noise from the key."""

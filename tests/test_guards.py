@@ -207,7 +207,7 @@ def test_a_beta1_rule_core_honours_the_gate_and_keeps_the_rule_state():
   _, s2 = core.update(params, s1, params, **{NONFINITE_OK: jnp.array(False)})
   for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s1)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert float(s1.b1_state["w"]) == 1.0
+  assert float(s1.b1_state["w"]) == 1.0  # a rule of its own keeps any state layout
 
 
 def test_gated_chain_names_the_element_that_is_not_gate_aware():

@@ -93,7 +93,8 @@ def test_stam_matches_seed_package(name, kw, sparse, explodes):
   params, loss = _mlp(sparse)
   ref, (sig, tau) = _train(so.stam(**kw), params, loss,
                            lambda s: (s.inner_state.sigma_sq, s.inner_state.tau))
-  mine, beta1 = _train(stax.stam(**kw, nonfinite="zero"), params, loss, stax.stam_beta1)
+  mine, beta1 = _train(stax.stam(**kw, nonfinite="zero"), params, loss,
+                       lambda s: stax.stam_beta1(s, params))
   _check_parity(name, mine, ref)
 
   # The safety fallbacks were exercised, and stax chose b1_base exactly there (conditions read
@@ -126,7 +127,8 @@ LITE_CASES = [
 def test_stam_lite_matches_seed_package(name, kw):
   params, loss = _mlp(sparse=False)
   ref, ref_beta1 = _train(so.stam_lite(**kw), params, loss, lambda s: s.inner_state.beta1)
-  mine, beta1 = _train(stax.stam_lite(**kw, nonfinite="zero"), params, loss, stax.stam_beta1)
+  mine, beta1 = _train(stax.stam_lite(**kw, nonfinite="zero"), params, loss,
+                       lambda s: stax.stam_beta1(s, params))
   _check_parity(name, mine, ref)
   for a, b in zip(jax.tree.leaves(beta1), jax.tree.leaves(ref_beta1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
@@ -160,7 +162,7 @@ def _beta1_runner(tx, shape=(32, 32)):
       noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), t), shape)
       g = jnp.where(const, mu, jnp.sqrt(snr) * mu + noise) * scale
       _, s = tx.update({"w": g}, s, p)
-      return s, stax.stam_beta1(s)["w"]
+      return s, stax.stam_beta1(s, p)["w"]
     return jax.lax.scan(step, tx.init(p), jnp.arange(steps))[1]
 
   return jax.jit(run, static_argnums=3)
@@ -215,7 +217,7 @@ def test_snr_beta1_scale_invariant_on_a_problem():
       p, s = carry
       u, s = tx.update(jax.grad(loss)(p, t), s, p)
       p = optax.apply_updates(p, u)
-      return (p, s), (stax.stam_beta1(s), p)
+      return (p, s), (stax.stam_beta1(s, p), p)
 
     p0 = jax.tree.map(jnp.zeros_like, target)
     return jax.lax.scan(step, (p0, tx.init(p0)), jnp.arange(300))[1]
@@ -240,7 +242,7 @@ def test_snr_rule_matches_numpy_reference():
 
   def step(s, g):
     u, s = tx.update({"w": g}, s, p)
-    return s, (u["w"], stax.stam_beta1(s)["w"])
+    return s, (u["w"], stax.stam_beta1(s, p)["w"])
 
   _, (us, bs) = jax.jit(lambda s, gs: jax.lax.scan(step, s, gs))(
       tx.init(p), jnp.asarray(grads, jnp.float32))
@@ -267,26 +269,31 @@ def test_stam_beta1_under_jit_and_wrappers():
   params = {"a": jnp.ones((4, 4)), "b": jnp.ones(3)}
   g = {"a": jnp.linspace(-1, 1, 16).reshape(4, 4), "b": jnp.array([0.5, -2.0, 1.0])}
   tx = stax.stam(1e-2, b1_base=0.85)
-  assert float(stax.stam_beta1(tx.init(params))["a"]) == pytest.approx(0.85)
+  assert float(stax.stam_beta1(tx.init(params), params)["a"]) == pytest.approx(0.85)
+  # the state keeps one vector, an entry per leaf in flatten order ("a", "b")
+  assert stax.stam_beta1(tx.init(params)).shape == (2,)
   _, s = tx.update(g, tx.init(params), params)
   # Independent: the seed's rule at step 1 (r = g, sigma² = (1-b2)·mean(g²), tau = 0.01·mean|g|).
   for k in ("a", "b"):
     x = np.asarray(g[k], np.float64)
     z = 0.001 * np.mean(x ** 2) / ((0.01 * np.mean(np.abs(x))) ** 2 + 1e-8)
     want = np.clip(0.85 * (1 - 0.2 * z / (1 + z)), max(0.5, 0.85 * 0.8), 0.85)
-    assert float(stax.stam_beta1(s)[k]) == pytest.approx(want, rel=1e-5)
-  jitted = jax.jit(lambda s: stax.stam_beta1(s))(s)
-  assert jax.tree.map(float, jitted) == jax.tree.map(float, stax.stam_beta1(s))
+    assert float(stax.stam_beta1(s, params)[k]) == pytest.approx(want, rel=1e-5)
+    assert float(stax.stam_beta1(s)["ab".index(k)]) == float(stax.stam_beta1(s, params)[k])
+  jitted = jax.jit(lambda s: stax.stam_beta1(s, params))(s)
+  assert jax.tree.map(float, jitted) == jax.tree.map(float, stax.stam_beta1(s, params))
   # Through inject_hyperparams and MultiSteps.
   inj = optax.inject_hyperparams(stax.stam_lite, static_args=("beta1_update_interval",))(
       learning_rate=1e-2)
   si = jax.jit(inj.update)(g, inj.init(params), params)[1]
-  assert set(stax.stam_beta1(si)) == {"a", "b"}
+  assert set(stax.stam_beta1(si, params)) == {"a", "b"}
   ms = optax.MultiSteps(stax.stam(), every_k_schedule=2)
   sm = jax.jit(ms.update)(g, ms.init(params), params)[1]
-  assert float(stax.stam_beta1(sm)["a"]) == pytest.approx(0.9)  # inner step not taken yet
+  assert float(stax.stam_beta1(sm, params)["a"]) == pytest.approx(0.9)  # inner step not taken yet
   with pytest.raises(ValueError, match="adaptive-beta1"):
     stax.stam_beta1(stax.adamw().init(params))
+  with pytest.raises(ValueError, match="has 1 leaves but"):
+    stax.stam_beta1(s, {"a": 0})
 
 
 # --------------------------------------------------------------------------- state, codec
@@ -391,8 +398,8 @@ def _rule_stats(rule, g, m):
   """One update of ``rule`` on one leaf (raw gradient g with the float32 bound)."""
   params = {"w": jnp.zeros(g.shape)}
   state = rule.init(params)
-  _, state = jax.jit(rule.update)({"w": (g, 2.0 ** 63)}, {"w": m}, state, jnp.int32(0))
-  return {k: float(v["w"]) for k, v in state._asdict().items()}
+  state = jax.jit(rule.update)({"w": (g, 2.0 ** 63)}, {"w": m}, state, jnp.int32(0))[1]
+  return {k: float(v[0]) for k, v in state._asdict().items()}  # one leaf: entry 0
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e30, "inf"])

@@ -228,7 +228,7 @@ def test_stam_with_a_codec_adapts_beta1_from_the_stored_first_moment():
     want = -lr * (m / (1 - prod + eps)) / (np.sqrt(v / (1 - b2 ** t + eps)) + eps)
     u, state = step({"w": g}, state, params)
     params = optax.apply_updates(params, u)
-    np.testing.assert_allclose(float(stax.stam_beta1(state)["w"]), b1, rtol=1e-5)
+    np.testing.assert_allclose(float(stax.stam_beta1(state, params)["w"]), b1, rtol=1e-5)
     np.testing.assert_allclose(u["w"], want, rtol=2e-4, atol=1e-7)
 
 

@@ -66,7 +66,7 @@ Example:
   >>> tx = stax.stam(1e-3, beta1_signal="snr")
   >>> state = tx.init(params)
   >>> updates, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
-  >>> stax.stam_beta1(state)["w"].shape
+  >>> stax.stam_beta1(state, params)["w"].shape
   ()
 """
 
@@ -313,18 +313,23 @@ def stam_lite(
   return _finish(core, weight_decay, mask, learning_rate, nonfinite, "stax.stam_lite")
 
 
-def stam_beta1(state: Any) -> Any:
+def stam_beta1(state: Any, params: Any = None) -> Any:
   """The current per-tensor β1 of a :func:`stam` / :func:`stam_lite` state (works under ``jit``).
 
-  Returns a pytree like the parameters with one float32 scalar per leaf: the β1 used at the
-  last step (before the first step: ``b1_base``). Accepts the optimizer's state as is, or
-  wrapped by ``optax.inject_hyperparams``, ``optax.MultiSteps``, chains, ...; with several
-  STAM states inside (e.g. an ``optax.partition``) returns a tuple of trees.
+  The β1 used at the last step (before the first step: ``b1_base``), one per parameter leaf:
+  as the float32 vector the state keeps (leaves in flatten order), or, given ``params`` (the
+  parameters, or any tree laid out like them), as a tree like the parameters with one 0-d
+  float32 array per leaf. Accepts the optimizer's state as is, or wrapped by
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``, chains, ...; with several STAM states
+  inside (e.g. an ``optax.partition``) returns a tuple.
 
   Example:
     >>> import jax.numpy as jnp, stax
-    >>> tx = stax.stam()
-    >>> float(stax.stam_beta1(tx.init({"w": jnp.ones(3)}))["w"])  # doctest: +ELLIPSIS
+    >>> params = {"b": jnp.zeros(2), "w": jnp.ones(3)}
+    >>> state = stax.stam().init(params)
+    >>> stax.stam_beta1(state).shape
+    (2,)
+    >>> float(stax.stam_beta1(state, params)["w"])  # doctest: +ELLIPSIS
     0.89999...
   """
-  return AB.find_beta1(state)
+  return AB.find_beta1(state, params)
