@@ -325,7 +325,10 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
   phases = [r for r in results.get("speed_phases") or [] if not r.get("error")]
   if phases:
     out += ["SCAO by phase (one compiled step timed call by call; warm-up and period "
-            f"{phases[0]['precond_freq']} steps; ratios to optax.adamw in the same process; "
+            f"{phases[0]['precond_freq']} steps; a step is *preconditioned* when the state says "
+            "so (from step "
+            f"{phases[0].get('first_precond_step', '?')}: after the warm-up and the required "
+            "curvature updates); ratios to optax.adamw in the same process; "
             "amortised = (refresh + (period − 1) · preconditioned) / period, target ≤ 1.5; "
             "*floor*: a preconditioned step's ideal bytes plus the check's read of g at the copy "
             "bandwidth, or the preconditioner's four m·n·K products per matrix at the matmul "

@@ -472,10 +472,14 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
   """Step time of each ``stax.scao`` variant (``(name, keyword arguments)``; default
   :data:`SCAO_PHASE_VARIANTS`) in each phase, and amortised over its period.
 
-  One donated compiled step runs ``warmup_steps + periods * precond_freq`` times on a fixed
-  gradient, each call timed. Step ``t`` (1-based) is a *warm-up* step while ``t <=
-  warmup_steps`` and a *preconditioned* step after; it is also a *refresh* step when
-  ``t % precond_freq == 0`` (the curvature update, :mod:`stax.transforms.kron._schedule`).
+  One donated compiled step runs on a fixed gradient, each call timed, until ``periods``
+  preconditioned refresh steps and a period of preconditioned steps were seen. A step is
+  *preconditioned* when the state says so afterwards (``stax.scao_diagnostics``'s ``phase``:
+  after ``warmup_steps`` *and* ``min_precond_updates`` curvature updates, so by default from
+  step 41 with a period of 20, recorded as ``first_precond_step``), a *warm-up* step before;
+  either is also a *refresh* step when ``t % precond_freq == 0`` (the curvature update,
+  :mod:`stax.transforms.kron._schedule`). (Before 2026-12-05 the phase was read from the step
+  number alone, so the "preconditioned" steps of the default schedule were warm-up steps.)
   Reported per mode: the median of each phase, and the amortised preconditioned step
   ``(refresh + (precond_freq - 1) * preconditioned) / precond_freq``, with ``optax.adamw``'s
   median step from the same process (its ratio is the speed issue's target, <= 1.5), and the
@@ -511,19 +515,28 @@ def scao_phases(size: str = "16M", *, warmup_steps: int = 20, precond_freq: int 
       state = jax.jit(tx.init)(params)
       compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
       phases = {"warmup": [], "warmup_refresh": [], "precond": [], "refresh": []}
-      for t in range(1, warmup_steps + periods * precond_freq + 1):
+      first_precond, t = None, 0
+      limit = warmup_steps + (periods + 4) * precond_freq
+      while t < limit and (len(phases["refresh"]) < periods
+                           or len(phases["precond"]) < precond_freq - 1):
+        t += 1
         t0 = time.perf_counter()
         params, state = compiled(params, state, grads)
         jax.block_until_ready((params, state))
         ms = 1e3 * (time.perf_counter() - t0)
+        # the step's phase from the state (preconditioning starts after the warm-up *and*
+        # min_precond_updates refreshes, so not at warmup_steps + 1 by default)
+        pre = int(stax.scao_diagnostics(state)["phase"]) == 1
+        first_precond = t if pre and first_precond is None else first_precond
         refresh = t % precond_freq == 0
-        key = ("warmup_refresh" if refresh else "warmup") if t <= warmup_steps else (
-            "refresh" if refresh else "precond")
+        key = ("refresh" if refresh else "precond") if pre else (
+            "warmup_refresh" if refresh else "warmup")
         phases[key].append(ms)
       med = {k: (statistics.median(v) if v else None) for k, v in phases.items()}
       amort = (med["refresh"] + (precond_freq - 1) * med["precond"]) / precond_freq
       rec = {"size": size, "optimizer": name, "mode": mode, "warmup_steps": warmup_steps,
-             "precond_freq": precond_freq, "optax_adamw_ms": base_ms,
+             "precond_freq": precond_freq, "first_precond_step": first_precond,
+             "optax_adamw_ms": base_ms,
              **{f"{k}_ms": v for k, v in med.items()}, "amortised_ms": amort,
              "amortised_vs_optax_adamw": amort / base_ms,
              "warmup_vs_optax_adamw": med["warmup"] / base_ms, "error": None}

@@ -8,6 +8,7 @@ inverse fourth roots) for the low-rank mode.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
@@ -374,3 +375,30 @@ def test_faithful_eigh_reads_the_lower_triangle_of_the_ema():
       d + lam * jnp.eye(24, dtype=d.dtype))
   np.testing.assert_array_equal(np.asarray(w), np.maximum(np.asarray(w_ref)[::-1], 0.0))
   np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref)[:, ::-1])
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "scao-0.2.4"])
+def test_a_step_copies_no_curvature_factor(mode):
+  """The compiled (donated) step reads the factors for preconditioning and updates them in
+  place at a refresh: XLA copies none of them. (When each leaf's preconditioning was a
+  ``lax.cond`` of its own beside the refresh's, XLA copied every factor array every step: at
+  16M parameters 31 of a warm-up step's 50 ms.) Read from the optimized HLO on CPU."""
+  params = {"a": jnp.zeros((48, 32)), "b": jnp.zeros((32, 16)), "c": jnp.zeros(16)}
+  tx = stax.scao(1e-3, mode=mode, warmup_steps=2, precond_freq=2, k_min=2, k_max=8)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = tx.init(params)
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  size = lambda rhs: math.prod(int(d) for d in rhs.split("[", 1)[1].split("]", 1)[0].split(",")
+                               if d)   # "f32[48,8]{1,0} parameter(7)" -> 384
+  params_hlo = dict(line.strip().split(" = ", 1) for line in entry.splitlines()
+                    if " parameter(" in line)
+  factors = [n for n, rhs in params_hlo.items() if "leaves" in n and size(rhs) >= 64]
+  assert factors, "no factor arrays found among the step's parameters"
+  copied = [line.strip()[:120] for line in entry.splitlines()
+            if " copy(" in line and any(f"copy({n})" in line for n in factors)]
+  assert not copied, copied
