@@ -413,7 +413,8 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     live = [i for i, leaf in enumerate(leaf_plans) if leaf.plan is not None]
 
     def warm(states):
-      return [num.saturate(mats[i]) for i in live], states
+      del states
+      return [num.saturate(mats[i]) for i in live]
 
     def preconditioned(states):
       effs = []
@@ -422,10 +423,10 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
         g2 = num.saturate(mats[i])
         gp = rule.apply(leaf_plans[i].plan, states[i], g2, ctx)
         effs.append(blend * gp + (1.0 - blend) * g2)
-      return effs, states
+      return effs
 
     def effective(states):
-      return jax.lax.cond(in_warmup, warm, preconditioned, states)[0]
+      return jax.lax.cond(in_warmup, warm, preconditioned, states)
 
     # 2) Periodic curvature update under lax.cond.
     step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
