@@ -21,10 +21,10 @@ are already unbiased); the RMS uses the second moment the core formed the update
 
 Huge gradients: the moments see every gradient entry saturated at ±2**63 (float32 / bfloat16
 moments; :func:`stax.numerics.square_bound`), so an entry beyond it — up to float32's maximum —
-acts as ±2**63 there and no moment overflows; the RMS's mean cannot overflow
-(:func:`stax.numerics.mean`), and an entry whose own ``g²`` overflows (``|g| >= 2**64``) makes
-the RMS Inf, so that tensor's step on that update is 0 (the clip at its limit). No parameter or
-state leaf becomes non-finite, and the step is not skipped. Below the bounds nothing changes.
+acts as ±2**63 there and no moment overflows; an entry whose own ``g²`` overflows (``|g| >=
+2**64``), or a sum of ratios that overflows (see :func:`update_rms`), makes the RMS Inf, so that
+tensor's step on that update is 0 (the clip at its limit). No parameter or state leaf becomes
+non-finite, and the step is not skipped. Below the bounds nothing changes.
 
 Reference: Wortsman et al., `Stable and low-precision training for large-scale vision-language
 models <https://arxiv.org/abs/2304.13013>`_, 2023; ``torch-optimi`` 0.3.3 ``StableAdamW``.
@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import optax
 
 from stax import _validation as V
-from stax import numerics as num
 from stax.codecs.base import StorageLike
 from stax.transforms.adam import ScaleByAdamState, adam_config, adam_init, adam_update
 from stax.transforms.guards import NONFINITE_OK, gate_aware
@@ -57,14 +56,21 @@ __all__ = ["scale_by_stable_adam", "update_rms", "add_decoupled_weight_decay",
 def update_rms(g: jax.Array, v: jax.Array, eps: Any) -> jax.Array:
   """optimi's per-tensor ``sqrt(mean(g² / max(v, eps²)))`` in float32 (a scalar).
 
-  The mean is :func:`stax.numerics.mean` (its sum cannot overflow; the plain mean's value). A
-  finite ``|g| >= 2**64`` overflows its ``g²``: the RMS is then Inf and that tensor's update on
-  that step is 0 (finite; its moments still take the saturated gradient).
+  The plain mean, as optimi computes it. A finite ``|g| >= 2**64`` overflows its ``g²``, and the
+  sum overflows where the mean ratio exceeds ``3.4e38 / n``; either makes the RMS Inf, and that
+  tensor's update on that step is 0 (finite; its moments still take the saturated gradient).
+  Every ratio is at most ``1/(1-b2)`` while ``v`` holds the current ``(1-b2)·g²`` (1,000 at the
+  default ``b2``), so an overflowing sum needs a degenerate ``b2`` or ``v``, and the clipped
+  update ``u / RMS`` would then be below ``sqrt(n / 3.4e38)·|u|`` anyway (``2e-16·|u|`` at
+  ``n = 16M``). (The overflow-safe
+  :func:`stax.numerics.mean` scaled every ratio inside the reduction: measured at 16M
+  parameters, 10.3 ms against 8.1 for the mean, and the step 2.01× against 1.78× optax.adamw's
+  in one interleaved loop.)
   """
   g = g.astype(jnp.float32)
   v = v.astype(jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
-  return jnp.sqrt(num.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
+  return jnp.sqrt(jnp.mean(jnp.square(g) / jnp.maximum(v, eps * eps)))
 
 
 def decay_coefficient(weight_decay: Any, decouple_lr: bool, max_lr: Any) -> Any:
