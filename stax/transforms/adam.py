@@ -150,8 +150,8 @@ class ScaleByAdamState(NamedTuple):
     count: int32 scalar, steps taken.
     mu: encoded first moments (full-precision arrays by default).
     nu: encoded second moments.
-    b1_prod: a float32 vector, one entry per leaf (flatten order), of :math:`\\prod_i \\beta_{1,i}` for
-      ``bias_correction="product"``; ``None`` otherwise.
+    b1_prod: for ``bias_correction="product"``, :math:`\\prod_i \\beta_{1,i}` of every leaf as one
+      float32 vector (an entry per leaf, flatten order); ``None`` otherwise.
     b1_state: the :class:`Beta1Rule`'s state, or ``None``.
     key: raw ``uint32[2]`` PRNG key for stochastic-rounding storage, or ``None``.
   """
@@ -467,7 +467,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
                       jax.tree.unflatten(treedef, [d and d[0] for d in decoded]),
                       state.b1_state, state.count)
     b1_tree, b1_state = out[:2]
-    if ok is not None:  # a skipped step keeps the rule's state (a few scalars per leaf)
+    if ok is not None:  # a skipped step keeps the rule's state (its per-leaf statistics)
       b1_state = jax.tree.map(lambda n_, o: jnp.where(ok, n_, o), b1_state,
                               conform(state.b1_state, b1_state))
     if rule.stacked:  # one vector, an entry per leaf
