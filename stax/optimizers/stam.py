@@ -51,8 +51,8 @@ parity test; the guard's ``"zero"`` policy, :func:`stax.zero_nonfinite`); ``"err
 Other differences from the seed: updates follow optax's sign convention (the seed's
 ``STAM.update`` returns descent steps; only its optax wrapper negates); learning rates may be
 schedules; ``mask`` restricts weight decay (the seed decays every leaf, the default here too);
-the adaptive-:math:`\beta_1` statistics are float32 scalars whatever the parameter dtype (the
-seed keeps STAM's in the parameter dtype); empty leaves are inert (the seed's ``mean`` of an
+the adaptive-:math:`\beta_1` statistics are float32 whatever the parameter dtype, one vector per
+statistic with an entry per tensor (the seed keeps STAM's as scalars in the parameter dtype); empty leaves are inert (the seed's ``mean`` of an
 empty array is NaN forever). STAM's moments default to the parameter dtype as in the seed; with
 bfloat16 parameters pass ``nu_dtype=jnp.float32`` (bf16 cannot hold ``v``'s 0.1% increments).
 Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
@@ -137,7 +137,7 @@ def _keep_grad_dtype(inner) -> optax.GradientTransformationExtraArgs:
 
 def _finish(core, weight_decay, mask, learning_rate, nonfinite, name):
   # Gate-aware (no lax.cond and no state select: on a skipped step the core keeps its moments
-  # and its rule's scalars itself), so XLA updates the donated state in place.
+  # and its rule's statistics itself), so XLA updates the donated state in place.
   tx = gated_chain(gate_state(_keep_grad_dtype(core)), gate_state(optax.add_decayed_weights(weight_decay,
                                                                                  mask)),
                    gate_state(optax.scale_by_learning_rate(learning_rate)))
@@ -275,7 +275,7 @@ def stam_lite(
     moment_decay: ρ in (0, 1) of the per-tensor gradient moments (default 0.99).
     beta1_update_interval: k >= 1, β1 is recomputed every k steps (default 5).
     state_dtype: dtype of the first moment (default ``None``: float32, the seed's default); the
-      per-tensor scalars are always float32.
+      per-tensor statistics are always float32.
     beta1_signal: ``"seed"`` (default, faithful: spatial variance) or ``"snr"`` (the
       scale-invariant temporal SNR rule, statistics every step, β1 refreshed every k steps).
     b1_min: lower bound of β1 in [0, b1_base] (default ``None``:
