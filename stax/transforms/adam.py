@@ -488,7 +488,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     if rule is not None and rule.stacked:
       new_prod = state.b1_prod * b1_vec
     else:
-      new_prod = state.b1_prod * _stack_scalars(b1s)
+      new_prod = state.b1_prod * stack_leaf_scalars(b1s)
     b1_prod = new_prod if ok is None else jnp.where(ok, new_prod, state.b1_prod)
     prods = _unstack(new_prod)
 
@@ -606,8 +606,9 @@ def _unstack(vec: jax.Array) -> list:
   return list(jnp.unstack(vec)) if vec.shape[0] else []
 
 
-def _stack_scalars(values: list) -> jax.Array:
-  """One float32 vector of per-leaf scalars (each reshaped to 0-d)."""
+def stack_leaf_scalars(values: list) -> jax.Array:
+  """One float32 vector of per-leaf scalars (each reshaped to 0-d; Python numbers too), the
+  layout of ``b1_prod`` and of a ``stacked`` :class:`Beta1Rule`'s state."""
   if not values:
     return jnp.zeros([0], jnp.float32)
   return jnp.stack([jnp.reshape(jnp.asarray(v, jnp.float32), ()) for v in values])

@@ -79,7 +79,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stax import numerics as num
-from stax.transforms.adam import Beta1Rule
+from stax.transforms.adam import Beta1Rule, stack_leaf_scalars
 
 __all__ = [
     "ResidualVarianceState",
@@ -166,10 +166,6 @@ def _f32(x):
   return jnp.asarray(x).astype(_F32)
 
 
-def _stack(values) -> jax.Array:
-  return jnp.stack([jnp.reshape(_f32(v), ()) for v in values]) if values else jnp.zeros([0], _F32)
-
-
 def _leaves(grads, mu):
   """The ``(g, bound)`` pairs of a ``raw_grads`` rule's gradient tree in the leaf order of
   ``mu`` (the decoded first moments, ``None`` where a leaf has no gradient)."""
@@ -192,7 +188,8 @@ def _leaf_stats(pairs, stat, *extra):
   live = _live(pairs)
   out = [stat(p, *(x[i] for x in extra)) if ok else (0.0, 0.0)
          for i, (p, ok) in enumerate(zip(pairs, live))]
-  return live, _stack([o[0] for o in out]), _stack([o[1] for o in out])
+  return (live, stack_leaf_scalars([o[0] for o in out]),
+          stack_leaf_scalars([o[1] for o in out]))
 
 
 def _ema(live, decay, old, new):
