@@ -14,10 +14,16 @@ setting, and counts the minor page faults per step (``getrusage``):
 * ``default``;
 * ``lean``: ``XLA_FLAGS`` with :data:`stax.LEAN_MEMORY_FLAG` (XLA's memory-minimising
   scheduler: fewer temporaries live at once, so a smaller block);
-* ``malloc``: glibc keeps freed memory (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-  MALLOC_TRIM_THRESHOLD_=2**36``: no mmap per block, no trimming, one arena so XLA's threads
-  allocate from the reusable heap);
+* ``reuse``: :func:`stax.reuse_cpu_temporaries` called in the child before its first JAX
+  computation (glibc keeps freed memory: no mmap per block, no trimming, one arena so XLA's
+  threads allocate from the reusable heap; the same as the environment
+  ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` before Python
+  starts);
 * ``both``.
+
+SCAO's steps are timed in its Adam warm-up (100 steps by default), beside the seed's torch
+SCAO (also in its warm-up) in the same loop, so the *vs seed* comparison of the speed issue
+can be read under each setting.
 
 Ratios are to ``optax.adamw`` in the same subprocess (the settings run one after another, so
 compare ratios, not milliseconds, across them).
@@ -33,17 +39,19 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
-              "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
+REUSE_ENV = {"STAX_BENCH_REUSE_CPU_TEMPORARIES": "1"}   # read by the child only
 OPTIMIZERS = ("optax.adamw", "stax.adamw", "stax.stable_adamw", "stax.stam",
-              "stax.turbo_adam")
+              "stax.turbo_adam", "stax.scao", "stax.scao[scao-0.2.4]")
+#: The seed's torch SCAO, timed in the same loop (its steps are Adam warm-up steps, as are the
+#: JAX SCAO steps here: warm-up 100 steps); skipped when torch or ``scao`` is missing.
+TORCH_SEEDS = ("seed:scao.SCAO",)
 
 
 def _settings() -> dict:
   import stax
   lean = stax.lean_memory_xla_flags(os.environ.get("XLA_FLAGS"))
-  return {"default": {}, "lean": {"XLA_FLAGS": lean}, "malloc": dict(MALLOC_ENV),
-          "both": dict(MALLOC_ENV, XLA_FLAGS=lean)}
+  return {"default": {}, "lean": {"XLA_FLAGS": lean}, "reuse": dict(REUSE_ENV),
+          "both": dict(REUSE_ENV, XLA_FLAGS=lean)}
 
 
 def child(size: str, steps: int) -> dict:
@@ -52,18 +60,26 @@ def child(size: str, steps: int) -> dict:
   import statistics
   import time
 
+  import stax
+  if os.environ.get("STAX_BENCH_REUSE_CPU_TEMPORARIES") == "1":
+    assert stax.reuse_cpu_temporaries(), "glibc's mallopt is needed for this setting"
+
   import jax
   import jax.numpy as jnp
   import optax
 
-  import stax
+  from benchmarks.optimizers import WEIGHT_DECAY
   from benchmarks.speed import make_params
 
-  params = jax.tree.map(jnp.asarray, make_params(size)[0])
+  params_np, order = make_params(size)
+  params = jax.tree.map(jnp.asarray, params_np)
   grads = jax.tree.map(lambda x: x * 0.01 + 0.001, params)
   makers = {"optax.adamw": lambda: optax.adamw(1e-3), "stax.adamw": lambda: stax.adamw(1e-3),
             "stax.stable_adamw": lambda: stax.stable_adamw(1e-3),
-            "stax.stam": lambda: stax.stam(1e-3), "stax.turbo_adam": lambda: stax.turbo_adam(1e-3)}
+            "stax.stam": lambda: stax.stam(1e-3), "stax.turbo_adam": lambda: stax.turbo_adam(1e-3),
+            "stax.scao": lambda: stax.scao(1e-3, weight_decay=WEIGHT_DECAY),
+            "stax.scao[scao-0.2.4]": lambda: stax.scao(1e-3, weight_decay=WEIGHT_DECAY,
+                                                       mode="scao-0.2.4")}
   compiled = {}
   for name in OPTIMIZERS:
     tx = makers[name]()
@@ -77,13 +93,25 @@ def child(size: str, steps: int) -> dict:
     jax.block_until_ready(p)
     temp = fn.memory_analysis().temp_size_in_bytes
     compiled[name] = [fn, p, s, [], [], temp]
+  for name in TORCH_SEEDS:
+    try:
+      from benchmarks import optimizers as bench_opts
+      from benchmarks.speed import torch_step
+      seed = {o.name: o for o in bench_opts.all_optimizers(torch=True)}[name]
+    except (ImportError, KeyError):
+      continue
+    (step_fn, _), _ = torch_step(lambda m, seed=seed: seed.build(1e-3, m, None), params_np,
+                                 order)
+    step_fn(None, None)
+    compiled[name] = [lambda p, s, g, f=step_fn: f(p, s), None, None, [], [], None]
   for _ in range(steps):   # interleaved: every optimizer sees the same machine state
     for name, rec in compiled.items():
       fn, p, s = rec[:3]
       f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       p, s = fn(p, s, grads)
-      jax.block_until_ready(p)
+      if p is not None:
+        jax.block_until_ready(p)
       rec[3].append(time.perf_counter() - t0)
       rec[4].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
       rec[1], rec[2] = p, s
@@ -93,7 +121,7 @@ def child(size: str, steps: int) -> dict:
     ms = statistics.median(rec[3][1:])
     out[name] = {"step_ms": 1e3 * ms, "vs_optax_adamw": ms / base,
                  "minor_faults_per_step": statistics.median(rec[4][1:]),
-                 "temp_mib": rec[5] / 2**20}
+                 "temp_mib": None if rec[5] is None else rec[5] / 2**20}
   return out
 
 
@@ -107,9 +135,9 @@ def run(size: str = "16M", steps: int = 12) -> dict:
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     res["settings"][name] = {"env": env, "optimizers": rows}
     for opt, row in rows.items():
-      print(f"{name:8s} {opt:18s} {row['step_ms']:8.1f} ms {row['vs_optax_adamw']:6.2f}x "
-            f"{row['minor_faults_per_step']:9.0f} faults/step  temp {row['temp_mib']:7.1f} MiB",
-            flush=True)
+      temp = "" if row["temp_mib"] is None else f"  temp {row['temp_mib']:7.1f} MiB"
+      print(f"{name:8s} {opt:22s} {row['step_ms']:8.1f} ms {row['vs_optax_adamw']:6.2f}x "
+            f"{row['minor_faults_per_step']:9.0f} faults/step{temp}", flush=True)
   return res
 
 

@@ -50,6 +50,6 @@ from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage
 from stax.codecs.turbo import STATE_CODECS, TurboAdam02Storage, state_codec_storage
 
 # Compiling a step.
-from stax.compile_options import LEAN_MEMORY_FLAG, lean_memory_xla_flags
+from stax.compile_options import LEAN_MEMORY_FLAG, lean_memory_xla_flags, reuse_cpu_temporaries
 
 __version__ = "0.1.0"

@@ -410,6 +410,13 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     # at a refresh, updates them in place. (With each leaf's preconditioning a cond of its own
     # beside the refresh's, XLA copied every factor array every step: at 16M parameters 31 of
     # a warm-up step's 50 ms; the gradient saturated outside the conds cost one more pass.)
+    # XLA still copies, every step, the factors that a refresh replaces wholesale and that the
+    # preconditioning reads (the eigenvectors and values; not the EMAs updated in place): any
+    # read of such an array besides the refresh makes its copy insertion keep a copy in the
+    # no-refresh branch and one at the output, with or without an optimization_barrier
+    # ordering the read first (reproduced on a toy). With the effective gradients (this
+    # conditional's outputs) they make the step's temporaries, which page-fault in every call
+    # unless stax.reuse_cpu_temporaries() is set (README, "Temporaries cost page faults").
     live = [i for i, leaf in enumerate(leaf_plans) if leaf.plan is not None]
 
     def warm(states):
