@@ -246,6 +246,26 @@ def _floor(r: dict) -> str:
   return f"{fl['ratio']:.2f}× ({kind}; {verdict})"
 
 
+def _faults(r: dict) -> str:
+  """A record's minor page faults per step and the memory they fault in, ``23,653 (92.4)``."""
+  n = r.get("faults_per_step")
+  if n is None:
+    return ""
+  return f"{n:,.0f} ({r['fault_mib_per_step']:.1f})"
+
+
+def _faults_txt(recs: list) -> str:
+  us = next((r["page_fault_us"] for r in recs if r.get("page_fault_us")), None)
+  if us is None:
+    return ""
+  return ("; *faults/step (MiB)*: the step's minor page faults (median per call, `getrusage`) "
+          "and the memory they fault in: XLA maps a step's block of temporaries afresh on every "
+          "call when it is above glibc's 32 MiB mmap threshold, so each of its pages faults in "
+          f"again and is zero-filled, {us:.1f} µs a page on one thread of this machine (measured "
+          "in the same run; the step's threads fault in parallel); `stax.reuse_cpu_temporaries()` "
+          "removes them (`benchmarks/cpu_allocation.py`)")
+
+
 def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
   """The roofline table at the largest size of the run (see benchmarks/speed.py)."""
   recs = [r for r in speed if not r.get("error") and r.get("bound_ms")]
@@ -265,10 +285,11 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
          "(c); *XLA B/param*: the compiled step's bytes accessed (XLA's cost analysis); "
          "*target*: the speed issue's ratio to the baseline in this run; *vs seed*: step time "
          "over the seed package's (same size, same run; within one loop for a JAX seed); *compile × adamw*: the step's compile "
-         "time over optax.adamw's.", "",
+         "time over optax.adamw's" + _faults_txt(recs) + ".", "",
          "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | "
-         "flops/param | GB/s (XLA) | target | floor | vs seed | compile × adamw |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+         "flops/param | GB/s (XLA) | faults/step (MiB) | target | floor | vs seed | "
+         "compile × adamw |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
   for r in recs:
     t = r.get("target")
     tgt = ""
@@ -282,7 +303,7 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
                f"{_f(r.get('xla_bytes_per_param'), '{:.1f}')} | "
                f"{_f(r['ideal_bytes_per_param'], '{:.1f}')} | "
                f"{_f(r.get('flops_per_param'), '{:.0f}')} | "
-               f"{_f(r.get('achieved_gbs'), '{:.1f}')} | {tgt} | {_floor(r)} | "
+               f"{_f(r.get('achieved_gbs'), '{:.1f}')} | {_faults(r)} | {tgt} | {_floor(r)} | "
                f"{_f(vs and vs['ratio'], '{:.2f}')} | "
                f"{_f(r.get('compile_vs_optax_adamw'), '{:.1f}')} |")
   out.append("")

@@ -154,11 +154,21 @@ def time_jax(tx, params_np, *, steps: int, warmup: int = 2, donate: bool = True,
   return 1e3 * statistics.median(times), 1e3 * min(times), compile_s
 
 
-def interleave(runs: dict, *, rounds: int, calls: int = 3) -> dict:
+def minor_faults() -> int | None:
+  """The process's minor page faults so far (``getrusage``), or ``None`` where there is none."""
+  try:
+    import resource
+  except ImportError:   # not on Windows
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleave(runs: dict, *, rounds: int, calls: int = 3, faults: dict | None = None) -> dict:
   """``{name: [seconds, ...]}``: ``rounds`` rounds, each calling every prepared step of
   ``runs`` (``{name: (compiled, args)}``) ``calls`` times in a row, after one warm-up round, so
   that the machine's load moves every contender alike (these shared 2-core machines drift by
-  ±30 % within a minute). A step that raises is dropped; its entry is then the error's text."""
+  ±30 % within a minute). A step that raises is dropped; its entry is then the error's text.
+  With ``faults`` (a dict), ``faults[name]`` gets each timed call's minor page faults too."""
   times = {k: [] for k in runs}
   failed = {}
   for r in range(rounds + 1):
@@ -167,9 +177,12 @@ def interleave(runs: dict, *, rounds: int, calls: int = 3) -> dict:
         continue
       try:
         for _ in range(calls):
+          f0 = minor_faults() if faults is not None else None
           t = _call(compiled, args)
           if r:
             times[k].append(t)
+            if f0 is not None:
+              faults.setdefault(k, []).append(minor_faults() - f0)
       except Exception as e:  # noqa: BLE001 - one failing step must not stop the others
         failed[k] = f"{type(e).__name__}: {e}"[:500]
   for k, err in failed.items():
@@ -248,6 +261,25 @@ def exp_rate_gelems(n: int = 1 << 25, repeats: int = 5) -> float:
   fn = jax.jit(lambda a: jnp.exp(a * jnp.float32(1e-9)), donate_argnums=0)
   best = _best_seconds(fn, jnp.ones((n,), jnp.float32), repeats, chain=True)
   return n / best / 1e9
+
+
+def page_fault_us(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
+  """Microseconds per 4 KiB page to fault in fresh memory (best of ``repeats``): one byte
+  written per page of a newly mapped anonymous ``n_bytes`` block (``mmap``, 4 KiB pages: not
+  numpy's allocation, which asks for transparent huge pages), the kernel's fault and zero-fill
+  included. What each page of a step's temporaries costs every call when XLA's block of them is
+  mapped anew (glibc maps blocks above 32 MiB; see ``stax.reuse_cpu_temporaries``)."""
+  import mmap
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    block = mmap.mmap(-1, n_bytes)
+    view = np.frombuffer(block, np.uint8)
+    view[::4096] = 1
+    best = min(best, time.perf_counter() - t0)
+    del view
+    block.close()
+  return 1e6 * best / (n_bytes // 4096)
 
 
 def ideal_bytes_per_param(state_bytes_per_param: float, param_itemsize: int = 4) -> float:
@@ -362,7 +394,8 @@ def _floor_program(rec: dict, floors: dict | None, by: dict):
 
 
 def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
-             exp_gelems: float | None = None, floors: dict | None = None) -> None:
+             exp_gelems: float | None = None, floors: dict | None = None,
+             fault_us: float | None = None) -> None:
   """Adds the roofline fields to each speed record, in place: ``ideal_bytes_per_param``,
   ``memory_bound_ms`` (the ideal bytes at the measured copy bandwidth), ``compute_bound_ms``
   (XLA's flop count of the compiled step at the measured matmul throughput ``gflops``, JAX
@@ -377,7 +410,11 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
   optax.adamw there, times optax.adamw's step here (``floor_program_vs_optax_adamw``; optax.adamw
   gets one too, the method's check, about 1); without it (a GPU) the one-pass ideal bytes plus
   :data:`FLOORS`' extra reads at the copy bandwidth. The flops and transcendental bounds count
-  either way."""
+  either way. With ``fault_us`` (:func:`page_fault_us`), a record whose minor page faults per
+  step were counted (``faults_per_step``: a step's temporaries mapped afresh every call) gets
+  ``fault_mib_per_step`` (the memory faulted in, 4 KiB a fault) and ``page_fault_us`` (one
+  thread's cost per fault on this machine; a step's threads fault in parallel, so it bounds
+  their cost from above)."""
   by = {(r["size"], r["optimizer"]): r for r in records if not r.get("error")}
   for r in records:
     if r.get("error") or "state_bytes_per_param" not in r:
@@ -396,6 +433,10 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
       if r["compute_bound_ms"] > r["memory_bound_ms"]:
         r["bound_ms"], r["bound_kind"] = r["compute_bound_ms"], "compute"
     r["vs_bound"] = r["step_ms"] / r["bound_ms"]
+    if r.get("faults_per_step") is not None:
+      r["fault_mib_per_step"] = r["faults_per_step"] * 4096 / 2**20
+      if fault_us:
+        r["page_fault_us"] = fault_us
     ba = r.get("bytes_accessed")
     if ba is not None and np.isfinite(ba):
       r["xla_bytes_per_param"] = ba / n
@@ -686,12 +727,17 @@ def _timed_loop(rec: dict, runs: dict, steps: int) -> dict:
   """Interleaves ``runs`` (``"base"``: optax.adamw's step, ``"step"``: the one timed) and
   records the step's median/min ms, optax.adamw's in the loop and their ratio in ``rec``;
   returns the times. Raises when the step failed."""
-  times = interleave(runs, rounds=max(1, -(-steps // 2)), calls=2)
+  faults = {}
+  times = interleave(runs, rounds=max(1, -(-steps // 2)), calls=2, faults=faults)
   if isinstance(times["step"], str):
     raise RuntimeError(times["step"])
   b, m = statistics.median(times["base"]), statistics.median(times["step"])
   rec.update(step_ms=1e3 * m, step_ms_min=1e3 * min(times["step"]), optax_adamw_loop_ms=1e3 * b,
              vs_optax_adamw=m / b)
+  if faults.get("step"):
+    rec["faults_per_step"] = statistics.median(faults["step"])
+  if faults.get("floor"):
+    rec["floor_program_faults_per_step"] = statistics.median(faults["floor"])
   return times
 
 
@@ -784,7 +830,8 @@ def run_speed(sizes, optimizers, *, steps: int = 10, progress=None, log=print):
       if not rec["error"] and "vs_optax_adamw" not in rec:
         rec["vs_optax_adamw"] = rec["step_ms"] / base_ms if base_ms else None
     records += recs
-  roofline(records, copy_bandwidth_gbs(), matmul_gflops(), exp_rate_gelems(), floors)
+  roofline(records, copy_bandwidth_gbs(), matmul_gflops(), exp_rate_gelems(), floors,
+           page_fault_us())
   return records
 
 

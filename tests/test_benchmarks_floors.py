@@ -115,6 +115,35 @@ def test_interleave_rounds_every_step_and_drops_one_that_fails():
   assert float(runs["a"][1][0]) == 8.0      # outputs feed the next call
 
 
+@pytest.mark.skipif(S.minor_faults() is None, reason="no getrusage on this platform")
+def test_interleave_counts_each_calls_page_faults():
+  """speed.interleave(faults=...): each timed call's minor page faults, per contender. A step
+  that writes a freshly mapped 64 MiB block (as glibc maps XLA's temporaries above 32 MiB
+  anew every call) faults in every page of it on every call; one that allocates nothing faults
+  (almost) never. speed.page_fault_us prices a fault."""
+  import mmap
+  pages = (64 << 20) // 4096
+
+  def fresh(p, s, g):
+    block = mmap.mmap(-1, 64 << 20)
+    view = np.frombuffer(block, np.uint8)
+    view[::4096] = 1
+    del view
+    block.close()
+    return p, s
+
+  def idle(p, s, g):
+    return p, s
+
+  faults = {}
+  times = S.interleave({"fresh": (fresh, [0, 0, 0]), "idle": (idle, [0, 0, 0])}, rounds=3,
+                       calls=2, faults=faults)
+  assert len(faults["fresh"]) == len(faults["idle"]) == len(times["fresh"]) == 6
+  assert min(faults["fresh"]) >= pages, faults
+  assert max(faults["idle"]) < 64, faults
+  assert 0.01 < S.page_fault_us(n_bytes=32 << 20, repeats=2) < 1e3
+
+
 def test_comparisons_come_from_one_loop():
   """speed.relative: against optax.adamw the ratio within the step's own loop; against a
   partner that ran in that loop (a target's baseline, a JAX seed) the in-loop ratio; else the

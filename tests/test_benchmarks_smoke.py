@@ -144,6 +144,13 @@ def test_json_schema_and_finite_numbers(tiny_run):
       assert fl["reachable"] == (fl["ratio"] <= r["target"]["ratio"])
     if r["framework"] == "jax":  # a compiled AdamW step reads p, g, m, v and writes p, m, v
       assert r["xla_bytes_per_param"] >= r["ideal_bytes_per_param"] - 1e-6, r
+    # Page faults per step, counted in the loop, with the machine's cost of one measured in the
+    # run; a small AdamW step has no temporaries to fault in (its state is donated, updated in
+    # place).
+    assert 0.01 < r["page_fault_us"] < 1e3
+    assert r["fault_mib_per_step"] == pytest.approx(r["faults_per_step"] * 4096 / 2**20)
+    if r["framework"] == "jax":
+      assert r["faults_per_step"] < 64, r
   assert {p for p in saved["plots"]} >= {"digits_loss.png", "speed_memory.png", "roofline.png"}
   for p in saved["plots"]:
     assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
