@@ -56,7 +56,6 @@ def _settings() -> dict:
 
 def child(size: str, steps: int) -> dict:
   """Runs in the subprocess: median step ms and minor page faults per step, per optimizer."""
-  import resource
   import statistics
   import time
 
@@ -69,7 +68,7 @@ def child(size: str, steps: int) -> dict:
   import optax
 
   from benchmarks.optimizers import WEIGHT_DECAY
-  from benchmarks.speed import make_params
+  from benchmarks.speed import make_params, minor_faults
 
   params_np, order = make_params(size)
   params = jax.tree.map(jnp.asarray, params_np)
@@ -107,13 +106,13 @@ def child(size: str, steps: int) -> dict:
   for _ in range(steps):   # interleaved: every optimizer sees the same machine state
     for name, rec in compiled.items():
       fn, p, s = rec[:3]
-      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      f0 = minor_faults()
       t0 = time.perf_counter()
       p, s = fn(p, s, grads)
       if p is not None:
         jax.block_until_ready(p)
       rec[3].append(time.perf_counter() - t0)
-      rec[4].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+      rec[4].append(minor_faults() - f0)
       rec[1], rec[2] = p, s
   base = statistics.median(compiled["optax.adamw"][3][1:])
   out = {}

@@ -410,9 +410,9 @@ def roofline(records: list[dict], copy_gbs: float, gflops: float | None = None,
   optax.adamw there, times optax.adamw's step here (``floor_program_vs_optax_adamw``; optax.adamw
   gets one too, the method's check, about 1); without it (a GPU) the one-pass ideal bytes plus
   :data:`FLOORS`' extra reads at the copy bandwidth. The flops and transcendental bounds count
-  either way. With ``fault_us`` (:func:`page_fault_us`), a record whose minor page faults per
-  step were counted (``faults_per_step``: a step's temporaries mapped afresh every call) gets
-  ``fault_mib_per_step`` (the memory faulted in, 4 KiB a fault) and ``page_fault_us`` (one
+  either way. A record whose minor page faults per step were counted (``faults_per_step``: a
+  step's temporaries mapped afresh every call) gets ``fault_mib_per_step`` (the memory faulted
+  in, 4 KiB a fault) and, with ``fault_us`` (:func:`page_fault_us`), ``page_fault_us`` (one
   thread's cost per fault on this machine; a step's threads fault in parallel, so it bounds
   their cost from above)."""
   by = {(r["size"], r["optimizer"]): r for r in records if not r.get("error")}
