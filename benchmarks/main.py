@@ -118,6 +118,10 @@ def parse_args(argv=None):
                        "written)")
   ap.add_argument("--no-plots", action="store_true")
   ap.add_argument("--quiet", action="store_true", help="no progress bars")
+  ap.add_argument("--reuse-cpu-temporaries", action="store_true",
+                  help="call stax.reuse_cpu_temporaries() first: glibc keeps freed memory, so "
+                       "no step's temporaries page-fault in every call (for torch too; "
+                       "benchmarks/cpu_allocation.py; recorded under machine)")
   args = ap.parse_args(argv)
   if args.torch_threads is None:
     args.torch_threads = (os.cpu_count() or 1) if args.full else 1
@@ -517,6 +521,10 @@ def publish(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
 def main(argv=None):
   args = parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
+  reused = None
+  if args.reuse_cpu_temporaries:   # before JAX's first computation (it raises after)
+    import stax
+    reused = stax.reuse_cpu_temporaries()
   now = _dt.datetime.now(_dt.timezone.utc)
   out = run_dir(args.out, now)
   t_start = time.time()
@@ -540,6 +548,8 @@ def main(argv=None):
                                               "note": o.note} for o in optimizers],
              "tasks": {}, "quality": [], "summary": [], "speed": [], "skipped": [],
              "timings_s": {}}   # wall seconds of each part (task, speed, investigation)
+  if reused is not None:
+    results["machine"]["reuse_cpu_temporaries"] = reused
   log(f"stax benchmark ({results['mode']}): {len(optimizers)} optimizers, "
       f"{results['machine']['cpu']} × {results['machine']['cores']}, load "
       f"{results['machine'].get('load_avg_start')}")

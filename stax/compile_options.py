@@ -37,9 +37,15 @@ take their malloc arenas when they start). Measured (``benchmarks/cpu_allocation
 parameters, one process per setting, ratio to ``optax.adamw`` in the same process):
 ``stax.scao(mode="scao-0.2.4")`` 2.93× → 1.64× (23,653 faults per step → 1; the seed's torch
 SCAO in the same loops 3.66× → 1.92×), ``stax.scao`` 1.93× → 1.32×, ``stax.turbo_adam`` 3.96× →
-2.58×; steps without temporaries are unchanged. The price: memory the process frees is not
-returned to the system (its resident size stays at its peak), and all threads allocate from one
-arena.
+2.58×. **The price**: every thread then allocates from one malloc arena, and XLA's runtime
+allocates small buffers on several threads every call, so steps *without* large temporaries get
+slower: ``stax.adamw`` 1.10–1.20× → 1.44–1.49× ``optax.adamw`` at 1M and 1.20–1.22× →
+1.35–1.42× at 16M, STAC 0.64–0.71× → 0.80–0.90×, and ``optax.adamw``'s own 1M step 1.5–2.0 →
+2.4–2.6 ms (two processes per setting, ``mallopt`` with only the mmap and trim settings, no
+arena limit, costs nothing but removes no fault: the block is allocated on one of XLA's threads,
+whose own arena maps any block above 64 MiB). And memory the process frees is not returned to
+the system (its resident size stays at its peak). So it pays where a step's temporaries are
+large (TurboAdam, SCAO, OAdamW's Newton–Schulz at scale), not in general.
 
 Example:
   >>> import stax
@@ -103,8 +109,10 @@ def reuse_cpu_temporaries() -> bool:
   Call it once, after ``import stax`` and before JAX's first computation: XLA's worker threads
   choose their arena when they start, with the backend. The setting is process-wide and lasts
   for the process: freed memory is not returned to the system (the resident size stays at its
-  peak), and every thread shares one arena (more lock contention for allocation-heavy
-  multi-threaded code). Measured in ``benchmarks/cpu_allocation.py`` (module docstring).
+  peak), and every thread shares one arena, whose lock the runtime's small per-call allocations
+  then contend for: steps without large temporaries get 10–35 % slower (module docstring). Use
+  it for steps whose temporaries exceed 32 MiB (``compiled.memory_analysis()``), measured in
+  ``benchmarks/cpu_allocation.py`` and ``python -m benchmarks.main --reuse-cpu-temporaries``.
 
   Returns:
     ``True`` when the settings were applied; ``False`` when the C library is not glibc (e.g.
