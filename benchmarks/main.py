@@ -120,8 +120,9 @@ def parse_args(argv=None):
   ap.add_argument("--quiet", action="store_true", help="no progress bars")
   ap.add_argument("--reuse-cpu-temporaries", action="store_true",
                   help="call stax.reuse_cpu_temporaries() first: glibc keeps freed memory, so "
-                       "no step's temporaries page-fault in every call (for torch too; "
-                       "benchmarks/cpu_allocation.py; recorded under machine)")
+                       "no step's temporaries page-fault in every call (torch's too), at the "
+                       "price of one malloc arena, which slows steps without large "
+                       "temporaries (benchmarks/cpu_allocation.py; recorded under machine)")
   args = ap.parse_args(argv)
   if args.torch_threads is None:
     args.torch_threads = (os.cpu_count() or 1) if args.full else 1

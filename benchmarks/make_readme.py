@@ -277,6 +277,9 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
   gf = next((r["matmul_gflops"] for r in recs if r.get("matmul_gflops")), None)
   gf_txt = (f" and float32 matmul throughput **{gf:.0f} GFLOP/s** (a 2048² `x @ x`)"
             if gf else "")
+  reuse = ((results.get("machine") or {}).get("reuse_cpu_temporaries")
+           and " The whole run used `stax.reuse_cpu_temporaries()` (one malloc arena, freed "
+               "memory kept)." or "")
   out = ["#### Roofline at " + size + " parameters", "",
          f"Measured in the same run: copy bandwidth **{bw:.1f} GB/s** (donated `x * c` over "
          f"256 MiB, read + write){gf_txt}. *ideal B/param*: read p and g, write p, read and "
@@ -285,7 +288,7 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
          "(c); *XLA B/param*: the compiled step's bytes accessed (XLA's cost analysis); "
          "*target*: the speed issue's ratio to the baseline in this run; *vs seed*: step time "
          "over the seed package's (same size, same run; within one loop for a JAX seed); *compile × adamw*: the step's compile "
-         "time over optax.adamw's" + _faults_txt(recs) + ".", "",
+         "time over optax.adamw's" + _faults_txt(recs) + "." + reuse, "",
          "| optimizer | step ms | bound ms | × bound | XLA B/param | ideal B/param | "
          "flops/param | GB/s (XLA) | faults/step (MiB) | target | floor | vs seed | "
          "compile × adamw |",
