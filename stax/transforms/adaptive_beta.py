@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stax import _leafwise
 from stax import numerics as num
 from stax.transforms.adam import Beta1Rule, stack_leaf_scalars
 
@@ -186,6 +187,9 @@ def _leaf_stats(pairs, stat, *extra):
   """``(live, a, b)``: each live leaf's two statistics ``stat(pair, *(x[i] for x in extra))``
   stacked into two vectors (0 for a leaf without statistics), and the static live mask."""
   live = _live(pairs)
+  # a per-leaf vector's entries are picked (not sliced) so that every leaf's pass compiles alike
+  arrays = _leafwise.columns({j: x for j, x in enumerate(extra) if isinstance(x, jax.Array)})
+  extra = [arrays.get(j, x) for j, x in enumerate(extra)]
   out = [stat(p, *(x[i] for x in extra)) if ok else (0.0, 0.0)
          for i, (p, ok) in enumerate(zip(pairs, live))]
   return (live, stack_leaf_scalars([o[0] for o in out]),

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from stax import _leafwise
 from stax import _sharding as _sh
 from stax import _validation as V
 from stax import numerics as num
@@ -123,8 +124,8 @@ class LeafContext(NamedTuple):
   Attributes:
     precond_count: int32, curvature updates taken before this step.
     dtype: the gradient leaf's dtype (the matrix view given to the rule is float32).
-    noise: ``update`` only: this leaf's share (``noise_size(plan)`` draws) of one
-      standard-normal draw per curvature update, else ``None``.
+    noise: ``update`` only: this leaf's ``noise_size(plan)`` standard-normal draws for this
+      curvature update (from the step's key folded with the leaf's index), else ``None``.
   """
 
   precond_count: jax.Array
@@ -440,15 +441,19 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     sizes = [0 if leaf.plan is None else rule.noise_size(leaf.plan) for leaf in leaf_plans]
 
     def do(states):
-      noise = (jax.random.normal(step_key, (sum(sizes),), jnp.float32) if sum(sizes)
-               else None)
-      items, groups, costs, at, off = [], [], [], [], 0
+      # Each leaf draws from its own key (the step's key folded with the leaf's index), all
+      # leaves' keys made at once and each picked (stax._leafwise): a leaf's draws are then the
+      # same kernel as any other leaf's of its size. (Slices of one shared draw put each leaf's
+      # offset into its kernel: two distinct kernels per matrix, 49 at 16M.)
+      keys = (jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(len(sizes)))
+              if sum(sizes) else None)
+      items, groups, costs, at = [], [], [], []
       for i, (g, g2, st, leaf, size) in enumerate(zip(g_leaves, mats, states, leaf_plans, sizes)):
         if leaf.plan is None:
           continue
         g2 = num.saturate(g2)
-        draws = noise[off:off + size] if size else None
-        off += size
+        draws = (jax.random.normal(_leafwise.pick(keys, i), (size,), jnp.float32) if size
+                 else None)
         # a leaf's independent pieces of work (a block grid's blocks), each with its own owner
         for plan, st_u, g_u, draws_u in _units(rule, leaf.plan, st, g2, draws):
           items.append((st_u, g_u, draws_u, state.precond_count))
