@@ -1,4 +1,4 @@
-"""Page faults of a step's temporaries on CPU: the same steps under four process settings.
+"""Page faults of a step's temporaries on CPU: the same steps under six process settings.
 
 XLA's CPU runtime allocates a compiled step's temporaries (one block sized by its buffer
 assignment) afresh on every call. glibc serves a block above its mmap threshold (at most 32 MiB)
@@ -19,7 +19,11 @@ setting, and counts the minor page faults per step (``getrusage``):
   threads allocate from the reusable heap; the same as the environment
   ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` before Python
   starts);
-* ``both``.
+* ``both``;
+* ``huge``: the process started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
+  (:data:`stax.HUGE_PAGE_MALLOC`): glibc backs the blocks it maps with transparent huge pages,
+  so a block faults in 2 MiB at a time, with no change to the arenas;
+* ``huge+lean``.
 
 SCAO's steps are timed in its Adam warm-up (100 steps by default), beside the seed's torch
 SCAO (also in its warm-up) in the same loop, so the *vs seed* comparison of the speed issue
@@ -50,8 +54,10 @@ TORCH_SEEDS = ("seed:scao.SCAO",)
 def _settings() -> dict:
   import stax
   lean = stax.lean_memory_xla_flags(os.environ.get("XLA_FLAGS"))
+  huge = {"GLIBC_TUNABLES": stax.huge_page_malloc_env({})["GLIBC_TUNABLES"]}
   return {"default": {}, "lean": {"XLA_FLAGS": lean}, "reuse": dict(REUSE_ENV),
-          "both": dict(REUSE_ENV, XLA_FLAGS=lean)}
+          "both": dict(REUSE_ENV, XLA_FLAGS=lean), "huge": huge,
+          "huge+lean": dict(huge, XLA_FLAGS=lean)}
 
 
 def child(size: str, steps: int) -> dict:
@@ -129,7 +135,8 @@ def run(size: str = "16M", steps: int = 12) -> dict:
   for name, env in _settings().items():
     cmd = [sys.executable, "-m", "benchmarks.cpu_allocation", "--child", "--size", size,
            "--steps", str(steps)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), **env),
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # each sets its own
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(base, PYTHONPATH=str(ROOT), **env),
                           capture_output=True, text=True, check=True)
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     res["settings"][name] = {"env": env, "optimizers": rows}

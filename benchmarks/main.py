@@ -123,6 +123,12 @@ def parse_args(argv=None):
                        "no step's temporaries page-fault in every call (torch's too), at the "
                        "price of one malloc arena, which slows steps without large "
                        "temporaries (benchmarks/cpu_allocation.py; recorded under machine)")
+  ap.add_argument("--huge-page-malloc", action="store_true",
+                  help="run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (stax.HUGE_PAGE_MALLOC; "
+                       "the benchmark restarts itself with it): glibc backs the blocks it maps "
+                       "with transparent huge pages, so a step's temporaries fault in 2 MiB at "
+                       "a time (torch's too); no effect where glibc < 2.35 or huge pages are "
+                       "off (recorded under machine)")
   args = ap.parse_args(argv)
   if args.torch_threads is None:
     args.torch_threads = (os.cpu_count() or 1) if args.full else 1
@@ -519,8 +525,17 @@ def publish(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
   return written
 
 
+_HUGE_PAGE_RESTART = "STAX_BENCH_HUGE_PAGE_RESTARTED"
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.huge_page_malloc and not os.environ.get(_HUGE_PAGE_RESTART):
+    import stax   # glibc reads its tunables at start-up: restart with them (once)
+    if not stax.huge_page_malloc_active():
+      env = dict(stax.huge_page_malloc_env(), **{_HUGE_PAGE_RESTART: "1"})
+      rest = sys.argv[1:] if argv is None else list(argv)
+      os.execve(sys.executable, [sys.executable, "-m", "benchmarks.main", *rest], env)
   os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.device == "gpu" else "cpu")
   reused = None
   if args.reuse_cpu_temporaries:   # before JAX's first computation (it raises after)
@@ -551,6 +566,8 @@ def main(argv=None):
              "timings_s": {}}   # wall seconds of each part (task, speed, investigation)
   if reused is not None:
     results["machine"]["reuse_cpu_temporaries"] = reused
+  import stax
+  results["machine"]["huge_page_malloc"] = stax.huge_page_malloc_active()
   log(f"stax benchmark ({results['mode']}): {len(optimizers)} optimizers, "
       f"{results['machine']['cpu']} × {results['machine']['cores']}, load "
       f"{results['machine'].get('load_avg_start')}")

@@ -267,8 +267,10 @@ def _faults_txt(recs: list) -> str:
           "and the memory they fault in: XLA maps a step's block of temporaries afresh on every "
           "call when it is above glibc's 32 MiB mmap threshold, so each of its pages faults in "
           f"again and is zero-filled, {us:.1f} µs a page on one thread of this machine (measured "
-          "in the same run; the step's threads fault in parallel); `stax.reuse_cpu_temporaries()` "
-          "removes them (`benchmarks/cpu_allocation.py`)")
+          "in the same run; the step's threads fault in parallel); starting the process with "
+          "`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (`stax.HUGE_PAGE_MALLOC`) makes them 2 MiB "
+          "faults, `stax.reuse_cpu_temporaries()` removes them at a cost "
+          "(`benchmarks/cpu_allocation.py`)")
 
 
 def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
@@ -282,7 +284,10 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
   gf = next((r["matmul_gflops"] for r in recs if r.get("matmul_gflops")), None)
   gf_txt = (f" and float32 matmul throughput **{gf:.0f} GFLOP/s** (a 2048² `x @ x`)"
             if gf else "")
-  reuse = ((results.get("machine") or {}).get("reuse_cpu_temporaries")
+  machine = results.get("machine") or {}
+  huge = (" The whole run used `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (large blocks on "
+          "transparent huge pages)." if machine.get("huge_page_malloc") else "")
+  reuse = huge + (machine.get("reuse_cpu_temporaries")
            and " The whole run used `stax.reuse_cpu_temporaries()` (one malloc arena, freed "
                "memory kept)." or "")
   out = ["#### Roofline at " + size + " parameters", "",

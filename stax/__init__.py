@@ -50,6 +50,8 @@ from stax.codecs.tensor_rms import TensorMean, tensor_rms_storage
 from stax.codecs.turbo import STATE_CODECS, TurboAdam02Storage, state_codec_storage
 
 # Compiling a step.
-from stax.compile_options import LEAN_MEMORY_FLAG, lean_memory_xla_flags, reuse_cpu_temporaries
+from stax.compile_options import (HUGE_PAGE_MALLOC, LEAN_MEMORY_FLAG, huge_page_malloc_active,
+                                  huge_page_malloc_env, lean_memory_xla_flags,
+                                  reuse_cpu_temporaries)
 
 __version__ = "0.1.0"
