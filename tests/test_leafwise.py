@@ -18,7 +18,6 @@ import pytest
 import stax
 from benchmarks import speed
 from stax import _leafwise
-from stax.codecs.rng import seed_for
 
 
 def _bits(x):
@@ -45,15 +44,6 @@ def test_pick_is_bit_exact_for_every_value():
   np.testing.assert_array_equal(_bits(np.stack(cols["b"])), _bits(-vals))
   with pytest.raises(IndexError, match="entry 3 of a vector of 3"):
     _leafwise.pick(flags, 3)
-
-
-def test_vectorised_rounding_seeds_equal_the_per_tensor_seeds():
-  """TurboAdam's codec computes every leaf's rounding seed as one vector: each entry equals the
-  seed package's per-tensor formula (``seed_for`` with an int index)."""
-  seed, step = jnp.uint32(0xDEADBEEF), jnp.int32(17)
-  vec = seed_for(seed, step, 0, np.arange(40), 2)
-  for i in (0, 1, 13, 39):
-    assert int(vec[i]) == int(seed_for(seed, step, 0, i, 2))
 
 
 def _params(layers):
@@ -85,17 +75,23 @@ OPTIMIZERS = {
     "stable_adamw": lambda: stax.stable_adamw(1e-3),
     "oadamw": lambda: stax.oadamw(1e-3),
     "turbo_adam": lambda: stax.turbo_adam(1e-3),
-    "turbo_adam[turboadam-0.2]": lambda: stax.turbo_adam(1e-3, codec="turboadam-0.2"),
+    "turbo_adam[turboadam-0.2]": pytest.param(
+        lambda: stax.turbo_adam(1e-3, codec="turboadam-0.2"),
+        marks=pytest.mark.xfail(strict=True, reason=(
+            "the seed package's rounding seed mixes the leaf index into each leaf's encode "
+            "kernel; every leaf's seeds as one vector, picked, removed those kernels but made "
+            "XLA's memory-minimising scheduler keep 0.25 GiB more temporaries at 128M "
+            "(1.80 -> 2.05 GiB), so it stays per leaf"))),
     "scao": lambda: stax.scao(1e-3),
     "scao[scao-0.2.4]": lambda: stax.scao(1e-3, mode="scao-0.2.4"),
 }
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's kernel compilation")
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_compiled_kernels_do_not_grow_with_same_shaped_leaves(name):
+@pytest.mark.parametrize("make", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
+def test_compiled_kernels_do_not_grow_with_same_shaped_leaves(make):
   """A model with 10 identical layers compiles to as many distinct kernels as one with 6."""
-  assert _kernels(OPTIMIZERS[name](), 10) == _kernels(OPTIMIZERS[name](), 6)
+  assert _kernels(make(), 10) == _kernels(make(), 6)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's kernel compilation")

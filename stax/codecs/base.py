@@ -96,12 +96,6 @@ class StorageStep(NamedTuple):
     row0: ``write`` only: the moments are rows ``row0 ..`` of the leaf's row view (a chunk
       written by a row-chunked fused update, for a storage whose ``rows_local`` is true);
       ``0`` (default) for the whole leaf.
-    leaves: how many leaves the core updates (``index`` is in ``[0, leaves)``), or ``0``
-      (default: not known). With it, a storage whose arithmetic depends on ``index`` (a
-      rounding seed) can compute the values of every leaf as one vector and take its own entry
-      with :func:`stax._leafwise.pick`, so that every leaf's write compiles to the same kernels
-      (XLA compiles a kernel per distinct fused computation; a leaf index inside one makes each
-      leaf's distinct).
   """
 
   count: jax.Array
@@ -111,7 +105,6 @@ class StorageStep(NamedTuple):
   nu_enc: Any = None
   rounding_key: Any = None
   row0: Any = 0
-  leaves: int = 0
 
 
 @runtime_checkable

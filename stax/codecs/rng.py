@@ -14,11 +14,8 @@ seed's flat index whenever the last axis is a multiple of the block size (or the
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["mix32", "counter_uniform", "seed_for", "flat_index", "seed_from_key"]
 
@@ -46,15 +43,13 @@ def counter_uniform(index: jax.Array, seed: jax.Array, antithetic: bool = True) 
   return jnp.where(odd, jnp.minimum(jnp.float32(1.0) - base, jnp.float32(1.0 - 2.0 ** -24)), base)
 
 
-def seed_for(seed: jax.Array, step: jax.Array, group_index: int, param_index: Any,
+def seed_for(seed: jax.Array, step: jax.Array, group_index: int, param_index: int,
              stream: int) -> jax.Array:
-  """The seed of one tensor and stream at 1-based ``step`` (uint32 scalar); ``param_index`` an
-  int, or a numpy integer array for the seeds of several tensors at once (same shape)."""
+  """The seed of one tensor and stream at 1-based ``step`` (uint32 scalar)."""
   v = jnp.asarray(seed, _U32)
   v = v ^ (jnp.asarray(step).astype(_U32) * _U32(0x9E3779B9))
   v = v ^ _U32(((group_index + 1) * 0x85EBCA6B) & 0xFFFFFFFF)
-  p = (np.asarray(param_index, np.int64) + 1) * 0xC2B2AE35 & 0xFFFFFFFF
-  v = v ^ jnp.asarray(p.astype(np.uint32))
+  v = v ^ _U32(((param_index + 1) * 0xC2B2AE35) & 0xFFFFFFFF)
   v = v ^ _U32((stream * 0x27D4EB2D) & 0xFFFFFFFF)
   return mix32(v)
 

@@ -23,9 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from stax import _leafwise
 from stax import numerics
 from stax.codecs import log_quant as LQ
 from stax.codecs import ustate as US
@@ -158,9 +156,6 @@ class TurboAdam02Storage(StorageBase):
   def seeds(self, ctx):
     """uint32 seeds of the m (stream 1) and v (stream 2) rounding of this step and leaf."""
     seed, t = seed_from_key(ctx.key), ctx.count + 1
-    if ctx.leaves > 1:  # every leaf's seeds as one vector, this leaf's entry picked (same bits)
-      ids = np.arange(ctx.leaves)
-      return tuple(_leafwise.pick(seed_for(seed, t, 0, ids, s), ctx.index) for s in (1, 2))
     return seed_for(seed, t, 0, ctx.index, 1), seed_for(seed, t, 0, ctx.index, 2)
 
   def read(self, mu_enc, nu_enc, like, ctx):

@@ -450,7 +450,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   stores = [resolve_storage(cfg.storage, g) for g in g_leaves]
   mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
   count_inc = numerics.safe_increment(state.count)
-  read_ctx = lambda i: StorageStep(state.count, i, state.key, leaves=n)
+  read_ctx = lambda i: StorageStep(state.count, i, state.key)
 
   # First-moment decay, per leaf. A Beta1Rule sees every leaf's decoded previous m and the
   # saturated gradient (±B, as the step itself uses; stax.numerics) before any step runs.
@@ -514,7 +514,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       if leaf_keys is None:  # every leaf's key at once, each leaf's picked (_leafwise)
         leaf_keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(n))
       k = _leafwise.pick(leaf_keys, i)
-    ctx = StorageStep(state.count, i, state.key, me, ne, k, leaves=n)
+    ctx = StorageStep(state.count, i, state.key, me, ne, k)
     mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None
     step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
                      exact_parts=s.exact_parts, reduces_nu=s.reduces_nu, nu_mean=mean_nu,
