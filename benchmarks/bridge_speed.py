@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 import stax  # noqa: E402
 import torch_bridge  # noqa: E402
+from benchmarks.model_shapes import gpt2_small_shapes, resnet18_shapes  # noqa: E402
 
 SIZES = {"1M": (4, 512), "16M": (16, 1024)}  # (number of matrices, side): 1.05M / 16.8M
 
@@ -184,42 +185,7 @@ def contenders(n, d, device):
 
 
 # --------------------------------------------------------------------------- real models
-def resnet18_shapes():
-  """torchvision ResNet-18's parameter shapes (11.7M; conv kernels (out, in, kh, kw))."""
-  shapes = {"conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "bn1.bias": (64,)}
-  cin = 64
-  for li, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-    for b in range(2):
-      pre = f"layer{li}.{b}."
-      shapes[pre + "conv1.weight"] = (cout, cin if b == 0 else cout, 3, 3)
-      shapes[pre + "bn1.weight"] = shapes[pre + "bn1.bias"] = (cout,)
-      shapes[pre + "conv2.weight"] = (cout, cout, 3, 3)
-      shapes[pre + "bn2.weight"] = shapes[pre + "bn2.bias"] = (cout,)
-      if b == 0 and (stride != 1 or cin != cout):
-        shapes[pre + "downsample.0.weight"] = (cout, cin, 1, 1)
-        shapes[pre + "downsample.1.weight"] = shapes[pre + "downsample.1.bias"] = (cout,)
-    cin = cout
-  shapes["fc.weight"], shapes["fc.bias"] = (1000, 512), (1000,)
-  return shapes
-
-
-def gpt2_small_shapes():
-  """GPT-2 small's parameter shapes (124M; Hugging Face Conv1D weights are (in, out))."""
-  d, v, ctx = 768, 50257, 1024
-  shapes = {"wte.weight": (v, d), "wpe.weight": (ctx, d)}
-  for i in range(12):
-    pre = f"h.{i}."
-    for ln in ("ln_1", "ln_2"):
-      shapes[pre + ln + ".weight"] = shapes[pre + ln + ".bias"] = (d,)
-    shapes[pre + "attn.c_attn.weight"], shapes[pre + "attn.c_attn.bias"] = (d, 3 * d), (3 * d,)
-    shapes[pre + "attn.c_proj.weight"], shapes[pre + "attn.c_proj.bias"] = (d, d), (d,)
-    shapes[pre + "mlp.c_fc.weight"], shapes[pre + "mlp.c_fc.bias"] = (d, 4 * d), (4 * d,)
-    shapes[pre + "mlp.c_proj.weight"], shapes[pre + "mlp.c_proj.bias"] = (4 * d, d), (d,)
-  shapes["ln_f.weight"] = shapes["ln_f.bias"] = (d,)
-  return shapes
-
-
-MODELS = {"resnet18": resnet18_shapes, "gpt2_small": gpt2_small_shapes}
+MODELS = {"resnet18": resnet18_shapes, "gpt2_small": gpt2_small_shapes}  # benchmarks/model_shapes.py
 
 
 class _Shapes(torch.nn.Module):

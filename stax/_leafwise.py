@@ -52,7 +52,7 @@ def pick(vec: jax.Array, i: int) -> jax.Array:
   zero = np.array(0, dtype)
   mask = np.zeros((n,) + (1,) * (vec.ndim - 1), bool)
   mask[i] = True
-  return jax.lax.reduce(jnp.where(mask, vec, zero), zero, jax.lax.add, (0,))
+  return jnp.sum(jnp.where(mask, vec, zero), axis=0, dtype=dtype)
 
 
 def entries(vec: jax.Array) -> list:

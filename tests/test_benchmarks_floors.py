@@ -175,3 +175,29 @@ def test_torch_step_shares_the_interleaved_loop():
   assert len(times["torch"]) == 4
   # one warm-up round + 2 rounds, 2 calls each: 6 SGD steps on the fixed gradient
   np.testing.assert_allclose(p.detach().numpy(), 1.0 - 6 * 0.5 * g.numpy(), rtol=1e-6)
+
+
+def test_model_shapes_are_the_real_models():
+  """ResNet-18's and GPT-2 small's parameter counts are torchvision's and Hugging Face's, and
+  the nested tree keeps every leaf in module order."""
+  from benchmarks import model_shapes as MS
+  count = lambda shapes: sum(int(np.prod(s)) for s in shapes.values())
+  resnet, gpt2 = MS.resnet18_shapes(), MS.gpt2_small_shapes()
+  assert count(resnet) == 11_689_512 and count(gpt2) == 124_439_808
+  tree, order = MS.nested(resnet)
+  assert order[0] == "conv1" and order[-1] == "fc" and len(order) == len(tree)
+  assert sum(len(v) for v in tree.values()) == len(resnet)
+  assert tree["layer2.0.downsample.0"]["weight"] == (128, 64, 1, 1)
+
+
+def test_compile_time_reports_each_stage_against_optax_adamw():
+  """Each row is trace + lower + compile on abstract shapes, its ratio the one to optax.adamw's
+  in the same run, and STAC's sign trunk compiles fewer kernels than AdamW's three passes."""
+  from benchmarks import compile_time
+  res = compile_time.run(["resnet18"], repeats=1, names=["stax.stac"], log=lambda m: None)
+  rows = res["models"]["resnet18"]["optimizers"]
+  base, stac = rows["optax.adamw"], rows["stax.stac"]
+  assert base["vs_optax_adamw"] == 1.0
+  assert stac["total_s"] == pytest.approx(stac["trace_s"] + stac["lower_s"] + stac["compile_s"])
+  assert stac["vs_optax_adamw"] == pytest.approx(stac["total_s"] / base["total_s"])
+  assert 0 < stac["distinct_kernels"] < base["distinct_kernels"]

@@ -1,0 +1,118 @@
+"""First-step compile time of every JAX optimizer on real models' shapes, against optax.adamw.
+
+For ResNet-18 (11.7M parameters, conv kernels ``(out, in, kh, kw)``) and GPT-2 small (124M,
+Hugging Face layout), as a JAX user's ``{module: {leaf: array}}`` tree
+(:mod:`benchmarks.model_shapes`), each optimizer of the benchmark (optax's and stax's, every
+mode) gets the speed benchmark's step: ``update`` + ``apply_updates``, jitted with parameters and
+state donated. Measured: the first step's cost before it runs, ``trace`` + ``lower`` +
+``compile`` in seconds (on abstract shapes: no parameter memory is allocated), its ratio to
+``optax.adamw``'s in the same process (the speed issue's target: ≤ 3), and the distinct kernels
+XLA compiled (:func:`benchmarks.speed.distinct_kernels`). Each compile runs ``--repeats`` times
+(default 2) and the fastest counts (a compile is deterministic work; the machine's load is not).
+
+Usage: ``python -m benchmarks.compile_time [--models resnet18 gpt2_small] [--out FILE]``;
+results in ``benchmarks/results/compile_time.json`` with ``--out`` pointing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _stages(tx, params) -> dict:
+  """Seconds of trace, lower and compile of one donated step on abstract ``params``, and the
+  compiled step's distinct kernels."""
+  import jax
+  import optax
+  from benchmarks import speed
+
+  state = jax.eval_shape(tx.init, params)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  fn = jax.jit(step, donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  traced = fn.trace(params, state, params)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+  return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "total_s": t3 - t0,
+          "distinct_kernels": speed.distinct_kernels(compiled.as_text())}
+
+
+def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=print) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import model_shapes as M
+  from benchmarks import optimizers as O
+
+  opts = [o for o in O.all_optimizers(torch=False) if o.framework == "jax"]
+  if names:
+    opts = [o for o in opts if o.name in names or o.name == "optax.adamw"]
+  opts.sort(key=lambda o: o.name != "optax.adamw")   # the baseline first
+  out = {"machine": {"python": platform.python_version(), "jax": jax.__version__,
+                     "cpu": platform.processor() or platform.machine(),
+                     "cores": os.cpu_count()},
+         "repeats": repeats, "models": {}}
+  for model in models:
+    shapes = getattr(M, f"{model}_shapes")()
+    tree, order = M.nested(shapes)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    task = type("Task", (), {"module_order": order, "name": model})()
+    rows = {}
+    for o in opts:
+      try:
+        runs = [_stages(o.build(1e-3, task), params) for _ in range(repeats)]
+      except Exception as e:  # noqa: BLE001 - one failing optimizer must not stop the others
+        rows[o.name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        log(f"{model:10s} {o.name:34s} error {rows[o.name]['error'][:120]}")
+        continue
+      best = dict(min(runs, key=lambda r: r["total_s"]), total_s_runs=[r["total_s"] for r in runs])
+      base = rows.get("optax.adamw", best)["total_s"]
+      best["vs_optax_adamw"] = best["total_s"] / base
+      rows[o.name] = best
+      log(f"{model:10s} {o.name:34s} {best['total_s']:6.2f} s "
+          f"(trace {best['trace_s']:.2f}, lower {best['lower_s']:.2f}, compile "
+          f"{best['compile_s']:.2f}) ×{best['vs_optax_adamw']:5.2f}  "
+          f"{best['distinct_kernels']} kernels")
+    out["models"][model] = {"n_params": int(sum(_size(s) for s in shapes.values())),
+                            "leaves": len(shapes), "optimizers": rows}
+  return out
+
+
+def _size(shape) -> int:
+  n = 1
+  for d in shape:
+    n *= d
+  return n
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--models", nargs="+", default=["resnet18", "gpt2_small"])
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--only", nargs="*", default=None, help="optimizer names (optax.adamw always)")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  import warnings
+  warnings.filterwarnings("ignore")
+  res = run(args.models, args.repeats, args.only)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
