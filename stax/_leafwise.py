@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["pick", "entries", "columns"]
+__all__ = ["pick", "entries", "columns", "fold_in_each"]
 
 
 def pick(vec: jax.Array, i: int) -> jax.Array:
@@ -70,3 +70,9 @@ def columns(vectors: dict) -> dict:
   names = list(vectors)
   rows = entries(jnp.stack([vectors[k] for k in names], axis=1))
   return {k: [r[j] for r in rows] for j, k in enumerate(names)}
+
+
+def fold_in_each(key: jax.Array, n: int) -> jax.Array:
+  """``(n, ...)``: ``jax.random.fold_in(key, i)`` for every ``i < n`` at once (one kernel for all
+  leaves; a leaf then takes its own with :func:`pick`, bit for bit its ``fold_in``)."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))

@@ -512,7 +512,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     k = None
     if s.needs_key and step_key is not None:
       if leaf_keys is None:  # every leaf's key at once, each leaf's picked (_leafwise)
-        leaf_keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(n))
+        leaf_keys = _leafwise.fold_in_each(step_key, n)
       k = _leafwise.pick(leaf_keys, i)
     ctx = StorageStep(state.count, i, state.key, me, ne, k)
     mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None

@@ -445,8 +445,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       # leaves' keys made at once and each picked (stax._leafwise): a leaf's draws are then the
       # same kernel as any other leaf's of its size. (Slices of one shared draw put each leaf's
       # offset into its kernel: two distinct kernels per matrix, 49 at 16M.)
-      keys = (jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(len(sizes)))
-              if sum(sizes) else None)
+      keys = _leafwise.fold_in_each(step_key, len(sizes)) if sum(sizes) else None
       items, groups, costs, at = [], [], [], []
       for i, (g, g2, st, leaf, size) in enumerate(zip(g_leaves, mats, states, leaf_plans, sizes)):
         if leaf.plan is None:
