@@ -110,6 +110,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _KEEP_FREED_BYTES = 2**31 - 1   # the largest trim threshold mallopt's int takes (2 GiB)
 
 
+def _glibc_version() -> Optional[tuple[int, int]]:
+  """``(major, minor)`` of the process's glibc, or ``None`` when the C library is another."""
+  try:
+    version = ctypes.CDLL(None).gnu_get_libc_version
+    version.restype = ctypes.c_char_p
+    major, minor = (int(x) for x in version().decode().split(".")[:2])
+  except (OSError, AttributeError, ValueError):
+    return None
+  return major, minor
+
+
 def _backends_initialized() -> bool:
   """Whether JAX has created its backends (and with them XLA's CPU threads)."""
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
@@ -156,12 +167,9 @@ def reuse_cpu_temporaries() -> bool:
     import jax.numpy as jnp
     ...
   """
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version  # pylint: disable=pointless-statement
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):
+  if _glibc_version() is None:
     return False
+  mallopt = ctypes.CDLL(None).mallopt
   if _backends_initialized():
     raise RuntimeError(
         "reuse_cpu_temporaries() must run before JAX's first computation: its backends (and "
@@ -211,13 +219,8 @@ def huge_page_malloc_active() -> bool:
                   if "=" in t)
   if tunables.get(_TUNABLE) not in ("1", "2"):
     return False
-  try:
-    version = ctypes.CDLL(None).gnu_get_libc_version
-    version.restype = ctypes.c_char_p
-    major, minor = (int(x) for x in version().decode().split(".")[:2])
-  except (OSError, AttributeError, ValueError):
-    return False
-  if (major, minor) < (2, 35):
+  version = _glibc_version()
+  if version is None or version < (2, 35):
     return False
   try:
     with open(_THP_ENABLED, encoding="ascii") as f:

@@ -417,7 +417,8 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     # no-refresh branch and one at the output, with or without an optimization_barrier
     # ordering the read first (reproduced on a toy). With the effective gradients (this
     # conditional's outputs) they make the step's temporaries, which page-fault in every call
-    # unless stax.reuse_cpu_temporaries() is set (README, "Temporaries cost page faults").
+    # (2 MiB at a time under stax.HUGE_PAGE_MALLOC, not at all with
+    # stax.reuse_cpu_temporaries(); README, "Temporaries cost page faults").
     live = [i for i, leaf in enumerate(leaf_plans) if leaf.plan is not None]
 
     def warm(states):
