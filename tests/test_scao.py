@@ -402,3 +402,57 @@ def test_a_step_copies_no_curvature_factor(mode):
   copied = [line.strip()[:120] for line in entry.splitlines()
             if " copy(" in line and any(f"copy({n})" in line for n in factors)]
   assert not copied, copied
+
+
+def test_the_refresh_is_ordered_after_every_read_of_the_factors():
+  """A rule whose ``apply`` reads a large factor and whose ``update`` rewrites it in place: the
+  controller orders the refresh after the preconditioning's read (its predicate reads the
+  first effective gradient), so XLA keeps no copy of the factor anywhere in the step, inside
+  the conditionals included. (With the preconditioning inside the refresh's conditional, the
+  step's temporaries held one copy of the factor: 1,065,632 bytes here, against 16,728 now;
+  at 16M parameters the faithful warm-up step faulted 92 MiB in per call instead of 65.)"""
+  import dataclasses
+  from typing import NamedTuple
+
+  from stax.transforms.kron import _schedule
+
+  class St(NamedTuple):
+    f: jax.Array
+
+  @dataclasses.dataclass(frozen=True)
+  class BigFactor:
+    needs_key: bool = False
+    min_updates: int = 0
+
+    def plan(self, m, n):
+      return (m, n)
+
+    def init(self, plan):
+      return St(jnp.eye(plan[1], dtype=jnp.float32))
+
+    def fits(self, plan, st):
+      return isinstance(st, St)
+
+    def noise_size(self, plan):
+      return 0
+
+    def apply(self, plan, st, g, ctx):
+      return g @ st.f
+
+    def update(self, plan, st, g, ctx):
+      return St(st.f * 0.5 + jnp.sum(g * g))
+
+  params = {"w": jnp.ones((8, 512))}
+  tx = _schedule.scale_by_schedule(BigFactor(), _schedule.Schedule(
+      warmup_steps=1, precond_freq=2, min_precond_updates=0, blend_steps=0))
+  state = tx.init(params)
+  compiled = jax.jit(tx.update, donate_argnums=(1,)).lower(params, state).compile()
+  factor_bytes = 512 * 512 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < factor_bytes // 8
+  # and the preconditioning used the old factor, the refresh replaced it afterwards
+  g = {"w": jnp.full((8, 512), 0.5)}
+  u, state = jax.jit(tx.update)(g, state)      # step 1: warm-up, no refresh
+  u, state = jax.jit(tx.update)(g, state)      # step 2: preconditioned with I, then refresh
+  np.testing.assert_array_equal(np.asarray(u["w"]), np.asarray(g["w"]))
+  np.testing.assert_allclose(np.asarray(state.leaves["w"].f),
+                             np.eye(512) * 0.5 + 8 * 512 * 0.25, rtol=1e-6)
