@@ -294,3 +294,38 @@ def test_turbo_adam_factored_codec_bits_per_param():
     assert bits(k) == pytest.approx(4.5 + 32 * (m + n) / (m * n))
   assert bits("w") < 5
   assert isinstance(inner.nu["vec"], LQ.LogQuantState)
+
+
+def test_turbo_adam_factored_v_of_a_conv_kernel_is_adafactor_on_its_row_view():
+  """A torch conv kernel ``(out, in, kh, kw)`` keeps its factored v over the row view
+  ``(out, in·kh·kw)``, and the update divides by that same estimate: TurboAdam with a
+  full-precision m equals a NumPy transcription of Adafactor's factored second moment on the
+  row view (Adam's m and bias corrections, decoupled decay off). Until 2026-12-05 the update
+  divided by a factored estimate over ``(kh, kw)`` of the exact new v instead (that code fails
+  here on 99.7 % of the entries, up to 0.08 off after 5 steps)."""
+  import optax
+  import stax
+  b1, b2, eps, lr = 0.9, 0.99, 1e-8, 1e-2
+  rng = np.random.default_rng(4)
+  p0 = rng.normal(size=(64, 32, 3, 3)).astype(np.float32)
+  grads = [(rng.normal(size=p0.shape) * (1 + 3 * rng.random((64, 1, 1, 3)))).astype(np.float32)
+           for _ in range(5)]
+  tx = stax.turbo_adam(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0, compress_m=False,
+                       codec="factored", min_compress_elements=1, nonfinite="ignore")
+  p, s = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+  from stax.codecs.factored import FactoredState
+  (nu,) = [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, FactoredState))
+           if isinstance(x, FactoredState)]
+  assert nu.rows.shape == (64,) and nu.cols.shape == (288,)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  q = p0.reshape(64, 288).astype(np.float64)
+  m, r, c = np.zeros_like(q), np.zeros(64), np.zeros(288)
+  for t, g in enumerate(grads, 1):
+    p, s = step(p, s, jnp.asarray(g))
+    g = g.reshape(64, 288).astype(np.float64)
+    m = b1 * m + (1 - b1) * g
+    r = b2 * r + (1 - b2) * np.mean(g * g, axis=-1)
+    c = b2 * c + (1 - b2) * np.mean(g * g, axis=-2)
+    vhat = r[:, None] * c[None, :] / np.mean(r)
+    q = q - lr * (m / (1 - b1 ** t)) / (np.sqrt(vhat / (1 - b2 ** t)) + eps)
+  np.testing.assert_allclose(np.asarray(p).reshape(64, 288), q, rtol=2e-5, atol=2e-6)

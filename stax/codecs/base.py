@@ -24,8 +24,11 @@ it; an object that implements only ``init``/``read``/``write`` gets them through
   does not depend on the parameters' sizes (``optax.tree.map_params`` inits from a placeholder);
 * ``exact`` (``False``): full precision, no rounding: writing back what was read changes nothing,
   so a gated no-op step (:func:`stax.nonfinite_guard` with ``gated=True``) keeps the state exactly;
-* ``nu_is_mean`` (``False``): the encoded v is one mean per tensor (0-d); the core forms its
-  EMA on scalars and writes it 0-d (:mod:`stax.codecs.tensor_rms`, STAMLite);
+* ``nu_is_mean`` (``False``): the encoded v is a set of means of v (one mean per tensor, 0-d,
+  :mod:`stax.codecs.tensor_rms`, STAMLite; a matrix's row and column means,
+  :mod:`stax.codecs.factored`); the core forms their EMAs from the same means of ``|g|²``
+  (``nu_mean_squares(g)``, each reduction over its own copy of ``g``, so no ``|g|²`` or new v is
+  materialised) and hands the new means to ``write`` and ``project``;
 * ``project(mu, nu) -> (mu, nu)`` (identity): the moments the update is formed from instead of
   the exact new ones (STAMLite's per-tensor RMS: the update must use what the storage keeps, one
   mean of v per tensor, not the exact elementwise v);
@@ -63,6 +66,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol, Union, runtime
 import jax
 import jax.numpy as jnp
 
+from stax import numerics as num
 from stax.codecs import _layout as L
 
 __all__ = [
@@ -77,6 +81,7 @@ __all__ = [
     "is_storage",
     "resolve_storage",
     "read_step_write",
+    "tensor_mean_square",
     "StorageLike",
 ]
 
@@ -170,10 +175,25 @@ class StorageBase:
 
   @property
   def nu_is_mean(self) -> bool:
-    """Whether the encoded v is one mean per tensor, a 0-d array (default False). The Adam core
-    then forms the new mean as the EMA of that mean and ``mean(|g|²)`` on scalars
-    (:func:`stax.transforms.adam.adam_step`'s ``nu_mean``) and hands it to ``write`` 0-d."""
+    """Whether the encoded v is a set of means of v (default False): one mean per tensor (a 0-d
+    array) or, for a factored v, its row and column means. The Adam core then forms the new
+    means as the EMAs of the stored ones and the same means of ``|g|²``
+    (:meth:`nu_mean_squares`; :func:`stax.transforms.adam.adam_step`'s ``nu_mean``) and hands
+    them to ``write`` and ``project`` in place of the elementwise v."""
     return False
+
+  def nu_mean_squares(self, g: jax.Array) -> Any:
+    """For a storage whose :attr:`nu_is_mean`: the means of ``|g|²`` its encoded v keeps, in
+    float32, laid out like that encoding (default: the tensor mean, 0-d,
+    :func:`tensor_mean_square`). Each reduction reads its own copy of ``g``, so XLA runs it in
+    its vectorised kernel without materialising ``|g|²``."""
+    return tensor_mean_square(g)
+
+
+def tensor_mean_square(g: jax.Array) -> jax.Array:
+  """``mean(|g|²)`` in float32 (overflow-safe, :func:`stax.numerics.mean`): the statistic of a
+  v kept as one mean per tensor."""
+  return num.mean(jnp.square(g.astype(jnp.float32)))
 
 
 def _optional(obj: Any, name: str, default: Any) -> Any:
@@ -297,6 +317,11 @@ class SeparateStorage(StorageBase):
   @property
   def nu_is_mean(self) -> bool:
     return bool(_optional(self.nu_codec, "is_mean", False))
+
+  def nu_mean_squares(self, g):
+    """The v codec's ``mean_squares(g)`` (see :meth:`StorageBase.nu_mean_squares`)."""
+    fn = _optional(self.nu_codec, "mean_squares", None)
+    return super().nu_mean_squares(g) if fn is None else fn(g)
 
   @property
   def rows_local(self) -> bool:

@@ -80,9 +80,13 @@ def from_row_view(x: jax.Array, like: Any) -> jax.Array:
 class RowView(StorageBase):
   """A :class:`~stax.codecs.base.MomentStorage` seen through the row view of each leaf.
 
-  ``init``/``read``/``write`` (and a ``fused_update``) reshape the moments to
-  :func:`row_view_shape` before the inner storage and back after it; the encoded state keeps
-  the view's shape. ``needs_key``, ``exact`` and ``project`` are the inner storage's.
+  ``init``/``read``/``write``/``project`` (and a ``fused_update``, ``nu_mean_squares``)
+  reshape the moments to :func:`row_view_shape` before the inner storage and back after it;
+  the encoded state keeps the view's shape. ``needs_key``, ``exact``, ``exact_parts``,
+  ``reduces_nu`` and ``nu_is_mean`` are the inner storage's. (Until 2026-12-05 ``project`` ran
+  the inner storage on the leaf's own shape: a factored v of a conv kernel ``(out, in, kh, kw)``
+  was stored over its row view ``(out, in·kh·kw)`` but the update divided by the factored
+  estimate over ``(kh, kw)``.)
   """
 
   inner: Any
@@ -98,6 +102,21 @@ class RowView(StorageBase):
   @property
   def exact(self) -> bool:
     return self.inner.exact
+
+  @property
+  def exact_parts(self) -> tuple[bool, bool]:
+    return self.inner.exact_parts
+
+  @property
+  def reduces_nu(self) -> bool:
+    return self.inner.reduces_nu
+
+  @property
+  def nu_is_mean(self) -> bool:
+    return self.inner.nu_is_mean
+
+  def nu_mean_squares(self, g):
+    return self.inner.nu_mean_squares(self._view(g))
 
   @property
   def fused_update(self):
@@ -127,8 +146,17 @@ class RowView(StorageBase):
     m, v = self.inner.read(mu_enc, nu_enc, view, ctx)
     return self._back(m, like), self._back(v, like)
 
+  def _view_nu(self, nu, mu):
+    """``nu`` as the core formed it, on the row view: the elementwise moment is viewed; the
+    encoding's means (``nu_is_mean``) are already the view's."""
+    full = hasattr(nu, "shape") and tuple(nu.shape) == tuple(jnp.shape(mu))
+    return self._view(nu) if full else nu
+
   def write(self, mu, nu, ctx):
-    return self.inner.write(self._view(mu), self._view(nu), ctx)
+    return self.inner.write(self._view(mu), self._view_nu(nu, mu), ctx)
 
   def project(self, mu, nu):
-    return self.inner.project(mu, nu)
+    """The inner storage's ``project`` on the row view (the moments back in ``mu``'s shape; a
+    0-d projection, a per-tensor mean, as it is)."""
+    pm, pv = self.inner.project(self._view(mu), self._view_nu(nu, mu))
+    return self._back(pm, mu), (pv if jnp.ndim(pv) == 0 else self._back(pv, mu))

@@ -81,7 +81,8 @@ from stax import _validation as V
 from stax import numerics as num
 from stax._trees import conform
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
-                              is_storage, read_step_write, resolve_storage)
+                              is_storage, read_step_write, resolve_storage,
+                              tensor_mean_square)
 from stax.transforms.guards import NONFINITE_OK, gate_aware
 
 __all__ = [
@@ -276,12 +277,14 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
       possibly non-finite value does not matter (default both).
     nu_sq: ``None`` (default: ``|g|²``), or ``|g|²`` formed elsewhere (bit for bit equal): a
       storage whose ``project`` reduces v gets its own copy (``StorageBase.reduces_nu``).
-    nu_mean: ``None`` (default), or ``(mean(|g|²), stored mean of v)`` (0-d arrays) for a
-      storage that keeps one mean of v per tensor (:mod:`stax.codecs.tensor_rms`): the new v is
-      then that mean's EMA, ``a2·mean(|g|²) + d2·mean_v``, formed on scalars — the mean of the
-      elementwise EMA up to rounding, as STAMLite's seed computes it — instead of a reduction
-      over the elementwise EMA (with the gate's selects and the saturation inside, that
-      reduction made a STAMLite step 1.8× optax.adamw's; 1.5× without it).
+    nu_mean: ``None`` (default), or ``(means of |g|², stored means of v)`` (pytrees of the
+      encoding's layout) for a storage that keeps means of v (``nu_is_mean``: one mean per
+      tensor, :mod:`stax.codecs.tensor_rms`; a matrix's row and column means,
+      :mod:`stax.codecs.factored`): the new v is then those means' EMAs,
+      ``a2·mean(|g|²) + d2·mean_v``, formed on the means — the means of the elementwise EMA up
+      to rounding, as STAMLite's seed and Adafactor compute them — instead of reductions over
+      the elementwise EMA (with the gate's selects and the saturation inside, that reduction
+      made a STAMLite step 1.8× optax.adamw's; 1.5× without it).
   """
   b2 = cfg.b2
   b1_t, b2_t = b1, b2
@@ -309,7 +312,9 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
   if nu_mean is not None:
     sq_mean, old_mean = nu_mean
-    new_nu = (a2 * sq_mean + d2 * old_mean.astype(sq_mean.dtype)).astype(_moment_dtype(nu, g))
+    dtype = _moment_dtype(nu, g)
+    new_nu = jax.tree.map(lambda s, o: (a2 * s + d2 * o.astype(s.dtype)).astype(dtype),
+                          sq_mean, old_mean)
   else:
     new_nu = (a2 * sq + d2 * nu).astype(_moment_dtype(nu, g))
 
@@ -381,14 +386,15 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
               ok: Any = None, project: Optional[Callable] = None,
               exact_parts: tuple[bool, bool] = (True, True),
               reduces_nu: bool = False, nu_mean: Any = None,
-              sq_mean: Any = None) -> LeafStep:
+              sq_mean: Any = None, mean_squares: Optional[Callable] = None) -> LeafStep:
   """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
   storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
   saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction;
-  ``nu_mean``: the stored per-tensor mean of v, a 0-d encoding, for a storage whose
-  ``nu_is_mean``: :func:`adam_step` then gets ``(mean(|g|²), nu_mean)``; ``sq_mean``: that
-  ``mean(|g|²)`` as a :class:`Beta1Rule` with ``sq_means`` computed it, used instead of a
-  reduction of its own)."""
+  ``nu_mean``: the stored means of v, for a storage whose ``nu_is_mean``: :func:`adam_step`
+  then gets ``(the same means of |g|², nu_mean)``, those of ``|g|²`` from ``mean_squares``
+  (the storage's ``nu_mean_squares``; default the tensor mean) on the core's own copy of
+  ``g``; ``sq_mean``: a per-tensor ``mean(|g|²)`` that a :class:`Beta1Rule` with ``sq_means``
+  computed, used for a 0-d ``nu_mean`` instead of a reduction of its own)."""
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
            "b1_prod": b1_prod, "ok": ok, "nu_mean": nu_mean, "sq_mean": sq_mean}
   dynamic = tuple(k for k, v in named.items() if _is_array(v))
@@ -399,16 +405,17 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
     bound = num.square_bound(mu.dtype, nu.dtype)
     nu_sq, mean_nu = None, None
     if v["nu_mean"] is not None and not jnp.iscomplexobj(g):
-      # mean(|g|²) of its own copy, bounded after the mean at B² (as the β1 rules bound their
-      # statistics: bit for bit the mean of min(|g|², B²) wherever every |g| <= B)
+      # the means of |g|² of its own copy, bounded after the mean at B² (as the β1 rules bound
+      # their statistics: bit for bit the mean of min(|g|², B²) wherever every |g| <= B)
       b2_sq = jnp.asarray(bound * bound, jnp.float32)  # B² is a power of two: exact
       if not g.size:
-        sq_mean = jnp.zeros([], jnp.float32)
+        sq_mean = jax.tree.map(lambda e: jnp.zeros(jnp.shape(e), jnp.float32), v["nu_mean"])
       elif v["sq_mean"] is not None:  # the β1 rule's mean(|g|²): no second read of g
         sq_mean = jnp.minimum(jnp.asarray(v["sq_mean"], jnp.float32), b2_sq)
       else:
         own, b2_sq = num.independent(g, b2_sq)
-        sq_mean = jnp.minimum(num.mean(jnp.square(own.astype(jnp.float32))), b2_sq)
+        means = (mean_squares or tensor_mean_square)(own)
+        sq_mean = jax.tree.map(lambda x: jnp.minimum(x, b2_sq), means)
       mean_nu = (sq_mean, v["nu_mean"])
     elif reduces_nu and not jnp.iscomplexobj(g):
       own, b2_sq = num.independent(g, bound * bound)  # B² is a power of two: exact
@@ -516,9 +523,12 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       k = _leafwise.pick(leaf_keys, i)
     ctx = StorageStep(state.count, i, state.key, me, ne, k)
     mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None
+    # a β1 rule's per-tensor mean(|g|²) serves a per-tensor mean of v (0-d), not other means
+    per_tensor = _is_array(mean_nu) and jnp.ndim(mean_nu) == 0
     step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
                      exact_parts=s.exact_parts, reduces_nu=s.reduces_nu, nu_mean=mean_nu,
-                     sq_mean=None if mean_nu is None else sq_means[i])
+                     sq_mean=sq_means[i] if per_tensor else None,
+                     mean_squares=None if mean_nu is None else s.nu_mean_squares)
     if decoded is not None:
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)
