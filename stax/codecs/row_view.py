@@ -76,6 +76,11 @@ def from_row_view(x: jax.Array, like: Any) -> jax.Array:
   return L.split_last(x, tuple(jnp.shape(like))[-k:])
 
 
+def _inner_member(name: str) -> property:
+  """A read-only property that is the wrapped storage's member ``name``."""
+  return property(lambda self: getattr(self.inner, name), doc=f"The inner storage's ``{name}``.")
+
+
 @dataclasses.dataclass(frozen=True)
 class RowView(StorageBase):
   """A :class:`~stax.codecs.base.MomentStorage` seen through the row view of each leaf.
@@ -95,25 +100,11 @@ class RowView(StorageBase):
   def __post_init__(self):
     object.__setattr__(self, "inner", as_storage(self.inner))
 
-  @property
-  def needs_key(self) -> bool:
-    return self.inner.needs_key
-
-  @property
-  def exact(self) -> bool:
-    return self.inner.exact
-
-  @property
-  def exact_parts(self) -> tuple[bool, bool]:
-    return self.inner.exact_parts
-
-  @property
-  def reduces_nu(self) -> bool:
-    return self.inner.reduces_nu
-
-  @property
-  def nu_is_mean(self) -> bool:
-    return self.inner.nu_is_mean
+  needs_key = _inner_member("needs_key")
+  exact = _inner_member("exact")
+  exact_parts = _inner_member("exact_parts")
+  reduces_nu = _inner_member("reduces_nu")
+  nu_is_mean = _inner_member("nu_is_mean")
 
   def nu_mean_squares(self, g):
     return self.inner.nu_mean_squares(self._view(g))
