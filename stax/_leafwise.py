@@ -26,11 +26,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["pick", "entries", "columns", "fold_in_each"]
+__all__ = ["pick", "entries", "columns", "fold_in_each", "traced_once"]
 
 
 def pick(vec: jax.Array, i: int) -> jax.Array:
@@ -41,18 +45,29 @@ def pick(vec: jax.Array, i: int) -> jax.Array:
     raise IndexError(f"entry {i} of a vector of {n}")
   if jax.default_backend() != "cpu" or n == 1:
     return vec[i]
-  dtype = np.dtype(vec.dtype)
-  if dtype == np.bool_:
-    return pick(vec.astype(jnp.uint8), i).astype(jnp.bool_)
-  if dtype.kind not in "iu":  # the bits, as unsigned integers of the same width
-    bits = np.dtype(f"uint{8 * dtype.itemsize}") if dtype.kind != "c" else None
-    if bits is None:
-      return jax.lax.complex(pick(jnp.real(vec), i), pick(jnp.imag(vec), i))
-    return jax.lax.bitcast_convert_type(pick(jax.lax.bitcast_convert_type(vec, bits), i), dtype)
-  zero = np.array(0, dtype)
   mask = np.zeros((n,) + (1,) * (vec.ndim - 1), bool)
   mask[i] = True
-  return jnp.sum(jnp.where(mask, vec, zero), axis=0, dtype=dtype)
+  # the mask is an argument of one shared trace (traced_once), a constant once inlined
+  return traced_once(_make_masked_pick)(vec, mask)
+
+
+def _make_masked_pick():
+  return _masked_pick
+
+
+def _masked_pick(vec, mask):
+  """The entry of ``vec`` where ``mask`` (one true entry) is, from its bits (:func:`pick`)."""
+  dtype = np.dtype(vec.dtype)
+  if dtype == np.bool_:
+    return _masked_pick(vec.astype(jnp.uint8), mask).astype(jnp.bool_)
+  if dtype.kind not in "iu":  # the bits, as unsigned integers of the same width
+    if dtype.kind == "c":
+      return jax.lax.complex(_masked_pick(jnp.real(vec), mask),
+                             _masked_pick(jnp.imag(vec), mask))
+    bits = np.dtype(f"uint{8 * dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(
+        _masked_pick(jax.lax.bitcast_convert_type(vec, bits), mask), dtype)
+  return jnp.sum(jnp.where(mask, vec, np.array(0, dtype)), axis=0, dtype=dtype)
 
 
 def entries(vec: jax.Array) -> list:
@@ -76,3 +91,51 @@ def fold_in_each(key: jax.Array, n: int) -> jax.Array:
   """``(n, ...)``: ``jax.random.fold_in(key, i)`` for every ``i < n`` at once (one kernel for all
   leaves; a leaf then takes its own with :func:`pick`, bit for bit its ``fold_in``)."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def traced_once(make: Callable[..., Callable], *static: Any) -> Callable:
+  """``make(*static)``, a function of arrays, traced once per distinct shape of its arguments.
+
+  A step runs the same per-leaf code on every leaf, and JAX traces it again for each: every
+  ``jax.numpy`` call is a nested ``jit`` that costs ~0.1 ms to trace and inline, so STAM's trace
+  of GPT-2 small's 148 leaves took 0.6 s of a 3.5 s first step. Here the function ``make``
+  builds from the hashable configuration ``static`` is wrapped in ``jax.jit(..., inline=True)``
+  and kept (per ``(make, static)``), so every leaf with the same shapes and dtypes reuses one
+  trace, which JAX inlines into the step: the traced program, and so the compiled one, is the
+  same as without it. A bound method in ``static`` counts by its object's value (equal storages
+  of two leaves share the trace). ``make`` must be a module-level function (the cache keys on it) and the
+  built function pure in its array arguments (it may not close over arrays or tracers). Where
+  ``static`` is not hashable (a hyperparameter given as an array, as ``inject_hyperparams`` and
+  the torch bridge give them), ``make(*static)`` is returned as is (traced per leaf).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from stax import _leafwise
+    >>> def make(scale):
+    ...   return lambda x: x * scale
+    >>> f = _leafwise.traced_once(make, 2.0)
+    >>> f is _leafwise.traced_once(make, 2.0), float(f(jnp.float32(3.0)))
+    (True, 6.0)
+  """
+  static = tuple(_Method(m.__self__, m.__func__) if inspect.ismethod(m) else m for m in static)
+  try:
+    hash(static)
+  except TypeError:
+    return make(*static)
+  return _traced_once(make, static)
+
+
+class _Method(NamedTuple):
+  """A bound method compared by its object's value: Python compares bound methods by the
+  identity of their object, so equal storages of two leaves would not share a trace."""
+
+  obj: Any
+  func: Callable
+
+  def __call__(self, *args, **kwargs):
+    return self.func(self.obj, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _traced_once(make, static):
+  return jax.jit(make(*static), inline=True)

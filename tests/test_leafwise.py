@@ -102,3 +102,47 @@ def test_the_kernel_count_check_fails_when_leaves_read_sliced_entries(monkeypatc
   monkeypatch.setattr(_leafwise, "pick", lambda vec, i: vec[i])
   few, many = _kernels(stax.stam(1e-3), 6), _kernels(stax.stam(1e-3), 10)
   assert many >= few + 2 * 4  # at least two more per added layer (kernel and bias leaves)
+
+
+def _step_traces(tx, params, monkeypatch):
+  """How many times the Adam core's per-leaf step (``adam_step``) is traced for one jitted
+  update of ``params``, and that update's result for a fixed gradient."""
+  from stax.transforms import adam
+  calls = []
+  real = adam.adam_step
+  monkeypatch.setattr(adam, "adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+  _leafwise._traced_once.cache_clear()
+  grads = jax.tree.map(lambda x: jnp.cos(3.0 * x + 1.0), params)
+  out = jax.jit(tx.update)(grads, tx.init(params), params)
+  return len(calls), out
+
+
+@pytest.mark.parametrize("make", [lambda: stax.stam(1e-3), lambda: stax.stable_adamw(1e-3),
+                                  lambda: stax.turbo_adam(1e-3, min_compress_elements=1)],
+                         ids=["stam", "stable_adamw", "turbo_adam"])
+def test_same_shaped_leaves_share_one_trace_of_the_step(make, monkeypatch):
+  """Ten layers of two shapes (and a head) trace the per-leaf step once per shape, not once per
+  leaf (``traced_once``), and the traced program is the one traced leaf by leaf. TurboAdam's
+  storages are bound methods of equal, distinct objects (one row view per leaf): compared by
+  identity, as Python compares bound methods, they traced per leaf."""
+  params = _params(10)
+  shared, out = _step_traces(make(), params, monkeypatch)
+  assert shared == 3
+  monkeypatch.setattr(_leafwise, "traced_once", lambda make_fn, *static: make_fn(*static))
+  per_leaf, out_per_leaf = _step_traces(make(), params, monkeypatch)
+  assert per_leaf == 21
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_per_leaf), strict=True):
+    np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_a_step_with_array_hyperparameters_traces_per_leaf_and_agrees(monkeypatch):
+  """Hyperparameters given as arrays (``inject_hyperparams``, the torch bridge) are not
+  hashable: the step is traced per leaf, as before, and gives the result of Python numbers (to
+  the rounding of the betas as float32 arrays, ~7e-6 here)."""
+  params = _params(3)
+  tx = optax.inject_hyperparams(stax.adamw)(learning_rate=1e-3, b1=0.9, b2=0.999)
+  traces, (u_arr, _) = _step_traces(tx, params, monkeypatch)
+  assert traces == 7
+  _, (u_ref, _) = _step_traces(stax.adamw(1e-3), params, monkeypatch)
+  for a, b in zip(jax.tree.leaves(u_arr), jax.tree.leaves(u_ref), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=0)

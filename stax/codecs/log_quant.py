@@ -135,7 +135,12 @@ def log_encode(v: jax.Array, bits: int, block_size: int,
   # XLA on CPU flushes float32 denormals (1e-38 is one) to zero; clamp the log as the seed's
   # log(1e-38) so the block minimum stays finite.
   logb = jnp.maximum(jnp.log(blocks), jnp.float32(_LOG_MIN_POSITIVE))
-  min_h, max_h = _outward_fp16(jnp.min(logb, axis=-1), jnp.max(logb, axis=-1))
+  # The block's log endpoints as the log of its extremes: the same numbers as the extremes of
+  # the logs (XLA's float32 log is monotone: tests/test_codecs.py checks every positive float),
+  # but the reductions read v itself, so XLA materialises v for them, not log v and its clamp.
+  log_min = jnp.maximum(jnp.log(jnp.min(blocks, axis=-1)), jnp.float32(_LOG_MIN_POSITIVE))
+  log_max = jnp.maximum(jnp.log(jnp.max(blocks, axis=-1)), jnp.float32(_LOG_MIN_POSITIVE))
+  min_h, max_h = _outward_fp16(log_min, log_max)
   scales = jnp.stack([min_h, max_h], axis=-1)
   lmin = min_h.astype(jnp.float32)[..., None]
   lmax = max_h.astype(jnp.float32)[..., None]

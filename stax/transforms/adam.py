@@ -382,25 +382,20 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
-def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None,
-              ok: Any = None, project: Optional[Callable] = None,
-              exact_parts: tuple[bool, bool] = (True, True),
-              reduces_nu: bool = False, nu_mean: Any = None,
-              sq_mean: Any = None, mean_squares: Optional[Callable] = None) -> LeafStep:
-  """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
-  storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
-  saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction;
-  ``nu_mean``: the stored means of v, for a storage whose ``nu_is_mean``: :func:`adam_step`
-  then gets ``(the same means of |g|², nu_mean)``, those of ``|g|²`` from ``mean_squares``
-  (the storage's ``nu_mean_squares``; default the tensor mean) on the core's own copy of
-  ``g``; ``sq_mean``: a per-tensor ``mean(|g|²)`` that a :class:`Beta1Rule` with ``sq_means``
-  computed, used for a 0-d ``nu_mean`` instead of a reduction of its own)."""
-  named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
-           "b1_prod": b1_prod, "ok": ok, "nu_mean": nu_mean, "sq_mean": sq_mean}
-  dynamic = tuple(k for k, v in named.items() if _is_array(v))
+def _is_dynamic(x: Any) -> bool:
+  """An array, or a pytree of arrays (a factored v's row and column means): an operand of the
+  leaf's step rather than a part of its configuration."""
+  leaves = jax.tree.leaves(x)
+  return bool(leaves) and all(_is_array(a) or isinstance(a, jax.core.Tracer) for a in leaves)
+
+
+def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optional[Callable],
+                  exact_parts: tuple[bool, bool], reduces_nu: bool,
+                  mean_squares: Optional[Callable]) -> Callable[..., AdamStep]:
+  """The function of :func:`leaf_step`'s :class:`LeafStep`, for its static configuration."""
 
   def fn(g, mu, nu, *operands):
-    v = dict(named, **dict(zip(dynamic, operands)))
+    v = dict(static, **dict(zip(dynamic, operands)))
     c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"])
     bound = num.square_bound(mu.dtype, nu.dtype)
     nu_sq, mean_nu = None, None
@@ -425,6 +420,29 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
                      project=project, exact_parts=exact_parts, nu_sq=nu_sq,
                      nu_mean=mean_nu)
 
+  return fn
+
+
+def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None,
+              ok: Any = None, project: Optional[Callable] = None,
+              exact_parts: tuple[bool, bool] = (True, True),
+              reduces_nu: bool = False, nu_mean: Any = None,
+              sq_mean: Any = None, mean_squares: Optional[Callable] = None) -> LeafStep:
+  """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
+  storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
+  saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction;
+  ``nu_mean``: the stored means of v, for a storage whose ``nu_is_mean``: :func:`adam_step`
+  then gets ``(the same means of |g|², nu_mean)``, those of ``|g|²`` from ``mean_squares``
+  (the storage's ``nu_mean_squares``; default the tensor mean) on the core's own copy of
+  ``g``; ``sq_mean``: a per-tensor ``mean(|g|²)`` that a :class:`Beta1Rule` with ``sq_means``
+  computed, used for a 0-d ``nu_mean`` instead of a reduction of its own)."""
+  named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
+           "b1_prod": b1_prod, "ok": ok, "nu_mean": nu_mean, "sq_mean": sq_mean}
+  dynamic = tuple(k for k, v in named.items() if _is_dynamic(v))
+  static = tuple((k, v) for k, v in named.items() if k not in dynamic)
+  # traced once per configuration and leaf shape, not once per leaf (stax._leafwise)
+  fn = _leafwise.traced_once(_make_leaf_fn, cfg, dynamic, static, project, exact_parts,
+                             reduces_nu, mean_squares)
   return LeafStep(fn, tuple(named[k] for k in dynamic))
 
 

@@ -72,6 +72,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -190,10 +191,22 @@ def _leaf_stats(pairs, stat, *extra):
   # a per-leaf vector's entries are picked (not sliced) so that every leaf's pass compiles alike
   arrays = _leafwise.columns({j: x for j, x in enumerate(extra) if isinstance(x, jax.Array)})
   extra = [arrays.get(j, x) for j, x in enumerate(extra)]
-  out = [stat(p, *(x[i] for x in extra)) if ok else (0.0, 0.0)
+  out = [_stat_of(stat, p)(*(x[i] for x in extra)) if ok else (0.0, 0.0)
          for i, (p, ok) in enumerate(zip(pairs, live))]
   return (live, stack_leaf_scalars([o[0] for o in out]),
           stack_leaf_scalars([o[1] for o in out]))
+
+
+def _stat_of(stat, pair):
+  """``stat(pair, *extra)`` as a function of ``extra``, its trace shared by every leaf of the
+  same shapes (:func:`stax._leafwise.traced_once`; the gradient is an argument, its bound part
+  of the configuration)."""
+  g, bound = pair
+  return functools.partial(_leafwise.traced_once(_bound_stat, stat, bound), g)
+
+
+def _bound_stat(stat, bound):
+  return lambda g, *extra: stat((g, bound), *extra)
 
 
 def _ema(live, decay, old, new):
