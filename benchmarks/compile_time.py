@@ -9,6 +9,10 @@ state donated. Measured: the first step's cost before it runs, ``trace`` + ``low
 ``optax.adamw``'s in the same process (the speed issue's target: ≤ 3), and the distinct kernels
 XLA compiled (:func:`benchmarks.speed.distinct_kernels`). Each compile runs ``--repeats`` times
 (default 2) and the fastest counts (a compile is deterministic work; the machine's load is not).
+Each optimizer with a floor program (:mod:`benchmarks.floors`: the passes its step needs on
+XLA:CPU, nothing else) also gets that program's compile ratio on the same shapes, the floor of
+its first step: ``floor_verdict`` says whether the target is met, reachable (the program is
+within 3×) or below the floor.
 
 Usage: ``python -m benchmarks.compile_time [--models resnet18 gpt2_small] [--out FILE]``;
 results in ``benchmarks/results/compile_time.json`` with ``--out`` pointing there.
@@ -24,6 +28,9 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+#: The speed issue's target: a first step compiles in at most 3× optax.adamw's time.
+TARGET = 3.0
 
 
 def _stages(tx, params) -> dict:
@@ -87,8 +94,47 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
           f"(trace {best['trace_s']:.2f}, lower {best['lower_s']:.2f}, compile "
           f"{best['compile_s']:.2f}) ×{best['vs_optax_adamw']:5.2f}  "
           f"{best['distinct_kernels']} kernels")
+    floors = _floors(rows, params, order, repeats, log, model)
     out["models"][model] = {"n_params": int(sum(_size(s) for s in shapes.values())),
-                            "leaves": len(shapes), "optimizers": rows}
+                            "leaves": len(shapes), "optimizers": rows, "floors": floors}
+  return out
+
+
+def _floors(rows: dict, params, order, repeats: int, log, model: str) -> dict:
+  """Each benchmarked optimizer's floor program (:mod:`benchmarks.floors`: the passes its step
+  needs on XLA:CPU, written plainly) compiled the same way on the same abstract shapes:
+  ``{program: {"total_s", "distinct_kernels", "vs_optax_adamw"}}``; each optimizer's row gets
+  its program's name, compile ratio and the verdict against the target of 3 (``floor_verdict``:
+  ``"met"``, ``"reachable"`` when the program is within it and the step is not, ``"below the
+  floor"`` when the program itself is above it)."""
+  import jax
+  from benchmarks import floors as F
+  head = order[-1]
+  base = rows["optax.adamw"]["total_s"]
+  out = {}
+  for name, row in rows.items():
+    if name not in F.FLOOR_PROGRAMS or "error" in row:
+      continue
+    prog = F.FLOOR_PROGRAMS[name][0]
+    if prog not in out:
+      def stages(prog=prog):
+        state = jax.eval_shape(lambda p: F.init_state(prog, p, head), params)
+        fn = jax.jit(F.program_step(prog, head), donate_argnums=(0, 1))
+        t0 = time.perf_counter()
+        compiled = fn.trace(params, state, params).lower().compile()
+        return time.perf_counter() - t0, compiled
+      runs = [stages() for _ in range(repeats)]
+      best, compiled = min(runs, key=lambda r: r[0])
+      from benchmarks import speed
+      out[prog] = {"total_s": best, "vs_optax_adamw": best / base,
+                   "distinct_kernels": speed.distinct_kernels(compiled.as_text())}
+      log(f"{model:10s} {'floor:' + prog:34s} {best:6.2f} s ×{best / base:5.2f}  "
+          f"{out[prog]['distinct_kernels']} kernels")
+    ratio = out[prog]["vs_optax_adamw"]
+    row["floor_program"] = prog
+    row["floor_vs_optax_adamw"] = ratio
+    row["floor_verdict"] = ("met" if row["vs_optax_adamw"] <= TARGET else
+                            "reachable" if ratio <= TARGET else "below the floor")
   return out
 
 

@@ -26,7 +26,8 @@ the timed calls) in the same process as the optimizer it bounds:
   column means of g² (two reductions, outputs of different shapes), the new m's per-32 block
   absmax recomputed from the 4-bit codes and g (a reduction), the encode pass (codes → codes,
   nibbles packed from the two halves of each row so the loop vectorises) and the p pass
-  dividing by the rank-1 estimate; 1-D leaves keep AdamW's float32 moments.
+  dividing by the rank-1 estimate, on each leaf's row view (a conv kernel ``(out, in, kh, kw)``
+  as ``(out, in·kh·kw)``); 1-D leaves keep AdamW's float32 moments.
 
 ``FLOOR_PROGRAMS`` maps each benchmarked optimizer to its program and a sentence saying why.
 Run alone: ``python -m benchmarks.floors [--size 16M]`` prints each program's time over
@@ -147,8 +148,14 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok):
   return p, codes_new, s_new, r_new, c_new
 
 
+def _rows(shape) -> tuple:
+  """The 2-D row view TurboAdam blocks a leaf by: ``(out, in·kh·kw)`` for a conv kernel."""
+  return tuple(shape) if len(shape) <= 2 else (shape[0], int(np.prod(shape[1:])))
+
+
 def _compressible(x) -> bool:
-  return x.ndim == 2 and x.shape[-1] % (2 * BLOCK) == 0 and x.size >= 4096
+  rows = _rows(x.shape)
+  return len(rows) == 2 and rows[-1] % (2 * BLOCK) == 0 and x.size >= 4096
 
 
 def init_state(program: str, params: dict, head: str):
@@ -160,9 +167,10 @@ def init_state(program: str, params: dict, head: str):
     def one(x):
       if not _compressible(x):
         return (zeros(x), zeros(x))
-      return (jnp.full(x.shape[:-1] + (x.shape[-1] // 2,), 0x77, jnp.uint8),
-              jnp.zeros(x.shape[:-1] + (x.shape[-1] // BLOCK,), jnp.float32),
-              jnp.zeros(x.shape[:-1], jnp.float32), jnp.zeros(x.shape[-1:], jnp.float32))
+      rows = _rows(x.shape)
+      return (jnp.full(rows[:-1] + (rows[-1] // 2,), 0x77, jnp.uint8),
+              jnp.zeros(rows[:-1] + (rows[-1] // BLOCK,), jnp.float32),
+              jnp.zeros(rows[:-1], jnp.float32), jnp.zeros(rows[-1:], jnp.float32))
     return jax.tree.map(one, params)
   if program == "stac":
     return {k: ((jax.tree.map(zeros, v), jax.tree.map(zeros, v)) if k == head else None)
@@ -256,9 +264,10 @@ def program_step(program: str, head: str):
             a2, d2 = _gated(ok, 1 - B2, B2)
             pl, ml, vl = _adam_leaf(x, st[0], st[1], g[mod][k], a1, d1, a2, d2)
             new_p[mod][k], new_s[mod][k] = pl, (ml, vl)
-          else:
-            pl, *rest = _compressed_leaf(x, *st, g[mod][k], ok)
-            new_p[mod][k], new_s[mod][k] = pl, tuple(rest)
+          else:   # on the row view (a reshape: a bitcast in XLA)
+            rows = _rows(x.shape)
+            pl, *rest = _compressed_leaf(x.reshape(rows), *st, g[mod][k].reshape(rows), ok)
+            new_p[mod][k], new_s[mod][k] = pl.reshape(x.shape), tuple(rest)
       return new_p, new_s
     raise ValueError(f"unknown floor program {program!r}")
 

@@ -396,7 +396,8 @@ def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optio
 
   def fn(g, mu, nu, *operands):
     v = dict(static, **dict(zip(dynamic, operands)))
-    c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"])
+    c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"],
+                     correction_eps=v["correction_eps"])
     bound = num.square_bound(mu.dtype, nu.dtype)
     nu_sq, mean_nu = None, None
     if v["nu_mean"] is not None and not jnp.iscomplexobj(g):
@@ -436,12 +437,17 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
   (the storage's ``nu_mean_squares``; default the tensor mean) on the core's own copy of
   ``g``; ``sq_mean``: a per-tensor ``mean(|g|²)`` that a :class:`Beta1Rule` with ``sq_means``
   computed, used for a 0-d ``nu_mean`` instead of a reduction of its own)."""
-  named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root, "count": count,
-           "b1_prod": b1_prod, "ok": ok, "nu_mean": nu_mean, "sq_mean": sq_mean}
+  named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root,
+           "correction_eps": cfg.correction_eps, "count": count, "b1_prod": b1_prod, "ok": ok,
+           "nu_mean": nu_mean, "sq_mean": sq_mean}
   dynamic = tuple(k for k, v in named.items() if _is_dynamic(v))
   static = tuple((k, v) for k, v in named.items() if k not in dynamic)
-  # traced once per configuration and leaf shape, not once per leaf (stax._leafwise)
-  fn = _leafwise.traced_once(_make_leaf_fn, cfg, dynamic, static, project, exact_parts,
+  # Traced once per configuration and leaf shape, not once per leaf (stax._leafwise). The
+  # hyperparameters are in `named` (arrays among them, as inject_hyperparams and the torch
+  # bridge give them, are operands), so the configuration keeps only what is structural.
+  structural = cfg._replace(b1=None, b2=None, eps=None, eps_root=None, correction_eps=None,
+                            storage=None, seed=0)
+  fn = _leafwise.traced_once(_make_leaf_fn, structural, dynamic, static, project, exact_parts,
                              reduces_nu, mean_squares)
   return LeafStep(fn, tuple(named[k] for k in dynamic))
 

@@ -334,6 +334,13 @@ def _update_fn(rule: LeafRule, plan: Any, dtype: str):
   return fn
 
 
+def _apply_fn(rule: LeafRule, plan: Any, dtype: str):
+  """``(state, g, precond_count) -> rule.apply(...)`` for the leaves of one plan and dtype."""
+  def fn(st, g2, precond_count):
+    return rule.apply(plan, st, g2, LeafContext(precond_count, jnp.dtype(dtype)))
+  return fn
+
+
 def _like(new: Any, old: Any) -> Any:
   """``new`` (replicated) laid out like ``old``'s explicitly sharded leaves (both branches of
   the refresh's ``lax.cond`` must have one type)."""
@@ -427,9 +434,11 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     def preconditioned(states):
       effs = []
       for i in live:
-        ctx = LeafContext(state.precond_count, g_leaves[i].dtype)
         g2 = num.saturate(mats[i])
-        gp = rule.apply(leaf_plans[i].plan, states[i], g2, ctx)
+        # traced once per plan and dtype, not per leaf (stax._leafwise.traced_once)
+        apply = _leafwise.traced_once(_apply_fn, rule, leaf_plans[i].plan,
+                                      jnp.dtype(g_leaves[i].dtype).name)
+        gp = apply(states[i], g2, state.precond_count)
         effs.append(blend * gp + (1.0 - blend) * g2)
       return effs
 
@@ -459,7 +468,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
           groups.append((plan, jnp.dtype(g.dtype).name))
           costs.append(_cost(rule, plan, g_u))
           at.append(i)
-      fns = {grp: _update_fn(rule, *grp) for grp in groups}
+      fns = {grp: _leafwise.traced_once(_update_fn, rule, *grp) for grp in groups}
       if refresh == "owners":
         outs = owner_map(fns, items, groups=groups, costs=costs)
       else:
