@@ -102,6 +102,51 @@ def _stats(g, s):
                             lambda g, s: jnp.abs(g - s))
 
 
+def _once(fn):
+  """``fn`` traced once per shape of its arguments and inlined (as the optimizers' per-leaf
+  steps are, :func:`stax._leafwise.traced_once`): the same program, its first step's trace no
+  longer per leaf."""
+  from stax import _leafwise
+  return _leafwise.traced_once(_as_is, fn)
+
+
+def _as_is(fn):
+  return fn
+
+
+def _stats_leaf(p, m, v, g, ok):
+  """AdamW on one leaf with β1 from two statistics of (g, m) (STAM's floor)."""
+  import jax.numpy as jnp
+  ms, ma = _stats(g, m)
+  b1 = jnp.clip(B1 * (1 - 0.2 * ms / (ms + ma * ma + 1e-8)), 0.72, B1)
+  a1, d1 = _gated(ok, 1 - b1, b1)
+  a2, d2 = _gated(ok, 1 - B2, B2)
+  return _adam_leaf(p, m, v, g, a1, d1, a2, d2)
+
+
+def _stam_lite_leaf(p, m, v, g, ok, snr=False):
+  """STAMLite's floor on one leaf: the statistics pass, then the m and p passes."""
+  import jax.numpy as jnp
+  from stax import numerics as num
+  if snr:
+    gm, gq, rq = num.tiled_means(num.independent(g, m), lambda g, m: g,
+                                 lambda g, m: jnp.square(g), lambda g, m: jnp.square(g - m))
+  else:
+    gm, gq = _stats(g, jnp.zeros([], g.dtype))
+    rq = gq
+  b1 = jnp.clip(B1 * (1 - 0.2 * rq / (gq + gm * gm + 1e-8)), 0.72, B1)
+  a1, d1 = _gated(ok, 1 - b1, b1)
+  a2, d2 = _gated(ok, 1 - B2, B2)
+  v = d2 * v + a2 * gq
+  m = d1 * m + a1 * g
+  p = p - LR * (m / (jnp.sqrt(v) + EPS) + WD * p)
+  return p, m, v
+
+
+def _stam_lite_snr_leaf(p, m, v, g, ok):
+  return _stam_lite_leaf(p, m, v, g, ok, snr=True)
+
+
 def _check(g_leaves):
   from stax.transforms.guards import all_finite
   return all_finite(g_leaves)
@@ -191,15 +236,12 @@ def program_step(program: str, head: str):
     leaves = zip(*(jax.tree.leaves(t) for t in (p, m, v, g)))
     out = []
     for pl, ml, vl, gl in leaves:
-      a1, d1 = _gated(ok, 1 - B1, B1)
-      a2, d2 = _gated(ok, 1 - B2, B2)
       if stats == "m":           # STAM: β1 from statistics of (g, m), before the m pass
-        ms, ma = _stats(gl, ml)
-        b1 = jnp.clip(B1 * (1 - 0.2 * ms / (ms + ma * ma + 1e-8)), 0.72, B1)
-        a1, d1 = _gated(ok, 1 - b1, b1)
-        out.append(_adam_leaf(pl, ml, vl, gl, a1, d1, a2, d2))
+        out.append(_once(_stats_leaf)(pl, ml, vl, gl, ok))
       else:
-        out.append(_adam_leaf(pl, ml, vl, gl, a1, d1, a2, d2))
+        a1, d1 = _gated(ok, 1 - B1, B1)
+        a2, d2 = _gated(ok, 1 - B2, B2)
+        out.append(_once(_adam_leaf)(pl, ml, vl, gl, a1, d1, a2, d2))
     tdef = jax.tree.structure(p)
     return tuple(jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
 
@@ -213,25 +255,8 @@ def program_step(program: str, head: str):
     if program.startswith("stam_lite"):
       m, vs = s
       ok = _check(jax.tree.leaves(g))
-
-      def leaf(pl, ml, vl, gl):
-        if program == "stam_lite+m":
-          from stax import numerics as num
-          gm, gq, rq = num.tiled_means(num.independent(gl, ml), lambda g, m: g,
-                                          lambda g, m: jnp.square(g),
-                                          lambda g, m: jnp.square(g - m))
-        else:
-          gm, gq = _stats(gl, jnp.zeros([], gl.dtype))
-          rq = gq
-        b1 = jnp.clip(B1 * (1 - 0.2 * rq / (gq + gm * gm + 1e-8)), 0.72, B1)
-        a1, d1 = _gated(ok, 1 - b1, b1)
-        a2, d2 = _gated(ok, 1 - B2, B2)
-        vl = d2 * vl + a2 * gq
-        ml = d1 * ml + a1 * gl
-        pl = pl - LR * (ml / (jnp.sqrt(vl) + EPS) + WD * pl)
-        return pl, ml, vl
-
-      out = [leaf(*x) for x in zip(*(jax.tree.leaves(t) for t in (p, m, vs, g)))]
+      leaf = _once(_stam_lite_snr_leaf if program == "stam_lite+m" else _stam_lite_leaf)
+      out = [leaf(*x, ok) for x in zip(*(jax.tree.leaves(t) for t in (p, m, vs, g)))]
       tdef = jax.tree.structure(p)
       p, m, vs = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
       return p, (m, vs)
@@ -244,7 +269,7 @@ def program_step(program: str, head: str):
           for k in p[mod]:
             a1, d1 = _gated(ok, 1 - B1, B1)
             a2, d2 = _gated(ok, 1 - B2, B2)
-            pp[k], mm[k], vv[k] = _adam_leaf(p[mod][k], s[mod][0][k], s[mod][1][k], g[mod][k],
+            pp[k], mm[k], vv[k] = _once(_adam_leaf)(p[mod][k], s[mod][0][k], s[mod][1][k], g[mod][k],
                                              a1, d1, a2, d2)
           new_p[mod], new_s[mod] = pp, (mm, vv)
         else:
@@ -262,11 +287,12 @@ def program_step(program: str, head: str):
           if len(st) == 2:
             a1, d1 = _gated(ok, 1 - B1, B1)
             a2, d2 = _gated(ok, 1 - B2, B2)
-            pl, ml, vl = _adam_leaf(x, st[0], st[1], g[mod][k], a1, d1, a2, d2)
+            pl, ml, vl = _once(_adam_leaf)(x, st[0], st[1], g[mod][k], a1, d1, a2, d2)
             new_p[mod][k], new_s[mod][k] = pl, (ml, vl)
           else:   # on the row view (a reshape: a bitcast in XLA)
             rows = _rows(x.shape)
-            pl, *rest = _compressed_leaf(x.reshape(rows), *st, g[mod][k].reshape(rows), ok)
+            pl, *rest = _once(_compressed_leaf)(x.reshape(rows), *st, g[mod][k].reshape(rows),
+                                                ok)
             new_p[mod][k], new_s[mod][k] = pl.reshape(x.shape), tuple(rest)
       return new_p, new_s
     raise ValueError(f"unknown floor program {program!r}")

@@ -153,3 +153,24 @@ def test_array_hyperparameters_are_operands_of_the_shared_trace(monkeypatch):
   assert traces == 7
   for a, b in zip(jax.tree.leaves(u_arr), jax.tree.leaves(u_leaf), strict=True):
     np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_a_storage_that_reads_the_leaf_index_gets_its_own_in_a_shared_trace():
+  """A storage of the protocol's required members only (``uses_leaf_index`` defaults to True)
+  that writes its leaf's index into its state: every leaf's state has its own index, although
+  the Adam core traces same-shaped leaves' steps once."""
+  class IndexStorage:
+    def init(self, param):
+      return jnp.zeros_like(param), jnp.zeros_like(param)
+
+    def read(self, mu_enc, nu_enc, like, ctx):
+      return mu_enc, nu_enc
+
+    def write(self, mu, nu, ctx):
+      return jnp.full_like(mu, float(ctx.index)), nu
+
+  tx = stax.scale_by_adam(storage=IndexStorage())
+  params = {f"l{i}": jnp.ones((4, 8)) for i in range(5)}
+  _, state = jax.jit(tx.update)(params, tx.init(params), params)
+  leaves = jax.tree.leaves(state.mu)
+  assert [float(x[0, 0]) for x in leaves] == [0.0, 1.0, 2.0, 3.0, 4.0]

@@ -41,7 +41,13 @@ it; an object that implements only ``init``/``read``/``write`` gets them through
   ``write`` context. The core uses it only where the caller needs the direction alone
   (:func:`stax.scale_by_adam`, not :func:`stax.scale_by_stable_adam`, which needs the second
   moment the update used). It must equal :func:`read_step_write` (bit for bit for an ``"xla"``
-  implementation; codes equal and floats to rounding for a kernel).
+  implementation; codes equal and floats to rounding for a kernel);
+* ``uses_leaf_index`` (``True``): ``read``/``write`` read ``ctx.index``. The core traces one
+  leaf's read → step → write once for all leaves of the same shapes and an equal storage
+  (:func:`stax._leafwise.traced_once`); the index is then part of that trace's key, so a storage
+  that reads it keeps a trace per leaf. :class:`SeparateStorage` (whose codecs draw from
+  ``ctx.rounding_key``) declares ``False``; TurboAdam 0.2.0's storage seeds its hash with the
+  index.
 
 The two moments are read and written *together* because some storages keep one moment relative
 to the other (TurboAdam 0.2.0's "UState" stores m as the normalised update and decodes it with v).
@@ -154,6 +160,10 @@ class StorageBase:
   needs_key: bool = False
   exact: bool = False
   fused_update: Optional[Callable] = None
+  #: Whether ``read``/``write`` use ``ctx.index`` (the leaf's position; default True). One that
+  #: does not (its randomness comes from ``ctx.rounding_key``) lets the Adam core trace a leaf's
+  #: read → step → write once for every leaf of the same shapes.
+  uses_leaf_index: bool = True
 
   def project(self, mu: jax.Array, nu: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The moments the update is formed from (default: the exact new moments)."""
@@ -218,6 +228,10 @@ class _WithDefaults(StorageBase):
   @property
   def fused_update(self) -> Optional[Callable]:
     return _optional(self.inner, "fused_update", None)
+
+  @property
+  def uses_leaf_index(self) -> bool:
+    return bool(_optional(self.inner, "uses_leaf_index", True))
 
   @property
   def reduces_nu(self) -> bool:
@@ -295,6 +309,8 @@ class SeparateStorage(StorageBase):
   nu_codec: Any = FullPrecision()
   follow_sharding: bool = False
   kernel: Optional[Callable] = None
+
+  uses_leaf_index = False   # its codecs draw from ctx.rounding_key
 
   @property
   def needs_key(self) -> bool:

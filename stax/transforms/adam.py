@@ -452,6 +452,27 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
   return LeafStep(fn, tuple(named[k] for k in dynamic))
 
 
+def _shared_read_step_write(storage: Any, g: jax.Array, step: LeafStep, ctx: StorageStep, *,
+                            fused: bool = False):
+  """:func:`~stax.codecs.base.read_step_write` (``fused``: the storage's ``fused_update``),
+  traced once for every leaf of the same shapes and storage
+  (:func:`stax._leafwise.traced_once`); the leaf's index is part of the trace's key only for a
+  storage that reads it (``uses_leaf_index``)."""
+  index = ctx.index if storage.uses_leaf_index else None
+  run = _leafwise.traced_once(_make_read_step_write, storage, step.fn, index, ctx.row0, fused)
+  return run(g, step.operands, ctx.count, ctx.key, ctx.mu_enc, ctx.nu_enc, ctx.rounding_key)
+
+
+def _make_read_step_write(storage: Any, fn: Callable, index: Any, row0: Any,
+                          fused: bool) -> Callable:
+  def run(g, operands, count, key, mu_enc, nu_enc, rounding_key):
+    ctx = StorageStep(count, index, key, mu_enc, nu_enc, rounding_key, row0)
+    if fused:
+      return storage.fused_update(g, LeafStep(fn, operands), ctx)
+    return read_step_write(storage, g, LeafStep(fn, operands), ctx)
+  return run
+
+
 def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any = None, *,
                 fuse: bool = False) -> tuple[AdamStep, ScaleByAdamState]:
   """Adam over a tree: reads the moments through the storage, runs :func:`adam_step` per leaf,
@@ -557,10 +578,10 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)
     elif fuse and s.fused_update is not None:
-      u, a, c = s.fused_update(g, step, ctx)
+      u, a, c = _shared_read_step_write(s, g, step, ctx, fused=True)
       out = AdamStep(u, None, None, None)
     else:
-      out, a, c = read_step_write(s, g, step, ctx)
+      out, a, c = _shared_read_step_write(s, g, step, ctx)
     if ok is not None:  # a part the storage cannot rewrite unchanged keeps its old encoding
       keep_mu, keep_nu = s.exact_parts
       a = a if keep_mu else _select_tree(ok, a, me)
