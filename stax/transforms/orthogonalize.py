@@ -68,6 +68,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 from optax._src import numerics
 
+from stax import _leafwise
 from stax import _sharding as _sh
 from stax import _validation as V
 from stax import numerics as num
@@ -252,6 +253,11 @@ def orthogonalize(x: jax.Array, coeffs: Any = "jordan", ns_steps: int = 5, eps: 
   return back(y)
 
 
+def _orthogonalize_fn(coeffs, ns_steps, eps, dims, implementation, compute_dtype):
+  return lambda x: orthogonalize(x, coeffs, ns_steps, eps, dimension_numbers=dims,
+                                 implementation=implementation, compute_dtype=compute_dtype)
+
+
 def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any = "jordan",
                        ns_steps: int = 5, eps: float = 1e-7, *, mode: str = "per_leaf",
                        implementation: Optional[str] = None,
@@ -260,8 +266,9 @@ def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any
   explicit mesh, shards the stack axis so each device orthogonalises whole matrices."""
   V.check_choice("mode", mode, ORTHOGONALIZE_MODES)
   if mode == "per_leaf":
-    return [orthogonalize(x, coeffs, ns_steps, eps, dimension_numbers=d,
-                          implementation=implementation, compute_dtype=compute_dtype)
+    # traced once per shape and configuration, not per leaf (stax._leafwise.traced_once)
+    return [_leafwise.traced_once(_orthogonalize_fn, coeffs, ns_steps, eps, d, implementation,
+                                  compute_dtype)(x)
             for x, d in zip(xs, dims)]
   rows, norm_scale = ns_coefficients(coeffs, ns_steps)
   mesh, axes = stack_mesh(xs)
