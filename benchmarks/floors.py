@@ -269,8 +269,8 @@ def program_step(program: str, head: str):
           for k in p[mod]:
             a1, d1 = _gated(ok, 1 - B1, B1)
             a2, d2 = _gated(ok, 1 - B2, B2)
-            pp[k], mm[k], vv[k] = _once(_adam_leaf)(p[mod][k], s[mod][0][k], s[mod][1][k], g[mod][k],
-                                             a1, d1, a2, d2)
+            pp[k], mm[k], vv[k] = _once(_adam_leaf)(p[mod][k], s[mod][0][k], s[mod][1][k],
+                                                    g[mod][k], a1, d1, a2, d2)
           new_p[mod], new_s[mod] = pp, (mm, vv)
         else:
           lr = jnp.where(ok, LR, 0.0)

@@ -103,10 +103,11 @@ def traced_once(make: Callable[..., Callable], *static: Any) -> Callable:
   and kept (per ``(make, static)``), so every leaf with the same shapes and dtypes reuses one
   trace, which JAX inlines into the step: the traced program, and so the compiled one, is the
   same as without it. A bound method in ``static`` counts by its object's value (equal storages
-  of two leaves share the trace). ``make`` must be a module-level function (the cache keys on it) and the
-  built function pure in its array arguments (it may not close over arrays or tracers). Where
-  ``static`` is not hashable (a hyperparameter given as an array, as ``inject_hyperparams`` and
-  the torch bridge give them), ``make(*static)`` is returned as is (traced per leaf).
+  of two leaves share the trace). ``make`` must be a module-level function (the cache keys on
+  it) and the built function pure in its array arguments (it may not close over arrays or
+  tracers). Where ``static`` is not hashable (an array inside it), ``make(*static)`` is returned
+  as is (traced per leaf). Called outside a trace, the built function runs compiled, as any
+  jitted function does. The cache keeps the last 1024 configurations.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -88,8 +88,8 @@ class RowView(StorageBase):
   ``init``/``read``/``write``/``project`` (and a ``fused_update``, ``nu_mean_squares``)
   reshape the moments to :func:`row_view_shape` before the inner storage and back after it;
   the encoded state keeps the view's shape. ``needs_key``, ``exact``, ``exact_parts``,
-  ``reduces_nu``, ``nu_is_mean`` and ``uses_leaf_index`` are the inner storage's. (Until 2026-12-05 ``project`` ran
-  the inner storage on the leaf's own shape: a factored v of a conv kernel ``(out, in, kh, kw)``
+  ``reduces_nu``, ``nu_is_mean`` and ``uses_leaf_index`` are the inner storage's. (Until
+  2026-12-05 ``project`` ran the inner storage on the leaf's own shape: a factored v of a conv kernel ``(out, in, kh, kw)``
   was stored over its row view ``(out, in·kh·kw)`` but the update divided by the factored
   estimate over ``(kh, kw)``.)
   """

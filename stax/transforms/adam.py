@@ -386,7 +386,7 @@ def _is_dynamic(x: Any) -> bool:
   """An array, or a pytree of arrays (a factored v's row and column means): an operand of the
   leaf's step rather than a part of its configuration."""
   leaves = jax.tree.leaves(x)
-  return bool(leaves) and all(_is_array(a) or isinstance(a, jax.core.Tracer) for a in leaves)
+  return bool(leaves) and all(_is_array(a) for a in leaves)   # a tracer is a jax.Array
 
 
 def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optional[Callable],
