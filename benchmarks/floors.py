@@ -107,11 +107,7 @@ def _once(fn):
   steps are, :func:`stax._leafwise.traced_once`): the same program, its first step's trace no
   longer per leaf."""
   from stax import _leafwise
-  return _leafwise.traced_once(_as_is, fn)
-
-
-def _as_is(fn):
-  return fn
+  return _leafwise.shared_trace(fn)
 
 
 def _stats_leaf(p, m, v, g, ok):

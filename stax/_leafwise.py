@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["pick", "entries", "columns", "fold_in_each", "traced_once"]
+__all__ = ["pick", "entries", "columns", "fold_in_each", "traced_once", "shared_trace"]
 
 
 def pick(vec: jax.Array, i: int) -> jax.Array:
@@ -48,11 +48,7 @@ def pick(vec: jax.Array, i: int) -> jax.Array:
   mask = np.zeros((n,) + (1,) * (vec.ndim - 1), bool)
   mask[i] = True
   # the mask is an argument of one shared trace (traced_once), a constant once inlined
-  return traced_once(_make_masked_pick)(vec, mask)
-
-
-def _make_masked_pick():
-  return _masked_pick
+  return shared_trace(_masked_pick)(vec, mask)
 
 
 def _masked_pick(vec, mask):
@@ -124,6 +120,16 @@ def traced_once(make: Callable[..., Callable], *static: Any) -> Callable:
   except TypeError:
     return make(*static)
   return _traced_once(make, static)
+
+
+def shared_trace(fn: Callable) -> Callable:
+  """The module-level function ``fn`` itself, traced once per shape of its arguments
+  (:func:`traced_once` with nothing to configure)."""
+  return traced_once(_itself, fn)
+
+
+def _itself(fn: Callable) -> Callable:
+  return fn
 
 
 class _Method(NamedTuple):
