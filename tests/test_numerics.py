@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,8 +225,9 @@ def test_tiled_means_equal_the_float64_means(shape):
 def test_tiled_means_read_the_operands_once():
   """On a large tensor the statistics come from one variadic reduction over the tiles (one
   loop reading g and m once, XLA's bytes accessed ≈ 8 per element plus the partial sums),
-  where separate_means reads them once per statistic; a single statistic, a small tensor or
-  another backend keep separate_means' plain reductions."""
+  where separate_means reads them once per statistic; a small tensor or another backend keep
+  separate_means' plain reductions. A single statistic is reduced in the same loop, paired with
+  itself (two equal sums: XLA keeps the variadic loop instead of a YNNPACK reduction)."""
   n = 16 * 2048 * 8
   g = jnp.arange(n, dtype=jnp.float32) / n
   m = g * 0.5
@@ -241,6 +244,15 @@ def test_tiled_means_read_the_operands_once():
   ms, ma = numerics.tiled_means((g, m), *fns)
   np.testing.assert_allclose(float(ms), np.mean((np.asarray(g, np.float64) * 0.5) ** 2),
                              rtol=2e-6)
+  ratio = lambda g, m: jnp.square(g) / jnp.maximum(m, 1e-12)
+  single = jax.jit(lambda g, m: numerics.tiled_means((g, m), ratio))
+  assert str(jax.make_jaxpr(single)(g, m)).count("reduce[") == 1
+  hlo = single.lower(g, m).compile().as_text()
+  assert re.search(r"\(f32\[8,2048\]\{1,0\}, f32\[8,2048\]\{1,0\}\) reduce\(", hlo), hlo
+  (r,) = single(g, m)
+  g64 = np.asarray(g, np.float64)
+  want = np.mean(g64 ** 2 / np.maximum(np.asarray(m, np.float64), 1e-12))
+  np.testing.assert_allclose(float(r), want, rtol=2e-6)
 
 
 def test_tiled_means_off_the_cpu_are_separate_means(monkeypatch):

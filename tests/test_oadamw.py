@@ -102,6 +102,23 @@ def test_stable_adamw_clip_is_on_device_and_matches_formula():
   np.testing.assert_allclose(u, want, rtol=1e-6)
 
 
+
+@pytest.mark.parametrize("shape", [(300,), (512, 384), (3, 70001)])
+def test_update_rms_equals_the_float64_formula(shape):
+  """``update_rms`` against NumPy's float64 ``sqrt(mean(g²/max(v, eps²)))``: below the tiling
+  threshold (a plain mean), on whole tiles and with a tail (the tiled sums on CPU), with
+  entries of v under eps² (the floor) — to float32 rounding; and an overflowing g² makes it Inf."""
+  rng = np.random.default_rng(3)
+  g = (rng.standard_normal(shape) * 2.0).astype(np.float32)
+  v = (rng.uniform(0.0, 3.0, shape) * (rng.uniform(size=shape) > 0.1)).astype(np.float32)
+  eps = 1e-3
+  got = float(jax.jit(stax.transforms.stable.update_rms)(g, v, eps))
+  g64, v64 = g.astype(np.float64), v.astype(np.float64)
+  want = np.sqrt(np.mean(g64 ** 2 / np.maximum(v64, np.float64(np.float32(eps) ** 2))))
+  np.testing.assert_allclose(got, want, rtol=2e-6)
+  g[(0,) * len(shape)] = 2.0 ** 65
+  assert np.isposinf(float(jax.jit(stax.transforms.stable.update_rms)(g, v, eps)))
+
 # --------------------------------------------------------------------------- Kahan
 def _bf16_run(kahan, steps=300, comp=None):
   rng = np.random.default_rng(0)
