@@ -255,6 +255,14 @@ def _floor(r: dict) -> str:
   return f"{fl['ratio']:.2f}× ({kind}; {verdict})"
 
 
+def _parts(r: dict) -> str:
+  """A SCAO phase record's floor parts, `` = 18.6 passes + 6.1 products + 1.9 refresh ms``."""
+  parts = (r.get("floor") or {}).get("parts_ms")
+  if not parts or (r.get("floor") or {}).get("kind") != "passes + flops":
+    return ""
+  return " = " + " + ".join(f"{v:.1f} {k}" for k, v in parts.items()) + " ms"
+
+
 def _faults(r: dict) -> str:
   """A record's minor page faults per step and the memory they fault in, ``23,653 (92.4)``."""
   n = r.get("faults_per_step")
@@ -373,16 +381,19 @@ def roofline_section(speed: list, results: dict, link_base: str) -> list[str]:
             f"{phases[0].get('first_precond_step', '?')}: after the warm-up and the required "
             "curvature updates); ratios to optax.adamw in the same process; "
             "amortised = (refresh + (period − 1) · preconditioned) / period, target ≤ 1.5; "
-            "*floor*: a preconditioned step's ideal bytes plus the check's read of g at the copy "
-            "bandwidth, or the preconditioner's four m·n·K products per matrix at the matmul "
-            "rate, whichever is larger, both measured in the same process):", "",
+            "*floor*: AdamW's passes with the non-finite check (the `adamw+check` floor "
+            "program, timed with optax.adamw in the same process), plus the preconditioner's "
+            "four m·n·K products per matrix and the refresh's products and QRs over its period "
+            "(12·m·n·K + 16·(m+n)·K² per matrix, a lower bound) at the matmul rate measured "
+            "there: XLA:CPU runs the products and the passes one after the other, so their "
+            "times add; the parts in ms after the ratio):", "",
             "| optimizer | warm-up ms | preconditioned ms | refresh ms | amortised ms | "
             "amortised × adamw | floor |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in phases:
       out.append(f"| {r['optimizer']} | {_f(r['warmup_ms'], '{:.1f}')} | "
                  f"{_f(r['precond_ms'], '{:.1f}')} | {_f(r['refresh_ms'], '{:.1f}')} | "
                  f"{_f(r['amortised_ms'], '{:.1f}')} | "
-                 f"{_f(r['amortised_vs_optax_adamw'], '{:.2f}')} | {_floor(r)} |")
+                 f"{_f(r['amortised_vs_optax_adamw'], '{:.2f}')} | {_floor(r)}{_parts(r)} |")
     out.append("")
   mem = [r for r in results.get("step_memory") or [] if not r.get("error")]
   if mem:

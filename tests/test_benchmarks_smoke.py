@@ -266,3 +266,22 @@ def test_a_run_without_quality_keeps_the_tracked_quality_tables(tiny_run, tmp_pa
   assert again["quality_run"] == saved["quality_run"]
   assert set(saved["quality_run"]["timings_s"]) == {"digits"}
   assert "| optax.adamw |" in text and "#### digits" in text
+
+
+def test_scao_phase_floor_adds_passes_and_flops():
+  """The SCAO phase table's floor is the sum of its parts (AdamW's passes, the
+  preconditioner's 8·m·n·K flops and the refresh's 12·m·n·K + 16·(m+n)·K² over the period, at
+  the matmul rate), and its verdict says *not reached* when the floor is within the target and
+  the amortised step is not."""
+  plans = speed._scao_plans("1M", 32, 8, 4096)
+  d = speed.SIZES["1M"][0]
+  assert plans and all(p.kmax == min(32, min(p.m, p.n) // 2) for p in plans)
+  assert all(d in (p.m, p.n) for p in plans)
+  assert speed.scao_precond_flops("1M", 32) == sum(8.0 * p.m * p.n * p.kmax for p in plans)
+  assert speed.scao_refresh_flops("1M", 32) == sum(
+      12.0 * p.m * p.n * p.kmax + 16.0 * (p.m + p.n) * p.kmax ** 2 for p in plans)
+  rec = {"floor": {"ms": 12.0, "kind": "passes + flops", "ratio": 1.2, "reachable": True,
+                   "parts_ms": {"passes": 8.0, "products": 3.0, "refresh": 1.0}},
+         "target": {"value": 1.5, "met": False}}
+  assert make_readme._floor(rec) == "1.20× (passes + flops; reachable, **not reached**)"
+  assert make_readme._parts(rec) == " = 8.0 passes + 3.0 products + 1.0 refresh ms"

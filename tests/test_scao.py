@@ -236,6 +236,29 @@ def test_lowrank_preconditioner_matches_dense_formula():
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
 
 
+
+def test_lowrank_graft_passes_an_overflowing_gradient_through():
+  """Where ‖G‖² or ‖P(G)‖² overflows float32 (entries near the saturation bound), the
+  preconditioner returns G itself, finite, instead of an Inf/Inf ratio; just below, the graft
+  keeps ‖G̃‖ = ‖G‖."""
+  rng = np.random.default_rng(4)
+  m, n, big_k = 64, 48, 4
+  ul, _ = np.linalg.qr(rng.normal(size=(m, big_k)))
+  ur, _ = np.linalg.qr(rng.normal(size=(n, big_k)))
+  st = K.LowRankState(jnp.asarray(ul, jnp.float32), jnp.asarray([9.0, 4.0, 2.0, 1.5]),
+                      jnp.asarray(ur, jnp.float32), jnp.asarray([7.0, 3.0, 1.2, 1.1]),
+                      jnp.asarray(20.0, jnp.float32), jnp.asarray([3, 2], jnp.int32))
+  g = rng.normal(size=(m, n)).astype(np.float32)
+  fn = jax.jit(K.lowrank_precondition)
+  big = g * np.float32(2.0 ** 62)                       # ‖G‖² ≈ 3e3·2**124: overflows
+  out = np.asarray(fn(st, jnp.asarray(big)))
+  np.testing.assert_array_equal(out, big)
+  fine = g * np.float32(2.0 ** 55)                      # ‖G‖² ≈ 2**121: finite
+  out = np.asarray(fn(st, jnp.asarray(fine)), np.float64)
+  assert np.all(np.isfinite(out)) and not np.array_equal(out, fine)
+  np.testing.assert_allclose(np.linalg.norm(out), np.linalg.norm(fine.astype(np.float64)),
+                             rtol=1e-5)
+
 # --------------------------------------------------------------------------- diagnostics
 def test_diagnostics_under_jit_and_through_wrappers():
   params, loss = _lstsq_problem()

@@ -162,17 +162,44 @@ def _side_gain(s, k, trace, dim):
 
 
 def lowrank_precondition(st: LowRankState, g: jax.Array) -> jax.Array:
-  """:math:`(I + U_l D_l U_l^\\top)\\,G\\,(I + U_r D_r U_r^\\top)`, grafted to ‖G‖_F."""
+  r"""The preconditioned and grafted :math:`\tilde G` of the m×n float32 matrix ``g``.
+
+  .. math::
+    P(G) = (I + U_l D_l U_l^\top)\,G\,(I + U_r D_r U_r^\top),\qquad
+    \tilde G = P(G)\,\|G\|_F / \|P(G)\|_F
+
+  (``G`` itself where ``P(G)`` is 0 or a norm overflows float32, :func:`_graft_ratio`.)
+  Expanded into one low-rank correction, :math:`P(G) = G + [U_l\ Y]\,[X;\ U_r^\top]` with
+  :math:`A = U_l^\top G`, :math:`X = D_l A`, :math:`Y = (G U_r + U_l D_l A U_r)\,D_r`: the
+  same four m·n·K products as the factored form (left factor, then right), in three, reading
+  ``G`` twice and writing one m×n product, where the factored form wrote two m×n intermediates
+  and read both back; equal to rounding. Measured on the 16M GPT (one interleaved run, 2-core
+  CPU, optax.adamw 20 ms): the preconditioned step 97 → 79 ms at ``k_max=32``, 147 → 136 ms at
+  128 (with the norms of :func:`_graft_ratio`).
+  """
   m, n = g.shape
   d_l = _side_gain(st.S_l, st.k[0], st.trace, m)
   d_r = _side_gain(st.S_r, st.k[1], st.trace, n)
-  # Left factor first, then the right one: four m·n·K products (the expanded sum has five).
-  h = g + st.U_l @ (d_l[:, None] * (st.U_l.T @ g))
-  out = h + ((h @ st.U_r) * d_r[None, :]) @ st.U_r.T
-  gn = num.norm(g)                       # overflow-safe; bit-identical for ordinary g
-  on = num.norm(out)
-  ok = on > 0
-  return jnp.where(ok, out * (gn / jnp.where(ok, on, 1.0)), g)
+  a = st.U_l.T @ g                                            # K×n
+  y = (g @ st.U_r + st.U_l @ (d_l[:, None] * (a @ st.U_r))) * d_r[None, :]   # m×K
+  p = jnp.concatenate([st.U_l, y], axis=1) @ jnp.concatenate([d_l[:, None] * a, st.U_r.T], 0)
+  ratio, ok = _graft_ratio(g, p)
+  return jnp.where(ok, (g + p) * ratio, g)
+
+
+def _graft_ratio(g: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(‖G‖/‖G + P‖, ok)``: both sums of squares from one read of ``g`` and ``p``
+  (:func:`stax.numerics.tiled_means`). ``ok`` is False where ``‖G + P‖`` is 0 or either sum
+  of squares overflowed float32 (a Frobenius norm above ~1.8e19: gradient entries near the
+  saturation bound ±2**63); the caller then passes ``G`` through unpreconditioned on that
+  step, finite, and Adam's normalisation takes its scale as on any other step. (The
+  overflow-safe :func:`stax.numerics.norm` took two passes per norm, and recomputing only on
+  overflow under a ``lax.cond`` made XLA copy ``G`` and ``P`` into the conditional: at 16M
+  parameters, k_max = 32, the preconditioning took 53 ms with the conditional against 40
+  without.)"""
+  sg, so = num.tiled_means((g, p), lambda g, p: jnp.square(g), lambda g, p: jnp.square(g + p))
+  ok = jnp.isfinite(sg) & jnp.isfinite(so) & (so > 0)
+  return jnp.sqrt(sg) / jnp.sqrt(jnp.where(ok, so, 1.0)), ok
 
 
 @dataclasses.dataclass(frozen=True)
