@@ -237,6 +237,10 @@ def model_contenders(shapes, device):
       "bridge_adamw_swap": lambda: torch_run(
           lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, writeback="swap",
                                            **kw)),
+      # torch's AdamW checks no gradient for Inf/NaN: the same semantics through the bridge
+      "bridge_adamw_swap_unguarded": lambda: torch_run(
+          lambda m: torch_bridge.Optimizer(m.named_parameters(), stax.adamw, writeback="swap",
+                                           nonfinite="ignore", **kw)),
       "torch_adamw_foreach": lambda: torch_run(
           lambda m: torch.optim.AdamW(m.parameters(), foreach=True, **kw)),
       "torch_adamw_fused": lambda: torch_run(
@@ -279,13 +283,15 @@ def bench_model(model, steps, warmup, device, block=2):
           times[name].append(time.perf_counter() - t0)
   med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
   ref = {"bridge_adamw": "jax_adamw", "bridge_adamw_swap": "jax_adamw",
+         "bridge_adamw_swap_unguarded": "jax_adamw",
          "bridge_turbo_adam_swap": "jax_turbo_adam"}
   return {"n_params": int(sum(int(np.prod(s)) for s in shapes.values())),
           "median_ms": med, "first_step_s": {k: v[1] for k, v in runs.items()},
           "bridge_vs_pure_jax": {k: med[k] / med[r] for k, r in ref.items()
                                  if k in med and r in med},
           "bridge_adamw_vs_torch_foreach": {k: med[k] / med["torch_adamw_foreach"]
-                                            for k in ("bridge_adamw", "bridge_adamw_swap")
+                                            for k in ("bridge_adamw", "bridge_adamw_swap",
+                                                      "bridge_adamw_swap_unguarded")
                                             if k in med and "torch_adamw_foreach" in med}}
 
 
