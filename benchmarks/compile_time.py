@@ -9,8 +9,9 @@ state donated. Measured: the first step's cost before it runs, ``trace`` + ``low
 ``optax.adamw``'s in the same process (the speed issue's target: ≤ 3), and the distinct kernels
 XLA compiled (:func:`benchmarks.speed.distinct_kernels`). Each compile runs ``--repeats`` times
 (default 2) and the fastest counts (a compile is deterministic work; the machine's load is not).
-Each optimizer with a floor program (:mod:`benchmarks.floors`: the passes its step needs on
-XLA:CPU, nothing else) also gets that program's compile ratio on the same shapes, the floor of
+Each optimizer with a floor program (:mod:`benchmarks.floors`' ``COMPILE_FLOOR_PROGRAMS``: the
+passes its step needs on XLA:CPU, and OAdamW's Newton–Schulz and SCAO's products, QRs and
+eigendecompositions written out, nothing else) also gets that program's compile ratio on the same shapes, the floor of
 its first step: ``floor_verdict`` says whether the target is met, reachable (the program is
 within 3×) or below the floor.
 
@@ -113,9 +114,9 @@ def _floors(rows: dict, params, order, repeats: int, log, model: str) -> dict:
   base = rows["optax.adamw"]["total_s"]
   out = {}
   for name, row in rows.items():
-    if name not in F.FLOOR_PROGRAMS or "error" in row:
+    if name not in F.COMPILE_FLOOR_PROGRAMS or "error" in row:
       continue
-    prog = F.FLOOR_PROGRAMS[name][0]
+    prog = F.COMPILE_FLOOR_PROGRAMS[name][0]
     if prog not in out:
       def stages(prog=prog):
         state = jax.eval_shape(lambda p: F.init_state(prog, p, head), params)

@@ -29,7 +29,20 @@ the timed calls) in the same process as the optimizer it bounds:
   dividing by the rank-1 estimate, on each leaf's row view (a conv kernel ``(out, in, kh, kw)``
   as ``(out, in·kh·kw)``); 1-D leaves keep AdamW's float32 moments.
 
-``FLOOR_PROGRAMS`` maps each benchmarked optimizer to its program and a sentence saying why.
+* ``muon``: Muon on the matrices (the momentum pass, five Newton–Schulz iterations of
+  the quintic ``a·X + (b·A + c·A²)·X`` on ``X Xᵀ`` of the wider orientation, the p pass; on each
+  leaf's row view) and ``adamw+check`` on the other leaves, grouped as
+  :func:`stax.oadamw_labels` groups them: OAdamW's structure, for its compile floor.
+* ``scao``: ``adamw+check`` on the effective gradients; under one conditional (the warm-up)
+  each preconditioned matrix's four m·n·K products with its stored factors; under another
+  (the refresh period) each side's subspace iteration: ``qr([U, G·Ω])``, the 2K×2K
+  Rayleigh–Ritz matrix and its ``eigh``, the new ``U`` (``K = min(128, min(m, n)//2)``, sides
+  above 4096 pass through, as :func:`stax.scao` plans them): SCAO's structure, for its
+  compile floor.
+
+``FLOOR_PROGRAMS`` maps each benchmarked optimizer to its program and a sentence saying why;
+``COMPILE_FLOOR_PROGRAMS`` adds the programs only the compile benchmark uses (the speed
+benchmark bounds those steps by their flops, and SCAO's by phase).
 Run alone: ``python -m benchmarks.floors [--size 16M]`` prints each program's time over
 ``optax.adamw``'s.
 """
@@ -139,6 +152,74 @@ def _stam_lite_leaf(p, m, v, g, ok, snr=False):
   return p, m, v
 
 
+#: optimizer name -> (program, why) for the compile benchmark's floors: FLOOR_PROGRAMS, with
+#: OAdamW's Newton–Schulz and SCAO's preconditioner and refresh written out
+COMPILE_FLOOR_PROGRAMS = {
+    **FLOOR_PROGRAMS,
+    "stax.oadamw": ("muon", "the momentum pass, five Newton–Schulz iterations per matrix and "
+                            "the p pass; AdamW's passes and the check on the other leaves"),
+    "stax.oadamw[gradient]": ("muon", "as OAdamW's momentum mode: Newton–Schulz per matrix, "
+                                      "AdamW's passes and the check"),
+    "stax.scao": ("scao", "AdamW's passes and the check on the effective gradients; the "
+                          "preconditioner's products per matrix under the warm-up's "
+                          "conditional; each side's QR, Rayleigh–Ritz and eigh under the "
+                          "refresh's"),
+}
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+SCAO_K, SCAO_MAXD = 128, 4096
+
+
+def _ns5(x):
+  """Five quintic Newton–Schulz iterations on the wider orientation of ``x`` (Muon's)."""
+  import jax.numpy as jnp
+  a, b, c = NS_COEFFS
+  tall = x.shape[0] > x.shape[1]
+  x = x.T if tall else x
+  x = x / (jnp.sqrt(jnp.sum(x * x)) + 1e-7)
+  for _ in range(5):
+    s = x @ x.T
+    x = a * x + (b * s + c * (s @ s)) @ x
+  return x.T if tall else x
+
+
+def _muon_leaf(p, m, g, ok):
+  import jax.numpy as jnp
+  a1, d1 = _gated(ok, 1.0, B1)
+  m = d1 * m + a1 * g
+  rows = _rows(p.shape)
+  o = _ns5(m.reshape(rows)).reshape(p.shape)
+  lr = jnp.where(ok, LR, 0.0)
+  return p - lr * (o + WD * p), m
+
+
+def _scao_k(shape):
+  """``K`` of a leaf as stax.scao plans it on its matrix view ``(shape[0], rest)``, or
+  ``None`` (passed through: a vector, a side of 1, a side above 4096)."""
+  if len(shape) < 2:
+    return None
+  shape = _rows(shape)
+  if min(shape) < 2 or max(shape) > SCAO_MAXD:
+    return None
+  return max(1, min(SCAO_K, min(shape) // 2))
+
+
+def _scao_precondition(g, ul, ur):
+  d = -0.5
+  h = g + ul @ (d * (ul.T @ g))
+  return h + (d * (h @ ur)) @ ur.T
+
+
+def _scao_track(u, gs, omega):
+  import jax.numpy as jnp
+  q, _ = jnp.linalg.qr(jnp.concatenate([u, gs @ omega], axis=1))
+  a = q.T @ u
+  b = q.T @ gs
+  t = 0.9 * (a @ a.T) + 0.1 * (b @ b.T)
+  w, v = jnp.linalg.eigh(0.5 * (t + t.T))
+  return q @ v[:, ::-1][:, :u.shape[1]]
+
+
 def _stam_lite_snr_leaf(p, m, v, g, ok):
   return _stam_lite_leaf(p, m, v, g, ok, snr=True)
 
@@ -218,6 +299,15 @@ def init_state(program: str, params: dict, head: str):
             for k, v in params.items()}
   if program.startswith("stam_lite"):
     return (jax.tree.map(zeros, params), jax.tree.map(lambda x: jnp.zeros([]), params))
+  if program == "scao":
+    def factors(x):
+      k = _scao_k(x.shape)
+      if k is None:
+        return None
+      m, n = _rows(x.shape)
+      return (jnp.eye(m, k), jnp.eye(n, k), jnp.ones((n, k)) / n, jnp.ones((m, k)) / m)
+    return (jax.tree.map(zeros, params), jax.tree.map(zeros, params),
+            jax.tree.map(factors, params), jnp.zeros([], jnp.int32))
   return (jax.tree.map(zeros, params), jax.tree.map(zeros, params))
 
 
@@ -273,6 +363,58 @@ def program_step(program: str, head: str):
           new_p[mod] = {k: x - lr * (jnp.sign(g[mod][k]) + WD * x) for k, x in p[mod].items()}
           new_s[mod] = None
       return new_p, new_s
+    if program == "muon":
+      from stax.optimizers.oadamw import oadamw_labels
+      m, v = s
+      ok = _check(jax.tree.leaves(g))
+      labels = jax.tree.leaves(oadamw_labels(p))
+      tdef = jax.tree.structure(p)
+      out = []
+      for lab, pl, ml, vl, gl in zip(labels, *(jax.tree.leaves(t) for t in (p, m, v, g))):
+        if lab == "muon":
+          pn, mn = _once(_muon_leaf)(pl, ml, gl, ok)
+          out.append((pn, mn, vl))
+        else:
+          a1, d1 = _gated(ok, 1 - B1, B1)
+          a2, d2 = _gated(ok, 1 - B2, B2)
+          out.append(_once(_adam_leaf)(pl, ml, vl, gl, a1, d1, a2, d2))
+      p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
+      return p, (m, v)
+    if program == "scao":
+      m, v, fac, count = s
+      ok = _check(jax.tree.leaves(g))
+      tdef = jax.tree.structure(p)
+      g_l = jax.tree.leaves(g)
+      f_l = tdef.flatten_up_to(fac)
+      live = [i for i, f in enumerate(f_l) if f is not None]
+      count = count + 1
+
+      mats = {i: g_l[i].reshape(_rows(g_l[i].shape)) for i in live}
+
+      def precond(fl):
+        return [_once(_scao_precondition)(mats[i], fl[i][0], fl[i][1]).reshape(g_l[i].shape)
+                for i in live]
+
+      effs = jax.lax.cond(count > 20, precond, lambda fl: [g_l[i] for i in live], f_l)
+      eff = list(g_l)
+      for i, e in zip(live, effs):
+        eff[i] = e
+
+      def refresh(fl):
+        fl = list(fl)
+        for i in live:
+          ul, ur, om_l, om_r = fl[i]
+          fl[i] = (_once(_scao_track)(ul, mats[i], om_l), _once(_scao_track)(ur, mats[i].T, om_r),
+                   om_l, om_r)
+        return fl
+
+      f_l = jax.lax.cond((count % 20 == 0) & ok, refresh, lambda fl: list(fl), f_l)
+      a1, d1 = _gated(ok, 1 - B1, B1)
+      a2, d2 = _gated(ok, 1 - B2, B2)
+      out = [_once(_adam_leaf)(pl, ml, vl, gl, a1, d1, a2, d2) for pl, ml, vl, gl in
+             zip(jax.tree.leaves(p), jax.tree.leaves(m), jax.tree.leaves(v), eff)]
+      p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
+      return p, (m, v, tdef.unflatten(f_l), count)
     if program == "compressed":
       ok = _check(jax.tree.leaves(g))
       new_p, new_s = {}, {}

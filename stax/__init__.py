@@ -19,7 +19,7 @@ from stax.transforms.adam import (Beta1Rule, ScaleByAdamState, adam_moments, deb
 from stax.transforms.adaptive_beta import (residual_variance_beta1, snr_beta1,
                                            spatial_variance_beta1)
 from stax.transforms.guards import (NonFiniteGuardState, all_finite, gate_state, gated_chain,
-                                   nonfinite_guard, zero_nonfinite)
+                                   gated_partition, nonfinite_guard, zero_nonfinite)
 from stax.transforms.kahan import KahanState, kahan_summation
 from stax.transforms.kron import ScaleByKronState, scale_by_kron_lowrank, scale_by_kron_scao
 from stax.transforms.orthogonalize import (NS_PRESETS, MatrixDimensionNumbers,

@@ -34,7 +34,8 @@ counters are held; so are :func:`stax.scale_by_stable_adam` on such a core and
 :func:`stax.kahan_summation` (it keeps its compensation). :func:`gate_state` makes any other
 transformation gate-aware by selecting its old state (meant for small states: a schedule's step
 count; inside a :func:`gated_chain` it sees the raw gradients too). :func:`gated_chain` chains gate-aware
-transformations, and ``nonfinite_guard(inner, gated=True)`` refuses, at construction, an
+transformations, :func:`gated_partition` partitions the leaves among them (``optax.partition``),
+and ``nonfinite_guard(inner, gated=True)`` refuses, at construction, an
 ``inner`` that is not gate-aware.
 
 Reference: STAC's ``error_if_nonfinite`` / skip semantics (``stac-optimizer`` 0.3.0), done on
@@ -60,7 +61,7 @@ from stax._trees import conform
 
 __all__ = ["NonFiniteGuardState", "nonfinite_guard", "all_finite", "zero_nonfinite",
            "NONFINITE_POLICIES", "NONFINITE_OK", "GateAwareTransformation", "gate_aware",
-           "is_gate_aware", "gate_state", "gated_chain"]
+           "is_gate_aware", "gate_state", "gated_chain", "gated_partition"]
 
 NONFINITE_POLICIES = ("skip", "error", "ignore", "zero")
 
@@ -185,6 +186,23 @@ def gated_chain(*txs: optax.GradientTransformation) -> GateAwareTransformation:
           f"stax.transforms.guards.gate_state (for a small state such as a schedule's count) "
           f"or use nonfinite_guard(gated=False).")
   return gate_aware(optax.chain(*txs))
+
+
+def gated_partition(transforms: dict, param_labels: Any) -> GateAwareTransformation:
+  """``optax.partition(transforms, param_labels)`` declared gate-aware; every transform must
+  be gate-aware (:data:`NONFINITE_OK` reaches each through ``optax.partition``'s extra
+  arguments, each on its own leaves).
+
+  Raises:
+    ValueError: naming the first label whose transform is not gate-aware.
+  """
+  for label, tx in transforms.items():
+    if not is_gate_aware(tx):
+      raise ValueError(
+          f"gated_partition: the transform of label {label!r} ({_name(tx)}) is not "
+          f"gate-aware; wrap it in stax.transforms.guards.gate_state or build it with "
+          f"gated_chain.")
+  return gate_aware(optax.partition(transforms, param_labels))
 
 
 def _zero_nonfinite_tree(updates: Any) -> Any:

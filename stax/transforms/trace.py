@@ -26,6 +26,7 @@ from stax import numerics as num
 from stax.codecs.base import _follow
 from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.row_view import from_row_view, to_row_view
+from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware
 
 __all__ = ["saturating_trace", "stored_trace", "StoredTraceState", "TRACE_BITS"]
 
@@ -38,7 +39,7 @@ def _saturated_sum(g, t, decay):
 
 
 def saturating_trace(decay: Any, nesterov: bool = False,
-                     accumulator_dtype: Any = None) -> optax.GradientTransformation:
+                     accumulator_dtype: Any = None) -> GateAwareTransformation:
   """``optax.trace`` (``t ← g + decay·t``, same state) whose sums saturate at ±B.
 
   Muon's momentum has no ``(1-decay)`` factor, so huge gradients would grow it past any bound;
@@ -46,18 +47,33 @@ def saturating_trace(decay: Any, nesterov: bool = False,
   ``B = stax.numerics.square_bound`` of the gradient's and accumulator's dtypes (2**63 for
   float32/bfloat16), so they stay finite for any finite gradient. Below ``B`` this is
   ``optax.trace`` bit for bit.
+
+  Gate-aware (:mod:`stax.transforms.guards`): given :data:`~stax.transforms.guards.NONFINITE_OK`
+  false, the step adds a zero gradient with decay 1, so the trace comes back bit for bit in the
+  same pass that would have updated it (no select of the old state, which made XLA copy every
+  trace each step: 40 state copies per step in OAdamW on ResNet-18's shapes).
   """
   base = optax.trace(decay=decay, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
-  f = lambda g, t: _saturated_sum(g, t, decay)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
-    new_trace = jax.tree.map(lambda g, t: None if g is None else f(g, t), updates, state.trace,
-                             is_leaf=lambda g: g is None)
+    ok = extra_args.get(NONFINITE_OK)
+
+    def step(g, t):
+      if ok is None:
+        return _saturated_sum(g, t, decay)
+      g = jnp.where(ok, g, jnp.zeros((), g.dtype))
+      # decay·t as optax.trace forms it (a Python float times t: t's dtype); 1 on a skipped step
+      d = jnp.where(ok, jnp.asarray(decay, t.dtype), jnp.ones((), t.dtype))
+      return _saturated_sum(g, t, d)
+
+    new_trace = jax.tree.map(lambda g, t: None if g is None else step(g, t), updates,
+                             state.trace, is_leaf=lambda g: g is None)
+    f = lambda g, t: _saturated_sum(g, t, decay)
     updates = jax.tree.map(f, updates, new_trace) if nesterov else new_trace
     return updates, optax.TraceState(trace=optax.tree.cast(new_trace, accumulator_dtype))
 
-  return optax.GradientTransformation(base.init, update_fn)
+  return gate_aware(optax.GradientTransformationExtraArgs(base.init, update_fn))
 
 
 class StoredTraceState(NamedTuple):
