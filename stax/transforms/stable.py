@@ -61,8 +61,9 @@ def update_rms(g: jax.Array, v: jax.Array, eps: Any) -> jax.Array:
   (:func:`stax.numerics.tiled_means`: its one vectorised loop evaluates the division at 5.9 ms
   per 16M elements where a plain ``jnp.mean`` takes 8.1; equal to rounding, not bit for bit;
   small tensors and other backends take the plain mean). A finite ``|g| >= 2**64`` overflows
-  its ``g²``, and the sum overflows where the mean ratio exceeds ``3.4e38 / n``; either makes the RMS Inf, and that
-  tensor's update on that step is 0 (finite; its moments still take the saturated gradient).
+  its ``g²``, and the sum overflows where the mean ratio exceeds ``3.4e38 / n``; either makes
+  the RMS Inf, and that tensor's update on that step is 0 (finite; its moments still take the
+  saturated gradient).
   Every ratio is at most ``1/(1-b2)`` while ``v`` holds the current ``(1-b2)·g²`` (1,000 at the
   default ``b2``), so an overflowing sum needs a degenerate ``b2`` or ``v``, and the clipped
   update ``u / RMS`` would then be below ``sqrt(n / 3.4e38)·|u|`` anyway (``2e-16·|u|`` at
