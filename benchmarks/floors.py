@@ -166,18 +166,20 @@ COMPILE_FLOOR_PROGRAMS = {
                           "refresh's"),
 }
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
-SCAO_K, SCAO_MAXD = 128, 4096
+#: SCAO's default rank bounds and largest preconditioned side (stax.scao's)
+SCAO_KMIN, SCAO_K, SCAO_MAXD = 8, 128, 4096
 
 
 def _ns5(x):
-  """Five quintic Newton–Schulz iterations on the wider orientation of ``x`` (Muon's)."""
+  """Five quintic Newton–Schulz iterations (``stax.ns_coefficients("jordan")``, Muon's) on the
+  wider orientation of ``x``."""
   import jax.numpy as jnp
-  a, b, c = NS_COEFFS
+  from stax.transforms.orthogonalize import ns_coefficients
+  rows, _ = ns_coefficients("jordan", 5)
   tall = x.shape[0] > x.shape[1]
   x = x.T if tall else x
   x = x / (jnp.sqrt(jnp.sum(x * x)) + 1e-7)
-  for _ in range(5):
+  for a, b, c in rows:
     s = x @ x.T
     x = a * x + (b * s + c * (s @ s)) @ x
   return x.T if tall else x
@@ -194,14 +196,14 @@ def _muon_leaf(p, m, g, ok):
 
 
 def _scao_k(shape):
-  """``K`` of a leaf as stax.scao plans it on its matrix view ``(shape[0], rest)``, or
-  ``None`` (passed through: a vector, a side of 1, a side above 4096)."""
+  """``K`` of a leaf on its matrix view ``(shape[0], rest)`` as stax.scao's low-rank rule plans
+  it (``stax.transforms.kron.lowrank._plan``), or ``None`` (passed through: a vector, a side of
+  1, a side above 4096)."""
+  from stax.transforms.kron.lowrank import _plan
   if len(shape) < 2:
     return None
-  shape = _rows(shape)
-  if min(shape) < 2 or max(shape) > SCAO_MAXD:
-    return None
-  return max(1, min(SCAO_K, min(shape) // 2))
+  plan = _plan(*_rows(shape), SCAO_KMIN, SCAO_K, SCAO_MAXD)
+  return None if plan is None else plan.kmax
 
 
 def _scao_precondition(g, ul, ur):
