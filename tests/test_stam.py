@@ -139,13 +139,19 @@ def test_stam_lite_matches_seed_package(name, kw):
 
 
 def test_default_nonfinite_policy_skips_the_step():
-  params = {"w": jnp.ones((4, 3))}
-  for tx in (stax.stam(), stax.stam_lite()):
+  """A skipped step keeps every part of the state bit for bit: the moments, the rules'
+  statistics (small alike leaves reduced as one stack) and STAMLite's per-tensor means of v
+  (their EMAs formed and gated as one vector)."""
+  params = {"w": jnp.ones((4, 3)), "big": jnp.ones((128, 96)),
+            **{f"v{i}": jnp.full((16,), 1.0 + i) for i in range(3)}}
+  for tx in (stax.stam(), stax.stam_lite(), stax.stam(beta1_signal="snr"),
+             stax.stam_lite(beta1_signal="snr")):
     state = tx.init(params)
-    u, state = tx.update({"w": jnp.ones((4, 3))}, state, params)
-    bad = {"w": jnp.ones((4, 3)).at[0, 0].set(jnp.nan)}
+    good = jax.tree.map(lambda x: jnp.cos(x + jnp.arange(x.size).reshape(x.shape)), params)
+    u, state = jax.jit(tx.update)(good, state, params)
+    bad = dict(good, v1=good["v1"].at[3].set(jnp.nan))
     u2, state2 = jax.jit(tx.update)(bad, state, params)
-    assert float(jnp.max(jnp.abs(u2["w"]))) == 0.0
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u2)) == 0.0
     for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(state2.inner_state)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(state2.nonfinite_count) == 1

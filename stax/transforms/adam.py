@@ -258,7 +258,10 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
               project: Optional[Callable] = None,
               exact_parts: tuple[bool, bool] = (True, True),
               nu_sq: Optional[jax.Array] = None,
-              nu_mean: Optional[jax.Array] = None) -> AdamStep:
+              nu_mean: Optional[jax.Array] = None,
+              nu_new: Optional[jax.Array] = None,
+              m_scale: Optional[jax.Array] = None,
+              v_scale: Optional[jax.Array] = None) -> AdamStep:
   """One leaf's Adam step: a pure function (like torch's functional ``adamw``).
 
   Args:
@@ -285,6 +288,17 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
       to rounding, as STAMLite's seed and Adafactor compute them — instead of reductions over
       the elementwise EMA (with the gate's selects and the saturation inside, that reduction
       made a STAMLite step 1.8× optax.adamw's; 1.5× without it).
+    nu_new: ``None`` (default), or the new v already formed: a per-tensor mean of v whose EMA
+      :func:`adam_update` formed for every leaf at once (one vector operation instead of a few
+      scalar kernels per leaf); used as the new v instead of an EMA here.
+    m_scale: ``None`` (default), or the reciprocal of ``"product"``'s divisor of m
+      (:func:`product_divisor`), formed for every leaf at once; m is multiplied by it (and
+      ``b1_prod`` not read).
+    v_scale: ``None`` (default), or the reciprocal of the update's denominator
+      (:func:`denominator`) of a per-tensor v, formed for every leaf at once; the update is
+      ``m_hat`` times it. (XLA's CPU backend turns a division by a scalar into this product
+      with the scalar's reciprocal anyway, one scalar kernel per leaf and divisor: the same
+      values.)
   """
   b2 = cfg.b2
   b1_t, b2_t = b1, b2
@@ -310,7 +324,9 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     a1, d1 = jnp.where(ok, a1, 0.0), jnp.where(ok, d1, 1.0)
     a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
   new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
-  if nu_mean is not None:
+  if nu_new is not None:
+    new_nu = jnp.asarray(nu_new).astype(_moment_dtype(nu, g))
+  elif nu_mean is not None:
     sq_mean, old_mean = nu_mean
     dtype = _moment_dtype(nu, g)
     new_nu = jax.tree.map(lambda s, o: (a2 * s + d2 * o.astype(s.dtype)).astype(dtype),
@@ -326,16 +342,37 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
                + (1 - b1) * optax.tree.bias_correction(g, b1, count))
     else:
       m_hat = optax.tree.bias_correction(m, b1, count)
-    v_hat = optax.tree.bias_correction(v, b2, count)
   elif cfg.bias_correction == "product":
-    c1 = 1 - b1_prod
-    c2 = 1 - jnp.asarray(b2, jnp.float32) ** count.astype(jnp.float32)
-    m_hat = m / (c1 + cfg.correction_eps).astype(m.dtype)
-    v_hat = v / (c2 + cfg.correction_eps).astype(v.dtype)
+    if m_scale is None:
+      m_hat = m / product_divisor(cfg, b1_prod).astype(m.dtype)
+    else:
+      m_hat = m * m_scale.astype(m.dtype)
   else:  # "debiased" moments are already unbiased; "none" skips the correction.
-    m_hat, v_hat = m, v
-  update = m_hat / (jnp.sqrt(v_hat + cfg.eps_root) + cfg.eps)
+    m_hat = m
+  if v_scale is None:
+    update = m_hat / denominator(cfg, v, count)
+  else:
+    update = m_hat * v_scale
   return AdamStep(update, new_mu, new_nu, v)
+
+
+def product_divisor(cfg: AdamConfig, b1_prod: jax.Array) -> jax.Array:
+  """The first moment's divisor of ``bias_correction="product"``: ``1 - Πβ1 + correction_eps``
+  (float32; one leaf's, or every leaf's as a vector)."""
+  return 1 - b1_prod + cfg.correction_eps
+
+
+def denominator(cfg: AdamConfig, v: jax.Array, count: jax.Array) -> jax.Array:
+  """The update's denominator :math:`\\sqrt{\\hat v + \\epsilon_{root}} + \\epsilon` of the second
+  moment ``v`` (the projected one) after ``count`` steps, with ``cfg``'s bias correction."""
+  if cfg.bias_correction == "standard":
+    v_hat = optax.tree.bias_correction(v, cfg.b2, count)
+  elif cfg.bias_correction == "product":
+    c2 = 1 - jnp.asarray(cfg.b2, jnp.float32) ** count.astype(jnp.float32)
+    v_hat = v / (c2 + cfg.correction_eps).astype(v.dtype)
+  else:
+    v_hat = v
+  return jnp.sqrt(v_hat + cfg.eps_root) + cfg.eps
 
 
 def adam_init(cfg: AdamConfig, params: Any) -> ScaleByAdamState:
@@ -400,7 +437,9 @@ def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optio
                      correction_eps=v["correction_eps"])
     bound = num.square_bound(mu.dtype, nu.dtype)
     nu_sq, mean_nu = None, None
-    if v["nu_mean"] is not None and not jnp.iscomplexobj(g):
+    if v["nu_new"] is not None:
+      pass  # the new per-tensor mean is given (adam_update formed every leaf's at once)
+    elif v["nu_mean"] is not None and not jnp.iscomplexobj(g):
       # the means of |g|² of its own copy, bounded after the mean at B² (as the β1 rules bound
       # their statistics: bit for bit the mean of min(|g|², B²) wherever every |g| <= B)
       b2_sq = jnp.asarray(bound * bound, jnp.float32)  # B² is a power of two: exact
@@ -419,7 +458,8 @@ def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optio
     g = num.saturate(g, bound)
     return adam_step(g, mu, nu, v["b1"], v["count"], c, b1_prod=v["b1_prod"], ok=v["ok"],
                      project=project, exact_parts=exact_parts, nu_sq=nu_sq,
-                     nu_mean=mean_nu)
+                     nu_mean=mean_nu, nu_new=v["nu_new"], m_scale=v["m_scale"],
+                     v_scale=v["v_scale"])
 
   return fn
 
@@ -428,7 +468,8 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
               ok: Any = None, project: Optional[Callable] = None,
               exact_parts: tuple[bool, bool] = (True, True),
               reduces_nu: bool = False, nu_mean: Any = None,
-              sq_mean: Any = None, mean_squares: Optional[Callable] = None) -> LeafStep:
+              sq_mean: Any = None, mean_squares: Optional[Callable] = None,
+              nu_new: Any = None, m_scale: Any = None, v_scale: Any = None) -> LeafStep:
   """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
   storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
   saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction;
@@ -436,10 +477,13 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
   then gets ``(the same means of |g|², nu_mean)``, those of ``|g|²`` from ``mean_squares``
   (the storage's ``nu_mean_squares``; default the tensor mean) on the core's own copy of
   ``g``; ``sq_mean``: a per-tensor ``mean(|g|²)`` that a :class:`Beta1Rule` with ``sq_means``
-  computed, used for a 0-d ``nu_mean`` instead of a reduction of its own)."""
+  computed, used for a 0-d ``nu_mean`` instead of a reduction of its own; ``nu_new``: that
+  mean's new value, formed for every leaf at once, and ``m_scale``, ``v_scale`` as
+  :func:`adam_step`'s)."""
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root,
            "correction_eps": cfg.correction_eps, "count": count, "b1_prod": b1_prod, "ok": ok,
-           "nu_mean": nu_mean, "sq_mean": sq_mean}
+           "nu_mean": nu_mean, "sq_mean": sq_mean, "nu_new": nu_new, "m_scale": m_scale,
+           "v_scale": v_scale}
   dynamic = tuple(k for k, v in named.items() if _is_dynamic(v))
   static = tuple((k, v) for k, v in named.items() if k not in dynamic)
   # Traced once per configuration and leaf shape, not once per leaf (stax._leafwise). The
@@ -536,7 +580,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   else:
     b1s = [cfg.b1] * n
 
-  b1_prod, prods = state.b1_prod, [None] * n
+  b1_prod = state.b1_prod
   if cfg.bias_correction == "product":
     # one product per leaf, kept as a vector: a rule gives one beta1 per leaf (a scalar)
     if rule is not None and rule.stacked:
@@ -544,12 +588,29 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     else:
       new_prod = state.b1_prod * stack_leaf_scalars(b1s)
     b1_prod = new_prod if ok is None else jnp.where(ok, new_prod, state.b1_prod)
-    per_leaf["prod"] = new_prod
+    # each leaf's scale of m, formed here for all (no scalar kernel per leaf)
+    per_leaf["m_scale"] = 1 / product_divisor(cfg, new_prod)
+  # Per-tensor means of v (STAMLite's): their EMAs as one vector, from the rule's mean(|g|²).
+  scalar_means = [False] * n
+  if "sq" in per_leaf:
+    scalar_means = [g is not None and s.nu_is_mean and not jnp.iscomplexobj(g) and g.size > 0
+                    and _is_array(ne) and jnp.ndim(ne) == 0
+                    for s, g, ne in zip(stores, g_leaves, nu_enc)]
+    if any(scalar_means):
+      per_leaf["nu_new"] = _mean_emas(cfg, count_inc, ok, per_leaf["sq"], nu_enc, decoded,
+                                      scalar_means)
+      projections = {stores[i] for i, w in enumerate(scalar_means) if w}
+      if len(projections) == 1:  # the update's denominators too (one storage's projection)
+        (s,) = projections
+        v = jax.vmap(lambda x: s.project(x, x)[1])(per_leaf["nu_new"])
+        per_leaf["v_scale"] = 1 / denominator(cfg, v, count_inc)
   # each leaf's entries of them, one pick per leaf (so every leaf's kernels are alike)
   picked = _leafwise.columns(per_leaf)
+  nu_news = picked.get("nu_new", [None] * n)
+  m_scales = picked.get("m_scale", [None] * n)
+  v_scales = picked.get("v_scale", [None] * n)
   b1s = picked.get("b1", b1s)
   sq_means = picked.get("sq", sq_means)
-  prods = picked.get("prod", prods)
 
   # Each leaf: read → step → write through its storage (stochastic rounding keyed by step and
   # leaf), or the storage's fused update of the three.
@@ -570,10 +631,12 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None
     # a β1 rule's per-tensor mean(|g|²) serves a per-tensor mean of v (0-d), not other means
     per_tensor = _is_array(mean_nu) and jnp.ndim(mean_nu) == 0
-    step = leaf_step(cfg, b1s[i], count_inc, b1_prod=prods[i], ok=ok, project=s.project,
+    step = leaf_step(cfg, b1s[i], count_inc, ok=ok, project=s.project, m_scale=m_scales[i],
+                     v_scale=v_scales[i] if scalar_means[i] else None,
                      exact_parts=s.exact_parts, reduces_nu=s.reduces_nu, nu_mean=mean_nu,
                      sq_mean=sq_means[i] if per_tensor else None,
-                     mean_squares=None if mean_nu is None else s.nu_mean_squares)
+                     mean_squares=None if mean_nu is None else s.nu_mean_squares,
+                     nu_new=nu_news[i] if scalar_means[i] else None)
     if decoded is not None:
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)
@@ -585,7 +648,8 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     if ok is not None:  # a part the storage cannot rewrite unchanged keeps its old encoding
       keep_mu, keep_nu = s.exact_parts
       a = a if keep_mu else _select_tree(ok, a, me)
-      c = c if keep_nu else _select_tree(ok, c, ne)
+      # (a new per-tensor mean formed in the vector is selected there)
+      c = c if keep_nu or scalar_means[i] else _select_tree(ok, c, ne)
     steps.append(out)
     new_mu_enc.append(_cast_like_tree(a, me))
     new_nu_enc.append(_cast_like_tree(c, ne))
@@ -601,6 +665,26 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   fields = [jax.tree.unflatten(treedef, [None if st is None else st[j] for st in steps])
             for j in range(len(AdamStep._fields))]
   return AdamStep(*fields), new_state
+
+
+def _mean_emas(cfg: AdamConfig, count: jax.Array, ok: Any, sq_means: jax.Array, nu_enc: list,
+               decoded: list, which: list) -> jax.Array:
+  """The new per-tensor means of v of the leaves ``which`` marks (0 elsewhere), as one float32
+  vector: ``a2·min(mean(|g|²), B²) + d2·mean_v`` as :func:`adam_step` forms one leaf's (its
+  ``nu_mean``), with ``B`` each leaf's saturation bound and the gate's coefficients (a skipped
+  step keeps the old means). One vector operation where each leaf had two scalar kernels and a
+  copy of its state."""
+  b2_t = debias_beta(cfg.b2, count) if cfg.bias_correction == "debiased" else cfg.b2
+  a2, d2 = 1 - b2_t, b2_t
+  if ok is not None:
+    a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
+  b_sq = np.array([num.square_bound(d[0].dtype, d[1].dtype) ** 2 if w else 1.0
+                   for d, w in zip(decoded, which)], np.float32)  # powers of two: exact
+  old = stack_leaf_scalars([ne if w else 0.0 for ne, w in zip(nu_enc, which)])
+  new = a2 * jnp.minimum(sq_means, b_sq) + d2 * old
+  # a skipped step keeps the stored means (written back through the codec bit for bit: a
+  # stored mean is its own encoding), whatever a non-finite mean(|g|²) made of the EMA
+  return new if ok is None else jnp.where(ok, new, old)
 
 
 def scale_by_adam(

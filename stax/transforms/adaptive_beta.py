@@ -72,7 +72,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -81,7 +80,7 @@ import numpy as np
 
 from stax import _leafwise
 from stax import numerics as num
-from stax.transforms.adam import Beta1Rule, stack_leaf_scalars
+from stax.transforms.adam import Beta1Rule
 
 __all__ = [
     "ResidualVarianceState",
@@ -186,27 +185,32 @@ def _live(pairs) -> np.ndarray:
 
 def _leaf_stats(pairs, stat, *extra):
   """``(live, a, b)``: each live leaf's two statistics ``stat(pair, *(x[i] for x in extra))``
-  stacked into two vectors (0 for a leaf without statistics), and the static live mask."""
+  stacked into two vectors (0 for a leaf without statistics), and the static live mask. An
+  ``extra`` is a list (one array per leaf) or a vector (an entry per leaf). Small live leaves of
+  one shape are reduced together, vmapped over their stack
+  (:func:`stax._leafwise.reduce_leaves`)."""
   live = _live(pairs)
-  # a per-leaf vector's entries are picked (not sliced) so that every leaf's pass compiles alike
-  arrays = _leafwise.columns({j: x for j, x in enumerate(extra) if isinstance(x, jax.Array)})
-  extra = [arrays.get(j, x) for j, x in enumerate(extra)]
-  out = [_stat_of(stat, p)(*(x[i] for x in extra)) if ok else (0.0, 0.0)
-         for i, (p, ok) in enumerate(zip(pairs, live))]
-  return (live, stack_leaf_scalars([o[0] for o in out]),
-          stack_leaf_scalars([o[1] for o in out]))
+  kinds = tuple("v" if isinstance(x, jax.Array) else "l" for x in extra)
+  lists = [x for x in extra if not isinstance(x, jax.Array)]
+  vectors = tuple(x for x in extra if isinstance(x, jax.Array))
+  # the bound is an operand (a constant once inlined): leaves of every moment dtype share a trace
+  operands = [(p[0], jnp.asarray(p[1], _F32), *(x[i] for x in lists)) if ok else None
+              for i, (p, ok) in enumerate(zip(pairs, live))]
+  fn = _leafwise.traced_once(_stat_fn, stat, kinds)
+  a, b = _leafwise.reduce_leaves(fn, operands, vectors, stacked=True, width=2)
+  return live, a, b
 
 
-def _stat_of(stat, pair):
-  """``stat(pair, *extra)`` as a function of ``extra``, its trace shared by every leaf of the
-  same shapes (:func:`stax._leafwise.traced_once`; the gradient is an argument, its bound part
-  of the configuration)."""
-  g, bound = pair
-  return functools.partial(_leafwise.traced_once(_bound_stat, stat, bound), g)
+def _stat_fn(stat, kinds):
+  """``stat((g, bound), *extra)`` as a function of ``(g, bound, *lists, *vector entries)``,
+  the extras put back in their order (``kinds``: ``"l"`` or ``"v"`` for each)."""
+  n_lists = kinds.count("l")
 
-
-def _bound_stat(stat, bound):
-  return lambda g, *extra: stat((g, bound), *extra)
+  def fn(g, bound, *args):
+    lists, vectors = iter(args[:n_lists]), iter(args[n_lists:])
+    return tuple(stat((g, bound), *(next(lists) if k == "l" else next(vectors)
+                                    for k in kinds)))
+  return fn
 
 
 def _ema(live, decay, old, new):

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from stax import _leafwise
 from stax import _validation as V
 from stax._trees import conform
 
@@ -91,12 +92,23 @@ def all_finite(tree: Any) -> jax.Array:
   boolean reduction of ``all(isfinite(x))`` (3.1 vs 5.5 ms at 16M float32 parameters on this
   project's CPU, which also needed 16 MB of temporaries). A complex leaf is probed through its
   real and imaginary parts separately (a float32 sum of ``x - x`` would drop the imaginary part).
+  Small real leaves (:func:`stax._leafwise.groupable`: GPT-2 small's 98 vectors) are probed
+  together, flattened and concatenated per dtype in runs of at most
+  :data:`stax._leafwise.GROUP_MAX_TOTAL` elements (a temporary of at most 256 KiB of float32):
+  one probe is three kernels on XLA's CPU backend, each compiled.
   """
   leaves = [x for x in jax.tree.leaves(tree)
             if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   if not leaves:
     return jnp.array(True)
-  return _materialized(jnp.isfinite(jnp.sum(jnp.stack([_nan_probe(x) for x in leaves]))))
+  # small real leaves probed together, per dtype (no cast: a float64 beyond float32's range is
+  # finite)
+  keys = [jnp.result_type(x) if _leafwise.groupable(x) and not jnp.issubdtype(
+      jnp.result_type(x), jnp.complexfloating) else None for x in leaves]
+  groups, alone = _leafwise.alike(keys, [jnp.size(x) for x in leaves])
+  probes = [_nan_probe(leaves[i]) for i in alone]
+  probes += [_nan_probe(jnp.concatenate([jnp.ravel(leaves[i]) for i in g])) for g in groups]
+  return _materialized(jnp.isfinite(jnp.sum(jnp.stack(probes))))
 
 
 def _materialized(flag: jax.Array) -> jax.Array:
