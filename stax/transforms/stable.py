@@ -165,13 +165,13 @@ def scale_by_stable_adam(
     p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
     decays = _mask_leaves(mask, updates)
     lam = decay_coefficient(weight_decay, decouple_lr, max_lr)
-    rms = [None] * len(g_leaves)
+    scales = [None] * len(g_leaves)
     if clip:  # per leaf; small alike leaves' together (stax._leafwise.reduce_leaves)
       e = jnp.asarray(eps, jnp.float32)
-      rms = _leafwise.reduce_leaves(_leafwise.shared_trace(_clip_scale), [
+      scales = _leafwise.reduce_leaves(_leafwise.shared_trace(_clip_scale), [
           None if g is None else (g, v, e) for g, v in zip(g_leaves, v_leaves)])
     out = []
-    for g, d, v, p, dec, r in zip(g_leaves, d_leaves, v_leaves, p_leaves, decays, rms):
+    for g, d, v, p, dec, scale in zip(g_leaves, d_leaves, v_leaves, p_leaves, decays, scales):
       if g is None:
         out.append(None)
         continue
@@ -182,7 +182,7 @@ def scale_by_stable_adam(
         raise ValueError(optax.NO_PARAMS_MSG if hasattr(optax, "NO_PARAMS_MSG") else
                          "scale_by_stable_adam needs `params` for weight decay.")
       if clip:
-        u = u * r[0]
+        u = u * scale[0]
       out.append(u.astype(g.dtype))
     return jax.tree.unflatten(treedef, out), new_state
 
