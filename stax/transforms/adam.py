@@ -304,9 +304,6 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   b1_t, b2_t = b1, b2
   if cfg.bias_correction == "debiased":
     b1_t, b2_t = debias_beta(b1, count), debias_beta(b2, count)
-  # EMA coefficients (1 - b, b). A skipped step of the gated guard uses (0, 1), so m and v
-  # stay exactly as they are; on a good step the values are the ungated ones bit for bit
-  # (``1 - b`` is formed exactly as without the gate: in Python for a Python float).
   sq = numerics.abs_sq(g) if nu_sq is None else nu_sq
   g_mu = g
   if ok is not None:  # a skipped step's gradient may be non-finite: 0·NaN would reach m, v
@@ -318,11 +315,8 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     sq = zero(sq) if exact_parts[1] else sq
     if cfg.nesterov:
       g = zeroed
-  a1, d1 = 1 - b1_t, b1_t
-  a2, d2 = 1 - b2_t, b2_t
-  if ok is not None:
-    a1, d1 = jnp.where(ok, a1, 0.0), jnp.where(ok, d1, 1.0)
-    a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
+  # a skipped step of the gated guard uses (0, 1): m and v stay exactly as they are
+  (a1, d1), (a2, d2) = _ema_coefficients(b1_t, ok), _ema_coefficients(b2_t, ok)
   new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
   if nu_new is not None:
     new_nu = jnp.asarray(nu_new).astype(_moment_dtype(nu, g))
@@ -354,6 +348,16 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   else:
     update = m_hat * v_scale
   return AdamStep(update, new_mu, new_nu, v)
+
+
+def _ema_coefficients(b: Any, ok: Any) -> tuple[Any, Any]:
+  """An EMA's coefficients ``(1 - b, b)`` of the new value and the old; with the gate ``ok``
+  false, ``(0, 1)``, so the EMA keeps the old value exactly (``1 - b`` is formed as without the
+  gate: in Python for a Python float)."""
+  a, d = 1 - b, b
+  if ok is not None:
+    a, d = jnp.where(ok, a, 0.0), jnp.where(ok, d, 1.0)
+  return a, d
 
 
 def product_divisor(cfg: AdamConfig, b1_prod: jax.Array) -> jax.Array:
@@ -675,9 +679,7 @@ def _mean_emas(cfg: AdamConfig, count: jax.Array, ok: Any, sq_means: jax.Array, 
   step keeps the old means). One vector operation where each leaf had two scalar kernels and a
   copy of its state."""
   b2_t = debias_beta(cfg.b2, count) if cfg.bias_correction == "debiased" else cfg.b2
-  a2, d2 = 1 - b2_t, b2_t
-  if ok is not None:
-    a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
+  a2, d2 = _ema_coefficients(b2_t, ok)
   b_sq = np.array([num.square_bound(d[0].dtype, d[1].dtype) ** 2 if w else 1.0
                    for d, w in zip(decoded, which)], np.float32)  # powers of two: exact
   old = stack_leaf_scalars([ne if w else 0.0 for ne, w in zip(nu_enc, which)])
