@@ -238,6 +238,51 @@ def test_custom_storage_with_only_the_required_members():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+class _KeyedV:
+  """A storage that rounds nothing but keeps, beside v, the rounding keys its write was given."""
+
+  needs_key = True
+
+  def init(self, param):
+    return (jnp.zeros(param.shape, jnp.float32),
+            {"v": jnp.zeros(param.shape, jnp.float32), "k": jnp.zeros(2, jnp.uint32),
+             "ks": jnp.zeros((2, 2), jnp.uint32)})
+
+  def read(self, mu_enc, nu_enc, like, ctx):
+    return mu_enc, nu_enc["v"]
+
+  def write(self, mu, nu, ctx):
+    return mu, {"v": nu, "k": ctx.rounding_key, "ks": ctx.rounding_keys}
+
+
+def test_each_leafs_rounding_keys_are_its_fold_in_and_their_split():
+  """Each leaf's ``rounding_key`` is the state key folded with the step count and then with the
+  leaf's index, and ``rounding_keys`` its ``jax.random.split``, bit for bit (the core makes
+  every leaf's at once: a split per leaf was a threefry loop per leaf in the program);
+  ``SeparateStorage.write`` encodes alike with the pair given and without it."""
+  tx = stax.scale_by_adam(0.9, 0.99, storage=_KeyedV(), seed=3)
+  params = {"a": jnp.zeros(4), "b": jnp.zeros(3), "c": jnp.zeros((2, 5))}
+  s = tx.init(params)
+  step = jax.jit(tx.update)
+  for count in range(3):
+    _, s = step(jax.tree.map(jnp.ones_like, params), s)
+    for i, name in enumerate(sorted(params)):
+      want = jax.random.fold_in(jax.random.fold_in(s.key, count), i)
+      np.testing.assert_array_equal(np.asarray(s.nu[name]["k"]), np.asarray(want))
+      np.testing.assert_array_equal(np.asarray(s.nu[name]["ks"]),
+                                    np.asarray(jax.random.split(want)))
+  from stax.codecs.base import StorageStep
+  from stax.codecs.block_signed import BlockSignedCodec
+  storage = SeparateStorage(BlockSignedCodec(4, 32), BlockSignedCodec(4, 32))
+  x = jnp.linspace(-1.0, 1.0, 256).reshape(4, 64)
+  key = jax.random.fold_in(jax.random.PRNGKey(0), 7)
+  ctx = StorageStep(jnp.int32(0), 0, rounding_key=key)
+  one = storage.write(x, jnp.abs(x), ctx)
+  two = storage.write(x, jnp.abs(x), ctx._replace(rounding_keys=jax.random.split(key)))
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_storage_protocol_defaults_and_exactness():
   from stax.codecs.base import StorageBase, StorageStep, as_storage
   from stax.codecs.tensor_rms import tensor_rms_storage

@@ -77,10 +77,14 @@ def test_orthogonalization_takes_a_tree_of_dims():
     outs.append(jax.tree.map(np.asarray, u))
   for o in outs[1:]:
     jax.tree.map(np.testing.assert_array_equal, outs[0], o)
-  # each leaf's orthogonalisation is one compiled function, also when called eagerly (it is
-  # traced once per shape: stax._leafwise.traced_once), so the reference is compiled too
+  # per leaf, each leaf's orthogonalisation is one compiled function, also when called eagerly
+  # (it is traced once per shape: stax._leafwise.traced_once), so the reference is compiled too
   ref = jax.jit(lambda x: stax.orthogonalize(x, dimension_numbers=MDN(1, 0)))(params["a"])
-  np.testing.assert_allclose(np.asarray(outs[0]["a"]), np.asarray(ref), rtol=0, atol=0)
+  tx = stax.scale_by_orthogonalization(dimension_numbers=tree, mode="per_leaf")
+  per_leaf = tx.update(params, tx.init(params))[0]
+  np.testing.assert_allclose(np.asarray(per_leaf["a"]), np.asarray(ref), rtol=0, atol=0)
+  # the default (stacked) mode runs the same iteration, eagerly op by op here
+  np.testing.assert_allclose(np.asarray(outs[0]["a"]), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_scao_takes_the_layout_type():

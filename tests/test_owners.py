@@ -205,3 +205,26 @@ def test_faithful_block_grid_refreshes_block_by_block():
   for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(joined)):
     np.testing.assert_array_equal(a, b)
   assert rule.cost(plan) == sum(rule.cost(u[0]) for u in units)
+
+
+def test_owner_map_without_a_mesh_runs_a_group_as_one_loop():
+  """Without a mesh, a group of several alike items is one ``lax.map`` (its function traced
+  once, one while loop in the program) and gives each item's own result bit for bit; a lone
+  item runs directly; items of one group that differ in shape are refused as with a mesh."""
+  xs = [_spd(6, s) for s in range(4)] + [jnp.arange(5.0)]
+  traced = []
+
+  def eig(x):
+    traced.append(x.shape)
+    return jnp.linalg.eigh(x)[0] * jnp.sum(x)
+
+  fns = {0: eig, 1: jnp.cumsum}
+  step = jax.jit(lambda ts: owner_map(fns, ts, groups=[0, 0, 0, 0, 1]))
+  got = step(xs)
+  assert traced == [(6, 6)]
+  for x, g in zip(xs[:4], got[:4]):
+    np.testing.assert_array_equal(g, jax.jit(eig)(x))
+  np.testing.assert_array_equal(got[4], jnp.cumsum(xs[4]))
+  assert step.lower(xs).as_text().count("stablehlo.while") == 1
+  with pytest.raises(ValueError, match="item 1 of group 0"):
+    owner_map(jnp.sum, [jnp.ones(3), jnp.ones(4)], groups=[0, 0])

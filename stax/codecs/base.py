@@ -104,6 +104,9 @@ class StorageStep(NamedTuple):
     rounding_key: ``write`` only, for a storage with ``needs_key``: the raw ``uint32[2]`` key
       for stochastic rounding (the state key folded with ``count`` and then with ``index``);
       ``None`` otherwise.
+    rounding_keys: ``write`` only, ``None`` or ``jax.random.split(rounding_key)`` (``uint32[2,
+      2]``), made by the Adam core for every leaf at once: a split per leaf was a threefry
+      loop of its own in the compiled step (50 of them on GPT-2 small for TurboAdam).
     row0: ``write`` only: the moments are rows ``row0 ..`` of the leaf's row view (a chunk
       written by a row-chunked fused update, for a storage whose ``rows_local`` is true);
       ``0`` (default) for the whole leaf.
@@ -116,6 +119,7 @@ class StorageStep(NamedTuple):
   nu_enc: Any = None
   rounding_key: Any = None
   row0: Any = 0
+  rounding_keys: Any = None
 
 
 @runtime_checkable
@@ -365,7 +369,8 @@ class SeparateStorage(StorageBase):
     if key is None or not self.needs_key:
       mu_enc, nu_enc = enc(self.mu_codec, mu, None), enc(self.nu_codec, nu, None)
     else:
-      k_mu, k_nu = jax.random.split(key)
+      # (the core's split, made for every leaf at once, else this leaf's: the same two keys)
+      k_mu, k_nu = jax.random.split(key) if ctx.rounding_keys is None else ctx.rounding_keys
       mu_enc, nu_enc = enc(self.mu_codec, mu, k_mu), enc(self.nu_codec, nu, k_nu)
     if self.follow_sharding:
       mu_enc, nu_enc = _follow(mu_enc, mu), _follow(nu_enc, mu)

@@ -262,7 +262,7 @@ def oadamw(
                                                 partition.is_output_head_path),
     min_dim: int = 4,
     dimension_numbers: Any = None,
-    mode: str = "per_leaf",
+    mode: str = "stacked",
     implementation: Optional[str] = None,
     weight_decay_mask: Optional[Any | Callable[[Any], Any]] = None,
     mu_dtype: Any = None,
@@ -314,8 +314,9 @@ def oadamw(
       ``MatrixDimensionNumbers(1, 0)`` (``torch_bridge.OAdamW`` passes a tree of
       :func:`torch_bridge.torch_dimension_numbers`, with q/k/v of a fused ``in_proj_weight``
       split by ``output_groups=3``).
-    mode: ``"per_leaf"`` (default) or ``"stacked"`` (same-shape matrices orthogonalised as one
-      batch, its stack axis sharded over an explicit mesh).
+    mode: ``"stacked"`` (default: same-shape matrices orthogonalised as one batch, its stack
+      axis sharded over an explicit mesh; compiled once per shape) or ``"per_leaf"`` (each
+      matrix where its sharding puts it); :mod:`stax.transforms.orthogonalize`.
     implementation: Newton–Schulz kernel (``"xla"``, ``"pallas"``, ``"gram"``: the iteration on
       the small Gram matrix, :mod:`stax.kernels.newton_schulz.gram`; ``None``: ``"xla"``).
     weight_decay_mask: pytree or callable of booleans (default: all leaves decay, as the seed).

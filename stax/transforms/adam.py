@@ -508,13 +508,14 @@ def _shared_read_step_write(storage: Any, g: jax.Array, step: LeafStep, ctx: Sto
   storage that reads it (``uses_leaf_index``)."""
   index = ctx.index if storage.uses_leaf_index else None
   run = _leafwise.traced_once(_make_read_step_write, storage, step.fn, index, ctx.row0, fused)
-  return run(g, step.operands, ctx.count, ctx.key, ctx.mu_enc, ctx.nu_enc, ctx.rounding_key)
+  return run(g, step.operands, ctx.count, ctx.key, ctx.mu_enc, ctx.nu_enc, ctx.rounding_key,
+             ctx.rounding_keys)
 
 
 def _make_read_step_write(storage: Any, fn: Callable, index: Any, row0: Any,
                           fused: bool) -> Callable:
-  def run(g, operands, count, key, mu_enc, nu_enc, rounding_key):
-    ctx = StorageStep(count, index, key, mu_enc, nu_enc, rounding_key, row0)
+  def run(g, operands, count, key, mu_enc, nu_enc, rounding_key, rounding_keys):
+    ctx = StorageStep(count, index, key, mu_enc, nu_enc, rounding_key, row0, rounding_keys)
     if fused:
       return storage.fused_update(g, LeafStep(fn, operands), ctx)
     return read_step_write(storage, g, LeafStep(fn, operands), ctx)
@@ -626,12 +627,13 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       new_mu_enc.append(me)
       new_nu_enc.append(ne)
       continue
-    k = None
+    k = ks = None
     if s.needs_key and step_key is not None:
-      if leaf_keys is None:  # every leaf's key at once, each leaf's picked (_leafwise)
+      if leaf_keys is None:  # every leaf's key and its split at once, each picked (_leafwise)
         leaf_keys = _leafwise.fold_in_each(step_key, n)
-      k = _leafwise.pick(leaf_keys, i)
-    ctx = StorageStep(state.count, i, state.key, me, ne, k)
+        leaf_pairs = jax.vmap(jax.random.split)(leaf_keys)
+      k, ks = _leafwise.pick(leaf_keys, i), _leafwise.pick(leaf_pairs, i)
+    ctx = StorageStep(state.count, i, state.key, me, ne, k, rounding_keys=ks)
     mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None
     # a β1 rule's per-tensor mean(|g|²) serves a per-tensor mean of v (0-d), not other means
     per_tensor = _is_array(mean_nu) and jnp.ndim(mean_nu) == 0

@@ -45,6 +45,14 @@ padding). The matrices of a group are first laid out along one matrix axis, so t
 the stack axis and back is an all-to-all: each device receives the matrices it owns, not every
 matrix (measured by ``benchmarks/sharded_muon.py``).
 
+``"stacked"`` is the default: it compiles each group's iteration once instead of once per matrix
+and, without a mesh, runs as fast (measured on this project's 2-core CPU: OAdamW's first step on
+GPT-2 small compiles in 2.4–2.5 s, each matrix read back by :func:`stax._leafwise.unstack`,
+against 4.0–4.3 s per leaf, optax.adamw's 0.85–1.0 s; its 16M-parameter step took 344.0 ms
+against 344.6 in one interleaved loop); on 8 devices it took 183 ms against 402
+(``benchmarks/results/sharded_muon.json``). ``"per_leaf"`` keeps every matrix where its
+sharding puts it.
+
 References:
   Jordan et al., `Muon: An optimizer for hidden layers <https://kellerjordan.github.io/posts/muon/>`_, 2024.
   Amsel, Persson, Musco, Gower, `The Polar Express <https://arxiv.org/abs/2505.16932>`_, 2025.
@@ -259,7 +267,7 @@ def _orthogonalize_fn(coeffs, ns_steps, eps, dims, implementation, compute_dtype
 
 
 def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any = "jordan",
-                       ns_steps: int = 5, eps: float = 1e-7, *, mode: str = "per_leaf",
+                       ns_steps: int = 5, eps: float = 1e-7, *, mode: str = "stacked",
                        implementation: Optional[str] = None,
                        compute_dtype: Any = jnp.float32) -> list[jax.Array]:
   """Orthogonalises several tensors; ``mode="stacked"`` batches same-shape matrices and, under an
@@ -305,15 +313,12 @@ def orthogonalize_many(xs: Sequence[jax.Array], dims: Sequence[Any], coeffs: Any
                             compute_dtype=compute_dtype, implementation=implementation)
     if axes:  # back to the group's matrix-axis layout: the inverse all-to-all
       res = _sh.reshard(res, lay, like=mesh)
-    start = 0
-    for i in idx:
-      b = mats[i].shape[0]
-      r = res[start:start + b]
+    # each matrix back from the stack (stax._leafwise.unstack: one kernel reads any of them)
+    for i, r in zip(idx, _leafwise.unstack(res, [mats[i].shape[0] for i in idx])):
       r = backs[i](jnp.swapaxes(r, 1, 2) if flipped[i] else r)
       if axes and _sh.explicit_spec(xs[i]) is None:  # an unsharded input comes back replicated
         r = _sh.reshard(r, (), like=mesh)
       out[i] = r
-      start += b
   return out
 
 
@@ -356,7 +361,7 @@ def scale_by_orthogonalization(
     eps: float = 1e-7,
     *,
     dimension_numbers: Any = None,
-    mode: str = "per_leaf",
+    mode: str = "stacked",
     shape_scale: str = "none",
     rms: float = 0.2,
     scale: float = 1.0,
@@ -373,7 +378,7 @@ def scale_by_orthogonalization(
     eps: Frobenius-norm epsilon >= 0 (default 1e-7).
     dimension_numbers: ``None`` (default layout), a :class:`MatrixDimensionNumbers`, or a callable
       ``(path_name, leaf) -> dims | None`` (``None``: the leaf passes through unchanged).
-    mode: ``"per_leaf"`` (default) or ``"stacked"`` (see the module docstring).
+    mode: ``"stacked"`` (default) or ``"per_leaf"`` (see the module docstring).
     shape_scale: ``"none"`` (default), ``"match_rms"`` or ``"original"``
       (:func:`shape_scale_factor`).
     rms: target RMS for ``"match_rms"`` > 0 (default 0.2, Moonlight).

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as num
 from stax.codecs.base import _follow
@@ -162,6 +163,9 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
     enc = treedef.flatten_up_to(state.trace)
     step_key = jax.random.fold_in(state.key, state.count)
+    # every leaf's key at once, each picked: a fold_in per leaf was a threefry loop per leaf
+    keys = (_leafwise.fold_in_each(step_key, len(g_leaves))
+            if any(g is not None and stored(g) for g in g_leaves) else None)
     outs, new_enc = [], []
     for i, (g, e) in enumerate(zip(g_leaves, enc)):
       if g is None:
@@ -172,7 +176,7 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
         view = to_row_view(g, block_size)
         prev = from_row_view(codec.decode(e, view), g)
         t = _saturated_sum(g, prev, decay)
-        code = codec.encode(to_row_view(t, block_size), jax.random.fold_in(step_key, i))
+        code = codec.encode(to_row_view(t, block_size), _leafwise.pick(keys, i))
         new_enc.append(_follow(code, view))        # the codes on the leaf's sharding
       else:
         t = _saturated_sum(g, e, decay)

@@ -166,8 +166,9 @@ class LeafRule(Protocol):
     """Optional: the relative cost (≈ flops) of one ``update``, to balance owner devices
     (default: the matrix view's size)."""
 
-  def units(self, plan: Any, st: Any, g: jax.Array, noise: Any) -> list:
-    """Optional: the leaf's update as independent ``(plan, state, g, noise)`` units, each
+  def units(self, plan: Any, st: Any, g: jax.Array, key: Any) -> list:
+    """Optional: the leaf's update as independent ``(plan, state, g, key)`` units (``key``:
+    the leaf's key, or ``None``; each unit draws its ``noise_size(plan)`` from it), each
     updated by ``update`` on its own (and owned by its own device); with :meth:`join`."""
 
   def join(self, plan: Any, states: list) -> Any:
@@ -313,10 +314,10 @@ def _cost(rule: LeafRule, plan: Any, g2: jax.Array) -> float:
   return float(cost(plan)) if cost is not None else float(np.prod(g2.shape))
 
 
-def _units(rule: LeafRule, plan: Any, st: Any, g2: jax.Array, noise: Any) -> list:
+def _units(rule: LeafRule, plan: Any, st: Any, g2: jax.Array, key: Any) -> list:
   """The rule's independent units of one leaf's update (``rule.units``), else the leaf."""
   units = getattr(rule, "units", None)
-  return units(plan, st, g2, noise) if units is not None else [(plan, st, g2, noise)]
+  return units(plan, st, g2, key) if units is not None else [(plan, st, g2, key)]
 
 
 def _join(rule: LeafRule, plan: Any, pieces: list) -> Any:
@@ -326,10 +327,16 @@ def _join(rule: LeafRule, plan: Any, pieces: list) -> Any:
 
 
 def _update_fn(rule: LeafRule, plan: Any, dtype: str):
-  """``(state, g, noise, precond_count) -> rule.update(...)`` for the leaves of one plan and
-  dtype (the counter is an input: a ``shard_map`` may not close over a traced value)."""
+  """``(state, g, key, precond_count) -> rule.update(...)`` for the leaves of one plan and
+  dtype (the counter is an input: a ``shard_map`` may not close over a traced value). The
+  unit's ``noise_size(plan)`` draws are made here from its key (``None``: no draws), so that a
+  group of alike units mapped by one loop (:func:`stax.owners.owner_map`) draws in its body."""
+  size = rule.noise_size(plan)
+
   def fn(item):
-    st, g2, draws, precond_count = item
+    st, g2, key, precond_count = item
+    draws = (jax.random.normal(key, (size,), jnp.float32) if key is not None and size
+             else None)
     return rule.update(plan, st, g2, LeafContext(precond_count, jnp.dtype(dtype), draws))
   return fn
 
@@ -363,7 +370,8 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     seed: seed of the state's key when ``rule.needs_key``.
     refresh: where the periodic curvature updates run under an explicit mesh: ``"owners"``
       (default; each leaf's update on one device, balanced, :func:`stax.owners.owner_map`) or
-      ``"replicated"`` (every device computes every leaf). Without a mesh both are one loop.
+      ``"replicated"`` (every device computes every leaf). Without a mesh both run every leaf
+      on the one device, ``"owners"`` alike leaves as one ``lax.map`` (compiled once).
   """
   V.check_choice("refresh", refresh, REFRESHES)
 
@@ -451,20 +459,21 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
 
     def do(states):
       # Each leaf draws from its own key (the step's key folded with the leaf's index), all
-      # leaves' keys made at once and each picked (stax._leafwise): a leaf's draws are then the
-      # same kernel as any other leaf's of its size. (Slices of one shared draw put each leaf's
-      # offset into its kernel: two distinct kernels per matrix, 49 at 16M.)
+      # leaves' keys made at once and each picked (stax._leafwise), inside its update
+      # (_update_fn): alike leaves' updates, draws included, are then one loop's body
+      # (owner_map). (Slices of one shared draw put each leaf's offset into its kernel: two
+      # distinct kernels per matrix, 49 at 16M; draws made per leaf outside the loop, a
+      # threefry loop per leaf: 11k of GPT-2 small's 48k HLO instructions.)
       keys = _leafwise.fold_in_each(step_key, len(sizes)) if sum(sizes) else None
       items, groups, costs, at = [], [], [], []
       for i, (g, g2, st, leaf, size) in enumerate(zip(g_leaves, mats, states, leaf_plans, sizes)):
         if leaf.plan is None:
           continue
         g2 = num.saturate(g2)
-        draws = (jax.random.normal(_leafwise.pick(keys, i), (size,), jnp.float32) if size
-                 else None)
+        key = _leafwise.pick(keys, i) if size else None
         # a leaf's independent pieces of work (a block grid's blocks), each with its own owner
-        for plan, st_u, g_u, draws_u in _units(rule, leaf.plan, st, g2, draws):
-          items.append((st_u, g_u, draws_u, state.precond_count))
+        for plan, st_u, g_u, key_u in _units(rule, leaf.plan, st, g2, key):
+          items.append((st_u, g_u, key_u, state.precond_count))
           groups.append((plan, jnp.dtype(g.dtype).name))
           costs.append(_cost(rule, plan, g_u))
           at.append(i)

@@ -333,12 +333,12 @@ class ScaoRule:
   def cost(self, plan: BlockPlan) -> float:
     return _cost(plan)
 
-  def units(self, plan: BlockPlan, st, g: jax.Array, noise) -> list:
+  def units(self, plan: BlockPlan, st, g: jax.Array, key) -> list:
     """A block grid's blocks as separate units (each its own ``eigh`` pair, so each can have
     its own owner device); any other leaf is one unit."""
     if plan.kind != "grid":
-      return [(plan, st, g, noise)]
-    return [(sub, blk, g[r0:r0 + sub.m, c0:c0 + sub.n], noise)
+      return [(plan, st, g, key)]
+    return [(sub, blk, g[r0:r0 + sub.m, c0:c0 + sub.n], key)
             for (r0, c0, sub), blk in zip(plan.blocks, st.blocks)]
 
   def join(self, plan: BlockPlan, states: list):
