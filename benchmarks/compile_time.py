@@ -87,11 +87,8 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
     baseline = lambda: _stages(opts[0].build(1e-3, task), params)["total_s"]
     for o in opts:
       try:
-        runs, bases = [], []
-        for _ in range(repeats):
-          if o is not opts[0]:
-            bases.append(baseline())   # the baseline's compile beside each repeat
-          runs.append(_stages(o.build(1e-3, task), params))
+        runs, bases = _paired(lambda: _stages(o.build(1e-3, task), params),
+                              None if o is opts[0] else baseline, repeats)
       except Exception as e:  # noqa: BLE001 - one failing optimizer must not stop the others
         rows[o.name] = {"error": f"{type(e).__name__}: {e}"[:300]}
         log(f"{model:10s} {o.name:34s} error {rows[o.name]['error'][:120]}")
@@ -108,6 +105,17 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
     out["models"][model] = {"n_params": int(sum(_size(s) for s in shapes.values())),
                             "leaves": len(shapes), "optimizers": rows, "floors": floors}
   return out
+
+
+def _paired(measure, baseline, repeats: int) -> tuple[list, list]:
+  """``repeats`` calls of ``measure``, each just after one of ``baseline`` (optax.adamw's
+  compile; ``None``: no baseline): ``(measurements, baseline seconds)``."""
+  runs, bases = [], []
+  for _ in range(repeats):
+    if baseline is not None:
+      bases.append(baseline())
+    runs.append(measure())
+  return runs, bases
 
 
 def _floors(rows: dict, params, order, repeats: int, log, model: str, baseline) -> dict:
@@ -133,10 +141,7 @@ def _floors(rows: dict, params, order, repeats: int, log, model: str, baseline) 
         t0 = time.perf_counter()
         compiled = fn.trace(params, state, params).lower().compile()
         return time.perf_counter() - t0, compiled
-      runs, bases = [], []
-      for _ in range(repeats):
-        bases.append(baseline())
-        runs.append(stages())
+      runs, bases = _paired(stages, baseline, repeats)
       best, compiled = min(runs, key=lambda r: r[0])
       base = min(bases)
       from benchmarks import speed
