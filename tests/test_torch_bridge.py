@@ -16,6 +16,7 @@ import torch
 import stax
 import torch_bridge
 from torch_bridge import convert
+from tests.bridge_reference import bridged_adamw, per_parameter_step
 from tests import contract_problems as cp
 from tests.registry import MAIN
 
@@ -236,18 +237,9 @@ def test_low_precision_params_equal_pure_jax(dtype, writeback):
         for n, q in m.named_parameters()}
   opt = torch_bridge.Optimizer(m.named_parameters(), stax.adamw, lr=1e-2, weight_decay=1e-2,
                                writeback=writeback)
-  tx = optax.inject_hyperparams(stax.adamw, static_args=("eps_root", "nesterov"),
-                                hyperparam_dtype=jnp.float32)(
-      learning_rate=1e-2, weight_decay=1e-2)
+  tx = bridged_adamw(learning_rate=1e-2, weight_decay=1e-2)
   states = {n: tx.init({n: p0[n]}) for n in names}
-
-  @jax.jit
-  def ref_step(p0, states, grads):  # per-parameter states, like the bridge's default scope
-    p0, states = dict(p0), dict(states)
-    for n in names:
-      u, states[n] = tx.update({n: grads[n]}, states[n], {n: p0[n]})
-      p0[n] = optax.apply_updates({n: p0[n]}, u)[n]
-    return p0, states
+  ref_step = per_parameter_step(tx, names)  # per-parameter states, like the bridge's default
 
   x, y = _data(dtype=dtype)
   for _ in range(4):

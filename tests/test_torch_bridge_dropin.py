@@ -232,10 +232,9 @@ def test_oadamw_core_matches_optimi_stable_adamw_and_lr_is_positional():
 @pytest.mark.parametrize("cls", ["STAM", "STAMLite"])
 def test_stam_dropins_equal_the_jax_factory(cls):
   """The seed is JAX-only: the drop-in equals stax.stam / stam_lite on the same tensors."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   import stax  # pylint: disable=g-import-not-at-top
+  from tests.bridge_reference import per_parameter_step  # pylint: disable=g-import-not-at-top
   m = _mlp(width=8)
   names = [n for n, _ in m.named_parameters()]
   p = {n: jnp.asarray(q.detach().numpy()) for n, q in m.named_parameters()}
@@ -244,14 +243,7 @@ def test_stam_dropins_equal_the_jax_factory(cls):
   traced, static = opt._hyperparams(0)  # pylint: disable=protected-access
   tx = factory(**dict(static), **{k: jnp.asarray(v, jnp.float32) for k, v in traced.items()})
   states = {n: tx.init({n: p[n]}) for n in names}
-
-  @jax.jit
-  def ref(p, states, g):
-    p, states = dict(p), dict(states)
-    for n in names:
-      u, states[n] = tx.update({n: g[n]}, states[n], {n: p[n]})
-      p[n] = optax.apply_updates({n: p[n]}, u)[n]
-    return p, states
+  ref = per_parameter_step(tx, names)
 
   gen = torch.Generator().manual_seed(3)
   for _ in range(12):

@@ -16,6 +16,7 @@ dtypes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -25,6 +26,8 @@ import numpy as np
 import optax
 
 from stax.transforms.guards import all_finite
+from torch_bridge import convert
+from torch_bridge._flatten import flat_call, flattenable
 from torch_bridge._hyperparams import GroupHyper, cached, freeze, unpack
 from torch_bridge._state import keep_masked
 from torch_bridge._units import Layout, Unit, build_tx, get_leaf, nest
@@ -40,14 +43,36 @@ class UnitSpec(NamedTuple):
   names: tuple         # the unit's parameter names
   mask: tuple          # per parameter: has a gradient this step
   slot: int            # position of the unit's group among the step's hyperparameter vectors
+  shapes: tuple        # per parameter: its real shape
 
 
 @dataclasses.dataclass
 class CompiledStep:
-  """The jitted flat step of a plan and what reading its outputs needs."""
+  """The jitted flat step of a plan and what reading its outputs needs.
+
+  An argument leaf of two or more axes with a narrow last one
+  (:func:`torch_bridge.convert.boundary_shape`) crosses 1-D when the step's elementwise work on
+  it can all run flat (:func:`torch_bridge._flatten.flattenable`); ``arg_shapes`` are the shapes
+  the leaves cross in (the same for a state leaf or parameter and its output)."""
   fn: Callable                  # flat leaves -> flat outputs (states, new params, [skip, ok])
-  state_defs: tuple             # per active unit: (state treedef, number of leaves)
+  state_defs: tuple             # per active unit: (state treedef, number of leaves, shapes)
   n_state: int                  # state leaves in all
+  arg_shapes: tuple             # each argument leaf's shape at the call (StepArgs order)
+  n_on: int                     # parameters updated
+
+  @property
+  def state_shapes(self) -> tuple:
+    return self.arg_shapes[:self.n_state]
+
+  @property
+  def on_shapes(self) -> tuple:
+    return self.arg_shapes[self.n_state:self.n_state + self.n_on]
+
+  @property
+  def off_shapes(self) -> tuple:
+    return self.arg_shapes[len(self.arg_shapes) - self.n_off:] if self.n_off else ()
+
+  n_off: int = 0                # parameters read only
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,26 +90,31 @@ class Plan:
   policy: Optional[str]   # global_nonfinite
   donate: tuple           # which of the 7 tree arguments are donated
   n_scratch: int          # scratch buffers passed (copy writeback: one per updated parameter)
+  shapes_on: tuple        # the real shapes of the parameters ``idx_on``
+  shapes_off: tuple       # and of ``idx_off``
   compiled: Optional[CompiledStep] = None
 
 
 def make_plan(units: Sequence[Unit], mask: tuple, hyper: Sequence[GroupHyper],
               factories: Sequence[Callable], layout: Layout, policy: Optional[str],
-              writeback: Any) -> Plan:
+              writeback: Any, shapes: tuple) -> Plan:
   """The :class:`Plan` of the units with a gradient in ``mask`` (``hyper`` and ``factories``
-  per group; ``writeback`` gives ``name``, ``donate`` and whether it passes scratch)."""
+  per group; ``writeback`` gives ``name``, ``donate`` and whether it passes scratch;
+  ``shapes``: every parameter's real shape)."""
   active = [u for u in units if any(mask[i] for i in u.indices)]
   groups = sorted({u.group for u in active})
   slot = {gi: k for k, gi in enumerate(groups)}
   specs = tuple(UnitSpec(factories[u.group], hyper[u.group].static, u.names,
-                         tuple(mask[i] for i in u.indices), slot[u.group]) for u in active)
+                         tuple(mask[i] for i in u.indices), slot[u.group],
+                         tuple(shapes[i] for i in u.indices)) for u in active)
   hp_layouts = tuple(hyper[gi].layout for gi in groups)
-  key = (tuple((s.factory, freeze(s.static), s.names, s.mask, s.slot) for s in specs), layout,
-         policy, writeback.name, hp_layouts)
+  key = (tuple((s.factory, freeze(s.static), s.names, s.mask, s.slot, s.shapes)
+               for s in specs), layout, policy, writeback.name, hp_layouts)
   idx_on = tuple(i for u in active for i in u.indices if mask[i])
   idx_off = tuple(i for u in active for i in u.indices if not mask[i])
   return Plan(key, specs, tuple(groups), tuple(u.indices for u in active), idx_on, idx_off,
-              policy, writeback.donate, len(idx_on) if writeback.scratch else 0)
+              policy, writeback.donate, len(idx_on) if writeback.scratch else 0,
+              tuple(shapes[i] for i in idx_on), tuple(shapes[i] for i in idx_off))
 
 
 def hp_layouts(plan: Plan, hyper: Sequence[GroupHyper]) -> tuple:
@@ -94,14 +124,16 @@ def hp_layouts(plan: Plan, hyper: Sequence[GroupHyper]) -> tuple:
 # ---------------------------------------------------------------------------------------- init
 def init_states(units: Sequence[Unit], plan: Plan, hyper: Sequence[GroupHyper],
                 factories: Sequence[Callable], layout: Layout, hps: Sequence[jax.Array],
-                params: Sequence[tuple]) -> list:
-  """The initial states of ``units`` (a subset of ``plan``'s) over their JAX ``params``,
-  committed to the parameters' device as step outputs are (else the step compiles twice)."""
+                params: Sequence[tuple], shapes: tuple) -> list:
+  """The initial states of ``units`` (a subset of ``plan``'s) over their JAX ``params`` (in
+  their boundary shapes; ``shapes``: every parameter's real shape), committed to the
+  parameters' device as step outputs are (else the step compiles twice)."""
   slot = {gi: k for k, gi in enumerate(plan.groups)}
   specs = tuple(UnitSpec(factories[u.group], hyper[u.group].static, u.names, (),
-                         slot[u.group]) for u in units)
+                         slot[u.group], tuple(shapes[i] for i in u.indices)) for u in units)
   layouts = hp_layouts(plan, hyper)
-  key = (tuple((s.factory, freeze(s.static), s.names, s.slot) for s in specs), layout, layouts)
+  key = (tuple((s.factory, freeze(s.static), s.names, s.slot, s.shapes) for s in specs), layout,
+         layouts)
   fn = cached(_INIT_CACHE, key, lambda: _make_init(specs, layout, layouts))
   news = fn(tuple(params), tuple(hps))
   return [jax.device_put(st, ps[0].device) for st, ps in zip(news, params)]
@@ -112,6 +144,7 @@ def _make_init(specs: tuple, layout: Layout, layouts: tuple) -> Callable:
   def init(params, hps):
     out = []
     for s, ps in zip(specs, params):
+      ps = [p.reshape(shape) for p, shape in zip(ps, s.shapes)]
       tx = build_tx(s.factory, s.static, unpack(layouts[s.slot], hps[s.slot]),
                     [p.shape for p in ps], s.names, layout)
       st = tx.init(nest(s.names, ps))
@@ -192,15 +225,20 @@ def make_step(specs: tuple, layout: Layout, policy: Optional[str], layouts: tupl
 
 
 def _make_flat(tree_step: Callable, in_tree: Any, counts: Sequence[int],
-               donate: Sequence[int]) -> Callable:
+               donate: Sequence[int], shapes: tuple, out_shapes: tuple) -> Callable:
   """``tree_step`` jitted over the flat leaves of its 7 arguments (structure ``in_tree``,
   ``counts`` leaves per argument), returning the flat leaves of its outputs; the leaves of
-  the arguments in ``donate`` are donated."""
+  the arguments in ``donate`` are donated.
+
+  ``tree_step`` sees each argument leaf in its real shape in ``shapes``; a leaf passed 1-D has
+  its elementwise work run on the flat array (:func:`torch_bridge._flatten.flat_call`); each
+  output leaf comes back in ``out_shapes``."""
   offsets = np.cumsum([0] + list(counts))
   donate_argnums = tuple(j for a in donate for j in range(offsets[a], offsets[a + 1]))
 
   def flat(*leaves):
-    return tuple(jax.tree.leaves(tree_step(*jax.tree.unflatten(in_tree, leaves))))
+    return tuple(flat_call(lambda *xs: tree_step(*jax.tree.unflatten(in_tree, xs)), leaves,
+                           shapes, out_shapes))
 
   return jax.jit(flat, donate_argnums=donate_argnums)
 
@@ -223,8 +261,8 @@ class StepArgs(NamedTuple):
 def compile_step(plan: Plan, state_defs: tuple, args: StepArgs, hyper: Sequence[GroupHyper],
                  layout: Layout) -> CompiledStep:
   """The :class:`CompiledStep` of ``plan`` for state trees ``state_defs`` (per unit: treedef,
-  number of leaves), from the structure of ``args`` (rebuilt into the step's 7 argument
-  trees once, to learn that structure)."""
+  number of leaves, their real shapes), from ``args`` (arrays or ``jax.ShapeDtypeStruct``s in
+  their real shapes; rebuilt into the step's 7 argument trees once, to learn that structure)."""
   masks = [s.mask for s in plan.units]
 
   def split(seq, keep):
@@ -232,7 +270,7 @@ def compile_step(plan: Plan, state_defs: tuple, args: StepArgs, hyper: Sequence[
     return tuple(tuple(next(it) for m in mask if m == keep) for mask in masks)
 
   states, k = [], 0
-  for tdef, n in state_defs:
+  for tdef, n, _ in state_defs:
     states.append(jax.tree.unflatten(tdef, args.states[k:k + n]))
     k += n
   gr = iter(args.grads)
@@ -247,7 +285,33 @@ def compile_step(plan: Plan, state_defs: tuple, args: StepArgs, hyper: Sequence[
                          "of order.")
   counts = [len(jax.tree.leaves(a)) for a in trees]
   layouts = hp_layouts(plan, hyper)
-  fn = cached(_STEP_CACHE, (plan.key, in_tree),
-              lambda: _make_flat(make_step(plan.units, layout, plan.policy, layouts), in_tree,
-                                 counts, plan.donate))
-  return CompiledStep(fn, state_defs, len(args.states))
+  avals = [jax.ShapeDtypeStruct(tuple(a.shape), a.dtype) for a in leaves]
+  key = (plan.key, in_tree, tuple((a.shape, a.dtype) for a in avals))
+
+  def make():
+    tree_step = make_step(plan.units, layout, plan.policy, layouts)
+    arg_shapes = _arg_shapes(tree_step, in_tree, avals, args)
+    n_out = len(args.states) + len(args.params_on)
+    out_shapes = (*arg_shapes[:n_out], *([()] * (2 if plan.policy is not None else 0)))
+    return (_make_flat(tree_step, in_tree, counts, plan.donate,
+                       tuple(a.shape for a in avals), out_shapes), arg_shapes)
+
+  fn, arg_shapes = cached(_STEP_CACHE, key, make)
+  return CompiledStep(fn, state_defs, len(args.states), arg_shapes, len(args.params_on),
+                      len(args.params_off))
+
+
+def _arg_shapes(tree_step: Callable, in_tree: Any, avals: list, args: StepArgs) -> tuple:
+  """The shape each argument leaf crosses in: 1-D for a state leaf, parameter or gradient with
+  a narrow last axis whose elementwise work can all run flat (``flattenable``), else its own.
+  A scratch buffer (written whole with the new parameter) takes its parameter's shape."""
+  n_s, n_on = len(args.states), len(args.params_on)
+  n_hp = len(args.hps) + len(args.skipped)
+  scratch = range(2 * n_on + n_s + n_hp, 2 * n_on + n_s + n_hp + len(args.scratch))
+  cands = [i for i, a in enumerate(avals)
+           if i not in scratch and convert.boundary_shape(a.shape) != tuple(a.shape)]
+  flat = flattenable(lambda *xs: tree_step(*jax.tree.unflatten(in_tree, xs)), avals, cands)
+  shapes = [(math.prod(a.shape),) if i in flat else tuple(a.shape) for i, a in enumerate(avals)]
+  for k, i in enumerate(scratch):
+    shapes[i] = shapes[n_s + k]
+  return tuple(shapes)

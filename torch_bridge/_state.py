@@ -15,6 +15,7 @@ them (:class:`UserEntries`).
 from __future__ import annotations
 
 import collections.abc
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -100,12 +101,17 @@ class UserEntries:
 
 class _Live(NamedTuple):
   state_keys: tuple    # unit keys, in plan order
-  state_defs: tuple    # per unit: (treedef, number of leaves)
-  leaves: tuple        # the step's output state leaves
+  state_defs: tuple    # per unit: (treedef, number of leaves, their real shapes)
+  leaves: tuple        # the step's output state leaves (in their boundary shapes)
 
 
 class StateStore:
-  """Unit key (tuple of parameter indices) → JAX state, with the last step's outputs live."""
+  """Unit key (tuple of parameter indices) → JAX state, with the last step's outputs live.
+
+  Filed states have their real shapes; the leaves a step takes and returns have the step's
+  boundary shapes (some 1-D: :class:`torch_bridge._plan.CompiledStep`), and :meth:`flush`
+  files live ones in their real shapes (in place: the live buffers are donated to the
+  reshape)."""
 
   def __init__(self):
     self._filed: dict = {}
@@ -130,8 +136,10 @@ class StateStore:
     live, self._live, self._live_owner = self._live, None, None
     if live is not None:
       k = 0
-      for key, (tdef, n) in zip(live.state_keys, live.state_defs):
-        self._filed[key] = jax.tree.unflatten(tdef, live.leaves[k:k + n])
+      for key, (tdef, n, shapes) in zip(live.state_keys, live.state_defs):
+        self._filed[key] = jax.tree.unflatten(
+            tdef, [x if x.shape == s else _reshape_donated(x, s)
+                   for x, s in zip(live.leaves[k:k + n], shapes)])
         k += n
 
   def keep(self, owner: Any, state_keys: tuple, state_defs: tuple, leaves: Sequence) -> None:
@@ -149,8 +157,9 @@ class StateStore:
 
   def leaves(self, state_keys: Sequence[tuple], init_missing: Callable[[list], dict]
              ) -> tuple[list, tuple]:
-    """(flat leaves, per unit (treedef, number of leaves)) of the units ``state_keys``;
-    ``init_missing(keys)`` returns ``{key: state}`` for the units that have none yet."""
+    """(flat leaves, per unit (treedef, number of leaves, their shapes)) of the units
+    ``state_keys``, in their real shapes; ``init_missing(keys)`` returns ``{key: state}`` for
+    the units that have none yet."""
     states = self.states
     missing = [key for key in state_keys if key not in states]
     if missing:
@@ -159,8 +168,14 @@ class StateStore:
     for key in state_keys:
       ls, tdef = jax.tree.flatten(states[key])
       leaves.extend(ls)
-      defs.append((tdef, len(ls)))
+      defs.append((tdef, len(ls), tuple(tuple(x.shape) for x in ls)))
     return leaves, tuple(defs)
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _reshape_donated(x: jax.Array, shape: tuple) -> jax.Array:
+  """``x`` reshaped, in ``x``'s buffer (a bitcast of a donated argument)."""
+  return x.reshape(shape)
 
 
 def _leaf_from_torch(t: Any, spec: Any, name: str, where: Any, device: torch.device) -> Any:

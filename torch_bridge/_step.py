@@ -13,20 +13,24 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from torch_bridge import _plan as P
 from torch_bridge import _hyperparams as H
 from torch_bridge import convert
 from torch_bridge._dtensor import LocalShards, OwnedCopies
+from torch_bridge._state import jax_dtype
 
 
-def plan_for(opt: Any, mask: tuple, hyper: list) -> P.Plan:
-  """The cached step plan of has-grad ``mask`` and the groups' static configuration."""
+def plan_for(opt: Any, mask: tuple, hyper: list, shapes: tuple) -> P.Plan:
+  """The cached step plan of has-grad ``mask``, the parameters' ``shapes`` and the groups'
+  static configuration."""
   factories = [opt._factory(gi) for gi in range(len(hyper))]
-  key = (mask, tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
+  key = (mask, shapes, tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
   return H.cached(opt._plans, key, lambda: P.make_plan(
-      opt._units, mask, hyper, factories, opt._layout, opt._global_nonfinite, opt._wb))
+      opt._units, mask, hyper, factories, opt._layout, opt._global_nonfinite, opt._wb,
+      shapes))
 
 
 def init_states(opt: Any, keys: list, plan: P.Plan, hyper: list, hps: list, params: list
@@ -36,7 +40,8 @@ def init_states(opt: Any, keys: list, plan: P.Plan, hyper: list, hps: list, para
   units = [u for u in opt._units if u.indices in wanted]
   jparams = [tuple(opt._views.get(i, params[i]) for i in u.indices) for u in units]
   factories = [opt._factory(gi) for gi in range(len(hyper))]
-  news = P.init_states(units, plan, hyper, factories, opt._layout, hps, jparams)
+  shapes = tuple(tuple(p.shape) for p in params)
+  news = P.init_states(units, plan, hyper, factories, opt._layout, hps, jparams, shapes)
   return {u.indices: st for u, st in zip(units, news)}
 
 
@@ -65,14 +70,14 @@ def run(opt: Any, only: Optional[set]) -> None:
 def _run_masked(opt: Any, params: list, mask: tuple) -> None:
   """The compiled step of the parameters in ``mask`` (at least one)."""
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
-  plan, wb = plan_for(opt, mask, hyper), opt._wb
-  p_on = [opt._views.get(i, params[i]) for i in plan.idx_on]
-  p_off = [opt._views.get(i, params[i]) for i in plan.idx_off]
-  if opt._skipped is None:
-    opt._skipped = jax.device_put(np.zeros((), np.int32), p_on[0].device)
+  shapes = tuple([tuple(p.shape) for p in params])
+  plan, wb = plan_for(opt, mask, hyper, shapes), opt._wb
   if opt._device is None:
-    opt._device = p_on[0].sharding
+    opt._device = opt._views.get(plan.idx_on[0], params[plan.idx_on[0]]).sharding
+  if opt._skipped is None:
+    opt._skipped = jax.device_put(np.zeros((), np.int32), opt._device)
   hps = [hyper[gi].on(opt._device) for gi in plan.groups]
+  skipped = [] if opt._global_nonfinite is None else [opt._skipped]
   compiled = plan.compiled
   states = None if compiled is None else opt._states.live_leaves(compiled)
   if states is None:  # not the previous step's outputs: gather (and initialise) them
@@ -80,18 +85,30 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
         plan.state_keys, lambda keys: init_states(opt, keys, plan, hyper, hps, params))
     if compiled is not None and compiled.state_defs != defs:
       compiled = None
-  args = P.StepArgs(states, p_on, [convert.grad_to_jax(params[i].grad) for i in plan.idx_on],
-                    hps, [] if opt._global_nonfinite is None else [opt._skipped],
-                    wb.scratch_for(plan, p_on), p_off)
-  if compiled is None:
-    compiled = plan.compiled = P.compile_step(plan, defs, args, hyper, opt._layout)
-    opt._used_fns[id(compiled.fn)] = compiled.fn
+    if compiled is None:
+      on = [jax.ShapeDtypeStruct(s, jax_dtype(params[i]))
+            for i, s in zip(plan.idx_on, plan.shapes_on)]
+      off = [jax.ShapeDtypeStruct(s, jax_dtype(params[i]))
+             for i, s in zip(plan.idx_off, plan.shapes_off)]
+      compiled = plan.compiled = P.compile_step(
+          plan, defs, P.StepArgs(states, on, on, hps, skipped, on if plan.n_scratch else [],
+                                 off), hyper, opt._layout)
+      opt._used_fns[id(compiled.fn)] = compiled.fn
+    # the shapes the step takes them in (a copy of the filed state where one crosses 1-D)
+    states = [x if x.shape == s else jnp.reshape(x, s)
+              for x, s in zip(states, compiled.state_shapes)]
+  p_on = [opt._views.get(i, params[i], s) for i, s in zip(plan.idx_on, compiled.on_shapes)]
+  p_off = [opt._views.get(i, params[i], s) for i, s in zip(plan.idx_off, compiled.off_shapes)]
+  args = P.StepArgs(states, p_on,
+                    [convert.grad_to_jax(convert.boundary_view(params[i].grad, s))
+                     for i, s in zip(plan.idx_on, compiled.on_shapes)],
+                    hps, skipped, wb.scratch_for(plan, p_on), p_off)
   leaves = args.flat()
   guards = wb.prepare(compiled, leaves, params, plan.idx_on, p_on)
   try:
     out = compiled.fn(*leaves)
   except BaseException:
-    wb.abort(params, plan.idx_on, p_on)
+    wb.abort(plan, params, p_on)
     raise
   # Drop the inputs now: the donated ones die while XLA runs, not after the wait.
   opt._states.drop_live()

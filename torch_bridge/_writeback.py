@@ -45,18 +45,20 @@ def _placeholder(p: torch.Tensor) -> torch.Tensor:
 
 
 class ParamViews:
-  """Parameter index → JAX view of the parameter's memory, cached while its storage stays put
-  (the view aliases the memory, so it always reads current values)."""
+  """Parameter index → JAX view of the parameter's memory (in its shape or 1-D, as the step
+  takes it), cached while its storage stays put (the view aliases the memory, so it always
+  reads current values)."""
 
   def __init__(self):
     self.cache: dict = {}    # param index -> (storage key, JAX view)
 
-  def get(self, i: int, p: torch.Tensor) -> jax.Array:
+  def get(self, i: int, p: torch.Tensor, shape: Optional[tuple] = None) -> jax.Array:
+    """The view of parameter ``i`` (``p``) in ``shape`` (its own, or 1-D; default its own)."""
     key = storage_key(p)
     hit = self.cache.get(i)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and (shape is None or hit[1].shape == shape):
       return hit[1]
-    a = convert.to_jax(p)
+    a = convert.to_jax(convert.boundary_view(p, shape))
     if convert.shares_memory(p, a):
       self.cache[i] = (key, a)
     return a
@@ -82,7 +84,7 @@ class CopyWriteback:
   def prepare(self, compiled, leaves, params, idx_on, p_on) -> list:
     return []
 
-  def abort(self, params, idx_on, p_on) -> None:
+  def abort(self, plan, params, p_on) -> None:
     pass
 
   def dispatched(self, params, idx_on, flat_new) -> list:
@@ -90,7 +92,8 @@ class CopyWriteback:
 
   def finish(self, plan, params, idx_on, flat_new, pending) -> None:
     _internals.foreach_copy([params[i] for i in idx_on],
-                            [convert.to_torch(a) for a in flat_new])
+                            [convert.real_view(convert.to_torch(a), shape)
+                             for a, shape in zip(flat_new, plan.shapes_on)])
     self._scratch = {plan: list(flat_new)}  # donated to the next step with this plan
 
 
@@ -120,12 +123,12 @@ class SwapWriteback:
         self._released.append(i)
     return []
 
-  def abort(self, params, idx_on, p_on) -> None:
+  def abort(self, plan, params, p_on) -> None:
     """The call failed before running: the released parameters view their buffers again."""
     released = set(self._released)
-    for i, a in zip(idx_on, p_on):
+    for i, a, shape in zip(plan.idx_on, p_on, plan.shapes_on):
       if i in released:
-        params[i].data = convert.to_torch(a)
+        params[i].data = convert.real_view(convert.to_torch(a), shape)
     self._released = []
 
   def dispatched(self, params, idx_on, flat_new) -> list:
@@ -133,8 +136,8 @@ class SwapWriteback:
     return list(zip(idx_on, flat_new))
 
   def finish(self, plan, params, idx_on, flat_new, pending) -> None:
-    for i, a in pending:  # DLPack views, made once the buffers are ready
-      t = convert.to_torch(a)
+    for (i, a), shape in zip(pending, plan.shapes_on):  # DLPack views, once the buffers are ready
+      t = convert.real_view(convert.to_torch(a), shape)
       params[i].data = t
       key = storage_key(t)
       self.views.cache[i] = (key, a)

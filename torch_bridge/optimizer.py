@@ -23,7 +23,10 @@ How it works
     (``detach()``, contiguous, 64-byte aligned; see :mod:`torch_bridge.convert`); new
     parameters are written back with one ``copy_`` each, or, with ``writeback="swap"``, XLA
     updates in place JAX-owned buffers that torch views through DLPack (torch lets go of them
-    for the call).
+    for the call). A tensor with a narrow last axis (a conv weight ``(out, in, 3, 3)``) and its
+    gradient and moments cross as 1-D views of the same memory when the step's elementwise work
+    on them can run flat, which XLA's CPU loops vectorise (:mod:`torch_bridge._flatten`; the
+    transform still sees the real shape, and results are bit for bit the same).
   * ``state_scope="param"`` (default): every parameter has its own transform state, like torch
     optimizers. A parameter whose ``grad`` is ``None`` is skipped exactly as torch does: no
     moment decay, no weight decay, its step count does not advance. Which parameters have
