@@ -48,7 +48,7 @@ import jax
 from jax import lax
 from jax.extend import core
 
-__all__ = ["flat_call", "flattenable", "ELEMENTWISE"]
+__all__ = ["flat_call", "flattenable", "trace", "ELEMENTWISE"]
 
 #: Primitives that compute each output element from the same element of each operand (operands
 #: of one shape, or scalars): they run on the flat arrays unchanged.
@@ -106,20 +106,27 @@ def _real(v: Any) -> Any:
   return lax.optimization_barrier(lax.reshape(v.data, v.shape))
 
 
-def flattenable(fn: Callable, args: Sequence[Any], candidates: Sequence[int]) -> frozenset:
+def trace(fn: Callable, args: Sequence[Any]) -> Any:
+  """The closed jaxpr of ``fn`` (returning a pytree) on ``args`` (real shapes), with its output
+  leaves as outputs: what :func:`flattenable` and :func:`flat_call` take instead of ``fn`` when
+  one trace should serve both."""
+  return jax.make_jaxpr(lambda *xs: jax.tree.leaves(fn(*xs)))(*args)
+
+
+def flattenable(fn: Any, args: Sequence[Any], candidates: Sequence[int]) -> frozenset:
   """The ``candidates`` (argument positions) that can enter ``fn`` flat: a dry run over its
   jaxpr (shapes only) drops every argument whose values meet a real-shaped operand in an
   elementwise op, until none does (module docstring).
 
   Args:
-    fn: a function of real-shaped arrays, returning a pytree of arrays.
+    fn: a function of real-shaped arrays, returning a pytree of arrays, or its :func:`trace`.
     args: its arguments' shapes and dtypes (``jax.ShapeDtypeStruct``), real shapes.
     candidates: the positions to try flat (arguments of two or more axes).
   """
   flat = {i for i in candidates if len(args[i].shape) > 1}
   if not flat:
     return frozenset()
-  closed = jax.make_jaxpr(lambda *xs: jax.tree.leaves(fn(*xs)))(*args)
+  closed = fn if isinstance(fn, core.ClosedJaxpr) else trace(fn, args)
   consts = [jax.typeof(c) for c in closed.consts]
   while flat:
     run = _Run(dry=True)
@@ -131,14 +138,15 @@ def flattenable(fn: Callable, args: Sequence[Any], candidates: Sequence[int]) ->
   return frozenset(flat)
 
 
-def flat_call(fn: Callable, args: Sequence[Any], shapes: Sequence[Sequence[int]],
+def flat_call(fn: Any, args: Sequence[Any], shapes: Sequence[Sequence[int]],
               out_shapes: Optional[Sequence[Sequence[int]]] = None) -> list:
   """``fn(*real_args)``'s output leaves, where ``real_args[i]`` is ``args[i]`` in its real shape
   ``shapes[i]``, with the elementwise work of the 1-D arguments on the flat arrays (module
   docstring; :func:`flattenable` says which arguments may enter flat).
 
   Args:
-    fn: a function of the real-shaped arrays, returning a pytree of arrays.
+    fn: a function of the real-shaped arrays, returning a pytree of arrays, or its
+      :func:`trace`.
     args: the arrays: an argument of two or more real axes passed 1-D enters flat, any other
       enters in its real shape (which it must have).
     shapes: each argument's real shape.
@@ -151,12 +159,15 @@ def flat_call(fn: Callable, args: Sequence[Any], shapes: Sequence[Sequence[int]]
   if any(len(shapes[i]) < 2 or a.ndim != 1 for i, a in enumerate(args) if i in flat):
     raise ValueError("flat_call: an argument not in its real shape must be 1-D with two or "
                      "more real axes.")
+  closed = fn if isinstance(fn, core.ClosedJaxpr) else None
   if flat:
-    real = [jax.ShapeDtypeStruct(s, a.dtype) for a, s in zip(args, shapes)]
-    closed = jax.make_jaxpr(lambda *xs: jax.tree.leaves(fn(*xs)))(*real)
+    if closed is None:
+      closed = trace(fn, [jax.ShapeDtypeStruct(s, a.dtype) for a, s in zip(args, shapes)])
     outs = _eval(closed.jaxpr, closed.consts,
                  [_Flat(a, s) if i in flat else a for i, (a, s) in enumerate(zip(args, shapes))],
                  _Run(dry=False))
+  elif closed is not None:
+    outs = _eval(closed.jaxpr, closed.consts, list(args), _Run(dry=False))
   else:                                                    # nothing flat: the function as is
     outs = jax.tree.leaves(fn(*args))
   res = []

@@ -27,7 +27,7 @@ import optax
 
 from stax.transforms.guards import all_finite
 from torch_bridge import convert
-from torch_bridge._flatten import flat_call, flattenable
+from torch_bridge._flatten import flat_call, flattenable, trace
 from torch_bridge._hyperparams import GroupHyper, cached, freeze, unpack
 from torch_bridge._state import keep_masked
 from torch_bridge._units import Layout, Unit, build_tx, get_leaf, nest
@@ -224,11 +224,11 @@ def make_step(specs: tuple, layout: Layout, policy: Optional[str], layouts: tupl
   return step
 
 
-def _make_flat(tree_step: Callable, in_tree: Any, counts: Sequence[int],
-               donate: Sequence[int], shapes: tuple, out_shapes: tuple) -> Callable:
-  """``tree_step`` jitted over the flat leaves of its 7 arguments (structure ``in_tree``,
-  ``counts`` leaves per argument), returning the flat leaves of its outputs; the leaves of
-  the arguments in ``donate`` are donated.
+def _make_flat(tree_step: Any, counts: Sequence[int], donate: Sequence[int], shapes: tuple,
+               out_shapes: tuple) -> Callable:
+  """``tree_step`` (a function of the flat leaves of the step's 7 arguments, ``counts`` leaves
+  per argument, returning the flat leaves of its outputs, or its traced jaxpr) jitted, the
+  leaves of the arguments in ``donate`` donated.
 
   ``tree_step`` sees each argument leaf in its real shape in ``shapes``; a leaf passed 1-D has
   its elementwise work run on the flat array (:func:`torch_bridge._flatten.flat_call`); each
@@ -237,8 +237,7 @@ def _make_flat(tree_step: Callable, in_tree: Any, counts: Sequence[int],
   donate_argnums = tuple(j for a in donate for j in range(offsets[a], offsets[a + 1]))
 
   def flat(*leaves):
-    return tuple(flat_call(lambda *xs: tree_step(*jax.tree.unflatten(in_tree, xs)), leaves,
-                           shapes, out_shapes))
+    return tuple(flat_call(tree_step, leaves, shapes, out_shapes))
 
   return jax.jit(flat, donate_argnums=donate_argnums)
 
@@ -290,28 +289,34 @@ def compile_step(plan: Plan, state_defs: tuple, args: StepArgs, hyper: Sequence[
 
   def make():
     tree_step = make_step(plan.units, layout, plan.policy, layouts)
-    arg_shapes = _arg_shapes(tree_step, in_tree, avals, args)
+    step = lambda *xs: tree_step(*jax.tree.unflatten(in_tree, xs))  # noqa: E731
+    step, arg_shapes = _arg_shapes(step, avals, args)
     n_out = len(args.states) + len(args.params_on)
     out_shapes = (*arg_shapes[:n_out], *([()] * (2 if plan.policy is not None else 0)))
-    return (_make_flat(tree_step, in_tree, counts, plan.donate,
-                       tuple(a.shape for a in avals), out_shapes), arg_shapes)
+    return (_make_flat(step, counts, plan.donate, tuple(a.shape for a in avals), out_shapes),
+            arg_shapes)
 
   fn, arg_shapes = cached(_STEP_CACHE, key, make)
   return CompiledStep(fn, state_defs, len(args.states), arg_shapes, len(args.params_on),
                       len(args.params_off))
 
 
-def _arg_shapes(tree_step: Callable, in_tree: Any, avals: list, args: StepArgs) -> tuple:
-  """The shape each argument leaf crosses in: 1-D for a state leaf, parameter or gradient with
-  a narrow last axis whose elementwise work can all run flat (``flattenable``), else its own.
-  A scratch buffer (written whole with the new parameter) takes its parameter's shape."""
+def _arg_shapes(step: Callable, avals: list, args: StepArgs) -> tuple[Any, tuple]:
+  """(``step`` or its traced jaxpr, the shape each argument leaf crosses in): 1-D for a state
+  leaf, parameter or gradient with a narrow last axis whose elementwise work can all run flat
+  (``flattenable``), else its own. A scratch buffer (written whole with the new parameter)
+  takes its parameter's shape. The jaxpr traced for the dry run is returned for the step to
+  evaluate (one trace, not two)."""
   n_s, n_on = len(args.states), len(args.params_on)
   n_hp = len(args.hps) + len(args.skipped)
   scratch = range(2 * n_on + n_s + n_hp, 2 * n_on + n_s + n_hp + len(args.scratch))
   cands = [i for i, a in enumerate(avals)
            if i not in scratch and convert.boundary_shape(a.shape) != tuple(a.shape)]
-  flat = flattenable(lambda *xs: tree_step(*jax.tree.unflatten(in_tree, xs)), avals, cands)
+  if not cands:
+    return step, tuple(tuple(a.shape) for a in avals)
+  closed = trace(step, avals)
+  flat = flattenable(closed, avals, cands)
   shapes = [(math.prod(a.shape),) if i in flat else tuple(a.shape) for i, a in enumerate(avals)]
   for k, i in enumerate(scratch):
     shapes[i] = shapes[n_s + k]
-  return tuple(shapes)
+  return (closed if flat else step), tuple(shapes)
