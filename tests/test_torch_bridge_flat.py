@@ -237,3 +237,27 @@ def test_a_nonfinite_conv_gradient_still_skips_the_step(writeback, scope):
   for n, p in m.named_parameters():
     assert torch.equal(p, before[n]) == (n == "c2.weight" or scope == "global"), n
   assert opt.nonfinite_skipped_steps == (1 if scope == "global" else 0)
+
+
+def test_the_benchmarks_pure_jax_flat_boundary_is_the_same_step():
+  """``benchmarks/bridge_speed.py``'s ``jax_adamw_flat`` contender: conv weights, their moments
+  and gradients 1-D, three steps bit for bit the step on the real shapes."""
+  from benchmarks.bridge_speed import _flat_boundary  # pylint: disable=g-import-not-at-top
+  tx = stax.adamw(1e-2, weight_decay=1e-2)
+  params = {k: jax.random.normal(jax.random.PRNGKey(i), s)
+            for i, (k, s) in enumerate(SHAPES.items())}
+  grads = {k: jnp.cos(v) for k, v in params.items()}
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  p, s, g, flat_step = _flat_boundary(step, params, tx.init(params), grads)
+  assert p["conv"].shape == (32 * 16 * 9,) and g["attn"].shape == (64 * 4 * 16,)
+  assert p["lin"].shape == SHAPES["lin"]
+  real = (params, tx.init(params))
+  for _ in range(3):
+    p, s = jax.jit(flat_step)(p, s, g)
+    real = jax.jit(step)(*real, grads)
+  for a, b in zip(jax.tree.leaves(real), jax.tree.leaves((p, s))):
+    np.testing.assert_array_equal(np.asarray(b).reshape(a.shape), np.asarray(a))
