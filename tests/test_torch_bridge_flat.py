@@ -261,3 +261,26 @@ def test_the_benchmarks_pure_jax_flat_boundary_is_the_same_step():
     real = jax.jit(step)(*real, grads)
   for a, b in zip(jax.tree.leaves(real), jax.tree.leaves((p, s))):
     np.testing.assert_array_equal(np.asarray(b).reshape(a.shape), np.asarray(a))
+
+
+@pytest.mark.parametrize("writeback", ["copy", "swap"])
+def test_a_channels_last_conv_weight_crosses_as_a_counted_copy(writeback):
+  """A non-contiguous (``channels_last``) conv weight is copied to cross 1-D, the copy counted
+  as for any non-contiguous tensor, and the steps equal those of the contiguous model."""
+  torch.manual_seed(0)
+  a, b = _Conv(), _Conv()
+  b.load_state_dict(a.state_dict())
+  b = b.to(memory_format=torch.channels_last)
+  assert not b.c1.weight.is_contiguous()
+  opts = [torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, writeback=writeback)
+          for m in (a, b)]
+  before = convert.copy_counts["non_contiguous"]
+  for t in range(2):
+    for m, opt in zip((a, b), opts):
+      for k, p in enumerate(m.parameters()):   # the same gradients, in each model's layout
+        g = torch.cos(torch.arange(p.numel(), dtype=torch.float32) * (t + k + 1)).view(p.shape)
+        p.grad = g.contiguous(memory_format=torch.channels_last) if m is b and g.ndim == 4 else g
+      opt.step()
+  assert convert.copy_counts["non_contiguous"] > before
+  for p, q in zip(a.parameters(), b.parameters()):
+    torch.testing.assert_close(p, q, rtol=0, atol=0)

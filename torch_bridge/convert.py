@@ -89,10 +89,14 @@ def boundary_shape(shape: Sequence[int]) -> tuple:
 
 def boundary_view(t: torch.Tensor, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
   """``t`` in ``shape`` (its own or 1-D; default its own): a detached view of the same memory
-  (a copy only if ``t`` is not contiguous)."""
-  if shape is None or tuple(shape) == tuple(t.shape):
-    return t
-  return t.detach().reshape(shape)
+  (a contiguous copy, counted in :data:`copy_counts`, if ``t`` is not contiguous)."""
+  if shape is None or tuple(shape) == tuple(t.shape) or t.layout is not torch.strided:
+    return t                       # (a sparse tensor goes on to :func:`to_jax`'s error)
+  t = t.detach()
+  if not t.is_contiguous():
+    copy_counts["non_contiguous"] += 1
+    t = t.contiguous()
+  return t.view(shape)
 
 
 def real_view(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
