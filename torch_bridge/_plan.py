@@ -59,6 +59,7 @@ class CompiledStep:
   n_state: int                  # state leaves in all
   arg_shapes: tuple             # each argument leaf's shape at the call (StepArgs order)
   n_on: int                     # parameters updated
+  n_off: int = 0                # parameters read only
 
   @property
   def state_shapes(self) -> tuple:
@@ -71,8 +72,6 @@ class CompiledStep:
   @property
   def off_shapes(self) -> tuple:
     return self.arg_shapes[len(self.arg_shapes) - self.n_off:] if self.n_off else ()
-
-  n_off: int = 0                # parameters read only
 
 
 @dataclasses.dataclass(eq=False)
