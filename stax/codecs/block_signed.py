@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from stax.codecs import _layout as L
-from stax.codecs.log_quant import counter_uniform_like, key_to_seed
+from stax.codecs.log_quant import counter_uniform_like
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
+from stax.codecs.rng import key_to_seed
 
 __all__ = ["BlockSignedState", "BlockSignedCodec", "signed_encode", "signed_decode", "signed_init"]
 
@@ -46,6 +47,22 @@ def signed_init(param, bits, block_size):
   return BlockSignedState(codes, scales)
 
 
+def bf16_ceil(x: jax.Array) -> jax.Array:
+  """The smallest bfloat16 >= each float32 ``x >= 0`` (NaN stays NaN, +inf stays +inf).
+
+  In integer arithmetic on the float32 bits: adding ``0xFFFF`` carries into the upper half
+  unless the 16 bits that bfloat16 drops are all zero, then those bits are cleared, so the
+  result converts to bfloat16 exactly. The codec formerly rounded to nearest and stepped up
+  with ``nextafter`` where that fell below ``x``: the same bits for every normal ``x``, in a few
+  integer operations instead of ``nextafter``'s two dozen (which XLA repeated in every kernel
+  that reads the scales); for a subnormal ``x`` (a block whose largest |m| is below 1.2e-38)
+  XLA:CPU's flush-to-zero compare kept the nearest value, below ``x``, and this does not."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  up = (bits + jnp.uint32(0xFFFF)) & jnp.uint32(0xFFFF0000)
+  up = jnp.where(bits >= jnp.uint32(0x7F800000), bits, up)       # inf and NaN: unchanged
+  return jax.lax.bitcast_convert_type(up, jnp.float32).astype(jnp.bfloat16)
+
+
 def signed_decode(state, bits, block_size, n):
   nb, n_pad = _dims(n, block_size)
   half = (1 << (bits - 1)) - 1
@@ -61,10 +78,7 @@ def signed_encode(m, bits, block_size, uniform=None):
   nb, n_pad = _dims(n, block_size)
   half = (1 << (bits - 1)) - 1
   x = L.split_last(L.pad_last(m.astype(jnp.float32), n_pad, 0.0), (nb, block_size))
-  absmax = jnp.max(jnp.abs(x), axis=-1)
-  s = absmax.astype(jnp.bfloat16)
-  s = jnp.where(s.astype(jnp.float32) < absmax,
-                jnp.nextafter(s, jnp.full_like(s, jnp.inf)), s)
+  s = bf16_ceil(jnp.max(jnp.abs(x), axis=-1))
   sf = s.astype(jnp.float32)[..., None]
   pos = jnp.where(sf > 0, x / jnp.where(sf > 0, sf, 1.0) * jnp.float32(half), 0.0)
   pos = jnp.clip(pos, -half, half)

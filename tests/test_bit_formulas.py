@@ -1,0 +1,54 @@
+"""Integer formulations that replace float library calls on a hot or compile-heavy path, each
+against an independent NumPy definition: ``numerics._exponent`` (``frexp``'s exponent)
+and ``block_signed.bf16_ceil`` (the smallest bfloat16 at or above a float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from stax import numerics
+from stax.codecs.block_signed import bf16_ceil
+
+
+def _random_bits(n, top, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, top, n, dtype=np.uint64).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype,udtype,top", [
+    (np.float32, np.uint32, 0x7F800000), (np.float16, np.uint16, 0x7C00),
+    (ml_dtypes.bfloat16, np.uint16, 0x7F80)])
+def test_exponent_is_frexps_for_normal_zero_inf_and_nan(dtype, udtype, top):
+  bits = _random_bits(200_000, top, udtype)
+  x = np.concatenate([bits.view(dtype), np.array([0.0, np.inf, np.nan], dtype)])
+  normal = (x == 0) | ~np.isfinite(x) | (np.abs(x.astype(np.float64))
+                                          >= float(ml_dtypes.finfo(dtype).tiny))
+  _, want = np.frexp(x.astype(np.float64))             # float64: every value is normal there
+  want = np.where(np.isfinite(x), want, 0)
+  got = np.asarray(jax.jit(numerics._exponent)(jnp.asarray(x)))
+  np.testing.assert_array_equal(got[normal], want[normal])
+
+
+def _bf16_ceil_reference(x):
+  """Round to nearest even, then one bfloat16 step up where that fell below ``x``."""
+  near = x.astype(ml_dtypes.bfloat16)
+  up = (near.view(np.uint16) + 1).view(ml_dtypes.bfloat16)
+  below = near.astype(np.float32) < x
+  return np.where(below & np.isfinite(x), up, near)
+
+
+def test_bf16_ceil_is_the_smallest_bfloat16_at_or_above():
+  bits = np.concatenate([_random_bits(1_000_000, 0x7F800000, np.uint32),
+                         np.array([0, 1, 0xFFFF, 0x10000, 0x10001, 0x3F800000, 0x3F800001,
+                                   0x7F7F0000, 0x7F7F0001, 0x7F7FFFFF], np.uint32)])
+  x = bits.view(np.float32)                           # every finite x >= 0, subnormals too
+  got = np.asarray(jax.jit(bf16_ceil)(jnp.asarray(x)))
+  want = _bf16_ceil_reference(x)
+  np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+  assert np.all(got.astype(np.float32) >= x)
+  special = np.asarray(bf16_ceil(jnp.asarray([np.inf, np.nan, 0.0], jnp.float32)))
+  assert special[0] == np.inf and np.isnan(special[1]) and special[2] == 0.0
