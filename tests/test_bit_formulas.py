@@ -1,6 +1,7 @@
 """Integer formulations that replace float library calls on a hot or compile-heavy path, each
-against an independent NumPy definition: ``numerics._exponent`` (``frexp``'s exponent)
-and ``block_signed.bf16_ceil`` (the smallest bfloat16 at or above a float32)."""
+against an independent NumPy definition: ``numerics._exponent`` (``frexp``'s exponent),
+``block_signed.bf16_ceil`` (the smallest bfloat16 at or above a float32) and
+``rng.counter_symmetric`` (uniform draws from the counter hash)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from stax import numerics
 from stax.codecs.block_signed import bf16_ceil
+from stax.codecs.rng import counter_symmetric
 
 
 def _random_bits(n, top, dtype, seed=0):
@@ -52,3 +54,24 @@ def test_bf16_ceil_is_the_smallest_bfloat16_at_or_above():
   assert np.all(got.astype(np.float32) >= x)
   special = np.asarray(bf16_ceil(jnp.asarray([np.inf, np.nan, 0.0], jnp.float32)))
   assert special[0] == np.inf and np.isnan(special[1]) and special[2] == 0.0
+
+
+def _mix32(x):
+  x = x ^ (x >> np.uint32(16))
+  x = x * np.uint32(0x7FEB352D)
+  x = x ^ (x >> np.uint32(15))
+  x = x * np.uint32(0x846CA68B)
+  return x ^ (x >> np.uint32(16))
+
+
+def test_counter_symmetric_is_the_hash_on_a_symmetric_grid():
+  n, seed = 200_000, 0xC0FFEE
+  got = np.asarray(jax.jit(counter_symmetric, static_argnums=0)(n, jnp.uint32(seed)))
+  with np.errstate(over="ignore"):
+    k = _mix32(np.arange(n, dtype=np.uint32) ^ np.uint32(seed)) >> np.uint32(8)
+  want = ((2.0 * k.astype(np.float64) + 1.0 - 2.0 ** 24) * 2.0 ** -24).astype(np.float32)
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == np.float32 and np.all(np.abs(got) < 1.0)
+  assert abs(got.mean()) < 0.01 and abs(got.var() - 1.0 / 3.0) < 0.01     # uniform on (-1, 1)
+  other = np.asarray(counter_symmetric(n, jnp.uint32(seed + 1)))
+  assert abs(np.corrcoef(got, other)[0, 1]) < 0.01

@@ -165,7 +165,7 @@ def test_lowrank_memory_is_o_m_plus_n_times_k():
   assert (m, m) not in shapes and (n, n) not in shapes
   assert max(x.size for x in low) <= max(m, n) * k_max
   total = sum(x.size for x in low)
-  assert total <= (m + n) * k_max + 2 * k_max + 8, total      # U_l, U_r, S_l, S_r, trace, k
+  assert total <= (m + n) * k_max + 4 * k_max + 8, total      # U, S, D per side, trace, k
   faithful = sum(x.size for x in precond_leaves("scao-0.2.4"))
   assert faithful >= m * m + n * n                             # what the seed keeps
   assert total * 4 < faithful
@@ -235,6 +235,25 @@ def test_lowrank_preconditioner_matches_dense_formula():
   got = K.lowrank_precondition(st, jnp.asarray(g, jnp.float32))
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
 
+
+
+def test_lowrank_gains_kept_in_the_state_are_those_of_its_factors():
+  """A curvature update files D_l, D_r (the gains of its new S, k and trace) so that each step
+  reads them: equal to recomputing them from the factors, and so is the preconditioning."""
+  grads, _, _ = _signal_grads(24, 16, 2, 6, noise=0.1)
+  st = LR._init(24, 16, 1, 4)
+  upd = jax.jit(lambda s, g, z: LR._update(s, g, rho=0.9, eps_sparse=0.05, kmin=1, noise=z))
+  for i, g in enumerate(grads):
+    st = upd(st, jnp.asarray(g), jax.random.uniform(jax.random.PRNGKey(i), (40 * 4,),
+                                                     minval=-1.0, maxval=1.0))
+  d_l, d_r = LR.side_gains(st, 24, 16)
+  assert float(jnp.max(jnp.abs(d_l))) > 0.1                  # a real correction is kept
+  np.testing.assert_allclose(np.asarray(st.D_l), np.asarray(d_l), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(st.D_r), np.asarray(d_r), rtol=1e-6, atol=1e-7)
+  g = jnp.asarray(grads[-1])
+  np.testing.assert_allclose(np.asarray(K.lowrank_precondition(st, g)),
+                             np.asarray(K.lowrank_precondition(st._replace(D_l=None, D_r=None), g)),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_lowrank_graft_passes_an_overflowing_gradient_through():

@@ -33,7 +33,7 @@ import numpy as np
 from stax import numerics
 from stax.codecs import _layout as L
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
-from stax.codecs.rng import counter_uniform, flat_index
+from stax.codecs.rng import counter_uniform, flat_index, key_to_seed
 
 __all__ = ["V_BITS", "LogQuantState", "LogQuantCodec", "log_init", "log_decode", "log_encode",
            "MIN_POSITIVE", "MAX_LOG_FP16"]
@@ -170,12 +170,6 @@ def counter_uniform_like(shape: tuple, seed: jax.Array, row0: Any = 0) -> jax.Ar
   if not (isinstance(row0, int) and row0 == 0):
     index = index + jnp.asarray(row0).astype(jnp.uint32) * jnp.uint32(shape[-1])
   return counter_uniform(index, seed)
-
-
-def key_to_seed(key: jax.Array) -> jax.Array:
-  """A uint32 stream seed from a raw ``uint32[2]`` per-leaf key (both words mixed)."""
-  k = jnp.asarray(key, jnp.uint32)
-  return k[..., 0] ^ (k[..., 1] * jnp.uint32(0x9E3779B9))
 
 
 class LogQuantCodec(NamedTuple):

@@ -3,7 +3,8 @@ r"""The low-rank, scale-invariant curvature rule (stax's improvement on SCAO).
 * **Low-rank for real.** Each side keeps only ``U`` (dim×K), ``S`` (K) and the EMA trace
   :math:`\tau = \mathrm{EMA}\,\|G\|_F^2` (``K = min(k_max, d//2)``). A curvature update is one
   warm-started randomized subspace iteration with Rayleigh–Ritz on the *implicit* EMA
-  :math:`L' = \rho(U S U^\top + \sigma(I - UU^\top)) + (1-\rho)GG^\top`: ``Q = qr([U, GΩ])``,
+  :math:`L' = \rho(U S U^\top + \sigma(I - UU^\top)) + (1-\rho)GG^\top`: ``Q = qr([U, GΩ])``
+  (``Ω`` a random matrix, uniform entries),
   ``T = QᵀL'Q`` (2K×2K, formed from factors), ``eigh(T)``, keep the top K Ritz pairs. Memory is
   O((m+n)K) per matrix; no m×m or n×n array is ever formed; work is O(mnK).
 * **The complement is the tail level.** The untracked eigenvalues are estimated by their mean,
@@ -45,7 +46,7 @@ from stax.transforms.kron import _schedule
 from stax.transforms.kron._schedule import KronHyperparams, LeafContext, Schedule
 from stax.transforms.kron._view import DimensionNumbers
 
-__all__ = ["LowRankState", "LowRankPlan", "LowRankRule",
+__all__ = ["LowRankState", "LowRankPlan", "LowRankRule", "side_gains",
            "lowrank_precondition", "scale_by_kron_lowrank", "leaf_diagnostics"]
 
 
@@ -57,6 +58,10 @@ class LowRankState(NamedTuple):
     U_r: (n, K), S_r: (K,): right side.
     trace: float32 scalar, the EMA of ‖G‖_F² (= tr L = tr R).
     k: int32[2], the active ranks (left, right).
+    D_l: (K,), D_r: (K,): the preconditioner's gains ``α − 1`` per tracked direction
+      (:func:`side_gains`), functions of the fields above made when they change (at a
+      curvature update), so that a step's preconditioning reads them instead of recomputing
+      them. ``None`` (a state built by hand): :func:`lowrank_precondition` computes them.
   """
 
   U_l: jax.Array
@@ -65,6 +70,8 @@ class LowRankState(NamedTuple):
   S_r: jax.Array
   trace: jax.Array
   k: jax.Array
+  D_l: Optional[jax.Array] = None
+  D_r: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +100,8 @@ def _init(m: int, n: int, kmin: int, kmax: int) -> LowRankState:
   f32 = jnp.float32
   return LowRankState(U_l=jnp.eye(m, kmax, dtype=f32), S_l=jnp.zeros((kmax,), f32),
                       U_r=jnp.eye(n, kmax, dtype=f32), S_r=jnp.zeros((kmax,), f32),
-                      trace=jnp.zeros([], f32), k=jnp.full((2,), kmin, jnp.int32))
+                      trace=jnp.zeros([], f32), k=jnp.full((2,), kmin, jnp.int32),
+                      D_l=jnp.zeros((kmax,), f32), D_r=jnp.zeros((kmax,), f32))
 
 
 def _tail(trace, s, dim):
@@ -105,7 +113,8 @@ def _tail(trace, s, dim):
 def _track(u, s, trace_old, gs, rho, omega):
   """One warm-started randomized subspace iteration + Rayleigh–Ritz on the implicit EMA.
 
-  ``omega`` is a Gaussian test matrix (other_dim × K).
+  ``omega`` is a random test matrix (other_dim × K): the controller's uniform draws on (-1, 1)
+  (:class:`~._schedule.LeafContext`); any continuous distribution works as well as a Gaussian.
   """
   dim, big_k = u.shape
   sigma = _tail(trace_old, s, dim)
@@ -133,7 +142,7 @@ def _excess_rank(s, trace, dim, eps_sparse, kmin):
 
 
 def _update(st: LowRankState, g, *, rho, eps_sparse, kmin, noise) -> LowRankState:
-  """One curvature update; ``noise``: flat Gaussian draws, (n + m)·K of them."""
+  """One curvature update; ``noise``: flat random draws (the controller's), (n + m)·K."""
   m, n = g.shape
   big_k = st.S_l.shape[0]
   omega_l = noise[:n * big_k].reshape(n, big_k)
@@ -144,7 +153,9 @@ def _update(st: LowRankState, g, *, rho, eps_sparse, kmin, noise) -> LowRankStat
   u_r, s_r = _track(st.U_r, st.S_r, st.trace, g.T, rho, omega_r)
   k = jnp.stack([_excess_rank(s_l, trace, m, eps_sparse, kmin),
                  _excess_rank(s_r, trace, n, eps_sparse, kmin)])
-  return LowRankState(U_l=u_l, S_l=s_l, U_r=u_r, S_r=s_r, trace=trace.astype(jnp.float32), k=k)
+  st = LowRankState(U_l=u_l, S_l=s_l, U_r=u_r, S_r=s_r, trace=trace.astype(jnp.float32), k=k)
+  d_l, d_r = side_gains(st, m, n)
+  return st._replace(D_l=d_l, D_r=d_r)
 
 
 def _side_gain(s, k, trace, dim):
@@ -159,6 +170,11 @@ def _side_gain(s, k, trace, dim):
   alpha = jnp.where(ok, ((s + lam) / jnp.where(ok, den, 1.0)) ** -0.25, 1.0)
   alpha = jnp.where(ok, jnp.maximum(alpha, 0.0), 1.0)
   return jnp.where(mk, alpha - 1.0, 0.0)
+
+
+def side_gains(st: LowRankState, m: int, n: int) -> tuple[jax.Array, jax.Array]:
+  """``(D_l, D_r)`` of an m×n matrix's state: :func:`_side_gain` of each side."""
+  return (_side_gain(st.S_l, st.k[0], st.trace, m), _side_gain(st.S_r, st.k[1], st.trace, n))
 
 
 def lowrank_precondition(st: LowRankState, g: jax.Array) -> jax.Array:
@@ -178,8 +194,7 @@ def lowrank_precondition(st: LowRankState, g: jax.Array) -> jax.Array:
   128 (with the norms of :func:`_graft_ratio`).
   """
   m, n = g.shape
-  d_l = _side_gain(st.S_l, st.k[0], st.trace, m)
-  d_r = _side_gain(st.S_r, st.k[1], st.trace, n)
+  d_l, d_r = side_gains(st, m, n) if st.D_l is None else (st.D_l, st.D_r)
   a = st.U_l.T @ g                                            # K×n
   y = (g @ st.U_r + st.U_l @ (d_l[:, None] * (a @ st.U_r))) * d_r[None, :]   # m×K
   p = jnp.concatenate([st.U_l, y], axis=1) @ jnp.concatenate([d_l[:, None] * a, st.U_r.T], 0)
@@ -205,7 +220,7 @@ def _graft_ratio(g: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
 @dataclasses.dataclass(frozen=True)
 class LowRankRule:
   """The low-rank rule as a :class:`stax.transforms.kron._schedule.LeafRule`: it draws the
-  Gaussian test matrices of the subspace iteration (``needs_key``) and preconditions only
+  random test matrices of the subspace iteration (``needs_key``) and preconditions only
   after at least one curvature update (its factors start empty)."""
 
   hp: KronHyperparams
