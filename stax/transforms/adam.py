@@ -262,7 +262,8 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
               nu_new: Optional[jax.Array] = None,
               m_scale: Optional[jax.Array] = None,
               v_scale: Optional[jax.Array] = None,
-              corrections: Optional[tuple] = None) -> AdamStep:
+              m_divisor: Optional[jax.Array] = None,
+              v_divisor: Optional[jax.Array] = None) -> AdamStep:
   """One leaf's Adam step: a pure function (like torch's functional ``adamw``).
 
   Args:
@@ -335,8 +336,8 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     if cfg.nesterov:
       m_hat = (b1 * optax.tree.bias_correction(m, b1, numerics.safe_increment(count))
                + (1 - b1) * optax.tree.bias_correction(g, b1, count))
-    elif corrections is not None:
-      m_hat = m / corrections[0].astype(m.dtype)
+    elif m_divisor is not None:
+      m_hat = m / m_divisor.astype(m.dtype)
     else:
       m_hat = optax.tree.bias_correction(m, b1, count)
   elif cfg.bias_correction == "product":
@@ -347,8 +348,7 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   else:  # "debiased" moments are already unbiased; "none" skips the correction.
     m_hat = m
   if v_scale is None:
-    update = m_hat / denominator(cfg, v, count,
-                                 None if corrections is None else corrections[1])
+    update = m_hat / denominator(cfg, v, count, v_divisor)
   else:
     update = m_hat * v_scale
   return AdamStep(update, new_mu, new_nu, v)
@@ -364,6 +364,15 @@ def _ema_coefficients(b: Any, ok: Any) -> tuple[Any, Any]:
   return a, d
 
 
+def v_divisor(cfg: AdamConfig, count: jax.Array) -> jax.Array:
+  """The second moment's bias-correction divisor after ``count`` steps: optax's ``1 - b2**t``
+  (``"standard"``, bit for bit ``optax.tree.bias_correction``'s) or ``1 - b2**t +
+  correction_eps`` in float32 (``"product"``)."""
+  if cfg.bias_correction == "product":
+    return 1 - jnp.asarray(cfg.b2, jnp.float32) ** count.astype(jnp.float32) + cfg.correction_eps
+  return 1 - cfg.b2 ** count
+
+
 def product_divisor(cfg: AdamConfig, b1_prod: jax.Array) -> jax.Array:
   """The first moment's divisor of ``bias_correction="product"``: ``1 - Πβ1 + correction_eps``
   (float32; one leaf's, or every leaf's as a vector)."""
@@ -371,15 +380,13 @@ def product_divisor(cfg: AdamConfig, b1_prod: jax.Array) -> jax.Array:
 
 
 def denominator(cfg: AdamConfig, v: jax.Array, count: jax.Array,
-                correction: Optional[jax.Array] = None) -> jax.Array:
+                divisor: Optional[jax.Array] = None) -> jax.Array:
   """The update's denominator :math:`\\sqrt{\\hat v + \\epsilon_{root}} + \\epsilon` of the second
-  moment ``v`` (the projected one) after ``count`` steps, with ``cfg``'s bias correction."""
-  if cfg.bias_correction == "standard":
-    v_hat = (optax.tree.bias_correction(v, cfg.b2, count) if correction is None
-             else v / correction.astype(v.dtype))
-  elif cfg.bias_correction == "product":
-    c2 = 1 - jnp.asarray(cfg.b2, jnp.float32) ** count.astype(jnp.float32)
-    v_hat = v / (c2 + cfg.correction_eps).astype(v.dtype)
+  moment ``v`` (the projected one) after ``count`` steps, with ``cfg``'s bias correction
+  (``divisor``: :func:`v_divisor`, formed once for every leaf, else formed here)."""
+  if cfg.bias_correction in ("standard", "product"):
+    divisor = v_divisor(cfg, count) if divisor is None else divisor
+    v_hat = v / divisor.astype(v.dtype)
   else:
     v_hat = v
   return jnp.sqrt(v_hat + cfg.eps_root) + cfg.eps
@@ -469,7 +476,8 @@ def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optio
     return adam_step(g, mu, nu, v["b1"], v["count"], c, b1_prod=v["b1_prod"], ok=v["ok"],
                      project=project, exact_parts=exact_parts, nu_sq=nu_sq,
                      nu_mean=mean_nu, nu_new=v["nu_new"], m_scale=v["m_scale"],
-                     v_scale=v["v_scale"], corrections=v["corrections"])
+                     v_scale=v["v_scale"], m_divisor=v["m_divisor"],
+                     v_divisor=v["v_divisor"])
 
   return fn
 
@@ -480,7 +488,7 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
               reduces_nu: bool = False, nu_mean: Any = None,
               sq_mean: Any = None, mean_squares: Optional[Callable] = None,
               nu_new: Any = None, m_scale: Any = None, v_scale: Any = None,
-              corrections: Any = None) -> LeafStep:
+              m_divisor: Any = None, v_divisor: Any = None) -> LeafStep:
   """The :class:`LeafStep` of one leaf (arguments as :func:`adam_step`'s; ``reduces_nu`` as the
   storage's: v is formed from ``min(|g|², B²)`` of its own copy of ``g``, which equals the
   saturated gradient's ``|g|²`` bit for bit and stays inside XLA's vectorised reduction;
@@ -494,7 +502,7 @@ def leaf_step(cfg: AdamConfig, b1: Any, count: jax.Array, *, b1_prod: Any = None
   named = {"b1": b1, "b2": cfg.b2, "eps": cfg.eps, "eps_root": cfg.eps_root,
            "correction_eps": cfg.correction_eps, "count": count, "b1_prod": b1_prod, "ok": ok,
            "nu_mean": nu_mean, "sq_mean": sq_mean, "nu_new": nu_new, "m_scale": m_scale,
-           "v_scale": v_scale, "corrections": corrections}
+           "v_scale": v_scale, "m_divisor": m_divisor, "v_divisor": v_divisor}
   dynamic = tuple(k for k, v in named.items() if _is_dynamic(v))
   static = tuple((k, v) for k, v in named.items() if k not in dynamic)
   # Traced once per configuration and leaf shape, not once per leaf (stax._leafwise). The
@@ -624,12 +632,15 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   b1s = picked.get("b1", b1s)
   sq_means = picked.get("sq", sq_means)
 
-  # The bias corrections of a shared β1, formed once for every leaf: formed in each leaf's
-  # step, XLA's CSE kept the first leaf's and that leaf's kernels took their operands in
-  # another order, distinct kernels of the same code (stax.adamw on GPT-2 small: 49 -> 42).
-  corrections = None
+  # The bias corrections' divisors (of m for a shared β1), formed once for every leaf: formed
+  # in each leaf's step, XLA's CSE kept the first leaf's and that leaf's kernels took their
+  # operands in another order, distinct kernels of the same code (stax.adamw on GPT-2 small:
+  # 49 -> 42 kernels).
+  m_div = v_div = None
   if rule is None and cfg.bias_correction == "standard" and not cfg.nesterov:
-    corrections = (1 - cfg.b1 ** count_inc, 1 - cfg.b2 ** count_inc)
+    m_div = 1 - cfg.b1 ** count_inc
+  if cfg.bias_correction in ("standard", "product"):
+    v_div = v_divisor(cfg, count_inc)
   # Each leaf: read → step → write through its storage (stochastic rounding keyed by step and
   # leaf), or the storage's fused update of the three.
   step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
@@ -656,7 +667,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
                      sq_mean=sq_means[i] if per_tensor else None,
                      mean_squares=None if mean_nu is None else s.nu_mean_squares,
                      nu_new=nu_news[i] if scalar_means[i] else None,
-                     corrections=corrections)
+                     m_divisor=m_div, v_divisor=v_div)
     if decoded is not None:
       out = step(g, *decoded[i])
       a, c = s.write(out.mu, out.nu, ctx)
