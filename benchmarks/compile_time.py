@@ -94,6 +94,7 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
         log(f"{model:10s} {o.name:34s} error {rows[o.name]['error'][:120]}")
         continue
       best = dict(min(runs, key=lambda r: r["total_s"]), total_s_runs=[r["total_s"] for r in runs])
+      best["optax_adamw_adjacent_s"] = bases
       best["optax_adamw_s"] = min(bases) if bases else best["total_s"]
       best["vs_optax_adamw"] = best["total_s"] / best["optax_adamw_s"]
       rows[o.name] = best
