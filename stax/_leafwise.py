@@ -208,7 +208,7 @@ def alike(keys: list, sizes: Optional[list] = None) -> tuple[list[tuple[int, ...
 
 
 def reduce_leaves(fn: Callable, operands: list, vectors: tuple = (), *,
-                  stacked: bool = False, width: Optional[int] = None):
+                  stacked: bool = False, width: Optional[int] = None, totals: tuple = ()):
   """Per-leaf reductions ``fn(*operands[i], *(v[i] for v in vectors))``, each a tuple of 0-d
   values, with the small alike leaves' computed together.
 
@@ -223,6 +223,9 @@ def reduce_leaves(fn: Callable, operands: list, vectors: tuple = (), *,
       of per leaf.
     width: the number of results of ``fn`` (default ``None``: from a call; give it where no
       leaf may have operands, so that ``stacked`` still returns that many vectors of zeros).
+    totals: with ``stacked``, the indices of results returned as their sum over every leaf (one
+      0-d float32) instead of a vector (default none): a sum of per-leaf scalars is one kernel,
+      where a vector takes each leaf's scalar through a kernel of its shape.
 
   Returns:
     With ``stacked``, a tuple of ``(n,)`` float32 vectors; else a list with, per leaf, the
@@ -256,8 +259,13 @@ def reduce_leaves(fn: Callable, operands: list, vectors: tuple = (), *,
     parts += [(members, jnp.asarray(out[k], jnp.float32)) for members, out in grouped]
     return scatter(n, parts) if n else jnp.zeros([0], jnp.float32)
 
+  def total(k):
+    parts = [jnp.asarray(own[i][k], jnp.float32) for i in sorted(own)]
+    parts += [jnp.sum(jnp.asarray(out[k], jnp.float32)) for _, out in grouped]
+    return sum(parts[1:], parts[0]) if parts else jnp.float32(0.0)
+
   if stacked:
-    return tuple(vector(k) for k in range(width))
+    return tuple(total(k) if k in totals else vector(k) for k in range(width))
   in_groups = {i for members, _ in grouped for i in members}
   rows = columns({k: vector(k) for k in range(width)}, in_groups)
   return [own[i] if i in own else

@@ -49,7 +49,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -124,8 +124,24 @@ def mean_square(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.
   return jnp.minimum(m, statistic_bound(m.dtype))
 
 
+class total(NamedTuple):
+  """A statistic of :func:`tiled_means` / :func:`separate_means` returned as its sum, not its
+  mean: ``total(fn)`` (a finiteness probe ``sum(g - g)`` needs no division, and a division by a
+  leaf's size is a scalar kernel per shape)."""
+
+  fn: Callable[..., jax.Array]
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
+def _finish(fn, s, n):
+  return s if isinstance(fn, total) else s / jnp.asarray(n, s.dtype)
+
+
 def separate_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Array, ...]:
-  """``mean(fn(*operands))`` for each ``fn``, each its own reduction (0 for an empty result).
+  """``mean(fn(*operands))`` for each ``fn`` (its sum for a :class:`total`), each its own
+  reduction (0 for an empty result).
 
   XLA's CPU backend runs a plain reduction of an elementwise expression in its vectorised
   reduction kernel at close to copy speed, but merges sibling reductions that share a
@@ -140,7 +156,10 @@ def separate_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax
   for i, fn in enumerate(fns):
     ops = operands if i == 0 else independent(*operands)
     x = jnp.asarray(fn(*ops))
-    out.append(jnp.mean(x) if x.size else jnp.zeros([], x.dtype))
+    if not x.size:
+      out.append(jnp.zeros([], x.dtype))
+    else:
+      out.append(jnp.sum(x) if isinstance(fn, total) else jnp.mean(x))
   return tuple(out)
 
 
@@ -159,7 +178,8 @@ def _tiled_width(n: int) -> Optional[int]:
 
 
 def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Array, ...]:
-  """``mean(fn(*operands))`` for each ``fn``, all from one read of the operands on CPU.
+  """``mean(fn(*operands))`` for each ``fn`` (its sum for a :class:`total`), all from one read
+  of the operands on CPU.
 
   Two or more statistics of the same tensors (STAM's ``mean(r²)`` and ``mean|r|`` of
   ``r = g - m``) cost XLA's CPU backend one pass each as :func:`separate_means`, and a plain
@@ -201,7 +221,7 @@ def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Ar
       or any(x.ndim and _sh.explicit_spec(x) is not None for x in arrays)):
     return separate_means(tuple(operands), *fns)
   if len(fns) == 1:
-    return (jnp.maximum(*tiled_means(operands, fns[0], fns[0])),)
+    return (jnp.maximum(*tiled_means(operands, fns[0], fns[0])),)  # (a total stays a total)
   tile = TILED_ROWS * w
   main = n - n % tile
 
@@ -220,7 +240,7 @@ def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Ar
   if main < n:
     tail = [view(x, main, n, None) for x in arrays]
     sums = [s + jnp.sum(fn(*tail)) for s, fn in zip(sums, fns)]
-  return tuple(s / jnp.asarray(n, s.dtype) for s in sums)
+  return tuple(_finish(fn, s, n) for fn, s in zip(fns, sums))
 
 
 def rounded(x: jax.Array) -> jax.Array:

@@ -74,7 +74,7 @@ def adamw(
   V.check_betas(b1=b1, b2=b2)
   V.check_bool("nesterov", nesterov)
   V.check_dtype("mu_dtype", mu_dtype)
-  # gated: on a skipped step the core's decays become 1 and its count is held, and the
+  # gated: on a skipped step the core selects its moments back and holds its count, and the
   # schedule's count is held by gate_state, so no lax.cond (which copies the state on CPU) is
   # needed; the result is bit-identical to the cond version.
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,

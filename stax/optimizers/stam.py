@@ -84,8 +84,8 @@ from stax.codecs.tensor_rms import tensor_rms_storage
 from stax.codecs.turbo import state_codec_storage
 from stax.transforms import adaptive_beta as AB
 from stax.transforms.adam import scale_by_adam
-from stax.transforms.guards import (NONFINITE_POLICIES, gate_aware, gate_state, gated_chain,
-                                   is_gate_aware, nonfinite_guard, zero_nonfinite)
+from stax.transforms.guards import (NONFINITE_POLICIES, deferred_gate, gate_aware, gate_state,
+                                   gated_chain, is_gate_aware, nonfinite_guard, zero_nonfinite)
 
 __all__ = ["stam", "stam_lite", "stam_beta1", "zero_nonfinite", "BETA1_SIGNALS",
            "STAM_NONFINITE_POLICIES"]
@@ -137,10 +137,13 @@ def _keep_grad_dtype(inner) -> optax.GradientTransformationExtraArgs:
 
 def _finish(core, weight_decay, mask, learning_rate, nonfinite, name):
   # Gate-aware (no lax.cond and no state select: on a skipped step the core keeps its moments
-  # and its rule's statistics itself), so XLA updates the donated state in place.
-  tx = gated_chain(gate_state(_keep_grad_dtype(core)), gate_state(optax.add_decayed_weights(weight_decay,
-                                                                                 mask)),
-                   gate_state(optax.scale_by_learning_rate(learning_rate)))
+  # and its rule's statistics itself), so XLA updates the donated state in place; and the gate
+  # is deferred: the β1 rule's pass over the raw gradients also forms the guard's finiteness
+  # probes (stax.transforms.guards.DeferredGate), one read of every gradient fewer.
+  tx = deferred_gate(gated_chain(
+      gate_state(_keep_grad_dtype(core)),
+      gate_state(optax.add_decayed_weights(weight_decay, mask)),
+      gate_state(optax.scale_by_learning_rate(learning_rate))))
   return V.with_param_checks(nonfinite_guard(tx, nonfinite), optimizer=name)
 
 

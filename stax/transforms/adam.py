@@ -38,8 +38,9 @@ to a tree through the storage (reading, the :class:`Beta1Rule`, writing) and is 
 
 The non-finite gate: with an exact storage and a constant b1, :func:`scale_by_adam` is
 gate-aware (:class:`stax.transforms.guards.GateAwareTransformation`): when the extra argument
-``nonfinite_ok`` is false both moment decays are 1 and the step count and ``b1_prod`` are held,
-so its state is returned unchanged.
+``nonfinite_ok`` is false each exact moment is selected back element by element in the loop
+that would have updated it (one select: the gradient, non-finite or not, never reaches it), and
+the step count and ``b1_prod`` are held, so its state is returned unchanged.
 
 Huge gradients. Before the moments are formed, every gradient entry is saturated at
 :math:`\pm B` with :math:`B = 2^{e/2-1}` for the moments' dtype of maximum exponent ``e``
@@ -83,7 +84,7 @@ from stax._trees import conform
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
                               is_storage, read_step_write, resolve_storage,
                               tensor_mean_square)
-from stax.transforms.guards import NONFINITE_OK, gate_aware
+from stax.transforms.guards import NONFINITE_OK, DeferredGate, gate_aware, gate_value
 
 __all__ = [
     "ScaleByAdamState",
@@ -136,6 +137,12 @@ class Beta1Rule(NamedTuple):
       leaf's elementwise passes read their own entry of the vectors, so XLA compiles them as
       distinct kernels (207 against 89 for STAMLite at 1M), which costs what the fewer scalar
       operations save (2.7 s against 2.9).
+    probes: when True (default False; ``raw_grads`` rules), ``update`` returns one more
+      output, last: a float32 scalar probing every raw gradient it was given (0 when every
+      entry is finite, NaN otherwise), formed in the pass that computes its statistics. Under
+      ``nonfinite_guard`` (a :class:`~stax.transforms.guards.DeferredGate`) the core offers it
+      to the gate, which then reads those gradients no more (the rules of
+      :mod:`stax.transforms.adaptive_beta`).
   """
 
   init: Callable[[Any], Any]
@@ -143,6 +150,7 @@ class Beta1Rule(NamedTuple):
   raw_grads: bool = False
   sq_means: bool = False
   stacked: bool = False
+  probes: bool = False
 
 
 class ScaleByAdamState(NamedTuple):
@@ -187,9 +195,10 @@ class AdamConfig(NamedTuple):
   @property
   def honours_gate(self) -> bool:
     """Whether a skipped step (gate false) keeps the state exactly: one storage, known now (a
-    per-leaf callable can only be resolved on the parameters). An exact part keeps itself (its
-    decays become 1); the encoding of a part that is not exact (a codec, a per-tensor mean) and
-    a Beta1Rule's state (a few scalars per leaf) are held by a select."""
+    per-leaf callable can only be resolved on the parameters). An exact part keeps itself
+    (selected back in the loop that forms it); the encoding of a part that is not exact (a
+    codec, a per-tensor mean) and a Beta1Rule's state (a few scalars per leaf) are held by a
+    select."""
     return is_storage(self.storage)
 
 
@@ -274,11 +283,12 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     count: int32 scalar, steps taken *including* this one (t >= 1).
     cfg: the configuration (b2, eps, eps_root, bias correction, Nesterov).
     b1_prod: for ``"product"``: this leaf's product of the b1s up to this step.
-    ok: ``None``, or the non-finite gate (a scalar bool): when false the EMA coefficients are
-      (0, 1), so ``mu`` and ``nu`` come back unchanged.
+    ok: ``None``, or the non-finite gate (a scalar bool): when false ``mu`` and ``nu`` come
+      back unchanged (each exact part selected back; a per-tensor mean's EMA coefficients
+      are (0, 1)).
     project: the storage's ``project(mu, nu)`` (default identity).
-    exact_parts: with the gate, which moments must come back unchanged by themselves (their
-      gradient is zeroed on a skipped step); the others are selected by the caller, so their
+    exact_parts: with the gate, which moments must come back unchanged by themselves (each
+      is selected back on a skipped step); the others are selected by the caller, so their
       possibly non-finite value does not matter (default both).
     nu_sq: ``None`` (default: ``|g|²``), or ``|g|²`` formed elsewhere (bit for bit equal): a
       storage whose ``project`` reduces v gets its own copy (``StorageBase.reduces_nu``).
@@ -307,28 +317,34 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   if cfg.bias_correction == "debiased":
     b1_t, b2_t = debias_beta(b1, count), debias_beta(b2, count)
   sq = numerics.abs_sq(g) if nu_sq is None else nu_sq
-  g_mu = g
-  if ok is not None:  # a skipped step's gradient may be non-finite: 0·NaN would reach m, v
-    zero = lambda x: jnp.where(ok, x, jnp.zeros((), x.dtype))
-    zeroed = zero(g)
-    # A part the caller selects keeps the raw gradient: a select feeding a reduction (a
-    # per-tensor v) makes XLA materialise the zeroed gradient, one more pass.
-    g_mu = zeroed if exact_parts[0] else g
-    sq = zero(sq) if exact_parts[1] else sq
-    if cfg.nesterov:
-      g = zeroed
-  # a skipped step of the gated guard uses (0, 1): m and v stay exactly as they are
-  (a1, d1), (a2, d2) = _ema_coefficients(b1_t, ok), _ema_coefficients(b2_t, ok)
-  new_mu = (a1 * g_mu + d1 * mu).astype(_moment_dtype(mu, g))
+  if ok is not None and cfg.nesterov:  # its update reads g: 0·NaN would reach it
+    g = jnp.where(ok, g, jnp.zeros((), g.dtype))
+  # With the gate, an exact part is selected back whole on a skipped step (its non-finite
+  # gradient never reaches it): one select per element. (As EMA coefficients (0, 1) and a zeroed
+  # gradient the gate took three selects and two broadcasts in every moment's loop: 3,560 more
+  # HLO instructions on GPT-2 small and 0.4 s of its first step's compile.) A part the caller
+  # selects (a codec's encoding) needs neither.
+  gate_mu, gate_nu = (ok is not None and exact_parts[0]), (ok is not None and exact_parts[1])
+  (a1, d1), (a2, d2) = (1 - b1_t, b1_t), (1 - b2_t, b2_t)
+  new_mu = (a1 * g + d1 * mu).astype(_moment_dtype(mu, g))
+  if gate_mu:
+    new_mu = jnp.where(ok, new_mu, mu)
   if nu_new is not None:
     new_nu = jnp.asarray(nu_new).astype(_moment_dtype(nu, g))
   elif nu_mean is not None:
+    # a skipped step of the gated guard uses (0, 1): the means stay exactly as they are
+    if gate_nu:
+      a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
     sq_mean, old_mean = nu_mean
     dtype = _moment_dtype(nu, g)
+    if gate_nu:
+      sq_mean = jax.tree.map(lambda s: jnp.where(ok, s, jnp.zeros((), s.dtype)), sq_mean)
     new_nu = jax.tree.map(lambda s, o: (a2 * s + d2 * o.astype(s.dtype)).astype(dtype),
                           sq_mean, old_mean)
   else:
     new_nu = (a2 * sq + d2 * nu).astype(_moment_dtype(nu, g))
+    if gate_nu:
+      new_nu = jnp.where(ok, new_nu, nu)
 
   m, v = (new_mu, new_nu) if project is None else project(new_mu, new_nu)
   if cfg.bias_correction == "standard":
@@ -585,6 +601,9 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
                       jax.tree.unflatten(treedef, [d and d[0] for d in decoded]),
                       state.b1_state, state.count)
     b1_tree, b1_state = out[:2]
+    if rule.probes and isinstance(ok, DeferredGate):
+      ok.offer(g_leaves, out[-1])  # the gate needs no pass of its own over these gradients
+    ok = gate_value(ok)
     if ok is not None:  # a skipped step keeps the rule's state (its per-leaf statistics)
       b1_state = jax.tree.map(lambda n_, o: jnp.where(ok, n_, o), b1_state,
                               conform(state.b1_state, b1_state))
@@ -599,6 +618,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
         sq_means = treedef.flatten_up_to(out[2])
   else:
     b1s = [cfg.b1] * n
+  ok = gate_value(ok)
 
   b1_prod = state.b1_prod
   if cfg.bias_correction == "product":
@@ -760,8 +780,8 @@ def scale_by_adam(
     as one storage rather than a per-leaf callable) and a constant b1 it is a
     :class:`~stax.transforms.guards.GateAwareTransformation`: its ``update`` accepts the extra
     argument ``nonfinite_ok`` (a scalar bool, from ``nonfinite_guard(gated=True)``), and when
-    it is false both moment decays are 1 and the step count and ``b1_prod`` are held, so the
-    state is returned unchanged.
+    it is false each moment is selected back in the loop that would have updated it and the
+    step count and ``b1_prod`` are held, so the state is returned unchanged.
   """
   cfg = adam_config(**locals())
 

@@ -184,8 +184,10 @@ def _live(pairs) -> np.ndarray:
 
 
 def _leaf_stats(pairs, stat, *extra):
-  """``(live, a, b)``: each live leaf's two statistics ``stat(pair, *(x[i] for x in extra))``
-  stacked into two vectors (0 for a leaf without statistics), and the static live mask. An
+  """``(live, a, b, probe)``: each live leaf's two statistics ``stat(pair, *(x[i] for x in
+  extra))[:2]`` stacked into two vectors (0 for a leaf without statistics), the sum of their
+  finiteness probes (the third result: 0 when every live gradient is finite, else NaN), and
+  the static live mask. An
   ``extra`` is a list (one array per leaf) or a vector (an entry per leaf). Small live leaves of
   one shape are reduced together, vmapped over their stack
   (:func:`stax._leafwise.reduce_leaves`)."""
@@ -197,8 +199,20 @@ def _leaf_stats(pairs, stat, *extra):
   operands = [(p[0], jnp.asarray(p[1], _F32), *(x[i] for x in lists)) if ok else None
               for i, (p, ok) in enumerate(zip(pairs, live))]
   fn = _leafwise.traced_once(_stat_fn, stat, kinds)
-  a, b = _leafwise.reduce_leaves(fn, operands, vectors, stacked=True, width=2)
-  return live, a, b
+  a, b, probe = _leafwise.reduce_leaves(fn, operands, vectors, stacked=True, width=3,
+                                        totals=(2,))
+  return live, a, b, probe
+
+
+def _probe_terms(g, *_):
+  return _f32(g) - _f32(g)
+
+
+_probe = num.total(_probe_terms)
+"""A finiteness probe of ``g`` as one more statistic of the rule's pass: ``sum(g - g)`` is 0
+when every entry is finite and NaN otherwise (``x - x`` is NaN for NaN and ±Inf; XLA keeps it
+for floats; a sum, not a mean: no division per leaf). The guard's gate reads it instead of a
+pass of its own (:class:`stax.transforms.guards.DeferredGate`); unused, XLA drops it."""
 
 
 def _stat_fn(stat, kinds):
@@ -247,13 +261,14 @@ def residual_variance_beta1(
   def stats(gb, m):
     g, bound = gb
     resid = lambda g, m: _f32(g) - _f32(m)
-    ms, ma = num.tiled_means(num.independent(g, m), lambda g, m: jnp.square(resid(g, m)),
-                             lambda g, m: jnp.abs(resid(g, m)))
-    return _saturated(ms, ma, bound)
+    ms, ma, probe = num.tiled_means(
+        num.independent(g, m), lambda g, m: jnp.square(resid(g, m)),
+        lambda g, m: jnp.abs(resid(g, m)), _probe)
+    return (*_saturated(ms, ma, bound), probe)
 
   def update(grads, mu, state, count):
     del count
-    live, ms, ma = _leaf_stats(_leaves(grads, mu), stats, _m_leaves(mu))
+    live, ms, ma, probes = _leaf_stats(_leaves(grads, mu), stats, _m_leaves(mu))
     base = _f32(b1_base)
     # the seed's mean() of an empty leaf is NaN forever; stax keeps such a leaf inert
     sigma_sq = _ema(live, _f32(b2), state.sigma_sq, ms)
@@ -266,9 +281,9 @@ def residual_variance_beta1(
     lo, hi = beta1_bounds(base, adapt_strength, b1_min)
     b1 = jnp.clip(base * (1.0 - _f32(adapt_strength) * s_), lo, hi)
     b1 = jnp.where(fallback | ~live, base, b1)
-    return b1, ResidualVarianceState(sigma_sq, tau, b1)
+    return b1, ResidualVarianceState(sigma_sq, tau, b1), probes
 
-  return Beta1Rule(init, update, raw_grads=True, stacked=True)
+  return Beta1Rule(init, update, raw_grads=True, stacked=True, probes=True)
 
 
 def _saturated(mean_sq, mean_abs=None, bound=None):
@@ -316,12 +331,12 @@ def spatial_variance_beta1(
   def stats(gb):
     g, bound = gb
     c = jnp.asarray(num.mean_scale(g.size), _F32)  # mean(g·c)/c: mean(g), never overflowing
-    g_mean, g_sq = num.tiled_means(num.independent(g, c), lambda g, c: _f32(g) * c,
-                                   lambda g, c: jnp.square(_f32(g)))
-    return jnp.clip(g_mean / c, -bound, bound), _saturated(g_sq, bound=bound)[0]
+    g_mean, g_sq, probe = num.tiled_means(num.independent(g, c), lambda g, c: _f32(g) * c,
+                                          lambda g, c: jnp.square(_f32(g)), _probe)
+    return jnp.clip(g_mean / c, -bound, bound), _saturated(g_sq, bound=bound)[0], probe
 
   def update(grads, mu, state, count):
-    live, g_mean, g_sq = _leaf_stats(_leaves(grads, mu), stats)
+    live, g_mean, g_sq, probes = _leaf_stats(_leaves(grads, mu), stats)
     base = _f32(b1_base)
     rho = _f32(moment_decay)
     e = _f32(eps)
@@ -337,9 +352,9 @@ def spatial_variance_beta1(
     cand = jnp.clip(base * (1.0 - _f32(adapt_strength) * s), lo, hi)
     cand = jnp.where(jnp.isfinite(cand), cand, base)
     b1 = jnp.where(live, _lazy(count, interval, cand, state.beta1), state.beta1)
-    return b1, SpatialVarianceState(a, q, b1), g_sq
+    return b1, SpatialVarianceState(a, q, b1), g_sq, probes
 
-  return Beta1Rule(init, update, raw_grads=True, sq_means=True, stacked=True)
+  return Beta1Rule(init, update, raw_grads=True, sq_means=True, stacked=True, probes=True)
 
 
 def snr_beta1(
@@ -370,15 +385,16 @@ def snr_beta1(
     g, _ = gb
     # m_hat = m / c, 0 while c = 0 (then m = 0): a scalar factor, not a select, so the
     # reduction stays in XLA's vectorised kernel (m is finite, so m/1·0 is 0).
-    g_sq, r_sq = num.tiled_means(
+    g_sq, r_sq, probe = num.tiled_means(
         num.independent(g, m, c_safe, live), lambda g, m, c, w: jnp.square(_f32(g)),
-        lambda g, m, c, w: jnp.square(_f32(g) - _f32(m) / c * w))
-    return _saturated(g_sq)[0], _saturated(r_sq)[0]
+        lambda g, m, c, w: jnp.square(_f32(g) - _f32(m) / c * w), _probe)
+    return _saturated(g_sq)[0], _saturated(r_sq)[0], probe
 
   def update(grads, mu, state, count):
     c = 1.0 - state.b1_prod
     c_safe, started = jnp.where(c > 0, c, 1.0), (c > 0).astype(_F32)
-    live, g_sq, r_sq = _leaf_stats(_leaves(grads, mu), stats, _m_leaves(mu), c_safe, started)
+    live, g_sq, r_sq, probes = _leaf_stats(_leaves(grads, mu), stats, _m_leaves(mu), c_safe,
+                                           started)
     hi = _f32(b1_max)
     lo = _f32(b1_min)
     rho = _f32(decay)
@@ -389,9 +405,9 @@ def snr_beta1(
     w = jnp.where(ok & jnp.isfinite(w), w, 1.0)
     b1 = jnp.where(live, _lazy(count, interval, lo + (hi - lo) * w, state.beta1), state.beta1)
     prod = jnp.where(live, state.b1_prod * b1, state.b1_prod)
-    return b1, SNRState(big_g, big_r, prod, b1), g_sq
+    return b1, SNRState(big_g, big_r, prod, b1), g_sq, probes
 
-  return Beta1Rule(init, update, raw_grads=True, sq_means=True, stacked=True)
+  return Beta1Rule(init, update, raw_grads=True, sq_means=True, stacked=True, probes=True)
 
 
 def find_beta1(state: Any, params: Any = None) -> Any:

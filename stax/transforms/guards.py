@@ -27,9 +27,10 @@ argument :data:`NONFINITE_OK` (a scalar bool) in ``update``; when it is false th
 returns equals the state it was given, bit for bit, counters included (its updates may be
 anything: the guard zeroes them). It is given the gradients as they are, non-finite entries
 included, so it must not let them reach its state on such a step. :func:`stax.scale_by_adam`
-with one storage is one: on a skipped step its moment decays become 1 on a zeroed gradient (an
-exact, full-precision moment stays bit for bit), the encoding of a part that is not exact (a
-codec, a per-tensor mean) and a ``Beta1Rule``'s per-leaf scalars are selected back, and its
+with one storage is one: on a skipped step each exact, full-precision moment is selected back
+element by element in the loop that would have updated it (it stays bit for bit), the encoding
+of a part that is not exact (a codec, a per-tensor mean) and a ``Beta1Rule``'s per-leaf scalars
+are selected back, and its
 counters are held; so are :func:`stax.scale_by_stable_adam` on such a core and
 :func:`stax.kahan_summation` (it keeps its compensation). :func:`gate_state` makes any other
 transformation gate-aware by selecting its old state (meant for small states: a schedule's step
@@ -37,6 +38,12 @@ count; inside a :func:`gated_chain` it sees the raw gradients too). :func:`gated
 transformations, :func:`gated_partition` partitions the leaves among them (``optax.partition``),
 and ``nonfinite_guard(inner, gated=True)`` refuses, at construction, an
 ``inner`` that is not gate-aware.
+
+The deferred gate. An inner declared with :func:`deferred_gate` (every part of it reads the gate
+through :func:`gate_value`) gets a :class:`DeferredGate` instead of the flag: formed when first
+read, from finiteness probes the inner offered for gradients it had already read (STAM's and
+STAMLite's β1 rules compute them in their statistics' pass) and the guard's own probes of the
+others, so those gradients are not read once more for the check.
 
 Reference: STAC's ``error_if_nonfinite`` / skip semantics (``stac-optimizer`` 0.3.0), done on
 device instead of with a ``.item()`` sync per parameter; ``optax.apply_if_finite`` is similar but
@@ -62,12 +69,15 @@ from stax._trees import conform
 
 __all__ = ["NonFiniteGuardState", "nonfinite_guard", "all_finite", "zero_nonfinite",
            "NONFINITE_POLICIES", "NONFINITE_OK", "GateAwareTransformation", "gate_aware",
-           "is_gate_aware", "gate_state", "gated_chain", "gated_partition"]
+           "is_gate_aware", "gate_state", "gated_chain", "gated_partition", "DeferredGate",
+           "DeferredGateAware", "deferred_gate", "gate_value"]
 
 NONFINITE_POLICIES = ("skip", "error", "ignore", "zero")
 
 NONFINITE_OK = "nonfinite_ok"
-"""The gate's extra-argument name: ``update(..., nonfinite_ok=ok)`` with ``ok`` a scalar bool."""
+"""The gate's extra-argument name: ``update(..., nonfinite_ok=ok)`` with ``ok`` a scalar bool
+(or, for a :class:`DeferredGateAware` inner, a :class:`DeferredGate`: read it with
+:func:`gate_value`)."""
 
 
 class NonFiniteGuardState(NamedTuple):
@@ -97,16 +107,25 @@ def all_finite(tree: Any) -> jax.Array:
   :data:`stax._leafwise.GROUP_MAX_TOTAL` elements (a temporary of at most 256 KiB of float32):
   one probe is three kernels on XLA's CPU backend, each compiled.
   """
-  leaves = [x for x in jax.tree.leaves(tree)
-            if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  if not leaves:
+  return _all_finite(_inexact_leaves(tree))
+
+
+def _inexact_leaves(tree: Any) -> list:
+  return [x for x in jax.tree.leaves(tree)
+          if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+
+def _all_finite(leaves: list, probes: tuple = ()) -> jax.Array:
+  """:func:`all_finite` of ``leaves``, together with ``probes`` (0-d float32 probes formed
+  elsewhere: 0 for finite values, NaN otherwise)."""
+  if not leaves and not probes:
     return jnp.array(True)
   # small real leaves probed together, per dtype (no cast: a float64 beyond float32's range is
   # finite)
   keys = [jnp.result_type(x) if _leafwise.groupable(x) and not jnp.issubdtype(
       jnp.result_type(x), jnp.complexfloating) else None for x in leaves]
   groups, alone = _leafwise.alike(keys, [jnp.size(x) for x in leaves])
-  probes = [_nan_probe(leaves[i]) for i in alone]
+  probes = [*probes, *(_nan_probe(leaves[i]) for i in alone)]
   probes += [_nan_probe(jnp.concatenate([jnp.ravel(leaves[i]) for i in g])) for g in groups]
   return _materialized(jnp.isfinite(jnp.sum(jnp.stack(probes))))
 
@@ -131,6 +150,54 @@ def _nan_probe(x: jax.Array) -> jax.Array:
   return jnp.sum(x - x, dtype=jnp.float32)
 
 
+class DeferredGate:
+  """The gate of one guarded update, formed when it is first read (:func:`gate_value`).
+
+  The guard's check reads every gradient once, a pass of its own. A transformation that reads
+  the raw gradients anyway before it needs the gate (STAM's and STAMLite's per-tensor
+  statistics, :mod:`stax.transforms.adaptive_beta`) can compute each tensor's probe in the same
+  pass (one more output of its reduction: ``sum(g - g)``, 0 when every entry is finite, else
+  NaN) and :meth:`offer` it; the gate then reduces only the leaves nobody offered. Measured at
+  16M parameters (four 2048×2048 leaves, one interleaved loop): a STAMLite step 0.79× →
+  0.70× optax.adamw's (STAM's unchanged within noise), and 3–8 fewer compiled kernels.
+
+  It lives for one ``update`` (the guard makes one per call, and nothing keeps it): no state
+  outside the traced values. A probe counts only for the very array the guard was given (the
+  same object), so a transformed gradient never stands in for the raw one.
+  """
+
+  def __init__(self, grads: Any):
+    self._leaves = _inexact_leaves(grads)
+    self._index = {id(x): i for i, x in enumerate(self._leaves)}
+    self._covered: set = set()
+    self._offered: list = []
+    self._ok = None
+
+  def offer(self, leaves: list, probe: jax.Array) -> bool:
+    """Takes ``probe`` (a 0-d float: 0 when every entry of every array of ``leaves`` is finite,
+    NaN otherwise; ``None`` entries ignored) as the probe of those arrays, if each is one of the
+    guard's gradients (the same object) not yet offered and the gate has not been read; returns
+    whether it was taken."""
+    leaves = [x for x in leaves if x is not None]
+    ids = [self._index.get(id(x)) for x in leaves]
+    if self._ok is not None or None in ids or self._covered.intersection(ids):
+      return False
+    self._covered.update(ids)
+    self._offered.append(jnp.asarray(probe, jnp.float32))
+    return True
+
+  def value(self) -> jax.Array:
+    """The gate (a scalar bool): every gradient finite. Formed once."""
+    if self._ok is None:
+      rest = [x for i, x in enumerate(self._leaves) if i not in self._covered]
+      self._ok = _all_finite(rest, tuple(self._offered))
+    return self._ok
+
+
+def gate_value(ok: Any) -> Any:
+  """The gate as a scalar bool (``ok`` itself unless it is a :class:`DeferredGate`)."""
+  return ok.value() if isinstance(ok, DeferredGate) else ok
+
 
 class GateAwareTransformation(optax.GradientTransformationExtraArgs):
   """A transformation that honours the gate :data:`NONFINITE_OK` (see the module docstring).
@@ -140,6 +207,28 @@ class GateAwareTransformation(optax.GradientTransformationExtraArgs):
   """
 
   __slots__ = ()
+
+
+class DeferredGateAware(GateAwareTransformation):
+  """A gate-aware transformation every part of which reads :data:`NONFINITE_OK` through
+  :func:`gate_value`: ``nonfinite_guard(gated=True)`` hands it a :class:`DeferredGate`, so a
+  part that reads the raw gradients first can offer their probes."""
+
+  __slots__ = ()
+
+
+def deferred_gate(tx: GateAwareTransformation) -> DeferredGateAware:
+  """Declares the gate-aware ``tx`` ready for a :class:`DeferredGate`: the caller vouches that
+  every part of it reads the gate through :func:`gate_value` (stax's Adam core,
+  :func:`gate_state`, :func:`stax.saturating_trace`, :func:`stax.kahan_summation` and SCAO's
+  schedule do; :func:`gated_chain` and :func:`gated_partition` pass it on as it is).
+
+  Raises:
+    ValueError: if ``tx`` is not gate-aware.
+  """
+  if not is_gate_aware(tx):
+    raise ValueError(f"deferred_gate: {_name(tx)} is not gate-aware.")
+  return DeferredGateAware(tx.init, tx.update)
 
 
 def gate_aware(tx: optax.GradientTransformation) -> GateAwareTransformation:
@@ -168,6 +257,7 @@ def gate_state(inner: optax.GradientTransformation) -> GateAwareTransformation:
   def update_fn(updates, state, params=None, **extra_args):
     ok = extra_args.pop(NONFINITE_OK, None)
     new_updates, new_state = inner.update(updates, state, params, **extra_args)
+    ok = gate_value(ok)
     if ok is not None:
       # conform: a framework may hand the old state back in other containers (stax._trees).
       new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state,
@@ -277,6 +367,7 @@ def nonfinite_guard(inner: optax.GradientTransformation,
   V.check_choice("nonfinite", policy, NONFINITE_POLICIES)
   V.check_bool("gated", gated, allow_none=True)
   native = is_gate_aware(inner)
+  deferred = isinstance(inner, DeferredGateAware)
   if gated is None and policy in ("skip", "error"):
     # No branch either way: the inner's own gate, or a select of its old state.
     inner, gated = gate_state(inner), True
@@ -296,18 +387,26 @@ def nonfinite_guard(inner: optax.GradientTransformation,
     return NonFiniteGuardState(inner.init(params), jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    ok = all_finite(updates)
+    if gated and deferred:
+      # formed when the inner first reads it, from the probes it offered and the other leaves'
+      gate = DeferredGate(updates)
+      new_updates, inner_state = inner.update(updates, state.inner_state, params,
+                                              **{NONFINITE_OK: gate}, **extra_args)
+      ok = gate.value()
+    else:
+      ok = all_finite(updates)
     if policy == "error":
       jax.debug.callback(_raise_nonfinite, ok, state.nonfinite_count)
 
     if gated:
-      # A gate-aware inner gets the gradients as they are (it zeroes them where they enter its
-      # state): a zeroed copy feeding a reduction (a per-tensor statistic) is materialised by
-      # XLA, one more pass over the gradients. Any other inner gets them zeroed.
-      safe = updates if native else jax.tree.map(
-          lambda g: jnp.where(ok, g, jnp.zeros((), g.dtype)), updates)
-      new_updates, inner_state = inner.update(safe, state.inner_state, params,
-                                              **{NONFINITE_OK: ok}, **extra_args)
+      if not deferred:
+        # A gate-aware inner gets the gradients as they are (it keeps them out of its state
+        # itself): a zeroed copy feeding a reduction (a per-tensor statistic) is materialised
+        # by XLA, one more pass over the gradients. Any other inner gets them zeroed.
+        safe = updates if native else jax.tree.map(
+            lambda g: jnp.where(ok, g, jnp.zeros((), g.dtype)), updates)
+        new_updates, inner_state = inner.update(safe, state.inner_state, params,
+                                                **{NONFINITE_OK: ok}, **extra_args)
       new_updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros((), u.dtype)),
                                  new_updates)
     else:

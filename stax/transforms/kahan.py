@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _validation as V
-from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware
+from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware, gate_value
 
 __all__ = ["KahanState", "kahan_summation", "LOW_PRECISION"]
 
@@ -85,7 +85,7 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
         params))
 
   def update_fn(updates, state, params=None, **extra_args):
-    ok = extra_args.get(NONFINITE_OK)
+    ok = gate_value(extra_args.get(NONFINITE_OK))
     if params is None:
       raise ValueError("kahan_summation needs `params` in update().")
     leaves, treedef = jax.tree.flatten(updates)

@@ -27,7 +27,7 @@ from stax import numerics as num
 from stax.codecs.base import _follow
 from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.row_view import from_row_view, to_row_view
-from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware
+from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware, gate_value
 
 __all__ = ["saturating_trace", "stored_trace", "StoredTraceState", "TRACE_BITS"]
 
@@ -50,25 +50,21 @@ def saturating_trace(decay: Any, nesterov: bool = False,
   ``optax.trace`` bit for bit.
 
   Gate-aware (:mod:`stax.transforms.guards`): given :data:`~stax.transforms.guards.NONFINITE_OK`
-  false, the step adds a zero gradient with decay 1, so the trace comes back bit for bit in the
-  same pass that would have updated it (no select of the old state: in :func:`stax.oadamw`,
-  whose guard selected its whole state until it was gate-aware, XLA copied every moment each
-  step).
+  false, the new trace is the old one, selected element by element in the same pass that would
+  have updated it (no select of the whole state afterwards: in :func:`stax.oadamw`, whose guard
+  selected its whole state until it was gate-aware, XLA copied every moment each step).
   """
   base = optax.trace(decay=decay, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
-    ok = extra_args.get(NONFINITE_OK)
+    ok = gate_value(extra_args.get(NONFINITE_OK))
 
     def step(g, t):
-      if ok is None:
-        return _saturated_sum(g, t, decay)
-      g = jnp.where(ok, g, jnp.zeros((), g.dtype))
-      # 1 on a skipped step; otherwise decay as given, so decay·t promotes as optax.trace's
-      # (a Python float stays weakly typed: t's dtype; an array keeps its own)
-      d = jnp.where(ok, decay, 1.0)
-      return _saturated_sum(g, t, d)
+      new = _saturated_sum(g, t, decay)
+      # one select per element (a zeroed gradient and a decay of 1 took three, and a bigger
+      # loop for XLA to compile in every leaf)
+      return new if ok is None else jnp.where(ok, new, t)
 
     new_trace = jax.tree.map(lambda g, t: None if g is None else step(g, t), updates,
                              state.trace, is_leaf=lambda g: g is None)

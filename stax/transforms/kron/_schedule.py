@@ -49,7 +49,7 @@ from stax import numerics as num
 from stax._trees import conform
 from stax.codecs import rng
 from stax.partition import _NNX_VALUE_KEYS  # pylint: disable=protected-access
-from stax.transforms.guards import NONFINITE_OK, gate_aware
+from stax.transforms.guards import NONFINITE_OK, gate_aware, gate_value
 from stax.owners import owner_map
 from stax.transforms.kron import _view
 
@@ -395,7 +395,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
-    ok = extra_args.get(NONFINITE_OK)
+    ok = gate_value(extra_args.get(NONFINITE_OK))
     g_leaves, treedef = jax.tree.flatten(updates)
     leaf_plans = plans(updates)
     old = _leaf_states(rule, updates, g_leaves, leaf_plans, state.leaves)
