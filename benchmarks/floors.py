@@ -15,11 +15,15 @@ the timed calls) in the same process as the optimizer it bounds:
 * ``adamw+check``: plus the non-finite check (one reduction over g before any state is written;
   the step's coefficients are selected on it): ``stax.adamw``.
 * ``adamw+check+stats``: plus one pass computing two statistics of g and a moment
-  (:func:`stax.numerics.tiled_means`) that set a per-tensor coefficient before the m pass
-  (STAM's β1) or the p pass (StableAdamW's RMS clip).
-* ``stam_lite`` / ``stam_lite+m``: m and p passes only (v is one number per tensor), the check,
-  and one statistics pass over g (STAMLite's rule and its v share it), or over g and m (the
-  SNR rule).
+  (:func:`stax.numerics.tiled_means`) that set a per-tensor coefficient before the p pass
+  (StableAdamW's RMS clip, which reads the new v: after the check).
+* ``adamw+stats``: AdamW's passes and one pass computing two statistics of g and m that set β1
+  before the m pass, the check's finiteness probe a third output of that pass (STAM: its rule
+  reads the raw gradients before anything is written, so the check needs no pass of its own;
+  :class:`stax.transforms.guards.DeferredGate`).
+* ``stam_lite`` / ``stam_lite+m``: m and p passes only (v is one number per tensor) and one
+  statistics pass over g (STAMLite's rule and its v share it, and the check's probe), or over
+  g and m (the SNR rule).
 * ``stac``: the check, one sign pass (p, g → p) on the trunk and AdamW's three on the capped
   head.
 * ``compressed``: TurboAdam's factored default at its ideal: the check, the new v's row and
@@ -59,6 +63,7 @@ B1, B2, LR, EPS, WD = 0.9, 0.999, 1e-3, 1e-8, 0.01
 BLOCK = 32
 
 _CHECK = "the non-finite check (a reduction over g before any state is written)"
+_PROBED = "the non-finite check's probe (one more output of that pass)"
 _ADAMW = "AdamW's three passes (m, v, then p)"
 
 #: optimizer name -> (program, why its step cannot be faster on XLA:CPU)
@@ -67,16 +72,16 @@ FLOOR_PROGRAMS = {
     "stax.adamw": ("adamw+check", f"{_ADAMW} and {_CHECK}"),
     "stax.stac": ("stac", f"one sign pass on the trunk, AdamW's three on the capped head, "
                           f"and {_CHECK}"),
-    "stax.stam[seed]": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and m "
-                                             "for the two residual statistics that set β1 "
-                                             "before the m pass"),
-    "stax.stam[snr]": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and m "
-                                            "for the SNR statistics that set β1"),
-    "stax.stam_lite[seed]": ("stam_lite", f"the m and p passes (v is one number per tensor), "
-                                          f"{_CHECK}, and one pass over g for mean(g) and "
-                                          "mean(g²) (β1's statistics and the stored v)"),
-    "stax.stam_lite[snr]": ("stam_lite+m", f"the m and p passes, {_CHECK}, and one pass over "
-                                           "g and m for the statistics"),
+    "stax.stam[seed]": ("adamw+stats", f"{_ADAMW} and one pass over g and m for the two "
+                                       f"residual statistics that set β1 before the m pass and "
+                                       f"{_PROBED}"),
+    "stax.stam[snr]": ("adamw+stats", f"{_ADAMW} and one pass over g and m for the SNR "
+                                      f"statistics that set β1 and {_PROBED}"),
+    "stax.stam_lite[seed]": ("stam_lite", f"the m and p passes (v is one number per tensor) and "
+                                          f"one pass over g for mean(g) and mean(g²) (β1's "
+                                          f"statistics and the stored v) and {_PROBED}"),
+    "stax.stam_lite[snr]": ("stam_lite+m", f"the m and p passes and one pass over g and m for "
+                                           f"the statistics and {_PROBED}"),
     "stax.stable_adamw": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and "
                                                "v for the per-tensor RMS clip before the p "
                                                "pass"),
@@ -99,20 +104,40 @@ def _gated(ok, a, d):
   return jnp.where(ok, a, 0.0), jnp.where(ok, d, 1.0)
 
 
-def _adam_leaf(p, m, v, g, a1=1 - B1, d1=B1, a2=1 - B2, d2=B2, scale=1.0):
+def _adam_leaf(p, m, v, g, a1=1 - B1, d1=B1, a2=1 - B2, d2=B2, scale=1.0, ok=None):
+  """AdamW on one leaf; with ``ok``, each moment selected back on a skipped step (as stax's
+  gate: one select per moment)."""
   import jax.numpy as jnp
-  m = d1 * m + a1 * g
-  v = d2 * v + a2 * g * g
-  p = p - LR * (scale * m / (jnp.sqrt(v) + EPS) + WD * p)
-  return p, m, v
+  m_new = d1 * m + a1 * g
+  v_new = d2 * v + a2 * g * g
+  if ok is not None:
+    m_new, v_new = jnp.where(ok, m_new, m), jnp.where(ok, v_new, v)
+  p = p - LR * (scale * m_new / (jnp.sqrt(v_new) + EPS) + WD * p)
+  return p, m_new, v_new
 
 
-def _stats(g, s):
-  """Two statistics of (g, s) in one pass, as the optimizers compute theirs."""
+def _stats(g, s, probe=False):
+  """Two statistics of (g, s) in one pass, as the optimizers compute theirs; with ``probe``
+  a third output of the pass, the finiteness probe ``sum(g - g)`` (STAM's rules')."""
   import jax.numpy as jnp
   from stax import numerics as num
-  return num.tiled_means(num.independent(g, s), lambda g, s: jnp.square(g - s),
-                            lambda g, s: jnp.abs(g - s))
+  fns = (lambda g, s: jnp.square(g - s), lambda g, s: jnp.abs(g - s))
+  if probe:
+    fns += (num.total(lambda g, s: g - g),)
+  return num.tiled_means(num.independent(g, s), *fns)
+
+
+def _stats_probed(g, s):
+  return _stats(g, s, probe=True)
+
+
+def _probed_ok(probes):
+  """The gate from the statistics pass's probes (0 for finite gradients, NaN otherwise),
+  materialised as the guard materialises its check."""
+  import jax
+  import jax.numpy as jnp
+  flag = jnp.isfinite(sum(probes[1:], probes[0]))
+  return jax.lax.cond(flag, lambda: jnp.array(True), lambda: jnp.array(False))
 
 
 def _once(fn):
@@ -124,32 +149,44 @@ def _once(fn):
 
 
 def _stats_leaf(p, m, v, g, ok):
-  """AdamW on one leaf with β1 from two statistics of (g, m) (STAM's floor)."""
+  """AdamW on one leaf with a coefficient from two statistics of (g, m) (StableAdamW's
+  floor: the statistics after the check)."""
   import jax.numpy as jnp
   ms, ma = _stats(g, m)
   b1 = jnp.clip(B1 * (1 - 0.2 * ms / (ms + ma * ma + 1e-8)), 0.72, B1)
-  a1, d1 = _gated(ok, 1 - b1, b1)
-  a2, d2 = _gated(ok, 1 - B2, B2)
-  return _adam_leaf(p, m, v, g, a1, d1, a2, d2)
+  return _adam_leaf(p, m, v, g, 1 - b1, b1, ok=ok)
 
 
-def _stam_lite_leaf(p, m, v, g, ok, snr=False):
-  """STAMLite's floor on one leaf: the statistics pass, then the m and p passes."""
+def _beta1_leaf(p, m, v, g, ms, ma, ok):
+  """AdamW on one leaf with β1 from its two statistics (STAM's floor, after every leaf's
+  statistics pass gave the gate its probes)."""
+  import jax.numpy as jnp
+  b1 = jnp.clip(B1 * (1 - 0.2 * ms / (ms + ma * ma + 1e-8)), 0.72, B1)
+  return _adam_leaf(p, m, v, g, 1 - b1, b1, ok=ok)
+
+
+def _stam_lite_stats(m, g, snr=False):
+  """STAMLite's statistics pass on one leaf, the check's probe a third (fourth) output."""
   import jax.numpy as jnp
   from stax import numerics as num
+  probe = num.total(lambda g, m: g - g)
   if snr:
-    gm, gq, rq = num.tiled_means(num.independent(g, m), lambda g, m: g,
-                                 lambda g, m: jnp.square(g), lambda g, m: jnp.square(g - m))
-  else:
-    gm, gq = _stats(g, jnp.zeros([], g.dtype))
-    rq = gq
+    return num.tiled_means(num.independent(g, m), lambda g, m: g, lambda g, m: jnp.square(g),
+                           lambda g, m: jnp.square(g - m), probe)
+  gm, gq, pr = num.tiled_means(num.independent(g, jnp.zeros([], g.dtype)), lambda g, m: g,
+                               lambda g, m: jnp.square(g), probe)
+  return gm, gq, gq, pr
+
+
+def _stam_lite_leaf(p, m, v, g, gm, gq, rq, ok):
+  """STAMLite's floor on one leaf after its statistics pass: the m and p passes."""
+  import jax.numpy as jnp
   b1 = jnp.clip(B1 * (1 - 0.2 * rq / (gq + gm * gm + 1e-8)), 0.72, B1)
-  a1, d1 = _gated(ok, 1 - b1, b1)
-  a2, d2 = _gated(ok, 1 - B2, B2)
+  a2, d2 = _gated(ok, 1 - B2, B2)  # v: one number per tensor
   v = d2 * v + a2 * gq
-  m = d1 * m + a1 * g
-  p = p - LR * (m / (jnp.sqrt(v) + EPS) + WD * p)
-  return p, m, v
+  m_new = jnp.where(ok, b1 * m + (1 - b1) * g, m)
+  p = p - LR * (m_new / (jnp.sqrt(v) + EPS) + WD * p)
+  return p, m_new, v
 
 
 #: optimizer name -> (program, why) for the compile benchmark's floors: FLOOR_PROGRAMS, with
@@ -187,8 +224,7 @@ def _ns5(x):
 
 def _muon_leaf(p, m, g, ok):
   import jax.numpy as jnp
-  a1, d1 = _gated(ok, 1.0, B1)
-  m = d1 * m + a1 * g
+  m = jnp.where(ok, B1 * m + g, m)
   rows = _rows(p.shape)
   o = _ns5(m.reshape(rows)).reshape(p.shape)
   lr = jnp.where(ok, LR, 0.0)
@@ -222,8 +258,8 @@ def _scao_track(u, gs, omega):
   return q @ v[:, ::-1][:, :u.shape[1]]
 
 
-def _stam_lite_snr_leaf(p, m, v, g, ok):
-  return _stam_lite_leaf(p, m, v, g, ok, snr=True)
+def _stam_lite_snr_stats(m, g):
+  return _stam_lite_stats(m, g, snr=True)
 
 
 def _check(g_leaves):
@@ -320,16 +356,19 @@ def program_step(program: str, head: str):
 
   def adamw(p, s, g, check, stats):
     m, v = s
-    ok = _check(jax.tree.leaves(g)) if check else True
-    leaves = zip(*(jax.tree.leaves(t) for t in (p, m, v, g)))
-    out = []
-    for pl, ml, vl, gl in leaves:
-      if stats == "m":           # STAM: β1 from statistics of (g, m), before the m pass
-        out.append(_once(_stats_leaf)(pl, ml, vl, gl, ok))
-      else:
-        a1, d1 = _gated(ok, 1 - B1, B1)
-        a2, d2 = _gated(ok, 1 - B2, B2)
-        out.append(_once(_adam_leaf)(pl, ml, vl, gl, a1, d1, a2, d2))
+    leaves = list(zip(*(jax.tree.leaves(t) for t in (p, m, v, g))))
+    if stats == "probed":  # STAM: every leaf's statistics (and probe) first, then the gate
+      st = [_once(_stats_probed)(gl, ml) for _, ml, _, gl in leaves]
+      ok = _probed_ok([x[2] for x in st])
+      out = [_once(_beta1_leaf)(*leaf, x[0], x[1], ok) for leaf, x in zip(leaves, st)]
+    else:
+      ok = _check([x[3] for x in leaves]) if check else None
+      out = []
+      for pl, ml, vl, gl in leaves:
+        if stats == "m":           # a coefficient from statistics of (g, m)
+          out.append(_once(_stats_leaf)(pl, ml, vl, gl, ok))
+        else:
+          out.append(_once(_adam_leaf)(pl, ml, vl, gl, ok=ok))
     tdef = jax.tree.structure(p)
     return tuple(jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
 
@@ -337,14 +376,16 @@ def program_step(program: str, head: str):
     if program in ("adamw", "adamw+check"):
       p, m, v = adamw(p, s, g, program == "adamw+check", None)
       return p, (m, v)
-    if program == "adamw+check+stats":
-      p, m, v = adamw(p, s, g, True, "m")
+    if program in ("adamw+check+stats", "adamw+stats"):
+      p, m, v = adamw(p, s, g, True, "m" if program == "adamw+check+stats" else "probed")
       return p, (m, v)
     if program.startswith("stam_lite"):
       m, vs = s
-      ok = _check(jax.tree.leaves(g))
-      leaf = _once(_stam_lite_snr_leaf if program == "stam_lite+m" else _stam_lite_leaf)
-      out = [leaf(*x, ok) for x in zip(*(jax.tree.leaves(t) for t in (p, m, vs, g)))]
+      leaves = list(zip(*(jax.tree.leaves(t) for t in (p, m, vs, g))))
+      stats = _once(_stam_lite_snr_stats if program == "stam_lite+m" else _stam_lite_stats)
+      st = [stats(ml, gl) for _, ml, _, gl in leaves]
+      ok = _probed_ok([x[3] for x in st])
+      out = [_once(_stam_lite_leaf)(*leaf, *x[:3], ok) for leaf, x in zip(leaves, st)]
       tdef = jax.tree.structure(p)
       p, m, vs = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
       return p, (m, vs)
@@ -355,10 +396,8 @@ def program_step(program: str, head: str):
         if mod == head:
           pp, mm, vv = {}, {}, {}
           for k in p[mod]:
-            a1, d1 = _gated(ok, 1 - B1, B1)
-            a2, d2 = _gated(ok, 1 - B2, B2)
             pp[k], mm[k], vv[k] = _once(_adam_leaf)(p[mod][k], s[mod][0][k], s[mod][1][k],
-                                                    g[mod][k], a1, d1, a2, d2)
+                                                    g[mod][k], ok=ok)
           new_p[mod], new_s[mod] = pp, (mm, vv)
         else:
           lr = jnp.where(ok, LR, 0.0)
@@ -377,9 +416,7 @@ def program_step(program: str, head: str):
           pn, mn = _once(_muon_leaf)(pl, ml, gl, ok)
           out.append((pn, mn, vl))
         else:
-          a1, d1 = _gated(ok, 1 - B1, B1)
-          a2, d2 = _gated(ok, 1 - B2, B2)
-          out.append(_once(_adam_leaf)(pl, ml, vl, gl, a1, d1, a2, d2))
+          out.append(_once(_adam_leaf)(pl, ml, vl, gl, ok=ok))
       p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
       return p, (m, v)
     if program == "scao":
@@ -411,9 +448,7 @@ def program_step(program: str, head: str):
         return fl
 
       f_l = jax.lax.cond((count % 20 == 0) & ok, refresh, lambda fl: list(fl), f_l)
-      a1, d1 = _gated(ok, 1 - B1, B1)
-      a2, d2 = _gated(ok, 1 - B2, B2)
-      out = [_once(_adam_leaf)(pl, ml, vl, gl, a1, d1, a2, d2) for pl, ml, vl, gl in
+      out = [_once(_adam_leaf)(pl, ml, vl, gl, ok=ok) for pl, ml, vl, gl in
              zip(jax.tree.leaves(p), jax.tree.leaves(m), jax.tree.leaves(v), eff)]
       p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
       return p, (m, v, tdef.unflatten(f_l), count)
@@ -425,9 +460,7 @@ def program_step(program: str, head: str):
         for k, x in p[mod].items():
           st = s[mod][k]
           if len(st) == 2:
-            a1, d1 = _gated(ok, 1 - B1, B1)
-            a2, d2 = _gated(ok, 1 - B2, B2)
-            pl, ml, vl = _once(_adam_leaf)(x, st[0], st[1], g[mod][k], a1, d1, a2, d2)
+            pl, ml, vl = _once(_adam_leaf)(x, st[0], st[1], g[mod][k], ok=ok)
             new_p[mod][k], new_s[mod][k] = pl, (ml, vl)
           else:   # on the row view (a reshape: a bitcast in XLA)
             rows = _rows(x.shape)

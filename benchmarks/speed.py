@@ -345,14 +345,17 @@ _CHECK = "the non-finite check reads g before the update pass can start"
 FLOORS = {
     "stax.adamw": (4, _CHECK),
     "stax.stac": (4, _CHECK),
-    "stax.stam[seed]": (12, _CHECK + "; g and m are read again for the per-tensor residual "
-                        "statistics that set β1 before the update pass"),
-    "stax.stam[snr]": (12, _CHECK + "; g and m are read again for the per-tensor SNR "
-                       "statistics that set β1 before the update pass"),
-    "stax.stam_lite[seed]": (8, _CHECK + "; g is read again for the per-tensor mean of g² "
-                             "(the stored v) before the update pass"),
-    "stax.stam_lite[snr]": (12, _CHECK + "; g and m are read again for the per-tensor "
-                            "statistics before the update pass"),
+    "stax.stam[seed]": (8, "g and m are read again for the per-tensor residual statistics "
+                        "that set β1 before the update pass (the non-finite check's probe in "
+                        "the same pass)"),
+    "stax.stam[snr]": (8, "g and m are read again for the per-tensor SNR statistics that set "
+                       "β1 before the update pass (the non-finite check's probe in the same "
+                       "pass)"),
+    "stax.stam_lite[seed]": (4, "g is read again for the per-tensor mean of g² (the stored v) "
+                             "before the update pass (the non-finite check's probe in the same "
+                             "pass)"),
+    "stax.stam_lite[snr]": (8, "g and m are read again for the per-tensor statistics before "
+                            "the update pass (the non-finite check's probe in the same pass)"),
     "stax.stable_adamw": (12, _CHECK + "; g and v are read again for the per-tensor RMS "
                           "clip before the update pass"),
     "stax.turbo_adam": (8, _CHECK + "; g is read again: the update divides by the rank-1 "
