@@ -137,12 +137,12 @@ class Beta1Rule(NamedTuple):
       leaf's elementwise passes read their own entry of the vectors, so XLA compiles them as
       distinct kernels (207 against 89 for STAMLite at 1M), which costs what the fewer scalar
       operations save (2.7 s against 2.9).
-    probes: when True (default False; ``raw_grads`` rules), ``update`` returns one more
-      output, last: a float32 scalar probing every raw gradient it was given (0 when every
-      entry is finite, NaN otherwise), formed in the pass that computes its statistics. Under
-      ``nonfinite_guard`` (a :class:`~stax.transforms.guards.DeferredGate`) the core offers it
-      to the gate, which then reads those gradients no more (the rules of
-      :mod:`stax.transforms.adaptive_beta`).
+    probes: when True (default False), ``update`` returns one more output, last: a float32
+      scalar probing every raw gradient it was given (0 when every entry is finite, NaN
+      otherwise), formed in the pass that computes its statistics. Under ``nonfinite_guard``
+      (a :class:`~stax.transforms.guards.DeferredGate`) the core offers it to the gate, which
+      then reads those gradients no more; only a ``raw_grads`` rule's probe is offered (a
+      saturated gradient is finite). The rules of :mod:`stax.transforms.adaptive_beta` set it.
   """
 
   init: Callable[[Any], Any]
@@ -332,12 +332,10 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   if nu_new is not None:
     new_nu = jnp.asarray(nu_new).astype(_moment_dtype(nu, g))
   elif nu_mean is not None:
-    # a skipped step of the gated guard uses (0, 1): the means stay exactly as they are
-    if gate_nu:
-      a2, d2 = jnp.where(ok, a2, 0.0), jnp.where(ok, d2, 1.0)
     sq_mean, old_mean = nu_mean
     dtype = _moment_dtype(nu, g)
-    if gate_nu:
+    if gate_nu:  # a skipped step uses (0, 1) on zeroed means: they stay exactly as they are
+      a2, d2 = _ema_coefficients(b2_t, ok)
       sq_mean = jax.tree.map(lambda s: jnp.where(ok, s, jnp.zeros((), s.dtype)), sq_mean)
     new_nu = jax.tree.map(lambda s, o: (a2 * s + d2 * o.astype(s.dtype)).astype(dtype),
                           sq_mean, old_mean)
@@ -601,8 +599,9 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
                       jax.tree.unflatten(treedef, [d and d[0] for d in decoded]),
                       state.b1_state, state.count)
     b1_tree, b1_state = out[:2]
-    if rule.probes and isinstance(ok, DeferredGate):
-      ok.offer(g_leaves, out[-1])  # the gate needs no pass of its own over these gradients
+    if rule.probes and rule.raw_grads and isinstance(ok, DeferredGate):
+      # probes of the raw gradients (a saturated one is finite): the gate reads them no more
+      ok.offer(g_leaves, out[-1])
     ok = gate_value(ok)
     if ok is not None:  # a skipped step keeps the rule's state (its per-leaf statistics)
       b1_state = jax.tree.map(lambda n_, o: jnp.where(ok, n_, o), b1_state,
