@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["pick", "entries", "columns", "fold_in_each", "traced_once", "shared_trace",
+__all__ = ["pick", "entries", "columns", "traced_once", "shared_trace",
            "GROUP_MAX_ELEMENTS", "GROUP_MAX_TOTAL", "groupable", "signature", "alike",
            "reduce_leaves", "stack", "gather", "scatter"]
 
@@ -319,12 +319,6 @@ def scatter(n: int, parts: list) -> jax.Array:
   inverse = np.empty(n, np.int32)
   inverse[order] = np.arange(n, dtype=np.int32)
   return jnp.take(vals, inverse, axis=0, mode="clip")
-
-
-def fold_in_each(key: jax.Array, n: int) -> jax.Array:
-  """``(n, ...)``: ``jax.random.fold_in(key, i)`` for every ``i < n`` at once (one kernel for all
-  leaves; a leaf then takes its own with :func:`pick`, bit for bit its ``fold_in``)."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
 def traced_once(make: Callable[..., Callable], *static: Any) -> Callable:

@@ -255,22 +255,28 @@ class _KeyedV:
     return mu, {"v": nu, "k": ctx.rounding_key, "ks": ctx.rounding_keys}
 
 
-def test_each_leafs_rounding_keys_are_its_fold_in_and_their_split():
-  """Each leaf's ``rounding_key`` is the state key folded with the step count and then with the
-  leaf's index, and ``rounding_keys`` its ``jax.random.split``, bit for bit (the core makes
-  every leaf's at once: a split per leaf was a threefry loop per leaf in the program);
+def test_each_leafs_rounding_keys_are_the_hash_of_its_step_and_index():
+  """Each leaf's ``rounding_key`` is the state key hashed with the step count and the leaf's
+  index (``rng.leaf_keys``, against NumPy in test_bit_formulas), and ``rounding_keys`` its
+  ``rng.split_key``, bit for bit (the core makes every leaf's at once; threefry's fold_in and
+  split were three loops and 20 distinct kernels of TurboAdam's GPT-2 small step);
   ``SeparateStorage.write`` encodes alike with the pair given and without it."""
+  from stax.codecs import rng
   tx = stax.scale_by_adam(0.9, 0.99, storage=_KeyedV(), seed=3)
   params = {"a": jnp.zeros(4), "b": jnp.zeros(3), "c": jnp.zeros((2, 5))}
   s = tx.init(params)
   step = jax.jit(tx.update)
+  seen = []
   for count in range(3):
     _, s = step(jax.tree.map(jnp.ones_like, params), s)
+    want_all = rng.leaf_keys(s.key, jnp.int32(count), len(params))
     for i, name in enumerate(sorted(params)):
-      want = jax.random.fold_in(jax.random.fold_in(s.key, count), i)
+      want = want_all[i]
       np.testing.assert_array_equal(np.asarray(s.nu[name]["k"]), np.asarray(want))
       np.testing.assert_array_equal(np.asarray(s.nu[name]["ks"]),
-                                    np.asarray(jax.random.split(want)))
+                                    np.asarray(rng.split_key(want)))
+      seen.append(tuple(np.asarray(s.nu[name]["k"]).tolist()))
+  assert len(set(seen)) == len(seen)          # every leaf and step its own key
   from stax.codecs.base import StorageStep
   from stax.codecs.block_signed import BlockSignedCodec
   storage = SeparateStorage(BlockSignedCodec(4, 32), BlockSignedCodec(4, 32))
@@ -278,7 +284,7 @@ def test_each_leafs_rounding_keys_are_its_fold_in_and_their_split():
   key = jax.random.fold_in(jax.random.PRNGKey(0), 7)
   ctx = StorageStep(jnp.int32(0), 0, rounding_key=key)
   one = storage.write(x, jnp.abs(x), ctx)
-  two = storage.write(x, jnp.abs(x), ctx._replace(rounding_keys=jax.random.split(key)))
+  two = storage.write(x, jnp.abs(x), ctx._replace(rounding_keys=rng.split_key(key)))
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -1,7 +1,8 @@
 """Integer formulations that replace float library calls on a hot or compile-heavy path, each
 against an independent NumPy definition: ``numerics._exponent`` (``frexp``'s exponent),
-``block_signed.bf16_ceil`` (the smallest bfloat16 at or above a float32) and
-``rng.counter_symmetric`` (uniform draws from the counter hash)."""
+``block_signed.bf16_ceil`` (the smallest bfloat16 at or above a float32),
+``rng.counter_symmetric`` (uniform draws from the counter hash) and ``rng.leaf_keys`` /
+``rng.split_key`` (the Adam core's rounding keys, hashed instead of threefry's fold_in/split)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from stax import numerics
 from stax.codecs.block_signed import bf16_ceil
-from stax.codecs.rng import counter_symmetric
+from stax.codecs.rng import counter_symmetric, leaf_keys, split_key
 
 
 def _random_bits(n, top, dtype, seed=0):
@@ -75,3 +76,37 @@ def test_counter_symmetric_is_the_hash_on_a_symmetric_grid():
   assert abs(got.mean()) < 0.01 and abs(got.var() - 1.0 / 3.0) < 0.01     # uniform on (-1, 1)
   other = np.asarray(counter_symmetric(n, jnp.uint32(seed + 1)))
   assert abs(np.corrcoef(got, other)[0, 1]) < 0.01
+
+
+def _key_seed(key):
+  key = np.asarray(key, np.uint32)
+  with np.errstate(over="ignore"):
+    return key[..., 0] ^ (key[..., 1] * np.uint32(0x9E3779B9))
+
+
+def _words(seed, count):
+  with np.errstate(over="ignore"):
+    j = _mix32(np.arange(count, dtype=np.uint32) + np.uint32(1))
+    return _mix32(np.asarray(seed, np.uint32)[..., None] ^ j)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2 ** 31 - 1])
+def test_leaf_keys_and_their_split_are_the_hash_of_key_step_and_leaf(count):
+  """Leaf ``i``'s key at step ``t``: words ``mix32(s ^ mix32(2i + w + 1))`` of the step seed
+  ``s = mix32(key_to_seed(key) ^ mix32(t·0x9E3779B9 + 1))``; its split: words
+  ``mix32(key_to_seed(k) ^ mix32(w + 1))``, ``w < 4``. Distinct for every leaf, step and half."""
+  key = np.asarray(jax.random.key_data(jax.random.PRNGKey(3)))
+  n = 300
+  got = np.asarray(jax.jit(leaf_keys, static_argnums=2)(jnp.asarray(key), jnp.int32(count), n))
+  with np.errstate(over="ignore"):
+    step = np.uint32(count) * np.uint32(0x9E3779B9) + np.uint32(1)
+    s = _mix32(_key_seed(key) ^ _mix32(step))
+  want = _words(s, 2 * n).reshape(n, 2)
+  np.testing.assert_array_equal(got, want)
+  pairs = np.asarray(jax.jit(split_key)(jnp.asarray(got)))
+  np.testing.assert_array_equal(pairs, _words(_key_seed(got), 4).reshape(n, 2, 2))
+  later = np.asarray(leaf_keys(jnp.asarray(key), jnp.int32(count) + 1, n))
+  words = np.concatenate([got.ravel(), later.ravel(), pairs.ravel()])
+  assert len(np.unique(words)) == words.size                    # no repeated word at all
+  seeds = _key_seed(np.concatenate([got, later, pairs.reshape(-1, 2)]))
+  assert len(np.unique(seeds)) == seeds.size                    # nor a repeated codec seed

@@ -125,6 +125,15 @@ def _gated_vs_cond_configs():
       "oadamw_m8": (stax.oadamw, dict(learning_rate=1e-2, weight_decay=1e-2,
                                       muon_momentum_bits=8, min_compress_elements=64),
                     jnp.float32),
+      # a per-leaf storage (4-bit m and factored or 1Q log v for the matrices, float32 for the
+      # vectors): each leaf gated as its storage declares
+      "turbo_adam": (stax.turbo_adam, dict(learning_rate=1e-2, weight_decay=1e-2, block_size=16,
+                                           min_compress_elements=64), jnp.float32),
+      "turbo_adam_stax": (stax.turbo_adam, dict(learning_rate=1e-2, block_size=16, codec="stax",
+                                                min_compress_elements=64), jnp.float32),
+      "turbo_adam_faithful": (stax.turbo_adam, dict(learning_rate=1e-2, block_size=16,
+                                                    codec="turboadam-0.2",
+                                                    min_compress_elements=64), jnp.float32),
   }
 
 
@@ -172,8 +181,7 @@ def test_gated_adamw_skips_exactly_and_equals_the_cond_guard(name):
 
 def test_gated_codec_core_keeps_its_encoded_state_by_a_select():
   """A core whose v is quantised cannot rewrite an unchanged v exactly (stochastic rounding), so
-  on a skipped step it selects the old codes and scales; its exact m keeps itself. Only a
-  per-leaf storage callable (unknown until the parameters come) is refused by gated=True."""
+  on a skipped step it selects the old codes and scales; its exact m keeps itself."""
   from stax.transforms.guards import NONFINITE_OK
   codec = stax.scale_by_adam(storage=stax.SeparateStorage(stax.FullPrecision(),
                                                            stax.LogQuantCodec(4)))
@@ -189,14 +197,10 @@ def test_gated_codec_core_keeps_its_encoded_state_by_a_select():
   assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(moved.nu),
                                                    jax.tree.leaves(state.nu)))
   stax.nonfinite_guard(codec, gated=True)
-  with pytest.raises(ValueError, match="gated"):
-    stax.nonfinite_guard(stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()),
-                         gated=True)
 
 
 @pytest.mark.parametrize("inner", [
     lambda: optax.chain(stax.scale_by_adam(), optax.scale(-1e-2)),      # a plain chain
-    lambda: stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()),  # per leaf
     lambda: optax.sgd(1e-2, momentum=0.9),
 ])
 def test_gated_guard_checks_the_inner_transformation_at_construction(inner):
@@ -204,6 +208,29 @@ def test_gated_guard_checks_the_inner_transformation_at_construction(inner):
     stax.nonfinite_guard(inner(), gated=True)
   stax.nonfinite_guard(inner(), gated=False)          # the lax.cond guard takes any inner
   stax.nonfinite_guard(inner(), "ignore", gated=True)  # no gate: nothing to check
+
+
+def test_a_per_leaf_storage_core_is_gated_as_one_storage_is():
+  """The core resolves a per-leaf storage callable leaf by leaf, and each leaf keeps its state
+  on a skipped step as its storage declares, so such a core is gate-aware too: with full
+  precision chosen per leaf the guarded step compiles to the very program of the one storage
+  (each moment selected back in its own loop). Before, it was refused by ``gated=True`` and
+  TurboAdam selected its whole new state after the core, where XLA formed each float32 vector's
+  new moments twice (for the state and for the update). TurboAdam's skipped steps:
+  test_gated_adamw_skips_exactly_and_equals_the_cond_guard."""
+  from stax.transforms.guards import gate_state, is_gate_aware
+  per_leaf = stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage())
+  assert is_gate_aware(per_leaf)
+  params = {"w": jnp.ones((64, 96)), "b": jnp.ones((96,))}
+
+  def program(core):
+    tx = stax.nonfinite_guard(stax.gated_chain(core, gate_state(optax.scale(-1e-2))),
+                              gated=True)
+    hlo = _compiled_step_hlo(tx, params)
+    return sorted(re.findall(r"^\s+%\S+ = \S+ ([\w-]+)\(", hlo, re.M))
+
+  assert program(per_leaf) == program(stax.scale_by_adam(
+      storage=stax.full_precision_storage()))
 
 
 def test_a_beta1_rule_core_honours_the_gate_and_keeps_the_rule_state():
@@ -234,7 +261,7 @@ def test_gated_chain_names_the_element_that_is_not_gate_aware():
   assert is_gate_aware(stax.scale_by_stable_adam())
   assert is_gate_aware(stax.scale_by_adam(storage=stax.SeparateStorage(
       stax.FullPrecision(), stax.LogQuantCodec(4))))
-  assert not is_gate_aware(stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()))
+  assert is_gate_aware(stax.scale_by_adam(storage=lambda leaf: stax.full_precision_storage()))
   stax.nonfinite_guard(tx, gated=True)
   labels = {"w": "a", "b": "b"}
   with pytest.raises(ValueError, match=r"label 'b' .*not gate-aware"):

@@ -87,18 +87,18 @@ def test_stored_trace_rounding_is_unbiased_and_keyed_by_the_state():
 
 
 def test_stored_trace_keys_each_leaf_by_its_index():
-  """Each stored leaf rounds with the step's key folded with the leaf's index, bit for bit
-  (every leaf's key is made at once and picked: a ``fold_in`` per leaf was a threefry loop of
-  its own in the compiled step)."""
+  """Each stored leaf rounds with its key of the step (``rng.leaf_keys``: the state key hashed
+  with the step and the leaf's index), bit for bit (every leaf's key is made at once and
+  picked: a ``fold_in`` per leaf was a threefry loop of its own in the compiled step)."""
   from stax.codecs.block_signed import BlockSignedCodec
   g = {"a": _grads((4, 128), 1)[0], "b": _grads((8, 64), 1, seed=1)[0], "c": jnp.ones(3)}
   tx = stax.stored_trace(0.9, bits=4, block_size=32, min_compress_elements=64)
   state0 = tx.init(g)
   _, state = jax.jit(tx.update)(g, state0)
-  step_key = jax.random.fold_in(state0.key, 0)
+  from stax.codecs import rng
+  keys = rng.leaf_keys(state0.key, jnp.int32(0), len(g))
   for i, name in enumerate(sorted(g)[:2]):     # the first trace is g itself (t = g + 0.9·0)
-    want = BlockSignedCodec(4, 32).encode(to_row_view(g[name], 32),
-                                          jax.random.fold_in(step_key, i))
+    want = BlockSignedCodec(4, 32).encode(to_row_view(g[name], 32), keys[i])
     for a, b in zip(jax.tree.leaves(state.trace[name]), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -74,6 +74,7 @@ import jax.numpy as jnp
 
 from stax import numerics as num
 from stax.codecs import _layout as L
+from stax.codecs import rng
 
 __all__ = [
     "MomentCodec",
@@ -102,11 +103,11 @@ class StorageStep(NamedTuple):
     mu_enc: this leaf's previous encoded first moment (``write`` only; ``None`` in ``read``).
     nu_enc: this leaf's previous encoded second moment (``write`` only).
     rounding_key: ``write`` only, for a storage with ``needs_key``: the raw ``uint32[2]`` key
-      for stochastic rounding (the state key folded with ``count`` and then with ``index``);
-      ``None`` otherwise.
-    rounding_keys: ``write`` only, ``None`` or ``jax.random.split(rounding_key)`` (``uint32[2,
-      2]``), made by the Adam core for every leaf at once: a split per leaf was a threefry
-      loop of its own in the compiled step (50 of them on GPT-2 small for TurboAdam).
+      for stochastic rounding, derived from the state key, ``count`` and ``index`` by a counter
+      hash (:func:`stax.codecs.rng.leaf_keys`); ``None`` otherwise.
+    rounding_keys: ``write`` only, ``None`` or :func:`stax.codecs.rng.split_key` of
+      ``rounding_key`` (``uint32[2, 2]``: m's key and v's), made by the Adam core for every leaf
+      at once.
     row0: ``write`` only: the moments are rows ``row0 ..`` of the leaf's row view (a chunk
       written by a row-chunked fused update, for a storage whose ``rows_local`` is true);
       ``0`` (default) for the whole leaf.
@@ -370,7 +371,7 @@ class SeparateStorage(StorageBase):
       mu_enc, nu_enc = enc(self.mu_codec, mu, None), enc(self.nu_codec, nu, None)
     else:
       # (the core's split, made for every leaf at once, else this leaf's: the same two keys)
-      k_mu, k_nu = jax.random.split(key) if ctx.rounding_keys is None else ctx.rounding_keys
+      k_mu, k_nu = rng.split_key(key) if ctx.rounding_keys is None else ctx.rounding_keys
       mu_enc, nu_enc = enc(self.mu_codec, mu, k_mu), enc(self.nu_codec, nu, k_nu)
     if self.follow_sharding:
       mu_enc, nu_enc = _follow(mu_enc, mu), _follow(nu_enc, mu)

@@ -183,7 +183,7 @@ class LogQuantCodec(NamedTuple):
       reciprocal multiplies and FMAs, an ulp off; the faithful TurboAdam storage uses True).
 
   The random stream is the seed's counter hash keyed by a 32-bit seed drawn from the per-leaf
-  key the Adam core passes (state key folded with the step and the leaf index). Rows are
+  key the Adam core passes (state key hashed with the step and the leaf index). Rows are
   encoded independently (``rows_local``): ``encode(..., row0=r)`` encodes a chunk of rows
   starting at row ``r`` exactly as those rows of the whole tensor.
   """

@@ -74,15 +74,15 @@ def adamw(
   V.check_betas(b1=b1, b2=b2)
   V.check_bool("nesterov", nesterov)
   V.check_dtype("mu_dtype", mu_dtype)
-  # gated: on a skipped step the core selects its moments back and holds its count, and the
-  # schedule's count is held by gate_state, so no lax.cond (which copies the state on CPU) is
-  # needed; the result is bit-identical to the cond version.
+  # gated: on a skipped step the core selects its moments back (a codec's encodings included)
+  # and holds its count, and the schedule's count is held by gate_state, so no lax.cond (which
+  # copies the state on CPU) is needed; the result is bit-identical to the cond version.
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
                                 mu_dtype=mu_dtype)
   core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=nesterov,
                        storage=storage)
   tx = gated_chain(
-      core if storage is None else gate_state(core),   # a codec's state: kept by a select
+      core,
       gate_state(optax.add_decayed_weights(weight_decay, mask)),
       gate_state(optax.scale_by_learning_rate(learning_rate)),
   )

@@ -178,12 +178,12 @@ def stable_adamw(
   core = scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
                               mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
                               mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage)
-  # gated (no lax.cond, which copies the state on CPU): on a skipped step the core's decays
-  # become 1 and its count is held, the schedule's count is held by gate_state and Kahan keeps
-  # its compensation; bit-identical state to the cond version. A codec's encodings cannot be
-  # rewritten unchanged, so a compressed core keeps its old state by a select (gate_state).
+  # gated (no lax.cond, which copies the state on CPU): on a skipped step the core selects its
+  # moments back (a codec's encodings, which cannot be rewritten unchanged, by a select of the
+  # old ones) and holds its count, the schedule's count is held by gate_state and Kahan keeps
+  # its compensation; bit-identical state to the cond version.
   tx = gated_chain(
-      core if storage is None else gate_state(core),
+      core,
       gate_state(optax.scale_by_learning_rate(learning_rate)),
       kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
   )
@@ -389,11 +389,11 @@ def oadamw(
                                       implementation=implementation, scale=scale, **kw)
 
   # Gate-aware throughout (stax.transforms.guards), so the non-finite guard needs no select of
-  # the whole state: the StableAdamW core and the Muon trace hold their moments through their
-  # decays, Kahan keeps its compensation, and the small states (the orthogonalisation's count,
-  # the schedule's; a compressed core's codes) are held by gate_state, which returns a
-  # gate-aware transformation as it is. (With a select of the state XLA copied every
-  # moment each step: 40 of ResNet-18's, 52 of GPT-2 small's.)
+  # the whole state: the StableAdamW core (a compressed one too) and the Muon trace select
+  # their moments back, Kahan keeps its compensation, and the small states (the
+  # orthogonalisation's count, the schedule's) are held by gate_state, which returns a
+  # gate-aware transformation as it is. (With a select of the state XLA copied every moment
+  # each step: 40 of ResNet-18's, 52 of GPT-2 small's.)
   if muon == "off":
     body = stable()
   elif muon == "gradient":

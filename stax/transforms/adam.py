@@ -27,7 +27,7 @@ The seams later optimizers plug into:
   ``nu_dtype`` by default, or any :class:`~stax.codecs.base.MomentStorage` (TurboAdam's
   compressed codecs), possibly chosen per leaf. The core always passes the storage a
   :class:`~stax.codecs.base.StorageStep` context. Stochastic-rounding codecs draw from a key kept
-  in the state (``seed``), folded with the step count and the leaf index, so runs are
+  in the state (``seed``), hashed with the step count and the leaf index, so runs are
   reproducible and checkpoints resume bit-exactly. The storage's ``project(mu, nu)`` gives the
   moments the update uses (identity by default; :mod:`stax.codecs.tensor_rms` reduces v to one
   mean per tensor, STAMLite's denominator).
@@ -81,8 +81,9 @@ from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as num
 from stax._trees import conform
+from stax.codecs import rng
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
-                              is_storage, read_step_write, resolve_storage,
+                              read_step_write, resolve_storage,
                               tensor_mean_square)
 from stax.transforms.guards import NONFINITE_OK, DeferredGate, gate_aware, gate_value
 
@@ -191,15 +192,6 @@ class AdamConfig(NamedTuple):
   def rule(self) -> Optional[Beta1Rule]:
     """The :class:`Beta1Rule`, or ``None`` for a constant b1."""
     return self.b1 if isinstance(self.b1, Beta1Rule) else None
-
-  @property
-  def honours_gate(self) -> bool:
-    """Whether a skipped step (gate false) keeps the state exactly: one storage, known now (a
-    per-leaf callable can only be resolved on the parameters). An exact part keeps itself
-    (selected back in the loop that forms it); the encoding of a part that is not exact (a
-    codec, a per-tensor mean) and a Beta1Rule's state (a few scalars per leaf) are held by a
-    select."""
-    return is_storage(self.storage)
 
 
 class AdamStep(NamedTuple):
@@ -560,8 +552,12 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     cfg: the configuration (:func:`adam_config`).
     updates: the gradients.
     state: the previous state.
-    ok: ``None``, or the non-finite gate (a scalar bool; only for a configuration that
-      :attr:`~AdamConfig.honours_gate`): when false the state comes back unchanged.
+    ok: ``None``, or the non-finite gate (a scalar bool): when false the state comes back
+      unchanged. Each leaf's storage is resolved here (a per-leaf callable included), so each
+      leaf keeps its state by what its storage declares: an exact part is selected back in the
+      loop that would have updated it, the encoding of a part that is not exact (a codec, a
+      per-tensor mean) by a select of the old one; the count, ``b1_prod`` and a
+      :class:`Beta1Rule`'s state are held.
     fuse: let a storage with a ``fused_update`` (and a constant b1) do read, step and write in
       one pass; for such leaves only the ``update`` field of the result is set (the others are
       ``None``). Default False.
@@ -569,11 +565,6 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   Returns:
     An :class:`AdamStep` whose fields are trees shaped like ``updates``, and the new state.
   """
-  if ok is not None and not cfg.honours_gate:
-    raise ValueError("nonfinite_guard(gated=True) needs scale_by_adam with one storage known "
-                     "at construction (a per-leaf storage callable cannot declare how it keeps "
-                     "its state on a skipped step); use gated=None (a select of the old state) "
-                     "or gated=False.")
   rule = cfg.rule
   g_leaves, treedef = jax.tree.flatten(updates)
   n = len(g_leaves)
@@ -662,7 +653,6 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
     v_div = v_divisor(cfg, count_inc)
   # Each leaf: read → step → write through its storage (stochastic rounding keyed by step and
   # leaf), or the storage's fused update of the three.
-  step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
   steps, new_mu_enc, new_nu_enc, leaf_keys = [], [], [], None
   for i, (s, g, me, ne) in enumerate(zip(stores, g_leaves, mu_enc, nu_enc)):
     if g is None:
@@ -671,10 +661,10 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       new_nu_enc.append(ne)
       continue
     k = ks = None
-    if s.needs_key and step_key is not None:
+    if s.needs_key and state.key is not None:
       if leaf_keys is None:  # every leaf's key and its split at once, each picked (_leafwise)
-        leaf_keys = _leafwise.fold_in_each(step_key, n)
-        leaf_pairs = jax.vmap(jax.random.split)(leaf_keys)
+        leaf_keys = rng.leaf_keys(state.key, state.count, n)
+        leaf_pairs = rng.split_key(leaf_keys)
       k, ks = _leafwise.pick(leaf_keys, i), _leafwise.pick(leaf_pairs, i)
     ctx = StorageStep(state.count, i, state.key, me, ne, k, rounding_keys=ks)
     mean_nu = ne if s.nu_is_mean and not jnp.iscomplexobj(g) else None
@@ -775,12 +765,16 @@ def scale_by_adam(
       (default 0).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; with an exact storage (full precision, given
-    as one storage rather than a per-leaf callable) and a constant b1 it is a
-    :class:`~stax.transforms.guards.GateAwareTransformation`: its ``update`` accepts the extra
-    argument ``nonfinite_ok`` (a scalar bool, from ``nonfinite_guard(gated=True)``), and when
-    it is false each moment is selected back in the loop that would have updated it and the
-    step count and ``b1_prod`` are held, so the state is returned unchanged.
+    A :class:`~stax.transforms.guards.GateAwareTransformation` (an
+    ``optax.GradientTransformationExtraArgs``): its ``update`` accepts the extra argument
+    ``nonfinite_ok`` (a scalar bool, from ``nonfinite_guard(gated=True)``), and when it is
+    false the state is returned unchanged: each exact moment is selected back in the loop that
+    would have updated it, a stored encoding that is not exact (a codec's) is selected back,
+    and the step count, ``b1_prod`` and a :class:`Beta1Rule`'s state are held. Each leaf's
+    storage decides for itself, so a per-leaf storage callable (TurboAdam's: compressed
+    matrices, float32 vectors) is gated as one storage is (a select of the whole new state
+    after the core made XLA form an exact vector's new moments twice: for the state and for
+    the update).
   """
   cfg = adam_config(**locals())
 
@@ -793,7 +787,7 @@ def scale_by_adam(
     return step.update, new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  return gate_aware(tx) if cfg.honours_gate else tx
+  return gate_aware(tx)
 
 
 def stack_leaf_scalars(values: list) -> jax.Array:

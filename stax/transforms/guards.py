@@ -375,8 +375,8 @@ def nonfinite_guard(inner: optax.GradientTransformation,
     raise ValueError(
         f"nonfinite_guard(gated=True) needs a gate-aware inner transformation (one that keeps "
         f"its state unchanged when `{NONFINITE_OK}` is false), got {_name(inner)}: build it "
-        f"with stax.transforms.guards.gated_chain (stax.scale_by_adam with full-precision "
-        f"storage and a constant b1, stax.kahan_summation, gate_state(...)) or use gated=False.")
+        f"with stax.transforms.guards.gated_chain (stax.scale_by_adam, stax.kahan_summation, "
+        f"gate_state(...)) or use gated=False.")
   inner = optax.with_extra_args_support(inner)
   if policy == "ignore":
     return inner

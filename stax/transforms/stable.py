@@ -135,9 +135,9 @@ def scale_by_stable_adam(
     storage: a :class:`~stax.codecs.base.MomentStorage` (overrides the dtypes).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state :class:`stax.ScaleByAdamState`;
-    gate-aware (:class:`~stax.transforms.guards.GateAwareTransformation`) when the storage is
-    exact, as :func:`stax.scale_by_adam`.
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`stax.ScaleByAdamState`,
+    gate-aware (:class:`~stax.transforms.guards.GateAwareTransformation`) as
+    :func:`stax.scale_by_adam` is: on a skipped step its state comes back unchanged.
   """
   V.check_betas(b1=b1, b2=b2)
   V.check_number("eps", eps, low=0.0)
@@ -187,7 +187,7 @@ def scale_by_stable_adam(
     return jax.tree.unflatten(treedef, out), new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  return gate_aware(tx) if cfg.honours_gate else tx
+  return gate_aware(tx)
 
 
 def _is_zero(x) -> bool:

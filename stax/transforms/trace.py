@@ -9,7 +9,7 @@ r"""Momentum traces (``t ← g + μ·t``, Muon's momentum) that stay finite, opt
   momentum matching full-precision Muon). Each step decodes the stored trace
   :math:`\hat t_{t-1}`, forms :math:`t_t = g_t + \mu \hat t_{t-1}` in float32 (the step's output,
   as the Adam core uses the exact new moment) and stores :math:`t_t` re-encoded. The rounding
-  key lives in the state (folded with the step count and the leaf index), so runs are
+  key lives in the state (hashed with the step count and the leaf index), so runs are
   reproducible and a checkpoint resumes bit-exactly.
 """
 
@@ -25,6 +25,7 @@ from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as num
 from stax.codecs.base import _follow
+from stax.codecs import rng
 from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.row_view import from_row_view, to_row_view
 from stax.transforms.guards import NONFINITE_OK, GateAwareTransformation, gate_aware, gate_value
@@ -158,9 +159,9 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
     del params
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
     enc = treedef.flatten_up_to(state.trace)
-    step_key = jax.random.fold_in(state.key, state.count)
-    # every leaf's key at once, each picked: a fold_in per leaf was a threefry loop per leaf
-    keys = (_leafwise.fold_in_each(step_key, len(g_leaves))
+    # every leaf's key at once (the state key hashed with the step and the leaf's index,
+    # stax.codecs.rng.leaf_keys: no threefry loop), each picked
+    keys = (rng.leaf_keys(state.key, state.count, len(g_leaves))
             if any(g is not None and stored(g) for g in g_leaves) else None)
     outs, new_enc = [], []
     for i, (g, e) in enumerate(zip(g_leaves, enc)):

@@ -127,7 +127,7 @@ class LeafContext(NamedTuple):
     dtype: the gradient leaf's dtype (the matrix view given to the rule is float32).
     noise: ``update`` only: this leaf's ``noise_size(plan)`` random draws, uniform on (-1, 1),
       for this curvature update (:func:`stax.codecs.rng.counter_symmetric`, seeded by the
-      step's key folded with the leaf's index), else ``None``.
+      leaf's key of the step, :func:`stax.codecs.rng.leaf_keys`), else ``None``.
   """
 
   precond_count: jax.Array
@@ -460,17 +460,18 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       return jax.lax.cond(in_warmup, warm, preconditioned, states)
 
     # 2) Periodic curvature update under lax.cond.
-    step_key = None if state.key is None else jax.random.fold_in(state.key, state.count)
     sizes = [0 if leaf.plan is None else rule.noise_size(leaf.plan) for leaf in leaf_plans]
 
     def do(states):
-      # Each leaf draws from its own key (the step's key folded with the leaf's index), all
-      # leaves' keys made at once and each picked (stax._leafwise), inside its update
+      # Each leaf draws from its own key (the state key hashed with the step and the leaf's
+      # index, stax.codecs.rng.leaf_keys: no threefry loop), all leaves' keys made at once and
+      # each picked (stax._leafwise), inside its update
       # (_update_fn): alike leaves' updates, draws included, are then one loop's body
       # (owner_map). (Slices of one shared draw put each leaf's offset into its kernel: two
       # distinct kernels per matrix, 49 at 16M; draws made per leaf outside the loop, a
       # threefry loop per leaf: 11k of GPT-2 small's 48k HLO instructions.)
-      keys = _leafwise.fold_in_each(step_key, len(sizes)) if sum(sizes) else None
+      keys = (rng.leaf_keys(state.key, state.count, len(sizes))
+              if sum(sizes) and state.key is not None else None)
       items, groups, costs, at = [], [], [], []
       for i, (g, g2, st, leaf, size) in enumerate(zip(g_leaves, mats, states, leaf_plans, sizes)):
         if leaf.plan is None:
