@@ -90,7 +90,8 @@ FLOOR_PROGRAMS = {
                                                "pass"),
     "stax.turbo_adam": ("compressed", f"{_CHECK}; the new v's row and column means of g² (two "
                                       "reductions); the new m's block absmax (a reduction "
-                                      "over g and the codes); the encode pass and the p pass"),
+                                      "over g and the codes); the encode pass (stochastic "
+                                      "rounding from the counter hash) and the p pass"),
     "stax.turbo_adam[turboadam-0.2]": ("compressed", f"its passes as the factored codec's "
                                                      f"(same count), and its log and exps per "
                                                      f"element (transcendentals)"),
