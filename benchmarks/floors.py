@@ -28,13 +28,10 @@ the timed calls) in the same process as the optimizer it bounds:
   head.
 * ``compressed``: TurboAdam's factored default at its ideal: the check, the new v's row and
   column means of g² (two reductions, outputs of different shapes), the new m's per-32 block
-  absmax recomputed from the 4-bit codes and g (a reduction; the scale stored as the bfloat16
-  at or above it, as the codec's), the encode pass (codes → codes, unbiased stochastic
-  rounding from the counter hash as the codec's, nibbles packed from the two halves of each
-  row so the loop vectorises) and the p pass dividing by the rank-1 estimate, on each leaf's
-  row view (a conv kernel ``(out, in, kh, kw)`` as ``(out, in·kh·kw)``); 1-D leaves keep
-  AdamW's float32 moments. (Until stop 43 it rounded to nearest and kept float32 scales: the
-  floor of another, biased codec.)
+  absmax recomputed from the 4-bit codes and g (a reduction), the encode pass (codes → codes,
+  nibbles packed from the two halves of each row so the loop vectorises) and the p pass
+  dividing by the rank-1 estimate, on each leaf's row view (a conv kernel ``(out, in, kh, kw)``
+  as ``(out, in·kh·kw)``); 1-D leaves keep AdamW's float32 moments.
 
 * ``muon``: Muon on the matrices (the momentum pass, five Newton–Schulz iterations of
   the quintic ``a·X + (b·A + c·A²)·X`` on ``X Xᵀ`` of the wider orientation, the p pass; on each
@@ -90,8 +87,7 @@ FLOOR_PROGRAMS = {
                                                "pass"),
     "stax.turbo_adam": ("compressed", f"{_CHECK}; the new v's row and column means of g² (two "
                                       "reductions); the new m's block absmax (a reduction "
-                                      "over g and the codes); the encode pass (stochastic "
-                                      "rounding from the counter hash) and the p pass"),
+                                      "over g and the codes); the encode pass and the p pass"),
     "stax.turbo_adam[turboadam-0.2]": ("compressed", f"its passes as the factored codec's "
                                                      f"(same count), and its log and exps per "
                                                      f"element (transcendentals)"),
@@ -283,14 +279,10 @@ def _unpack_halves(c):
   return jnp.concatenate([c & 15, c >> 4], axis=-1)
 
 
-def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
-  """One leaf of the ideal compressed step: 4-bit signed m in blocks of 32 (bf16 scales rounded
-  up, unbiased stochastic rounding from the counter hash seeded by ``seed``, as the default
-  codec's), factored v."""
+def _compressed_leaf(p, codes, scales, r, c, g, ok):
+  """One leaf of the ideal compressed step: 4-bit signed m in blocks of 32, factored v."""
   import jax.numpy as jnp
   from stax import numerics as num
-  from stax.codecs.block_signed import bf16_ceil
-  from stax.codecs.log_quant import counter_uniform_like
   a1, d1 = _gated(ok, 1 - B1, B1)
   a2, d2 = _gated(ok, 1 - B2, B2)
   rows, n = g.shape[:-1], g.shape[-1]
@@ -298,28 +290,21 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
 
   def m_new(codes, scales, g):
     k = _unpack_halves(codes).astype(jnp.float32) - 7.0
-    m = (k.reshape(rows + (nb, BLOCK)) * (scales.astype(jnp.float32)[..., None] / 7.0))
-    return d1 * m.reshape(g.shape) + a1 * g
+    m = (k.reshape(rows + (nb, BLOCK)) * (scales[..., None] / 7.0)).reshape(g.shape)
+    return d1 * m + a1 * g
 
   r_new = d2 * r + a2 * jnp.mean(jnp.square(g), axis=-1)
   gi, = num.independent(g)
   c_new = d2 * c + a2 * jnp.mean(jnp.square(gi), axis=-2)
   ops = num.independent(codes, scales, g)
-  s_new = bf16_ceil(jnp.max(jnp.abs(m_new(*ops).reshape(rows + (nb, BLOCK))), axis=-1))
+  s_new = jnp.max(jnp.abs(m_new(*ops).reshape(rows + (nb, BLOCK))), axis=-1)
   ops = num.independent(codes, scales, g)
   x = m_new(*ops).reshape(rows + (nb, BLOCK))
-  sf = s_new.astype(jnp.float32)
-  sf = jnp.where(sf > 0, sf, 1.0)[..., None]
-  pos = jnp.clip(x / sf * 7.0, -7.0, 7.0)
-  u = counter_uniform_like(g.shape, seed).reshape(pos.shape)
-  lower = jnp.floor(pos)
-  k = jnp.clip(lower + (u < pos - lower).astype(jnp.float32), -7.0, 7.0)
-  codes_new = _pack_halves((k + 7.0).astype(jnp.uint8).reshape(g.shape))
-  codes_new = jnp.where(ok, codes_new, codes)
-  s_new = jnp.where(ok, s_new, scales)
+  sf = jnp.where(s_new > 0, s_new, 1.0)[..., None]
+  k = (jnp.floor(jnp.clip(x / sf * 7.0, -7.0, 7.0) + 7.5)).astype(jnp.uint8).reshape(g.shape)
+  codes_new = _pack_halves(k)
   v_hat = r_new[..., :, None] * c_new[..., None, :] / jnp.maximum(jnp.mean(r_new), 1e-30)
-  lr = jnp.where(ok, LR, 0.0)
-  p = p - lr * (m_new(codes, scales, g) / (jnp.sqrt(v_hat) + EPS) + WD * p)
+  p = p - LR * (m_new(codes, scales, g) / (jnp.sqrt(v_hat) + EPS) + WD * p)
   return p, codes_new, s_new, r_new, c_new
 
 
@@ -344,9 +329,9 @@ def init_state(program: str, params: dict, head: str):
         return (zeros(x), zeros(x))
       rows = _rows(x.shape)
       return (jnp.full(rows[:-1] + (rows[-1] // 2,), 0x77, jnp.uint8),
-              jnp.zeros(rows[:-1] + (rows[-1] // BLOCK,), jnp.bfloat16),
+              jnp.zeros(rows[:-1] + (rows[-1] // BLOCK,), jnp.float32),
               jnp.zeros(rows[:-1], jnp.float32), jnp.zeros(rows[-1:], jnp.float32))
-    return (jax.tree.map(one, params), jnp.zeros([], jnp.int32))
+    return jax.tree.map(one, params)
   if program == "stac":
     return {k: ((jax.tree.map(zeros, v), jax.tree.map(zeros, v)) if k == head else None)
             for k, v in params.items()}
@@ -468,28 +453,21 @@ def program_step(program: str, head: str):
       p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
       return p, (m, v, tdef.unflatten(f_l), count)
     if program == "compressed":
-      from stax import _leafwise
-      from stax.codecs import rng
-      leaves, count = s
       ok = _check(jax.tree.leaves(g))
-      # each leaf's rounding seed of the step, all at once and picked (as the step's keys)
-      n = len(jax.tree.leaves(p))
-      seeds = rng.key_to_seed(rng.leaf_keys(jnp.array([0, 42], jnp.uint32), count, n))
-      new_p, new_s, i = {}, {}, 0
+      new_p, new_s = {}, {}
       for mod in p:
         new_p[mod], new_s[mod] = {}, {}
         for k, x in p[mod].items():
-          st = leaves[mod][k]
+          st = s[mod][k]
           if len(st) == 2:
             pl, ml, vl = _once(_adam_leaf)(x, st[0], st[1], g[mod][k], ok=ok)
             new_p[mod][k], new_s[mod][k] = pl, (ml, vl)
           else:   # on the row view (a reshape: a bitcast in XLA)
             rows = _rows(x.shape)
             pl, *rest = _once(_compressed_leaf)(x.reshape(rows), *st, g[mod][k].reshape(rows),
-                                                ok, _leafwise.pick(seeds, i))
+                                                ok)
             new_p[mod][k], new_s[mod][k] = pl.reshape(x.shape), tuple(rest)
-          i += 1
-      return new_p, (new_s, jnp.where(ok, count + 1, count))
+      return new_p, new_s
     raise ValueError(f"unknown floor program {program!r}")
 
   return step

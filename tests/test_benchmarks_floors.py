@@ -62,32 +62,21 @@ def test_stac_program_signs_the_trunk_and_runs_adamw_on_the_head():
 
 
 def test_compressed_program_keeps_a_4bit_moment():
-  """After one step from zero the codes and block scales decode to (1-β1)·g within one level
-  (stochastic rounding, as the default codec's), unbiased over the tensor, each scale the
-  bfloat16 at or above its block's largest |m| (bf16_ceil, as the codec's), and the factored
-  v's row/column means are (1-β2)·mean(g²); a second step rounds with another seed."""
-  import ml_dtypes
+  """After one step from zero the codes and block scales decode to (1-β1)·g within half a
+  level (deterministic rounding), and the factored v's row/column means are (1-β2)·mean(g²)."""
   params = _params([(64, 128)])
   compiled, args = F._compiled_program("compressed", params, "m0")
   g = np.asarray(args[2]["m0"]["w"])
   _, state = compiled(*args)
-  codes, scales, r, c = (np.asarray(x) for x in state[0]["m0"]["w"])
-  assert scales.dtype == ml_dtypes.bfloat16 and int(state[1]) == 1
-  scales = scales.astype(np.float32)
+  codes, scales, r, c = (np.asarray(x) for x in state["m0"]["w"])
   k = np.concatenate([codes & 15, codes >> 4], axis=-1).astype(np.float32) - 7.0
   m = (k.reshape(64, 4, 32) * (scales[..., None] / 7.0)).reshape(64, 128)
   want = (1 - F.B1) * g
   step = np.repeat(scales / 7.0, 32, axis=-1)
-  assert np.all(np.abs(m - want) <= step * (1 + 1e-6))
-  assert abs(np.mean((m - want) / step)) < 0.02       # unbiased: E[m] = (1-β1)·g
-  top = np.abs(want).reshape(64, 4, 32).max(-1)
-  assert np.all(scales >= top) and np.all(scales <= top * (1 + 2.0 ** -7))
+  assert np.all(np.abs(m - want) <= 0.5 * step + 1e-9)
+  np.testing.assert_allclose(scales, np.abs(want).reshape(64, 4, 32).max(-1), rtol=1e-6)
   np.testing.assert_allclose(r, (1 - F.B2) * np.mean(g * g, axis=-1), rtol=1e-5)
   np.testing.assert_allclose(c, (1 - F.B2) * np.mean(g * g, axis=-2), rtol=1e-5)
-  compiled2, args2 = F._compiled_program("compressed", params, "m0")
-  args2[1] = (args2[1][0], args2[1][1] + 1)                 # the same step one count later
-  _, other = compiled2(*args2)
-  assert not np.array_equal(np.asarray(other[0]["m0"]["w"][0]), codes)
 
 
 def test_every_benchmarked_target_has_a_floor_program():
