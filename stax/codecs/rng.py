@@ -109,7 +109,15 @@ def leaf_keys(key: jax.Array, count: jax.Array, n: int) -> jax.Array:
   split each result: three threefry loops and 20 distinct kernels of TurboAdam's compiled step
   on GPT-2 small. The keys only seed :func:`counter_uniform`'s per-element hash (each codec
   mixes both words with :func:`key_to_seed`), so a hash of (key, step, leaf) serves as well; a
-  codec that wants threefry draws may still use them as ``jax.random`` keys."""
+  codec that wants threefry draws may still use them as ``jax.random`` keys.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from stax.codecs import rng
+    >>> keys = rng.leaf_keys(jax.random.key_data(jax.random.PRNGKey(0)), jnp.int32(3), 4)
+    >>> keys.shape, keys.dtype.name, rng.split_key(keys).shape
+    ((4, 2), 'uint32', (4, 2, 2))
+  """
   step = jnp.asarray(count).astype(_U32) * _U32(0x9E3779B9) + _U32(1)
   s = mix32(key_to_seed(key) ^ mix32(step))
   return _words(s, 2 * n).reshape(n, 2)

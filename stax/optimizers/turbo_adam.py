@@ -235,8 +235,8 @@ def turbo_adam(
   # counters) by a select of the old ones, and its count is held. Before, nonfinite_guard
   # selected the whole chain's state at once; same bits, but measured interleaved on one
   # 4096×4096 leaf (this 2-core CPU, 5 rounds) the default codec's step went from a median
-  # 107 ms to 82 ms. (A select of the core's whole new state, as until stop 43, made XLA form
-  # each vector's new moments twice: GPT-2 small's step 31,019 -> 28,765 HLO instructions.)
+  # 107 ms to 82 ms. (A select of the core's whole new state after it made XLA form each
+  # vector's new moments twice: GPT-2 small's step 31,019 HLO instructions against 28,765.)
   tx = gated_chain(
       scale_by_adam(b1, b2, eps, storage=storage, seed=seed),
       gate_state(optax.add_decayed_weights(weight_decay, mask)),
