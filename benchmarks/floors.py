@@ -44,6 +44,13 @@ the timed calls) in the same process as the optimizer it bounds:
   above 4096 pass through, as :func:`stax.scao` plans them): SCAO's structure, for its
   compile floor.
 
+Every program with the check skips a non-finite step exactly as the steps it bounds do
+(``nonfinite_guard``): each moment, encoding and statistic selected back and the learning rate
+0; where a pass's update reads g itself (STAC's sign, TurboAdam's new m in its p pass) that
+pass selects per element, as the steps do, since a coefficient of 0 would not do (0·NaN is
+NaN). Until stop 44 the programs scaled by 0 instead and would have written NaN on the very
+step the check exists for, a few operations per element cheaper than a correct step.
+
 ``FLOOR_PROGRAMS`` maps each benchmarked optimizer to its program and a sentence saying why;
 ``COMPILE_FLOOR_PROGRAMS`` adds the programs only the compile benchmark uses (the speed
 benchmark bounds those steps by their flops, and SCAO's by phase).
@@ -98,21 +105,23 @@ FLOOR_PROGRAMS = {
 }
 
 
-def _gated(ok, a, d):
-  """EMA coefficients (a, d) on a good step, (0, 1) on a skipped one (as stax's gate)."""
+def _lr(ok):
+  """The learning rate, 0 on a skipped step: the p pass then writes p back exactly, as the
+  guarded steps do (its other operands, the selected moments, are finite)."""
   import jax.numpy as jnp
-  return jnp.where(ok, a, 0.0), jnp.where(ok, d, 1.0)
+  return LR if ok is None else jnp.where(ok, LR, 0.0)
 
 
 def _adam_leaf(p, m, v, g, a1=1 - B1, d1=B1, a2=1 - B2, d2=B2, scale=1.0, ok=None):
   """AdamW on one leaf; with ``ok``, each moment selected back on a skipped step (as stax's
-  gate: one select per moment)."""
+  gate: one select per moment; a coefficient of 0 would not do, 0·NaN is NaN) and the step's
+  learning rate 0."""
   import jax.numpy as jnp
   m_new = d1 * m + a1 * g
   v_new = d2 * v + a2 * g * g
   if ok is not None:
     m_new, v_new = jnp.where(ok, m_new, m), jnp.where(ok, v_new, v)
-  p = p - LR * (scale * m_new / (jnp.sqrt(v_new) + EPS) + WD * p)
+  p = p - _lr(ok) * (scale * m_new / (jnp.sqrt(v_new) + EPS) + WD * p)
   return p, m_new, v_new
 
 
@@ -182,10 +191,9 @@ def _stam_lite_leaf(p, m, v, g, gm, gq, rq, ok):
   """STAMLite's floor on one leaf after its statistics pass: the m and p passes."""
   import jax.numpy as jnp
   b1 = jnp.clip(B1 * (1 - 0.2 * rq / (gq + gm * gm + 1e-8)), 0.72, B1)
-  a2, d2 = _gated(ok, 1 - B2, B2)  # v: one number per tensor
-  v = d2 * v + a2 * gq
+  v = jnp.where(ok, B2 * v + (1 - B2) * gq, v)  # v: one number per tensor
   m_new = jnp.where(ok, b1 * m + (1 - b1) * g, m)
-  p = p - LR * (m_new / (jnp.sqrt(v) + EPS) + WD * p)
+  p = p - _lr(ok) * (m_new / (jnp.sqrt(v) + EPS) + WD * p)
   return p, m_new, v
 
 
@@ -195,8 +203,10 @@ COMPILE_FLOOR_PROGRAMS = {
     **FLOOR_PROGRAMS,
     "stax.oadamw": ("muon", "the momentum pass, five Newton–Schulz iterations per matrix and "
                             "the p pass; AdamW's passes and the check on the other leaves"),
-    "stax.oadamw[gradient]": ("muon", "as OAdamW's momentum mode: Newton–Schulz per matrix, "
-                                      "AdamW's passes and the check"),
+    "stax.oadamw[gradient]": ("ns+stable", "the seed's order: five Newton–Schulz iterations of "
+                                           "each matrix's gradient, then StableAdamW's passes "
+                                           "(the statistics pass and AdamW's three) on every "
+                                           "leaf, and the check on the raw gradient"),
     "stax.scao": ("scao", "AdamW's passes and the check on the effective gradients; the "
                           "preconditioner's products per matrix under the warm-up's "
                           "conditional; each side's QR, Rayleigh–Ritz and eigh under the "
@@ -216,9 +226,10 @@ def _ns5(x):
   tall = x.shape[0] > x.shape[1]
   x = x.T if tall else x
   x = x / (jnp.sqrt(jnp.sum(x * x)) + 1e-7)
-  for a, b, c in rows:
+  eye = jnp.eye(x.shape[0], dtype=x.dtype)
+  for a, b, c in rows:   # as stax's reference: X ← (a·I + b·S + c·S²)·X, one product
     s = x @ x.T
-    x = a * x + (b * s + c * (s @ s)) @ x
+    x = (a * eye + b * s + c * (s @ s)) @ x
   return x.T if tall else x
 
 
@@ -227,8 +238,7 @@ def _muon_leaf(p, m, g, ok):
   m = jnp.where(ok, B1 * m + g, m)
   rows = _rows(p.shape)
   o = _ns5(m.reshape(rows)).reshape(p.shape)
-  lr = jnp.where(ok, LR, 0.0)
-  return p - lr * (o + WD * p), m
+  return p - _lr(ok) * (o + WD * p), m
 
 
 def _scao_k(shape):
@@ -283,8 +293,7 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok):
   """One leaf of the ideal compressed step: 4-bit signed m in blocks of 32, factored v."""
   import jax.numpy as jnp
   from stax import numerics as num
-  a1, d1 = _gated(ok, 1 - B1, B1)
-  a2, d2 = _gated(ok, 1 - B2, B2)
+  a1, d1, a2, d2 = 1 - B1, B1, 1 - B2, B2
   rows, n = g.shape[:-1], g.shape[-1]
   nb = n // BLOCK
 
@@ -293,18 +302,20 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok):
     m = (k.reshape(rows + (nb, BLOCK)) * (scales[..., None] / 7.0)).reshape(g.shape)
     return d1 * m + a1 * g
 
-  r_new = d2 * r + a2 * jnp.mean(jnp.square(g), axis=-1)
+  r_new = jnp.where(ok, d2 * r + a2 * jnp.mean(jnp.square(g), axis=-1), r)
   gi, = num.independent(g)
-  c_new = d2 * c + a2 * jnp.mean(jnp.square(gi), axis=-2)
+  c_new = jnp.where(ok, d2 * c + a2 * jnp.mean(jnp.square(gi), axis=-2), c)
   ops = num.independent(codes, scales, g)
-  s_new = jnp.max(jnp.abs(m_new(*ops).reshape(rows + (nb, BLOCK))), axis=-1)
+  s_new = jnp.where(ok, jnp.max(jnp.abs(m_new(*ops).reshape(rows + (nb, BLOCK))), axis=-1),
+                    scales)
   ops = num.independent(codes, scales, g)
   x = m_new(*ops).reshape(rows + (nb, BLOCK))
   sf = jnp.where(s_new > 0, s_new, 1.0)[..., None]
   k = (jnp.floor(jnp.clip(x / sf * 7.0, -7.0, 7.0) + 7.5)).astype(jnp.uint8).reshape(g.shape)
-  codes_new = _pack_halves(k)
+  codes_new = jnp.where(ok, _pack_halves(k), codes)   # the old encoding on a skipped step
   v_hat = r_new[..., :, None] * c_new[..., None, :] / jnp.maximum(jnp.mean(r_new), 1e-30)
-  p = p - LR * (m_new(codes, scales, g) / (jnp.sqrt(v_hat) + EPS) + WD * p)
+  # selected per element: the new m reads g
+  p = jnp.where(ok, p - LR * (m_new(codes, scales, g) / (jnp.sqrt(v_hat) + EPS) + WD * p), p)
   return p, codes_new, s_new, r_new, c_new
 
 
@@ -399,9 +410,9 @@ def program_step(program: str, head: str):
             pp[k], mm[k], vv[k] = _once(_adam_leaf)(p[mod][k], s[mod][0][k], s[mod][1][k],
                                                     g[mod][k], ok=ok)
           new_p[mod], new_s[mod] = pp, (mm, vv)
-        else:
-          lr = jnp.where(ok, LR, 0.0)
-          new_p[mod] = {k: x - lr * (jnp.sign(g[mod][k]) + WD * x) for k, x in p[mod].items()}
+        else:   # selected per element: sign(NaN) is NaN
+          new_p[mod] = {k: jnp.where(ok, x - LR * (jnp.sign(g[mod][k]) + WD * x), x)
+                        for k, x in p[mod].items()}
           new_s[mod] = None
       return new_p, new_s
     if program == "muon":
@@ -419,6 +430,19 @@ def program_step(program: str, head: str):
           out.append(_once(_adam_leaf)(pl, ml, vl, gl, ok=ok))
       p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
       return p, (m, v)
+    if program == "ns+stable":
+      from stax.optimizers.oadamw import oadamw_labels
+      ok = _check(jax.tree.leaves(g))
+      labels = jax.tree.leaves(oadamw_labels(p))
+      orth = lambda x: _ns5(x.reshape(_rows(x.shape))).reshape(x.shape)
+      g = jax.tree.unflatten(jax.tree.structure(g), [
+          _once(orth)(gl) if lab == "muon" else gl
+          for lab, gl in zip(labels, jax.tree.leaves(g))])
+      leaves = list(zip(*(jax.tree.leaves(t) for t in (p, *s, g))))
+      out = [_once(_stats_leaf)(*leaf, ok) for leaf in leaves]
+      tdef = jax.tree.structure(p)
+      p, m, v = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
+      return p, (m, v)
     if program == "scao":
       m, v, fac, count = s
       ok = _check(jax.tree.leaves(g))
@@ -426,7 +450,7 @@ def program_step(program: str, head: str):
       g_l = jax.tree.leaves(g)
       f_l = tdef.flatten_up_to(fac)
       live = [i for i, f in enumerate(f_l) if f is not None]
-      count = count + 1
+      count = jnp.where(ok, count + 1, count)
 
       mats = {i: g_l[i].reshape(_rows(g_l[i].shape)) for i in live}
 

@@ -206,3 +206,33 @@ def test_compile_time_reports_each_stage_against_optax_adamw():
   assert stac["vs_optax_adamw"] == pytest.approx(stac["total_s"] / stac["optax_adamw_s"])
   assert stac["optax_adamw_s"] > 0 and stac["optax_adamw_s"] != base["total_s"]
   assert 0 < stac["distinct_kernels"] < base["distinct_kernels"]
+
+
+_GUARDED_PROGRAMS = sorted({p for p, _ in F.COMPILE_FLOOR_PROGRAMS.values()} - {"adamw"})
+
+
+@pytest.mark.parametrize("program", _GUARDED_PROGRAMS)
+def test_a_floor_program_skips_a_non_finite_step_as_the_steps_do(program):
+  """Every floor program with the non-finite check leaves the parameters and every state array
+  exactly as they were when one gradient entry is NaN and another inf, as the optimizers it
+  bounds do (``nonfinite_guard``): the skip is a select, not a coefficient of 0 (0·NaN is NaN),
+  so the floor is timed with the operations a correct step needs. After a finite step the
+  parameters move."""
+  params = {"m0": {"w": np.full((64, 128), 0.02, np.float32)},     # a matrix (compressed, NS)
+            "m1": {"w": np.full((128, 64), -0.01, np.float32),
+                   "b": np.full((64,), 0.01, np.float32)}}
+  compiled, args = F._compiled_program(program, params, "m1")
+  before = [np.array(x) for x in jax.tree.leaves(args[:2])]
+  g = jax.tree.map(np.array, args[2])
+  g["m0"]["w"][3, 5] = np.nan
+  g["m1"]["w"][7, 1] = np.inf
+  out = compiled(args[0], args[1], jax.tree.map(jnp.asarray, g))
+  after = [np.asarray(x) for x in jax.tree.leaves(out)]
+  assert len(after) == len(before)
+  for b, a in zip(before, after):
+    np.testing.assert_array_equal(a, b)
+  compiled, args = F._compiled_program(program, params, "m1")
+  p0 = [np.array(x) for x in jax.tree.leaves(args[0])]
+  p1 = jax.tree.leaves(compiled(*args)[0])
+  assert all(np.all(np.isfinite(np.asarray(b))) for b in p1)
+  assert any(not np.array_equal(np.asarray(b), a) for a, b in zip(p0, p1))

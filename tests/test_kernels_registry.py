@@ -217,6 +217,25 @@ def test_gram_newton_schulz_runs_the_standard_iteration_where_it_would_be_slower
     nsk.newton_schulz_gram(jnp.ones((1, 4, 16)), rows, restart=6)
 
 
+@pytest.mark.parametrize("shape", [(1, 200, 96), (2, 64, 64)], ids=["tall", "square"])
+def test_standard_newton_schulz_compiles_the_same_kernels_for_every_iteration(shape):
+  """Each iteration of the XLA standard iteration is the same kernels (X's new value is one
+  product's output, ``(a·I + b·A + c·A²)·X``), so 7 iterations compile no more distinct
+  kernels than 3; written ``a·X + B·X`` XLA fused the sum into X's next uses and recomputed
+  every earlier iteration's in each, a larger kernel per iteration for a tall matrix. The
+  result is the float64 iteration's within float32 rounding."""
+  from benchmarks.speed import distinct_kernels
+  x = jax.random.normal(jax.random.PRNGKey(3), shape)
+  counts = []
+  for steps in (3, 7):
+    rows, _ = stax.ns_coefficients("jordan", steps)
+    fn = jax.jit(lambda x: nsk.newton_schulz_reference(x, rows))
+    counts.append(distinct_kernels(fn.lower(x).compile().as_text()))
+    np.testing.assert_allclose(np.asarray(fn(x), np.float64), _ns_float64(x, rows, 1.0),
+                               atol=2e-5)
+  assert counts[0] == counts[1], counts
+
+
 # ------------------------------------------------- what is compiled for a GPU (lowered on CPU)
 def _lower_for_cuda(fn, *args):
   """StableHLO of ``fn(*args)`` lowered for CUDA on this machine (no GPU needed)."""

@@ -10,6 +10,7 @@ quintic polynomial
 
 which maps every singular value :math:`\sigma` of :math:`X_k` to
 :math:`p_k(\sigma) = a_k\sigma + b_k\sigma^3 + c_k\sigma^5` and keeps the singular vectors.
+The XLA implementations form it as one product, :math:`X_{k+1} = (a_k I + B_k)\,X_k`.
 
 Implementations (op ``"newton_schulz"`` in :mod:`stax.kernels._registry`):
 
