@@ -15,12 +15,14 @@ the timed calls) in the same process as the optimizer it bounds:
 * ``adamw+check``: plus the non-finite check (one reduction over g before any state is written;
   the step's coefficients are selected on it): ``stax.adamw``.
 * ``adamw+check+stats``: plus one pass computing two statistics of g and a moment
-  (:func:`stax.numerics.tiled_means`) that set a per-tensor coefficient before the p pass
-  (StableAdamW's RMS clip, which reads the new v: after the check).
+  (:func:`stax.numerics.tiled_means`) that set a per-tensor coefficient before the p pass,
+  after the check (statistics of a transformed gradient, as OAdamW's gradient mode has; until
+  stop 44 StableAdamW's floor, when its RMS clip read the core's new v after the check).
 * ``adamw+stats``: AdamW's passes and one pass computing two statistics of g and m that set β1
   before the m pass, the check's finiteness probe a third output of that pass (STAM: its rule
   reads the raw gradients before anything is written, so the check needs no pass of its own;
-  :class:`stax.transforms.guards.DeferredGate`).
+  :class:`stax.transforms.guards.DeferredGate`); StableAdamW's pass structure too since stop
+  44 (its RMS statistics of g and the stored v, before anything is written, with the probe).
 * ``stam_lite`` / ``stam_lite+m``: m and p passes only (v is one number per tensor) and one
   statistics pass over g (STAMLite's rule and its v share it, and the check's probe), or over
   g and m (the SNR rule).
@@ -89,9 +91,10 @@ FLOOR_PROGRAMS = {
                                           f"statistics and the stored v) and {_PROBED}"),
     "stax.stam_lite[snr]": ("stam_lite+m", f"the m and p passes and one pass over g and m for "
                                            f"the statistics and {_PROBED}"),
-    "stax.stable_adamw": ("adamw+check+stats", f"{_ADAMW}, {_CHECK}, and one pass over g and "
-                                               "v for the per-tensor RMS clip before the p "
-                                               "pass"),
+    "stax.stable_adamw": ("adamw+stats", f"{_ADAMW} and one pass over g and v for the "
+                                         f"per-tensor RMS clip (the new v formed inside it from "
+                                         f"the stored one) before any state is written and "
+                                         f"{_PROBED}"),
     "stax.turbo_adam": ("compressed", f"{_CHECK}; the new v's row and column means of g² (two "
                                       "reductions); the new m's block absmax (a reduction "
                                       "over g and the codes); the encode pass and the p pass"),

@@ -380,11 +380,13 @@ def test_the_gate_costs_one_select_per_array_a_leaf_writes(name):
   assert gated[0] - ungated[0] == arrays, (gated, ungated)
 
 
-_STAM_FAMILY = {
+# the optimizers whose own statistics' pass gives the guard its probes
+_PROBING = {
     "stam": lambda nf: stax.stam(1e-2, nonfinite=nf),
     "stam_snr": lambda nf: stax.stam(1e-2, beta1_signal="snr", nonfinite=nf),
     "stam_lite": lambda nf: stax.stam_lite(1e-2, nonfinite=nf),
     "stam_lite_snr": lambda nf: stax.stam_lite(1e-2, beta1_signal="snr", nonfinite=nf),
+    "stable_adamw": lambda nf: stax.stable_adamw(1e-2, weight_decay=1e-2, nonfinite=nf),
 }
 
 
@@ -395,12 +397,13 @@ def _probe_params():
           "odd": jnp.full((5, 7), 2.0)}
 
 
-@pytest.mark.parametrize("name", list(_STAM_FAMILY))
+@pytest.mark.parametrize("name", list(_PROBING))
 def test_stam_rules_give_the_guard_its_probes(name):
-  """STAM's and STAMLite's β1 rules read every raw gradient for their statistics, and the
-  guard's gate takes its finiteness probes from that pass (a DeferredGate): with the guard the
-  compiled step reads each gradient in as many kernels as without it (the guard's own check
-  was one pass more: fails on stop 41's code)."""
+  """STAM's and STAMLite's β1 rules, and StableAdamW's RMS clip, read every raw gradient for
+  their statistics, and the guard's gate takes its finiteness probes from that pass (a
+  DeferredGate): with the guard the compiled step reads each gradient in as many kernels as
+  without it (the guard's own check was one pass more: fails on stop 41's code for STAM, on
+  stop 43's for StableAdamW)."""
   params = _probe_params()
 
   def reads(tx):
@@ -409,18 +412,18 @@ def test_stam_rules_give_the_guard_its_probes(name):
     return len([line for line in entry.splitlines()
                 if "%g__big__" in line and "parameter(" not in line])
 
-  guarded, bare = reads(_STAM_FAMILY[name]("skip")), reads(_STAM_FAMILY[name]("ignore"))
+  guarded, bare = reads(_PROBING[name]("skip")), reads(_PROBING[name]("ignore"))
   assert guarded == bare, (guarded, bare)
 
 
-@pytest.mark.parametrize("name", list(_STAM_FAMILY))
+@pytest.mark.parametrize("name", list(_PROBING))
 @pytest.mark.parametrize("leaf", ["big", "b1", "odd"])
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf], ids=["nan", "inf", "-inf"])
 def test_stam_probes_catch_every_nonfinite_gradient(name, leaf, bad):
   """Wherever the non-finite entry is (a tiled tensor, a grouped small one, one alone), the
   probes from the rule's pass make the guard skip the step: parameters and every state leaf
   bit for bit, the skip counted; the next good step moves them again."""
-  tx = _STAM_FAMILY[name]("skip")
+  tx = _PROBING[name]("skip")
   params = _probe_params()
   step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
       *tx.update(g, s, p)))
@@ -435,6 +438,39 @@ def test_stam_probes_catch_every_nonfinite_gradient(name, leaf, bad):
   p3, _ = step(p2, s2, grads(2))
   assert all(not np.array_equal(np.asarray(x), np.asarray(y))
              for x, y in zip(jax.tree.leaves(p3), jax.tree.leaves(p2)))
+
+
+@pytest.mark.parametrize("nu_dtype", [None, jnp.bfloat16])
+def test_stable_adamw_early_rms_equals_the_rms_of_the_cores_new_v(nu_dtype):
+  """StableAdamW's RMS formed before the core (from the stored v, the new v written inside its
+  statistics' pass, so the check's probe rides along) gives the parameters and state bit for
+  bit of the RMS read from the core's new v after it, over 14 steps with huge and non-finite
+  gradients; a bfloat16 v (the RMS then reads the core's v) runs the same way."""
+  from stax.transforms import guards as G
+  params = _probe_params()
+
+  def chain(deferred):
+    core = stax.scale_by_stable_adam(0.9, 0.99, 1e-6, weight_decay=1e-2, nu_dtype=nu_dtype)
+    tx = G.gated_chain(core, G.gate_state(optax.scale_by_learning_rate(1e-2)))
+    return G.nonfinite_guard(G.deferred_gate(tx) if deferred else tx, "skip", gated=True)
+
+  def run(tx):
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)))
+    p, s = params, tx.init(params)
+    for t in range(14):
+      g = jax.tree.map(lambda x: jnp.sin(x * (t + 1.0)) * (1e3 if t % 4 == 0 else 1.0), params)
+      if t in (5, 9):
+        g["big"] = g["big"].at[3, 3].set(jnp.nan if t == 5 else jnp.inf)
+      if t == 7:
+        g["odd"] = g["odd"].at[1, 1].set(3e19)     # beyond the saturation bound 2**63
+      p, s = step(p, s, g)
+    return p, s
+
+  (pd, sd), (pl, sl) = run(chain(True)), run(chain(False))
+  assert int(sd.nonfinite_count) == int(sl.nonfinite_count) == 2
+  for x, y in zip(jax.tree.leaves((pd, sd)), jax.tree.leaves((pl, sl))):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
 def test_deferred_gate_takes_only_the_guards_own_unread_gradients():

@@ -65,7 +65,8 @@ from stax import _validation as V
 from stax import numerics as num
 from stax import partition
 from stax.describe import labels_plan, register_plan
-from stax.transforms.guards import gate_state, gated_chain, gated_partition, nonfinite_guard
+from stax.transforms.guards import (deferred_gate, gate_state, gated_chain, gated_partition,
+                                   nonfinite_guard)
 from stax.codecs.turbo import state_codec_storage
 from stax.transforms.kahan import kahan_summation
 from stax.transforms.trace import TRACE_BITS, saturating_trace, stored_trace
@@ -182,11 +183,14 @@ def stable_adamw(
   # moments back (a codec's encodings, which cannot be rewritten unchanged, by a select of the
   # old ones) and holds its count, the schedule's count is held by gate_state and Kahan keeps
   # its compensation; bit-identical state to the cond version.
-  tx = gated_chain(
+  # The gate is deferred (stax.transforms.guards.DeferredGate): the core's RMS statistics read
+  # every raw gradient before any state is written, and their pass gives the check its probes
+  # (no pass of the check's own).
+  tx = deferred_gate(gated_chain(
       core,
       gate_state(optax.scale_by_learning_rate(learning_rate)),
       kahan_summation(kahan_dtype, enabled=kahan_sum is not False),
-  )
+  ))
   return V.with_param_checks(nonfinite_guard(tx, nonfinite, gated=True),
                              optimizer="stax.stable_adamw")
 
