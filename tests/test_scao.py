@@ -9,6 +9,7 @@ inverse fourth roots) for the low-rank mode.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import jax
@@ -277,6 +278,26 @@ def test_lowrank_graft_passes_an_overflowing_gradient_through():
   assert np.all(np.isfinite(out)) and not np.array_equal(out, fine)
   np.testing.assert_allclose(np.linalg.norm(out), np.linalg.norm(fine.astype(np.float64)),
                              rtol=1e-5)
+
+def test_lowrank_update_compiles_no_constant_of_the_matrix_dimensions():
+  """The curvature update's arithmetic on a side's dimension (the tail level ``1/(dim - K)``,
+  the damping ``1e-4·tau/dim``) reads the dimension as a runtime value
+  (``LeafContext.dims``), so no such constant is compiled into its kernels, which are then the
+  same for every matrix whose arrays have the same shapes (a side's K Ritz values, the 2K×2K
+  Rayleigh–Ritz matrix); the graft uses sums, not means (no ``1/(m·n)``)."""
+  m, n = 72, 110                       # K = 36: tails 1/36 and 1/74
+  params = {"w": jnp.ones((m, n), jnp.float32)}
+  tx = stax.scao(1e-3, warmup_steps=2, precond_freq=2, k_min=2)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+  consts = [float(c) for c in re.findall(r"f32\[\] constant\(([-+0-9.e]+)\)", hlo)]
+  for value in (1 / 36, 1 / 74, 1 / 72, 1 / 110, 1e-4 / 72, 1e-4 / 110, 1 / (m * n)):
+    assert not [c for c in consts if abs(c - value) <= 1e-6 * value], value
+
 
 # --------------------------------------------------------------------------- diagnostics
 def test_diagnostics_under_jit_and_through_wrappers():

@@ -128,11 +128,18 @@ class LeafContext(NamedTuple):
     noise: ``update`` only: this leaf's ``noise_size(plan)`` random draws, uniform on (-1, 1),
       for this curvature update (:func:`stax.codecs.rng.counter_symmetric`, seeded by the
       leaf's key of the step, :func:`stax.codecs.rng.leaf_keys`), else ``None``.
+    dims: ``update`` only: the unit's matrix view's ``(rows, columns)`` as a float32 pair of
+      runtime values (picked from one vector of every unit's, :func:`_runtime_dims`), for the
+      rule's arithmetic on its dimensions (a tail level ``1/(dim - K)``, a damping ``/dim``),
+      else ``None``. Written as Python numbers they are constants compiled into the kernels,
+      which then differ from one matrix shape to the next even where the arrays they work on
+      (a side's K Ritz values, the 2K×2K Rayleigh–Ritz matrix) have one shape.
   """
 
   precond_count: jax.Array
   dtype: Any
   noise: Optional[jax.Array] = None
+  dims: Optional[jax.Array] = None
 
 
 class LeafRule(Protocol):
@@ -341,10 +348,20 @@ def _update_fn(rule: LeafRule, plan: Any, dtype: str):
   size = rule.noise_size(plan)
 
   def fn(item):
-    st, g2, key, precond_count = item
+    st, g2, key, precond_count, dims = item
     draws = rng.counter_symmetric(size, rng.key_to_seed(key)) if key is not None and size else None
-    return rule.update(plan, st, g2, LeafContext(precond_count, jnp.dtype(dtype), draws))
+    return rule.update(plan, st, g2, LeafContext(precond_count, jnp.dtype(dtype), draws, dims))
   return fn
+
+
+def _runtime_dims(shapes: list, anchor: jax.Array) -> list:
+  """Each ``(rows, columns)`` of ``shapes`` as a float32 pair the compiler cannot fold: one
+  table of them selected on ``anchor >= 0`` (a runtime int; always true), each unit's row
+  picked from it (:func:`stax._leafwise.entries`, a kernel that does not depend on the row)."""
+  if not shapes:
+    return []
+  table = jnp.where(anchor >= 0, jnp.asarray(np.asarray(shapes, np.float32)), 0.0)
+  return _leafwise.entries(table)
 
 
 def _apply_fn(rule: LeafRule, plan: Any, dtype: str):
@@ -480,10 +497,13 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
         key = _leafwise.pick(keys, i) if size else None
         # a leaf's independent pieces of work (a block grid's blocks), each with its own owner
         for plan, st_u, g_u, key_u in _units(rule, leaf.plan, st, g2, key):
-          items.append((st_u, g_u, key_u, state.precond_count))
+          items.append([st_u, g_u, key_u, state.precond_count])
           groups.append((plan, jnp.dtype(g.dtype).name))
           costs.append(_cost(rule, plan, g_u))
           at.append(i)
+      # every unit's dimensions as runtime values (LeafContext.dims), then the items as tuples
+      dims = _runtime_dims([tuple(it[1].shape) for it in items], state.count)
+      items = [(*it, d) for it, d in zip(items, dims)]
       fns = {grp: _leafwise.traced_once(_update_fn, rule, *grp) for grp in groups}
       if refresh == "owners":
         outs = owner_map(fns, items, groups=groups, costs=costs)

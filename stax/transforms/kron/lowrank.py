@@ -105,19 +105,23 @@ def _init(m: int, n: int, kmin: int, kmax: int) -> LowRankState:
 
 
 def _tail(trace, s, dim):
-  """Mean of the untracked eigenvalues: (trace − Σ tracked)/(dim − K), >= 0."""
+  """Mean of the untracked eigenvalues: (trace − Σ tracked)/(dim − K), >= 0 (``dim`` a number
+  or a float32 scalar)."""
   big_k = s.shape[0]
-  return jnp.maximum(trace - jnp.sum(s), 0.0) / max(dim - big_k, 1)
+  return jnp.maximum(trace - jnp.sum(s), 0.0) / jnp.maximum(
+      jnp.asarray(dim, jnp.float32) - big_k, 1.0)
 
 
-def _track(u, s, trace_old, gs, rho, omega):
+def _track(u, s, trace_old, gs, rho, omega, dim=None):
   """One warm-started randomized subspace iteration + Rayleigh–Ritz on the implicit EMA.
 
   ``omega`` is a random test matrix (other_dim × K): the controller's uniform draws on (-1, 1)
   (:class:`~._schedule.LeafContext`); any continuous distribution works as well as a Gaussian.
+  ``dim``: this side's dimension (default ``u``'s rows; a float32 scalar from the controller
+  keeps it out of the compiled code, :attr:`~._schedule.LeafContext.dims`).
   """
-  dim, big_k = u.shape
-  sigma = _tail(trace_old, s, dim)
+  rows, big_k = u.shape
+  sigma = _tail(trace_old, s, rows if dim is None else dim)
   q, _ = jnp.linalg.qr(jnp.concatenate([u, gs @ omega], axis=1))
   a = q.T @ u
   b = q.T @ gs
@@ -141,16 +145,21 @@ def _excess_rank(s, trace, dim, eps_sparse, kmin):
   return jnp.clip(k, kmin, big_k).astype(jnp.int32)
 
 
-def _update(st: LowRankState, g, *, rho, eps_sparse, kmin, noise) -> LowRankState:
-  """One curvature update; ``noise``: flat random draws (the controller's), (n + m)·K."""
+def _update(st: LowRankState, g, *, rho, eps_sparse, kmin, noise, dims=None) -> LowRankState:
+  """One curvature update; ``noise``: flat random draws (the controller's), (n + m)·K;
+  ``dims``: ``None``, or ``(m, n)`` as a float32 pair (the controller's runtime dimensions,
+  :attr:`~._schedule.LeafContext.dims`) used in the arithmetic instead of the shape."""
   m, n = g.shape
+  if dims is not None:
+    m, n = dims[0], dims[1]
   big_k = st.S_l.shape[0]
-  omega_l = noise[:n * big_k].reshape(n, big_k)
-  omega_r = noise[n * big_k:(n + m) * big_k].reshape(m, big_k)
+  rows, cols = g.shape
+  omega_l = noise[:cols * big_k].reshape(cols, big_k)
+  omega_r = noise[cols * big_k:(cols + rows) * big_k].reshape(rows, big_k)
   g = num.saturate_norm(g, _schedule.STAT_BOUND)
   trace = rho * st.trace + (1.0 - rho) * jnp.sum(g * g)
-  u_l, s_l = _track(st.U_l, st.S_l, st.trace, g, rho, omega_l)
-  u_r, s_r = _track(st.U_r, st.S_r, st.trace, g.T, rho, omega_r)
+  u_l, s_l = _track(st.U_l, st.S_l, st.trace, g, rho, omega_l, m)
+  u_r, s_r = _track(st.U_r, st.S_r, st.trace, g.T, rho, omega_r, n)
   k = jnp.stack([_excess_rank(s_l, trace, m, eps_sparse, kmin),
                  _excess_rank(s_r, trace, n, eps_sparse, kmin)])
   st = LowRankState(U_l=u_l, S_l=s_l, U_r=u_r, S_r=s_r, trace=trace.astype(jnp.float32), k=k)
@@ -163,7 +172,8 @@ def _side_gain(s, k, trace, dim):
   big_k = s.shape[0]
   mk = jnp.arange(big_k) < k
   head = jnp.sum(jnp.where(mk, s, 0.0))
-  sigma_k = jnp.maximum(trace - head, 0.0) / jnp.maximum(dim - k, 1).astype(jnp.float32)
+  sigma_k = jnp.maximum(trace - head, 0.0) / jnp.maximum(
+      jnp.asarray(dim, jnp.float32) - k.astype(jnp.float32), 1.0)
   lam = 1e-4 * trace / dim
   den = sigma_k + lam
   ok = den > 0
@@ -172,8 +182,9 @@ def _side_gain(s, k, trace, dim):
   return jnp.where(mk, alpha - 1.0, 0.0)
 
 
-def side_gains(st: LowRankState, m: int, n: int) -> tuple[jax.Array, jax.Array]:
-  """``(D_l, D_r)`` of an m×n matrix's state: :func:`_side_gain` of each side."""
+def side_gains(st: LowRankState, m: Any, n: Any) -> tuple[jax.Array, jax.Array]:
+  """``(D_l, D_r)`` of an m×n matrix's state: :func:`_side_gain` of each side (``m``, ``n``
+  numbers or float32 scalars)."""
   return (_side_gain(st.S_l, st.k[0], st.trace, m), _side_gain(st.S_r, st.k[1], st.trace, n))
 
 
@@ -212,7 +223,10 @@ def _graft_ratio(g: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
   overflow under a ``lax.cond`` made XLA copy ``G`` and ``P`` into the conditional: at 16M
   parameters, k_max = 32, the preconditioning took 53 ms with the conditional against 40
   without.)"""
-  sg, so = num.tiled_means((g, p), lambda g, p: jnp.square(g), lambda g, p: jnp.square(g + p))
+  # sums, not means: the ratio is the same, and a division by the matrix's size is a scalar
+  # kernel of its own for every matrix shape
+  sg, so = num.tiled_means((g, p), num.total(lambda g, p: jnp.square(g)),
+                           num.total(lambda g, p: jnp.square(g + p)))
   ok = jnp.isfinite(sg) & jnp.isfinite(so) & (so > 0)
   return jnp.sqrt(sg) / jnp.sqrt(jnp.where(ok, so, 1.0)), ok
 
@@ -253,7 +267,7 @@ class LowRankRule:
   def update(self, plan: LowRankPlan, st: LowRankState, g: jax.Array,
              ctx: LeafContext) -> LowRankState:
     return _update(st, g, rho=self.hp.rho, eps_sparse=self.hp.epsilon_sparse, kmin=plan.kmin,
-                   noise=ctx.noise)
+                   noise=ctx.noise, dims=ctx.dims)
 
 
 def scale_by_kron_lowrank(
