@@ -187,7 +187,10 @@ def _leaf_stats(pairs, stat, *extra):
   """``(live, a, b, probe)``: each live leaf's two statistics ``stat(pair, *(x[i] for x in
   extra))[:2]`` stacked into two vectors (0 for a leaf without statistics), the sum of their
   finiteness probes (the third result: 0 when every live gradient is finite, else NaN), and
-  the static live mask. An
+  the static live mask. ``stat`` returns sums (:class:`stax.numerics.total`); they are divided
+  by each leaf's size here, in the vectors (:func:`_means`), so that no leaf's kernels hold its
+  size as a constant: a division by a leaf's size, with the saturation after it, was a scalar
+  kernel per leaf shape (ResNet-18, STAM: 26 of 141 kernels). An
   ``extra`` is a list (one array per leaf) or a vector (an entry per leaf). Small live leaves of
   one shape are reduced together, vmapped over their stack
   (:func:`stax._leafwise.reduce_leaves`)."""
@@ -202,6 +205,21 @@ def _leaf_stats(pairs, stat, *extra):
   a, b, probe = _leafwise.reduce_leaves(fn, operands, vectors, stacked=True, width=3,
                                         totals=(2,))
   return live, a, b, probe
+
+
+def _means(pairs, *sums):
+  """The vectors of per-leaf sums ``sums`` divided by each leaf's size (1 for a leaf without
+  statistics, whose sums are 0): the means :func:`stax.numerics.tiled_means` gives, formed for
+  every leaf at once (the sums are associated as there: equal to rounding)."""
+  sizes = np.array([max(1, p[0].size) if p is not None else 1 for p in pairs], np.float32)
+  return tuple(x / sizes for x in sums)
+
+
+def _bounds(pairs):
+  """Each leaf's saturation bound ``B`` as a float32 vector (1 for a leaf without one)."""
+  if not pairs:
+    return jnp.zeros([0], _F32)
+  return jnp.stack([jnp.asarray(p[1] if p is not None else 1.0, _F32) for p in pairs])
 
 
 def _probe_terms(g, *_):
@@ -259,16 +277,17 @@ def residual_variance_beta1(
                                  _vector(params, b1_base))
 
   def stats(gb, m):
-    g, bound = gb
+    g, _ = gb
     resid = lambda g, m: _f32(g) - _f32(m)
-    ms, ma, probe = num.tiled_means(
-        num.independent(g, m), lambda g, m: jnp.square(resid(g, m)),
-        lambda g, m: jnp.abs(resid(g, m)), _probe)
-    return (*_saturated(ms, ma, bound), probe)
+    return num.tiled_means(
+        num.independent(g, m), num.total(lambda g, m: jnp.square(resid(g, m))),
+        num.total(lambda g, m: jnp.abs(resid(g, m))), _probe)
 
   def update(grads, mu, state, count):
     del count
-    live, ms, ma, probes = _leaf_stats(_leaves(grads, mu), stats, _m_leaves(mu))
+    pairs = _leaves(grads, mu)
+    live, ms, ma, probes = _leaf_stats(pairs, stats, _m_leaves(mu))
+    ms, ma = _saturated(*_means(pairs, ms, ma), _bounds(pairs))
     base = _f32(b1_base)
     # the seed's mean() of an empty leaf is NaN forever; stax keeps such a leaf inert
     sigma_sq = _ema(live, _f32(b2), state.sigma_sq, ms)
@@ -329,14 +348,21 @@ def spatial_variance_beta1(
                                 _vector(params, b1_base))
 
   def stats(gb):
-    g, bound = gb
-    c = jnp.asarray(num.mean_scale(g.size), _F32)  # mean(g·c)/c: mean(g), never overflowing
-    g_mean, g_sq, probe = num.tiled_means(num.independent(g, c), lambda g, c: _f32(g) * c,
-                                          lambda g, c: jnp.square(_f32(g)), _probe)
-    return jnp.clip(g_mean / c, -bound, bound), _saturated(g_sq, bound=bound)[0], probe
+    g, _ = gb
+    # sum(g·c)/n/c: mean(g), never overflowing (c = num.mean_scale(n), a power of two)
+    c = jnp.asarray(num.mean_scale(g.size), _F32)
+    return num.tiled_means(num.independent(g, c), num.total(lambda g, c: _f32(g) * c),
+                           num.total(lambda g, c: jnp.square(_f32(g))), _probe)
 
   def update(grads, mu, state, count):
-    live, g_mean, g_sq, probes = _leaf_stats(_leaves(grads, mu), stats)
+    pairs = _leaves(grads, mu)
+    scales = np.array([num.mean_scale(p[0].size) if p is not None and p[0].size else 1.0
+                       for p in pairs], np.float32)
+    live, g_mean, g_sq, probes = _leaf_stats(pairs, stats)
+    g_mean, g_sq = _means(pairs, g_mean, g_sq)
+    bounds = _bounds(pairs)
+    g_mean = jnp.clip(g_mean / scales, -bounds, bounds)
+    g_sq = _saturated(g_sq)[0]
     base = _f32(b1_base)
     rho = _f32(moment_decay)
     e = _f32(eps)
@@ -385,16 +411,16 @@ def snr_beta1(
     g, _ = gb
     # m_hat = m / c, 0 while c = 0 (then m = 0): a scalar factor, not a select, so the
     # reduction stays in XLA's vectorised kernel (m is finite, so m/1·0 is 0).
-    g_sq, r_sq, probe = num.tiled_means(
-        num.independent(g, m, c_safe, live), lambda g, m, c, w: jnp.square(_f32(g)),
-        lambda g, m, c, w: jnp.square(_f32(g) - _f32(m) / c * w), _probe)
-    return _saturated(g_sq)[0], _saturated(r_sq)[0], probe
+    return num.tiled_means(
+        num.independent(g, m, c_safe, live), num.total(lambda g, m, c, w: jnp.square(_f32(g))),
+        num.total(lambda g, m, c, w: jnp.square(_f32(g) - _f32(m) / c * w)), _probe)
 
   def update(grads, mu, state, count):
     c = 1.0 - state.b1_prod
     c_safe, started = jnp.where(c > 0, c, 1.0), (c > 0).astype(_F32)
-    live, g_sq, r_sq, probes = _leaf_stats(_leaves(grads, mu), stats, _m_leaves(mu), c_safe,
-                                           started)
+    pairs = _leaves(grads, mu)
+    live, g_sq, r_sq, probes = _leaf_stats(pairs, stats, _m_leaves(mu), c_safe, started)
+    g_sq, r_sq = (_saturated(x)[0] for x in _means(pairs, g_sq, r_sq))
     hi = _f32(b1_max)
     lo = _f32(b1_min)
     rho = _f32(decay)
