@@ -42,6 +42,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import numerics as onum
 
@@ -83,10 +84,23 @@ def update_rms(g: jax.Array, v: jax.Array, eps: Any) -> jax.Array:
   return jnp.sqrt(mean)
 
 
-def _clip_scale(g, v, eps):
-  """``1 / max(1, update_rms)``: the update is multiplied by it (XLA's CPU backend turns a
-  division by a scalar into this product anyway: the same values, one scalar kernel fewer)."""
-  return (1.0 / jnp.maximum(1.0, update_rms(g, v, eps)),)
+def _ratio_sum(g, v, eps):
+  """``(sum(g² / max(v, eps²)),)`` of one leaf in float32 (:func:`update_rms`'s sum)."""
+  g = g.astype(jnp.float32)
+  v = v.astype(jnp.float32)
+  floor = jnp.asarray(eps, jnp.float32) * jnp.asarray(eps, jnp.float32)
+  return num.tiled_means((g, v), num.total(lambda g, v: jnp.square(g) / jnp.maximum(v, floor)))
+
+
+def _clip_scales(sums: jax.Array, g_leaves: list) -> list:
+  """Each leaf's ``(1 / max(1, RMS),)`` from the vector of its ratio sums: the means and scales
+  formed for every leaf at once and each picked (:func:`stax._leafwise.entries`), so that no
+  leaf's kernels hold its size (a division by it was a scalar kernel per leaf shape). The update
+  is multiplied by the scale (XLA's CPU backend turns a division by a scalar into this product
+  anyway)."""
+  sizes = np.array([max(1, g.size) if g is not None else 1 for g in g_leaves], np.float32)
+  scales = _leafwise.entries(1.0 / jnp.maximum(1.0, jnp.sqrt(sums / sizes)))
+  return [None if g is None else (x,) for g, x in zip(g_leaves, scales)]
 
 
 def _probe_terms(g, v):
@@ -97,8 +111,8 @@ def _probe_terms(g, v):
 _probe = num.total(_probe_terms)   # sum(g - g): 0 when every entry is finite, else NaN
 
 
-def _early_clip_scale(g, v, m0, a2, d2, eps):
-  """``(1 / max(1, RMS), probe)`` of one float32 leaf before the Adam core runs: the RMS of
+def _early_ratio_sum(g, v, m0, a2, d2, eps):
+  """``(ratio sum, probe)`` of one float32 leaf before the Adam core runs: the sum of
   :func:`update_rms` over the new v the core will form, ``a2·|sat(g)|² + d2·v`` written as
   :func:`stax.transforms.adam.adam_step` writes it (saturated at the bound of the moments'
   dtypes, ``m0``'s and ``v``'s), evaluated inside the statistics' pass from the stored v, and
@@ -115,13 +129,12 @@ def _early_clip_scale(g, v, m0, a2, d2, eps):
 
   # its own copies of g and v (stax.numerics.independent): else XLA's CSE shares the new v
   # with the core's v pass, which then materialises it for both
-  mean, probe = num.tiled_means(num.independent(g, v), ratio, _probe)
-  return 1.0 / jnp.maximum(1.0, jnp.sqrt(mean)), probe
+  return num.tiled_means(num.independent(g, v), num.total(ratio), _probe)
 
 
 def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, eps):
   """Every leaf's clip scale and one finiteness probe of every gradient, from one statistics
-  pass per leaf that reads ``g`` and the *stored* v (:func:`_early_clip_scale`), or ``None``
+  pass per leaf that reads ``g`` and the *stored* v (:func:`_early_ratio_sum`), or ``None``
   where a leaf's storage is not full-precision float32 m and v (a codec's decoded v, another
   dtype: the RMS then reads the core's v after it ran).
 
@@ -145,11 +158,11 @@ def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, ep
     ops.append((g, nu, jnp.zeros((), mu.dtype)))
   b2_t = debias_beta(cfg.b2, onum.safe_increment(state.count))
   a2, d2 = 1 - b2_t, b2_t
-  out = _leafwise.reduce_leaves(_leafwise.shared_trace(_early_clip_scale),
-                                [None if o is None else (*o, a2, d2, eps) for o in ops])
-  probes = [r[1] for r in out if r is not None]
-  return [None if r is None else (r[0],) for r in out], (sum(probes[1:], probes[0])
-                                                          if probes else None)
+  sums, probe = _leafwise.reduce_leaves(
+      _leafwise.shared_trace(_early_ratio_sum),
+      [None if o is None else (*o, a2, d2, eps) for o in ops], stacked=True, width=2,
+      totals=(1,))
+  return _clip_scales(sums, g_leaves), (probe if any(o is not None for o in ops) else None)
 
 
 def decay_coefficient(weight_decay: Any, decouple_lr: bool, max_lr: Any) -> Any:
@@ -242,8 +255,10 @@ def scale_by_stable_adam(
       scales = early[0]
     elif clip:  # per leaf; small alike leaves' together (stax._leafwise.reduce_leaves)
       e = jnp.asarray(eps, jnp.float32)
-      scales = _leafwise.reduce_leaves(_leafwise.shared_trace(_clip_scale), [
-          None if g is None else (g, v, e) for g, v in zip(g_leaves, v_leaves)])
+      (sums,) = _leafwise.reduce_leaves(_leafwise.shared_trace(_ratio_sum), [
+          None if g is None else (g, v, e) for g, v in zip(g_leaves, v_leaves)], stacked=True,
+          width=1)
+      scales = _clip_scales(sums, g_leaves)
     out = []
     for g, d, v, p, dec, scale in zip(g_leaves, d_leaves, v_leaves, p_leaves, decays, scales):
       if g is None:
