@@ -382,3 +382,24 @@ def test_rms_clips_of_alike_leaves_reduced_together_equal_each_leafs(make, monke
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   assert any(not np.array_equal(np.asarray(a), np.asarray(p))
              for a, p in zip(jax.tree.leaves(grouped), jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("make", [
+    stax.stam, stax.stam_lite, lambda: stax.stam(beta1_signal="snr"),
+    lambda: stax.stable_adamw(1e-3), lambda: stax.stable_adamw(1e-3, nu_dtype=jnp.bfloat16),
+    lambda: stax.oadamw(1e-3, muon="gradient")],
+    ids=["stam", "stam_lite", "stam_snr", "stable_adamw", "stable_adamw_bf16_v",
+         "oadamw_gradient"])
+def test_per_tensor_statistics_hold_no_leaf_size(make):
+  """The β1 rules' statistics and StableAdamW's RMS clip (before the core with float32 moments,
+  after it with a bfloat16 v or a transformed gradient) are sums divided by each leaf's size in
+  one vector (``adaptive_beta._means``, ``stable._clip_scales``), so no kernel of the compiled
+  step holds a leaf's ``1/n``: as a scalar per leaf that was a kernel of its own per leaf shape
+  (ResNet-18: STAM 141 -> 117 kernels, StableAdamW 126 -> 118)."""
+  import re
+  params = {"a": jnp.ones((96, 130)), "b": jnp.ones((70, 110)), "c": jnp.ones((37,))}
+  tx = make()
+  hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  consts = [float(c) for c in re.findall(r"f32\[\] constant\(([-+0-9.e]+)\)", hlo)]
+  for n in (96 * 130, 70 * 110, 37):
+    assert not [c for c in consts if abs(c - 1 / n) <= 1e-6 / n], n

@@ -324,21 +324,3 @@ def test_oadamw_stacked_mode_under_explicit_mesh_equals_single_device():
   assert p["layer_0"]["kernel"].sharding.spec == P("x", None)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
     np.testing.assert_allclose(jax.device_get(a), b, atol=1e-6)
-
-
-@pytest.mark.parametrize("make", [lambda: stax.stable_adamw(1e-3),
-                                  lambda: stax.stable_adamw(1e-3, nu_dtype=jnp.bfloat16),
-                                  lambda: stax.oadamw(1e-3, muon="gradient")],
-                         ids=["stable_adamw", "stable_adamw_bf16_v", "oadamw_gradient"])
-def test_rms_clip_divides_by_the_sizes_in_one_vector(make):
-  """The RMS clip's per-tensor means are ratio sums divided by each leaf's size in one vector
-  (``stable._clip_scales``), before the core (float32 moments) or after it (a bfloat16 v, a
-  transformed gradient): no kernel of the compiled step holds a leaf's ``1/n`` (as a scalar per
-  leaf that was a kernel of its own per leaf shape: ResNet-18 StableAdamW 126 -> 118)."""
-  import re
-  params = {"a": jnp.ones((96, 130)), "b": jnp.ones((70, 110)), "c": jnp.ones((37,))}
-  tx = make()
-  hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
-  consts = [float(c) for c in re.findall(r"f32\[\] constant\(([-+0-9.e]+)\)", hlo)]
-  for n in (96 * 130, 70 * 110, 37):
-    assert not [c for c in consts if abs(c - 1 / n) <= 1e-6 / n], n
