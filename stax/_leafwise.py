@@ -151,6 +151,13 @@ def entries(vec: jax.Array, indices=None) -> list:
   return [got.get(i) for i in range(n)]
 
 
+def sizes(leaves: list) -> np.ndarray:
+  """Each leaf's number of elements as a float32 vector (1 for ``None`` or an empty leaf), to
+  divide a vector of per-leaf sums by: a constant vector is a buffer to XLA's CPU backend, so
+  no leaf's kernels hold its size (a division by it, per leaf, is a scalar kernel per shape)."""
+  return np.array([max(1, int(np.size(x))) if x is not None else 1 for x in leaves], np.float32)
+
+
 def columns(vectors: dict, indices=None) -> dict:
   """``{name: [entry of leaf 0, entry of leaf 1, ...]}`` for ``{name: vector}`` (each of shape
   ``(n,)``, one dtype): with several, they are stacked as the columns of an ``(n, k)`` array and

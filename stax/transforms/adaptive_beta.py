@@ -81,6 +81,7 @@ import numpy as np
 from stax import _leafwise
 from stax import numerics as num
 from stax.transforms.adam import Beta1Rule
+from stax.transforms.guards import PROBE
 
 __all__ = [
     "ResidualVarianceState",
@@ -211,7 +212,7 @@ def _means(pairs, *sums):
   """The vectors of per-leaf sums ``sums`` divided by each leaf's size (1 for a leaf without
   statistics, whose sums are 0): the means :func:`stax.numerics.tiled_means` gives, formed for
   every leaf at once (the sums are associated as there: equal to rounding)."""
-  sizes = np.array([max(1, p[0].size) if p is not None else 1 for p in pairs], np.float32)
+  sizes = _leafwise.sizes([None if p is None else p[0] for p in pairs])
   return tuple(x / sizes for x in sums)
 
 
@@ -222,15 +223,7 @@ def _bounds(pairs):
   return jnp.stack([jnp.asarray(p[1] if p is not None else 1.0, _F32) for p in pairs])
 
 
-def _probe_terms(g, *_):
-  return _f32(g) - _f32(g)
-
-
-_probe = num.total(_probe_terms)
-"""A finiteness probe of ``g`` as one more statistic of the rule's pass: ``sum(g - g)`` is 0
-when every entry is finite and NaN otherwise (``x - x`` is NaN for NaN and ±Inf; XLA keeps it
-for floats; a sum, not a mean: no division per leaf). The guard's gate reads it instead of a
-pass of its own (:class:`stax.transforms.guards.DeferredGate`); unused, XLA drops it."""
+_probe = PROBE   # the gradient's finiteness probe, one more output of each rule's pass
 
 
 def _stat_fn(stat, kinds):

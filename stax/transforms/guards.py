@@ -65,6 +65,7 @@ from optax._src import numerics
 
 from stax import _leafwise
 from stax import _validation as V
+from stax import numerics as snum
 from stax._trees import conform
 
 __all__ = ["NonFiniteGuardState", "nonfinite_guard", "all_finite", "zero_nonfinite",
@@ -148,6 +149,19 @@ def _nan_probe(x: jax.Array) -> jax.Array:
     re, im = jnp.real(x), jnp.imag(x)
     return jnp.sum(re - re, dtype=jnp.float32) + jnp.sum(im - im, dtype=jnp.float32)
   return jnp.sum(x - x, dtype=jnp.float32)
+
+
+def _probe_terms(g, *_):
+  return g.astype(jnp.float32) - g.astype(jnp.float32)
+
+
+PROBE = snum.total(_probe_terms)
+"""A finiteness probe of a statistics pass's first operand, ``g``, as one more statistic of
+:func:`stax.numerics.tiled_means`: ``sum(g - g)``, 0 when every entry is finite and NaN
+otherwise (``x - x`` is NaN for NaN and ±Inf; XLA keeps it for floats; a sum, not a mean: no
+division per leaf). Offered to a :class:`DeferredGate` (STAM's and STAMLite's β1 rules,
+StableAdamW's RMS clip), the gate reads no pass of its own for those gradients; unused, XLA
+drops it."""
 
 
 class DeferredGate:

@@ -42,7 +42,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax._src import numerics as onum
 
@@ -52,7 +51,7 @@ from stax import numerics as num
 from stax.codecs.base import FullPrecision, SeparateStorage, StorageLike, resolve_storage
 from stax.transforms.adam import (ScaleByAdamState, _moment_dtype, adam_config, adam_init,
                                   adam_update, debias_beta)
-from stax.transforms.guards import NONFINITE_OK, DeferredGate, gate_aware
+from stax.transforms.guards import NONFINITE_OK, PROBE, DeferredGate, gate_aware
 
 __all__ = ["scale_by_stable_adam", "update_rms", "add_decoupled_weight_decay",
            "decay_coefficient"]
@@ -98,17 +97,9 @@ def _clip_scales(sums: jax.Array, g_leaves: list) -> list:
   leaf's kernels hold its size (a division by it was a scalar kernel per leaf shape). The update
   is multiplied by the scale (XLA's CPU backend turns a division by a scalar into this product
   anyway)."""
-  sizes = np.array([max(1, g.size) if g is not None else 1 for g in g_leaves], np.float32)
+  sizes = _leafwise.sizes(g_leaves)
   scales = _leafwise.entries(1.0 / jnp.maximum(1.0, jnp.sqrt(sums / sizes)))
   return [None if g is None else (x,) for g, x in zip(g_leaves, scales)]
-
-
-def _probe_terms(g, v):
-  del v
-  return g.astype(jnp.float32) - g.astype(jnp.float32)
-
-
-_probe = num.total(_probe_terms)   # sum(g - g): 0 when every entry is finite, else NaN
 
 
 def _early_ratio_sum(g, v, m0, a2, d2, eps):
@@ -129,7 +120,7 @@ def _early_ratio_sum(g, v, m0, a2, d2, eps):
 
   # its own copies of g and v (stax.numerics.independent): else XLA's CSE shares the new v
   # with the core's v pass, which then materialises it for both
-  return num.tiled_means(num.independent(g, v), num.total(ratio), _probe)
+  return num.tiled_means(num.independent(g, v), num.total(ratio), PROBE)
 
 
 def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, eps):
