@@ -187,7 +187,9 @@ def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Ar
   ``(n // (16·W), 16, W)`` and every statistic's 16 rows are summed in one variadic reduction
   over the middle axis: XLA emits it as one elementwise loop over the ``W``-wide rows (threaded
   and vectorised, one output per statistic), leaving ``n/16`` partial sums per statistic for a
-  plain reduction; the last ``n mod 16·W`` elements are reduced on their own. Measured at 16M
+  plain reduction; the last ``n mod 16·W`` elements are summed the same way in tiles
+  ``(·, 16, 128)``, and the last ``n mod 2048`` in one variadic (scalar) loop, so every read of
+  the operands forms every statistic (a gate on one of them orders all the reads). Measured at 16M
   float32 elements (this project's 2-core CPU, jax 0.10.2): STAM's two residual means 5.3 ms
   against 9.6 as two reductions; at 3.1M 0.7 against 1.0 (``benchmarks/speed.py``'s roofline
   has the whole step). Temporaries: ``4n/16`` bytes per statistic.
@@ -222,24 +224,41 @@ def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Ar
     return separate_means(tuple(operands), *fns)
   if len(fns) == 1:
     return (jnp.maximum(*tiled_means(operands, fns[0], fns[0])),)  # (a total stays a total)
-  tile = TILED_ROWS * w
-  main = n - n % tile
 
-  def view(x, lo, hi, tiles):
+  def view(x, lo, hi):
     if not x.ndim:
       return x
-    flat = jnp.broadcast_to(x, shape).reshape(-1)[lo:hi]
-    return flat.reshape(tiles) if tiles else flat
+    return jnp.broadcast_to(x, shape).reshape(-1)[lo:hi]
 
-  parts = tuple(jnp.asarray(fn(*(view(x, 0, main, (main // tile, TILED_ROWS, w))
-                                 for x in arrays)))
-                for fn in fns)
-  zeros = tuple(jnp.zeros((), p.dtype) for p in parts)
-  partial = jax.lax.reduce(parts, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
-  sums = [jnp.sum(p) for p in partial]
-  if main < n:
-    tail = [view(x, main, n, None) for x in arrays]
-    sums = [s + jnp.sum(fn(*tail)) for s, fn in zip(sums, fns)]
+  def sums_of(lo, hi, tiles):
+    """Each statistic's sum over the flat elements ``[lo, hi)`` from one variadic reduction:
+    over the middle axis of ``tiles`` (an unrolled, vectorised loop, then plain sums of the
+    partials), or of the whole range (``tiles=None``: a scalar loop, for a short remainder)."""
+    parts = tuple(jnp.asarray(fn(*(x if not x.ndim else
+                                   view(x, lo, hi).reshape(tiles or (hi - lo,))
+                                   for x in arrays))) for fn in fns)
+    zeros = tuple(jnp.zeros((), p.dtype) for p in parts)
+    axes = (1,) if tiles else (0,)
+    partial = jax.lax.reduce(parts, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
+    return [jnp.sum(p) for p in partial] if tiles else list(partial)
+
+  # Every read of the operands (the tiles, the tail's narrower tiles, the last < 16·128
+  # elements) computes every statistic in one reduction, so each instruction that reads them
+  # also feeds every statistic: a caller whose gate waits on one of them (a finiteness probe
+  # before a moment is rewritten in place) orders every read before the write. With one
+  # reduction per statistic over the tail, XLA could not order StableAdamW's read of v's tail
+  # before v's in-place update and copied v whole (every 384×384 and 384×1152 matrix of the
+  # speed benchmark's 16M model).
+  sums, lo = None, 0
+  for width in (w, 128):
+    tile = TILED_ROWS * width
+    hi = lo + (n - lo) // tile * tile
+    if hi > lo:
+      got = sums_of(lo, hi, ((hi - lo) // tile, TILED_ROWS, width))
+      sums = got if sums is None else [a + b for a, b in zip(sums, got)]
+      lo = hi
+  if lo < n:
+    sums = [a + b for a, b in zip(sums, sums_of(lo, n, None))]
   return tuple(_finish(fn, s, n) for fn, s in zip(fns, sums))
 
 
