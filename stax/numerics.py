@@ -225,18 +225,17 @@ def tiled_means(operands: tuple, *fns: Callable[..., jax.Array]) -> tuple[jax.Ar
   if len(fns) == 1:
     return (jnp.maximum(*tiled_means(operands, fns[0], fns[0])),)  # (a total stays a total)
 
-  def view(x, lo, hi):
+  def view(x, lo, hi, tiles):
+    """The flat elements ``[lo, hi)`` of an operand as ``tiles`` (a scalar as it is)."""
     if not x.ndim:
       return x
-    return jnp.broadcast_to(x, shape).reshape(-1)[lo:hi]
+    return jnp.broadcast_to(x, shape).reshape(-1)[lo:hi].reshape(tiles or (hi - lo,))
 
   def sums_of(lo, hi, tiles):
     """Each statistic's sum over the flat elements ``[lo, hi)`` from one variadic reduction:
     over the middle axis of ``tiles`` (an unrolled, vectorised loop, then plain sums of the
     partials), or of the whole range (``tiles=None``: a scalar loop, for a short remainder)."""
-    parts = tuple(jnp.asarray(fn(*(x if not x.ndim else
-                                   view(x, lo, hi).reshape(tiles or (hi - lo,))
-                                   for x in arrays))) for fn in fns)
+    parts = tuple(jnp.asarray(fn(*(view(x, lo, hi, tiles) for x in arrays))) for fn in fns)
     zeros = tuple(jnp.zeros((), p.dtype) for p in parts)
     axes = (1,) if tiles else (0,)
     partial = jax.lax.reduce(parts, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), axes)
