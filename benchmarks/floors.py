@@ -32,10 +32,11 @@ the timed calls) in the same process as the optimizer it bounds:
   column means of g² (two reductions, outputs of different shapes), the new m's per-32 block
   absmax recomputed from the 4-bit codes and g (a reduction), the encode pass (codes → codes,
   nibbles packed from the two halves of each row so the loop vectorises; stochastic rounding
-  as the codec's, ``floor(pos + u)`` with ``u`` the top 24 bits of a counter hash
-  ``mix32(index ^ seed)`` of the element's index and a per-leaf seed from the step count, the
-  seeds one vector and each leaf's picked: the codec's m is unbiased only with it, and until
-  stop 45 the program rounded to nearest, 1.99 → 2.28 s of compile on ResNet-18) and the p pass
+  as the codec's, ``floor(pos + u)`` with ``u`` the codec's counter hash of the element's
+  index (``stax.codecs.rng.counter_uniform``) and a per-leaf seed from the step count
+  (``rng.leaf_keys``), the seeds one vector and each leaf's picked: the codec's m is unbiased
+  only with it; until stop 45 the program rounded to nearest, 1.99 → 2.28 s of compile on
+  ResNet-18) and the p pass
   dividing by the rank-1 estimate, on each leaf's row view (a conv kernel ``(out, in, kh, kw)``
   as ``(out, in·kh·kw)``); 1-D leaves keep AdamW's float32 moments.
 
@@ -301,7 +302,6 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
   """One leaf of the ideal compressed step: 4-bit signed m in blocks of 32, stochastically
   rounded with a counter hash of the element's index and the leaf's ``seed`` (a uint32 scalar),
   factored v."""
-  import jax
   import jax.numpy as jnp
   from stax import numerics as num
   a1, d1, a2, d2 = 1 - B1, B1, 1 - B2, B2
@@ -323,11 +323,9 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
   x = m_new(*ops).reshape(rows + (nb, BLOCK))
   sf = jnp.where(s_new > 0, s_new, 1.0)[..., None]
   # stochastic rounding, as the codec's: floor(pos + u) is floor(pos) + (u < frac(pos)) for a
-  # uniform u in [0, 1), the top 24 bits of mix32(index ^ seed) (no antithetic pairs)
-  from stax.codecs.rng import mix32
-  idx = (jax.lax.broadcasted_iota(jnp.uint32, g.shape, 0) * jnp.uint32(n)
-         + jax.lax.broadcasted_iota(jnp.uint32, g.shape, 1))
-  u = (mix32(idx ^ seed) >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+  # uniform u in [0, 1) from the codec's counter hash of the element's index (no antithetic pairs)
+  from stax.codecs import rng
+  u = rng.counter_uniform(rng.flat_index(g.shape), seed, antithetic=False)
   pos = jnp.clip(x / sf * 7.0, -7.0, 7.0).reshape(g.shape)
   k = (jnp.floor(pos + u) + 7.0).astype(jnp.uint8)
   codes_new = jnp.where(ok, _pack_halves(k), codes)   # the old encoding on a skipped step
@@ -497,14 +495,13 @@ def program_step(program: str, head: str):
       return p, (m, v, tdef.unflatten(f_l), count)
     if program == "compressed":
       from stax import _leafwise
-      from stax.codecs.rng import mix32
+      from stax.codecs import rng
       s, count = s
       ok = _check(jax.tree.leaves(g))
-      # every leaf's rounding seed in one vector, each picked by a kernel alike for all leaves
-      # (stax's per-leaf keys: rng.leaf_keys, _leafwise.pick)
+      # every leaf's rounding seed in one vector, each picked by a kernel alike for all leaves,
+      # as the step's keys are (rng.leaf_keys from a fixed key, _leafwise.pick)
       n_leaves = len(jax.tree.leaves(p))
-      seeds = mix32(jax.lax.iota(jnp.uint32, n_leaves)
-                    ^ mix32(count.astype(jnp.uint32) * jnp.uint32(0x9E3779B9)))
+      seeds = rng.key_to_seed(rng.leaf_keys(jnp.zeros([2], jnp.uint32), count, n_leaves))
       leaf = 0
       new_p, new_s = {}, {}
       for mod in p:
