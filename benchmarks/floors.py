@@ -30,8 +30,11 @@ the timed calls) in the same process as the optimizer it bounds:
   head.
 * ``compressed``: TurboAdam's factored default at its ideal: the check, the new v's row and
   column means of g² (two reductions, outputs of different shapes), the new m's per-32 block
-  absmax recomputed from the 4-bit codes and g (a reduction), the encode pass (codes → codes,
-  nibbles packed from the two halves of each row so the loop vectorises; stochastic rounding
+  absmax recomputed from the 4-bit codes and g (a reduction, an integer max of the magnitudes'
+  bits: ``stax.numerics.absmax``), the encode pass (codes → codes, the codec's own packing,
+  ``stax.codecs.packing``, whole 32-bit words at a time; until stop 46 the program packed the
+  two halves of each row, its own layout, which vectorised better than the codec's byte pairs
+  did then and worse than words do; stochastic rounding
   as the codec's, ``floor(pos + u)`` with ``u`` the codec's counter hash of the element's
   index (``stax.codecs.rng.counter_uniform``) and a per-leaf seed from the step count
   (``rng.leaf_keys``), the seeds one vector and each leaf's picked: the codec's m is unbiased
@@ -286,30 +289,19 @@ def _check(g_leaves):
   return all_finite(g_leaves)
 
 
-def _pack_halves(k):
-  """uint8 codes < 16 ``[..., n]`` -> ``[..., n/2]``: byte j holds codes j and j + n/2."""
-  import jax.numpy as jnp
-  h = k.shape[-1] // 2
-  return (k[..., :h] | (k[..., h:] << 4)).astype(jnp.uint8)
-
-
-def _unpack_halves(c):
-  import jax.numpy as jnp
-  return jnp.concatenate([c & 15, c >> 4], axis=-1)
-
-
 def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
   """One leaf of the ideal compressed step: 4-bit signed m in blocks of 32, stochastically
   rounded with a counter hash of the element's index and the leaf's ``seed`` (a uint32 scalar),
   factored v."""
   import jax.numpy as jnp
   from stax import numerics as num
+  from stax.codecs.packing import pack_bits, unpack_bits
   a1, d1, a2, d2 = 1 - B1, B1, 1 - B2, B2
   rows, n = g.shape[:-1], g.shape[-1]
   nb = n // BLOCK
 
   def m_new(codes, scales, g):
-    k = _unpack_halves(codes).astype(jnp.float32) - 7.0
+    k = unpack_bits(codes, 4, n).astype(jnp.float32) - 7.0
     m = (k.reshape(rows + (nb, BLOCK)) * (scales[..., None] / 7.0)).reshape(g.shape)
     return d1 * m + a1 * g
 
@@ -317,8 +309,8 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
   gi, = num.independent(g)
   c_new = jnp.where(ok, d2 * c + a2 * jnp.mean(jnp.square(gi), axis=-2), c)
   ops = num.independent(codes, scales, g)
-  s_new = jnp.where(ok, jnp.max(jnp.abs(m_new(*ops).reshape(rows + (nb, BLOCK))), axis=-1),
-                    scales)
+  # an integer max of the magnitudes' bits (numerics.absmax): its reduction fuses the new m
+  s_new = jnp.where(ok, num.absmax(m_new(*ops).reshape(rows + (nb, BLOCK)), axis=-1), scales)
   ops = num.independent(codes, scales, g)
   x = m_new(*ops).reshape(rows + (nb, BLOCK))
   sf = jnp.where(s_new > 0, s_new, 1.0)[..., None]
@@ -328,7 +320,7 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
   u = rng.counter_uniform(rng.flat_index(g.shape), seed, antithetic=False)
   pos = jnp.clip(x / sf * 7.0, -7.0, 7.0).reshape(g.shape)
   k = (jnp.floor(pos + u) + 7.0).astype(jnp.uint8)
-  codes_new = jnp.where(ok, _pack_halves(k), codes)   # the old encoding on a skipped step
+  codes_new = jnp.where(ok, pack_bits(k, 4), codes)   # the old encoding on a skipped step
   v_hat = r_new[..., :, None] * c_new[..., None, :] / jnp.maximum(jnp.mean(r_new), 1e-30)
   # selected per element: the new m reads g
   p = jnp.where(ok, p - LR * (m_new(codes, scales, g) / (jnp.sqrt(v_hat) + EPS) + WD * p), p)

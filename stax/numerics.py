@@ -26,6 +26,8 @@ leaf into Inf/NaN:
   overflow; otherwise the power is exactly 1 and the result is bit-identical to
   ``sqrt(sum(x**2))``. This costs one max-reduction beside the sum, so these are for norms next
   to heavier work (Newton–Schulz, SCAO's preconditioner), not for a bare per-tensor statistic.
+* :func:`absmax` — ``max |x|`` as an integer maximum of the magnitudes' bits (bit for bit
+  the float one), a reduction XLA's CPU backend fuses its operand's expression into.
 * :func:`tiled_means` — several per-tensor statistics of the same tensors from one read (a tiled
   variadic reduction XLA's CPU backend runs as one vectorised loop); :func:`separate_means` —
   each its own plain reduction, bit for bit ``jnp.mean``; :func:`independent` — operands behind
@@ -58,7 +60,7 @@ import numpy as np
 from stax import _sharding as _sh
 
 __all__ = ["square_bound", "statistic_bound", "saturate", "mean_square", "mean", "norm",
-           "normalize", "saturate_norm", "rounded", "divide"]
+           "normalize", "saturate_norm", "rounded", "divide", "absmax"]
 
 Axis = Optional[Union[int, Sequence[int]]]
 
@@ -354,6 +356,35 @@ def _exponent(a: jax.Array) -> jax.Array:
   biased = (jax.lax.bitcast_convert_type(a, itype) >> int(fi.nmant)) & ((1 << int(fi.nexp)) - 1)
   e = biased.astype(jnp.int32) - (int(fi.maxexp) - 2)
   return jnp.where((biased == 0) | (biased == (1 << int(fi.nexp)) - 1), 0, e)
+
+
+def absmax(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
+  """``jnp.max(jnp.abs(x), axis)`` of a floating ``x``, as an integer maximum of its bits.
+
+  A float's magnitude is its bit pattern with the sign bit cleared, and non-negative IEEE floats
+  order as those integers do, so the result is ``jnp.max(jnp.abs(x))`` bit for bit for every
+  non-NaN input (zeros, subnormals and infinities included; a NaN gives a NaN, as there). Why:
+  XLA's CPU backend sends a float max-reduction to YNNPACK, whose fusion takes only
+  materialised operands, so the elementwise expression that produces ``x`` is written out as a
+  temporary for it; an integer maximum is XLA's own reduction, into which that expression fuses
+  (and is recomputed by every other reader instead of read back). Measured on TurboAdam's
+  default step at 16M parameters (2-core CPU, one interleaved loop, ratio to ``optax.adamw``):
+  the block codec's per-block absmax of the new first moment took its temporaries from 85.7 to
+  21.5 MiB and XLA's bytes from 50.1 to 41.9 B/param, 4.80× → 3.81×.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from stax import numerics
+    >>> float(numerics.absmax(jnp.array([-3.0, 2.0, -0.0])))
+    3.0
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize not in (2, 4, 8):
+    return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims)
+  size = jnp.dtype(x.dtype).itemsize
+  itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[size]
+  magnitude = jax.lax.bitcast_convert_type(x, itype) & itype((1 << (8 * size - 1)) - 1)
+  return jax.lax.bitcast_convert_type(jnp.max(magnitude, axis=axis, keepdims=keepdims), x.dtype)
 
 
 def _scaled_sum_squares(x: jax.Array, axis: Axis):

@@ -40,6 +40,30 @@ def test_packing_equals_turboadam_stream(bits, n, seed):
   np.testing.assert_array_equal(ours, turbo_q.pack_nbit_indices(torch.tensor(codes), bits).numpy())
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_word_packing_is_the_byte_stream(bits, monkeypatch):
+  """Rows that fill whole 32-bit words are packed and unpacked a word at a time on the CPU
+  (``packing._word_values``); the bytes are the seed's stream and the byte-group path's, for
+  rows of whole words and of a partial one."""
+  from stax.codecs import packing
+  rng = np.random.default_rng(bits)
+  per_word = 32 // bits
+  for n in (per_word, 5 * per_word, 5 * per_word + 8 // bits):
+    codes = rng.integers(0, 2 ** bits, size=(3, n)).astype(np.uint8)
+    assert (packing._word_values(n, bits) > 0) == (n % per_word == 0)
+    words = np.asarray(jax.jit(lambda c: pack_bits(c, bits))(jnp.asarray(codes)))
+    stream = (np.packbits(codes, axis=-1, bitorder="little") if bits == 1 else  # (seed: 2-8)
+              np.stack([turbo_q.pack_nbit_indices(torch.tensor(row), bits).numpy()
+                        for row in codes]))
+    np.testing.assert_array_equal(words, stream)
+    np.testing.assert_array_equal(np.asarray(unpack_bits(jnp.asarray(words), bits, n)), codes)
+    with monkeypatch.context() as mp:           # the byte groups other backends take
+      mp.setattr(packing.jax, "default_backend", lambda: "gpu")
+      assert packing._word_values(n, bits) == 0
+      np.testing.assert_array_equal(np.asarray(pack_bits(jnp.asarray(codes), bits)), words)
+      np.testing.assert_array_equal(np.asarray(unpack_bits(jnp.asarray(words), bits, n)), codes)
+
+
 def test_packing_rejects_unsupported_width():
   with pytest.raises(ValueError, match="bits"):
     pack_bits(jnp.zeros((1, 8), jnp.uint8), 5)

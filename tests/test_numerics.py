@@ -175,6 +175,54 @@ def test_the_barrier_is_a_cpu_tuning_only(monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_absmax_is_the_largest_magnitude_bit_for_bit(dtype):
+  """``absmax`` (an integer max of the magnitudes' bits) equals numpy's ``max(|x|)`` bit for bit
+  on every non-NaN input, zeros of both signs, subnormals and infinities included, over any
+  axis; a NaN in the reduced slice gives a NaN."""
+  rng = np.random.default_rng(7)
+  x = (rng.standard_normal((6, 5, 32)) * 10.0 ** rng.integers(-3, 4, (6, 5, 32))).astype(
+      np.float32)
+  x[0, 0, :] = -0.0
+  x[0, 1, :] = 0.0
+  x[0, 1, 3] = -0.0
+  x[0, 2, :] = -1e-42 * np.arange(32)        # float32 subnormals (zero in the 16-bit types)
+  x[0, 3, 5] = np.inf
+  x[0, 4, 6] = -np.inf
+  x[1, 0, :] = -x[1, 0, :] ** 2
+  x = np.asarray(jnp.asarray(x, dtype))      # the values the dtype holds
+  for axis in (-1, 0, (0, 2), None):
+    got = np.asarray(jax.jit(lambda a: numerics.absmax(a, axis=axis))(jnp.asarray(x)))
+    want = np.abs(x.astype(np.float32)).max(axis=axis).astype(x.dtype)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(got.view(np.uint16 if x.itemsize == 2 else np.uint32),
+                                  want.view(np.uint16 if x.itemsize == 2 else np.uint32))
+  y = x.copy()
+  y[2, 3, 4] = np.nan
+  got = np.asarray(numerics.absmax(jnp.asarray(y), axis=-1))
+  assert np.isnan(got[2, 3]) and not np.isnan(np.delete(got.reshape(-1), 2 * 5 + 3)).any()
+  keep = np.asarray(numerics.absmax(jnp.asarray(x), axis=-1, keepdims=True))
+  assert keep.shape == (6, 5, 1)
+
+
+def test_absmax_fuses_its_operand_where_a_float_max_does_not():
+  """The reason for ``absmax``: on XLA's CPU backend a float max-reduction of an elementwise
+  expression that another pass also reads (here a 4-bit-style decode) writes part of that
+  expression out (YNNPACK's reduction takes materialised operands); the integer max fuses it,
+  so nothing but the block maxima is written."""
+  def step(absmax):
+    def f(c, b):
+      m = 0.9 * ((c >> 4).astype(jnp.float32) - 7.0) + 0.1 * b
+      s = absmax(m.reshape(256, 16, 32), axis=-1)
+      return m * jnp.repeat(s, 32, axis=-1)
+    return jax.jit(f).lower(jnp.ones((256, 512), jnp.uint8), jnp.ones((256, 512))).compile()
+  plain = step(lambda x, axis: jnp.max(jnp.abs(x), axis=axis)).memory_analysis()
+  ours = step(numerics.absmax).memory_analysis()
+  assert ours.temp_size_in_bytes <= 256 * 16 * 4      # the block maxima only
+  if jax.default_backend() == "cpu":
+    assert plain.temp_size_in_bytes > ours.temp_size_in_bytes   # what it fixes
+
+
 def test_divide_is_correctly_rounded_where_the_divisor_broadcasts():
   """numerics.divide equals NumPy's float32 division bit for bit for a constant, a scalar array
   and a per-row divisor (all of which XLA would otherwise turn into a multiplication by the

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from stax import numerics as num
 from stax.codecs import _layout as L
 from stax.codecs.log_quant import counter_uniform_like
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
@@ -78,7 +79,7 @@ def signed_encode(m, bits, block_size, uniform=None):
   nb, n_pad = _dims(n, block_size)
   half = (1 << (bits - 1)) - 1
   x = L.split_last(L.pad_last(m.astype(jnp.float32), n_pad, 0.0), (nb, block_size))
-  s = bf16_ceil(jnp.max(jnp.abs(x), axis=-1))
+  s = bf16_ceil(num.absmax(x, axis=-1))   # fuses the producer of m (numerics.absmax)
   sf = s.astype(jnp.float32)[..., None]
   pos = jnp.where(sf > 0, x / jnp.where(sf > 0, sf, 1.0) * jnp.float32(half), 0.0)
   pos = jnp.clip(pos, -half, half)

@@ -45,6 +45,24 @@ def packed_length(n: int, bits: int) -> int:
   return -(-n * bits // 8)
 
 
+def _word_values(n: int, bits: int) -> int:
+  """Values per 32-bit word when a row of ``n`` values is packed and unpacked a whole
+  little-endian ``uint32`` word at a time (0: byte groups, :func:`_group`).
+
+  Whole words where ``bits`` divides 32 and every row fills whole words, on the CPU: there the
+  generic path's one-byte groups of 4-bit codes (two values per byte, a minor axis of 2) made
+  XLA's loops nearly scalar, and a decode read three times per step (TurboAdam's m) cost more
+  than its memory traffic. With words the minor axis holds ``32/bits`` values, the bytes are the
+  same (a ``uint32`` is its four bytes in little-endian order, as the stream is), and only the
+  arithmetic changes. Measured on one 8192×384 leaf (2-core CPU): a 4-bit decode inside an
+  Adam update 3.16 → 1.72 ms, a decode + encode pass 2.57 → 2.30 ms. Other backends keep byte
+  groups (the form the Pallas kernels lower)."""
+  if bits not in (1, 2, 4) or jax.default_backend() != "cpu":
+    return 0
+  per_word = 32 // bits
+  return per_word if n % per_word == 0 else 0
+
+
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
   """Packs integer codes ``[..., n]`` (each < 2**bits) into ``uint8[..., ceil(n·bits/8)]``."""
   g, nbytes = _group(bits)
@@ -52,6 +70,12 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
   out_len = packed_length(n, bits)
   if bits == 8:
     return codes.astype(jnp.uint8)
+  per_word = _word_values(n, bits)
+  if per_word:
+    x = split_last(codes.astype(jnp.uint32), (n // per_word, per_word))
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
+    word = jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32)        # fields do not overlap
+    return merge_last(jax.lax.bitcast_convert_type(word, jnp.uint8), 2)
   ng = -(-n // g)
   x = pad_last(codes.astype(jnp.uint32), ng * g, 0)
   x = split_last(x, (ng, g))
@@ -71,12 +95,19 @@ def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
                      f"at {bits} bits, got {packed.shape[-1]}.")
   if bits == 8:
     return packed.astype(jnp.uint8)
+  mask = jnp.uint32((1 << bits) - 1)
+  per_word = _word_values(n, bits)
+  if per_word:
+    word = jax.lax.bitcast_convert_type(split_last(packed.astype(jnp.uint8), (n // per_word, 4)),
+                                        jnp.uint32)
+    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
+    return merge_last(((word[..., None] >> shifts) & mask).astype(jnp.uint8), 2)
   ng = -(-n // g)
   x = pad_last(packed.astype(jnp.uint32), ng * nbytes, 0)
   x = split_last(x, (ng, nbytes))
   byte_shifts = jnp.arange(nbytes, dtype=jnp.uint32) * jnp.uint32(8)
   word = jnp.sum(x << byte_shifts, axis=-1, dtype=jnp.uint32)
   shifts = jnp.arange(g, dtype=jnp.uint32) * jnp.uint32(bits)
-  vals = ((word[..., None] >> shifts) & jnp.uint32((1 << bits) - 1)).astype(jnp.uint8)
+  vals = ((word[..., None] >> shifts) & mask).astype(jnp.uint8)
   vals = merge_last(vals, 2)
   return vals[..., :n] if vals.shape[-1] != n else vals
