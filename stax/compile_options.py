@@ -64,6 +64,12 @@ faithful mode 4.1× → 2.2× (23,652 → 89), the faithful codec 172 → 116 ms
 411 ms; ``stax.adamw``, STAM, STAMLite and StableAdamW (no temporaries) unchanged within the
 machine's noise.
 
+(The TurboAdam figures above are from before stop 46, when its default step wrote the decoded
+first moment out as float32 for the block absmax: it now recomputes it inside each pass, from
+``stax.numerics.absmax`` and whole-word code packing, and its temporaries at 16M are 18 MiB, under
+glibc's mmap threshold, so it faults in nothing per step with any of the three settings; the
+settings still matter for its larger models, its other codecs, SCAO and OAdamW.)
+
 Example:
   >>> import stax
   >>> stax.lean_memory_xla_flags("--xla_cpu_multi_thread_eigen=false")
