@@ -6,7 +6,9 @@ its format: 2-bit packs 4 values per byte with element 0 in the low bits, 4-bit 
 nibble first, 3-bit packs 8 values into 3 bytes, 6-bit packs 4 values into 3 bytes, 8-bit is one
 value per byte. Packing happens per row (along the last axis only), so a packed array keeps the
 parameter's rank; flattened, it equals the seed's packing of the flattened tensor whenever each
-row's bit length is a multiple of 8.
+row's bit length is a multiple of 8. On the CPU, 1-, 2- and 4-bit rows that fill whole 32-bit
+words are packed and unpacked a little-endian word at a time (the same bytes, faster loops:
+:func:`_word_values`).
 
 Example:
   >>> import jax.numpy as jnp
