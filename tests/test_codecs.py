@@ -335,6 +335,33 @@ def test_factored_codec_keeps_row_and_column_means_and_refuses_vectors():
     codec.init(jnp.zeros(12))
 
 
+def test_factored_mean_squares_are_the_plain_means_saturating_past_overflow():
+  """``Factored.mean_squares``: each row's and column's mean of g² is ``jnp.mean(g²)`` bit for
+  bit while its sum of squares is finite; a row with 20 of its 40 entries at 2**63 (the core's
+  saturation bound), whose sum of squares overflows float32 though its mean (2**125) does not,
+  reads the statistic bound 2**126, above that mean (until stop 46 the exact mean: the
+  documented price of plain reductions), and every other row and every column (one such entry
+  among six) keeps its plain mean."""
+  from stax import numerics
+  from stax.codecs.factored import Factored
+  rng = np.random.default_rng(5)
+  g = (rng.standard_normal((6, 40)) * 10.0 ** rng.integers(-4, 4, (6, 1))).astype(np.float32)
+  rows, cols = Factored().mean_squares(jnp.asarray(g))
+  np.testing.assert_array_equal(np.asarray(rows), np.asarray(jnp.mean(jnp.square(g), axis=-1)))
+  np.testing.assert_array_equal(np.asarray(cols), np.asarray(jnp.mean(jnp.square(g), axis=-2)))
+  big = g.copy()
+  big[2, :20] = 2.0 ** 63 * np.sign(g[2, :20])
+  rows, cols = (np.asarray(x) for x in Factored().mean_squares(jnp.asarray(big)))
+  bound = numerics.statistic_bound(jnp.float32)
+  true_mean = np.mean(np.square(big[2].astype(np.float64)))
+  assert np.isinf(np.sum(np.square(big[2]))) and true_mean < bound
+  assert rows[2] == bound
+  np.testing.assert_array_equal(np.delete(rows, 2), np.delete(np.asarray(
+      jnp.mean(jnp.square(g), axis=-1)), 2))
+  np.testing.assert_array_equal(cols, np.asarray(jnp.mean(jnp.square(big), axis=-2)))
+  assert np.all(np.isfinite(cols)) and np.all(cols < bound)
+
+
 def test_turbo_adam_factored_codec_bits_per_param():
   """codec="factored": 4-bit signed m (4.5 bits) and the factored v on every matrix (a conv
   kernel through its row view (out, in·kh·kw)): 4.5 + 32(m+n)/(mn) bits, under 5 for a
