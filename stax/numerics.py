@@ -338,10 +338,15 @@ def mean_scale(n: int) -> float:
   return float(2.0 ** -(_ceil_log2(n) + 2))
 
 
+def _same_width_int(dtype: Any) -> Any:
+  """The signed integer type as wide as the float ``dtype`` (for arithmetic on its bits)."""
+  return {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+
+
 def _pow2(k: jax.Array, dtype: Any) -> jax.Array:
   """Exactly ``2**k`` in ``dtype`` for integer ``k`` in the normal exponent range (bit pattern)."""
   fi = jnp.finfo(dtype)
-  itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+  itype = _same_width_int(dtype)
   bits = jnp.left_shift((k + (int(fi.maxexp) - 1)).astype(itype), itype(fi.nmant))
   return jax.lax.bitcast_convert_type(bits, dtype)
 
@@ -352,7 +357,7 @@ def _exponent(a: jax.Array) -> jax.Array:
   forty operations in every kernel that scales by it, and its callers use the exponent only
   where ``a`` exceeds :func:`square_bound`."""
   fi = jnp.finfo(a.dtype)
-  itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(a.dtype).itemsize]
+  itype = _same_width_int(a.dtype)
   biased = (jax.lax.bitcast_convert_type(a, itype) >> int(fi.nmant)) & ((1 << int(fi.nexp)) - 1)
   e = biased.astype(jnp.int32) - (int(fi.maxexp) - 2)
   return jnp.where((biased == 0) | (biased == (1 << int(fi.nexp)) - 1), 0, e)
@@ -381,9 +386,8 @@ def absmax(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).itemsize not in (2, 4, 8):
     return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims)
-  size = jnp.dtype(x.dtype).itemsize
-  itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[size]
-  magnitude = jax.lax.bitcast_convert_type(x, itype) & itype((1 << (8 * size - 1)) - 1)
+  itype = _same_width_int(x.dtype)
+  magnitude = jax.lax.bitcast_convert_type(x, itype) & itype(jnp.iinfo(itype).max)
   return jax.lax.bitcast_convert_type(jnp.max(magnitude, axis=axis, keepdims=keepdims), x.dtype)
 
 

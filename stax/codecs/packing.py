@@ -65,6 +65,11 @@ def _word_values(n: int, bits: int) -> int:
   return per_word if n % per_word == 0 else 0
 
 
+def _fields(bits: int, values: int) -> jax.Array:
+  """The bit offsets of ``values`` fields of ``bits`` bits in a word (uint32)."""
+  return jnp.arange(values, dtype=jnp.uint32) * jnp.uint32(bits)
+
+
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
   """Packs integer codes ``[..., n]`` (each < 2**bits) into ``uint8[..., ceil(n·bits/8)]``."""
   g, nbytes = _group(bits)
@@ -73,18 +78,14 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
   if bits == 8:
     return codes.astype(jnp.uint8)
   per_word = _word_values(n, bits)
-  if per_word:
-    x = split_last(codes.astype(jnp.uint32), (n // per_word, per_word))
-    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
-    word = jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32)        # fields do not overlap
-    return merge_last(jax.lax.bitcast_convert_type(word, jnp.uint8), 2)
+  g = per_word or g                       # values per word: a uint32, or a byte group
   ng = -(-n // g)
-  x = pad_last(codes.astype(jnp.uint32), ng * g, 0)
-  x = split_last(x, (ng, g))
-  shifts = jnp.arange(g, dtype=jnp.uint32) * jnp.uint32(bits)
-  word = jnp.sum(x << shifts, axis=-1, dtype=jnp.uint32)          # fields do not overlap
-  byte_shifts = jnp.arange(nbytes, dtype=jnp.uint32) * jnp.uint32(8)
-  by = ((word[..., None] >> byte_shifts) & jnp.uint32(0xFF)).astype(jnp.uint8)
+  x = split_last(pad_last(codes.astype(jnp.uint32), ng * g, 0), (ng, g))
+  word = jnp.sum(x << _fields(bits, g), axis=-1, dtype=jnp.uint32)   # fields do not overlap
+  if per_word:
+    by = jax.lax.bitcast_convert_type(word, jnp.uint8)       # its 4 bytes, little-endian
+  else:
+    by = ((word[..., None] >> _fields(8, nbytes)) & jnp.uint32(0xFF)).astype(jnp.uint8)
   by = merge_last(by, 2)
   return by[..., :out_len] if by.shape[-1] != out_len else by
 
@@ -97,19 +98,15 @@ def unpack_bits(packed: jax.Array, bits: int, n: int) -> jax.Array:
                      f"at {bits} bits, got {packed.shape[-1]}.")
   if bits == 8:
     return packed.astype(jnp.uint8)
-  mask = jnp.uint32((1 << bits) - 1)
   per_word = _word_values(n, bits)
   if per_word:
-    word = jax.lax.bitcast_convert_type(split_last(packed.astype(jnp.uint8), (n // per_word, 4)),
+    g = per_word
+    word = jax.lax.bitcast_convert_type(split_last(packed.astype(jnp.uint8), (n // g, 4)),
                                         jnp.uint32)
-    shifts = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(bits)
-    return merge_last(((word[..., None] >> shifts) & mask).astype(jnp.uint8), 2)
-  ng = -(-n // g)
-  x = pad_last(packed.astype(jnp.uint32), ng * nbytes, 0)
-  x = split_last(x, (ng, nbytes))
-  byte_shifts = jnp.arange(nbytes, dtype=jnp.uint32) * jnp.uint32(8)
-  word = jnp.sum(x << byte_shifts, axis=-1, dtype=jnp.uint32)
-  shifts = jnp.arange(g, dtype=jnp.uint32) * jnp.uint32(bits)
-  vals = ((word[..., None] >> shifts) & mask).astype(jnp.uint8)
-  vals = merge_last(vals, 2)
+  else:
+    ng = -(-n // g)
+    x = split_last(pad_last(packed.astype(jnp.uint32), ng * nbytes, 0), (ng, nbytes))
+    word = jnp.sum(x << _fields(8, nbytes), axis=-1, dtype=jnp.uint32)
+  vals = (word[..., None] >> _fields(bits, g)) & jnp.uint32((1 << bits) - 1)
+  vals = merge_last(vals.astype(jnp.uint8), 2)
   return vals[..., :n] if vals.shape[-1] != n else vals
