@@ -7,7 +7,8 @@ mode) gets the speed benchmark's step: ``update`` + ``apply_updates``, jitted wi
 state donated. Measured: the first step's cost before it runs, ``trace`` + ``lower`` +
 ``compile`` in seconds (on abstract shapes: no parameter memory is allocated), its ratio to
 ``optax.adamw``'s in the same process (the speed issue's target: ≤ 3), and the distinct kernels
-XLA compiled (:func:`benchmarks.speed.distinct_kernels`). Each compile runs ``--repeats`` times
+XLA compiled (:func:`benchmarks.speed.distinct_kernels`; of them, ``kernels_compiled_twice``:
+another kernel's body with its parameters in another order, :func:`benchmarks.speed.kernels_compiled_twice`). Each compile runs ``--repeats`` times
 (default 2) and the fastest counts (a compile is deterministic work; the machine's load is not).
 Each repeat is paired with a compile of optax.adamw's step just before it, and the ratio is the
 fastest of the optimizer's over the fastest of those adjacent baselines (``optax_adamw_s``): this
@@ -59,8 +60,10 @@ def _stages(tx, params) -> dict:
   t2 = time.perf_counter()
   compiled = lowered.compile()
   t3 = time.perf_counter()
+  text = compiled.as_text()
   return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2, "total_s": t3 - t0,
-          "distinct_kernels": speed.distinct_kernels(compiled.as_text())}
+          "distinct_kernels": speed.distinct_kernels(text),
+          "kernels_compiled_twice": speed.kernels_compiled_twice(text)}
 
 
 def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=print) -> dict:
@@ -101,7 +104,7 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
       log(f"{model:10s} {o.name:34s} {best['total_s']:6.2f} s "
           f"(trace {best['trace_s']:.2f}, lower {best['lower_s']:.2f}, compile "
           f"{best['compile_s']:.2f}) ×{best['vs_optax_adamw']:5.2f}  "
-          f"{best['distinct_kernels']} kernels")
+          f"{best['distinct_kernels']} kernels ({best['kernels_compiled_twice']} twice)")
     floors = _floors(rows, params, order, repeats, log, model, baseline)
     out["models"][model] = {"n_params": int(sum(_size(s) for s in shapes.values())),
                             "leaves": len(shapes), "optimizers": rows, "floors": floors}

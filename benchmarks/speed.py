@@ -241,6 +241,23 @@ def distinct_kernels(hlo_text: str) -> int:
   return len(set(_fused_bodies(hlo_text)))
 
 
+def kernels_compiled_twice(hlo_text: str) -> int:
+  """How many of an optimised HLO module's :func:`distinct_kernels` are another one's body with
+  its parameters numbered in another order (the same lines, names aside, in another order).
+
+  XLA numbers a fusion's parameters in the order its fusion pass met their producers, which
+  follows the module's post order: a value every leaf shares (a debiased β, the non-finite
+  gate) is first met inside the first leaf of each shape, so that leaf's kernel can take its
+  operands in another order than the others' and be compiled again. A diagnostic: 0 when every
+  same-shape leaf shares its kernels."""
+  groups: dict = {}
+  for body in set(_fused_bodies(hlo_text)):
+    lines = re.sub(r"%v\d+", "%", re.sub(r"parameter\(\d+\)", "parameter", body)).splitlines()
+    key = "\n".join(sorted(lines))
+    groups[key] = groups.get(key, 0) + 1
+  return sum(n - 1 for n in groups.values())
+
+
 def _best_seconds(fn, x, repeats: int, chain: bool) -> float:
   """Best wall time of ``fn(x)`` over ``repeats`` calls after one warm-up call; with ``chain``
   each call's output is the next call's (donated) input."""

@@ -213,6 +213,27 @@ def test_compile_time_reports_each_stage_against_optax_adamw():
   assert stac["vs_optax_adamw"] == pytest.approx(stac["total_s"] / stac["optax_adamw_s"])
   assert stac["optax_adamw_s"] > 0 and stac["optax_adamw_s"] != base["total_s"]
   assert 0 < stac["distinct_kernels"] < base["distinct_kernels"]
+  assert base["kernels_compiled_twice"] == 0 <= stac["kernels_compiled_twice"] < 3
+
+
+def test_kernels_compiled_twice_counts_bodies_equal_but_for_their_parameters_order():
+  """Two fused computations that differ only in the numbering of their parameters are two
+  distinct kernels and one of them compiled twice; a genuinely different body is not."""
+  from benchmarks import speed
+
+  def fusion(name, order, op="multiply"):
+    a, b = order
+    return (f"\n%{name} (p0: f32[8], p1: f32[]) -> f32[8] {{\n"
+            f"  %x = f32[8]{{0}} parameter({a})\n  %s = f32[] parameter({b})\n"
+            f"  %b = f32[8]{{0}} broadcast(%s), dimensions={{}}\n"
+            f"  ROOT %r = f32[8]{{0}} {op}(%x, %b)\n}}\n")
+
+  same = fusion("fused_computation", (0, 1)) + fusion("fused_computation.1", (0, 1))
+  assert (speed.distinct_kernels(same), speed.kernels_compiled_twice(same)) == (1, 0)
+  swapped = fusion("fused_computation", (0, 1)) + fusion("fused_computation.1", (1, 0))
+  assert (speed.distinct_kernels(swapped), speed.kernels_compiled_twice(swapped)) == (2, 1)
+  other = fusion("fused_computation", (0, 1)) + fusion("fused_computation.1", (1, 0), "add")
+  assert (speed.distinct_kernels(other), speed.kernels_compiled_twice(other)) == (2, 0)
 
 
 _GUARDED_PROGRAMS = sorted(({p for p, _ in F.COMPILE_FLOOR_PROGRAMS.values()}
