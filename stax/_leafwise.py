@@ -85,8 +85,8 @@ def _picks(vec: jax.Array, wanted: list) -> list:
   summed = traced_once(_masked_sum, blocked)
   out = []
   for i in wanted:
-    mask = np.zeros(view.shape[:2 if blocked else 1], bool)
-    mask[divmod(i, _PICK_BLOCK) if blocked else i] = True
+    mask = np.zeros(view.shape[:2 if blocked else 1], view.dtype)
+    mask[divmod(i, _PICK_BLOCK) if blocked else i] = np.invert(np.zeros((), view.dtype))  # all ones
     # the mask is an argument of one shared trace (traced_once), a constant once inlined
     out.append(back(summed(view, mask.reshape(mask.shape + (1,) * (view.ndim - mask.ndim)))))
   return out
@@ -131,11 +131,13 @@ def _bits_view(vec: jax.Array):
 
 
 def _masked_sum(blocked: bool) -> Callable:
-  """The sum of ``where(mask, view, 0)`` over the view's row axes (two when ``blocked``): the
-  one entry the mask selects, bit for bit (integers)."""
+  """The sum of ``view & mask`` over the view's row axes (two when ``blocked``), ``mask`` all
+  ones in the selected row and zeros elsewhere: the one entry the mask selects, bit for bit
+  (integers). The view is the first operand: as ``where(mask, view, 0)`` the first pick of a
+  vector met the view after its mask and took its operands in another order than the other
+  picks, a kernel compiled again per vector."""
   axes = (0, 1) if blocked else (0,)
-  return lambda view, mask: jnp.sum(jnp.where(mask, view, np.array(0, view.dtype)), axis=axes,
-                                    dtype=view.dtype)
+  return lambda view, mask: jnp.sum(view & mask, axis=axes, dtype=view.dtype)
 
 
 #: rows a pick sums in one block (see :func:`_bits_view`)
