@@ -241,9 +241,10 @@ def distinct_kernels(hlo_text: str) -> int:
   return len(set(_fused_bodies(hlo_text)))
 
 
-def kernels_compiled_twice(hlo_text: str) -> int:
+def kernels_compiled_twice(hlo_text: str, root: str = "") -> int:
   """How many of an optimised HLO module's :func:`distinct_kernels` are another one's body with
-  its parameters numbered in another order (the same lines, names aside, in another order).
+  its parameters numbered in another order (the same lines, names aside, in another order);
+  with ``root`` (a regular expression), among the kernels whose ``ROOT`` line matches it.
 
   XLA numbers a fusion's parameters in the order its fusion pass met their producers, which
   follows the module's post order: a value every leaf shares (a debiased β, the non-finite
@@ -252,6 +253,8 @@ def kernels_compiled_twice(hlo_text: str) -> int:
   same-shape leaf shares its kernels."""
   groups: dict = {}
   for body in set(_fused_bodies(hlo_text)):
+    if root and not re.search(r"ROOT \S+ = " + root, body):
+      continue
     lines = re.sub(r"%v\d+", "%", re.sub(r"parameter\(\d+\)", "parameter", body)).splitlines()
     key = "\n".join(sorted(lines))
     groups[key] = groups.get(key, 0) + 1
