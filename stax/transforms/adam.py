@@ -320,7 +320,7 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   (a1, d1), (a2, d2) = (1 - b1_t, b1_t), (1 - b2_t, b2_t)
   new_mu = _ema(mu, g, a1, d1).astype(_moment_dtype(mu, g))
   if gate_mu:
-    new_mu = jnp.where(ok, new_mu, mu)
+    new_mu = _keep_unless(ok, mu, new_mu)
   if nu_new is not None:
     new_nu = jnp.asarray(nu_new).astype(_moment_dtype(nu, g))
   elif nu_mean is not None:
@@ -334,7 +334,7 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
   else:
     new_nu = _ema(nu, sq, a2, d2).astype(_moment_dtype(nu, g))
     if gate_nu:
-      new_nu = jnp.where(ok, new_nu, nu)
+      new_nu = _keep_unless(ok, nu, new_nu)
 
   m, v = (new_mu, new_nu) if project is None else project(new_mu, new_nu)
   if cfg.bias_correction == "standard":
@@ -368,6 +368,13 @@ def _ema(old: jax.Array, new: jax.Array, a: Any, d: Any) -> jax.Array:
   moment kernels a second time (StableAdamW on ResNet-18: 113 kernels, 105 in this order). The
   same values bit for bit: IEEE addition and multiplication are commutative."""
   return d * old + a * new
+
+
+def _keep_unless(ok: Any, old: jax.Array, new: jax.Array) -> jax.Array:
+  """``new`` where the gate ``ok`` holds, else ``old``: ``where(¬ok, old, new)``, the old value
+  first for the reason of :func:`_ema` (as ``where(ok, new, old)``, OAdamW's gradient mode on
+  GPT-2 small compiled the first layer's moment kernels again: 99 kernels, 95 in this form)."""
+  return jnp.where(jnp.logical_not(ok), old, new)
 
 
 def _ema_coefficients(b: Any, ok: Any) -> tuple[Any, Any]:
