@@ -58,7 +58,8 @@ def _params(layers):
   return p
 
 
-def _kernels(tx, layers):
+def _step_hlo(tx, layers):
+  """The optimised HLO text of ``tx``'s donated, jitted step on ``_params(layers)``."""
   params = _params(layers)
   state = tx.init(params)
 
@@ -66,8 +67,11 @@ def _kernels(tx, layers):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-  return speed.distinct_kernels(compiled.as_text())
+  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+
+
+def _kernels(tx, layers):
+  return speed.distinct_kernels(_step_hlo(tx, layers))
 
 
 OPTIMIZERS = {
@@ -114,15 +118,7 @@ def test_compiled_loops_do_not_grow_with_same_shaped_leaves(make):
   at once, or inside the loop that updates alike leaves together (``stax.owners``), the
   program's loops are as many for 10 layers as for 6."""
   def loops(layers):
-    tx, params = make(), _params(layers)
-    state = tx.init(params)
-
-    def step(p, s, g):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
-    return text.count(" while(")
+    return _step_hlo(make(), layers).count(" while(")
 
   assert loops(10) == loops(6)
 
@@ -142,15 +138,7 @@ def test_the_first_layers_kernels_are_the_other_layers_kernels(make):
   m pass's saturated g, the first layer's m and v kernels were compiled again, counts
   ``[1, 1, 5, 5, 6]`` here; ``benchmarks.speed.kernels_compiled_twice`` counts such kernels.)"""
   import collections
-  import re
-  tx, params = make(), _params(6)
-  state = tx.init(params)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+  text = _step_hlo(make(), 6)
   counts = collections.Counter(b for b in speed._fused_bodies(text)
                                if re.search(r"ROOT \S+ = f32\[64,96\]", b))
   assert counts and all(c % 6 == 0 for c in counts.values()), sorted(counts.values())
@@ -161,14 +149,7 @@ def _pick_kernels_compiled_twice(make):
   its operands in another order, for the ``_params(6)`` model."""
   jax.clear_caches()
   getattr(_leafwise._traced_once, "cache_clear", lambda: None)()
-  tx, params = make(), _params(6)
-  state = tx.init(params)
-
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+  text = _step_hlo(make(), 6)
   pick = r"u32\[\d*\]\{?[\d,]*\}? reduce\("
   assert any(re.search(r"ROOT \S+ = " + pick, b) for b in speed._fused_bodies(text))
   return speed.kernels_compiled_twice(text, root=pick)
