@@ -329,7 +329,7 @@ def adam_step(g: jax.Array, mu: jax.Array, nu: jax.Array, b1: Any, count: jax.Ar
     if gate_nu:  # a skipped step uses (0, 1) on zeroed means: they stay exactly as they are
       a2, d2 = _ema_coefficients(b2_t, ok)
       sq_mean = jax.tree.map(lambda s: jnp.where(ok, s, jnp.zeros((), s.dtype)), sq_mean)
-    new_nu = jax.tree.map(lambda s, o: (a2 * s + d2 * o.astype(s.dtype)).astype(dtype),
+    new_nu = jax.tree.map(lambda s, o: _ema(o.astype(s.dtype), s, a2, d2).astype(dtype),
                           sq_mean, old_mean)
   else:
     new_nu = _ema(nu, sq, a2, d2).astype(_moment_dtype(nu, g))
@@ -741,7 +741,7 @@ def _mean_emas(cfg: AdamConfig, count: jax.Array, ok: Any, sq_means: jax.Array, 
   b_sq = np.array([num.square_bound(d[0].dtype, d[1].dtype) ** 2 if w else 1.0
                    for d, w in zip(decoded, which)], np.float32)  # powers of two: exact
   old = stack_leaf_scalars([ne if w else 0.0 for ne, w in zip(nu_enc, which)])
-  new = a2 * jnp.minimum(sq_means, b_sq) + d2 * old
+  new = _ema(old, jnp.minimum(sq_means, b_sq), a2, d2)
   # a skipped step keeps the stored means (written back through the codec bit for bit: a
   # stored mean is its own encoding), whatever a non-finite mean(|g|²) made of the EMA
   return new if ok is None else jnp.where(ok, new, old)
