@@ -60,7 +60,7 @@ import numpy as np
 from stax import _sharding as _sh
 
 __all__ = ["square_bound", "statistic_bound", "saturate", "mean_square", "mean", "norm",
-           "normalize", "saturate_norm", "rounded", "divide", "absmax"]
+           "normalize", "saturate_norm", "rounded", "divide", "absmax", "next_float"]
 
 Axis = Optional[Union[int, Sequence[int]]]
 
@@ -290,6 +290,33 @@ def divide(x: Any, d: Any) -> jax.Array:
   d = jnp.asarray(d, x.dtype)
   x = jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, d.shape))
   return x / jnp.where(x == x, d, jnp.asarray(jnp.nan, x.dtype))
+
+
+def next_float(x: jax.Array, up: bool) -> jax.Array:
+  """The next value of float ``x`` toward +inf (``up``) or -inf: ``jnp.nextafter(x, ±inf)`` bit
+  for bit, computed on the bits of ``x`` alone (every float16 and bfloat16 and a sample of
+  float32 checked, subnormals included, ``tests/test_numerics.py``).
+
+  Pallas's Triton lowering has no ``nextafter``; integer arithmetic on the bits lowers
+  everywhere, so a codec's outward rounding (:func:`stax.codecs.log_quant.block_endpoints`) is the
+  same code in XLA and in a GPU kernel. The magnitude's bits go up by one away from zero and
+  down by one toward it; ±0 steps to the smallest subnormal of the direction's sign; an
+  infinity in its own direction and NaN stay. No float comparison is made: XLA:CPU treats
+  subnormal operands of one as zero.
+  """
+  x = jnp.asarray(x)
+  width = 8 * jnp.dtype(x.dtype).itemsize
+  utype = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
+  bits = jax.lax.bitcast_convert_type(x, utype)
+  sign = utype(1 << (width - 1))
+  mag = bits & utype((1 << (width - 1)) - 1)
+  fi = jnp.finfo(x.dtype)
+  inf = utype(((1 << int(fi.nexp)) - 1) << int(fi.nmant))   # the bits of +inf
+  away = ((bits & sign) == 0) == up                          # the magnitude grows
+  out = jnp.where(away, bits + utype(1), bits - utype(1))
+  out = jnp.where(mag == 0, utype(1) if up else sign | utype(1), out)
+  stays = (mag > inf) | ((mag == inf) & away)                # NaN, or ±inf in its direction
+  return jax.lax.bitcast_convert_type(jnp.where(stays, bits, out), x.dtype)
 
 
 def independent(*xs: Any) -> tuple:

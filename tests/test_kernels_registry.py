@@ -44,7 +44,7 @@ def test_default_order_per_platform():
   # Newton–Schulz: the Pallas kernel is opt-in on every platform.
   for on in ("cpu", "gpu", "tpu"):
     assert nsk.OP.default_order(on) == ("gram", "xla")
-  assert ts.OP.default_order("gpu") == ("xla",)   # the kernel does not lower for GPU yet
+  assert ts.OP.default_order("gpu") == ("xla",)   # the kernel has not run on a GPU yet
   assert ts.OP.default_order("cpu") == ("xla",)
   assert ts.OP.default_order("tpu") == ("xla",)
   # Names in an order that have no registered kernel are skipped.
@@ -242,27 +242,43 @@ def _lower_for_cuda(fn, *args):
   return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_faithful_turbo_step_lowers_for_gpu_and_pallas_is_refused_there(monkeypatch):
-  """On an H200 (jax 0.11.2) the fused kernel's Triton lowering failed inside XLA's compile,
-  after the registry's fallback, so the faithful codec failed on every GPU. Compiled for a GPU,
-  ``None`` now runs the reference (which lowers) and an explicit ``"pallas"`` is a ValueError
-  that says why."""
+@pytest.mark.parametrize("shape,v_bits", [((64, 256), 4), ((16, 8, 4, 4), 2), ((6, 384), 8),
+                                           ((128,), 4)], ids=["matrix", "conv-2bit", "rows6-8bit",
+                                                              "vector"])
+def test_faithful_turbo_step_pallas_lowers_to_triton_for_gpu(monkeypatch, shape, v_bits):
+  """The fused kernel reads and writes its codes by strided ref loads and stores (four phases of
+  each block, no value slices or reshapes), so it lowers through Pallas's Triton backend for
+  CUDA: one Triton call per compressed leaf. (On an H200, jax 0.11.2, the earlier kernel
+  stopped at ``lax.slice``.) ``implementation=None`` still runs the XLA reference on a GPU:
+  the kernel has not yet been compiled and run on one."""
   import optax
   from stax.kernels.turbo_step import pallas as tp
   monkeypatch.setattr(reg, "platform", lambda: "gpu")
   monkeypatch.setattr(tp, "use_interpret", lambda: False)
-  p = {"w": jnp.zeros((64, 256))}
-  tx = stax.turbo_adam(1e-3, codec="turboadam-0.2", min_compress_elements=1)
+  p = {"w": jnp.zeros(shape)}
 
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
-  text = _lower_for_cuda(step, p, tx.init(p), p)
-  assert "__gpu$xla.gpu.triton" not in text and "pallas" not in text.lower()
-  txp = stax.turbo_adam(1e-3, codec="turboadam-0.2", min_compress_elements=1,
-                        implementation="pallas")
-  with pytest.raises(ValueError, match="does not lower for GPU"):
-    txp.update(p, txp.init(p), p)
+  def lowered(implementation):
+    tx = stax.turbo_adam(1e-3, codec="turboadam-0.2", min_compress_elements=1, v_bits=v_bits,
+                         implementation=implementation)
+
+    def step(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+    return _lower_for_cuda(step, p, tx.init(p), p)
+  assert "__gpu$xla.gpu.triton" not in lowered(None)
+  assert lowered("pallas").count("__gpu$xla.gpu.triton") == 1
+
+
+def test_faithful_turbo_step_pallas_refuses_what_it_cannot_read():
+  """3- and 6-bit v codes straddle bytes, which the kernel's phase loads cannot read: an
+  explicit ``"pallas"`` is a ValueError naming the reason; ``None`` runs the reference."""
+  p = {"w": jnp.ones((4, 256))}
+  with pytest.raises(ValueError, match=r"v_bits in \(2, 4, 8\), got 3"):
+    tx = stax.turbo_adam(1e-3, codec="turboadam-0.2", min_compress_elements=1, v_bits=3,
+                         implementation="pallas")
+    tx.update(p, tx.init(p), p)
+  tx = stax.turbo_adam(1e-3, codec="turboadam-0.2", min_compress_elements=1, v_bits=3)
+  tx.update(p, tx.init(p), p)
 
 
 def test_newton_schulz_pallas_lowers_to_triton_for_gpu():

@@ -311,3 +311,28 @@ def test_tiled_means_off_the_cpu_are_separate_means(monkeypatch):
   monkeypatch.setattr(numerics.jax, "default_backend", lambda: "gpu")
   jaxpr = str(jax.make_jaxpr(lambda g: numerics.tiled_means((g,), *fns))(g))
   assert jaxpr.count("reduce_sum") == 2 and "reduce[" not in jaxpr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("up", [True, False], ids=["up", "down"])
+def test_next_float_is_numpys_nextafter_for_every_bit_pattern(dtype, up):
+  """``numerics.next_float`` (integer arithmetic on the bits, what a Pallas kernel lowers) is
+  NumPy's ``nextafter`` toward ±inf: every float16 and bfloat16 bit pattern, and a sample of
+  float32 ones with the edges (±0, subnormals, the largest finite, ±inf); NaN stays NaN."""
+  import ml_dtypes
+  npdt = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
+  if dtype == "float32":
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([rng.integers(0, 1 << 32, 200_000, dtype=np.uint64),
+                           [0, 1, 2, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000, 0x7FC00000,
+                            0x80000000, 0x80000001, 0x807FFFFF, 0xFF7FFFFF, 0xFF800000]])
+    x = bits.astype(np.uint32).view(np.float32)
+  else:
+    x = np.arange(1 << 16, dtype=np.uint16).view(npdt)
+  with np.errstate(all="ignore"):
+    want = np.nextafter(x, np.array(np.inf if up else -np.inf, dtype=npdt))
+  got = np.asarray(jax.jit(lambda a: numerics.next_float(a, up))(jnp.asarray(x)))
+  nan = np.isnan(want.astype(np.float32))
+  np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+  width = np.uint16 if dtype != "float32" else np.uint32
+  np.testing.assert_array_equal(got[~nan].view(width), want[~nan].view(width))

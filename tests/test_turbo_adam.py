@@ -333,6 +333,45 @@ def test_fused_pallas_update_equals_the_reference_in_interpret_mode():
                                atol=4e-7)
 
 
+
+@pytest.mark.parametrize("v_bits", [4, 2, 8])
+def test_fused_pallas_tiles_and_phases_equal_the_reference(v_bits):
+  """The kernel's tiles (a power of two of rows per program: 16 rows in two programs, 2 of 6,
+  1 of 15, a vector's one row) and its four phases per block (element 4j + k in column j of
+  phase k, each phase's codes a shift of the same bytes): v codes of 2, 4 and 8 bits, a
+  non-finite step skipped, the gradient scale changing ×10⁴ between steps. The state bit for
+  bit (the mean blocks' sums are added phase by phase, another order than XLA's, and still
+  land on the same bf16 means and codes here); parameters to float32 rounding."""
+  shapes = {"a": (32, 256), "b": (6, 384), "e": (3, 5, 128), "d": (512,)}
+
+  def run(implementation):
+    rng = np.random.default_rng(0)
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    tx = stax.turbo_adam(1e-2, weight_decay=0.01, codec="turboadam-0.2", v_bits=v_bits,
+                         min_compress_elements=100, implementation=implementation)
+    state, step = tx.init(params), _apply(tx)
+    for i in range(5):
+      scale = 0.01 + 100.0 * (i % 3 == 1)
+      grads = {k: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32)
+               for k, p in params.items()}
+      if i == 3:
+        grads["b"] = grads["b"].at[0, 0].set(jnp.nan)
+      params, state = step(params, state, grads)
+    return params, state
+
+  p_ref, s_ref = run("xla")
+  p_ker, s_ker = run("pallas")
+  for a, b in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_ker)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.dtype in (jnp.uint8, jnp.float16, jnp.bfloat16):       # codes, endpoints, means
+      np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                    np.asarray(b.astype(jnp.float32)))
+    else:                                                      # step scalars, counts, keys
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6)
+  for name in p_ref:
+    np.testing.assert_allclose(np.asarray(p_ker[name]), np.asarray(p_ref[name]), rtol=0,
+                               atol=4e-7)
+
 def test_fused_implementation_is_checked_at_construction():
   with pytest.raises(ValueError, match=r"op 'turbo_step' must be None or one of \('xla', "
                                        r"'pallas', 'chunked'\), got 'triton'"):

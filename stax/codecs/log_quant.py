@@ -36,7 +36,8 @@ from stax.codecs.packing import pack_bits, packed_length, unpack_bits
 from stax.codecs.rng import counter_uniform, flat_index, key_to_seed
 
 __all__ = ["V_BITS", "LogQuantState", "LogQuantCodec", "log_init", "log_decode", "log_encode",
-           "MIN_POSITIVE", "MAX_LOG_FP16"]
+           "level_coords", "decode_levels", "clamp_positive", "block_endpoints", "level_codes", "MIN_POSITIVE",
+           "MAX_LOG_FP16"]
 
 V_BITS = (2, 3, 4, 6, 8)
 MIN_POSITIVE = 1.0e-38
@@ -74,15 +75,31 @@ def log_decode(state: LogQuantState, bits: int, block_size: int, n: int,
   :func:`log_encode`)."""
   nb, n_pad = _dims(n, block_size)
   idx = unpack_bits(state.codes, bits, n_pad).astype(jnp.float32)
-  coord = _div(idx, float((1 << bits) - 1), exact)
-  coord = L.split_last(coord, (nb, block_size))
-  lmin = state.scales[..., 0:1].astype(jnp.float32)
-  lmax = state.scales[..., 1:2].astype(jnp.float32)
-  # never zero: levels below the smallest normal float32 (flushed to 0 by XLA) decode to it
-  v = jnp.maximum(jnp.exp(lmin + _rnd(coord * (lmax - lmin), exact)),
-                  jnp.float32(_F32_TINY))
+  # the coordinates before the blocks are split out: with exact=False, XLA would otherwise
+  # fold the reciprocal into the per-block range (another rounding)
+  coord = L.split_last(level_coords(idx, bits, exact), (nb, block_size))
+  v = decode_levels(coord, state.scales[..., 0:1], state.scales[..., 1:2], exact)
   v = L.merge_last(v, 2)
   return v[..., :n] if n != n_pad else v
+
+
+def level_coords(idx: jax.Array, bits: int, exact: bool = True) -> jax.Array:
+  """The position ``k/(2^b - 1)`` in its block's log range of each code ``k`` (float32
+  integers ``idx``)."""
+  return _div(idx, float((1 << bits) - 1), exact)
+
+
+def decode_levels(coord: jax.Array, min_h: jax.Array, max_h: jax.Array,
+                  exact: bool = True) -> jax.Array:
+  """The float32 levels at coordinates ``coord`` (:func:`level_coords`) between the fp16 log
+  endpoints ``min_h``, ``max_h`` (broadcasting against ``coord``): ``exp(l_min + coord·(l_max -
+  l_min))``, never below the smallest normal float32 (XLA flushes levels below it to 0). The
+  elementwise part of :func:`log_decode`, shared with the fused GPU kernel
+  (:mod:`stax.kernels.turbo_step.pallas`)."""
+  lmin = min_h.astype(jnp.float32)
+  lmax = max_h.astype(jnp.float32)
+  return jnp.maximum(jnp.exp(lmin + _rnd(coord * (lmax - lmin), exact)),
+                     jnp.float32(_F32_TINY))
 
 
 def _div(x, d, exact: bool):
@@ -99,12 +116,53 @@ def _outward_fp16(log_min: jax.Array, log_max: jax.Array) -> tuple[jax.Array, ja
   min_h = log_min.astype(jnp.float16)
   max_h = log_max.astype(jnp.float16)
   dynamic = log_max > log_min
-  min_out = jnp.nextafter(min_h, jnp.full_like(min_h, -jnp.inf))
-  max_out = jnp.minimum(jnp.nextafter(max_h, jnp.full_like(max_h, jnp.inf)),
-                        jnp.float16(MAX_LOG_FP16))
+  min_out = numerics.next_float(min_h, up=False)
+  max_out = jnp.minimum(numerics.next_float(max_h, up=True), jnp.float16(MAX_LOG_FP16))
   min_h = jnp.where(dynamic & (min_h.astype(jnp.float32) > log_min), min_out, min_h)
   max_h = jnp.where(dynamic & (max_h.astype(jnp.float32) < log_max), max_out, max_h)
   return min_h, max_h
+
+
+def clamp_positive(v: jax.Array) -> jax.Array:
+  """float32 ``v`` clamped to ``[1e-38, f32 max]``, the range :func:`log_encode` encodes."""
+  return jnp.minimum(jnp.maximum(v.astype(jnp.float32), jnp.float32(MIN_POSITIVE)),
+                     jnp.float32(_F32_MAX))
+
+
+def block_endpoints(block_min: jax.Array, block_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The fp16 log endpoints ``(min_h, max_h)`` of blocks whose clamped values
+  (:func:`clamp_positive`) have extremes ``block_min``, ``block_max``: their logs (as the log of
+  the extremes, the same numbers as the extremes of the logs: XLA's float32 log never
+  decreases, ``tests/test_codecs.py`` checks every positive float), rounded outward to fp16."""
+  # XLA on CPU flushes float32 denormals (1e-38 is one) to zero; clamp the log as the seed's
+  # log(1e-38) so the block minimum stays finite.
+  log_min = jnp.maximum(jnp.log(block_min), jnp.float32(_LOG_MIN_POSITIVE))
+  log_max = jnp.maximum(jnp.log(block_max), jnp.float32(_LOG_MIN_POSITIVE))
+  return _outward_fp16(log_min, log_max)
+
+
+def level_codes(x: jax.Array, min_h: jax.Array, max_h: jax.Array, bits: int,
+                uniform: Optional[jax.Array] = None, exact: bool = True) -> jax.Array:
+  """float32 codes (integers in ``[0, 2^b - 1]``) of the clamped values ``x`` between their
+  block's fp16 endpoints (broadcasting): value-unbiased stochastic rounding with ``uniform``
+  (same shape as ``x``), or the nearest level in log space with ``None``. The elementwise part
+  of :func:`log_encode`, shared with the fused GPU kernel."""
+  intervals = (1 << bits) - 1
+  logb = jnp.maximum(jnp.log(x), jnp.float32(_LOG_MIN_POSITIVE))
+  lmin = min_h.astype(jnp.float32)
+  lmax = max_h.astype(jnp.float32)
+  step = _div(lmax - lmin, float(intervals), exact)
+  position = jnp.clip(_div(logb - lmin, jnp.maximum(step, jnp.float32(1e-10)), exact), 0.0,
+                      float(intervals))
+  if uniform is None:
+    return jnp.clip(jnp.floor(position + 0.5), 0, intervals)
+  lower = jnp.clip(jnp.floor(position), 0, intervals)
+  upper = jnp.minimum(lower + 1.0, float(intervals))
+  lo_v = jnp.exp(lmin + _rnd(lower * step, exact))
+  hi_v = jnp.exp(lmin + _rnd(upper * step, exact))
+  p_up = jnp.clip((x - lo_v) / jnp.maximum(hi_v - lo_v, jnp.float32(_F32_TINY)), 0.0, 1.0)
+  p_up = jnp.where(upper > lower, p_up, 0.0)
+  return lower + (uniform < p_up).astype(jnp.float32)
 
 
 def pad_blocks(v: jax.Array, block_size: int) -> jax.Array:
@@ -129,35 +187,15 @@ def log_encode(v: jax.Array, bits: int, block_size: int,
   """
   n = v.shape[-1]
   nb, n_pad = _dims(n, block_size)
-  intervals = (1 << bits) - 1
-  blocks = L.split_last(pad_blocks(v.astype(jnp.float32), block_size), (nb, block_size))
-  blocks = jnp.minimum(jnp.maximum(blocks, jnp.float32(MIN_POSITIVE)), jnp.float32(_F32_MAX))
-  # XLA on CPU flushes float32 denormals (1e-38 is one) to zero; clamp the log as the seed's
-  # log(1e-38) so the block minimum stays finite.
-  logb = jnp.maximum(jnp.log(blocks), jnp.float32(_LOG_MIN_POSITIVE))
-  # The block's log endpoints as the log of its extremes: the same numbers as the extremes of
-  # the logs (XLA's float32 log is monotone: tests/test_codecs.py checks every positive float),
-  # but the reductions read v itself, so XLA materialises v for them, not log v and its clamp.
-  log_min = jnp.maximum(jnp.log(jnp.min(blocks, axis=-1)), jnp.float32(_LOG_MIN_POSITIVE))
-  log_max = jnp.maximum(jnp.log(jnp.max(blocks, axis=-1)), jnp.float32(_LOG_MIN_POSITIVE))
-  min_h, max_h = _outward_fp16(log_min, log_max)
+  blocks = clamp_positive(L.split_last(pad_blocks(v.astype(jnp.float32), block_size),
+                                       (nb, block_size)))
+  # the extremes read v itself, so XLA materialises v for the reductions, not log v and its
+  # clamp (block_endpoints)
+  min_h, max_h = block_endpoints(jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1))
   scales = jnp.stack([min_h, max_h], axis=-1)
-  lmin = min_h.astype(jnp.float32)[..., None]
-  lmax = max_h.astype(jnp.float32)[..., None]
-  step = _div(lmax - lmin, float(intervals), exact)
-  position = jnp.clip(_div(logb - lmin, jnp.maximum(step, jnp.float32(1e-10)), exact), 0.0,
-                      float(intervals))
-  if uniform is None:
-    idx = jnp.clip(jnp.floor(position + 0.5), 0, intervals)
-  else:
-    lower = jnp.clip(jnp.floor(position), 0, intervals)
-    upper = jnp.minimum(lower + 1.0, float(intervals))
-    lo_v = jnp.exp(lmin + _rnd(lower * step, exact))
-    hi_v = jnp.exp(lmin + _rnd(upper * step, exact))
-    p_up = jnp.clip((blocks - lo_v) / jnp.maximum(hi_v - lo_v, jnp.float32(_F32_TINY)), 0.0, 1.0)
-    p_up = jnp.where(upper > lower, p_up, 0.0)
-    u = L.split_last(uniform, (nb, block_size))
-    idx = lower + (u < p_up).astype(jnp.float32)
+  if uniform is not None:
+    uniform = L.split_last(uniform, (nb, block_size))
+  idx = level_codes(blocks, min_h[..., None], max_h[..., None], bits, uniform, exact)
   codes = pack_bits(L.merge_last(idx.astype(jnp.uint8), 2), bits)
   return LogQuantState(codes, scales)
 

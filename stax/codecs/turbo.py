@@ -124,13 +124,21 @@ class TurboAdam02Storage(StorageBase):
   def _denom(self, v, c2):
     return numerics.divide(jnp.sqrt(jnp.maximum(v, 0.0)), c2) + jnp.asarray(self.eps, jnp.float32)
 
+  def m_from_u(self, u, v, sc: StepScalars):
+    """m = u·c1p·(√v/c2p + eps): the first moment from the decoded UState ``u`` and ``v``."""
+    return u * sc.c1p * self._denom(v, sc.c2p)
+
+  def u_from_m(self, mu, v_p, sc: StepScalars):
+    """u = (m/c1)/(√v_p/c2 + eps) with the persisted (re-decoded) ``v_p``: what UState encodes."""
+    return numerics.divide(mu.astype(jnp.float32), sc.c1) / self._denom(v_p, sc.c2)
+
   def decode_block(self, mu_enc, nu_enc, n: int, sc: StepScalars):
     """(m, v) from the encodings of rows of length ``n``: v decoded, m = u·c1p·(√v/c2p + eps)."""
     v = LQ.log_decode(nu_enc, self.bits, self.block_size, n) if self.compress_v else nu_enc
     if not self.compress_m:
       return mu_enc, v
     u = US.ustate_decode(mu_enc, n, self.m_block_size, self.block_size)
-    return u * sc.c1p * self._denom(v, sc.c2p), v
+    return self.m_from_u(u, v, sc), v
 
   def encode_block(self, mu, nu, mu_prev, sc: StepScalars, v_uniform, m_uniform):
     """The new v encoding (``v_uniform``'s stochastic rounding) and, for a compressed m, the
@@ -143,7 +151,7 @@ class TurboAdam02Storage(StorageBase):
       nu_enc = v_p = nu.astype(jnp.float32)
     if not self.compress_m:
       return nu_enc, None
-    u = numerics.divide(mu.astype(jnp.float32), sc.c1) / self._denom(v_p, sc.c2)
+    u = self.u_from_m(mu, v_p, sc)
     return nu_enc, US.ustate_encode_parts(u, mu_prev, m_uniform, self.m_block_size,
                                           self.block_size)
 

@@ -36,7 +36,8 @@ from stax import numerics
 from stax.codecs import _layout as L
 from stax.codecs.packing import pack_bits, packed_length, unpack_bits
 
-__all__ = ["UStateM", "ustate_init", "ustate_encode", "ustate_decode", "LEVEL_CENTER",
+__all__ = ["UStateM", "ustate_init", "ustate_encode", "ustate_decode", "ustate_encode_parts",
+           "decode_raw", "recentre", "block_means", "unit_codes", "LEVEL_CENTER",
            "DEFAULT_STEP_FACTOR", "M_BLOCK_SIZE"]
 
 LEVEL_CENTER = 1.5
@@ -90,39 +91,65 @@ def ustate_decode(state: UStateM, n: int, m_block: int, block: int) -> jax.Array
   """float32 u with last axis ``n``."""
   nmb, n_mpad, n_spad = _dims(n, m_block, block)
   codes = unpack_bits(state.codes, 2, n_spad)[..., :n_mpad]
-  levels = L.split_last(codes.astype(jnp.float32), (nmb, m_block)) - jnp.float32(LEVEL_CENTER)
-  raw = numerics.rounded(levels * state.decode_step.astype(jnp.float32))
+  raw = decode_raw(L.split_last(codes, (nmb, m_block)), state.decode_step)
   valid = _valid_mask(n, m_block)
   if not valid.all():
     raw = jnp.where(valid, raw, 0.0)
-  raw = raw - numerics.divide(jnp.sum(raw, axis=-1), _counts(n, m_block))[..., None]
-  decoded = state.means.astype(jnp.float32)[..., None] + raw
+  counts = _counts(n, m_block)
+  decoded = recentre(raw, jnp.sum(raw, axis=-1)[..., None],
+                     counts if isinstance(counts, float) else counts[:, None],
+                     state.means[..., None])
   if not valid.all():
     decoded = jnp.where(valid, decoded, 0.0)
   decoded = L.merge_last(decoded, 2)
   return decoded[..., :n] if n_mpad != n else decoded
 
 
+def decode_raw(codes: jax.Array, decode_step: jax.Array) -> jax.Array:
+  """The float32 residuals of 2-bit ``codes`` at the lagged step: ``(code - 1.5)·s_dec``."""
+  levels = codes.astype(jnp.float32) - jnp.float32(LEVEL_CENTER)
+  return numerics.rounded(levels * decode_step.astype(jnp.float32))
+
+
+def recentre(raw: jax.Array, raw_sum: jax.Array, count: Any, means: jax.Array) -> jax.Array:
+  """u from its residuals ``raw``, re-centred so that its mean block's mean is the stored bf16
+  ``means`` (``raw_sum``: the block's sum of ``raw`` over ``count`` valid entries; each
+  broadcasts against ``raw``)."""
+  return means.astype(jnp.float32) + (raw - numerics.divide(raw_sum, count))
+
+
+def block_means(block_sum: jax.Array, count: Any) -> jax.Array:
+  """The bf16 mean of a mean block from its sum over ``count`` valid entries."""
+  return numerics.divide(block_sum, count).astype(jnp.bfloat16)
+
+
+def unit_codes(residual: jax.Array, uniform: jax.Array, encode_step: jax.Array) -> jax.Array:
+  """uint8 2-bit codes of ``residual`` (u minus its block's bf16 mean): the stochastic rounding
+  of ``clip(r/s + 1.5, 0, 3)`` with ``uniform`` at the lagged step ``s`` (all 0 while ``s`` is
+  0, before the first encode)."""
+  used = encode_step.astype(jnp.float32)
+  safe = jnp.maximum(used, jnp.float32(_TINY))
+  position = jnp.clip(numerics.divide(residual, safe) + jnp.float32(LEVEL_CENTER), 0.0, 3.0)
+  lower = jnp.floor(position)
+  codes = lower + (uniform < position - lower).astype(jnp.float32)
+  return jnp.where(used > 0.0, codes, 0.0).astype(jnp.uint8)
+
+
 def ustate_encode_parts(u: jax.Array, prev: UStateM, uniform: jax.Array, m_block: int,
                         block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Packed codes, bf16 means and the squared residuals ``(..., nmb, m_block)`` of ``u``,
   encoded with the lagged step ``prev.encode_step`` (the building block of :func:`ustate_encode`
-  and of the fused kernel, which reduces the squared residuals per block)."""
+  and of :class:`stax.codecs.turbo.TurboAdam02Storage`'s block encode)."""
   n = u.shape[-1]
   nmb, n_mpad, n_spad = _dims(n, m_block, block)
   x = L.pad_last(u.astype(jnp.float32), n_mpad, 0.0)
   blocks = L.split_last(x, (nmb, m_block))
-  means = numerics.divide(jnp.sum(blocks, axis=-1), _counts(n, m_block)).astype(jnp.bfloat16)
+  means = block_means(jnp.sum(blocks, axis=-1), _counts(n, m_block))
   residual = blocks - means.astype(jnp.float32)[..., None]
   valid = _valid_mask(n, m_block)
   if not valid.all():
     residual = jnp.where(valid, residual, 0.0)
-  used = prev.encode_step.astype(jnp.float32)
-  safe = jnp.maximum(used, jnp.float32(_TINY))
-  position = jnp.clip(numerics.divide(residual, safe) + jnp.float32(LEVEL_CENTER), 0.0, 3.0)
-  lower = jnp.floor(position)
-  codes = lower + (L.split_last(uniform, (nmb, m_block)) < position - lower).astype(jnp.float32)
-  codes = jnp.where(used > 0.0, codes, 0.0).astype(jnp.uint8)
+  codes = unit_codes(residual, L.split_last(uniform, (nmb, m_block)), prev.encode_step)
   codes = L.pad_last(L.merge_last(codes, 2), n_spad, jnp.uint8(0))
   return pack_bits(codes, 2), means, jnp.square(residual)
 

@@ -143,12 +143,14 @@ def turbo_adam(
       (read → step → write on the whole tensor), ``"chunked"`` (the same a chunk of rows at a
       time in one XLA loop: bounded temporaries, but 1.8–2.7× slower on CPU; the ``"stax"``
       codec) or ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both moments
-      compressed; interpret mode only: it does not lower for a GPU yet, a ``ValueError``
-      there). All give the same state bit for bit and the same update to float32 rounding. ``"chunked"`` with the faithful codec (its UState m has a tensor-wide step
-      size) or the factored codec (no fused update of its own) and ``"pallas"`` without the
-      faithful codec raise ``ValueError``; a leaf a named implementation
-      cannot run (``"pallas"`` on a row that is not a multiple of ``block_size``) raises
-      ``ValueError`` when the step is traced.
+      compressed and ``v_bits`` 2, 4 or 8; written for Pallas's Triton lowering, checked to
+      lower for CUDA and, in interpret mode, to equal ``"xla"``, but not yet run on a GPU, so
+      ``None`` does not pick it there). All give the same state bit for bit and the same
+      update to float32 rounding. ``"chunked"`` with the faithful codec (its UState m has a
+      tensor-wide step size) or the factored codec (no fused update of its own) and
+      ``"pallas"`` without the faithful codec raise ``ValueError``; a leaf a named
+      implementation cannot run (``"pallas"`` on a row that is not a multiple of
+      ``block_size``, or with 3- or 6-bit v) raises ``ValueError`` when the step is traced.
 
   Parameters must be real floating-point (complex, integer and bool leaves raise ``TypeError`` at
   ``init``, naming the leaf). Non-default arguments with no effect (the codec arguments with

@@ -30,16 +30,20 @@ Implementations:
   time in one XLA loop, for a storage that encodes rows independently (the ``"stax"`` codec;
   ``NotImplementedError`` for UState; a 1-D leaf, one that fits in one chunk or one sharded
   under an explicit mesh runs as one chunk): bounded temporaries, cache-resident passes;
-* ``"pallas"``: :func:`turbo_update_pallas` (:mod:`.pallas`), the faithful storage only; the row
-  length must be a multiple of ``block_size`` (else ``NotImplementedError``). Interpret mode
-  only: it does not lower for a GPU yet (checked on an H200, see :mod:`.pallas`), so on a GPU
-  asking for it is a ``ValueError`` saying so.
+* ``"pallas"``: :func:`turbo_update_pallas` (:mod:`.pallas`), the faithful storage only: one
+  program per tile of rows and block, written for Pallas's Triton lowering (strided ref loads
+  and stores of four phases per block; it lowers for CUDA, checked on a CPU, and equals the XLA
+  path's state bit for bit in interpret mode). The row length must be a multiple of
+  ``block_size``, the blocks powers of two and ``v_bits`` 2, 4 or 8 (else
+  ``NotImplementedError``). Not yet compiled and run on a GPU.
 
 ``implementation=None`` runs ``"xla"`` on every platform (``"chunked"`` is opt-in: on CPU XLA
-runs a loop body on one thread, 1.8–2.7× slower). Until the H200 check (``benchmarks/gpu.py``)
-the GPU order tried ``"pallas"`` first, and since the kernel's failure came from XLA's compile,
-after the registry's fallback, the faithful codec failed on every GPU; now it runs ``"xla"``
-there: 0.69–0.93 ms for a donated step of a 4096×4096 leaf on the H200 (two runs).
+runs a loop body on one thread, 1.8–2.7× slower; ``"pallas"`` is opt-in until it has run on a
+GPU: ``benchmarks/gpu.py``'s ``turbo_step`` section checks and times it against ``"xla"``). An
+earlier kernel, the GPU default until the H200 check, failed inside XLA's compile (Pallas's
+Triton lowering has no ``lax.slice``), after the registry's fallback, so the faithful codec
+failed on every GPU; the XLA path there took 0.69–0.93 ms for a donated step of a 4096×4096
+leaf on the H200 (two runs).
 
 Example:
   >>> import jax.numpy as jnp, stax
