@@ -5,8 +5,10 @@
 Triton lowering asks for), takes the Triton IR that Pallas generates, and compiles it with the
 ``triton`` package (``triton.compile`` of the ``.ttir``, ``GPUTarget("cuda", arch, 32)``: Triton's
 own passes, LLVM's NVPTX backend and ``ptxas``; no GPU or driver needed). For each distinct
-kernel it prints and saves whether it compiled, its PTX and cubin sizes, and ``ptxas -v``'s
-registers per thread, spill bytes and Triton's shared memory. The kernels:
+kernel it prints and saves whether it compiled, its PTX and cubin sizes, the rounding of its
+float32 divisions, square roots and exponentials in the PTX (Triton emits ``div.full.f32`` and
+``.approx`` forms, which are not IEEE-exact: on a GPU the kernel's arithmetic is not XLA's bit
+for bit), and ``ptxas -v``'s registers per thread, spill bytes and Triton's shared memory. The kernels:
 
 * ``turbo_step``: TurboAdam's fused faithful update (:mod:`stax.kernels.turbo_step.pallas`) on
   a 4096 × 4096 leaf, 4-bit v;
@@ -30,6 +32,7 @@ release that renames it needs this script updated.
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
@@ -136,6 +139,11 @@ def run(arch: int = 90) -> dict:
           k = triton.compile(path, target=GPUTarget("cuda", arch, 32),
                              options={"num_warps": 4, "num_stages": 1})
         one = {"ptx_lines": len(k.asm["ptx"].splitlines()),
+               # the rounding of the float operations Triton chose (div.full and the .approx
+               # forms are not IEEE-exact, as XLA's divisions and square roots are)
+               "ptx_ops": dict(sorted(collections.Counter(re.findall(
+                   r"\b((?:div|sqrt|rsqrt|ex2|lg2|rcp)\.[a-z]+(?:\.ftz)?)\.f32",
+                   k.asm["ptx"])).items())),
                "cubin_bytes": len(k.asm.get("cubin", b"")),
                "shared_bytes": int(getattr(k.metadata, "shared", 0))}
         one.update(_ptxas_report(k.asm["ptx"], arch))
