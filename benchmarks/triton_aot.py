@@ -8,7 +8,8 @@ own passes, LLVM's NVPTX backend and ``ptxas``; no GPU or driver needed). For ea
 kernel it prints and saves whether it compiled, its PTX and cubin sizes, the rounding of its
 float32 divisions, square roots and exponentials in the PTX (Triton emits ``div.full.f32`` and
 ``.approx`` forms, which are not IEEE-exact: on a GPU the kernel's arithmetic is not XLA's bit
-for bit), and ``ptxas -v``'s registers per thread, spill bytes and Triton's shared memory. The kernels:
+for bit), and ``ptxas -v``'s registers per thread, spill bytes and Triton's shared memory.
+The kernels:
 
 * ``turbo_step``: TurboAdam's fused faithful update (:mod:`stax.kernels.turbo_step.pallas`) on
   a 4096 × 4096 leaf, 4-bit v;

@@ -36,8 +36,8 @@ from stax.codecs.packing import pack_bits, packed_length, unpack_bits
 from stax.codecs.rng import counter_uniform, flat_index, key_to_seed
 
 __all__ = ["V_BITS", "LogQuantState", "LogQuantCodec", "log_init", "log_decode", "log_encode",
-           "level_coords", "decode_levels", "clamp_positive", "block_endpoints", "level_codes", "MIN_POSITIVE",
-           "MAX_LOG_FP16"]
+           "level_coords", "decode_levels", "clamp_positive", "block_endpoints", "level_codes",
+           "MIN_POSITIVE", "MAX_LOG_FP16"]
 
 V_BITS = (2, 3, 4, 6, 8)
 MIN_POSITIVE = 1.0e-38

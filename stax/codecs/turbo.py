@@ -129,7 +129,8 @@ class TurboAdam02Storage(StorageBase):
     return u * sc.c1p * self._denom(v, sc.c2p)
 
   def u_from_m(self, mu, v_p, sc: StepScalars):
-    """u = (m/c1)/(√v_p/c2 + eps) with the persisted (re-decoded) ``v_p``: what UState encodes."""
+    """u = (m/c1)/(√v_p/c2 + eps) with the persisted (re-decoded) ``v_p``: what UState
+    encodes."""
     return numerics.divide(mu.astype(jnp.float32), sc.c1) / self._denom(v_p, sc.c2)
 
   def decode_block(self, mu_enc, nu_enc, n: int, sc: StepScalars):

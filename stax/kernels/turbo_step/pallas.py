@@ -56,7 +56,7 @@ from stax.codecs.rng import counter_uniform
 from stax.codecs.turbo import StepScalars
 from stax.kernels._registry import use_interpret
 
-__all__ = ["turbo_update_pallas", "PHASES", "MAX_ROWS_PER_PROGRAM"]
+__all__ = ["turbo_update_pallas", "rows_per_program", "PHASES", "MAX_ROWS_PER_PROGRAM"]
 
 #: Element ``PHASES·j + k`` of a block is column ``j`` of phase ``k`` (UState's 2-bit codes hold
 #: four elements per byte, so each phase's codes are a shift of the same bytes).
@@ -85,8 +85,9 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   Raises:
     NotImplementedError: for a storage other than TurboAdam 0.2.0's (the ``"stax"`` codec has
       no Pallas kernel), a row length that is not a multiple of ``storage.block_size``, a block
-      or mean block that is not a power of two (at least 4 and 16 elements), or ``v_bits``
-      other than 2, 4 or 8 (3- and 6-bit codes straddle bytes).
+      or mean block that is not a power of two of at least :data:`PHASES` elements (the mean
+      block dividing the block), or ``v_bits`` other than 2, 4 or 8 (3- and 6-bit codes
+      straddle bytes).
   """
   if not hasattr(storage, "decode_block"):
     raise NotImplementedError("the Pallas kernel is TurboAdam 0.2.0's storage's "
@@ -95,9 +96,9 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   n, bs, mb, bits = shape[-1], storage.block_size, storage.m_block_size, storage.bits
   if n % bs:
     raise NotImplementedError(f"the last axis must be a multiple of block_size ({bs}), got {n}")
-  if not (_pow2(bs) and _pow2(mb) and mb >= 4 * PHASES and bs % mb == 0):
+  if not (_pow2(bs) and _pow2(mb) and mb >= PHASES and bs % mb == 0):
     raise NotImplementedError(f"the kernel needs power-of-two blocks with m_block_size >= "
-                              f"{4 * PHASES} dividing block_size, got {bs} and {mb}")
+                              f"{PHASES} dividing block_size, got {bs} and {mb}")
   if bits not in _V_BITS:
     raise NotImplementedError(f"the kernel reads v_bits in {_V_BITS}, got {bits}")
   rows, nb = math.prod(shape[:-1]), n // bs
