@@ -144,13 +144,18 @@ def turbo_step(small: bool) -> list[dict]:
     rec = {"shape": list(shape), "implementation": impl}
     try:
       got = _turbo_run(impl, shape, 20 if not small else 5)
-      mism, total = 0, 0
-      for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(got[1])):
+      mism, total, by_field = 0, 0, {}
+      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref[1]),
+                              jax.tree.leaves(got[1])):
         a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
-        mism += int(np.sum(a != b))
+        k = int(np.sum(a != b))
+        mism += k
         total += a.size
+        if k:   # which state array parts (codes, scales, means, step scalars): the diagnosis
+          by_field[jax.tree_util.keystr(path)] = k
       rec["state_mismatches"] = mism
       rec["state_elements"] = total
+      rec["state_mismatches_by_field"] = by_field
       rec["max_update_diff"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ref[2], got[2]))
       rec["max_param_diff"] = float(jnp.max(jnp.abs(ref[0]["w"] - got[0]["w"])))
     except Exception as e:  # noqa: BLE001

@@ -309,3 +309,20 @@ def test_codec_kernel_building_blocks_lower_through_triton_but_slice_does_not():
                                   compiler_params=pltriton.CompilerParams(num_warps=4))(x)
   with pytest.raises(Exception, match="slice"):
     _lower_for_cuda(call, jnp.ones((8, 32)))
+
+
+def test_gpu_scripts_turbo_step_section_runs_here_and_names_each_mismatch():
+  """``benchmarks/gpu.py``'s ``turbo_step`` section, what a lent GPU runs first, in its
+  ``--small`` form on this CPU (the kernel in interpret mode): it runs, every code, endpoint and
+  mean of the kernel's state equals the ``"xla"`` path's, and a mismatch is reported by state
+  field; the only one allowed is UState's ``encode_step`` scalar (the kernel sums Σr² per block,
+  then over blocks: another order, an ulp)."""
+  from benchmarks import gpu
+  rows = gpu.turbo_step(small=True)
+  checks = {r["implementation"]: r for r in rows if not r.get("timing")}
+  assert not any("error" in r for r in rows), rows
+  assert checks[None]["state_mismatches"] == 0
+  assert set(checks["pallas"]["state_mismatches_by_field"]) <= {
+      ".inner_state[0].mu['w'].encode_step"}, checks["pallas"]
+  assert checks["pallas"]["state_elements"] > 1000
+  assert all(r["ms"] > 0 for r in rows if r.get("timing"))
