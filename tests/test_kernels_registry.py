@@ -319,8 +319,9 @@ def test_gpu_scripts_turbo_step_section_runs_here_and_names_each_mismatch():
   then over blocks: another order, an ulp)."""
   from benchmarks import gpu
   rows = gpu.turbo_step(small=True)
+  errors = [r["error"] for r in rows if "error" in r]
+  assert not errors, errors      # (the text lets conftest.py skip a float16 build limitation)
   checks = {r["implementation"]: r for r in rows if not r.get("timing")}
-  assert not any("error" in r for r in rows), rows
   assert checks[None]["state_mismatches"] == 0
   assert set(checks["pallas"]["state_mismatches_by_field"]) <= {
       ".inner_state[0].mu['w'].encode_step"}, checks["pallas"]
