@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import jax
@@ -143,6 +144,12 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   return u.reshape(shape), new_mu, new_nu
 
 
+def _pack(codes, shifts) -> jax.Array:
+  """uint8 bytes: the codes (integers, float or int) shifted into their bit fields and or-ed."""
+  return functools.reduce(operator.or_, [c.astype(jnp.uint32) << jnp.uint32(sh)
+                                         for c, sh in zip(codes, shifts)]).astype(jnp.uint8)
+
+
 def _kernel(sc_ref, seeds_ref, *refs, storage, fn, n_ops, n):
   """One program: a tile of ``(rows, block_size)``, seen as four phases of ``(rows, bs/4)``."""
   op_refs, (g_ref, vc_ref, vs_ref, mc_ref, mm_ref), outs = (refs[:n_ops], refs[n_ops:n_ops + 5],
@@ -178,11 +185,8 @@ def _kernel(sc_ref, seeds_ref, *refs, storage, fn, n_ops, n):
     sums = []
     for i in range(nmb):
       inside = (col >= i * width) & (col < (i + 1) * width)
-      s = None
-      for x in xs:
-        t = jnp.sum(jnp.where(inside, x, 0.0), axis=-1, keepdims=True)
-        s = t if s is None else s + t
-      sums.append(s)
+      sums.append(functools.reduce(operator.add, [
+          jnp.sum(jnp.where(inside, x, 0.0), axis=-1, keepdims=True) for x in xs]))
     return sums
 
   # decode: v from its log codes, u from UState's 2-bit codes, m from both
@@ -220,27 +224,18 @@ def _kernel(sc_ref, seeds_ref, *refs, storage, fn, n_ops, n):
   res = [uk - centre for uk in u]
   m_codes = [US.unit_codes(rk, counter_uniform(index + jnp.uint32(k), seed_m), enc_step)
              for k, rk in zip(ks, res)]
-  ssq = None
-  for rk in res:
-    t = jnp.sum(rk * rk, axis=-1, keepdims=True)
-    ssq = t if ssq is None else ssq + t
+  ssq = functools.reduce(operator.add, [jnp.sum(rk * rk, axis=-1, keepdims=True) for rk in res])
 
   # write: the direction phase by phase, the codes packed back into their bytes
   for k in ks:
     u_out[:, pl.ds(k, q, stride=PHASES)] = out[k].update.astype(u_out.dtype)
   for o in range(stride):
-    packed = None
-    for k in range(o * per_byte, (o + 1) * per_byte):
-      c = v_codes[k].astype(jnp.uint32) << jnp.uint32(bits * (k % per_byte))
-      packed = c if packed is None else packed | c
-    vc_out[:, pl.ds(o, q, stride=stride)] = packed.astype(jnp.uint8)
+    ps = range(o * per_byte, (o + 1) * per_byte)
+    vc_out[:, pl.ds(o, q, stride=stride)] = _pack([v_codes[k] for k in ps],
+                                                   [bits * (k % per_byte) for k in ps])
   vs_out[:, pl.ds(0, 1)] = new_min
   vs_out[:, pl.ds(1, 1)] = new_max
-  packed = None
-  for k in ks:
-    c = m_codes[k].astype(jnp.uint32) << jnp.uint32(2 * k)
-    packed = c if packed is None else packed | c
-  mc_out[...] = packed.astype(jnp.uint8)
+  mc_out[...] = _pack(m_codes, [2 * k for k in ks])
   for i in range(nmb):
     mm_out[:, pl.ds(i, 1)] = new_means[i]
   ssq_out[...] = ssq
