@@ -50,8 +50,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +62,8 @@ import numpy as np
 from stax import _sharding as _sh
 
 __all__ = ["square_bound", "statistic_bound", "saturate", "mean_square", "mean", "norm",
-           "normalize", "saturate_norm", "rounded", "divide", "absmax", "next_float"]
+           "normalize", "saturate_norm", "rounded", "divide", "div_rn", "sqrt_rn",
+           "ptx_ieee_arithmetic", "absmax", "next_float"]
 
 Axis = Optional[Union[int, Sequence[int]]]
 
@@ -276,6 +279,61 @@ def rounded(x: jax.Array) -> jax.Array:
   return jnp.where(x == x, x, jnp.asarray(jnp.nan, x.dtype))
 
 
+_PTX_IEEE = contextvars.ContextVar("stax_ptx_ieee", default=False)
+
+
+@contextlib.contextmanager
+def ptx_ieee_arithmetic() -> Iterator[None]:
+  """While active, :func:`divide`, :func:`div_rn` and :func:`sqrt_rn` of float32 arrays emit
+  PTX's IEEE round-to-nearest ``div.rn.f32`` and ``sqrt.rn.f32`` as inline assembly
+  (``jax.experimental.pallas.triton.elementwise_inline_asm``).
+
+  For tracing the body of a Pallas kernel compiled through the Triton lowering: Triton rounds a
+  float32 division as ``div.full.f32`` and a square root as ``sqrt.approx.ftz.f32`` (neither
+  IEEE-exact, ``benchmarks/triton_aot.py`` counts them), where XLA divides and takes roots
+  exactly, so a kernel's codec arithmetic would part from XLA's. Outside it (every XLA
+  program, a kernel in interpret mode) they are the plain operations. ``jax.jit`` caches a
+  trace by function, not by this context: trace a new function (a kernel's ``partial``) inside
+  it. Used by :mod:`stax.kernels.turbo_step.pallas` around its ``pallas_call`` on a GPU.
+  """
+  token = _PTX_IEEE.set(True)
+  try:
+    yield
+  finally:
+    _PTX_IEEE.reset(token)
+
+
+def _ptx(asm: str, *args: jax.Array) -> jax.Array:
+  from jax.experimental.pallas import triton as pltriton
+  shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+  args = [jnp.broadcast_to(jnp.asarray(a, jnp.float32), shape) for a in args]
+  [out] = pltriton.elementwise_inline_asm(
+      asm, args=args, constraints=",".join(["=f"] + ["f"] * len(args)), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return out
+
+
+def _ieee_float32(*xs: Any) -> bool:
+  return _PTX_IEEE.get() and all(jnp.result_type(x) == jnp.float32 for x in xs)
+
+
+def div_rn(x: Any, y: Any) -> jax.Array:
+  """``x / y`` of arrays of the same shape or broadcasting, IEEE round to nearest: the plain
+  division (XLA's is exact for non-broadcast operands), or ``div.rn.f32`` inside
+  :func:`ptx_ieee_arithmetic`."""
+  if _ieee_float32(x, y):
+    return _ptx("div.rn.f32 $0, $1, $2;", x, y)
+  return x / y
+
+
+def sqrt_rn(x: Any) -> jax.Array:
+  """``sqrt(x)``, IEEE round to nearest: ``jnp.sqrt``, or ``sqrt.rn.f32`` inside
+  :func:`ptx_ieee_arithmetic`."""
+  if _ieee_float32(x):
+    return _ptx("sqrt.rn.f32 $0, $1;", x)
+  return jnp.sqrt(x)
+
+
 def divide(x: Any, d: Any) -> jax.Array:
   """``x / d`` correctly rounded (IEEE division), also where ``d`` broadcasts against ``x``.
 
@@ -289,7 +347,7 @@ def divide(x: Any, d: Any) -> jax.Array:
   x = jnp.asarray(x)
   d = jnp.asarray(d, x.dtype)
   x = jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, d.shape))
-  return x / jnp.where(x == x, d, jnp.asarray(jnp.nan, x.dtype))
+  return div_rn(x, jnp.where(x == x, d, jnp.asarray(jnp.nan, x.dtype)))
 
 
 def next_float(x: jax.Array, up: bool) -> jax.Array:

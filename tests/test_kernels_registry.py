@@ -1,5 +1,7 @@
 """The per-op kernel registry (stax/kernels/_registry.py) and its registered kernels."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,9 +250,10 @@ def _lower_for_cuda(fn, *args):
 def test_faithful_turbo_step_pallas_lowers_to_triton_for_gpu(monkeypatch, shape, v_bits):
   """The fused kernel reads and writes its codes by strided ref loads and stores (four phases of
   each block, no value slices or reshapes), so it lowers through Pallas's Triton backend for
-  CUDA: one Triton call per compressed leaf. (On an H200, jax 0.11.2, the earlier kernel
+  CUDA: one Triton call per compressed leaf, its codec's divisions and square roots
+  IEEE-rounded (``numerics.ptx_ieee_arithmetic``). (On an H200, jax 0.11.2, the earlier kernel
   stopped at ``lax.slice``.) ``implementation=None`` still runs the XLA reference on a GPU:
-  the kernel has not yet been compiled and run on one."""
+  the kernel has not yet been run on one."""
   import optax
   from stax.kernels.turbo_step import pallas as tp
   monkeypatch.setattr(reg, "platform", lambda: "gpu")
@@ -266,7 +269,11 @@ def test_faithful_turbo_step_pallas_lowers_to_triton_for_gpu(monkeypatch, shape,
       return optax.apply_updates(p, u), s
     return _lower_for_cuda(step, p, tx.init(p), p)
   assert "__gpu$xla.gpu.triton" not in lowered(None)
-  assert lowered("pallas").count("__gpu$xla.gpu.triton") == 1
+  text = lowered("pallas")
+  assert text.count("__gpu$xla.gpu.triton") == 1
+  # the codec's divisions and square roots as PTX's IEEE-rounded instructions (inline
+  # assembly: Triton's own are div.full / sqrt.approx), as XLA's are
+  assert "div.rn.f32" in text and "sqrt.rn.f32" in text
 
 
 def test_faithful_turbo_step_pallas_refuses_what_it_cannot_read():
@@ -327,3 +334,33 @@ def test_gpu_scripts_turbo_step_section_runs_here_and_names_each_mismatch():
       ".inner_state[0].mu['w'].encode_step"}, checks["pallas"]
   assert checks["pallas"]["state_elements"] > 1000
   assert all(r["ms"] > 0 for r in rows if r.get("timing"))
+
+
+def test_ptx_ieee_arithmetic_rounds_a_kernels_division_and_root_as_ieee():
+  """``numerics.ptx_ieee_arithmetic``: a Pallas kernel traced inside it divides and takes roots
+  with PTX's ``div.rn.f32`` / ``sqrt.rn.f32`` (inline assembly); traced outside, with Triton's
+  own (``div.full``, ``sqrt.approx``: not IEEE-exact). Everywhere else ``div_rn`` and
+  ``sqrt_rn`` are the plain operations, bit for bit."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as pltriton
+  from stax import numerics
+
+  def kernel(x_ref, y_ref, o_ref):
+    o_ref[...] = numerics.sqrt_rn(numerics.divide(x_ref[...], y_ref[...]))
+
+  def call():    # a new function each time: jit caches a trace by function, not by context
+    return lambda x, y: pl.pallas_call(
+        functools.partial(kernel), out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=4))(x, y)
+  x, y = jnp.ones((8, 128)), jnp.full((8, 128), 3.0)
+  with numerics.ptx_ieee_arithmetic():
+    inside = _lower_for_cuda(call(), x, y)
+  outside = _lower_for_cuda(call(), x, y)
+  assert "div.rn.f32" in inside and "sqrt.rn.f32" in inside
+  assert "div.rn.f32" not in outside and "sqrt.rn.f32" not in outside
+  a = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+  b = np.abs(a) + 0.5
+  np.testing.assert_array_equal(np.asarray(jax.jit(numerics.div_rn)(a, b)),
+                                np.asarray(jax.jit(lambda u, v: u / v)(a, b)))
+  np.testing.assert_array_equal(np.asarray(jax.jit(numerics.sqrt_rn)(b)),
+                                np.asarray(jax.jit(jnp.sqrt)(b)))

@@ -160,7 +160,8 @@ def level_codes(x: jax.Array, min_h: jax.Array, max_h: jax.Array, bits: int,
   upper = jnp.minimum(lower + 1.0, float(intervals))
   lo_v = jnp.exp(lmin + _rnd(lower * step, exact))
   hi_v = jnp.exp(lmin + _rnd(upper * step, exact))
-  p_up = jnp.clip((x - lo_v) / jnp.maximum(hi_v - lo_v, jnp.float32(_F32_TINY)), 0.0, 1.0)
+  p_up = jnp.clip(numerics.div_rn(x - lo_v, jnp.maximum(hi_v - lo_v, jnp.float32(_F32_TINY))),
+                  0.0, 1.0)
   p_up = jnp.where(upper > lower, p_up, 0.0)
   return lower + (uniform < p_up).astype(jnp.float32)
 

@@ -122,7 +122,8 @@ class TurboAdam02Storage(StorageBase):
     return StepScalars(c1p, jnp.where(count > 0, c2p, 1.0), c1, c2)
 
   def _denom(self, v, c2):
-    return numerics.divide(jnp.sqrt(jnp.maximum(v, 0.0)), c2) + jnp.asarray(self.eps, jnp.float32)
+    return (numerics.divide(numerics.sqrt_rn(jnp.maximum(v, 0.0)), c2)
+            + jnp.asarray(self.eps, jnp.float32))
 
   def m_from_u(self, u, v, sc: StepScalars):
     """m = u·c1p·(√v/c2p + eps): the first moment from the decoded UState ``u`` and ``v``."""
@@ -131,7 +132,8 @@ class TurboAdam02Storage(StorageBase):
   def u_from_m(self, mu, v_p, sc: StepScalars):
     """u = (m/c1)/(√v_p/c2 + eps) with the persisted (re-decoded) ``v_p``: what UState
     encodes."""
-    return numerics.divide(mu.astype(jnp.float32), sc.c1) / self._denom(v_p, sc.c2)
+    return numerics.div_rn(numerics.divide(mu.astype(jnp.float32), sc.c1),
+                           self._denom(v_p, sc.c2))
 
   def decode_block(self, mu_enc, nu_enc, n: int, sc: StepScalars):
     """(m, v) from the encodings of rows of length ``n``: v decoded, m = u·c1p·(√v/c2p + eps)."""

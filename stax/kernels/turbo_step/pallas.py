@@ -33,8 +33,11 @@ Checked on this CPU: the step lowers for CUDA into one Triton call per compresse
 interpret mode its codes, endpoints and means equal the XLA path's bit for bit over steps with
 the gradient scale changing ×10⁴ and a non-finite step, for 2-, 4- and 8-bit v and tiles of 1,
 2 and 16 rows (``tests/test_turbo_adam.py``), the parameters within 4e-7; and the Triton IR it
-lowers to compiles with the ``triton`` package to an sm_90a cubin, 128 registers per thread and
-no spills on a 4096 × 4096 leaf (``benchmarks/triton_aot.py``, jax 0.11.2). **Not yet run on
+lowers to compiles with the ``triton`` package to an sm_90a cubin, 148 registers per thread and
+no spills on a 4096 × 4096 leaf (``benchmarks/triton_aot.py``, jax 0.11.2). On a GPU the body is
+traced under :func:`stax.numerics.ptx_ieee_arithmetic`, so the codec's divisions and square
+roots are PTX's IEEE-rounded ``div.rn.f32`` / ``sqrt.rn.f32`` (Triton's own are ``div.full`` and
+``sqrt.approx``), as XLA's are: only the Adam core's update direction keeps Triton's rounding. **Not yet run on
 a GPU** (no device was lent since it was written): ``implementation=None`` keeps running the
 XLA reference there, and ``benchmarks/gpu.py``'s ``turbo_step`` section compares the two and
 times them when one is.
@@ -42,6 +45,7 @@ times them when one is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -51,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from stax import numerics
 from stax.codecs import log_quant as LQ
 from stax.codecs import ustate as US
 from stax.codecs.rng import counter_uniform
@@ -114,28 +119,31 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   u_dtype = jax.eval_shape(lambda g_, m, v: step(g_, m, v).update,
                            jax.ShapeDtypeStruct((per, q), g.dtype), phase, phase).dtype
   vbytes, mbytes, nmb = bs * bits // 8, bs // 4, bs // mb
-  full = lambda k: pl.BlockSpec((k,), lambda r, b: (0,))
-  tile = lambda w: pl.BlockSpec((per, w), lambda r, b: (r, b))
   kernel = functools.partial(_kernel, storage=storage, fn=step.fn, n_ops=len(operands), n=n)
-  params = {}
+  params, arithmetic = {}, contextlib.nullcontext()
   if not use_interpret():
     from jax.experimental.pallas import triton as pltriton
     params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
-  outs = pl.pallas_call(
-      kernel, grid=(rows // per, nb),
-      in_specs=[full(scalars.shape[0]), full(2), *(full(1) for _ in operands), tile(bs),
-                tile(vbytes), tile(2), tile(mbytes), tile(nmb)],
-      out_specs=(tile(bs), tile(vbytes), tile(2), tile(mbytes), tile(nmb), tile(1)),
-      out_shape=(jax.ShapeDtypeStruct((rows, n), u_dtype),
-                 jax.ShapeDtypeStruct((rows, nb * vbytes), jnp.uint8),
-                 jax.ShapeDtypeStruct((rows, nb * 2), jnp.float16),
-                 jax.ShapeDtypeStruct((rows, nb * mbytes), jnp.uint8),
-                 jax.ShapeDtypeStruct((rows, nb * nmb), jnp.bfloat16),
-                 jax.ShapeDtypeStruct((rows, nb), jnp.float32)),
-      interpret=use_interpret(), **params,
-  )(scalars, seeds, *operands, g.reshape(rows, n), nu_enc.codes.reshape(rows, -1),
-    nu_enc.scales.reshape(rows, nb * 2), mu_enc.codes.reshape(rows, -1),
-    mu_enc.means.reshape(rows, -1))
+    # the codec's divisions and square roots IEEE-rounded, as XLA's are (Triton's are not)
+    arithmetic = numerics.ptx_ieee_arithmetic()
+  full = lambda k: pl.BlockSpec((k,), lambda r, b: (0,))
+  tile = lambda w: pl.BlockSpec((per, w), lambda r, b: (r, b))
+  with arithmetic:     # the kernel body is traced inside the call
+    outs = pl.pallas_call(
+        kernel, grid=(rows // per, nb),
+        in_specs=[full(scalars.shape[0]), full(2), *(full(1) for _ in operands), tile(bs),
+                  tile(vbytes), tile(2), tile(mbytes), tile(nmb)],
+        out_specs=(tile(bs), tile(vbytes), tile(2), tile(mbytes), tile(nmb), tile(1)),
+        out_shape=(jax.ShapeDtypeStruct((rows, n), u_dtype),
+                   jax.ShapeDtypeStruct((rows, nb * vbytes), jnp.uint8),
+                   jax.ShapeDtypeStruct((rows, nb * 2), jnp.float16),
+                   jax.ShapeDtypeStruct((rows, nb * mbytes), jnp.uint8),
+                   jax.ShapeDtypeStruct((rows, nb * nmb), jnp.bfloat16),
+                   jax.ShapeDtypeStruct((rows, nb), jnp.float32)),
+        interpret=use_interpret(), **params,
+    )(scalars, seeds, *operands, g.reshape(rows, n), nu_enc.codes.reshape(rows, -1),
+      nu_enc.scales.reshape(rows, nb * 2), mu_enc.codes.reshape(rows, -1),
+      mu_enc.means.reshape(rows, -1))
   u, vc, vs, mc, mm, ssq = outs
   lead = shape[:-1]
   new_nu = LQ.LogQuantState(vc.reshape(lead + (-1,)), vs.reshape(lead + (nb, 2)))
