@@ -315,6 +315,53 @@ def test_moment_dtype_and_adam_moments():
   np.testing.assert_allclose(np.asarray(nu["w"]), 1e-3, rtol=1e-6)
 
 
+def _float16_grads(shape, steps):
+  """Small float16 gradients (scale 1e-3, so (1 − β2)·g² is below float16's smallest value),
+  the first half of the rows zero on every other step (an embedding's untouched rows)."""
+  rng = np.random.default_rng(3)
+  out = []
+  for t in range(steps):
+    g = (1e-3 * rng.standard_normal(shape)).astype(np.float16)
+    if t % 2:
+      g[: shape[0] // 2] = 0
+    out.append(g)
+  return out
+
+
+def test_float16_parameters_are_stepped_in_float32_with_v_in_float32():
+  """A float16 gradient and moment are computed with in float32 and v of a float16 parameter is
+  stored in float32 (m in float16, the update returned in float16), against the equations in
+  NumPy (within a float16 ulp). In float16 the same step gives ±Inf (v underflows to 0 where m
+  does not, ε = 1e-8 is 0), as ``optax.scale_by_adam`` does."""
+  shape, steps = (8, 6), 6
+  tx = stax.scale_by_adam()
+  p = {"w": jnp.zeros(shape, jnp.float16)}
+  s = tx.init(p)
+  assert s.mu["w"].dtype == jnp.float16 and s.nu["w"].dtype == jnp.float32
+  step = jax.jit(tx.update)
+  for t, g in enumerate(_float16_grads(shape, steps), start=1):
+    m16, v = np.asarray(s.mu["w"]), np.asarray(s.nu["w"])   # the step's input state
+    u, s = step({"w": jnp.asarray(g)}, s)
+    g32 = g.astype(np.float32)
+    m = np.float32(0.9) * m16.astype(np.float32) + np.float32(0.1) * g32
+    v = np.float32(0.999) * v + np.float32(0.001) * g32 * g32
+    want = ((m / np.float32(1 - 0.9 ** t))
+            / (np.sqrt(v / np.float32(1 - 0.999 ** t)) + np.float32(1e-8))).astype(np.float16)
+    assert u["w"].dtype == jnp.float16 and np.isfinite(np.asarray(u["w"], np.float32)).all()
+    np.testing.assert_allclose(np.asarray(u["w"], np.float32), want.astype(np.float32),
+                               rtol=2.0 ** -10, atol=0)                 # within a float16 ulp
+    np.testing.assert_allclose(np.asarray(s.mu["w"], np.float32),
+                               m.astype(np.float16).astype(np.float32),
+                               rtol=2.0 ** -10, atol=2.0 ** -24)
+    np.testing.assert_allclose(np.asarray(s.nu["w"]), v, rtol=1e-6)
+  # an explicit float16 v is kept as asked (and is the user's choice)
+  s16 = stax.scale_by_adam(nu_dtype=jnp.float16).init(p)
+  assert s16.nu["w"].dtype == jnp.float16
+  # bfloat16 (float32's range) keeps its dtype, as optax does
+  sb = tx.init({"w": jnp.zeros(shape, jnp.bfloat16)})
+  assert sb.mu["w"].dtype == sb.nu["w"].dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(b1=1.0), "b1"), (dict(b2=-0.1), "b2"), (dict(eps=-1.0), "eps"),
     (dict(bias_correction="magic"), "bias_correction"),

@@ -275,16 +275,27 @@ class FullPrecision(NamedTuple):
   Args:
     dtype: storage dtype; ``None`` (default) keeps the dtype of the value written (at ``init``,
       the parameter's dtype, as ``optax.scale_by_adam`` does).
+    needs_key: False (a plain array draws no random numbers).
+    widen_float16: with ``dtype=None``, a float16 parameter's moment is kept in float32 (default
+      False; the second moment's default storage sets it, :func:`full_precision_storage`).
+      float16's smallest value is 6e-8, so ``(1 - β2)·g²`` rounds to 0 for every ``|g|`` below
+      7.7e-3 at ``β2 = 0.999``: a float16 v of a small or sparse gradient reads 0 where m does
+      not, and ``m/(√v + ε)`` (``ε = 1e-8`` is 0 in float16 too) overflows to ±Inf: with
+      float16 parameters ``optax.adamw`` writes Inf into them on its first step.
   """
 
   dtype: Any = None
   needs_key: bool = False
+  widen_float16: bool = False
 
   exact = True
   rows_local = True
 
   def init(self, param):
-    return jnp.zeros_like(param, dtype=self.dtype)
+    dtype = self.dtype
+    if dtype is None and self.widen_float16 and jnp.dtype(param.dtype) == jnp.float16:
+      dtype = jnp.float32
+    return jnp.zeros_like(param, dtype=dtype)
 
   def decode(self, encoded, like):
     del like
@@ -311,7 +322,7 @@ class SeparateStorage(StorageBase):
   """
 
   mu_codec: Any = FullPrecision()
-  nu_codec: Any = FullPrecision()
+  nu_codec: Any = FullPrecision(widen_float16=True)
   follow_sharding: bool = False
   kernel: Optional[Callable] = None
 
@@ -393,8 +404,12 @@ def _follow(encoded: Any, like: jax.Array) -> Any:
 
 
 def full_precision_storage(mu_dtype: Any = None, nu_dtype: Any = None) -> SeparateStorage:
-  """Full-precision m and v (the default storage of :func:`stax.scale_by_adam`)."""
-  return SeparateStorage(FullPrecision(mu_dtype), FullPrecision(nu_dtype))
+  """Full-precision m and v (the default storage of :func:`stax.scale_by_adam`): m in
+  ``mu_dtype`` and v in ``nu_dtype``, each ``None`` for the parameter's dtype, but v of a
+  float16 parameter in float32 (:class:`FullPrecision`'s ``widen_float16``: in float16 it
+  underflows to 0 for gradients below 7.7e-3 and the update overflows)."""
+  return SeparateStorage(FullPrecision(mu_dtype),
+                         FullPrecision(nu_dtype, widen_float16=nu_dtype is None))
 
 
 StorageLike = Union[MomentStorage, Callable[[Any], MomentStorage]]

@@ -152,7 +152,8 @@ def stable_adamw(
       ``False``: off.
     kahan_dtype: compensation-buffer dtype (default: the parameter's, as optimi).
     weight_decay_mask: pytree or callable of booleans (default: every leaf decays, as optimi).
-    mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi).
+    mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi; v of a float16
+      parameter in float32, :func:`stax.scale_by_adam`).
     codec: ``None`` (default: ``mu_dtype``/``nu_dtype``), ``"stax"`` (4-bit m + 4-bit log v,
       ≈ 8.75 bits/param) or ``"factored"`` (4-bit m + Adafactor's row/column v on matrices,
       ≈ 4.5 bits/param): the moments of every leaf with at least ``min_compress_elements``

@@ -194,7 +194,8 @@ def stam(
     b1_min: lower bound of β1 in [0, b1_base] (default ``None``:
       ``max(0.5, b1_base·(1-adapt_strength))``, the seed's).
     mask: pytree or callable selecting the leaves that decay (default ``None``: all, as the seed).
-    mu_dtype, nu_dtype: moment dtypes (default ``None``: the parameter's, as the seed).
+    mu_dtype, nu_dtype: moment dtypes (default ``None``: the parameter's, as the seed; v of a
+      float16 parameter in float32, :func:`stax.scale_by_adam`).
     codec: ``None`` (default) or ``"stax"`` / ``"factored"``: the moments of every leaf with at
       least ``min_compress_elements`` elements stored as :func:`stax.turbo_adam` stores them
       (≈ 8.75 / ≈ 4.5 bits/param; :func:`stax.codecs.state_codec_storage`); the β1 rule then

@@ -475,7 +475,10 @@ def _make_leaf_fn(cfg: AdamConfig, dynamic: tuple, static: tuple, project: Optio
     v = dict(static, **dict(zip(dynamic, operands)))
     c = cfg._replace(b2=v["b2"], eps=v["eps"], eps_root=v["eps_root"],
                      correction_eps=v["correction_eps"])
-    bound = num.square_bound(mu.dtype, nu.dtype)
+    bound = num.square_bound(mu.dtype, nu.dtype)   # the stored moments' range
+    # a float16 moment is computed with in float32 (written back in float16 by its storage):
+    # β·old in float16 rounds β to 11 bits and the product to float16's subnormals
+    mu, nu = _widen_float16(mu), jax.tree.map(_widen_float16, nu)
     nu_sq, mean_nu = None, None
     if v["nu_new"] is not None:
       pass  # the new per-tensor mean is given (adam_update formed every leaf's at once)
@@ -589,6 +592,11 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   """
   rule = cfg.rule
   g_leaves, treedef = jax.tree.flatten(updates)
+  # A float16 gradient is computed with in float32 (its update returned in float16): in
+  # float16, |g|² underflows to 0 below 2.4e-4 and ε = 1e-8 is 0 (FullPrecision's
+  # widen_float16). Every other dtype is used as it is (bfloat16 has float32's range).
+  in_dtypes = [None if g is None else jnp.dtype(g.dtype) for g in g_leaves]
+  g_leaves = [_widen_float16(g) for g in g_leaves]
   n = len(g_leaves)
   stores = [resolve_storage(cfg.storage, g) for g in g_leaves]
   mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
@@ -712,6 +720,8 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       a = a if keep_mu else _select_tree(ok, a, me)
       # (a new per-tensor mean formed in the vector is selected there)
       c = c if keep_nu or scalar_means[i] else _select_tree(ok, c, ne)
+    if in_dtypes[i] == jnp.float16:
+      out = out._replace(update=out.update.astype(jnp.float16))
     steps.append(out)
     new_mu_enc.append(_cast_like_tree(a, me))
     new_nu_enc.append(_cast_like_tree(c, ne))
@@ -780,7 +790,10 @@ def scale_by_adam(
     nesterov: Nesterov momentum as ``optax.scale_by_adam(nesterov=True)`` (default False; only
       with ``"standard"`` correction).
     mu_dtype: dtype of the stored first moment (default ``None``: the parameter's dtype, as optax).
-    nu_dtype: dtype of the stored second moment (default ``None``: the parameter's dtype).
+    nu_dtype: dtype of the stored second moment (default ``None``: the parameter's dtype, but
+      float32 for a float16 parameter: in float16, ``(1 − β2)·g²`` rounds to 0 for ``|g|`` below
+      7.7e-3, and optax's step of such an entry is ±Inf). A float16 gradient and float16
+      moments are computed with in float32 (the update is returned in float16).
     storage: a :class:`~stax.codecs.base.MomentStorage` or a per-leaf callable returning one;
       overrides ``mu_dtype``/``nu_dtype`` (default: full precision).
     seed: seed of the PRNG key kept in the state when the storage rounds stochastically
@@ -823,6 +836,11 @@ def stack_leaf_scalars(values: list) -> jax.Array:
 def _select_tree(ok: jax.Array, new: Any, old: Any) -> Any:
   """``new`` where ``ok``, else ``old``, leaf by leaf (``old`` in ``new``'s containers)."""
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, conform(old, new))
+
+
+def _widen_float16(x: Any) -> Any:
+  """``x`` in float32 if it is a float16 array, else as it is."""
+  return x.astype(jnp.float32) if getattr(x, "dtype", None) == jnp.float16 else x
 
 
 def _moment_dtype(stored: jax.Array, g: jax.Array):

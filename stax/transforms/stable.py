@@ -200,7 +200,8 @@ def scale_by_stable_adam(
     max_lr: the maximum scheduled learning rate > 0 for ``decouple_lr`` (required then).
     clip: apply the per-tensor RMS update clipping (default True; False gives AdamW with
       debiased betas).
-    mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi).
+    mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi; v of a float16
+      parameter in float32, :func:`stax.scale_by_adam`).
     storage: a :class:`~stax.codecs.base.MomentStorage` (overrides the dtypes).
 
   Returns:
