@@ -159,6 +159,27 @@ def test_preserves_dtype_and_state_avals(entry, dtype):
       lambda s: (s.shape, s.dtype), state1)
 
 
+@pytest.mark.parametrize("dtypes", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)],
+                         ids=["bf16_params_f32_grads", "f32_params_bf16_grads"])
+@pytest.mark.parametrize("entry", MAIN, ids=MAIN_IDS)
+def test_state_keeps_its_types_under_gradients_of_another_dtype(entry, dtypes):
+  """Gradients in another dtype than the parameters (float32 gradients of bfloat16 parameters,
+  as a mixed-precision loop computes them) leave the state's types as ``init`` made them over
+  three steps, so a ``lax.scan`` carry, a donated step and a checkpoint template still fit.
+  (OAdamW's Muon trace was stored in the gradient's float32.)"""
+  p_dtype, g_dtype = dtypes
+  params, _, _ = cp.quadratic(p_dtype)
+  tx = entry.make()
+  state = tx.init(params)
+  types = jax.tree.map(jax.typeof, state)
+  step = jax.jit(_grad_step(tx))
+  for i in range(3):
+    g = jax.tree.map(lambda x: x.astype(g_dtype), cp.random_grads(params, i))
+    params, state = step(params, state, g)
+    assert jax.tree.map(jax.typeof, state) == types
+  assert all(x.dtype == p_dtype for x in jax.tree.leaves(params))
+
+
 def _small_sparse_grads(params, i):
   """Gradients of scale 1e-3, the first half of every matrix's rows zero on odd steps."""
   g = cp.random_grads(params, i, scale=1e-3)

@@ -48,7 +48,9 @@ def saturating_trace(decay: Any, nesterov: bool = False,
   here the gradient, the new trace and the Nesterov output are each saturated at
   ``B = stax.numerics.square_bound`` of the gradient's and accumulator's dtypes (2**63 for
   float32/bfloat16), so they stay finite for any finite gradient. Below ``B`` this is
-  ``optax.trace`` bit for bit.
+  ``optax.trace`` bit for bit, but for one thing: the trace is stored in its state's dtype
+  (``accumulator_dtype``, else the parameter's), where ``optax.trace`` stores a wider gradient's
+  sum in the gradient's dtype and its state changes type at the first step.
 
   Gate-aware (:mod:`stax.transforms.guards`): given :data:`~stax.transforms.guards.NONFINITE_OK`
   false, the new trace is the old one, selected element by element in the same pass that would
@@ -71,7 +73,13 @@ def saturating_trace(decay: Any, nesterov: bool = False,
                              state.trace, is_leaf=lambda g: g is None)
     f = lambda g, t: _saturated_sum(g, t, decay)
     updates = jax.tree.map(f, updates, new_trace) if nesterov else new_trace
-    return updates, optax.TraceState(trace=optax.tree.cast(new_trace, accumulator_dtype))
+    # stored in the state's dtype (``accumulator_dtype``, else the parameter's, as ``init``
+    # made it): a gradient of a wider dtype (float32 gradients of bfloat16 parameters) made the
+    # stored trace float32, so the state's type changed at the first step (a recompile, and a
+    # ``lax.scan`` carry or checkpoint template that no longer fits)
+    stored = jax.tree.map(lambda n, t: None if n is None else n.astype(t.dtype), new_trace,
+                          state.trace, is_leaf=lambda n: n is None)
+    return updates, optax.TraceState(trace=stored)
 
   return gate_aware(optax.GradientTransformationExtraArgs(base.init, update_fn))
 
@@ -109,7 +117,7 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
       6 or 8 bits, 32 below, i.e. 8.125 / 4.5 bits per element); >= 1.
     min_compress_elements: leaves with fewer elements (and scalars) keep a full-precision trace,
       >= 0 (default 4096, as :func:`stax.turbo_adam`).
-    accumulator_dtype: dtype of a full-precision trace (default: the gradient's).
+    accumulator_dtype: dtype of a full-precision trace (default: the parameter's).
     seed: seed of the rounding key kept in the state, an int in [0, 2**32) (default 0).
 
   Returns:
