@@ -3,6 +3,7 @@ recompilation, None gradients, DLPack zero-copy, state_dict round trips, errors,
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import NamedTuple
 
@@ -429,6 +430,52 @@ def test_load_state_dict_rejects_mismatches():
     o2.load_state_dict(sd)
   with pytest.raises(ValueError, match="groups"):
     o2.load_state_dict({"state": {}, "param_groups": sd["param_groups"] * 2})
+
+
+def test_float16_checkpoint_with_a_float16_v_loads_widened():
+  """v of a float16 parameter is float32 (stax.FullPrecision's widen_float16); a checkpoint
+  saved when it was float16 loads, widened exactly, and continues as the same state in
+  float32 does; a narrowing (float32 saved where float16 is kept) is still refused."""
+  x, y = _data(dtype=torch.float16)
+
+  def make(sd=None):
+    torch.manual_seed(0)
+    m = _mlp(dtype=torch.float16)
+    o = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2)
+    if sd is not None:
+      m.load_state_dict(sd["m"])
+      o.load_state_dict(sd["o"])
+    return m, o
+
+  def train(m, o, n):
+    for _ in range(n):
+      o.zero_grad()
+      F.mse_loss(m(x).float(), y.float()).backward()
+      o.step()
+
+  m, o = make()
+  train(m, o, 3)
+  saved = {"m": m.state_dict(), "o": o.state_dict()}
+  key = [k for k in saved["o"]["state"][0] if k.endswith("/nu")][0]
+  assert saved["o"]["state"][0][key].dtype == torch.float32
+  old = copy.deepcopy(saved)
+  for st in old["o"]["state"].values():   # as before: v in float16, its values exact in both
+    st[key] = st[key].half()
+  exact = copy.deepcopy(old)
+  for st in exact["o"]["state"].values():
+    st[key] = st[key].float()
+  m_a, o_a = make(old)
+  m_b, o_b = make(exact)
+  assert o_a.state_dict()["state"][0][key].dtype == torch.float32
+  train(m_a, o_a, 3)
+  train(m_b, o_b, 3)
+  for a, b in zip(m_a.parameters(), m_b.parameters()):
+    assert torch.equal(a, b)
+  mu = [k for k in saved["o"]["state"][0] if k.endswith("/mu")][0]
+  for st in old["o"]["state"].values():
+    st[mu] = st[mu].float()                 # m is kept in float16: no narrowing on load
+  with pytest.raises(ValueError, match="mu"):
+    make(old)
 
 
 # ----------------------------------------------------------------------------- None grads

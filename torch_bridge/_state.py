@@ -178,11 +178,21 @@ def _reshape_donated(x: jax.Array, shape: tuple) -> jax.Array:
   return x.reshape(shape)
 
 
+#: Saved dtypes a float32 state leaf accepts, widened exactly: stax kept v of a float16
+#: parameter in float16 before it kept it in float32 (:class:`stax.FullPrecision`'s
+#: ``widen_float16``), so such a checkpoint still loads, unchanged in value.
+_WIDENS_TO_FLOAT32 = (torch.float16, torch.bfloat16)
+
+
 def _leaf_from_torch(t: Any, spec: Any, name: str, where: Any, device: torch.device) -> Any:
   """A state leaf from a saved tensor, its shape and dtype checked against ``spec`` (never
-  cast: codes, counters and keys keep their dtypes)."""
+  cast: codes, counters and keys keep their dtypes; only a float16 or bfloat16 tensor for a
+  float32 leaf is widened, which is exact)."""
   if not isinstance(t, torch.Tensor):
     t = torch.as_tensor(t)
+  if (tuple(t.shape) == tuple(spec.shape) and t.dtype in _WIDENS_TO_FLOAT32
+      and jnp.dtype(spec.dtype) == jnp.float32):
+    t = t.to(torch.float32)
   if (tuple(t.shape) != tuple(spec.shape)
       or str(t.dtype).replace("torch.", "") != jnp.dtype(spec.dtype).name):
     raise ValueError(
