@@ -362,6 +362,33 @@ def test_float16_parameters_are_stepped_in_float32_with_v_in_float32():
   assert sb.mu["w"].dtype == sb.nu["w"].dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("factory", [stax.adamw, stax.stac], ids=["adamw", "stac"])
+def test_bfloat16_parameters_with_a_float32_v_decay_as_float32_does(factory):
+  """``nu_dtype=jnp.float32`` with bfloat16 parameters: after a 50-step burst of gradients of 1
+  and 3,000 steps of 0.01, the update is float32's; with v in bfloat16 (the default, as optax)
+  β2 = 0.999 rounds to 1, v keeps the burst and the update is 4× smaller."""
+  def final_step(dtype, **kw):
+    kw = dict(weight_decay=0.0, **kw)
+    if factory is stax.stac:
+      kw.update(last_n_modules=1)             # one module: the AdamW cap
+    tx = factory(1.0, **kw)
+    p = {"m": {"w": jnp.zeros((4,), dtype)}}
+    s = tx.init(p)
+
+    def body(i, s):
+      g = jnp.where(i < 50, 1.0, 0.01) * jnp.ones((4,), jnp.float32)
+      return tx.update({"m": {"w": g.astype(dtype)}}, s, p)[1]
+
+    s = jax.jit(lambda s: jax.lax.fori_loop(0, 3050, body, s))(s)
+    u, _ = tx.update({"m": {"w": jnp.full((4,), 0.01, dtype)}}, s, p)
+    return -float(u["m"]["w"][0])
+
+  want = final_step(jnp.float32)
+  assert want == pytest.approx(0.1945, rel=1e-3)
+  assert final_step(jnp.bfloat16, nu_dtype=jnp.float32) == pytest.approx(want, rel=1e-2)
+  assert final_step(jnp.bfloat16) < 0.3 * want
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(b1=1.0), "b1"), (dict(b2=-0.1), "b2"), (dict(eps=-1.0), "eps"),
     (dict(bias_correction="magic"), "bias_correction"),

@@ -193,7 +193,8 @@ def test_turbo_adam_v_bits_must_be_int(v_bits):
 
 # -------------------------------------------------------------------- 6. dtype arguments
 DTYPE_ARGS = [
-    (stax.adamw, "mu_dtype"), (stax.stac, "mu_dtype"),
+    (stax.adamw, "mu_dtype"), (stax.adamw, "nu_dtype"), (stax.stac, "mu_dtype"),
+    (stax.stac, "nu_dtype"),
     (stax.stable_adamw, "mu_dtype"), (stax.stable_adamw, "nu_dtype"),
     (stax.stable_adamw, "kahan_dtype"),
     (stax.oadamw, "mu_dtype"), (stax.oadamw, "nu_dtype"), (stax.oadamw, "kahan_dtype"),

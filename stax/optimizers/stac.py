@@ -20,7 +20,8 @@ What differs from the seed, and why:
   usually lands in the sign trunk (``tied="first_use"`` reproduces that).
 * **Non-finite gradients** skip the whole step on device (no host sync); ``nonfinite="error"``
   raises (see :func:`stax.nonfinite_guard`), like the seed's ``error_if_nonfinite=True``.
-* The AdamW cap's moments default to the parameter dtype as in the seed; pass ``mu_dtype``.
+* The AdamW cap's moments default to the parameter dtype as in the seed (v of a float16
+  parameter in float32, :func:`stax.scale_by_adam`); pass ``mu_dtype`` / ``nu_dtype``.
 
 Defaults follow the seed where it makes sense: ``sign_weight_decay=None`` means
 ``0.5·weight_decay`` when both sections are non-empty, else ``weight_decay``; ``sign_lr_scale``
@@ -125,6 +126,7 @@ def stac(
     exclude_1d_from_weight_decay: bool = True,
     exclude_bias_from_weight_decay: bool = True,
     mu_dtype: Any = None,
+    nu_dtype: Any = None,
     nonfinite: str = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   """Sign-descent trunk with an AdamW cap on the last ``last_n_modules`` modules.
@@ -149,6 +151,9 @@ def stac(
     exclude_bias_from_weight_decay: exempt leaves named ``bias`` (default True).
     mu_dtype: dtype of the cap's first moment, ``None`` or a floating dtype (default: the
       parameter's).
+    nu_dtype: dtype of the cap's second moment, ``None`` or a floating dtype (default: the
+      parameter's, float32 for a float16 one; pass ``jnp.float32`` with bfloat16 parameters,
+      :func:`stax.adamw`).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``.
 
   Returns:
@@ -173,6 +178,7 @@ def stac(
   V.check_bool("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay)
   V.check_bool("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay)
   V.check_dtype("mu_dtype", mu_dtype)
+  V.check_dtype("nu_dtype", nu_dtype)
   if last_n_modules is not None:
     V.warn_no_effect("last_n_ratio", last_n_ratio, None,
                      "unless last_n_modules=None (the cap size is last_n_modules)")
@@ -181,6 +187,7 @@ def stac(
     for name, value, default in (("b1", b1, 0.9), ("b2", b2, 0.999), ("eps", eps, 1e-8),
                                  ("adamw_weight_decay", adamw_weight_decay, None),
                                  ("mu_dtype", mu_dtype, None),
+                                 ("nu_dtype", nu_dtype, None),
                                  ("sign_lr_scale", sign_lr_scale, 1.0)):
       V.warn_no_effect(name, value, default, why)
 
@@ -203,7 +210,7 @@ def stac(
     trunk = gated_chain(gate_state(optax.scale_by_sign()),
                         gate_state(optax.add_decayed_weights(lam_s, mask_fn)),
                         gate_state(optax.scale_by_learning_rate(lr_s)))
-    cap = gated_chain(scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype),
+    cap = gated_chain(scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
                       gate_state(optax.add_decayed_weights(lam_a, mask_fn)),
                       gate_state(optax.scale_by_learning_rate(learning_rate)))
     return gate_aware(optax.partition({TRUNK: trunk, CAP: cap}, labels))
