@@ -159,8 +159,10 @@ def test_preserves_dtype_and_state_avals(entry, dtype):
       lambda s: (s.shape, s.dtype), state1)
 
 
-@pytest.mark.parametrize("dtypes", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)],
-                         ids=["bf16_params_f32_grads", "f32_params_bf16_grads"])
+@pytest.mark.parametrize("dtypes", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16),
+                                    (jnp.float16, jnp.float32)],
+                         ids=["bf16_params_f32_grads", "f32_params_bf16_grads",
+                              "f16_params_f32_grads"])
 @pytest.mark.parametrize("entry", MAIN, ids=MAIN_IDS)
 def test_state_keeps_its_types_under_gradients_of_another_dtype(entry, dtypes):
   """Gradients in another dtype than the parameters (float32 gradients of bfloat16 parameters,
