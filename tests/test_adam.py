@@ -365,7 +365,7 @@ def test_float16_parameters_are_stepped_in_float32_with_v_in_float32():
 @pytest.mark.parametrize("factory", [stax.adamw, stax.stac], ids=["adamw", "stac"])
 def test_bfloat16_parameters_with_a_float32_v_decay_as_float32_does(factory):
   """``nu_dtype=jnp.float32`` with bfloat16 parameters: after a 50-step burst of gradients of 1
-  and 3,000 steps of 0.01, the update is float32's; with v in bfloat16 (the default, as optax)
+  and 3,000 steps of 0.01, the update is float32's (to m's bfloat16 rounding); with v in bfloat16 (the default, as optax)
   β2 = 0.999 rounds to 1, v keeps the burst and the update is 4× smaller."""
   def final_step(dtype, **kw):
     kw = dict(weight_decay=0.0, **kw)
@@ -385,7 +385,9 @@ def test_bfloat16_parameters_with_a_float32_v_decay_as_float32_does(factory):
 
   want = final_step(jnp.float32)
   assert want == pytest.approx(0.1945, rel=1e-3)
-  assert final_step(jnp.bfloat16, nu_dtype=jnp.float32) == pytest.approx(want, rel=1e-2)
+  # within 5 % (m is still bfloat16: its roundings give -1.1 % under --xla_cpu_max_isa=AVX2,
+  # +0.7 % with AVX-512), where the bfloat16 v is 4.4x off
+  assert final_step(jnp.bfloat16, nu_dtype=jnp.float32) == pytest.approx(want, rel=5e-2)
   assert final_step(jnp.bfloat16) < 0.3 * want
 
 
