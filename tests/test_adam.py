@@ -354,6 +354,11 @@ def test_float16_parameters_are_stepped_in_float32_with_v_in_float32():
                                m.astype(np.float16).astype(np.float32),
                                rtol=2.0 ** -10, atol=2.0 ** -24)
     np.testing.assert_allclose(np.asarray(s.nu["w"]), v, rtol=1e-6)
+  # the update keeps the dtype optax gives it: float32 moments with a float16 gradient, float32
+  p32 = {"w": jnp.zeros(shape, jnp.float32)}
+  g16 = {"w": jnp.asarray(_float16_grads(shape, 1)[0])}
+  ref_u, _ = optax.scale_by_adam().update(g16, optax.scale_by_adam().init(p32))
+  assert tx.update(g16, tx.init(p32))[0]["w"].dtype == ref_u["w"].dtype == jnp.float32
   # an explicit float16 v is kept as asked (and is the user's choice)
   s16 = stax.scale_by_adam(nu_dtype=jnp.float16).init(p)
   assert s16.nu["w"].dtype == jnp.float16

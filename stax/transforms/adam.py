@@ -592,7 +592,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   """
   rule = cfg.rule
   g_leaves, treedef = jax.tree.flatten(updates)
-  # A float16 gradient is computed with in float32 (its update returned in float16): in
+  # A float16 gradient is computed with in float32 (its update in the dtype it had): in
   # float16, |g|² underflows to 0 below 2.4e-4 and ε = 1e-8 is 0 (FullPrecision's
   # widen_float16). Every other dtype is used as it is (bfloat16 has float32's range).
   in_dtypes = [None if g is None else jnp.dtype(g.dtype) for g in g_leaves]
@@ -720,7 +720,9 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
       a = a if keep_mu else _select_tree(ok, a, me)
       # (a new per-tensor mean formed in the vector is selected there)
       c = c if keep_nu or scalar_means[i] else _select_tree(ok, c, ne)
-    if in_dtypes[i] == jnp.float16:
+    if in_dtypes[i] == jnp.float16 and getattr(me, "dtype", None) == jnp.float16:
+      # float16 in, float16 moment: the update in float16, the dtype it had before widening
+      # (a float32 moment or a codec's float32 decode gave float32, and still does)
       out = out._replace(update=out.update.astype(jnp.float16))
     steps.append(out)
     new_mu_enc.append(_cast_like_tree(a, me))
