@@ -76,10 +76,33 @@ def pick(vec: jax.Array, i: int) -> jax.Array:
 
 def _picks(vec: jax.Array, wanted: list) -> list:
   """Entries ``wanted`` of ``vec`` by :func:`pick`, the vector's view (its bits, in blocks) formed
-  once for all of them."""
+  once for all of them. Differentiable as ``[vec[i] for i in wanted]`` is: the bits have no
+  derivative, so a floating ``vec``'s picks carry their tangents as slices
+  (:func:`_sliced_picks`), which ``jax.grad``/``jax.jvp`` through an optimizer's update need
+  (StableAdamW's RMS clip, STAM's β1 and scales); the values stay the bits' picks."""
   n = vec.shape[0]
   if jax.default_backend() != "cpu" or n == 1:
     return [vec[i] for i in wanted]
+  if jnp.issubdtype(vec.dtype, jnp.inexact):
+    return list(_sliced_picks(tuple(wanted), vec))
+  return _bit_picks(vec, wanted)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _sliced_picks(wanted: tuple, vec: jax.Array) -> tuple:
+  """:func:`_bit_picks` with the tangents of slices ``vec[i]`` (picking is linear)."""
+  return tuple(_bit_picks(vec, list(wanted)))
+
+
+@_sliced_picks.defjvp
+def _sliced_picks_jvp(wanted, primals, tangents):
+  (vec,), (dvec,) = primals, tangents
+  return _sliced_picks(wanted, vec), tuple(dvec[i] for i in wanted)
+
+
+def _bit_picks(vec: jax.Array, wanted: list) -> list:
+  """The picks of :func:`_picks` on XLA's CPU backend: sums of the masked bits."""
+  n = vec.shape[0]
   view, back = _bits_view(vec)
   blocked = n > _PICK_BLOCK
   summed = traced_once(_masked_sum, blocked)
