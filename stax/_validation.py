@@ -93,9 +93,12 @@ def check_int(name: str, value: Any, *, low: int | None = None,
   """Validates an integer (structural) argument against ``[low, high]``."""
   if value is None and allow_none:
     return
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, (jax.core.Tracer, jax.Array)):
+    # optax.inject_hyperparams hands every numeric argument, its defaults included, over as an
+    # array unless it is listed in static_args
+    got = "a traced value" if isinstance(value, jax.core.Tracer) else f"an array ({value!r})"
     raise TypeError(
-        f"`{name}` is structural and must be a Python int, got a traced value; "
+        f"`{name}` is structural and must be a Python int, got {got}; "
         f"list it in `static_args` of optax.inject_hyperparams.")
   if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
     raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")

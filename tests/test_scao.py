@@ -519,3 +519,39 @@ def test_the_refresh_is_ordered_after_every_read_of_the_factors():
   np.testing.assert_array_equal(np.asarray(u["w"]), np.asarray(g["w"]))
   np.testing.assert_allclose(np.asarray(state.leaves["w"].f),
                              np.eye(512) * 0.5 + 8 * 512 * 0.25, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "scao-0.2.4"])
+def test_injected_hyperparameters_with_float64_parameters_refresh(mode):
+  """Under ``jax_enable_x64`` ``optax.inject_hyperparams`` hands float64 hyperparameters over,
+  which promoted the refresh of the float32 factors to float64: both branches of its
+  ``lax.cond`` must have one type, so the first refresh raised ``TypeError`` ("cond branches
+  must have equal output types"). The refreshed factors keep their dtypes, and the injected
+  run follows the plain one."""
+  static = ("warmup_steps", "precond_freq", "k_min", "k_max", "min_precond_updates",
+            "max_precond_dim", "blend_steps", "mode", "seed")
+  kw = dict(learning_rate=3e-2, warmup_steps=2, precond_freq=1, k_min=1, k_max=3, mode=mode)
+  with jax.enable_x64(True):
+    runs = []
+    for tx in (optax.inject_hyperparams(stax.scao, static_args=static)(**kw), stax.scao(**kw)):
+      p = {"w": jnp.ones((16, 8), jnp.float64)}
+      s = tx.init(p)
+      types = jax.tree.map(jax.typeof, s)
+      step = jax.jit(tx.update)
+      for i in range(6):
+        g = {"w": jnp.sin(jnp.arange(128.0, dtype=jnp.float64).reshape(16, 8) * (i + 1))}
+        u, s = step(g, s, p)
+        p = optax.apply_updates(p, u)
+      assert jax.tree.map(jax.typeof, s) == types
+      assert int(stax.scao_diagnostics(s)["curvature_updates"]) >= 3
+      runs.append(np.asarray(p["w"]))
+  assert runs[0].dtype == np.float64 and np.isfinite(runs[0]).all()
+  np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+
+
+def test_injected_structural_arguments_ask_for_static_args():
+  """``optax.inject_hyperparams`` turns every numeric argument into an array, the defaults of
+  SCAO's integer (structural) arguments too: the error names the argument and says to list it
+  in ``static_args`` (it said only "must be an int, got ArrayImpl")."""
+  with pytest.raises(TypeError, match=r"`warmup_steps` is structural.*static_args"):
+    optax.inject_hyperparams(stax.scao)(learning_rate=1e-3).init({"w": jnp.ones((4, 4))})

@@ -371,11 +371,19 @@ def _apply_fn(rule: LeafRule, plan: Any, dtype: str):
   return fn
 
 
-def _like(new: Any, old: Any) -> Any:
-  """``new`` (replicated) laid out like ``old``'s explicitly sharded leaves (both branches of
-  the refresh's ``lax.cond`` must have one type)."""
-  return jax.tree.map(lambda n, o: n if _sh.explicit_spec(o) is None
-                      else jax.reshard(n, jax.typeof(o).sharding), new, old)
+def _like(new: Any, old: Any, reshard: bool = True) -> Any:
+  """``new`` (replicated) in ``old``'s dtypes and (``reshard``) laid out like ``old``'s
+  explicitly sharded leaves (both branches of the refresh's ``lax.cond`` must have one type: under
+  ``jax_enable_x64``, float64 hyperparameters from ``optax.inject_hyperparams`` promote the
+  refresh's math of float32 factors to float64)."""
+
+  def like(n, o):
+    n = n if n.dtype == o.dtype else n.astype(o.dtype)
+    if not reshard or _sh.explicit_spec(o) is None:
+      return n
+    return jax.reshard(n, jax.typeof(o).sharding)
+
+  return jax.tree.map(like, new, old)
 
 
 REFRESHES = ("owners", "replicated")
@@ -513,7 +521,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       for i in dict.fromkeys(at):
         pieces = [o for o, j in zip(outs, at) if j == i]
         joined = _join(rule, leaf_plans[i].plan, pieces)
-        new[i] = _like(joined, states[i]) if refresh == "owners" else joined
+        new[i] = _like(joined, states[i], reshard=refresh == "owners")
       return tuple(new)
 
     effs = effective(tuple(old))
