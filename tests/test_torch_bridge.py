@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from typing import NamedTuple
 
 import jax
@@ -316,7 +317,8 @@ def test_registry_bridge_equals_pure_jax_and_resumes_bit_exact(entry):
   # feeds float hyperparameters as float32 arrays (inject_hyperparams), so the reference does
   # too (with Python floats, quantised states such as TurboAdam's flip codes on 1-ulp changes).
   traced, static = opt_a._hyperparams(0)  # pylint: disable=protected-access
-  hp = {k: jnp.asarray(v, jnp.float32) for k, v in traced.items()}
+  hp = {k: (tuple(jnp.asarray(x, jnp.float32) for x in v) if isinstance(v, tuple)  # betas
+            else jnp.asarray(v, jnp.float32)) for k, v in traced.items()}
   jp = jax.tree.map(jnp.asarray, params)
   tt = jax.tree.map(jnp.asarray, targets)
   cc = jax.tree.map(jnp.asarray, curv)
@@ -342,7 +344,8 @@ def test_registry_bridge_equals_pure_jax_and_resumes_bit_exact(entry):
 # ----------------------------------------------------------------------------- state_dict
 class _U8(NamedTuple):
   """A test codec: v stored as uint8 codes of sqrt(v) with a float32 scale, rounded
-  stochastically (so the state has uint8 codes, an int32 count and a uint32 key)."""
+  stochastically (so the state has uint8 codes, an int32 count and a uint32 key, which the
+  state dict holds as int64 values)."""
 
   needs_key: bool = True
 
@@ -404,7 +407,7 @@ def test_save_load_continue_is_bit_exact_and_never_casts(factory, dtype):
   for k, v in ck["o"]["state"][0].items():
     assert dtypes[k] == v.dtype, k  # nothing was cast to the parameter dtype
   if factory is _u8_adam:
-    assert torch.uint8 in dtypes.values() and torch.uint32 in dtypes.values()
+    assert torch.uint8 in dtypes.values() and torch.int64 in dtypes.values()   # codes, key
     assert torch.int32 in dtypes.values()
     # torch's own load_state_dict policy would have cast the counter to the param dtype
     cnt = [k for k in st if k.endswith("count")][0]
@@ -723,3 +726,42 @@ def test_ready_transformation_is_accepted():
   torch.testing.assert_close(m[0].weight.detach(), w0 - 0.1 * g, rtol=0, atol=1e-7)
   with pytest.raises(TypeError, match="factory"):
     torch_bridge.Optimizer(m.parameters(), optax.sgd(0.1), lr=0.1)
+
+
+def test_a_models_conv1d_weights_are_matrices_stored_in_out():
+  """Hugging Face ``Conv1D`` weights (GPT-2's ``c_fc``, ``c_proj``) are stored ``(in, out)``;
+  a drop-in built from the model reads them so (:class:`torch_bridge.ModuleLayout`): OAdamW's
+  step of a ``Conv1D`` weight is the transpose of its step of the same layer as ``nn.Linear``
+  (``(out, in)``) with the transposed gradient. By name alone (``c_attn`` only) the bridge
+  read ``c_fc`` as ``(out, in)``: with ``shape_scale="original"`` its update was 2x too small
+  (fan-out 128 over fan-in 32)."""
+  pu = pytest.importorskip("transformers.pytorch_utils")
+  torch.manual_seed(0)
+  conv = torch.nn.ModuleDict({"c_fc": pu.Conv1D(128, 32), "c_proj": pu.Conv1D(32, 128)})
+  lin = torch.nn.ModuleDict({"c_fc": torch.nn.Linear(32, 128), "c_proj": torch.nn.Linear(128, 32)})
+  with torch.no_grad():
+    for k in conv:
+      conv[k].weight.normal_(0, 0.1)
+      lin[k].weight.copy_(conv[k].weight.T)
+      lin[k].bias.copy_(conv[k].bias)
+  layout = torch_bridge.ModuleLayout(conv)
+  assert layout.in_out == {"c_fc.weight", "c_proj.weight"}
+  assert torch_bridge.ModuleLayout(lin).in_out == frozenset()
+  moved = []
+  for model, t in ((conv, True), (lin, False)):
+    opt = torch_bridge.OAdamW(model, lr=1e-2, weight_decay=0.0, grouping="seed",
+                              shape_scale="original")
+    before = {k: model[k].weight.detach().clone() for k in model}
+    g = torch.Generator().manual_seed(5)
+    for k in model:
+      grad = torch.randn(conv[k].weight.shape, generator=g)
+      model[k].weight.grad = grad if t else grad.T.contiguous()
+      model[k].bias.grad = torch.zeros_like(model[k].bias)
+    opt.step()
+    moved.append({k: (model[k].weight.detach() - before[k]) for k in model})
+    if t:
+      copied = pickle.loads(pickle.dumps(opt))
+  for k in conv:
+    torch.testing.assert_close(moved[0][k], moved[1][k].T, rtol=1e-5, atol=1e-7)
+  assert float(moved[0]["c_fc"].pow(2).mean().sqrt()) > 0
+  assert copied._layout.fn == layout

@@ -146,3 +146,83 @@ def test_torch_distributed_state_dict_api_round_trips():
   _train(m2, o2, 1)
   for a, b in zip(m1.parameters(), m2.parameters()):
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("named", [False, True])
+@pytest.mark.parametrize("writeback", ["copy", "swap"])
+def test_state_stays_with_its_parameter_when_the_groups_change(named, writeback):
+  """torch keys ``optimizer.state`` by tensor: a parameter taken out of the groups takes its
+  state along, the others keep theirs, and a new tensor put in a removed one's place (model
+  surgery: a resized embedding) starts afresh. The bridge had filed state by position, so
+  after ``param_groups[0]["params"].pop(0)`` the next parameter stepped on with the removed
+  one's moments, and a replacement of another shape raised ``TypeError`` in the step. Checked
+  against ``torch.optim.AdamW`` step by step (unnamed parameters are called by position, which
+  shifts: their state is renamed with them)."""
+  torch.manual_seed(0)
+  shapes = [(4,), (3, 5), (6,), (2, 3)]
+  ts = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+  bs = [torch.nn.Parameter(t.detach().clone()) for t in ts]
+  ref = torch.optim.AdamW(ts, lr=1e-2, weight_decay=1e-2)
+  opt = torch_bridge.Optimizer([(f"p{i}", b) if named else b for i, b in enumerate(bs)],
+                               stax.adamw, lr=1e-2, weight_decay=1e-2, writeback=writeback)
+  g = torch.Generator().manual_seed(3)
+
+  def step(pairs):
+    for t, b in pairs:
+      t.grad = torch.randn(t.shape, generator=g) * (1.0 + t.numel())
+      b.grad = t.grad.clone()
+    ref.step()
+    opt.step()
+    for t, b in pairs:
+      torch.testing.assert_close(b, t, rtol=0, atol=2e-6)
+
+  pairs = list(zip(ts, bs))
+  step(pairs)
+  step(pairs)
+  for o in (ref, opt):                       # stop optimising the first parameter
+    o.param_groups[0]["params"].pop(0)
+    if named and o is opt:
+      o.param_groups[0]["param_names"].pop(0)
+  pairs = pairs[1:]
+  assert bs[0] not in opt.state
+  step(pairs)
+  count = [v for k, v in opt.state[bs[1]].items() if k.endswith("/count")]
+  assert [int(c) for c in count] == [3]
+  # replace the last parameter by a larger new tensor (its own, fresh state), reorder the rest
+  t_new = torch.nn.Parameter(torch.randn(4, 3))
+  b_new = torch.nn.Parameter(t_new.detach().clone())
+  ref.param_groups[0]["params"] = [t_new, ts[2], ts[1]]
+  opt.param_groups[0]["params"] = [b_new, bs[2], bs[1]]
+  if named:
+    opt.param_groups[0]["param_names"] = ["new", "p2", "p1"]
+  pairs = [(t_new, b_new), (ts[2], bs[2]), (ts[1], bs[1])]
+  assert bs[3] not in opt.state and b_new not in opt.state
+  step(pairs)
+  step(pairs)
+  counts = {i: [int(v) for k, v in opt.state[b].items() if k.endswith("/count")]
+            for i, b in ((0, b_new), (1, bs[1]), (2, bs[2]))}
+  assert counts == {0: [2], 1: [5], 2: [5]}
+  assert len(opt.state_dict()["state"]) == 3
+
+
+def test_group_scope_state_stays_with_an_unchanged_group():
+  """With ``state_scope="group"`` a group's state stays with the group while it has the same
+  tensors in the same order, when an earlier group changes (the positions and unnamed
+  parameters' names it is filed by shift); a group whose tensors changed starts afresh."""
+  m = _mlp()
+  params = list(m.parameters())
+  opt = torch_bridge.Optimizer([{"params": params[:2]}, {"params": params[2:]}], stax.adamw,
+                               lr=1e-2, state_scope="group")
+  _train(m, opt, 2)
+  kept = {k: v.clone() for k, v in opt.state[params[2]].items()}
+  opt.param_groups[0]["params"].pop(1)
+  now = opt.state[params[2]]   # the same leaves (unnamed parameters renamed: param_2 → param_1)
+  assert [k.replace("param_2", "param_1").replace("param_3", "param_2") for k in kept] == list(now)
+  for a, b in zip(kept.values(), now.values()):
+    assert torch.equal(a, b)
+  assert params[0] not in opt.state       # its group changed: it starts again
+  _train(m, opt, 1)
+  counts = [int(v) for k, v in opt.state[params[2]].items() if k.endswith("/count")]
+  assert counts == [3]
+  counts = [int(v) for k, v in opt.state[params[0]].items() if k.endswith("/count")]
+  assert counts == [1]

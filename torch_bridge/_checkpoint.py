@@ -31,7 +31,8 @@ from torch_bridge._dtensor import LocalShards
 
 #: Attributes of an Optimizer that are caches of one process (rebuilt after unpickling) or
 #: hooks (which torch does not pickle either).
-_RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_plans", "_used_fns",
+_RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_unit_params",
+            "_plans", "_used_fns",
             "_skipped", "_device", "_release_handles", "_user", "state", "_full",
             "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -84,8 +85,22 @@ def unpack(opt: Any, sd: dict) -> None:
     if len(g["params"]) != len(sg["params"]):
       raise ValueError("loaded state dict contains a parameter group that doesn't match the "
                        "size of optimizer's group")
+  # torch checks a state dict before changing anything: a load that fails leaves the groups
+  # (and the state) as they were
+  before = [dict(g) for g in opt.param_groups]
   for g, sg in zip(opt.param_groups, saved):
     g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+  try:
+    _unpack_state(opt, sd, saved)
+  except BaseException:
+    for g, old in zip(opt.param_groups, before):
+      g.clear()
+      g.update(old)
+    raise
+
+
+def _unpack_state(opt: Any, sd: dict, saved: list) -> None:
+  """The state part of :func:`unpack` (the groups hold the loaded hyperparameters)."""
   params = opt._ensure_units()
   local = opt._full if isinstance(opt._full, LocalShards) else None
   shards = params if local is None else local.proxies(params, grads=False)
@@ -154,12 +169,14 @@ def load_state_dict(opt: Any, sd: dict) -> None:
 
 
 #: Unsigned dtypes plain ``pickle`` cannot restore (torch's legacy storage format; ``torch.save``
-#: can): carried as the signed integers of the same width.
+#: can): an optimizer pickled before state dicts saved them as signed integers
+#: (:data:`torch_bridge._state._SAVED_AS`) carried them as the signed integers of the same width.
 _UNSIGNED = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
 class _Bits:
-  """An unsigned tensor carried through ``pickle`` as its bits (see ``_UNSIGNED``)."""
+  """An unsigned tensor carried through ``pickle`` as its bits (see ``_UNSIGNED``; read from
+  optimizers pickled before state dicts held no unsigned tensors)."""
 
   def __init__(self, t: torch.Tensor):
     self.dtype, self.bits = t.dtype, t.view(_UNSIGNED[t.dtype])
@@ -180,15 +197,22 @@ def getstate(opt: Any) -> dict:
   and every other attribute but the per-process caches and the hooks (torch drops its hooks
   too), and the packed state (JAX arrays do not pickle; tensors do)."""
   out = {k: v for k, v in opt.__dict__.items() if k not in _RUNTIME}
-  out["_packed_state"] = _map_state_tensors(pack(opt), lambda v: _Bits(v) if isinstance(
-      v, torch.Tensor) and v.dtype in _UNSIGNED else v)
+  out["_packed_state"] = pack(opt)   # (unsigned leaves saved as signed: _state._SAVED_AS)
   return out
 
 
 def setstate(opt: Any, state: dict) -> None:
   """Rebuilds an unpickled optimizer: attributes, fresh caches and empty hooks, then the
-  packed state."""
+  packed state. A mapping without the packed state is torch's ``Optimizer.__setstate__(d)``
+  on a live optimizer: ``d``'s entries become attributes, ``"state"`` through the state's
+  setter (so ``opt.__setstate__({"state": defaultdict(dict)})`` resets the state, as in
+  torch)."""
   state = dict(state)
+  if "_packed_state" not in state:
+    if "state" in state:
+      opt.state = state.pop("state")
+    opt.__dict__.update(state)
+    return
   packed = _map_state_tensors(state.pop("_packed_state"),
                               lambda v: v.restore() if isinstance(v, _Bits) else v)
   opt.__dict__.update(state)

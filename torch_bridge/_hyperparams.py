@@ -102,6 +102,11 @@ def check_tensor_lr(group: dict) -> None:
       raise ValueError(f"Tensor lr must be 1-element: `{key}` has shape {tuple(v.shape)}.")
 
 
+def _number_pair(v: Any) -> bool:
+  return (isinstance(v, (tuple, list)) and len(v) == 2
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+
+
 def fill_defaults(factory: Callable, defaults: dict) -> dict:
   """``defaults`` with ``lr``, ``betas``, ``eps`` and ``weight_decay`` taken from the factory's
   own defaults when it has them; ``TypeError`` for a key the factory does not take."""
@@ -113,6 +118,8 @@ def fill_defaults(factory: Callable, defaults: dict) -> dict:
   if "betas" not in defaults and "b1" not in defaults and "b2" not in defaults:
     if isinstance(fdef.get("b1"), (int, float)) and isinstance(fdef.get("b2"), (int, float)):
       defaults["betas"] = (fdef["b1"], fdef["b2"])
+    elif _number_pair(fdef.get("betas")):   # a factory that takes torch's pair (stable_adamw)
+      defaults["betas"] = tuple(fdef["betas"])
   for k in ("eps", "weight_decay"):
     if k not in defaults and isinstance(fdef.get(k), (int, float)):
       defaults[k] = fdef[k]

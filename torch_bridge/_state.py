@@ -76,10 +76,37 @@ def legacy_leaf_names(state: Any) -> list:
   return [leaf_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
 
 
+#: Unsigned state leaves wider than a byte (a PRNG key's uint32 words) as torch shows and saves
+#: them: the signed integers that hold their values (uint64: its bits). torch supports these
+#: unsigned dtypes only in part: plain ``pickle`` and ``torch.save``'s legacy format cannot
+#: restore them. Loading takes either form (:func:`_leaf_from_torch`).
+_SAVED_AS = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
+
+
+def _saved(t: torch.Tensor) -> torch.Tensor:
+  """A state leaf's tensor as saved (see ``_SAVED_AS``); a copy."""
+  if t.dtype == torch.uint64:
+    return t.view(torch.int64).clone()
+  return t.to(_SAVED_AS[t.dtype]) if t.dtype in _SAVED_AS else t.clone()
+
+
 def to_torch_entries(state: Any, names: Sequence[str]) -> dict:
-  """``{name: torch tensor}`` of a unit's state: copies of its leaves, in their own dtypes."""
-  return {n: convert.to_torch(x).clone()
+  """``{name: torch tensor}`` of a unit's state: copies of its leaves, in their own dtypes but
+  for unsigned integers wider than a byte (``_SAVED_AS``: a uint32 key as int64 values)."""
+  return {n: _saved(convert.to_torch(x))
           for n, x in zip(unit_leaf_names(state, names), jax.tree.leaves(state))}
+
+
+def _unsigned_from_saved(t: torch.Tensor, dtype: torch.dtype, name: str, where: Any
+                         ) -> torch.Tensor:
+  """The unsigned ``dtype`` tensor of a saved signed one (``_SAVED_AS``), its values checked."""
+  if dtype == torch.uint64:
+    return t.view(torch.uint64)
+  top = (1 << (8 * t.new_empty((), dtype=dtype).element_size())) - 1
+  if t.numel() and (int(t.min()) < 0 or int(t.max()) > top):
+    raise ValueError(f"torch_bridge: state {name!r} of parameter {where} holds values outside "
+                     f"{dtype}'s range [0, {top}].")
+  return t.to(dtype)
 
 
 def jax_dtype(t: torch.Tensor) -> Any:
@@ -98,6 +125,20 @@ class UserEntries:
 
   def clear(self) -> None:
     self.by_param, self.other = {}, {}
+
+def position_map(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> dict:
+  """``{old position: new position}`` of the parameter tensors in both flat lists (by
+  identity; a tensor listed twice: its first position in each)."""
+  first: dict = {}
+  for i, p in enumerate(after):
+    first.setdefault(id(p), i)
+  out, seen = {}, set()
+  for i, p in enumerate(before):
+    if id(p) in first and id(p) not in seen:
+      seen.add(id(p))
+      out[i] = first[id(p)]
+  return out
+
 
 class _Live(NamedTuple):
   state_keys: tuple    # unit keys, in plan order
@@ -120,6 +161,19 @@ class StateStore:
 
   def clear(self) -> None:
     self._filed, self._live, self._live_owner = {}, None, None
+
+  def refile(self, moved: dict, before: Sequence[Any], after: Sequence[Any]) -> None:
+    """Files each unit's state under its parameters' new positions (``moved``: old position →
+    new, :func:`position_map`) where that is the key of a unit of ``after`` (the units of
+    ``before`` and ``after`` give the names the state is laid out by); drops the rest."""
+    names = {u.indices: u.names for u in before}
+    units = {u.indices: u for u in after}
+    filed = {}
+    for key, st in self.states.items():
+      new = tuple(moved[i] for i in key) if all(i in moved for i in key) else None
+      if new in units and key in names:
+        filed[new] = rename(st, names[key], units[new].names)
+    self._filed = filed
 
   def replace(self, states: dict) -> None:
     """Sets every unit's state (``load_state_dict``)."""
@@ -193,6 +247,9 @@ def _leaf_from_torch(t: Any, spec: Any, name: str, where: Any, device: torch.dev
   if (tuple(t.shape) == tuple(spec.shape) and t.dtype in _WIDENS_TO_FLOAT32
       and jnp.dtype(spec.dtype) == jnp.float32):
     t = t.to(torch.float32)
+  unsigned = getattr(torch, jnp.dtype(spec.dtype).name, None)
+  if tuple(t.shape) == tuple(spec.shape) and t.dtype == _SAVED_AS.get(unsigned, False):
+    t = _unsigned_from_saved(t, unsigned, name, where)
   if (tuple(t.shape) != tuple(spec.shape)
       or str(t.dtype).replace("torch.", "") != jnp.dtype(spec.dtype).name):
     raise ValueError(
@@ -234,6 +291,25 @@ def set_leaves(state: Any, names: Sequence[str], values: dict, device: torch.dev
     i = by_name[name]
     leaves[i] = _leaf_from_torch(t, leaves[i], name, where, device)
   return jax.tree.unflatten(tdef, leaves)
+
+
+def rename(state: Any, before: Sequence[str], after: Sequence[str]) -> Any:
+  """A unit's state with its parameters renamed from ``before`` to ``after`` (position for
+  position) in every sub-tree laid out like the parameters (an unnamed parameter is called by
+  its position, which changes when one before it leaves the groups)."""
+  if tuple(before) == tuple(after):
+    return state
+  ptreedef = jax.tree.structure(nest(before, list(range(len(before)))))
+  order = ptreedef.flatten_up_to(nest(before, list(range(len(before)))))
+  param_like = _param_like(ptreedef)
+
+  def move(node):
+    if not param_like(node):
+      return node
+    by_position = dict(zip(order, ptreedef.flatten_up_to(node)))
+    return nest(after, [by_position[i] for i in range(len(after))])
+
+  return jax.tree.map(move, state, is_leaf=param_like)
 
 
 def keep_masked(new: Any, old: Any, ptreedef: Any, names: Sequence[str],

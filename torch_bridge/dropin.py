@@ -31,6 +31,7 @@ import torch
 import stax
 from stax import _validation as V
 from stax.optimizers import stac as stac_rules
+from torch_bridge.layout import ModuleLayout
 from torch_bridge.optimizer import Optimizer
 
 __all__ = ["STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "stac_modules"]
@@ -340,17 +341,23 @@ class STAC(Optimizer):
 
 # --------------------------------------------------------------------------------- the others
 def _named(params: Any) -> Any:
-  """A model's trainable ``(name, tensor)`` pairs (names reach path-based rules); else as is."""
+  """A model's ``(name, tensor)`` pairs (names reach path-based rules); else as is. Frozen
+  parameters are kept, as torch's optimizers keep what they are given: one frozen now (no
+  gradient) is not stepped, and steps once it is unfrozen (gradual unfreezing)."""
   if isinstance(params, torch.nn.Module):
-    return [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+    return list(params.named_parameters())
   return params
 
 
-def _torch_layout(kwargs: dict) -> dict:
+def _torch_layout(kwargs: dict, params: Any = None) -> dict:
   """``kwargs`` with the bridge passing each parameter's torch layout
-  (:func:`torch_bridge.torch_dimension_numbers`) as ``dimension_numbers``, unless given."""
+  (:func:`torch_bridge.torch_dimension_numbers`; for a model ``params``,
+  :class:`torch_bridge.layout.ModuleLayout`, which knows its ``(in, out)`` ``Conv1D``
+  weights) as ``dimension_numbers``, unless given."""
   if "dimension_numbers" in kwargs or kwargs.get("layout_kwarg") is not None:
     return kwargs
+  if isinstance(params, torch.nn.Module) and "layout_fn" not in kwargs:
+    kwargs = dict(kwargs, layout_fn=ModuleLayout(params))
   return dict(kwargs, layout_kwarg="dimension_numbers")
 
 
@@ -414,7 +421,7 @@ class SCAO(Optimizer):
                      epsilon_sparse=epsilon_sparse, k_min=k_min, k_max=k_max, rho=rho, tau=tau,
                      warmup_steps=warmup_steps, blend_steps=blend_steps,
                      min_precond_updates=min_precond_updates, max_precond_dim=max_precond_dim,
-                     **_torch_layout(kwargs))
+                     **_torch_layout(kwargs, params))
 
 
 class OAdamW(Optimizer):
@@ -425,7 +432,9 @@ class OAdamW(Optimizer):
   automatically by :func:`stax.oadamw` (``grouping="auto"``: ``ndim >= 2`` weights but not
   embeddings/heads; ``grouping="seed"`` for the seed's every-matrix rule), with torch's
   ``(out, in)`` layout (:func:`torch_bridge.torch_dimension_numbers`, passed per parameter
-  as ``dimension_numbers``; fused q/k/v projections are three matrices). ``muon="gradient"`` is the seed's update,
+  as ``dimension_numbers``; fused q/k/v projections are three matrices; given a model,
+  :class:`torch_bridge.ModuleLayout`, which also reads its Hugging Face ``Conv1D`` weights as
+  the ``(in, out)`` matrices they are). ``muon="gradient"`` is the seed's update,
   ``muon="off"`` is optimi's ``StableAdamW``. Defaults are the seed's (``betas=(0.9, 0.99)``,
   ``weight_decay=1e-2``, ``eps=1e-6``).
   """
@@ -436,7 +445,7 @@ class OAdamW(Optimizer):
                **kwargs: Any):
     _check_scalars(lr=lr, weight_decay=weight_decay, eps=eps, max_lr=max_lr)
     if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices
-      kwargs = _torch_layout(kwargs)
+      kwargs = _torch_layout(kwargs, params)
     super().__init__(_named(params), stax.oadamw, lr=lr, betas=_betas(betas),
                      weight_decay=weight_decay, eps=eps, decouple_lr=decouple_lr,
                      max_lr=max_lr, kahan_sum=kahan_sum, **kwargs)

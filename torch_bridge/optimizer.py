@@ -47,15 +47,19 @@ How it works
     reduction axes ``1..ndim-1``, output axis ``0``, fused q/k/v as three matrices, ``None``
     for vectors), as a tree laid out like the parameters.
   * ``state_dict()`` has torch's shape (:mod:`torch_bridge._checkpoint`): each parameter's JAX
-    state leaves, named by their path in the state tree, as tensors of *their own* dtypes;
-    ``load_state_dict`` never casts them and checks each leaf's shape and dtype.
+    state leaves, named by their path in the state tree, as tensors of *their own* dtypes (an
+    unsigned one wider than a byte, a uint32 key, as its int64 values: torch restores those
+    dtypes only in part); ``load_state_dict`` never casts them and checks each leaf's shape and
+    dtype, and a load that fails changes nothing.
     ``torch.save`` → ``torch.load`` → continue equals the uninterrupted run bit for bit. A
     parameter's leaf names do not contain its own name, so state dicts move between optimizers
     built from ``model.parameters()`` and ``model.named_parameters()``; a parameter listed
     twice keeps its first index, as in torch.
   * ``optimizer.state`` is torch's mapping (:class:`torch_bridge._state.StateView`):
     ``state[p]`` shows ``p``'s state leaves (copies) and keeps what a user or a hook puts there
-    (saved and loaded with the state dict); ``del state[p]`` restarts ``p``.
+    (saved and loaded with the state dict); ``del state[p]`` restarts ``p``. State stays with
+    its parameter tensor when the groups change (a parameter removed takes it along; a new
+    tensor in its place starts afresh), as torch keys its state by tensor.
   * ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` carry settings, groups and
     state (not hooks or gradient release, which torch does not carry either); a ready
     transformation (not a factory) is held in a local function, which ``pickle`` refuses.
@@ -207,6 +211,7 @@ class Optimizer(torch.optim.Optimizer):
     self._hyper = H.HyperCache()           # group index -> GroupHyper
     self._units: list = []
     self._units_sig = None
+    self._unit_params: Optional[list] = None  # the flat parameters the units were built for
     self._plans: dict = {}                 # (mask, per-group static config) -> Plan
     self._used_fns: dict = {}              # id -> jitted steps this optimizer has run
     self._skipped = None                   # int32 JAX scalar, steps skipped by global_nonfinite
@@ -261,7 +266,10 @@ class Optimizer(torch.optim.Optimizer):
     params = self._flat_params()
     sig = (tuple(map(id, params)), tuple([len(g["params"]) for g in self.param_groups]))
     if sig != self._units_sig:
-      self._units = build_units(self.param_groups, self._state_scope)
+      units = build_units(self.param_groups, self._state_scope)
+      if self._unit_params is not None:
+        self._follow_parameters(self._unit_params, params, units)
+      self._units, self._unit_params = units, params
       self._units_sig, self._plans = sig, {}
       mode = getattr(self, "_dtensor_mode", "full")   # (a pickled optimizer from before)
       self._full = None if not has_dtensors(params) else (
@@ -269,10 +277,28 @@ class Optimizer(torch.optim.Optimizer):
           OwnedCopies(params) if mode == "owner" else FullCopies())
     return params
 
+  def _follow_parameters(self, before: list, after: list, units: list) -> None:
+    """Refiles what is kept per parameter position after the groups changed: state stays with
+    its parameter *tensor*, as torch keys ``optimizer.state`` by tensor. A parameter removed
+    from the groups loses its state; one put in (a new tensor in a removed one's place, as
+    model surgery does) starts afresh; a moved one keeps its own. A ``state_scope="group"``
+    unit keeps its state only while it has the same tensors in the same order."""
+    moved = S.position_map(before, after)
+    self._states.refile(moved, self._units, units)
+    self._views.cache = {moved[i]: v for i, v in self._views.cache.items() if i in moved}
+    owned = getattr(self._wb, "owned", None)
+    if owned is not None:
+      self._wb.owned = {moved[i]: k for i, k in owned.items() if i in moved}
+
   # ---------------------------------------------------------------------------------- step
   @_internals.mark_step_hooked
+  @torch.compiler.disable
   def step(self, closure: Optional[Callable[[], Any]] = None):
     """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+    Always runs eagerly: inside a ``torch.compile``-d function TorchDynamo does not trace into
+    it (a graph break; the JAX step is compiled by XLA already), so a compiled train step that
+    calls ``optimizer.step()`` works as with torch's own optimizers.
 
     Step pre/post hooks (global and this optimizer's) run as torch runs them, and the step
     is recorded as ``Optimizer.step#<class>.step`` when a profiler is active; torch's own
