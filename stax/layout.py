@@ -209,13 +209,35 @@ def default_dimension_numbers(path: Any, shape: Sequence[int]) -> Optional[Matri
 
 
 def _one(d: Any, shape: Sequence[int], where: str):
-  """A per-leaf answer (dims, int split or None) as dims or None."""
-  if d is None or is_dimension_numbers(d):
+  """A per-leaf answer (dims, int split or None) as dims or None; dims for a leaf of rank 2 or
+  more are checked against its rank (:func:`_check_axes`)."""
+  if d is None:
+    return d
+  if is_dimension_numbers(d):
+    if len(shape) >= 2:
+      _check_axes(d, shape, where)
     return d
   if isinstance(d, (int, np.integer)) and not isinstance(d, bool):
     return split_dimension_numbers(int(d), len(shape))
   raise TypeError(f"`dimension_numbers` gave {d!r} for {where}; expected MatrixDimensionNumbers, "
                   "an int split axis or None.")
+
+
+def _check_axes(d: Any, shape: Sequence[int], where: str) -> None:
+  """``ValueError`` naming the leaf unless ``d``'s axes are in ``[-ndim, ndim)`` and its
+  reduction and output axes are distinct and non-empty (an out-of-range axis had wrapped
+  around, ``MatrixDimensionNumbers(0, 5)`` on a matrix reading as ``(0, 1)``)."""
+  nd = len(shape)
+  red, out = (tuple([a]) if isinstance(a, (int, np.integer)) else tuple(a)
+              for a in (d.reduction_axis, d.output_axis))
+  bad = [a for a in red + out if not -nd <= int(a) < nd]
+  if bad:
+    raise ValueError(f"`dimension_numbers` for {where} (shape {tuple(shape)}): axis {bad[0]} is "
+                     f"out of range; axes must be in [-{nd}, {nd}), got {d!r}.")
+  r, o = axes(red, nd), axes(out, nd)
+  if not r or not o or len(set(r + o)) != len(r) + len(o):
+    raise ValueError(f"`dimension_numbers` for {where} (shape {tuple(shape)}): the reduction "
+                     f"and output axes must be non-empty and distinct, got {d!r}.")
 
 
 def _is_tree_callable(fn: Any) -> bool:

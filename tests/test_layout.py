@@ -130,3 +130,24 @@ def test_turbo_adam_block_rows_are_the_layouts_trailing_axis_group(shape, name, 
   assert sorted(trailing) == list(range(nd - len(trailing), nd))       # a contiguous tail
   assert row_view_shape(shape, 128) == shape[:nd - len(trailing)] + (
       int(np.prod([shape[i] for i in trailing])),)
+
+
+def test_dimension_numbers_out_of_range_or_overlapping_are_refused_naming_the_leaf():
+  """An axis outside ``[-ndim, ndim)`` had wrapped around (``MatrixDimensionNumbers(0, 5)`` on
+  an ``(8, 16)`` kernel read as ``(0, 1)``; ``(7, 9)`` passed ``init`` and ``stax.describe``
+  showed an 8×16×16 matrix view); now ``init`` and ``describe`` raise ``ValueError`` naming the
+  leaf. One dims for a whole tree still leaves its vectors alone, and negative axes work."""
+  import optax
+  params = {"l1": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones((16,))}}
+  for dn in (stax.MatrixDimensionNumbers(0, 5), stax.MatrixDimensionNumbers(7, 9),
+             stax.MatrixDimensionNumbers(1, 1), stax.MatrixDimensionNumbers((0, 1), 1)):
+    tx = stax.oadamw(1e-2, dimension_numbers=dn)
+    with pytest.raises(ValueError, match=r"`dimension_numbers` for l1/kernel \(shape \(8, 16\)\)"):
+      tx.init(params)
+    with pytest.raises(ValueError, match="l1/kernel"):
+      stax.describe(tx, params)
+  for dn in (stax.MatrixDimensionNumbers(0, 1), optax.contrib.MuonDimensionNumbers(-2, -1)):
+    tx = stax.oadamw(1e-2, dimension_numbers=dn)
+    u, _ = tx.update(params, tx.init(params), params)
+    assert jax.tree.map(jnp.shape, u) == jax.tree.map(jnp.shape, params)
+    assert [r.rule for r in stax.describe(tx, params)] == ["adam", "muon"]

@@ -233,6 +233,13 @@ def test_validation_errors_name_the_argument():
     stax.turbo_adam(min_compress_elements=-1)
   with pytest.raises(ValueError, match="m_block_size"):
     stax.turbo_adam(block_size=128, m_block_size=48)
+  # a block_size the default m block does not divide names block_size and the rule (it named
+  # only m_block_size, which the user had not passed)
+  for codec, bs in (("factored", 48), ("stax", 100), ("turboadam-0.2", 96)):
+    with pytest.raises(ValueError, match=r"`block_size` must be a multiple of the default "
+                                         r"`m_block_size` \((32|64) with codec"):
+      stax.turbo_adam(block_size=bs, codec=codec)
+  stax.turbo_adam(block_size=48, m_block_size=16)
 
 
 def test_codecs_compose_with_debiased_adam_core():

@@ -126,7 +126,9 @@ def turbo_adam(
     eps: denominator term >= 0 (default 1e-8).
     weight_decay: decoupled weight decay λ >= 0 (default 0.0, the seed's default).
     block_size: block length along the row view (see Layout), a multiple of 4 (default 128); with
-      ``v_bits`` in {3, 6}, a multiple of 8.
+      ``v_bits`` in {3, 6}, a multiple of 8; and a multiple of ``m_block_size`` (with its
+      default, of 32, or 64 for the faithful codec, unless at most that: 48 needs
+      ``m_block_size=16``, say).
     v_bits: bits per stored v code in {2, 3, 4, 6, 8} (default 4).
     compress_m: compress the first moment (default True).
     compress_v: compress the second moment (default True).
@@ -203,10 +205,15 @@ def turbo_adam(
   elif not compress_m:
     V.warn_no_effect("m_block_size", m_block_size, None,
                      "with compress_m=False (m is stored in float32)")
-  if m_block_size is None:
+  defaulted = m_block_size is None
+  if defaulted:
     m_block_size = min(64 if codec == "turboadam-0.2" else 32, block_size)
   V.check_int("m_block_size", m_block_size, low=1)
   if block_size % m_block_size:
+    if defaulted:   # the user gave block_size only: name it, and the rule
+      raise ValueError(f"`block_size` must be a multiple of the default `m_block_size` "
+                       f"({m_block_size} with codec={codec!r}) or at most it, got {block_size}; "
+                       f"or pass an `m_block_size` that divides it.")
     raise ValueError(f"`m_block_size` must divide `block_size` ({block_size}), "
                      f"got {m_block_size}.")
   if (codec == "turboadam-0.2" and compress_m and V.is_concrete_number(b1)
