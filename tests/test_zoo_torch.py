@@ -135,8 +135,17 @@ def _registry_spec(entry) -> Spec:
               lambda m: Ref(entry.factory, _bridge_filled(entry.factory, kw)))
 
 
+def _module_dims(model):
+  """The pure-JAX side of :class:`torch_bridge.ModuleLayout`, which a drop-in built from
+  ``model`` uses (GPT-2's ``Conv1D`` weights are ``(in, out)``)."""
+  layout = torch_bridge.ModuleLayout(model)
+  return lambda name, x: layout(np.shape(x), name)
+
+
 def _dropin(name, cls, factory, ref_kwargs, **make_kwargs) -> Spec:
-  return Spec(name, lambda m: cls(m, **make_kwargs), lambda m: Ref(factory, ref_kwargs))
+  """``ref_kwargs``: the pure-JAX factory's arguments, or ``model -> arguments``."""
+  return Spec(name, lambda m: cls(m, **make_kwargs),
+              lambda m: Ref(factory, ref_kwargs(m) if callable(ref_kwargs) else ref_kwargs))
 
 
 DROPINS = [
@@ -151,9 +160,9 @@ DROPINS = [
         learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, precond_freq=1,
         epsilon_sparse=0.05, k_min=8, k_max=128, rho=0.999, tau=1.0, warmup_steps=1,
         blend_steps=1, min_precond_updates=1, max_precond_dim=4096), **SCAO_FAST),
-    _dropin("OAdamW", torch_bridge.OAdamW, stax.oadamw, dict(
+    _dropin("OAdamW", torch_bridge.OAdamW, stax.oadamw, lambda m: dict(
         learning_rate=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
-        max_lr=None, kahan_sum=None, dimension_numbers=TORCH_DIMS)),
+        max_lr=None, kahan_sum=None, dimension_numbers=_module_dims(m))),
     _dropin("TurboAdam", torch_bridge.TurboAdam, stax.turbo_adam, dict(
         learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, block_size=128,
         v_bits=4, compress_m=True, compress_v=True, min_compress_elements=4096,

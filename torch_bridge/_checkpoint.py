@@ -32,7 +32,7 @@ from torch_bridge._dtensor import LocalShards
 #: Attributes of an Optimizer that are caches of one process (rebuilt after unpickling) or
 #: hooks (which torch does not pickle either).
 _RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_unit_params",
-            "_plans", "_used_fns",
+            "_plans", "_checked", "_used_fns",
             "_skipped", "_device", "_release_handles", "_user", "state", "_full",
             "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
@@ -109,7 +109,7 @@ def _unpack_state(opt: Any, sd: dict, saved: list) -> None:
   for i, pos in zip((i for sg in saved for i in sg["params"]), range(len(params))):
     where.setdefault(i, pos)
   pos_to_saved = {pos: i for i, pos in where.items()}
-  loaded, user = {}, S.UserEntries()
+  loaded, made, user = {}, {}, S.UserEntries()
   for unit in opt._units:
     i = pos_to_saved.get(unit.indices[0])
     entry = sd["state"].get(i) if i is not None else None
@@ -124,6 +124,7 @@ def _unpack_state(opt: Any, sd: dict, saved: list) -> None:
                           [shards[j] for j in unit.indices], opt._layout)
     loaded[unit.indices], extra = S.load_unit(entry, template, unit.names,
                                               params[unit.indices[0]].device, unit.indices[0])
+    made[unit.indices] = S.param_signature([shards[j] for j in unit.indices])
     if extra:
       user.by_param[params[unit.indices[0]]] = extra
   unit_firsts = {u.indices[0] for u in opt._units}
@@ -136,7 +137,7 @@ def _unpack_state(opt: Any, sd: dict, saved: list) -> None:
     elif (pos not in unit_firsts or pos_to_saved.get(pos) != k
           or not any(isinstance(x, torch.Tensor) for x in v.values())):
       user.by_param.setdefault(params[pos], {}).update(v)
-  opt._states.replace(loaded)
+  opt._states.replace(loaded, made)
   opt._user = user
   bridge = sd.get("bridge")
   opt._skipped = None

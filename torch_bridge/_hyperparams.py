@@ -107,6 +107,19 @@ def _number_pair(v: Any) -> bool:
           and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
 
 
+def check_group_keys(factory: Callable, group: dict) -> None:
+  """``TypeError`` for a hyperparameter torch knows (``betas``, ``eps``, ``momentum``, ...) in
+  a param group whose factory cannot take it: it would be ignored, where ``defaults`` with it
+  raise. Other keys (a group's ``"name"``, a scheduler's ``initial_lr``) are metadata torch
+  keeps, and so does the bridge."""
+  spec = factory_spec(factory)
+  for key in group:
+    if key in FLOAT_KEYS and key not in RESERVED and map_key(spec, key, group[key]) is None:
+      raise TypeError(f"torch_bridge: a param group sets {key!r}, which "
+                      f"{getattr(factory, '__name__', factory)!s} does not take (torch names "
+                      f"map as {TORCH_TO_FACTORY}); it would have no effect.")
+
+
 def fill_defaults(factory: Callable, defaults: dict) -> dict:
   """``defaults`` with ``lr``, ``betas``, ``eps`` and ``weight_decay`` taken from the factory's
   own defaults when it has them; ``TypeError`` for a key the factory does not take."""

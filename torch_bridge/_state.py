@@ -77,36 +77,23 @@ def legacy_leaf_names(state: Any) -> list:
 
 
 #: Unsigned state leaves wider than a byte (a PRNG key's uint32 words) as torch shows and saves
-#: them: the signed integers that hold their values (uint64: its bits). torch supports these
-#: unsigned dtypes only in part: plain ``pickle`` and ``torch.save``'s legacy format cannot
-#: restore them. Loading takes either form (:func:`_leaf_from_torch`).
-_SAVED_AS = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
+#: them: the signed integers of the same width, holding the same bits (a key word above 2³¹
+#: reads negative). torch supports these unsigned dtypes only in part: plain ``pickle`` and
+#: ``torch.save``'s legacy format cannot restore them. Loading takes either form
+#: (:func:`_leaf_from_torch`).
+_SAVED_AS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 
 
 def _saved(t: torch.Tensor) -> torch.Tensor:
   """A state leaf's tensor as saved (see ``_SAVED_AS``); a copy."""
-  if t.dtype == torch.uint64:
-    return t.view(torch.int64).clone()
-  return t.to(_SAVED_AS[t.dtype]) if t.dtype in _SAVED_AS else t.clone()
+  return t.view(_SAVED_AS[t.dtype]).clone() if t.dtype in _SAVED_AS else t.clone()
 
 
 def to_torch_entries(state: Any, names: Sequence[str]) -> dict:
   """``{name: torch tensor}`` of a unit's state: copies of its leaves, in their own dtypes but
-  for unsigned integers wider than a byte (``_SAVED_AS``: a uint32 key as int64 values)."""
+  for unsigned integers wider than a byte (``_SAVED_AS``: a uint32 key as its int32 bits)."""
   return {n: _saved(convert.to_torch(x))
           for n, x in zip(unit_leaf_names(state, names), jax.tree.leaves(state))}
-
-
-def _unsigned_from_saved(t: torch.Tensor, dtype: torch.dtype, name: str, where: Any
-                         ) -> torch.Tensor:
-  """The unsigned ``dtype`` tensor of a saved signed one (``_SAVED_AS``), its values checked."""
-  if dtype == torch.uint64:
-    return t.view(torch.uint64)
-  top = (1 << (8 * t.new_empty((), dtype=dtype).element_size())) - 1
-  if t.numel() and (int(t.min()) < 0 or int(t.max()) > top):
-    raise ValueError(f"torch_bridge: state {name!r} of parameter {where} holds values outside "
-                     f"{dtype}'s range [0, {top}].")
-  return t.to(dtype)
 
 
 def jax_dtype(t: torch.Tensor) -> Any:
@@ -158,9 +145,11 @@ class StateStore:
     self._filed: dict = {}
     self._live: Optional[_Live] = None
     self._live_owner: Any = None
+    self.made_for: dict = {}   # unit key -> its parameters' (shape, dtype)s when made or loaded
 
   def clear(self) -> None:
     self._filed, self._live, self._live_owner = {}, None, None
+    self.made_for = {}
 
   def refile(self, moved: dict, before: Sequence[Any], after: Sequence[Any]) -> None:
     """Files each unit's state under its parameters' new positions (``moved``: old position →
@@ -168,16 +157,20 @@ class StateStore:
     ``before`` and ``after`` give the names the state is laid out by); drops the rest."""
     names = {u.indices: u.names for u in before}
     units = {u.indices: u for u in after}
-    filed = {}
+    filed, made = {}, {}
     for key, st in self.states.items():
       new = tuple(moved[i] for i in key) if all(i in moved for i in key) else None
       if new in units and key in names:
         filed[new] = rename(st, names[key], units[new].names)
-    self._filed = filed
+        if key in self.made_for:
+          made[new] = self.made_for[key]
+    self._filed, self.made_for = filed, made
 
-  def replace(self, states: dict) -> None:
-    """Sets every unit's state (``load_state_dict``)."""
+  def replace(self, states: dict, made_for: dict) -> None:
+    """Sets every unit's state (``load_state_dict``), made for the parameter signatures
+    ``made_for`` (:func:`param_signature`)."""
     self._filed, self._live, self._live_owner = dict(states), None, None
+    self.made_for = dict(made_for)
 
   @property
   def states(self) -> dict:
@@ -209,21 +202,45 @@ class StateStore:
     """The live output leaves if the last step was ``owner``'s, else ``None``."""
     return self._live.leaves if self._live is not None and self._live_owner is owner else None
 
-  def leaves(self, state_keys: Sequence[tuple], init_missing: Callable[[list], dict]
+  def leaves(self, state_keys: Sequence[tuple], init_missing: Callable[[list], dict],
+             signature: Callable[[tuple], tuple], names: Callable[[tuple], Sequence[str]]
              ) -> tuple[list, tuple]:
     """(flat leaves, per unit (treedef, number of leaves, their shapes)) of the units
     ``state_keys``, in their real shapes; ``init_missing(keys)`` returns ``{key: state}`` for
-    the units that have none yet."""
+    the units that have none yet. ``signature(key)`` gives the unit's parameters' current
+    :func:`param_signature`: a state made for another one (a parameter whose dtype or shape
+    changed since: ``model.half()``, ``p.data = ...``) raises ``ValueError`` (``names(key)``:
+    the unit's parameter names, for the message), as torch's optimizers cannot step on either."""
     states = self.states
+    for key in state_keys:
+      made, now = self.made_for.get(key), signature(key)
+      if key in states and made is not None and made != now:
+        raise ValueError(_changed_message(key, names(key), made, now))
     missing = [key for key in state_keys if key not in states]
     if missing:
       states.update(init_missing(missing))
+      self.made_for.update({key: signature(key) for key in missing})
     leaves, defs = [], []
     for key in state_keys:
       ls, tdef = jax.tree.flatten(states[key])
       leaves.extend(ls)
       defs.append((tdef, len(ls), tuple(tuple(x.shape) for x in ls)))
     return leaves, tuple(defs)
+
+
+def param_signature(params: Sequence[torch.Tensor]) -> tuple:
+  """What a unit's state is made for: each parameter's ``(shape, dtype)``."""
+  return tuple((tuple(p.shape), p.dtype) for p in params)
+
+
+def _changed_message(key: tuple, names: Sequence[str], made: tuple, now: tuple) -> str:
+  which = [(i, n, a, b) for i, n, a, b in zip(key, names, made, now) if a != b]
+  i, n, (s0, d0), (s1, d1) = which[0]
+  return (f"torch_bridge: parameter {i} ({n!r}) is now {str(d1).replace('torch.', '')}"
+          f"{list(s1)}, but its optimizer state was made for {str(d0).replace('torch.', '')}"
+          f"{list(s0)} (its dtype or shape changed after the optimizer had state for it, e.g. "
+          "model.half() or p.data = ...). torch's optimizers cannot step on either: "
+          "`del optimizer.state[p]` restarts it, or build the optimizer after the change.")
 
 
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
@@ -249,7 +266,7 @@ def _leaf_from_torch(t: Any, spec: Any, name: str, where: Any, device: torch.dev
     t = t.to(torch.float32)
   unsigned = getattr(torch, jnp.dtype(spec.dtype).name, None)
   if tuple(t.shape) == tuple(spec.shape) and t.dtype == _SAVED_AS.get(unsigned, False):
-    t = _unsigned_from_saved(t, unsigned, name, where)
+    t = t.view(unsigned)
   if (tuple(t.shape) != tuple(spec.shape)
       or str(t.dtype).replace("torch.", "") != jnp.dtype(spec.dtype).name):
     raise ValueError(

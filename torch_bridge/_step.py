@@ -17,17 +17,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from torch_bridge import _plan as P
+from torch_bridge import _state as S
 from torch_bridge import _hyperparams as H
 from torch_bridge import convert
 from torch_bridge._dtensor import LocalShards, OwnedCopies
 from torch_bridge._state import jax_dtype
 
 
-def plan_for(opt: Any, mask: tuple, hyper: list, shapes: tuple) -> P.Plan:
-  """The cached step plan of has-grad ``mask``, the parameters' ``shapes`` and the groups'
-  static configuration."""
+def plan_for(opt: Any, mask: tuple, hyper: list, shapes: tuple, dtypes: tuple = ()
+             ) -> P.Plan:
+  """The cached step plan of has-grad ``mask``, the parameters' ``shapes`` (and ``dtypes``:
+  a parameter whose dtype changed gets a new plan) and the groups' static configuration."""
   factories = [opt._factory(gi) for gi in range(len(hyper))]
-  key = (mask, shapes, tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
+  key = (mask, shapes, dtypes,
+         tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
   return H.cached(opt._plans, key, lambda: P.make_plan(
       opt._units, mask, hyper, factories, opt._layout, opt._global_nonfinite, opt._wb,
       shapes))
@@ -71,7 +74,13 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
   """The compiled step of the parameters in ``mask`` (at least one)."""
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
   shapes = tuple([tuple(p.shape) for p in params])
-  plan, wb = plan_for(opt, mask, hyper, shapes), opt._wb
+  dtypes = tuple([p.dtype for p in params])
+  if (mask, shapes, dtypes) != opt._checked:   # what the parameters are, checked once each
+    for p, on in zip(params, mask):
+      if on:
+        convert.check_dtype(p)      # (a float64 one, after model.double(): JAX would narrow it)
+    opt._checked = (mask, shapes, dtypes)
+  plan, wb = plan_for(opt, mask, hyper, shapes, dtypes), opt._wb
   if opt._device is None:
     opt._device = opt._views.get(plan.idx_on[0], params[plan.idx_on[0]]).sharding
   if opt._skipped is None:
@@ -81,8 +90,10 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
   compiled = plan.compiled
   states = None if compiled is None else opt._states.live_leaves(compiled)
   if states is None:  # not the previous step's outputs: gather (and initialise) them
+    units = {u.indices: u for u in opt._units}
     states, defs = opt._states.leaves(
-        plan.state_keys, lambda keys: init_states(opt, keys, plan, hyper, hps, params))
+        plan.state_keys, lambda keys: init_states(opt, keys, plan, hyper, hps, params),
+        lambda key: S.param_signature([params[i] for i in key]), lambda key: units[key].names)
     if compiled is not None and compiled.state_defs != defs:
       compiled = None
     if compiled is None:
@@ -100,7 +111,7 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
   p_on = [opt._views.get(i, params[i], s) for i, s in zip(plan.idx_on, compiled.on_shapes)]
   p_off = [opt._views.get(i, params[i], s) for i, s in zip(plan.idx_off, compiled.off_shapes)]
   args = P.StepArgs(states, p_on,
-                    [convert.grad_to_jax(convert.boundary_view(params[i].grad, s))
+                    [convert.grad_to_jax(convert.boundary_view(convert.grad_of(params[i]), s))
                      for i, s in zip(plan.idx_on, compiled.on_shapes)],
                     hps, skipped, wb.scratch_for(plan, p_on), p_off)
   leaves = args.flat()

@@ -132,6 +132,18 @@ def to_jax(t: torch.Tensor) -> jax.Array:
     return jax.dlpack.from_dlpack(t, copy=True)
 
 
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+  """``p.grad``, which must have ``p``'s dtype (``TypeError`` otherwise: a gradient in another
+  dtype, which torch allows with ``grad_dtype``, would reach the compiled step as another
+  type; torch's own optimizers refuse it too)."""
+  g = p.grad
+  if g.dtype != p.dtype:
+    raise TypeError(f"torch_bridge: a parameter's gradient is {g.dtype} where the parameter is "
+                    f"{p.dtype} (shape {list(p.shape)}); the bridge steps gradients in their "
+                    "parameter's dtype: cast the gradient (p.grad = p.grad.to(p.dtype)).")
+  return g
+
+
 def grad_to_jax(g: torch.Tensor) -> jax.Array:
   """:func:`to_jax` for a step's gradient; a sparse gradient raises ``RuntimeError``."""
   try:

@@ -48,7 +48,7 @@ How it works
     for vectors), as a tree laid out like the parameters.
   * ``state_dict()`` has torch's shape (:mod:`torch_bridge._checkpoint`): each parameter's JAX
     state leaves, named by their path in the state tree, as tensors of *their own* dtypes (an
-    unsigned one wider than a byte, a uint32 key, as its int64 values: torch restores those
+    unsigned one wider than a byte, a uint32 key, as its bits in int32: torch restores those
     dtypes only in part); ``load_state_dict`` never casts them and checks each leaf's shape and
     dtype, and a load that fails changes nothing.
     ``torch.save`` → ``torch.load`` → continue equals the uninterrupted run bit for bit. A
@@ -71,8 +71,12 @@ Errors
   a repeated parameter in one group warns. Frozen parameters (``requires_grad=False``) stay in
   their group and are never stepped (no gradient), as torch does.
   Sparse gradients raise ``RuntimeError`` at ``step()``; complex, integer and (without x64)
-  float64 parameters raise ``TypeError`` at construction; hyperparameters the factory does not
-  accept raise ``TypeError``; invalid values raise the factory's own ``ValueError`` at
+  float64 parameters raise ``TypeError`` at construction and at ``step()`` (a dtype changed
+  since), a gradient of another dtype than its parameter's ``TypeError`` at ``step()``; a
+  parameter whose dtype or shape changed after it had state raises ``ValueError`` at
+  ``step()`` before anything is written (``del optimizer.state[p]`` restarts it);
+  hyperparameters the factory does not accept raise ``TypeError`` (in a param group, those
+  torch knows: ``betas``, ``eps``, ...); invalid values raise the factory's own ``ValueError`` at
   construction; a transform whose ``update`` needs extra arguments a torch loop cannot give
   (``value=`` for ``reduce_on_plateau``, ``value_fn`` for L-BFGS line searches) raises
   ``TypeError``.
@@ -213,6 +217,7 @@ class Optimizer(torch.optim.Optimizer):
     self._units_sig = None
     self._unit_params: Optional[list] = None  # the flat parameters the units were built for
     self._plans: dict = {}                 # (mask, per-group static config) -> Plan
+    self._checked: Any = None              # (mask, shapes, dtypes) whose dtypes were checked
     self._used_fns: dict = {}              # id -> jitted steps this optimizer has run
     self._skipped = None                   # int32 JAX scalar, steps skipped by global_nonfinite
     self._device = None                    # the parameters' JAX sharding (from the first step)
@@ -238,6 +243,7 @@ class Optimizer(torch.optim.Optimizer):
       raise TypeError("a param group's `transform` must be a factory.")
     if isinstance(param_group, dict):
       H.check_tensor_lr(param_group)
+      H.check_group_keys(factory or self._transform, param_group)
     super().add_param_group(param_group)
     for p in self.param_groups[-1]["params"]:
       convert.check_dtype(p)
