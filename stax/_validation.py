@@ -107,6 +107,17 @@ def check_int(name: str, value: Any, *, low: int | None = None,
     raise ValueError(f"`{name}` must be an int in {rng}, got {value!r}.")
 
 
+def check_mask(name: str, value: Any) -> None:
+  """Validates a weight-decay mask: ``None``, a callable ``params -> pytree of bools``, a bool
+  (a prefix of any tree) or a pytree of bools laid out like the params (or a prefix); a number
+  or string (``mask=5``) had been taken as truthy, or failed deep inside ``update``."""
+  if value is None or callable(value) or isinstance(value, (bool, np.bool_)):
+    return
+  if isinstance(value, (numbers.Number, str, bytes, np.ndarray, jax.Array)):
+    raise TypeError(f"`{name}` must be None, a callable params -> pytree of bools, or a pytree "
+                    f"of bools laid out like the params; got {type(value).__name__} {value!r}.")
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   """Validates that ``value`` is one of ``choices``."""
   choices = tuple(choices)

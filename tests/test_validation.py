@@ -391,3 +391,27 @@ def test_dropin_tensor_arguments():
   with pytest.raises(TypeError, match="`betas` must be a tuple of 2 values"):
     torch_bridge.Optimizer(_model().parameters(), stax.adamw, betas=None)
 
+
+
+# ------------------------------------------------------------- 11. weight-decay masks
+MASKED = [(stax.adamw, "mask"), (stax.stam, "mask"), (stax.stam_lite, "mask"),
+          (stax.scao, "mask"), (stax.turbo_adam, "mask"),
+          (stax.stable_adamw, "weight_decay_mask"), (stax.oadamw, "weight_decay_mask")]
+
+
+@pytest.mark.parametrize("factory,name", MASKED, ids=[f.__name__ for f, _ in MASKED])
+def test_a_mask_that_is_not_a_tree_of_bools_raises_naming_it(factory, name):
+  """``mask=5`` or ``mask="all"`` had been taken as truthy by AdamW, STAM, STAMLite, SCAO and
+  TurboAdam (as by ``optax.adamw``) and raised "Expected dict, got 5" inside StableAdamW's and
+  OAdamW's ``update``; now ``TypeError`` at construction naming the argument. ``None``, a bool,
+  a callable and a tree of bools still work, and the mask still selects the decaying leaves."""
+  for bad in (5, "all", 0.5, jnp.ones(3, bool)):
+    with pytest.raises(TypeError, match=f"`{name}` must be None, a callable"):
+      factory(1e-2, **{name: bad})
+  params = {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for mask in (None, True, {"w": True, "b": False}, lambda p: {"w": True, "b": False}):
+    tx = factory(1e-2, weight_decay=0.5, **{name: mask})
+    u, _ = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.abs(u["w"]).max()) > 0   # w decays with a zero gradient
+    assert (float(jnp.abs(u["b"]).max()) > 0) == (mask in (None, True)), mask

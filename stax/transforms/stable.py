@@ -165,11 +165,17 @@ def decay_coefficient(weight_decay: Any, decouple_lr: bool, max_lr: Any) -> Any:
 
 
 def _mask_leaves(mask, tree):
+  """Whether each leaf of ``tree`` decays: ``mask`` (or ``mask(tree)``) is a tree of bools laid
+  out like ``tree`` or a prefix of it (a bool covers its sub-tree, as in ``optax.masked``)."""
   if mask is None:
     return [True] * len(jax.tree.leaves(tree))
   m = mask(tree) if callable(mask) else mask
-  treedef = jax.tree.structure(tree)
-  return treedef.flatten_up_to(m)
+  try:
+    full = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub), m, tree)
+  except ValueError as e:
+    raise ValueError("the weight-decay mask (`weight_decay_mask`) must be a tree of bools laid "
+                     f"out like the parameters, or a prefix of them: {e}") from None
+  return jax.tree.leaves(full)
 
 
 def scale_by_stable_adam(
