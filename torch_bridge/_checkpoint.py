@@ -32,7 +32,7 @@ from torch_bridge._dtensor import LocalShards
 #: Attributes of an Optimizer that are caches of one process (rebuilt after unpickling) or
 #: hooks (which torch does not pickle either).
 _RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_unit_params",
-            "_plans", "_checked", "_used_fns",
+            "_plans", "_used_fns",
             "_skipped", "_device", "_release_handles", "_user", "state", "_full",
             "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
             "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",

@@ -24,16 +24,24 @@ from torch_bridge._dtensor import LocalShards, OwnedCopies
 from torch_bridge._state import jax_dtype
 
 
-def plan_for(opt: Any, mask: tuple, hyper: list, shapes: tuple, dtypes: tuple = ()
+def plan_for(opt: Any, params: list, mask: tuple, hyper: list, shapes: tuple, dtypes: tuple
              ) -> P.Plan:
-  """The cached step plan of has-grad ``mask``, the parameters' ``shapes`` (and ``dtypes``:
-  a parameter whose dtype changed gets a new plan) and the groups' static configuration."""
+  """The cached step plan of has-grad ``mask``, the parameters' ``shapes`` and ``dtypes`` (a
+  parameter whose dtype changed gets a new plan) and the groups' static configuration. A new
+  plan first checks the stepped parameters' dtypes (a float64 one after ``model.double()``
+  without x64 raises, where JAX would narrow it)."""
   factories = [opt._factory(gi) for gi in range(len(hyper))]
   key = (mask, shapes, dtypes,
          tuple([(f, h.static_key, h.layout) for f, h in zip(factories, hyper)]))
-  return H.cached(opt._plans, key, lambda: P.make_plan(
-      opt._units, mask, hyper, factories, opt._layout, opt._global_nonfinite, opt._wb,
-      shapes))
+
+  def make():
+    for p, on in zip(params, mask):
+      if on:
+        convert.check_dtype(p)
+    return P.make_plan(opt._units, mask, hyper, factories, opt._layout, opt._global_nonfinite,
+                       opt._wb, shapes)
+
+  return H.cached(opt._plans, key, make)
 
 
 def init_states(opt: Any, keys: list, plan: P.Plan, hyper: list, hps: list, params: list
@@ -75,12 +83,7 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
   hyper = [opt._group_hyper(gi) for gi in range(len(opt.param_groups))]
   shapes = tuple([tuple(p.shape) for p in params])
   dtypes = tuple([p.dtype for p in params])
-  if (mask, shapes, dtypes) != opt._checked:   # what the parameters are, checked once each
-    for p, on in zip(params, mask):
-      if on:
-        convert.check_dtype(p)      # (a float64 one, after model.double(): JAX would narrow it)
-    opt._checked = (mask, shapes, dtypes)
-  plan, wb = plan_for(opt, mask, hyper, shapes, dtypes), opt._wb
+  plan, wb = plan_for(opt, params, mask, hyper, shapes, dtypes), opt._wb
   if opt._device is None:
     opt._device = opt._views.get(plan.idx_on[0], params[plan.idx_on[0]]).sharding
   if opt._skipped is None:

@@ -217,7 +217,6 @@ class Optimizer(torch.optim.Optimizer):
     self._units_sig = None
     self._unit_params: Optional[list] = None  # the flat parameters the units were built for
     self._plans: dict = {}                 # (mask, per-group static config) -> Plan
-    self._checked: Any = None              # (mask, shapes, dtypes) whose dtypes were checked
     self._used_fns: dict = {}              # id -> jitted steps this optimizer has run
     self._skipped = None                   # int32 JAX scalar, steps skipped by global_nonfinite
     self._device = None                    # the parameters' JAX sharding (from the first step)
