@@ -13,6 +13,7 @@ transformation wrapped by :func:`with_param_checks`.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from typing import Any, Iterable
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 
 __all__ = ["check_number", "check_int", "check_choice", "check_betas", "check_decay",
-           "check_bool", "check_dtype", "check_param_leaves", "check_tree_match",
+           "check_bool", "check_mask", "mask_tree", "check_dtype", "check_param_leaves", "check_tree_match",
            "with_param_checks", "warn_no_effect", "is_concrete_number"]
 
 
@@ -107,15 +108,54 @@ def check_int(name: str, value: Any, *, low: int | None = None,
     raise ValueError(f"`{name}` must be an int in {rng}, got {value!r}.")
 
 
-def check_mask(name: str, value: Any) -> None:
+def check_mask(name: str, value: Any) -> Any:
   """Validates a weight-decay mask: ``None``, a callable ``params -> pytree of bools``, a bool
   (a prefix of any tree) or a pytree of bools laid out like the params (or a prefix); a number
-  or string (``mask=5``) had been taken as truthy, or failed deep inside ``update``."""
-  if value is None or callable(value) or isinstance(value, (bool, np.bool_)):
-    return
+  or string (``mask=5``) had been taken as truthy, or failed deep inside ``update``.
+
+  Returns ``None`` for ``None``, else a callable ``params -> tree of bools`` (see
+  :func:`mask_tree`) to hand to ``optax.add_decayed_weights``: a mask of the wrong structure or
+  with a leaf that is not a bool then raises at ``init``, naming ``name``, instead of optax's
+  bare pytree-structure error inside ``update``.
+  """
+  if value is None:
+    return None
+  if callable(value) or isinstance(value, (bool, np.bool_)):
+    return functools.partial(mask_tree, name, value)
   if isinstance(value, (numbers.Number, str, bytes, np.ndarray, jax.Array)):
     raise TypeError(f"`{name}` must be None, a callable params -> pytree of bools, or a pytree "
                     f"of bools laid out like the params; got {type(value).__name__} {value!r}.")
+  return functools.partial(mask_tree, name, value)
+
+
+def _as_bool(name: str, path: Any, b: Any) -> bool:
+  if isinstance(b, (bool, np.bool_)):
+    return bool(b)
+  if (isinstance(b, (np.ndarray, jax.Array)) and not isinstance(b, jax.core.Tracer)
+      and np.ndim(b) == 0 and np.asarray(b).dtype == np.bool_):
+    return bool(b)
+  where = jax.tree_util.keystr(path) or "the mask"
+  raise TypeError(f"`{name}` must hold bools; at {where} it holds {type(b).__name__} {b!r}.")
+
+
+def mask_tree(name: str, mask: Any, tree: Any) -> Any:
+  """The tree of bools, laid out like ``tree``, that the weight-decay mask ``mask`` selects.
+
+  ``mask`` is a bool, a tree of bools laid out like ``tree`` or a prefix of it (a bool covers its
+  sub-tree, as in ``optax.masked``), or a callable ``tree -> such a tree``.
+
+  Raises:
+    ValueError: naming ``name``, if the mask's structure is not ``tree``'s or a prefix of it.
+    TypeError: naming ``name`` and the leaf's path, for a mask leaf that is not a bool.
+  """
+  m = mask(tree) if callable(mask) else mask
+  flat, treedef = jax.tree_util.tree_flatten_with_path(m)
+  m = jax.tree.unflatten(treedef, [_as_bool(name, path, b) for path, b in flat])
+  try:
+    return jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub), m, tree)
+  except ValueError as e:
+    raise ValueError(f"`{name}` must be a tree of bools laid out like the parameters, or a prefix "
+                     f"of them: {e}") from None
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

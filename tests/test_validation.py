@@ -415,3 +415,27 @@ def test_a_mask_that_is_not_a_tree_of_bools_raises_naming_it(factory, name):
     u, _ = tx.update(zeros, tx.init(params), params)
     assert float(jnp.abs(u["w"]).max()) > 0   # w decays with a zero gradient
     assert (float(jnp.abs(u["b"]).max()) > 0) == (mask in (None, True)), mask
+
+
+@pytest.mark.parametrize("factory,name", MASKED, ids=[f.__name__ for f, _ in MASKED])
+def test_a_mask_of_the_wrong_layout_raises_at_init_naming_it(factory, name):
+  """A mask tree that is neither the params' layout nor a prefix of it had raised optax's bare
+  "pytree structure error" inside ``update`` (AdamW, STAM, STAMLite, SCAO, TurboAdam), and a
+  mask leaf that is not a bool (``"yes"``, ``0``) was taken as truthy; now both raise at
+  ``init`` naming the argument (and the leaf's path). A prefix (a bool over a sub-tree) still
+  works, as in ``optax.masked``, also from a callable."""
+  params = {"l1": {"w": jnp.ones((4, 4)), "b": jnp.ones((4,))}, "head": {"w": jnp.ones((4, 2))}}
+  for bad in ({"l1": True}, lambda p: {"l1": True}, {"l1": {"w": True}, "head": True}):
+    with pytest.raises(ValueError, match=f"`{name}` must be a tree of bools laid out like"):
+      factory(1e-2, weight_decay=0.1, **{name: bad}).init(params)
+  with pytest.raises(TypeError, match=rf"`{name}` must hold bools; at \['l1'\]\['b'\] it holds int"):
+    factory(1e-2, weight_decay=0.1,
+            **{name: {"l1": {"w": True, "b": 0}, "head": True}}).init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for prefix in ({"l1": {"w": True, "b": False}, "head": False},
+                 lambda p: {"l1": {"w": True, "b": False}, "head": False}):
+    tx = factory(1e-2, weight_decay=0.5, **{name: prefix})
+    u, _ = tx.update(zeros, tx.init(params), params)
+    moved = {k: float(jnp.abs(v).max()) > 0 for k, v in
+             zip(("head.w", "l1.b", "l1.w"), jax.tree.leaves(u))}
+    assert moved == {"head.w": False, "l1.b": False, "l1.w": True}, moved

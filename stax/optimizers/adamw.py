@@ -75,7 +75,7 @@ def adamw(
     >>> tx = stax.adamw(1e-3, weight_decay=1e-2)
     >>> state = tx.init({"w": jnp.ones(3)})
   """
-  V.check_mask("mask", mask)
+  mask = V.check_mask("mask", mask)
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_number("weight_decay", weight_decay, low=0.0)
   V.check_betas(b1=b1, b2=b2)

@@ -172,7 +172,7 @@ def stable_adamw(
     >>> round(stax.state_bits_per_param(tx.init(params), params, exclude_scalars=True), 2)
     4.69
   """
-  V.check_mask("weight_decay_mask", weight_decay_mask)
+  weight_decay_mask = V.check_mask("weight_decay_mask", weight_decay_mask)
   _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, decouple_lr=decouple_lr,
                 max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
@@ -347,7 +347,7 @@ def oadamw(
     ``min_dim`` with ``labels``, ``max_lr`` without ``decouple_lr``, ``kahan_dtype`` with
     ``kahan_sum=False``) give a ``UserWarning``.
   """
-  V.check_mask("weight_decay_mask", weight_decay_mask)
+  weight_decay_mask = V.check_mask("weight_decay_mask", weight_decay_mask)
   _check_common(learning_rate, betas, eps, weight_decay, kahan_sum, decouple_lr=decouple_lr,
                 max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   V.check_choice("muon", muon, MUON_MODES)

@@ -162,7 +162,7 @@ def scao(
     ``mode="lowrank"`` and ``seed`` with ``mode="scao-0.2.4"`` have no effect: a non-default
     value gives a ``UserWarning``.
   """
-  V.check_mask("mask", mask)
+  mask = V.check_mask("mask", mask)
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_betas(b1=b1, b2=b2)
   V.check_number("eps", eps, low=0.0)

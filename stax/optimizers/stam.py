@@ -216,7 +216,7 @@ def stam(
     >>> tx = stax.stam(1e-3, weight_decay=0.0)
     >>> state = tx.init({"w": jnp.ones((4, 3))})
   """
-  V.check_mask("mask", mask)
+  mask = V.check_mask("mask", mask)
   _check_common(learning_rate, b1_base, eps, weight_decay, adapt_strength, b1_min,
                 beta1_signal, nonfinite)
   V.check_decay("b2", b2, low_inclusive=False)
@@ -299,7 +299,7 @@ def stam_lite(
     >>> tx = stax.stam_lite(1e-3)
     >>> state = tx.init({"w": jnp.ones((4, 3))})
   """
-  V.check_mask("mask", mask)
+  mask = V.check_mask("mask", mask)
   _check_common(learning_rate, b1_base, eps, weight_decay, adapt_strength, b1_min,
                 beta1_signal, nonfinite)
   V.check_decay("moment_decay", moment_decay, low_inclusive=False)

@@ -175,7 +175,7 @@ def turbo_adam(
     >>> round(stax.state_bits_per_param(tx.init(params), params, exclude_scalars=True), 2)
     8.75
   """
-  V.check_mask("mask", mask)
+  mask = V.check_mask("mask", mask)
   V.check_number("learning_rate", learning_rate, low=0.0, allow_schedule=True)
   V.check_betas(b1=b1, b2=b2)
   V.check_number("eps", eps, low=0.0)

@@ -169,13 +169,7 @@ def _mask_leaves(mask, tree):
   out like ``tree`` or a prefix of it (a bool covers its sub-tree, as in ``optax.masked``)."""
   if mask is None:
     return [True] * len(jax.tree.leaves(tree))
-  m = mask(tree) if callable(mask) else mask
-  try:
-    full = jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub), m, tree)
-  except ValueError as e:
-    raise ValueError("the weight-decay mask (`weight_decay_mask`) must be a tree of bools laid "
-                     f"out like the parameters, or a prefix of them: {e}") from None
-  return jax.tree.leaves(full)
+  return jax.tree.leaves(V.mask_tree("weight_decay_mask", mask, tree))
 
 
 def scale_by_stable_adam(
@@ -231,6 +225,7 @@ def scale_by_stable_adam(
                     nu_dtype=nu_dtype, storage=storage)
 
   def init_fn(params):
+    _mask_leaves(mask, params)  # a mask of the wrong layout fails here, naming the argument
     return adam_init(cfg, params)
 
   def update_fn(updates, state: ScaleByAdamState, params=None, **extra_args):
@@ -301,7 +296,7 @@ def add_decoupled_weight_decay(
     V.check_number("max_lr", max_lr, low=0.0, low_inclusive=False)
 
   def init_fn(params):
-    del params
+    _mask_leaves(mask, params)  # a mask of the wrong layout fails here, naming the argument
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
