@@ -322,6 +322,77 @@ def test_factored_v_in_the_adam_core_is_adafactors_factored_second_moment():
   np.testing.assert_allclose(np.asarray(s[0].nu.rows), r, rtol=1e-5)
 
 
+def _factored_adam_reference(p0, grads, rows, cols, b1, b2, eps, lr):
+  """Adam with Adafactor's factored v over the row axes ``rows`` and column axes ``cols`` (the
+  other axes a batch of matrices), in float64: r = mean of g² over the columns, c over the rows,
+  V̂ = r c / mean(r)."""
+  q = p0.astype(np.float64)
+  m = np.zeros_like(q)
+  r = c = 0.0
+  r_rows = tuple(a - sum(x < a for x in cols) for a in rows)   # the row axes inside r
+  for t, g in enumerate(grads, 1):
+    g = g.astype(np.float64)
+    m = b1 * m + (1 - b1) * g
+    r = b2 * r + (1 - b2) * np.mean(g * g, axis=cols)
+    c = b2 * c + (1 - b2) * np.mean(g * g, axis=rows)
+    rbar = np.mean(r, axis=r_rows, keepdims=True)
+    vhat = np.expand_dims(r / rbar, cols) * np.expand_dims(c, rows)
+    q = q - lr * (m / (1 - b1 ** t)) / (np.sqrt(vhat / (1 - b2 ** t)) + eps)
+  return q
+
+
+def test_turbo_adams_factored_v_is_per_matrix_under_the_layout():
+  """``turbo_adam(codec="factored")`` factors v over each leaf's own matrices
+  (:mod:`stax.layout`), whatever row view the m codec's blocks use: stacked ``(3, 16, 8)``
+  layers (row view ``(3, 128)``) are three ``16 × 8`` matrices, a Flax ``query`` kernel
+  ``(64, 4, 32)`` one ``64 × 128`` matrix, a torch conv weight ``(48, 20, 3, 3)`` under
+  ``dimension_numbers`` (the torch layout) one ``48 × 180`` matrix; each trajectory equals a
+  NumPy Adam with that factored v. Until 2026-12-07 v was factored over the row view: the
+  stacked layers shared their column means (a layer's step depended on the others' gradient
+  scales, checked here: layer 0 with layer 2's gradient ×100). Stacked biases ``(L, d)`` get the
+  4-bit log v, not a factorisation across layers."""
+  import optax
+  import stax
+  from stax.codecs.factored import FactoredState
+  from stax.codecs.log_quant import LogQuantState
+  b1, b2, eps, lr = 0.9, 0.99, 1e-8, 1e-2
+  rng = np.random.default_rng(3)
+  D = stax.MatrixDimensionNumbers
+  cases = (("stacked", {"w": None}, (3, 16, 8), None, (1,), (2,)),
+           ("query", {"query": {"kernel": None}}, (64, 4, 32), None, (0,), (1, 2)),
+           ("torch conv", {"w": None}, (48, 20, 3, 3), D((1, 2, 3), 0), (1, 2, 3), (0,)))
+  for name, tree, shape, dims, rows, cols in cases:
+    put = lambda x: jax.tree.map(lambda _: x, tree, is_leaf=lambda v: v is None)
+    get = lambda t: jax.tree.leaves(t)[0]
+    p0 = rng.normal(size=shape).astype(np.float32)
+    scale = np.array([1.0, 10.0, 100.0]).reshape((3, 1, 1)) if name == "stacked" else 1.0
+    grads = [(rng.normal(size=shape) * scale).astype(np.float32) for _ in range(4)]
+    tx = stax.turbo_adam(lr, b1, b2, eps, codec="factored", compress_m=False,
+                         min_compress_elements=0, nonfinite="ignore", dimension_numbers=dims)
+    p, s = put(jnp.asarray(p0)), tx.init(put(jnp.asarray(p0)))
+    (nu,) = [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, FactoredState))
+             if isinstance(x, FactoredState)]
+    assert nu.rows.shape == tuple(d for i, d in enumerate(shape) if i not in cols), name
+    step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(g, s, p)))
+    for g in grads:
+      p, s = step(p, s, put(jnp.asarray(g)))
+    ref = _factored_adam_reference(p0, grads, rows, cols, b1, b2, eps, lr)
+    np.testing.assert_allclose(np.asarray(get(p)), ref, rtol=2e-5, atol=2e-6, err_msg=name)
+    if name == "stacked":   # layer 0 does not see layer 2's gradient scale
+      p2, s2 = put(jnp.asarray(p0)), tx.init(put(jnp.asarray(p0)))
+      for g in grads:
+        g = g.copy()
+        g[2] *= 100.0
+        p2, s2 = step(p2, s2, put(jnp.asarray(g)))
+      np.testing.assert_allclose(np.asarray(get(p2))[0], np.asarray(get(p))[0], rtol=1e-6,
+                                 atol=1e-7)
+  s = stax.turbo_adam(lr, codec="factored", min_compress_elements=0).init(
+      {"blocks": {"bias": jnp.zeros((12, 768)), "kernel": jnp.zeros((12, 64, 64))}})
+  nus = s.inner_state[0].nu["blocks"]
+  assert isinstance(nus["bias"], LogQuantState) and isinstance(nus["kernel"], FactoredState)
+
+
 def test_factored_codec_keeps_row_and_column_means_and_refuses_vectors():
   from stax.codecs.factored import Factored
   codec = Factored()
@@ -363,29 +434,32 @@ def test_factored_mean_squares_are_the_plain_means_saturating_past_overflow():
 
 
 def test_turbo_adam_factored_codec_bits_per_param():
-  """codec="factored": 4-bit signed m (4.5 bits) and the factored v on every matrix (a conv
-  kernel through its row view (out, in·kh·kw)): 4.5 + 32(m+n)/(mn) bits, under 5 for a
-  256×512 matrix; the 1Q log v on vectors."""
+  """codec="factored": 4-bit signed m (4.5 bits) and the factored v on every matrix (a torch
+  conv kernel under the torch layout: one out × in·kh·kw matrix): 4.5 + 32(m+n)/(mn) bits,
+  under 5 for a 256×512 matrix; the 1Q log v on vectors."""
   import stax
   from stax.codecs.factored import FactoredState
   params = {"w": jnp.zeros((256, 512)), "conv": jnp.zeros((64, 32, 3, 3)),
             "vec": jnp.zeros((8192,))}
-  tx = stax.turbo_adam(1e-3, codec="factored")
+  torch_layout = lambda name, x: (stax.MatrixDimensionNumbers((1, 2, 3), 0) if name == "conv"
+                                  else stax.layout.default_dimension_numbers(name, x.shape))
+  tx = stax.turbo_adam(1e-3, codec="factored", dimension_numbers=torch_layout)
   state = tx.init(params)
   inner = state.inner_state[0]
   bits = lambda k: stax.state_bits_per_param((inner.mu[k], inner.nu[k]), params[k],
                                              exclude_scalars=True)
-  for k, (m, n) in (("w", (256, 512)), ("conv", (64, 32 * 3 * 3))):
+  for k, (rows, cols) in (("w", ((256,), (512,))), ("conv", ((32, 3, 3), (64,)))):
     assert isinstance(inner.nu[k], FactoredState)
-    assert inner.nu[k].rows.shape == (m,) and inner.nu[k].cols.shape == (n,)
+    assert inner.nu[k].rows.shape == rows and inner.nu[k].cols.shape == cols
+    m, n = int(np.prod(rows)), int(np.prod(cols))
     assert bits(k) == pytest.approx(4.5 + 32 * (m + n) / (m * n))
   assert bits("w") < 5
   assert isinstance(inner.nu["vec"], LQ.LogQuantState)
 
 
 def test_turbo_adam_factored_v_of_a_conv_kernel_is_adafactor_on_its_row_view():
-  """A torch conv kernel ``(out, in, kh, kw)`` keeps its factored v over the row view
-  ``(out, in·kh·kw)``, and the update divides by that same estimate: TurboAdam with a
+  """A torch conv kernel ``(out, in, kh, kw)`` under the torch layout (as the bridge passes it)
+  keeps its factored v over the matrix ``(out, in·kh·kw)`` (its m codec's row view), and the update divides by that same estimate: TurboAdam with a
   full-precision m equals a NumPy transcription of Adafactor's factored second moment on the
   row view (Adam's m and bias corrections, decoupled decay off). Until 2026-12-05 the update
   divided by a factored estimate over ``(kh, kw)`` of the exact new v instead (that code fails
@@ -398,12 +472,14 @@ def test_turbo_adam_factored_v_of_a_conv_kernel_is_adafactor_on_its_row_view():
   grads = [(rng.normal(size=p0.shape) * (1 + 3 * rng.random((64, 1, 1, 3)))).astype(np.float32)
            for _ in range(5)]
   tx = stax.turbo_adam(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0, compress_m=False,
-                       codec="factored", min_compress_elements=1, nonfinite="ignore")
+                       codec="factored", min_compress_elements=1, nonfinite="ignore",
+                       dimension_numbers=stax.MatrixDimensionNumbers((1, 2, 3), 0))
   p, s = jnp.asarray(p0), tx.init(jnp.asarray(p0))
   from stax.codecs.factored import FactoredState
   (nu,) = [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, FactoredState))
            if isinstance(x, FactoredState)]
-  assert nu.rows.shape == (64,) and nu.cols.shape == (288,)
+  # the means over the fan-out axis (per fan-in entry) and over the fan-in axes (per output)
+  assert nu.rows.shape == (32, 3, 3) and nu.cols.shape == (64,)
   step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
   q = p0.reshape(64, 288).astype(np.float64)
   m, r, c = np.zeros_like(q), np.zeros(64), np.zeros(288)

@@ -185,6 +185,38 @@ def test_turbo_adam_faithful_matches_turboadam_020():
   assert any(v.dtype == torch.uint8 for v in st.values())  # packed codes crossed as uint8
 
 
+def test_turbo_adams_factored_v_follows_the_torch_layout():
+  """The factored codec (the drop-in's default) factors a torch conv weight ``(out, in, kh, kw)``
+  as one ``out × in·kh·kw`` matrix and a Linear weight ``(out, in)`` as itself, from the torch
+  layout the bridge passes as ``dimension_numbers``; a bias gets the 4-bit log v. The generic
+  ``Optimizer(params, stax.turbo_adam)`` passes the same layout on its own (without it the
+  Flax default reads a 4-D tensor as ``(kh, kw, in, out)``: ``out·in·kh × kw``), so both
+  optimizers step alike."""
+  import stax
+  def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3), torch.nn.Flatten(),
+                               torch.nn.Linear(64 * 4 * 4, 10))
+  x = torch.randn(4, 32, 6, 6, generator=torch.Generator().manual_seed(1))
+  shapes = {}
+  models = [model(), model()]
+  opts = [torch_bridge.TurboAdam(models[0], lr=1e-2),
+          torch_bridge.Optimizer(models[1].parameters(), stax.turbo_adam, lr=1e-2)]
+  for m, opt in zip(models, opts):
+    for _ in range(3):
+      opt.zero_grad()
+      m(x).square().mean().backward()
+      opt.step()
+    st = opt.state_dict()["state"]
+    shapes[type(opt).__name__] = {i: {k.rsplit("/", 1)[-1]: tuple(v.shape)
+                                      for k, v in st[i].items() if "/nu" in k} for i in st}
+  for got in shapes.values():
+    assert got[0] == {"rows": (32, 3, 3), "cols": (64,)}, got     # conv: out × in·kh·kw
+    assert got[2] == {"rows": (1024,), "cols": (10,)}, got        # Linear (out, in)
+    assert "rows" not in got[1] and "rows" not in got[3], got     # biases: log v
+  assert _maxdiff(*models) < 1e-6
+
+
 def test_scao_faithful_matches_scao_024():
   scao = pytest.importorskip("scao")
   import warnings  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -27,6 +28,7 @@ class Layout(NamedTuple):
   """How a matrix transform learns the torch ``(out, in)`` layout of each parameter."""
   kwarg: Optional[str]                       # the factory's dimension-numbers argument
   fn: Callable[..., Any]                     # (shape[, dotted name]) -> dimension numbers
+  auto: bool = False                         # filled by the bridge, not asked for by the user
 
   def of(self, shape: Sequence[int], name: str) -> Any:
     """``fn(shape, name)``, or ``fn(shape)`` for a one-argument ``fn``."""
@@ -104,7 +106,13 @@ def build_tx(factory: Callable, static: tuple, traced: dict, shapes: Sequence[Se
   kwargs.update(traced)
   if layout.kwarg is not None:
     kwargs[layout.kwarg] = nest(names, [layout.of(s, n) for s, n in zip(shapes, names)])
-  return optax.with_extra_args_support(factory(**kwargs))
+  if not layout.auto:
+    return optax.with_extra_args_support(factory(**kwargs))
+  with warnings.catch_warnings():
+    # the layout the bridge passes on its own may go unused (OAdamW with muon="off", AdamW
+    # without the factored codec): no "has no effect" warning for what the user never passed
+    warnings.filterwarnings("ignore", message=rf"`{layout.kwarg}`=.* has no effect")
+    return optax.with_extra_args_support(factory(**kwargs))
 
 
 def check_update_args(tx: Any) -> None:

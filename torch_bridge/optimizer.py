@@ -41,8 +41,10 @@ How it works
     module order). A ``None`` gradient then enters as zeros; the parameter is left unchanged
     and every state sub-tree laid out like the parameters (moments, codes) keeps its old value
     for that parameter, but state shared by the group (the step count) advances.
-  * Matrix transforms: torch weights are ``(out, in)`` (conv ``(out, in, kh, kw)``). Pass
-    ``layout_kwarg="<the factory's dimension-numbers argument>"`` and the bridge supplies, per
+  * Matrix transforms: torch weights are ``(out, in)`` (conv ``(out, in, kh, kw)``). With
+    ``layout_kwarg="<the factory's dimension-numbers argument>"`` (by default
+    ``"dimension_numbers"`` for a factory that takes it: every stax factory that sees leaves
+    as matrices, Muon's, SCAO's and the factored moment codec's) the bridge supplies, per
     parameter, ``layout_fn(tensor_shape, name)`` (default :func:`torch_dimension_numbers`:
     reduction axes ``1..ndim-1``, output axis ``0``, fused q/k/v as three matrices, ``None``
     for vectors), as a tree laid out like the parameters.
@@ -127,7 +129,9 @@ class Optimizer(torch.optim.Optimizer):
     static_args: factory arguments that must stay Python values (structural floats such as a
       ratio used in ``math.ceil``); ints, bools, strings and callables are static anyway.
     layout_kwarg: name of the factory's per-leaf dimension-numbers argument, filled with
-      ``layout_fn(shape, name)`` per parameter (default ``None``: not passed).
+      ``layout_fn(shape, name)`` per parameter (default ``None``: ``"dimension_numbers"`` for a
+      factory that takes it and was not given it, as every stax factory that sees parameters
+      as matrices does; else not passed).
     layout_fn: ``(shape, dotted name) -> dimension numbers`` or ``shape -> dimension numbers``
       (default :func:`torch_dimension_numbers`).
     writeback: ``"copy"`` (default: new values are copied into each parameter's storage, which
@@ -199,7 +203,14 @@ class Optimizer(torch.optim.Optimizer):
     self._transform = transform
     self._state_scope = state_scope
     self._static_args = frozenset(static_args)
-    self._layout = Layout(layout_kwarg, layout_fn)
+    auto = False
+    if layout_kwarg is None and "dimension_numbers" not in defaults:
+      # a stax factory that sees leaves as matrices (its `dimension_numbers`: Muon, SCAO, the
+      # factored moment codec) gets the torch layout, not the Flax defaults
+      names = H.factory_spec(transform).accepted
+      if names is not None and "dimension_numbers" in names:
+        layout_kwarg, auto = "dimension_numbers", True
+    self._layout = Layout(layout_kwarg, layout_fn, auto)
     self._global_nonfinite = global_nonfinite
     self._wb_name = writeback
     self._init_runtime(writeback)
@@ -334,7 +345,13 @@ class Optimizer(torch.optim.Optimizer):
         loss = closure()
     if self._release_handles is None:  # else each parameter was stepped by its grad hook
       with torch.no_grad():
-        self._run(None)
+        if torch.is_inference_mode_enabled():
+          # tensors made here (swap mode's new parameter storage) must not be inference
+          # tensors, which autograd refuses afterwards; torch's optimizers write in place
+          with torch.inference_mode(False), torch.no_grad():
+            self._run(None)
+        else:
+          self._run(None)
     self._optimizer_step_code()
     if post or self._optimizer_step_post_hooks:
       for hook in (*self._optimizer_step_post_hooks.values(), *post.values()):

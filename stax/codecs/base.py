@@ -86,7 +86,7 @@ __all__ = [
     "full_precision_storage",
     "as_storage",
     "is_storage",
-    "resolve_storage",
+    "resolve_storage", "resolve_storages",
     "read_step_write",
     "tensor_mean_square",
     "StorageLike",
@@ -385,7 +385,9 @@ class SeparateStorage(StorageBase):
       k_mu, k_nu = rng.split_key(key) if ctx.rounding_keys is None else ctx.rounding_keys
       mu_enc, nu_enc = enc(self.mu_codec, mu, k_mu), enc(self.nu_codec, nu, k_nu)
     if self.follow_sharding:
-      mu_enc, nu_enc = _follow(mu_enc, mu), _follow(nu_enc, mu)
+      # (a codec whose encoding is replicated, the factored v's means, keeps it so)
+      mu_enc, nu_enc = (enc_ if _optional(codec, "replicated", False) else _follow(enc_, mu)
+                        for codec, enc_ in ((self.mu_codec, mu_enc), (self.nu_codec, nu_enc)))
     return mu_enc, nu_enc
 
   def project(self, mu, nu):
@@ -424,6 +426,16 @@ def resolve_storage(storage: StorageLike, leaf: Any) -> StorageBase:
   """The storage of one leaf (``storage`` may be a per-leaf callable), with every optional
   member (:func:`as_storage`)."""
   return as_storage(storage if is_storage(storage) else storage(leaf))
+
+
+def resolve_storages(storage: StorageLike, tree: Any) -> list:
+  """The storage of each leaf of ``tree`` (flatten order), as :func:`resolve_storage`; a
+  per-leaf callable with a ``for_tree`` member (``tree -> list of storages``) is asked for the
+  whole tree at once, so it can read each leaf's path (its layout, :mod:`stax.layout`)."""
+  for_tree = None if is_storage(storage) else getattr(storage, "for_tree", None)
+  if for_tree is not None:
+    return [as_storage(s) for s in for_tree(tree)]
+  return [resolve_storage(storage, x) for x in jax.tree.leaves(tree)]
 
 
 def read_step_write(storage: Any, g: jax.Array, step: Callable, ctx: StorageStep

@@ -1,7 +1,7 @@
 r"""Adafactor's factored second moment as a codec: a matrix's v stored as its row and column means.
 
-For a moment :math:`V \in \mathbb{R}^{m\times n}` (a leaf's last two axes; leading axes are a
-batch of matrices) the codec stores the row means :math:`r_i = \frac1n\sum_j V_{ij}` and the
+For a moment :math:`V \in \mathbb{R}^{m\times n}` (two axes of the leaf, by default its last two;
+every other axis is a batch axis) the codec stores the row means :math:`r_i = \frac1n\sum_j V_{ij}` and the
 column means :math:`c_j = \frac1m\sum_i V_{ij}` and decodes the rank-1 estimate
 
 .. math:: \hat V_{ij} = r_i\,c_j / \bar r, \qquad \bar r = \tfrac1m\textstyle\sum_i r_i
@@ -29,6 +29,17 @@ moment instead, for the block codec's absmax; since stop 46 that absmax is an in
 :func:`stax.numerics.absmax`, and with the plain means of :meth:`Factored.mean_squares`
 the step's temporaries are 18 MiB.)
 
+Which matrix: the leaf's own, from its dimension numbers (:mod:`stax.layout`, the layout every
+stax matrix transform uses): rows are the fan-in axes, columns the fan-out axes, any other axis a
+batch of matrices, so stacked layers ``(L, in, out)`` are ``L`` matrices and a torch conv weight
+``(out, in, kh, kw)`` under the torch layout is one ``out × in·kh·kw`` matrix, whatever view the
+m codec's blocks use (:class:`Factored` reshapes that view back to the leaf). A leaf that is not
+a matrix (a bias, a norm scale, a vector) gets the 4-bit log v
+(:func:`stax.codecs.turbo.turbo_storage`). (Until 2026-12-07 v was factored over the m codec's
+row view: a stacked ``(3, 16, 8)`` kernel was one ``3 × 128`` matrix whose column means the three
+layers shared, and with layer gradients of scales 1, 10 and 100 the first layer's first step was
+40× Adam's; stacked biases ``(L, d)`` were factored across layers too.)
+
 A moment whose mean is 0 decodes to 0 (no 0/0). Memory: ``(m + n)`` float32 per matrix, i.e.
 :math:`32(m+n)/(mn)` bits per element (0.5 bits for a 128×128 matrix, 0.06 for 1024×1024).
 Leaves of rank < 2 have no factorisation: :func:`stax.codecs.turbo.turbo_storage` gives them
@@ -48,7 +59,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,33 +68,64 @@ import jax.numpy as jnp
 from stax import _sharding as _sh
 from stax import numerics as num
 
-__all__ = ["FactoredState", "Factored", "factored_decode"]
+__all__ = ["FactoredState", "Factored", "factored_decode", "factored_layout"]
+
+def factored_layout(shape: Sequence[int], dims: Any) -> Optional[tuple[tuple, tuple]]:
+  """``(shape, (row_axes, col_axes))`` a moment of ``shape`` is factored over under the
+  dimension numbers ``dims`` (:mod:`stax.layout`), or ``None`` (not a matrix, or a matrix with
+  a single row or column).
+
+  The rows are the reduction (fan-in) axes, the columns the output axes, every other axis a
+  batch of matrices; a fused output (``output_groups > 1``) is split, its groups a batch axis,
+  so ``shape`` is the ungrouped shape (a reshape of the leaf's).
+
+  Example:
+    >>> from stax.layout import MatrixDimensionNumbers as D
+    >>> factored_layout((12, 768, 3072), D(1, 2))
+    ((12, 768, 3072), ((1,), (2,)))
+    >>> factored_layout((512, 256, 3, 3), D((1, 2, 3), 0))        # a torch conv weight
+    ((512, 256, 3, 3), ((1, 2, 3), (0,)))
+  """
+  if dims is None or len(shape) < 2:
+    return None
+  from stax import layout   # (stax.layout imports the codecs' users, not the codecs)
+  full, dims = layout.ungroup(tuple(int(d) for d in shape), dims)
+  rows, cols = (layout.axes(dims.reduction_axis, len(full)), layout.axes(dims.output_axis,
+                                                                         len(full)))
+  m, n = (math.prod(full[i] for i in ax) for ax in (rows, cols))
+  if min(m, n) < 2:
+    return None
+  return full, (tuple(sorted(rows)), tuple(sorted(cols)))
 
 
 class FactoredState(NamedTuple):
-  """Row means ``(..., m)`` and column means ``(..., n)`` of a moment ``(..., m, n)``."""
+  """Row means (the moment's mean over its column axis) and column means (over its row axis):
+  ``(..., m)`` and ``(..., n)`` for a moment ``(..., m, n)``."""
 
   rows: jax.Array
   cols: jax.Array
 
 
-def factored_decode(state: FactoredState) -> jax.Array:
-  """The rank-1 estimate ``r_i c_j / mean(r)`` (0 where the moment's mean is 0)."""
+def _in_rows(rows: tuple, cols: tuple) -> tuple:
+  """The row axes' positions in the row means (the moment with its column axes reduced)."""
+  return tuple(a - sum(c < a for c in cols) for a in rows)
+
+
+def factored_decode(state: FactoredState, axes: Optional[tuple] = None) -> jax.Array:
+  """The rank-1 estimate ``r_i c_j / mean(r)`` (0 where the moment's mean is 0), over the
+  moment's ``axes = (row_axes, col_axes)`` (tuples of axes; default the last two axes)."""
   r = state.rows.astype(jnp.float32)
   c = state.cols.astype(jnp.float32)
-  mean = jnp.mean(r, axis=-1, keepdims=True)
+  rows, cols = ((r.ndim - 1,), (r.ndim,)) if axes is None else axes
+  mean = jnp.mean(r, axis=_in_rows(rows, cols), keepdims=True)
   scale = jnp.where(mean > 0, num.divide(r, jnp.where(mean > 0, mean, 1.0)), 0.0)
-  return scale[..., :, None] * c[..., None, :]
+  return jnp.expand_dims(scale, cols) * jnp.expand_dims(c, rows)
 
 
-def _encode(value: Any) -> FactoredState:
-  """The row and column means of ``value`` in float32; a :class:`FactoredState` (the means the
-  Adam core formed, ``is_mean``) is taken as they are."""
-  if isinstance(value, FactoredState):
-    return FactoredState(*(x.astype(jnp.float32) for x in value))
-  v = value.astype(jnp.float32)
+def _means(v: jax.Array, axes: tuple) -> FactoredState:
+  ra, ca = axes
   # exact means whose sums never overflow (v near float32's maximum)
-  return FactoredState(num.mean(v, axis=-1), num.mean(v, axis=-2))
+  return FactoredState(num.mean(v, axis=ca), num.mean(v, axis=ra))
 
 
 class Factored(NamedTuple):
@@ -90,17 +133,33 @@ class Factored(NamedTuple):
 
   Args:
     dtype: storage dtype of the row and column means (default float32).
+    shape: the leaf's (ungrouped) shape (default ``None``: the shape of the value given). A
+      value of another shape of the same size (the m codec's row view,
+      :class:`~stax.codecs.row_view.RowView`) is reshaped to it, so the factored matrices are
+      the leaf's own.
+    axes: ``(row_axes, col_axes)``, tuples of axes of ``shape`` (default ``None``: the last
+      two axes); :func:`factored_layout` gives both from the leaf's dimension numbers.
 
   Deterministic (no key); ``project`` is the rank-1 estimate of the new moment. Leaves must have
-  rank >= 2 (the last two axes are the matrix).
+  rank >= 2. The means are replicated (not sharded like the parameter: ``replicated``).
   """
 
   dtype: Any = jnp.float32
   needs_key: bool = False
+  shape: Optional[tuple] = None
+  axes: Optional[tuple] = None
   #: the encoding is v's row and column means: the Adam core forms their EMAs from the same
   #: means of |g|² (``SeparateStorage.nu_is_mean``) and hands the new means to ``encode`` and
   #: ``project``
   is_mean = True
+  #: the means are kept replicated under an explicit mesh (``SeparateStorage.write``)
+  replicated = True
+
+  def _full(self, x):
+    return x if self.shape is None or tuple(x.shape) == self.shape else x.reshape(self.shape)
+
+  def _axes(self, ndim: int) -> tuple:
+    return ((ndim - 2,), (ndim - 1,)) if self.axes is None else self.axes
 
   def mean_squares(self, g):
     """The row and column means of ``|g|²`` in float32 (``StorageBase.nu_mean_squares``); the
@@ -117,33 +176,45 @@ class Factored(NamedTuple):
     and XLA's CSE made the scale one broadcast array per matrix shape, written out for
     YNNPACK's reductions (13 MiB per step at 16M parameters): the default TurboAdam step took
     2.65× ``optax.adamw`` against 2.31× with the plain means (one interleaved loop)."""
-    g = g.astype(jnp.float32)
+    g = self._full(g).astype(jnp.float32)
+    ra, ca = self._axes(g.ndim)
     (own,) = num.independent(g)
-    return FactoredState(num.mean_square(g, axis=-1), num.mean_square(own, axis=-2))
+    return FactoredState(num.mean_square(g, axis=ca), num.mean_square(own, axis=ra))
 
   def init(self, param):
-    shape = tuple(param.shape)
+    shape = tuple(param.shape) if self.shape is None else self.shape
     if len(shape) < 2:
       raise ValueError(f"Factored: a factored moment needs a leaf of rank >= 2, got shape "
                        f"{shape}.")
-    # (m + n) numbers per matrix: replicated, not sharded like the parameter
-    return FactoredState(jnp.zeros(shape[:-1], self.dtype),
-                         jnp.zeros(shape[:-2] + shape[-1:], self.dtype))
+    ra, ca = self._axes(len(shape))
+    drop = lambda ax: tuple(d for i, d in enumerate(shape) if i not in ax)
+    # one mean per row and per column of each matrix: replicated, not sharded like the parameter
+    return FactoredState(jnp.zeros(drop(ca), self.dtype), jnp.zeros(drop(ra), self.dtype))
 
   def decode(self, encoded, like):
-    return jnp.broadcast_to(factored_decode(encoded), jnp.shape(like))
+    v = factored_decode(encoded, self.axes)
+    if self.shape is not None:
+      return v.reshape(jnp.shape(like))
+    return jnp.broadcast_to(v, jnp.shape(like))
 
   def encode(self, value, key):
     """The stored means of ``value`` (the moment, or the means themselves as a
     :class:`FactoredState`)."""
     del key
-    rows, cols = _encode(value)
+    if isinstance(value, FactoredState):
+      rows, cols = (x.astype(jnp.float32) for x in value)
+    else:
+      v = self._full(value).astype(jnp.float32)
+      rows, cols = _means(v, self._axes(v.ndim))
     # an explicit mesh: replicated, as init made them
     rows, cols = (x if _sh.explicit_spec(x) is None else _sh.reshard(x, (None,) * x.ndim)
                   for x in (rows, cols))
     return FactoredState(rows.astype(self.dtype), cols.astype(self.dtype))
 
   def project(self, value):
-    """What the update divides by: the rank-1 estimate of ``value`` (the new moment, or its
-    means as a :class:`FactoredState`)."""
-    return factored_decode(self.encode(value, None))
+    """What the update divides by: the rank-1 estimate of ``value`` (the new moment, in the
+    shape it came in, or its means as a :class:`FactoredState`: in the leaf's shape)."""
+    v = factored_decode(self.encode(value, None), self.axes)
+    if isinstance(value, FactoredState) or self.shape is None:
+      return v
+    return v.reshape(jnp.shape(value))

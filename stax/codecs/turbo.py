@@ -24,13 +24,14 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from stax import layout
 from stax import numerics
 from stax.codecs import log_quant as LQ
 from stax.codecs import ustate as US
 from stax.codecs import _layout as L
 from stax.codecs.base import FullPrecision, SeparateStorage, StorageBase
 from stax.codecs.block_signed import BlockSignedCodec
-from stax.codecs.factored import Factored
+from stax.codecs.factored import Factored, factored_layout
 from stax.codecs.row_view import RowView, row_view_shape
 from stax.codecs.rng import counter_uniform, flat_index, seed_for, seed_from_key
 
@@ -197,12 +198,13 @@ class TurboAdam02Storage(StorageBase):
 def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, compress_m: bool,
                   compress_v: bool, min_compress_elements: int, m_block_size: int,
                   m_bits: int = 4, step_factor: float = US.DEFAULT_STEP_FACTOR,
-                  kernel: Optional[Callable] = None):
+                  kernel: Optional[Callable] = None, dimension_numbers: Any = None):
   """The per-leaf storage callable used by :func:`stax.turbo_adam` (``kernel``: the compressed
   leaves' fused update, see :class:`TurboAdam02Storage` and
-  :class:`~stax.codecs.base.SeparateStorage`)."""
+  :class:`~stax.codecs.base.SeparateStorage`; ``dimension_numbers``: the leaves' matrix layout,
+  :mod:`stax.layout`, which the ``"factored"`` codec's v is factored over)."""
 
-  def choose(leaf):
+  def choose(leaf, dims=_DEFAULT):
     size = 1
     for d in leaf.shape:
       size *= d
@@ -216,18 +218,37 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
     m_codec = BlockSignedCodec(m_bits, m_block_size) if cm else FullPrecision(jnp.float32)
     v_codec = LQ.LogQuantCodec(v_bits, block_size) if cv else FullPrecision(jnp.float32)
     if codec == "factored":
-      # the view the m codec's blocks pad least (a conv kernel: (out, in·kh·kw)); where it is a
-      # matrix, v is Adafactor's factored moment, else the 1Q log v
-      view = row_view_shape(leaf.shape, m_block_size)
-      if cv and len(view) >= 2 and min(view[-2:]) > 1:
-        v_codec = Factored()
+      # v: Adafactor's factored moment over the leaf's own matrices (its layout: stacked
+      # (L, in, out) layers are L matrices), else (not a matrix) the 1Q log v. Both codecs see
+      # the view the m codec's blocks pad least (a conv kernel: (out, in·kh·kw)); the factored
+      # v reshapes it back to the leaf.
+      if dims is _DEFAULT:   # a leaf without its path (the tree's are from for_tree)
+        try:
+          dims = layout.resolve_dimension_numbers(dimension_numbers, None, leaf)
+        except TypeError:    # a tree form needs the tree: the leaf's default
+          dims = layout.default_dimension_numbers(None, leaf.shape)
+      plan = factored_layout(leaf.shape, dims) if cv else None
+      if plan is not None:
+        v_codec = Factored(shape=plan[0], axes=plan[1])
       storage = SeparateStorage(m_codec, v_codec, follow_sharding=True)
       return RowView(storage, m_block_size) if (cm or cv) else storage
     storage = SeparateStorage(m_codec, v_codec, follow_sharding=True, kernel=kernel)
     return RowView(storage, block_size) if (cm or cv) else storage
 
+  def for_tree(tree):
+    """Each leaf's storage, the factored codec's from the leaf's dimension numbers."""
+    leaves = jax.tree.leaves(tree)
+    if codec != "factored":
+      return [choose(x) for x in leaves]
+    return [choose(x, d) for x, d in zip(leaves, layout.resolve_tree(dimension_numbers, tree))]
+
   choose.needs_key = bool(compress_m or compress_v)  # some leaves round stochastically
+  choose.for_tree = for_tree
   return choose
+
+
+#: ``choose(leaf)`` without dimension numbers: the leaf's own (its path unknown)
+_DEFAULT = object()
 
 
 STATE_CODECS = ("stax", "factored")
@@ -235,7 +256,7 @@ STATE_CODECS = ("stax", "factored")
 
 def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 4096,
                         mu_dtype: Any = None, nu_dtype: Any = None,
-                        threshold_used: bool = False):
+                        threshold_used: bool = False, dimension_numbers: Any = None):
   """The per-leaf moment storage behind an Adam-family optimizer's ``codec=`` argument.
 
   ``None`` gives ``None`` (the core's full-precision moments in ``mu_dtype``/``nu_dtype``);
@@ -244,7 +265,9 @@ def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 40
   bits/param plus ``32(m+n)/(mn)``) stores every leaf with at least ``min_compress_elements``
   elements as :func:`stax.turbo_adam` does; smaller leaves keep float32 moments. The faithful
   ``"turboadam-0.2"`` codec is TurboAdam's own (its UState m is decoded with TurboAdam's bias
-  corrections) and is refused here.
+  corrections) and is refused here. ``dimension_numbers`` (any form :mod:`stax.layout` takes;
+  default ``None``: :func:`stax.layout.default_dimension_numbers`) are the matrices the
+  ``"factored"`` codec's v is factored over.
 
   ``min_compress_elements`` is validated either way (an array, as ``inject_hyperparams`` and the
   torch bridge pass it, only with a codec, where it is structural); with ``codec=None`` a
@@ -257,6 +280,7 @@ def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 40
   """
   import jax
   from stax import _validation as V
+  layout.check_dimension_numbers(dimension_numbers)
   if codec is None:
     # inject_hyperparams and the torch bridge pass it as an array (traced or not), which has
     # no effect here either: only a plain Python value is checked
@@ -278,4 +302,5 @@ def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 40
                        f"how the moments are stored; got {name}={dt!r}.")
   return turbo_storage(codec, b1=None, b2=None, eps=None, block_size=128, v_bits=4,
                        compress_m=True, compress_v=True,
-                       min_compress_elements=min_compress_elements, m_block_size=32)
+                       min_compress_elements=min_compress_elements, m_block_size=32,
+                       dimension_numbers=dimension_numbers)

@@ -29,6 +29,7 @@ def adamw(
     codec: Optional[str] = None,
     min_compress_elements: int = 4096,
     nonfinite: str = "skip",
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW (decoupled weight decay) built on :func:`stax.scale_by_adam`.
 
@@ -63,6 +64,10 @@ def adamw(
       stored as :func:`stax.turbo_adam` stores them (then real parameters only, and exclusive
       with ``mu_dtype``/``nu_dtype``); see :func:`stax.codecs.state_codec_storage`.
     min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
+    dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form
+      :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
+      Flax layouts; stacked ``(L, in, out)`` layers are ``L`` matrices); only with
+      ``codec="factored"``. The torch bridge passes the torch layout.
     nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"``; see
       :func:`stax.nonfinite_guard`.
 
@@ -86,7 +91,8 @@ def adamw(
   # and holds its count, and the schedule's count is held by gate_state, so no lax.cond (which
   # copies the state on CPU) is needed; the result is bit-identical to the cond version.
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
-                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                dimension_numbers=dimension_numbers)
   core = scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
                        nesterov=nesterov, storage=storage)
   tx = gated_chain(

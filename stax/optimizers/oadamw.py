@@ -127,6 +127,7 @@ def stable_adamw(
     codec: Optional[str] = None,
     min_compress_elements: int = 4096,
     nonfinite: str = "skip",
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableAdamW (``torch-optimi`` 0.3.3 semantics) on the shared Adam core.
 
@@ -162,6 +163,10 @@ def stable_adamw(
       Exclusive with ``mu_dtype``/``nu_dtype``.
     min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
+    dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form
+      :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
+      Flax layouts; stacked ``(L, in, out)`` layers are ``L`` matrices); only with
+      ``codec="factored"``. The torch bridge passes the torch layout.
 
   Example:
     >>> import jax.numpy as jnp, stax
@@ -177,7 +182,8 @@ def stable_adamw(
                 max_lr=max_lr, kahan_dtype=kahan_dtype, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
-                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                dimension_numbers=dimension_numbers)
   core = scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
                               mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
                               mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage)
@@ -369,7 +375,8 @@ def oadamw(
     V.check_choice("muon_momentum_bits", muon_momentum_bits, TRACE_BITS)
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
                                 mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                                threshold_used=muon_momentum_bits is not None)
+                                threshold_used=muon_momentum_bits is not None,
+                                dimension_numbers=dimension_numbers)
   _warn_unused_muon_args(muon, labels, dict(muon_momentum_bits=muon_momentum_bits,
       muon_momentum=muon_momentum, muon_nesterov=muon_nesterov, ns_steps=ns_steps,
       ns_coeffs=ns_coeffs, ns_eps=ns_eps, update_proj_gap=update_proj_gap, scale=scale,

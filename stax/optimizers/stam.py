@@ -165,6 +165,7 @@ def stam(
     codec: Optional[str] = None,
     min_compress_elements: int = 4096,
     nonfinite: str = "skip",
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""STAM: Adam with a per-tensor adaptive :math:`\beta_1` (see the module docstring).
 
@@ -203,6 +204,10 @@ def stam(
     min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"`` (the seed's
       zeroing of NaN/Inf gradient entries).
+    dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form
+      :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
+      Flax layouts; stacked ``(L, in, out)`` layers are ``L`` matrices); only with
+      ``codec="factored"``. The torch bridge passes the torch layout.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; read the current per-tensor β1 with
@@ -234,7 +239,8 @@ def stam(
     lo, _ = AB.beta1_bounds(b1_base, adapt_strength, b1_min)
     rule = AB.snr_beta1(b1_max=b1_base, b1_min=lo, decay=tau_decay, interval=1)
   storage = state_codec_storage(codec, min_compress_elements=min_compress_elements,
-                                mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+                                mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                                dimension_numbers=dimension_numbers)
   core = scale_by_adam(rule, _f32_hyper(b2), eps, bias_correction="product", correction_eps=eps,
                        mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage)
   return _finish(core, weight_decay, mask, learning_rate, nonfinite, "stax.stam")

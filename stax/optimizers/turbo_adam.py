@@ -18,9 +18,11 @@ Codecs (``codec=``):
   absmax per 32 elements, unbiased stochastic rounding, 4.5 bits) and the same 1Q log v; m no
   longer inherits v's quantisation noise and keeps cos(m̂, m) ≈ 0.95 instead of 0.6–0.85
   (8.75 bits/param at ``v_bits=4``; the README's TurboAdam section has the measured fidelity).
-* ``"factored"`` (default): the ``"stax"`` signed 4-bit m and, for every leaf whose row view is
-  a matrix, Adafactor's factored v (row and column means, :mod:`stax.codecs.factored`; the
-  update divides by the rank-1 estimate of the new v); vectors keep the 1Q log v. 4.5
+* ``"factored"`` (default): the ``"stax"`` signed 4-bit m and, for every leaf that is a matrix
+  under ``dimension_numbers`` (:mod:`stax.layout`; stacked ``(L, in, out)`` layers are ``L``
+  matrices, biases and norm scales none), Adafactor's factored v (row and column means of each
+  matrix, :mod:`stax.codecs.factored`; the update divides by the rank-1 estimate of the new v);
+  other leaves keep the 1Q log v. 4.5
   bits/param plus 32·(m+n)/(m·n) for an m×n matrix (4.69 at 256×512, 4.56 at 1024²). Chosen
   as the default by measured quality (README, "Low-bit state"): within seed noise of float32
   AdamW on the three benchmark tasks (char-LM +0.9 %), and no per-element transcendental in
@@ -70,6 +72,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _validation as V
+from stax import layout
 from stax.codecs.log_quant import V_BITS
 from stax.codecs.turbo import CODECS, turbo_storage
 from stax.kernels import turbo_step
@@ -109,6 +112,7 @@ def turbo_adam(
     mask: Optional[Any | Callable[[optax.Params], Any]] = None,
     nonfinite: str = "skip",
     implementation: Optional[str] = None,
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""TurboAdam: AdamW whose moments are stored compressed (see the module docstring).
 
@@ -140,6 +144,12 @@ def turbo_adam(
     seed: the rounding seed, an int in [0, 2**32) (default 0x12345678, the seed's default).
     mask: weight-decay mask (pytree or callable; default: all leaves).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"`` (see :func:`stax.nonfinite_guard`).
+    dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form
+      :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
+      Flax layouts); only with ``codec="factored"``. The torch bridge passes each parameter's
+      torch layout (a conv weight ``(out, in, kh, kw)``: one ``out × in·kh·kw`` matrix).
+      (Until 2026-12-07 v was factored over the m codec's row view, so a stacked ``(3, 16, 8)``
+      kernel was one ``3 × 128`` matrix whose column means the layers shared.)
     implementation: the fused update of the compressed leaves (:mod:`stax.kernels.turbo_step`):
       ``None`` (default: the best available, ``"xla"`` on every platform today), ``"xla"``
       (read → step → write on the whole tensor), ``"chunked"`` (the same a chunk of rows at a
@@ -235,10 +245,12 @@ def turbo_adam(
     V.warn_no_effect("implementation", implementation, None,
                      "without a fused update (codec='turboadam-0.2' needs both moments "
                      "compressed; codec='stax' at least one)")
+  layout.check_dimension_numbers(dimension_numbers)
   storage = turbo_storage(codec, b1=b1, b2=b2, eps=eps, block_size=block_size, v_bits=v_bits,
                           compress_m=bool(compress_m), compress_v=bool(compress_v),
                           min_compress_elements=min_compress_elements,
-                          m_block_size=m_block_size, kernel=hook)
+                          m_block_size=m_block_size, kernel=hook,
+                          dimension_numbers=dimension_numbers)
   # gated per element of the chain, as stax.adamw: on a skipped step each element keeps its
   # old state. The core gates each leaf as its storage declares: a float32 moment (a vector's)
   # is selected back in the loop that forms it, the compressed encodings (codes, endpoints,

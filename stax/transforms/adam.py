@@ -83,7 +83,7 @@ from stax import numerics as num
 from stax._trees import conform
 from stax.codecs import rng
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
-                              read_step_write, resolve_storage,
+                              read_step_write, resolve_storage, resolve_storages,
                               tensor_mean_square)
 from stax.transforms.guards import NONFINITE_OK, DeferredGate, gate_aware, gate_value
 
@@ -418,7 +418,7 @@ def denominator(cfg: AdamConfig, v: jax.Array, count: jax.Array,
 def adam_init(cfg: AdamConfig, params: Any) -> ScaleByAdamState:
   """The initial :class:`ScaleByAdamState` of ``params``."""
   leaves, treedef = jax.tree.flatten(params)
-  stores = [resolve_storage(cfg.storage, p) for p in leaves]
+  stores = resolve_storages(cfg.storage, params)
   encoded = [s.init(p) for s, p in zip(stores, leaves)]
   mu = jax.tree.unflatten(treedef, [e[0] for e in encoded])
   nu = jax.tree.unflatten(treedef, [e[1] for e in encoded])
@@ -598,7 +598,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   in_dtypes = [None if g is None else jnp.dtype(g.dtype) for g in g_leaves]
   g_leaves = [_widen_float16(g) for g in g_leaves]
   n = len(g_leaves)
-  stores = [resolve_storage(cfg.storage, g) for g in g_leaves]
+  stores = resolve_storages(cfg.storage, updates)
   mu_enc, nu_enc = _encoded_leaves(stores, g_leaves, treedef, state)
   count_inc = numerics.safe_increment(state.count)
   read_ctx = lambda i: StorageStep(state.count, i, state.key)
@@ -880,7 +880,7 @@ def adam_moments(state: ScaleByAdamState, params: Any, storage: Optional[Storage
   if storage is None:
     storage = full_precision_storage(mu_dtype, nu_dtype)
   leaves, treedef = jax.tree.flatten(params)
-  stores = [resolve_storage(storage, p) for p in leaves]
+  stores = resolve_storages(storage, params)
   mu_enc, nu_enc = _encoded_leaves(stores, leaves, treedef, state)
   pairs = [s.read(me, ne, p, StorageStep(state.count, i, state.key))
            for i, (s, p, me, ne) in enumerate(zip(stores, leaves, mu_enc, nu_enc))]
