@@ -226,3 +226,102 @@ def test_group_scope_state_stays_with_an_unchanged_group():
   assert counts == [3]
   counts = [int(v) for k, v in opt.state[params[0]].items() if k.endswith("/count")]
   assert counts == [1]
+
+
+def test_state_pop_and_del_of_a_parameter_without_state_are_torchs():
+  """``optimizer.state.pop(p, None)`` for a parameter with no state yet (a new ``lm_head`` after
+  model surgery) returns ``None`` and ``state[p]; del state[p]`` works, as on torch's
+  ``defaultdict(dict)``; both had raised ``KeyError``. A stepped parameter's entries are
+  popped (and it restarts), a tensor that is not a parameter still raises ``KeyError``."""
+  m = _mlp()
+  ref = torch.optim.AdamW(_mlp().parameters(), lr=1e-2)
+  opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2)
+  for o in (ref, opt):
+    w = o.param_groups[0]["params"][0]
+    assert o.state.pop(w, None) is None
+    _ = o.state[w]
+    del o.state[w]
+  with pytest.raises(KeyError):
+    opt.state.pop(m[0].weight)
+  stranger = torch.zeros(3)
+  with pytest.raises(KeyError):
+    del opt.state[stranger]
+  _train(m, opt, 1)
+  popped = opt.state.pop(m[0].weight)
+  assert set(popped) and m[0].weight not in opt.state and m[0].bias in opt.state
+
+
+@pytest.mark.parametrize("writeback", ["copy", "swap"])
+def test_a_step_under_inference_mode_leaves_the_parameters_trainable(writeback):
+  """``optimizer.step()`` inside ``torch.inference_mode()`` (an evaluation helper that steps)
+  then more training: as ``torch.optim.AdamW`` (within 1e-6 over 3 steps). In swap mode the new
+  parameter storage had been made as inference tensors, and the next backward raised
+  "Inference tensors cannot be saved for backward"."""
+  ms = [_mlp(), _mlp()]
+  opts = [torch.optim.AdamW(ms[0].parameters(), lr=1e-2, weight_decay=1e-2),
+          torch_bridge.Optimizer(ms[1].parameters(), stax.adamw, lr=1e-2, weight_decay=1e-2,
+                                 writeback=writeback)]
+  x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+  for m, opt in zip(ms, opts):
+    for i in range(3):
+      opt.zero_grad()
+      m(x).square().mean().backward()
+      if i == 1:
+        with torch.inference_mode():
+          opt.step()
+      else:
+        opt.step()
+    assert not any(p.is_inference() for p in m.parameters())
+  diff = max((p - q).abs().max().item() for p, q in zip(*(m.parameters() for m in ms)))
+  assert diff < 1e-6, diff
+
+
+def test_a_setting_that_reshapes_the_state_raises_naming_the_parameters():
+  """A static hyperparameter changed in a group after the first step, under which the
+  transformation keeps another state (``codec``: encoded moments; ``nonfinite``: the guard's
+  counter), had failed inside the trace (``DynamicJaxprTracer has no attribute codes``, "The
+  number of updates and states has to be the same in chain!"); now ``ValueError`` naming the
+  parameters and the way out, and after ``del optimizer.state[p]`` the run goes on under the
+  new setting, as a fresh optimizer would."""
+  for key, value, kw in (("codec", "stax", {"min_compress_elements": 1}),
+                         ("nonfinite", "ignore", {})):
+    m = _mlp()
+    opt = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2, **kw)
+    _train(m, opt, 1)
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=r"state of 'param_0'.*made under other settings.*"
+                                         r"del optimizer.state\[p\]"):
+      _train(m, opt, 1)
+    for p in list(m.parameters()):
+      del opt.state[p]
+    before = [p.detach().clone() for p in m.parameters()]
+    _train(m, opt, 1)
+    m2 = _mlp()
+    with torch.no_grad():
+      for p, q in zip(m2.parameters(), before):
+        p.copy_(q)
+    fresh = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2, **dict(kw, **{key: value}))
+    _train(m2, fresh, 1)
+    assert max((p - q).abs().max().item() for p, q in zip(m.parameters(), m2.parameters())) == 0
+
+
+def test_stac_maximize_can_change_between_steps():
+  """STAC's ``maximize`` (its group key) flipped after two steps: the run equals STAC on the
+  negated loss for those two steps and the plain loss after (torch reads ``maximize`` every
+  step; the bridge had chained an ``optax.scale(-1)`` that changed the state's structure, and
+  the next step failed inside optax)."""
+  x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+  ms = [_mlp(), _mlp()]
+  flip = torch_bridge.STAC(ms[0], lr=1e-2, maximize=True)
+  plain = torch_bridge.STAC(ms[1], lr=1e-2)
+  for t in range(4):
+    for m, opt, sign in ((ms[0], flip, 1.0), (ms[1], plain, -1.0 if t < 2 else 1.0)):
+      opt.zero_grad()
+      (sign * m(x).square().mean()).backward()
+      opt.step()
+    if t == 1:
+      for g in flip.param_groups:   # (the sign trunk's group and the AdamW cap's)
+        g["maximize"] = False
+  diff = max((p - q).abs().max().item() for p, q in zip(*(m.parameters() for m in ms)))
+  assert diff < 1e-7, diff
+  assert max((p - q).abs().max().item() for p, q in zip(ms[0].parameters(), _mlp().parameters())) > 1e-3

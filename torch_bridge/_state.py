@@ -453,9 +453,26 @@ class StateView(collections.abc.MutableMapping):
     hit = self._jax_by_param().get(key)
     user = self._opt._user.by_param.pop(key, None)
     if hit is None and user is None:
-      raise KeyError(key)
+      # a parameter of this optimizer with no state yet: as torch's ``defaultdict``, where
+      # ``state[p]`` made an empty entry that ``del`` then drops, there is nothing to drop
+      if not any(key is q for q in self._opt._ensure_units()):
+        raise KeyError(key)
+      return
     if hit is not None:
       self._opt._states.states.pop(hit[0].indices, None)
+
+  _MISSING = object()
+
+  def pop(self, key: Any, default: Any = _MISSING) -> Any:
+    """Like ``dict.pop`` (``defaultdict.pop`` does not make a missing entry): a parameter with
+    no state gives ``default`` (``KeyError`` without one), else its entries, dropped."""
+    if key not in self:
+      if default is StateView._MISSING:
+        raise KeyError(key)
+      return default
+    value = self[key]
+    del self[key]
+    return value
 
   def clear(self) -> None:
     self._opt._states.clear()

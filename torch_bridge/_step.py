@@ -104,9 +104,13 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
             for i, s in zip(plan.idx_on, plan.shapes_on)]
       off = [jax.ShapeDtypeStruct(s, jax_dtype(params[i]))
              for i, s in zip(plan.idx_off, plan.shapes_off)]
-      compiled = plan.compiled = P.compile_step(
-          plan, defs, P.StepArgs(states, on, on, hps, skipped, on if plan.n_scratch else [],
-                                 off), hyper, opt._layout)
+      try:
+        compiled = plan.compiled = P.compile_step(
+            plan, defs, P.StepArgs(states, on, on, hps, skipped, on if plan.n_scratch else [],
+                                   off), hyper, opt._layout)
+      except Exception as e:   # pylint: disable=broad-except
+        _explain_state_mismatch(opt, plan, defs, hyper, hps, params, units, e)
+        raise
       opt._used_fns[id(compiled.fn)] = compiled.fn
     # the shapes the step takes them in (a copy of the filed state where one crosses 1-D)
     states = [x if x.shape == s else jnp.reshape(x, s)
@@ -141,3 +145,28 @@ def _run_masked(opt: Any, params: list, mask: tuple) -> None:
   if opt._global_nonfinite == "error" and not bool(ok):
     raise RuntimeError("torch_bridge: non-finite gradient (NaN/Inf); the step was skipped "
                        "for every parameter.")
+
+
+def _explain_state_mismatch(opt: Any, plan: P.Plan, defs: tuple, hyper: list, hps: list,
+                            params: list, units: dict, error: Exception) -> None:
+  """Raises ``ValueError`` naming the parameters whose held state is not what the step's
+  transformation makes now (a static hyperparameter that shapes the state, such as ``codec``
+  or ``nonfinite``, changed in their group after they had state; JAX then fails inside the
+  trace), chained from ``error``; returns when every state has the structure it would have."""
+  try:
+    fresh = jax.eval_shape(lambda: init_states(opt, list(plan.state_keys), plan, hyper, hps,
+                                               params))
+  except Exception:   # pylint: disable=broad-except
+    return
+  stale = []
+  for key, (tdef, _, shapes) in zip(plan.state_keys, defs):
+    leaves, want = jax.tree.flatten(fresh[key])
+    if want != tdef or tuple(tuple(x.shape) for x in leaves) != shapes:
+      stale.append(", ".join(repr(n) for n in units[key].names))
+  if stale:
+    raise ValueError(
+        f"torch_bridge: the optimizer state of {'; '.join(stale)} was made under other settings "
+        "of its param group, and the step's transformation now keeps another state (a "
+        "hyperparameter that shapes the state, such as `codec` or `nonfinite`, changed after "
+        "the first step). Restore the old value, or drop those parameters' state (`del "
+        "optimizer.state[p]`) to restart them under the new one.") from error

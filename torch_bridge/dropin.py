@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import torch
 
 import stax
@@ -158,8 +160,19 @@ def _check_scalars(**values: Any) -> None:
 
 
 def _maybe_maximize(tx, maximize):
+  """``tx`` on the negated gradients when ``maximize``, with ``tx``'s own state (so a group's
+  ``maximize`` can change between steps, as torch reads it every step; until 2026-12-07 an
+  ``optax.scale(-1)`` chained in front changed the state's structure and the next step failed
+  inside optax)."""
+  if not maximize:
+    return tx
   import optax  # pylint: disable=g-import-not-at-top
-  return optax.chain(optax.scale(-1.0), tx) if maximize else tx
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return tx.update(jax.tree.map(jnp.negative, updates), state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
 def _stac_sign(learning_rate, weight_decay, exclude_1d_from_weight_decay=True,
