@@ -325,3 +325,25 @@ def test_stac_maximize_can_change_between_steps():
   diff = max((p - q).abs().max().item() for p, q in zip(*(m.parameters() for m in ms)))
   assert diff < 1e-7, diff
   assert max((p - q).abs().max().item() for p, q in zip(ms[0].parameters(), _mlp().parameters())) > 1e-3
+
+
+@pytest.mark.parametrize("writeback", ["copy", "swap"])
+def test_a_backward_through_a_graph_from_before_the_step_fails_as_torchs(writeback):
+  """A second backward through a graph built before ``step()`` (``retain_graph=True``) raises
+  torch's "modified by an inplace operation" as with ``torch.optim.AdamW``. In swap mode the
+  new parameter storage had been put in without bumping the version counter, so the backward
+  ran and silently differentiated at the stepped weights."""
+  for opt_of in (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
+                 lambda m: torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-2,
+                                                  writeback=writeback)):
+    m = _mlp()
+    opt = opt_of(m)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    m(x).square().mean().backward()
+    opt.step()                      # (swap mode now owns the parameters' buffers)
+    opt.zero_grad()
+    loss = m(x).square().mean()
+    loss.backward(retain_graph=True)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+      loss.backward()

@@ -139,6 +139,10 @@ class SwapWriteback:
     for (i, a), shape in zip(pending, plan.shapes_on):  # DLPack views, once the buffers are ready
       t = convert.real_view(convert.to_torch(a), shape)
       params[i].data = t
+      # new values, as an in-place update makes: a graph built before the step that saved the
+      # parameter then fails its backward, as in copy mode and torch's optimizers, instead of
+      # differentiating at the new values (`.data =` leaves the version counter alone)
+      torch.autograd.graph.increment_version(params[i])
       key = storage_key(t)
       self.views.cache[i] = (key, a)
       self.owned[i] = key
