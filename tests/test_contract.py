@@ -121,6 +121,34 @@ def test_inject_hyperparams(entry):
   assert step._cache_size() == 1
 
 
+def _with_nones(tree):
+  """``tree`` with ``None`` leaves put in first, in a module and last (``eqx.filter`` style)."""
+  out = {"aaa": None, **tree, "zzz": {"bias": None}}
+  first = sorted(tree)[0]
+  out[first] = {**tree[first], "aaa": None}
+  return out
+
+
+@pytest.mark.parametrize("entry", MAIN, ids=MAIN_IDS)
+def test_none_leaves_change_nothing(entry):
+  """``None`` leaves in the params and gradients (``eqx.filter(model, eqx.is_array)``, optional
+  parameters) are no leaves, as for optax: every array leaf steps as in the tree without them.
+  STAM and STAMLite had counted them in their per-leaf β1 statistics, shifting every later
+  leaf's entry (STAMLite's step 1e5 where Adam's is 1e-3) or failing with mismatched shapes."""
+  params, _, _ = cp.quadratic()
+  tx = entry.make()
+  p1, s1 = params, tx.init(params)
+  p2, s2 = _with_nones(params), tx.init(_with_nones(params))
+  step = jax.jit(_grad_step(tx))
+  for i in range(4):
+    g = cp.random_grads(params, i)
+    p1, s1 = step(p1, s1, g)
+    p2, s2 = step(p2, s2, _with_nones(g))
+  assert jax.tree.structure(p2) == jax.tree.structure(_with_nones(p1))
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("entry", MAIN, ids=MAIN_IDS)
 def test_multisteps(entry):
   params, _, _ = cp.quadratic()

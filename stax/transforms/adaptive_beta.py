@@ -170,13 +170,16 @@ def _f32(x):
 
 def _leaves(grads, mu):
   """The ``(g, bound)`` pairs of a ``raw_grads`` rule's gradient tree in the leaf order of
-  ``mu`` (the decoded first moments, ``None`` where a leaf has no gradient)."""
-  treedef = jax.tree.structure(mu, is_leaf=lambda x: x is None)
-  return treedef.flatten_up_to(grads)
+  ``mu`` (the decoded first moments). A ``None`` in the trees is no leaf, as in the
+  ``jax.tree.leaves(params)`` that sized the rule's per-leaf vectors (until 2026-12-07 it was
+  counted here: a params tree with a ``None`` in it, as ``eqx.filter`` makes, shifted every
+  later leaf's entry, silently, STAMLite's step of ``{"a": None, "w": w}`` 1e5 where Adam's is
+  1e-3, or failed with mismatched shapes)."""
+  return jax.tree.structure(mu).flatten_up_to(grads)
 
 
 def _m_leaves(mu):
-  return jax.tree.leaves(mu, is_leaf=lambda x: x is None)
+  return jax.tree.leaves(mu)
 
 
 def _live(pairs) -> np.ndarray:
