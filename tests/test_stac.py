@@ -134,3 +134,22 @@ def test_matches_seed_stac_over_50_steps(cfg):
     m, leaf = n.split(".")
     np.testing.assert_allclose(np.asarray(params[m][leaf]), p.detach().numpy(),
                                rtol=1e-5, atol=2e-6, err_msg=n)
+
+
+def test_stacked_norm_scales_and_biases_do_not_decay_as_their_unstacked_selves():
+  """A model stacked with ``nnx.vmap``/``nn.scan`` has its norm scales and biases ``(L, d)``:
+  one vector per layer, exempt from decay as the unstacked ``(d,)`` ones are (the seed's
+  ``ndim <= 1`` rule had decayed stacked norm scales); a stacked kernel ``(L, in, out)`` still
+  decays. Zero gradients, so only decay moves a leaf."""
+  params = {"blocks": {"ln": {"scale": jnp.ones((3, 8))}, "mlp": {"kernel": jnp.ones((3, 8, 8)),
+                                                                 "bias": jnp.ones((3, 8))}},
+            "head": {"kernel": jnp.ones((8, 4))}}
+  tx = stax.stac(1e-2, last_n_modules=1, weight_decay=0.2,
+                 module_order=["blocks/ln", "blocks/mlp", "head"])
+  u, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  assert float(jnp.abs(u["blocks"]["ln"]["scale"]).max()) == 0.0
+  assert float(jnp.abs(u["blocks"]["mlp"]["bias"]).max()) == 0.0
+  assert float(jnp.abs(u["blocks"]["mlp"]["kernel"]).min()) > 0.0
+  assert float(jnp.abs(u["head"]["kernel"]).min()) > 0.0
+  mask = stax.optimizers.stac.decay_mask(params, exclude_1d=False)
+  assert mask["blocks"]["ln"]["scale"] is True   # exclude_1d=False: the vectors decay too

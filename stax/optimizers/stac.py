@@ -51,6 +51,7 @@ import optax
 from stax import _validation as V
 from stax import partition
 from stax.describe import labels_plan, register_plan
+from stax.layout import NEVER_MATRICES
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import gate_aware, gate_state, gated_chain, nonfinite_guard
 
@@ -62,11 +63,15 @@ ModuleOrder = Optional[Union[Sequence[str], Callable[[Any], Sequence[str]]]]
 
 
 def decay_mask(params: Any, *, exclude_1d: bool = True, exclude_bias: bool = True) -> Any:
-  """True where a leaf decays: not (ndim <= 1 and ``exclude_1d``) and not (named ``bias``...)."""
+  """True where a leaf decays: not a vector with ``exclude_1d`` and not named ``bias`` with
+  ``exclude_bias`` (the seed's rule). A vector is a leaf of ``ndim <= 1``, or one named ``bias``
+  or ``scale`` (:data:`stax.layout.NEVER_MATRICES`: stacked layers' norm scales and biases
+  ``(L, d)``, one vector per layer; until 2026-12-07 a stacked norm scale decayed where the
+  same model unstacked did not)."""
 
   def keep(path, x):
     name = partition.normalize_path(path)
-    if exclude_1d and np.ndim(x) <= 1:
+    if exclude_1d and (np.ndim(x) <= 1 or (name and name[-1] in NEVER_MATRICES)):
       return False
     if exclude_bias and name and name[-1] == "bias":
       return False
@@ -147,7 +152,8 @@ def stac(
     module_order: module names first to last, or a callable ``params -> names``
       (e.g. ``lambda p: stax.execution_order(apply_fn, p, x, tied="last_use")``); default
       ``None``: natural sort of the names (fallback, see :mod:`stax.partition`).
-    exclude_1d_from_weight_decay: exempt leaves with ndim <= 1 (default True).
+    exclude_1d_from_weight_decay: exempt vectors: leaves with ndim <= 1, and stacked norm scales
+      and biases (named ``scale``/``bias``, :func:`decay_mask`) (default True).
     exclude_bias_from_weight_decay: exempt leaves named ``bias`` (default True).
     mu_dtype: dtype of the cap's first moment, ``None`` or a floating dtype (default: the
       parameter's).
