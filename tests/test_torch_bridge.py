@@ -745,8 +745,9 @@ def test_a_models_conv1d_weights_are_matrices_stored_in_out():
       lin[k].weight.copy_(conv[k].weight.T)
       lin[k].bias.copy_(conv[k].bias)
   layout = torch_bridge.ModuleLayout(conv)
-  assert layout.in_out == {"c_fc.weight", "c_proj.weight"}
-  assert torch_bridge.ModuleLayout(lin).in_out == frozenset()
+  D = stax.MatrixDimensionNumbers
+  assert dict(layout.dims) == {"c_fc.weight": D(0, 1), "c_proj.weight": D(0, 1)}
+  assert torch_bridge.ModuleLayout(lin).dims == ()
   moved = []
   for model, t in ((conv, True), (lin, False)):
     opt = torch_bridge.OAdamW(model, lr=1e-2, weight_decay=0.0, grouping="seed",
@@ -765,3 +766,86 @@ def test_a_models_conv1d_weights_are_matrices_stored_in_out():
     torch.testing.assert_close(moved[0][k], moved[1][k].T, rtol=1e-5, atol=1e-7)
   assert float(moved[0]["c_fc"].pow(2).mean().sqrt()) > 0
   assert copied._layout.fn == layout
+
+
+def _muon_step(model, grads, **kw):
+  """One OAdamW step (lr 1, no decay, every matrix to Muon) of ``model`` with ``grads``
+  (name -> tensor); the change of each parameter."""
+  opt = torch_bridge.OAdamW(model, lr=1.0, weight_decay=0.0, grouping="seed", **kw)
+  before = {n: p.detach().clone() for n, p in model.named_parameters()}
+  for n, p in model.named_parameters():
+    p.grad = grads[n].clone()
+  opt.step()
+  return {n: p.detach() - before[n] for n, p in model.named_parameters()}, opt
+
+
+def test_a_models_module_types_give_its_matrices():
+  """:class:`torch_bridge.ModuleLayout` reads module types where a name and a shape mislead:
+  a ``ConvTranspose2d`` weight ``(in, out, kh, kw)`` steps as its equivalent conv's weight
+  ``(out, in, kh, kw)`` (it had been read with fan-in and fan-out swapped: 0.25 off); LSTM and
+  GRU gate weights are 4 and 3 matrices (each gate's step equals Muon on that gate alone; one
+  fused matrix had been 0.27-0.33 off); a grouped conv's groups are independent matrices (a
+  change in one group's gradient had moved the others' updates by 0.18-0.23); GPT-2's
+  cross-attention ``c_attn`` (E, 2E) is two matrices and GPT-BigCode's ``nn.Linear`` ``c_attn``
+  one ``(out, in)`` matrix (they had been split in three: 0.36 off, or raised ``ValueError``);
+  ``nn.Embedding`` weights stay out of Muon whatever their names; and the generic
+  ``Optimizer`` given the model uses the same layout and names."""
+  D = stax.MatrixDimensionNumbers
+  g = torch.Generator().manual_seed(0)
+  rnd = lambda *s: torch.randn(*s, generator=g)
+  # transposed conv == its equivalent conv (weight permuted; the kernel flip permutes columns)
+  torch.manual_seed(0)
+  convt = torch.nn.ModuleDict({"up": torch.nn.ConvTranspose2d(8, 16, 3, bias=False)})
+  conv = torch.nn.ModuleDict({"up": torch.nn.Conv2d(8, 16, 3, bias=False)})
+  to_conv = lambda w: w.permute(1, 0, 2, 3).flip(2, 3)
+  with torch.no_grad():
+    conv["up"].weight.copy_(to_conv(convt["up"].weight))
+  gt = rnd(8, 16, 3, 3)
+  dt, _ = _muon_step(convt, {"up.weight": gt})
+  dc, _ = _muon_step(conv, {"up.weight": to_conv(gt)})
+  torch.testing.assert_close(to_conv(dt["up.weight"]), dc["up.weight"], rtol=1e-5, atol=1e-6)
+  # RNN gates: each gate's step is Muon on that gate alone
+  for rnn, gates in ((torch.nn.LSTM(6, 8), 4), (torch.nn.GRU(6, 8), 3)):
+    grads = {n: rnd(*p.shape) for n, p in rnn.named_parameters()}
+    d, opt = _muon_step(rnn, grads)
+    assert torch_bridge.ModuleLayout(rnn)((gates * 8, 6), "weight_ih_l0") == D(
+        1, 0, output_groups=gates)
+    for name in ("weight_ih_l0", "weight_hh_l0"):
+      w = dict(rnn.named_parameters())[name]
+      parts = torch.nn.ModuleDict({f"g{i}": torch.nn.Linear(w.shape[1], 8, bias=False)
+                                   for i in range(gates)})
+      with torch.no_grad():
+        for i in range(gates):
+          parts[f"g{i}"].weight.copy_(w[8 * i:8 * (i + 1)] - d[name][8 * i:8 * (i + 1)])
+      dp, _ = _muon_step(parts, {f"g{i}.weight": grads[name][8 * i:8 * (i + 1)]
+                                 for i in range(gates)})
+      torch.testing.assert_close(d[name], torch.cat([dp[f"g{i}.weight"] for i in range(gates)]),
+                                 rtol=1e-5, atol=1e-6)
+  # grouped conv: groups independent
+  torch.manual_seed(0)
+  gconv = torch.nn.ModuleDict({"c": torch.nn.Conv2d(8, 8, 3, groups=2, bias=False)})
+  w0 = gconv["c"].weight.detach().clone()
+  grad = rnd(8, 4, 3, 3)
+  d1, opt = _muon_step(gconv, {"c.weight": grad})
+  assert opt.describe().by_path["c.weight"].matrix == (2, 36, 4)
+  with torch.no_grad():
+    gconv["c"].weight.copy_(w0)
+  grad2 = grad.clone()
+  grad2[:4] *= 100.0
+  d2, _ = _muon_step(gconv, {"c.weight": grad2})
+  torch.testing.assert_close(d1["c.weight"][4:], d2["c.weight"][4:], rtol=1e-5, atol=1e-6)
+  # c_attn: GPT-2 cross-attention (E, 2E) two matrices; an nn.Linear c_attn torch's (out, in)
+  pu = pytest.importorskip("transformers.pytorch_utils")
+  attn = torch.nn.ModuleDict({"c_attn": pu.Conv1D(32, 16), "q_attn": pu.Conv1D(16, 16)})
+  assert torch_bridge.ModuleLayout(attn)((16, 32), "c_attn.weight") == D(0, 1, output_groups=2)
+  lin = torch.nn.ModuleDict({"c_attn": torch.nn.Linear(16, 48)})   # (48, 16): BigCode style
+  assert torch_bridge.ModuleLayout(lin)((48, 16), "c_attn.weight") == D(1, 0)
+  assert torch_bridge.torch_dimension_numbers((16, 32), "x.c_attn.weight") == D(1, 0)
+  # embeddings by type; the generic Optimizer given the model
+  torch.manual_seed(0)
+  lm = torch.nn.ModuleDict({"tok": torch.nn.Embedding(40, 8), "proj": torch.nn.Linear(8, 8),
+                            "up": torch.nn.ConvTranspose2d(8, 16, 3)})
+  drop = torch_bridge.OAdamW(lm).describe().by_path
+  assert drop["tok.weight"].rule == "adam" and drop["proj.weight"].rule == "muon"
+  generic = torch_bridge.Optimizer(lm, stax.oadamw).describe().by_path
+  assert generic["up.weight"].matrix == drop["up.weight"].matrix == (1, 72, 16)

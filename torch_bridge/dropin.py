@@ -32,6 +32,7 @@ import torch
 
 import stax
 from stax import _validation as V
+from stax import partition
 from stax.optimizers import stac as stac_rules
 from torch_bridge.layout import ModuleLayout
 from torch_bridge.optimizer import Optimizer
@@ -459,6 +460,14 @@ class OAdamW(Optimizer):
     _check_scalars(lr=lr, weight_decay=weight_decay, eps=eps, max_lr=max_lr)
     if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices
       kwargs = _torch_layout(kwargs, params)
+      layout = kwargs.get("layout_fn")
+      if (isinstance(layout, ModuleLayout) and layout.embeddings
+          and not {"labels", "exclude"} & set(kwargs)):
+        # the model's nn.Embedding weights stay out of Muon whatever their names (T5's
+        # `shared`, an `encoder` tied to its `decoder`), as do the embeddings and heads the
+        # default path predicates name
+        kwargs["exclude"] = (partition.is_embedding_path, partition.is_output_head_path,
+                             layout.is_embedding)
     super().__init__(_named(params), stax.oadamw, lr=lr, betas=_betas(betas),
                      weight_decay=weight_decay, eps=eps, decouple_lr=decouple_lr,
                      max_lr=max_lr, kahan_sum=kahan_sum, **kwargs)

@@ -23,8 +23,10 @@ def torch_dimension_numbers(shape: Sequence[int], name: str = "") -> Any:
   Output axis 0, fan-in axes 1..ndim-1 (``Linear`` ``(out, in)``, conv ``(out, in, kh, kw)``);
   ``None`` below 2-D (biases, norms). With the parameter's dotted ``name``, fused attention
   projections are three matrices, q, k and v: ``nn.MultiheadAttention``'s ``in_proj_weight``
-  ``(3E, E)`` and Hugging Face GPT-2's ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``)
-  get ``output_groups=3``. The bridge calls it per parameter as ``layout_fn(shape, name)``
+  ``(3E, E)`` and Hugging Face GPT-2's ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``,
+  recognised by that shape) get ``output_groups=3``. A name and a shape cannot tell a module's
+  type: :class:`ModuleLayout` reads the modules (transposed convs, grouped convs, RNN gates,
+  other ``Conv1D`` weights). The bridge calls it per parameter as ``layout_fn(shape, name)``
   (see ``layout_kwarg``).
 
   Example:
@@ -40,7 +42,10 @@ def torch_dimension_numbers(shape: Sequence[int], name: str = "") -> Any:
   parts = str(name).replace("/", ".").rsplit(".", 2)
   if parts[-1] == "in_proj_weight" and nd == 2:
     return MatrixDimensionNumbers(1, 0, output_groups=3)
-  if parts[-1] == "weight" and len(parts) > 1 and parts[-2] == "c_attn" and nd == 2:
+  if (parts[-1] == "weight" and len(parts) > 1 and parts[-2] == "c_attn" and nd == 2
+      and shape[1] == 3 * shape[0]):
+    # (GPT-2's self-attention c_attn, (E, 3E); another c_attn, a cross-attention's (E, 2E) or
+    # GPT-BigCode's nn.Linear (E + 2·kv, E), is read as torch's (out, in): pass ModuleLayout)
     return MatrixDimensionNumbers(0, 1, output_groups=3)
   red = tuple(range(1, nd))
   return MatrixDimensionNumbers(red if len(red) > 1 else red[0], 0)
@@ -56,15 +61,72 @@ def _stored_in_out(module: torch.nn.Module) -> bool:
           and w.shape[-1] == getattr(module, "nf", None))
 
 
+def _module_dims(mname: str, module: torch.nn.Module, pname: str, shape: Sequence[int]) -> Any:
+  """The matrix view of the parameter ``pname`` (of ``shape``) of ``module`` (named ``mname``)
+  where the module's type decides it against :func:`torch_dimension_numbers`'s reading, else
+  ``_DEFAULT``."""
+  from stax.layout import MatrixDimensionNumbers as D  # pylint: disable=g-import-not-at-top
+  nd = len(shape)
+  if pname == "weight" and _stored_in_out(module):
+    if _last(mname) != "c_attn":
+      return D(0, 1)
+    # Hugging Face Conv1D (in, out); a c_attn fusing q, k, v (nf = 3·nx) or k, v (2·nx, GPT-2's
+    # cross-attention) is that many matrices
+    groups = shape[1] // shape[0] if shape[1] % shape[0] == 0 and shape[1] // shape[0] in (2, 3) \
+        else 1
+    return D(0, 1, output_groups=groups)
+  if pname == "weight" and isinstance(module, torch.nn.modules.conv._ConvTransposeNd) and nd >= 3:
+    # (in, out/groups, *kernel): fan-in is in·kernel, fan-out the output channels (torch's
+    # transposed conv is the adjoint of the conv with this weight); groups > 1 is left one
+    # matrix (its groups split the fan-in axis, which dimension numbers cannot say)
+    return D((0,) + tuple(range(2, nd)), 1)
+  if pname == "weight" and isinstance(module, torch.nn.modules.conv._ConvNd) and nd >= 3:
+    groups = int(getattr(module, "groups", 1))
+    red = tuple(range(1, nd))
+    if groups > 1 and shape[0] % groups == 0:
+      # (out, in/groups, *kernel): the groups are independent (out/groups) × (in/groups·kernel)
+      # matrices (depthwise: 1 × kernel each)
+      return D(red, 0, output_groups=groups)
+    return _DEFAULT
+  if pname == "weight" and isinstance(module, torch.nn.Linear) and _last(mname) == "c_attn":
+    return D(1, 0)   # (GPT-BigCode's c_attn is an nn.Linear: torch's (out, in), one matrix)
+  if isinstance(module, (torch.nn.RNNBase, torch.nn.RNNCellBase)) and nd == 2 and (
+      pname.startswith("weight_ih") or pname.startswith("weight_hh")):
+    # the gates stacked along the output axis: LSTM i|f|g|o, GRU r|z|n, separate matrices
+    mode = getattr(module, "mode", type(module).__name__.upper())
+    gates = 4 if "LSTM" in mode else 3 if "GRU" in mode else 1
+    if shape[0] % gates == 0:
+      return D(1, 0, output_groups=gates)
+  return _DEFAULT
+
+
+_DEFAULT = object()
+
+
+def _last(dotted: str) -> str:
+  return dotted.rsplit(".", 1)[-1]
+
+
 class ModuleLayout:
-  """:func:`torch_dimension_numbers` for the parameters of a model, knowing its modules: the
-  weight of every Hugging Face ``Conv1D`` (GPT-2's ``c_fc``, ``c_proj``, ``c_attn``, stored
-  ``(in, out)``) is read with fan-in axis 0 and output axis 1 (``c_attn`` still as three
-  matrices). A name alone cannot tell them from ``nn.Linear`` weights (``(out, in)``, and
-  named ``c_fc``/``c_proj`` in other models), so :func:`torch_dimension_numbers` knows only
-  ``c_attn``; the drop-ins built from an ``nn.Module`` use this one (a wrong orientation swaps
-  a matrix's fan-in and fan-out: Muon's ``shape_scale="original"`` scaled GPT-2's ``c_fc``
-  updates by 1 instead of 2). Pass it as ``layout_fn`` to :class:`torch_bridge.Optimizer`.
+  """:func:`torch_dimension_numbers` for the parameters of a model, knowing its modules' types:
+
+  * Hugging Face ``Conv1D`` weights (GPT-2's ``c_fc``, ``c_proj``, ``c_attn``) are stored
+    ``(in, out)``: fan-in axis 0, output axis 1; a ``c_attn`` is three matrices (q, k, v) or
+    two (k, v: GPT-2's cross-attention). An ``nn.Linear`` named ``c_attn`` (GPT-BigCode) is
+    torch's ``(out, in)``, one matrix. (A name alone cannot tell them apart: CLIP-style models
+    name Linears ``c_fc``.)
+  * transposed convs, weight ``(in, out/groups, *kernel)``: fan-in ``in·kernel``, fan-out axis 1
+    (read as a conv's ``(out, in, ...)`` the fan-in and fan-out were swapped: Muon's step on a
+    ``ConvTranspose2d(8, 16, 3)`` weight was 0.25 off that on its equivalent conv's weight);
+  * grouped and depthwise convs (``groups > 1``): ``groups`` separate matrices
+    (``output_groups``), not one that mixes independent filters;
+  * ``nn.LSTM``/``nn.GRU`` (and their cells): ``weight_ih*``/``weight_hh*`` stack the gates
+    (4 for LSTM, 3 for GRU) along the output axis: that many matrices.
+
+  :meth:`is_embedding` names the ``nn.Embedding``/``nn.EmbeddingBag`` weights, whatever their
+  names (the OAdamW drop-in keeps them out of Muon with it). The drop-ins built from an
+  ``nn.Module`` use this layout; pass it as ``layout_fn`` to :class:`torch_bridge.Optimizer`
+  (given a model, it does so itself).
 
   Args:
     model: the ``nn.Module`` whose ``named_parameters()`` names the optimizer sees.
@@ -80,25 +142,39 @@ class ModuleLayout:
     MatrixDimensionNumbers(reduction_axis=0, output_axis=1)
     >>> layout((32, 8), "other.weight")
     MatrixDimensionNumbers(reduction_axis=1, output_axis=0)
+    >>> ModuleLayout(torch.nn.LSTM(4, 8))((32, 4), "weight_ih_l0").output_groups
+    4
   """
 
   def __init__(self, model: torch.nn.Module):
-    self.in_out = frozenset(f"{name}.weight" if name else "weight"
-                            for name, module in model.named_modules()
-                            if _stored_in_out(module))
+    dims, embeddings = {}, set()
+    for mname, module in model.named_modules():
+      for pname, p in module.named_parameters(recurse=False):
+        full = f"{mname}.{pname}" if mname else pname
+        d = _module_dims(mname, module, pname, tuple(p.shape))
+        if d is not _DEFAULT:
+          dims[full] = d
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and pname == "weight":
+          embeddings.add(full)
+    self.dims = tuple(sorted(dims.items()))
+    self._by_name = dict(self.dims)
+    self.embeddings = frozenset(embeddings)
 
   def __call__(self, shape: Sequence[int], name: str = "") -> Any:
-    dn = torch_dimension_numbers(shape, name)
-    if dn is None or str(name).replace("/", ".") not in self.in_out:
-      return dn
-    from stax.layout import MatrixDimensionNumbers  # pylint: disable=g-import-not-at-top
-    return MatrixDimensionNumbers(0, 1, output_groups=getattr(dn, "output_groups", 1))
+    d = self._by_name.get(str(name).replace("/", "."), _DEFAULT)
+    return torch_dimension_numbers(shape, name) if d is _DEFAULT else d
+
+  def is_embedding(self, path: str) -> bool:
+    """Whether ``path`` (dotted, or ``/``-separated as stax's path names) is the weight of an
+    ``nn.Embedding``/``nn.EmbeddingBag`` of the model."""
+    return str(path).replace("/", ".") in self.embeddings
 
   def __eq__(self, other: Any) -> bool:
-    return isinstance(other, ModuleLayout) and other.in_out == self.in_out
+    return (isinstance(other, ModuleLayout) and other.dims == self.dims
+            and other.embeddings == self.embeddings)
 
   def __hash__(self) -> int:
-    return hash(self.in_out)
+    return hash((self.dims, self.embeddings))
 
   def __repr__(self) -> str:
-    return f"ModuleLayout({sorted(self.in_out)})"
+    return f"ModuleLayout({len(self.dims)} module-typed weights, {len(self.embeddings)} embeddings)"

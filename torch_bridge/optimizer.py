@@ -107,7 +107,7 @@ from torch_bridge._hyperparams import TORCH_TO_FACTORY
 from torch_bridge._units import Layout, build_units, check_update_args, describe_units
 from torch_bridge._release import prepare_for_gradient_release, remove_gradient_release
 from torch_bridge._writeback import ParamViews, make_writeback
-from torch_bridge.layout import torch_dimension_numbers
+from torch_bridge.layout import ModuleLayout, torch_dimension_numbers
 
 __all__ = ["Optimizer", "torch_dimension_numbers", "prepare_for_gradient_release",
            "remove_gradient_release", "TORCH_TO_FACTORY"]
@@ -120,7 +120,8 @@ class Optimizer(torch.optim.Optimizer):
 
   Args:
     params: tensors, ``(name, tensor)`` pairs or param-group dicts (a group may carry its own
-      ``"transform"`` factory).
+      ``"transform"`` factory), or an ``nn.Module``: its named parameters, and its modules'
+      layout (:class:`torch_bridge.ModuleLayout`) as the default ``layout_fn``.
     transform: a factory returning an ``optax.GradientTransformation`` (``stax.adamw``,
       ``optax.lion``, ...), called with each group's hyperparameters; or a ready transformation
       (then no hyperparameters may be given and schedulers have no effect).
@@ -182,6 +183,12 @@ class Optimizer(torch.optim.Optimizer):
                dtensor: str = "auto", **defaults: Any):
     if state_scope not in ("param", "group"):
       raise ValueError(f"`state_scope` must be 'param' or 'group', got {state_scope!r}.")
+    if isinstance(params, torch.nn.Module):
+      # a model: its named parameters (names reach path-based rules) and, by default, the
+      # layout its modules' types give (ModuleLayout: transposed and grouped convs, RNN gates)
+      if layout_fn is torch_dimension_numbers:
+        layout_fn = ModuleLayout(params)
+      params = list(params.named_parameters())
     if global_nonfinite not in _NONFINITE:
       raise ValueError(f"`global_nonfinite` must be one of {_NONFINITE}, got "
                        f"{global_nonfinite!r}.")
