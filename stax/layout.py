@@ -191,8 +191,23 @@ def default_dimension_numbers(path: Any, shape: Sequence[int]) -> Optional[Matri
   * 4-D and more: a Flax conv kernel ``(*spatial, in, out)``, one ``(spatial·in) × out`` matrix
     (:func:`conv_dimension_numbers`).
 
-  A 1-D conv kernel ``(width, in, out)`` looks like stacked layers: pass
-  ``conv_dimension_numbers(3)`` for it (or any layout) through ``dimension_numbers``.
+  A name and a shape cannot settle every leaf; where these rules guess wrong, pass the layout
+  through ``dimension_numbers`` (a callable ``(path, leaf) -> dims`` covers a whole model):
+
+  * a 1-D conv kernel ``(width, in, out)`` looks like stacked layers: pass
+    ``conv_dimension_numbers(3)``;
+  * stacked conv kernels ``(L, kh, kw, in, out)`` look like a 3-D conv (one matrix with the
+    layer axis in the fan-in): pass ``MatrixDimensionNumbers((1, 2, 3), 4)``;
+  * stacked ``nnx.Linear`` layers named ``query``/``key``/``value`` ``(L, in, out)`` look like
+    a Flax attention kernel ``(in, heads, head_dim)``: pass ``MatrixDimensionNumbers(1, 2)``;
+  * a ``DenseGeneral`` projection under another name (``q_proj`` ``(in, heads, head_dim)``)
+    looks like stacked layers: pass ``MatrixDimensionNumbers(0, (1, 2))`` (and
+    ``((0, 1), 2)`` for an ``o_proj`` ``(heads, head_dim, out)``);
+  * a depthwise conv kernel ``(kh, kw, 1, C)`` is one ``kh·kw × C`` matrix across independent
+    filters.
+
+  (Reported by stop 51's new-user sweep, 2026-12-07; the per-tensor statistics of STAM,
+  STAMLite and StableAdamW do not read the layout: a stacked leaf is one tensor there.)
   """
   ndim = len(shape)
   parts = partition.normalize_path(path) if path is not None else ()

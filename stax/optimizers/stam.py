@@ -53,7 +53,12 @@ Other differences from the seed: updates follow optax's sign convention (the see
 schedules; ``mask`` restricts weight decay (the seed decays every leaf, the default here too);
 the adaptive-:math:`\beta_1` statistics are float32 whatever the parameter dtype, one vector per
 statistic with an entry per tensor (the seed keeps STAM's as scalars in the parameter dtype); empty leaves are inert (the seed's ``mean`` of an
-empty array is NaN forever). STAM's moments default to the parameter dtype as in the seed; with
+empty array is NaN forever). A tensor is a leaf: the layers of a stacked leaf ``(L, ...)``
+(``nnx.vmap``/``nn.scan``) share one statistic (and STAMLite one ``v``), where the same model
+unstacked has one per layer (measured: with one layer's gradients 100× the others', STAMLite's
+other layers step ~70× less stacked than unstacked; STAM and StableAdamW differ by 1–3 %). The
+seeds are torch code, where layers are never stacked; unstack such leaves for per-layer
+statistics. STAM's moments default to the parameter dtype as in the seed; with
 bfloat16 parameters pass ``nu_dtype=jnp.float32`` (bf16 cannot hold ``v``'s 0.1% increments).
 Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
 at ``init``, naming the leaf (the per-tensor statistics are not defined for complex values).
