@@ -120,8 +120,9 @@ def _registry_spec(entry) -> Spec:
     lr = lr if isinstance(lr, float) else 3e-2  # a schedule is torch's scheduler's job
     return _stac_spec(f"STAC[{entry.name}]", lr, entry.kwargs["last_n_modules"], 1e-2)
   kw = dict(entry.kwargs)
-  if entry.factory is stax.oadamw:
-    kw["dimension_numbers"] = TORCH_DIMS  # torch (out, in) weights
+  if "dimension_numbers" in inspect.signature(entry.factory).parameters:
+    # torch (out, in) weights: the bridge passes its layout to every factory that takes one
+    kw["dimension_numbers"] = TORCH_DIMS
   if entry.factory is stax.scao:
     kw.update(SCAO_FAST)
     if "max_precond_dim" in kw:
@@ -135,10 +136,11 @@ def _registry_spec(entry) -> Spec:
               lambda m: Ref(entry.factory, _bridge_filled(entry.factory, kw)))
 
 
-def _module_dims(model):
+def _module_dims(model, embeddings=True):
   """The pure-JAX side of :class:`torch_bridge.ModuleLayout`, which a drop-in built from
-  ``model`` uses (GPT-2's ``Conv1D`` weights are ``(in, out)``)."""
-  layout = torch_bridge.ModuleLayout(model)
+  ``model`` uses (GPT-2's ``Conv1D`` weights are ``(in, out)``; OAdamW's: no embedding is a
+  matrix)."""
+  layout = torch_bridge.ModuleLayout(model, embeddings=embeddings)
   return lambda name, x: layout(np.shape(x), name)
 
 
@@ -162,11 +164,11 @@ DROPINS = [
         blend_steps=1, min_precond_updates=1, max_precond_dim=4096), **SCAO_FAST),
     _dropin("OAdamW", torch_bridge.OAdamW, stax.oadamw, lambda m: dict(
         learning_rate=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
-        max_lr=None, kahan_sum=None, dimension_numbers=_module_dims(m))),
-    _dropin("TurboAdam", torch_bridge.TurboAdam, stax.turbo_adam, dict(
+        max_lr=None, kahan_sum=None, dimension_numbers=_module_dims(m, embeddings=False))),
+    _dropin("TurboAdam", torch_bridge.TurboAdam, stax.turbo_adam, lambda m: dict(
         learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, block_size=128,
         v_bits=4, compress_m=True, compress_v=True, min_compress_elements=4096,
-        m_block_size=None, seed=305419896, codec="factored")),
+        m_block_size=None, seed=305419896, codec="factored", dimension_numbers=_module_dims(m))),
 ]
 SPECS = [_registry_spec(e) for e in ALL] + DROPINS
 BY_SPEC = {s.name: s for s in SPECS}

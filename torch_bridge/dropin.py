@@ -32,7 +32,6 @@ import torch
 
 import stax
 from stax import _validation as V
-from stax import partition
 from stax.optimizers import stac as stac_rules
 from torch_bridge.layout import ModuleLayout
 from torch_bridge.optimizer import Optimizer
@@ -363,7 +362,7 @@ def _named(params: Any) -> Any:
   return params
 
 
-def _torch_layout(kwargs: dict, params: Any = None) -> dict:
+def _torch_layout(kwargs: dict, params: Any = None, embeddings: bool = True) -> dict:
   """``kwargs`` with the bridge passing each parameter's torch layout
   (:func:`torch_bridge.torch_dimension_numbers`; for a model ``params``,
   :class:`torch_bridge.layout.ModuleLayout`, which knows its ``(in, out)`` ``Conv1D``
@@ -371,7 +370,7 @@ def _torch_layout(kwargs: dict, params: Any = None) -> dict:
   if "dimension_numbers" in kwargs or kwargs.get("layout_kwarg") is not None:
     return kwargs
   if isinstance(params, torch.nn.Module) and "layout_fn" not in kwargs:
-    kwargs = dict(kwargs, layout_fn=ModuleLayout(params))
+    kwargs = dict(kwargs, layout_fn=ModuleLayout(params, embeddings=embeddings))
   return dict(kwargs, layout_kwarg="dimension_numbers")
 
 
@@ -459,15 +458,11 @@ class OAdamW(Optimizer):
                **kwargs: Any):
     _check_scalars(lr=lr, weight_decay=weight_decay, eps=eps, max_lr=max_lr)
     if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices
-      kwargs = _torch_layout(kwargs, params)
-      layout = kwargs.get("layout_fn")
-      if (isinstance(layout, ModuleLayout) and layout.embeddings
-          and not {"labels", "exclude"} & set(kwargs)):
-        # the model's nn.Embedding weights stay out of Muon whatever their names (T5's
-        # `shared`, an `encoder` tied to its `decoder`), as do the embeddings and heads the
-        # default path predicates name
-        kwargs["exclude"] = (partition.is_embedding_path, partition.is_output_head_path,
-                             layout.is_embedding)
+      # (a model's nn.Embedding weights are no matrices here: out of Muon whatever their names,
+      # T5's `shared`, an `encoder` tied to its `decoder`; not with the seed's grouping, Muon
+      # on every matrix, or given `labels`)
+      kwargs = _torch_layout(kwargs, params, embeddings=(
+          "labels" in kwargs or kwargs.get("grouping") == "seed"))
     super().__init__(_named(params), stax.oadamw, lr=lr, betas=_betas(betas),
                      weight_decay=weight_decay, eps=eps, decouple_lr=decouple_lr,
                      max_lr=max_lr, kahan_sum=kahan_sum, **kwargs)
@@ -502,6 +497,9 @@ class TurboAdam(Optimizer):
         "min_v_compress_elements", min_v_compress_elements):
       raise ValueError("TurboAdam: stax uses one threshold; `min_m_compress_elements` and "
                        "`min_v_compress_elements` must be equal.")
+    # a model's layout (ModuleLayout: Conv1D, transposed and grouped convs, RNN gates) for the
+    # factored v's matrices
+    kwargs = _torch_layout(kwargs, params)
     super().__init__(_named(params), stax.turbo_adam, lr=lr, betas=_betas(betas), eps=eps,
                      weight_decay=weight_decay, block_size=block_size, v_bits=v_bits,
                      compress_m=compress_m, compress_v=compress_v,

@@ -123,13 +123,17 @@ class ModuleLayout:
   * ``nn.LSTM``/``nn.GRU`` (and their cells): ``weight_ih*``/``weight_hh*`` stack the gates
     (4 for LSTM, 3 for GRU) along the output axis: that many matrices.
 
-  :meth:`is_embedding` names the ``nn.Embedding``/``nn.EmbeddingBag`` weights, whatever their
-  names (the OAdamW drop-in keeps them out of Muon with it). The drop-ins built from an
+  With ``embeddings=False`` the ``nn.Embedding``/``nn.EmbeddingBag`` weights, whatever their
+  names, are not matrices (``None``: vectors to every matrix transform); the OAdamW drop-in
+  keeps them out of Muon so (T5's ``shared``, a word-LM's ``encoder``: its default path
+  predicates know only names such as ``embed``/``wte``). The drop-ins built from an
   ``nn.Module`` use this layout; pass it as ``layout_fn`` to :class:`torch_bridge.Optimizer`
   (given a model, it does so itself).
 
   Args:
     model: the ``nn.Module`` whose ``named_parameters()`` names the optimizer sees.
+    embeddings: whether embedding tables are matrices (default True: TurboAdam's factored v
+      and SCAO treat them as such).
 
   Example:
     >>> import torch
@@ -146,35 +150,29 @@ class ModuleLayout:
     4
   """
 
-  def __init__(self, model: torch.nn.Module):
-    dims, embeddings = {}, set()
+  def __init__(self, model: torch.nn.Module, *, embeddings: bool = True):
+    dims, tables = {}, set()
     for mname, module in model.named_modules():
       for pname, p in module.named_parameters(recurse=False):
         full = f"{mname}.{pname}" if mname else pname
         d = _module_dims(mname, module, pname, tuple(p.shape))
         if d is not _DEFAULT:
           dims[full] = d
-        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and pname == "weight":
-          embeddings.add(full)
+        if (not embeddings and pname == "weight"
+            and isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))):
+          dims[full] = None
     self.dims = tuple(sorted(dims.items()))
     self._by_name = dict(self.dims)
-    self.embeddings = frozenset(embeddings)
 
   def __call__(self, shape: Sequence[int], name: str = "") -> Any:
     d = self._by_name.get(str(name).replace("/", "."), _DEFAULT)
     return torch_dimension_numbers(shape, name) if d is _DEFAULT else d
 
-  def is_embedding(self, path: str) -> bool:
-    """Whether ``path`` (dotted, or ``/``-separated as stax's path names) is the weight of an
-    ``nn.Embedding``/``nn.EmbeddingBag`` of the model."""
-    return str(path).replace("/", ".") in self.embeddings
-
   def __eq__(self, other: Any) -> bool:
-    return (isinstance(other, ModuleLayout) and other.dims == self.dims
-            and other.embeddings == self.embeddings)
+    return isinstance(other, ModuleLayout) and other.dims == self.dims
 
   def __hash__(self) -> int:
-    return hash((self.dims, self.embeddings))
+    return hash(self.dims)
 
   def __repr__(self) -> str:
-    return f"ModuleLayout({len(self.dims)} module-typed weights, {len(self.embeddings)} embeddings)"
+    return f"ModuleLayout({len(self.dims)} module-typed weights)"

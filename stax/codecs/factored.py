@@ -139,6 +139,8 @@ class Factored(NamedTuple):
       the leaf's own.
     axes: ``(row_axes, col_axes)``, tuples of axes of ``shape`` (default ``None``: the last
       two axes); :func:`factored_layout` gives both from the leaf's dimension numbers.
+    leaf_shape: the leaf's own shape, where ``shape`` splits a fused axis (``output_groups``):
+      the shape ``project`` returns the estimate in (default ``None``: ``shape``).
 
   Deterministic (no key); ``project`` is the rank-1 estimate of the new moment. Leaves must have
   rank >= 2. The means are replicated (not sharded like the parameter: ``replicated``).
@@ -148,6 +150,7 @@ class Factored(NamedTuple):
   needs_key: bool = False
   shape: Optional[tuple] = None
   axes: Optional[tuple] = None
+  leaf_shape: Optional[tuple] = None
   #: the encoding is v's row and column means: the Adam core forms their EMAs from the same
   #: means of |g|² (``SeparateStorage.nu_is_mean``) and hands the new means to ``encode`` and
   #: ``project``
@@ -213,8 +216,8 @@ class Factored(NamedTuple):
 
   def project(self, value):
     """What the update divides by: the rank-1 estimate of ``value`` (the new moment, in the
-    shape it came in, or its means as a :class:`FactoredState`: in the leaf's shape)."""
+    shape it came in, or its means as a :class:`FactoredState`: in ``leaf_shape``)."""
     v = factored_decode(self.encode(value, None), self.axes)
-    if isinstance(value, FactoredState) or self.shape is None:
-      return v
-    return v.reshape(jnp.shape(value))
+    if isinstance(value, FactoredState):
+      return v if self.leaf_shape is None else v.reshape(self.leaf_shape)
+    return v if self.shape is None else v.reshape(jnp.shape(value))

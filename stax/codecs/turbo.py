@@ -229,7 +229,8 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
           dims = layout.default_dimension_numbers(None, leaf.shape)
       plan = factored_layout(leaf.shape, dims) if cv else None
       if plan is not None:
-        v_codec = Factored(shape=plan[0], axes=plan[1])
+        v_codec = Factored(shape=plan[0], axes=plan[1],
+                           leaf_shape=tuple(int(d) for d in leaf.shape))
       storage = SeparateStorage(m_codec, v_codec, follow_sharding=True)
       return RowView(storage, m_block_size) if (cm or cv) else storage
     storage = SeparateStorage(m_codec, v_codec, follow_sharding=True, kernel=kernel)

@@ -176,8 +176,9 @@ def turbo_adam(
 
   Example:
     >>> import jax.numpy as jnp, stax
-    >>> tx = stax.turbo_adam(1e-3)                          # codec="factored"
     >>> params = {"conv": jnp.zeros((64, 64, 3, 3))}       # torch layout (out, in, kh, kw)
+    >>> torch_conv = stax.MatrixDimensionNumbers((1, 2, 3), 0)   # one 64 × 576 matrix
+    >>> tx = stax.turbo_adam(1e-3, dimension_numbers=torch_conv)   # codec="factored"
     >>> state = tx.init(params)
     >>> round(stax.state_bits_per_param(state, params, exclude_scalars=True), 2)
     5.06
