@@ -492,3 +492,31 @@ def test_turbo_adam_factored_v_of_a_conv_kernel_is_adafactor_on_its_row_view():
     vhat = r[:, None] * c[None, :] / np.mean(r)
     q = q - lr * (m / (1 - b1 ** t)) / (np.sqrt(vhat / (1 - b2 ** t)) + eps)
   np.testing.assert_allclose(np.asarray(p).reshape(64, 288), q, rtol=2e-5, atol=2e-6)
+
+
+def test_turbo_adams_factored_v_of_a_fused_projection_is_per_group():
+  """A fused ``(3E, E)`` projection (torch's ``in_proj_weight``) under dimension numbers with
+  ``output_groups=3`` has three factored v's, one per q/k/v matrix: 3 steps equal those of the
+  three ``(E, E)`` weights stepped as separate leaves (m in float32, so only v's layout acts).
+  The estimate comes back in the leaf's own shape (it had been the ungrouped ``(3, E, E)``: a
+  reshape error inside the step)."""
+  import stax
+  D = stax.MatrixDimensionNumbers
+  rng = np.random.default_rng(7)
+  w = rng.normal(size=(96, 32)).astype(np.float32)
+  grads = [(rng.normal(size=(96, 32)) * np.repeat([1.0, 10.0, 100.0], 32)[:, None]
+            ).astype(np.float32) for _ in range(3)]
+  kw = dict(codec="factored", compress_m=False, min_compress_elements=0, nonfinite="ignore")
+  fused = stax.turbo_adam(1e-2, dimension_numbers=D(1, 0, output_groups=3), **kw)
+  split = stax.turbo_adam(1e-2, dimension_numbers=D(1, 0), **kw)
+  pf = {"w": jnp.asarray(w)}
+  ps = {f"g{i}": jnp.asarray(w[32 * i:32 * (i + 1)]) for i in range(3)}
+  sf, ss = fused.init(pf), split.init(ps)
+  for g in grads:
+    uf, sf = fused.update({"w": jnp.asarray(g)}, sf, pf)
+    us, ss = split.update({f"g{i}": jnp.asarray(g[32 * i:32 * (i + 1)]) for i in range(3)}, ss, ps)
+    pf = jax.tree.map(lambda p, u: p + u, pf, uf)
+    ps = jax.tree.map(lambda p, u: p + u, ps, us)
+  np.testing.assert_allclose(np.asarray(pf["w"]),
+                             np.concatenate([np.asarray(ps[f"g{i}"]) for i in range(3)]),
+                             rtol=1e-6, atol=1e-7)
