@@ -32,7 +32,7 @@ from stax.codecs import _layout as L
 from stax.codecs.base import FullPrecision, SeparateStorage, StorageBase
 from stax.codecs.block_signed import BlockSignedCodec
 from stax.codecs.factored import Factored, factored_layout
-from stax.codecs.row_view import RowView, row_view_shape
+from stax.codecs.row_view import RowView
 from stax.codecs.rng import counter_uniform, flat_index, seed_for, seed_from_key
 
 __all__ = ["TurboAdam02Storage", "StepScalars", "turbo_storage", "bias_corrections", "CODECS",

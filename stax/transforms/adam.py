@@ -83,7 +83,7 @@ from stax import numerics as num
 from stax._trees import conform
 from stax.codecs import rng
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
-                              read_step_write, resolve_storage, resolve_storages,
+                              read_step_write, resolve_storages,
                               tensor_mean_square)
 from stax.transforms.guards import NONFINITE_OK, DeferredGate, gate_aware, gate_value
 
