@@ -210,6 +210,28 @@ def test_state_keeps_its_types_under_gradients_of_another_dtype(entry, dtypes):
   assert all(x.dtype == p_dtype for x in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("entry", MAIN, ids=MAIN_IDS)
+def test_bfloat16_gradients_of_float32_parameters_give_float32_updates(entry):
+  """A mixed-precision backward (bfloat16 gradients of float32 parameters) gets float32
+  updates, as ``optax.adamw``'s, close to those of the same gradients in float32 (the Adam
+  core squares the bfloat16 gradient: 2**-7 relative in v). StableAdamW and STAC's sign trunk
+  had returned bfloat16 updates: the learning rate, the clip and the decay rounded to 8 bits
+  (1e-3 became 1.0004e-3, one bias for every entry of a sign step)."""
+  params, _, _ = cp.quadratic(jnp.float32)
+  params = jax.tree.map(lambda x: x + 0.5, params)   # a decay term that is not zero
+  tx = entry.make()
+  state = tx.init(params)
+  g16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), cp.random_grads(params, 0))
+  g32 = jax.tree.map(lambda x: x.astype(jnp.float32), g16)
+  ref = optax.adamw(1e-3).update(g16, optax.adamw(1e-3).init(params), params)[0]
+  u16, _ = jax.jit(tx.update)(g16, state, params)
+  u32, _ = jax.jit(tx.update)(g32, state, params)
+  assert [x.dtype for x in jax.tree.leaves(u16)] == [x.dtype for x in jax.tree.leaves(ref)]
+  for a, b in zip(jax.tree.leaves(u16), jax.tree.leaves(u32)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2,
+                               atol=1e-3 * float(jnp.max(jnp.abs(b))))
+
+
 def _small_sparse_grads(params, i):
   """Gradients of scale 1e-3, the first half of every matrix's rows zero on odd steps."""
   g = cp.random_grads(params, i, scale=1e-3)

@@ -45,6 +45,7 @@ import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -113,6 +114,26 @@ def stac_labels(params: Any, last_n_modules: Optional[int] = 1,
   k = cap_size(len(ranks), last_n_modules, last_n_ratio)
   return partition.last_n_modules_labels(params, k, list(ranks), last_label=CAP,
                                          rest_label=TRUNK)
+
+
+def scale_by_sign_in_param_dtype() -> optax.GradientTransformation:
+  """``optax.scale_by_sign`` whose update has the dtype the Adam core's would: the promotion of
+  the gradient's and the parameter's (float32 parameters with bfloat16 gradients: a float32
+  ±1). The sign is exact in any dtype, but what follows it is not: in bfloat16 the learning
+  rate times ±1 is the learning rate rounded to 8 bits (1e-3 became 1.0004e-3, one bias for
+  every entry) and the decay ``λ·p`` is added at bfloat16's precision; ``optax.adamw``'s update
+  of such a model is float32. Without ``params`` (or for a parameter of the gradient's dtype)
+  it is ``optax.scale_by_sign`` exactly."""
+
+  def update_fn(updates, state, params=None):
+    leaves, treedef = jax.tree.flatten(updates)
+    ps = treedef.flatten_up_to(params) if params is not None else [None] * len(leaves)
+    out = [jnp.sign(g) if p is None or not hasattr(p, "dtype")
+           else jnp.sign(g).astype(jnp.promote_types(g.dtype, p.dtype))
+           for g, p in zip(leaves, ps)]
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def stac(
@@ -213,7 +234,7 @@ def stac(
               else learning_rate * sign_lr_scale)
     # Gate-aware throughout (the trunk keeps no state but a schedule's count, the cap is the
     # exact Adam core), so a skipped step needs neither a lax.cond nor a state select.
-    trunk = gated_chain(gate_state(optax.scale_by_sign()),
+    trunk = gated_chain(gate_state(scale_by_sign_in_param_dtype()),
                         gate_state(optax.add_decayed_weights(lam_s, mask_fn)),
                         gate_state(optax.scale_by_learning_rate(lr_s)))
     cap = gated_chain(scale_by_adam(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),

@@ -124,17 +124,26 @@ def _f32_hyper(value):
 
 
 def _keep_grad_dtype(inner) -> optax.GradientTransformationExtraArgs:
-  """``inner`` with its updates cast back to the incoming gradients' dtypes.
+  """``inner`` with its updates cast back to the incoming gradients' dtypes, promoted with the
+  parameters' when ``params`` are given.
 
   The seed returns updates in the gradient's dtype even when its state is wider (STAMLite's
   float32 ``state_dtype`` with bfloat16 gradients); the Adam core returns the wider dtype.
+  stax does the same for parameters of the gradient's dtype, but float32 parameters with
+  bfloat16 gradients (a mixed-precision backward) get float32 updates, as ``optax.adamw``'s:
+  the seed's bfloat16 update rounds every step to 8 bits (until 2026-12-07 stax's did too).
   """
   aware = is_gate_aware(inner)
   inner = optax.with_extra_args_support(inner)
 
   def update_fn(updates, state, params=None, **extra_args):
     out, state = inner.update(updates, state, params, **extra_args)
-    return jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates), state
+    leaves, treedef = jax.tree.flatten(updates)
+    ps = treedef.flatten_up_to(params) if params is not None else [None] * len(leaves)
+    dtypes = [g.dtype if p is None or not hasattr(p, "dtype") else
+              jnp.promote_types(g.dtype, p.dtype) for g, p in zip(leaves, ps)]
+    us = treedef.flatten_up_to(out)
+    return jax.tree.unflatten(treedef, [u.astype(d) for u, d in zip(us, dtypes)]), state
 
   tx = optax.GradientTransformationExtraArgs(inner.init, update_fn)
   return gate_aware(tx) if aware else tx

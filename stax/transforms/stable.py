@@ -265,7 +265,10 @@ def scale_by_stable_adam(
                          "scale_by_stable_adam needs `params` for weight decay.")
       if clip:
         u = u * scale[0]
-      out.append(u.astype(g.dtype))
+      # the core's update dtype (the gradient's promoted with its moments'): float32 for float32
+      # parameters with bfloat16 gradients, as optax.adamw's (the gradient's dtype had rounded
+      # every update to 8 bits there)
+      out.append(u.astype(d.dtype))
     return jax.tree.unflatten(treedef, out), new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
