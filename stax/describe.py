@@ -8,7 +8,8 @@ float32 fallback). ``stax.describe(tx, params)`` says, for every parameter path:
   StableAdamW, STAM, TurboAdam), ``"muon"`` (Newton–Schulz of the momentum), ``"ns+adam"``
   (OAdamW ``muon="gradient"``: Newton–Schulz of the gradient into Adam's moments) or ``"kron"``
   (SCAO's curvature preconditioning under Adam);
-* ``matrix``: the ``(batch, m, n)`` matrix view a matrix rule uses, else ``None``;
+* ``matrix``: the ``(batch, m, n)`` matrix view a matrix rule uses, or the matrices an Adam
+  leaf's factored second moment (TurboAdam's default ``v``) is factored over, else ``None``;
 * ``storage``: what the state keeps for the leaf (``"m float32, v float32"``,
   ``"m BlockSigned 4.5b, v LogQuant 4.25b"``, ``"momentum float32"``, ``"kron 2×(64×8)"`` ...);
 * ``state_bytes`` and ``bits_per_param``: the exact bytes of the state arrays that belong to
@@ -158,6 +159,20 @@ def _kron_leaves(node, numels) -> Optional[list]:
   return states if len(states) == len(numels) else None
 
 
+def _factored_view(st: Any, numel: int) -> Optional[tuple]:
+  """The ``(batch, m, n)`` matrices a factored second moment
+  (:class:`stax.codecs.factored.FactoredState`: row means ``batch·m``, column means
+  ``batch·n`` entries of a ``batch·m·n`` leaf) is factored over, else ``None``."""
+  from stax.codecs.factored import FactoredState  # pylint: disable=g-import-not-at-top
+  if not isinstance(st, FactoredState) or not numel:
+    return None
+  r, c = (int(np.prod(np.shape(x), dtype=np.int64)) for x in (st.rows, st.cols))
+  batch = r * c // numel
+  if not batch or r * c != batch * numel:
+    return None
+  return (batch, r // batch, c // batch)
+
+
 def _walk(node, field, treedef, numels, per_leaf, kron, shared):
   """Adds each state subtree's bytes to the leaf it belongs to (or to ``shared``)."""
   if node is None:
@@ -187,6 +202,9 @@ def _walk(node, field, treedef, numels, per_leaf, kron, shared):
       if b:
         per_leaf[i][0] += b
         per_leaf[i][1].append(f"{_FIELD_LABELS.get(field, field)} {_encoding(sub, numels[i])}")
+        view = _factored_view(sub, numels[i])
+        if view is not None and len(per_leaf[i]) == 2:
+          per_leaf[i].append(view)
     return
   if isinstance(node, tuple) and hasattr(node, "_fields"):
     for f in node._fields:
@@ -233,13 +251,15 @@ def describe(tx: optax.GradientTransformation, params: Any) -> Description:
   planned = plan(params) if plan is not None else None
   rows = []
   for i, ((path, x), shape, numel) in enumerate(zip(flat, shapes, numels)):
-    b, labels = per_leaf[i]
+    b, labels = per_leaf[i][:2]
     if planned is not None:
       rule, matrix = planned[i]
       if rule == "adam" and kron[i] is not None:
         rule, matrix = "kron", kron[i] or None
     else:
       rule, matrix = _infer_rule(labels, kron[i]), (kron[i] or None)
+    if matrix is None and len(per_leaf[i]) > 2:  # an Adam leaf's factored v: its matrices
+      matrix = per_leaf[i][2]
     rows.append(LeafReport(partition.path_name(path), shape, str(np.dtype(x.dtype)), rule,
                            matrix, ", ".join(labels) or "none", b,
                            8.0 * b / numel if numel else 0.0))

@@ -61,3 +61,23 @@ def test_torch_names_and_fused_attention():
   conv = torch.nn.Conv2d(64, 64, 3)
   t = torch_bridge.TurboAdam(conv, lr=1e-3, codec="stax").describe().by_path
   assert np.isclose(t["weight"].bits_per_param, 8.75)              # not 229: rows of in·kh·kw
+
+
+def test_a_factored_second_moment_shows_its_matrices():
+  """TurboAdam's default (factored) v lists the matrices it is factored over, from its state:
+  stacked layers one per layer, a Flax ``query`` kernel one ``in × heads·dh`` matrix, a conv
+  kernel ``kh·kw·in × out``; a leaf kept in float32 (a bias) has none. (The column had read
+  ``-`` for every TurboAdam leaf.)"""
+  params = {"layers": {"kernel": jnp.zeros((3, 32, 16)), "bias": jnp.zeros((3, 16))},
+            **_params()}
+  d = stax.describe(stax.turbo_adam(1e-3, min_compress_elements=256), params).by_path
+  assert "Factored" in d["layers/kernel"].storage
+  assert d["layers/kernel"].matrix == (3, 32, 16)
+  assert d["attn/query/kernel"].matrix == (1, 16, 32)
+  assert d["conv/kernel"].matrix == (1, 144, 32)
+  assert d["head/kernel"].matrix == (1, 32, 10)
+  assert d["layers/bias"].matrix is None and d["attn/out/bias"].matrix is None
+  assert all(r.rule == "adam" for r in d.values())
+  s = stax.describe(stax.turbo_adam(1e-3, min_compress_elements=256, codec="stax"),
+                    params).by_path
+  assert s["layers/kernel"].matrix is None   # a log-quantised v: no matrices
