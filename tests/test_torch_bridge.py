@@ -610,6 +610,35 @@ def test_swap_writeback_equals_copy_and_updates_in_place():
     torch_bridge.Optimizer(m1.parameters(), stax.adamw, writeback="move")
 
 
+def test_swap_writeback_keeps_a_channels_last_weight_channels_last():
+  """A channels_last conv weight stays channels_last through swap-mode steps, as through
+  torch.optim.AdamW's and copy mode's (its row-major JAX buffer had become the weight, and
+  its next gradient was contiguous), with copy mode's values; a contiguous parameter beside it
+  still moves into its JAX-owned buffer."""
+  def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 16, 2))
+  m1, m2 = model(), model()
+  for m in (m1, m2):
+    m[0].to(memory_format=torch.channels_last)
+  o1 = torch_bridge.Optimizer(m1.named_parameters(), stax.adamw, lr=1e-2)
+  o2 = torch_bridge.Optimizer(m2.named_parameters(), stax.adamw, lr=1e-2, writeback="swap")
+  x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+  lin = m2[2].weight.data_ptr()
+  for _ in range(3):
+    for m, o in ((m1, o1), (m2, o2)):
+      o.zero_grad()
+      m(x).square().sum().backward()
+      o.step()
+  w = m2[0].weight
+  assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+  m2(x).square().sum().backward()
+  assert w.grad.is_contiguous(memory_format=torch.channels_last)
+  assert m2[2].weight.data_ptr() != lin        # moved into a JAX buffer, as before
+  assert _maxdiff(m1, m2) == 0.0
+
+
 def test_swap_writeback_never_frees_memory_a_view_holds():
   """Torch views each JAX-owned buffer through DLPack and lets go of it for the call: a view
   of the parameter held elsewhere keeps a reference, so JAX does not donate that buffer (the

@@ -11,7 +11,8 @@
   keeps a DLPack reference, which blocks the donation (JAX writes a new buffer, the parameter
   moves there, the view keeps the old values). The same on CPU and CUDA. (An earlier CPU path
   let torch view the buffer with no DLPack reference while JAX donated it; in full test runs it
-  returned garbage values now and then, so it was removed.)
+  returned garbage values now and then, so it was removed.) A parameter that is not contiguous
+  (a ``channels_last`` conv weight) is copied into, as in copy mode: a JAX buffer is row-major.
 
 Both share :class:`ParamViews`, the cache of each parameter's JAX view.
 """
@@ -136,8 +137,16 @@ class SwapWriteback:
     return list(zip(idx_on, flat_new))
 
   def finish(self, plan, params, idx_on, flat_new, pending) -> None:
+    strided = []
     for (i, a), shape in zip(pending, plan.shapes_on):  # DLPack views, once the buffers are ready
       t = convert.real_view(convert.to_torch(a), shape)
+      if not params[i].is_contiguous():
+        # a parameter in another memory format (a channels_last conv weight) keeps it, as
+        # torch's optimizers keep it: its new values are copied in, as copy mode does (a JAX
+        # buffer is row-major; viewing it had made the weight, and its next gradient,
+        # contiguous). It crossed to JAX as a contiguous copy anyway.
+        strided.append((params[i], t))
+        continue
       params[i].data = t
       # new values, as an in-place update makes: a graph built before the step that saved the
       # parameter then fails its backward, as in copy mode and torch's optimizers, instead of
@@ -146,6 +155,8 @@ class SwapWriteback:
       key = storage_key(t)
       self.views.cache[i] = (key, a)
       self.owned[i] = key
+    if strided:
+      _internals.foreach_copy([p for p, _ in strided], [t for _, t in strided])
     self._released = []
 
 

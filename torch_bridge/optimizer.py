@@ -141,7 +141,9 @@ class Optimizer(torch.optim.Optimizer):
       FSDP's flat parameters, keeps the old storage — that XLA then updates in place, at the
       same address step after step. Torch views it through DLPack and lets go of it for the
       call; a view held elsewhere blocks the donation and keeps the old values, and the
-      parameter moves: torch never views memory JAX could free).
+      parameter moves: torch never views memory JAX could free). A parameter in another memory
+      format (a ``channels_last`` conv weight) stays in its own storage and format and gets its
+      new values copied in, as in copy mode).
     global_nonfinite: ``None`` (default: leave it to the transform), ``"skip"`` (if any gradient
       of the step is NaN/Inf, no parameter and no state changes; counted in
       :attr:`nonfinite_skipped_steps`) or ``"error"`` (the same, then ``RuntimeError``; costs one
