@@ -288,3 +288,86 @@ def test_stam_dropins_equal_the_jax_factory(cls):
   for n, q in m.named_parameters():
     torch.testing.assert_close(q.detach(), torch.from_numpy(np.array(p[n])), rtol=0,
                                atol=1e-6)
+
+
+class _TinyLM(torch.nn.Module):
+  """An embedding, a hidden Linear, a LayerNorm and a head: nanoGPT's parameter kinds."""
+
+  def __init__(self):
+    super().__init__()
+    torch.manual_seed(0)
+    self.wte = torch.nn.Embedding(32, 16)
+    self.fc = torch.nn.Linear(16, 16)
+    self.ln = torch.nn.LayerNorm(16)
+    self.head = torch.nn.Linear(16, 32)
+
+  def forward(self, ids):
+    return self.head(self.ln(torch.relu(self.fc(self.wte(ids)))))
+
+
+def _nanogpt_groups(model, named):
+  """nanoGPT's ``configure_optimizers`` groups: decaying ``ndim >= 2`` tensors, then the rest
+  with no decay (Hugging Face's Trainer builds its groups the same way, of bare tensors)."""
+  ps = list(model.named_parameters())
+  pick = lambda keep: [(n, p) if named else p for n, p in ps if keep(p)]
+  return [{"params": pick(lambda p: p.dim() >= 2), "weight_decay": 0.1},
+          {"params": pick(lambda p: p.dim() < 2), "weight_decay": 0.0}]
+
+
+def _lm_steps(model, opt, steps=3):
+  g = torch.Generator().manual_seed(3)
+  for _ in range(steps):
+    ids = torch.randint(0, 32, (4, 8), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("cls", ["OAdamW", "STAC", "TurboAdam", "Optimizer"])
+def test_param_groups_of_bare_tensors_take_their_names_from_model(cls):
+  """``model=`` names bare tensors in param groups (nanoGPT's and Hugging Face's Trainer's
+  groups) from the model and gives its layout: the optimizer equals the one built from the
+  same groups of ``(name, tensor)`` pairs, step for step. Without it OAdamW put the embedding
+  under Muon and STAC counted modules by group (the LayerNorm, in the second group, was the
+  AdamW cap instead of the head)."""
+  make = {"OAdamW": lambda ps, **k: torch_bridge.OAdamW(ps, lr=1e-2, **k),
+          "STAC": lambda ps, **k: torch_bridge.STAC(ps, lr=1e-2, last_n_modules=1, **k),
+          "TurboAdam": lambda ps, **k: torch_bridge.TurboAdam(ps, lr=1e-2,
+                                                              min_m_compress_elements=256,
+                                                              min_v_compress_elements=256, **k),
+          "Optimizer": lambda ps, **k: torch_bridge.Optimizer(ps, _stax().oadamw, lr=1e-2, **k)
+          }[cls]
+  m_bare, m_named = _TinyLM(), _TinyLM()
+  bare = make(_nanogpt_groups(m_bare, named=False), model=m_bare)
+  if cls == "STAC":
+    # named pairs are counted by group too: the model itself is the reference (its biases and
+    # norms do not decay by default, as in the groups)
+    named = make(m_named, weight_decay=0.1)
+    cap = lambda o: {g["module_names"] for g in o.param_groups if g["stac_role"] == "adamw"}
+    assert cap(bare) == cap(named) == {("head",)}
+    assert cap(make(_nanogpt_groups(_TinyLM(), named=False))) == {("param_6",)}  # a bias
+  else:
+    named = make(_nanogpt_groups(m_named, named=True), **(
+        {"layout_fn": torch_bridge.ModuleLayout(m_named, embeddings=cls == "Optimizer")}
+        if cls != "TurboAdam" else {"layout_fn": torch_bridge.ModuleLayout(m_named)}))
+  d_bare, d_named = bare.describe(), named.describe()
+  assert sorted((r.path, r.rule, r.matrix) for r in d_bare) == sorted(
+      (r.path, r.rule, r.matrix) for r in d_named)
+  if cls == "OAdamW":
+    assert d_bare.by_path["wte.weight"].rule == "adam"
+    unnamed = torch_bridge.OAdamW(_nanogpt_groups(_TinyLM(), named=False), lr=1e-2).describe()
+    assert unnamed.by_path["param_0"].rule == "muon"      # the embedding, without model=
+  if cls != "STAC":
+    assert [g["weight_decay"] for g in bare.param_groups] == [0.1, 0.0]
+  _lm_steps(m_bare, bare)
+  _lm_steps(m_named, named)
+  assert _maxdiff(m_bare, m_named) == 0.0
+  with pytest.raises(ValueError, match="position 0 .* not a parameter"):
+    make([torch.nn.Parameter(torch.zeros(2, 2))], model=m_bare)
+  with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+    make([next(m_bare.parameters())], model="m")
+
+
+def _stax():
+  import stax
+  return stax

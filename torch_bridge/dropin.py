@@ -34,7 +34,7 @@ import stax
 from stax import _validation as V
 from stax.optimizers import stac as stac_rules
 from torch_bridge.layout import ModuleLayout
-from torch_bridge.optimizer import Optimizer
+from torch_bridge.optimizer import Optimizer, named_by_model
 
 __all__ = ["STAC", "STAM", "STAMLite", "SCAO", "OAdamW", "TurboAdam", "stac_modules"]
 
@@ -238,6 +238,11 @@ class STAC(Optimizer):
     foreach: accepted for compatibility; the bridge always runs one fused XLA step.
     amsgrad: not supported (``ValueError`` if True).
     writeback: ``"copy"`` (default) or ``"swap"`` (no copy); see :class:`torch_bridge.Optimizer`.
+    model: the ``nn.Module`` that unnamed tensors belong to (default ``None``): they get their
+      names there and the modules are counted in its registration order, as for the model
+      itself. For param groups of bare tensors (Hugging Face's ``Trainer`` with
+      ``optimizer_cls_and_kwargs=(STAC, {"model": model, ...})``, which groups decaying
+      weights before biases and norms: counted by group, a LayerNorm had been the cap).
 
   Example:
     >>> import torch, torch_bridge
@@ -255,7 +260,8 @@ class STAC(Optimizer):
                exclude_bias_from_weight_decay: bool = True,
                exclude_1d_from_weight_decay: bool = True, maximize: bool = False,
                error_if_nonfinite: bool = False, foreach: bool = False,
-               amsgrad: bool = False, writeback: str = "copy"):
+               amsgrad: bool = False, writeback: str = "copy",
+               model: Optional[torch.nn.Module] = None):
     for name, flag in (("exclude_bias_from_weight_decay", exclude_bias_from_weight_decay),
                        ("exclude_1d_from_weight_decay", exclude_1d_from_weight_decay),
                        ("maximize", maximize), ("error_if_nonfinite", error_if_nonfinite),
@@ -277,8 +283,11 @@ class STAC(Optimizer):
               sign_weight_decay=sign_weight_decay, adamw_weight_decay=adamw_weight_decay,
               sign_lr_scale=sign_lr_scale, last_n_ratio=last_n_ratio, b1=betas[0],
               b2=betas[1], eps=eps)
-    inputs, named = _stac_inputs(model_or_params)
+    inputs, named = _stac_inputs(named_by_model(model_or_params, model))
     modules = _modules(inputs, named)
+    if model is not None and named:  # the model's registration order, not the groups'
+      order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+      modules.sort(key=lambda m: min(order.get(id(p), len(order)) for _, p in m[1]))
     n = len(modules)
     k = stac_rules.cap_size(n, last_n_modules, last_n_ratio)
     cap_names = {m for m, _ in modules[n - k:]}
@@ -369,8 +378,9 @@ def _torch_layout(kwargs: dict, params: Any = None, embeddings: bool = True) -> 
   weights) as ``dimension_numbers``, unless given."""
   if "dimension_numbers" in kwargs or kwargs.get("layout_kwarg") is not None:
     return kwargs
-  if isinstance(params, torch.nn.Module) and "layout_fn" not in kwargs:
-    kwargs = dict(kwargs, layout_fn=ModuleLayout(params, embeddings=embeddings))
+  model = params if isinstance(params, torch.nn.Module) else kwargs.get("model")
+  if isinstance(model, torch.nn.Module) and "layout_fn" not in kwargs:
+    kwargs = dict(kwargs, layout_fn=ModuleLayout(model, embeddings=embeddings))
   return dict(kwargs, layout_kwarg="dimension_numbers")
 
 

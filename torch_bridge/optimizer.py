@@ -110,9 +110,50 @@ from torch_bridge._writeback import ParamViews, make_writeback
 from torch_bridge.layout import ModuleLayout, torch_dimension_numbers
 
 __all__ = ["Optimizer", "torch_dimension_numbers", "prepare_for_gradient_release",
-           "remove_gradient_release", "TORCH_TO_FACTORY"]
+           "remove_gradient_release", "TORCH_TO_FACTORY", "named_by_model"]
 
 _NONFINITE = (None, "skip", "error")
+
+
+def named_by_model(params: Any, model: Optional[torch.nn.Module]) -> Any:
+  """``params`` with every unnamed tensor (alone or in a param-group dict) paired with its name
+  in ``model`` (``model.named_parameters()``; a tied parameter under its first name), so that
+  path-based rules and the model's layout reach parameter groups built from bare tensors, as
+  Hugging Face's ``Trainer`` builds them for ``optimizer_cls_and_kwargs``. ``(name, tensor)``
+  pairs and a model given as ``params`` pass as they are; ``model=None`` returns ``params``.
+
+  Raises:
+    TypeError: ``model`` is not an ``nn.Module``.
+    ValueError: a tensor is not a parameter of ``model`` (naming its position and shape).
+  """
+  if model is None or isinstance(params, torch.nn.Module):
+    return params
+  if not isinstance(model, torch.nn.Module):
+    raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+  if isinstance(params, torch.Tensor):
+    return params                                        # torch's TypeError follows
+  names = {id(p): n for n, p in model.named_parameters()}
+  pos = [0]
+
+  def name(item):
+    if not isinstance(item, torch.Tensor):
+      return item                                        # a pair, or torch's TypeError follows
+    k = pos[0]
+    pos[0] += 1
+    if id(item) not in names:
+      raise ValueError(f"`model`: the parameter at position {k} (shape {tuple(item.shape)}) is "
+                       f"not a parameter of the given {type(model).__name__}.")
+    return (names[id(item)], item)
+
+  def members(ps):
+    if isinstance(ps, torch.Tensor):
+      return [name(ps)]
+    if isinstance(ps, (set, frozenset)):
+      return ps                                          # torch's TypeError follows
+    return [name(x) for x in ps]
+
+  return [dict(x, params=members(x["params"])) if isinstance(x, dict) and "params" in x
+          else name(x) for x in params]
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -122,6 +163,12 @@ class Optimizer(torch.optim.Optimizer):
     params: tensors, ``(name, tensor)`` pairs or param-group dicts (a group may carry its own
       ``"transform"`` factory), or an ``nn.Module``: its named parameters, and its modules'
       layout (:class:`torch_bridge.ModuleLayout`) as the default ``layout_fn``.
+    model: the ``nn.Module`` that unnamed tensors in ``params`` belong to (default ``None``):
+      each gets its name there (:func:`named_by_model`) and the model's layout is the default
+      ``layout_fn``, as for a model given as ``params``. For param groups of bare tensors, as
+      Hugging Face's ``Trainer`` passes to ``optimizer_cls_and_kwargs=(cls, {"model": model,
+      ...})``: without names, OAdamW had put GPT-2's embeddings under Muon and read its
+      ``Conv1D`` weights as ``(out, in)``, STAC had ordered modules by group.
     transform: a factory returning an ``optax.GradientTransformation`` (``stax.adamw``,
       ``optax.lion``, ...), called with each group's hyperparameters; or a ready transformation
       (then no hyperparameters may be given and schedulers have no effect).
@@ -182,9 +229,13 @@ class Optimizer(torch.optim.Optimizer):
                static_args: Iterable[str] = (), layout_kwarg: Optional[str] = None,
                layout_fn: Callable[..., Any] = torch_dimension_numbers,
                global_nonfinite: Optional[str] = None, writeback: str = "copy",
-               dtensor: str = "auto", **defaults: Any):
+               dtensor: str = "auto", model: Optional[torch.nn.Module] = None,
+               **defaults: Any):
     if state_scope not in ("param", "group"):
       raise ValueError(f"`state_scope` must be 'param' or 'group', got {state_scope!r}.")
+    params = named_by_model(params, model)
+    if model is not None and layout_fn is torch_dimension_numbers:
+      layout_fn = ModuleLayout(model)
     if isinstance(params, torch.nn.Module):
       # a model: its named parameters (names reach path-based rules) and, by default, the
       # layout its modules' types give (ModuleLayout: transposed and grouped convs, RNN gates)
