@@ -48,7 +48,7 @@ __all__ = [
     "MatrixDimensionNumbers", "conv_dimension_numbers", "default_dimension_numbers",
     "resolve_dimension_numbers", "resolve_tree", "per_leaf", "matrix_shape", "is_dimension_numbers",
     "split_dimension_numbers", "check_dimension_numbers", "ATTENTION_IN_PROJECTIONS", "ATTENTION_OUT_PROJECTIONS",
-    "NEVER_MATRICES",
+    "NEVER_MATRICES", "batch_axes", "stacked_axes",
 ]
 
 
@@ -169,6 +169,26 @@ def matrix_shape(shape: Sequence[int], dims: Any) -> tuple[int, int, int]:
           int(np.prod([shape[i] for i in out], dtype=np.int64)))
 
 
+def batch_axes(shape: Sequence[int], dims: Any) -> tuple[int, ...]:
+  """The leaf's own batch axes under ``dims`` (neither reduction nor output axes: stacked
+  layers' ``L``), ``()`` for ``dims=None`` (not a matrix). A fused output axis
+  (``output_groups``) is not split here: its groups are one tensor's parts, not layers."""
+  if dims is None:
+    return ()
+  ndim = len(shape)
+  used = axes(dims.reduction_axis, ndim) + axes(dims.output_axis, ndim)
+  return tuple(i for i in range(ndim) if i not in used)
+
+
+def stacked_axes(dimension_numbers: Any, tree: Any) -> list[tuple[int, ...]]:
+  """Per leaf of ``tree`` (flatten order): its batch axes (:func:`batch_axes`) under
+  ``dimension_numbers`` (any form :func:`resolve_tree` takes): the axes along which a
+  per-tensor statistic is kept once per index, so that stacked layers ``(L, in, out)`` get one
+  each, as the same layers unstacked do."""
+  flat = jax.tree.leaves(tree)
+  return [batch_axes(np.shape(x), d) for x, d in zip(flat, resolve_tree(dimension_numbers, tree))]
+
+
 #: Flax attention projections: ``query``/``key``/``value`` kernels ``(..., in, heads, head_dim)``
 #: and the ``out`` kernel ``(..., heads, head_dim, out)`` (Linen ``MultiHeadDotProductAttention``,
 #: NNX ``MultiHeadAttention``).
@@ -206,8 +226,9 @@ def default_dimension_numbers(path: Any, shape: Sequence[int]) -> Optional[Matri
   * a depthwise conv kernel ``(kh, kw, 1, C)`` is one ``kh·kw × C`` matrix across independent
     filters.
 
-  (Reported by stop 51's new-user sweep, 2026-12-07; the per-tensor statistics of STAM,
-  STAMLite and StableAdamW do not read the layout: a stacked leaf is one tensor there.)
+  (Reported by stop 51's new-user sweep, 2026-12-07.) The batch axes also give per-layer
+  statistics: STAMLite's ``v`` and StableAdamW's RMS clip are kept per index of a leaf's batch
+  axes (:func:`stacked_axes`).
   """
   ndim = len(shape)
   parts = partition.normalize_path(path) if path is not None else ()

@@ -40,6 +40,10 @@ def _problem(seed=0):
   return p0, grad
 
 
+def _NO_BATCH_AXES(path, leaf):   # a layout under which every leaf is one tensor
+  del path, leaf
+
+
 def _run_pair(kw, torch_dtype, steps=200, count_clips=False):
   p0, grad = _problem()
   tp = [torch.tensor(x.astype(np.float64) if torch_dtype == torch.float64 else x.copy(),
@@ -47,7 +51,9 @@ def _run_pair(kw, torch_dtype, steps=200, count_clips=False):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     opt = optimi.StableAdamW(tp, lr=1e-2, foreach=False, triton=False, **kw)
-  tx = stax.stable_adamw(1e-2, nonfinite="ignore", **kw)
+  # optimi (torch, no stacked layers) clips per tensor: no leaf has batch axes here (under
+  # stax's JAX default layout the (5, 3, 4) leaf reads as 5 stacked layers, clipped per layer)
+  tx = stax.stable_adamw(1e-2, nonfinite="ignore", dimension_numbers=_NO_BATCH_AXES, **kw)
   jp = [jnp.asarray(x) for x in p0]
   st = tx.init(jp)
   step = _jax_step(tx)
@@ -324,3 +330,65 @@ def test_oadamw_stacked_mode_under_explicit_mesh_equals_single_device():
   assert p["layer_0"]["kernel"].sharding.spec == P("x", None)
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
     np.testing.assert_allclose(jax.device_get(a), b, atol=1e-6)
+
+
+def _stacked_pair(seed=0):
+  """A stacked ``(3, 16, 8)`` kernel and the same three layers unstacked, and gradients with
+  layer scales 1/10/100 where layer 2 spikes ×1e4 on step 5 (its RMS ratio then clips)."""
+  key = jax.random.PRNGKey(seed)
+  w = jax.random.normal(key, (3, 16, 8))
+  stacked = {"layers": {"kernel": w}, "head": {"kernel": w[0]}}
+  unstacked = {**{f"l{i}": {"kernel": w[i]} for i in range(3)}, "head": {"kernel": w[0]}}
+
+  def grads(t):
+    g = jax.random.normal(jax.random.fold_in(key, t), (3, 16, 8)) * jnp.array(
+        [1.0, 10.0, 100.0])[:, None, None]
+    if t == 5:
+      g = g.at[2].multiply(1e4)
+    return ({"layers": {"kernel": g}, "head": {"kernel": g[0]}},
+            {**{f"l{i}": {"kernel": g[i]} for i in range(3)}, "head": {"kernel": g[0]}})
+  return stacked, unstacked, grads
+
+
+@pytest.mark.parametrize("make", [
+    lambda **k: stax.stable_adamw(1e-2, **k),                      # the early (gated) RMS pass
+    lambda **k: stax.stable_adamw(1e-2, nonfinite="ignore", **k),  # the RMS after the core
+    lambda **k: stax.oadamw(1e-2, muon="gradient", **k),
+], ids=["stable_adamw", "stable_adamw_ignore", "oadamw_gradient"])
+def test_stable_adamws_rms_clip_is_per_stacked_layer(make):
+  """A stacked ``(L, in, out)`` leaf (batch axis L under the default layout) is clipped per
+  layer: its updates equal those of the same layers unstacked over 4 steps, through a spike in
+  one layer. Under a layout without batch axes (optimi's per-tensor clip, stax's until
+  2026-12-07) the spike clipped the other layers too: their step 5 shrank ~2×."""
+  stacked, unstacked, grads = _stacked_pair()
+  for dims, equal in ((None, True), (_NO_BATCH_AXES, False)):
+    tx = make(dimension_numbers=dims) if dims is not None else make()
+    s1, s2 = tx.init(stacked), tx.init(unstacked)
+    for t in range(6):
+      g1, g2 = grads(t)
+      u1, s1 = jax.jit(tx.update)(g1, s1, stacked)
+      u2, s2 = jax.jit(tx.update)(g2, s2, unstacked)
+      for i in range(3):
+        a, b = np.asarray(u1["layers"]["kernel"][i]), np.asarray(u2[f"l{i}"]["kernel"])
+        if equal:
+          np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+        elif t == 5 and i < 2:   # the other layers, clipped by layer 2's spike
+          assert np.abs(a).max() < 0.7 * np.abs(b).max(), (i, np.abs(a).max(), np.abs(b).max())
+
+
+def test_a_nonfinite_stacked_layer_skips_the_step():
+  """A NaN in one layer of a stacked leaf skips the whole step (the per-layer RMS pass gives the
+  gate its probe): parameters' updates 0, state unchanged."""
+  stacked, _, grads = _stacked_pair()
+  tx = stax.stable_adamw(1e-2)
+  state = tx.init(stacked)
+  g, _ = grads(0)
+  u, state = jax.jit(tx.update)(g, state, stacked)
+  g2, _ = grads(1)
+  g2 = jax.tree.map(lambda x: x, g2)
+  g2["layers"]["kernel"] = g2["layers"]["kernel"].at[1, 3, 4].set(jnp.nan)
+  u2, state2 = jax.jit(tx.update)(g2, state, stacked)
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(u2))
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state2)):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -475,3 +475,56 @@ def test_stam_lite_stored_v_is_the_ema_of_the_mean_of_g_squared():
   bad[0, 0] = np.nan
   _, state_bad = update({"w": jnp.asarray(bad)}, state, params)
   assert stored_v(state_bad) == stored_v(state)
+
+
+def _stam_lite_reference(gs, lr, b1, rho, eps, reduce_axes):
+  """STAMLite's updates (float64 NumPy, constant β1 = b1, no weight decay): m ← b1·m + (1-b1)·g,
+  q ← ρ·q + (1-ρ)·mean(g²) over ``reduce_axes`` (kept as size-1 axes), update
+  ``-lr·(m/(1-b1^t+ε)) / (sqrt(q/(1-ρ^t+ε)) + ε)``."""
+  m = q = 0.0
+  out = []
+  for t, g in enumerate(gs, 1):
+    g = np.asarray(g, np.float64)
+    m = b1 * m + (1 - b1) * g
+    q = rho * q + (1 - rho) * np.mean(g ** 2, axis=reduce_axes, keepdims=True)
+    out.append(-lr * (m / (1 - b1 ** t + eps)) / (np.sqrt(q / (1 - rho ** t + eps)) + eps))
+  return out
+
+
+@pytest.mark.parametrize("signal", ["seed", "snr"])
+def test_stam_lite_keeps_one_v_per_stacked_layer(signal):
+  """A stacked ``(3, 16, 8)`` kernel (batch axis 3 under the default layout) keeps one v per
+  layer: its updates equal a float64 NumPy STAMLite with per-layer means (β1 held at b1_base by
+  ``adapt_strength=0``), the stored v has shape ``(3,)``; a stacked bias ``(3, 8)`` (no layout)
+  and a layout without batch axes keep one v per leaf, the seed's. With layer gradient scales
+  1/10/100, one v per leaf had made layers 0 and 1 step ~70× and ~7× less."""
+  kw = dict(weight_decay=0.0, adapt_strength=0.0, moment_decay=0.9, eps=1e-8,
+            beta1_signal=signal)
+  if signal == "snr":
+    kw.update(b1_min=0.9)
+  rng = np.random.default_rng(5)
+  scales = np.array([1.0, 10.0, 100.0])
+  gs = [(rng.standard_normal((3, 16, 8)) * scales[:, None, None]).astype(np.float32)
+        for _ in range(4)]
+  bs = [(rng.standard_normal((3, 8)) * scales[:, None]).astype(np.float32) for _ in range(4)]
+  params = {"layers": {"kernel": jnp.zeros((3, 16, 8)), "bias": jnp.zeros((3, 8))}}
+  for dims, k_axes in ((None, (1, 2)), (lambda path, x: None, None)):
+    tx = stax.stam_lite(1e-2, dimension_numbers=dims, **kw)
+    state = tx.init(params)
+    us = []
+    for g, b in zip(gs, bs):
+      u, state = jax.jit(tx.update)({"layers": {"kernel": jnp.asarray(g), "bias": jnp.asarray(b)}},
+                                    state, params)
+      us.append(u)
+    want_k = _stam_lite_reference(gs, 1e-2, 0.9, 0.9, 1e-8, k_axes)
+    want_b = _stam_lite_reference(bs, 1e-2, 0.9, 0.9, 1e-8, None)
+    for u, wk, wb in zip(us, want_k, want_b):
+      np.testing.assert_allclose(np.asarray(u["layers"]["kernel"]), wk, rtol=2e-5, atol=1e-9)
+      np.testing.assert_allclose(np.asarray(u["layers"]["bias"]), wb, rtol=2e-5, atol=1e-9)
+    nu = state.inner_state[0].nu["layers"]
+    assert nu["kernel"].shape == ((3,) if dims is None else ()) and nu["bias"].shape == ()
+    step0 = [float(np.abs(np.asarray(us[-1]["layers"]["kernel"][i])).max()) for i in range(3)]
+    if dims is None:   # every layer steps ~lr
+      assert min(step0) > 0.3 * max(step0)
+    else:              # the largest layer's RMS divides all of them
+      assert step0[0] < 0.05 * step0[2]

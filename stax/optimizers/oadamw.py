@@ -163,10 +163,12 @@ def stable_adamw(
       Exclusive with ``mu_dtype``/``nu_dtype``.
     min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
-    dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form
-      :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
-      Flax layouts; stacked ``(L, in, out)`` layers are ``L`` matrices); only with
-      ``codec="factored"``. The torch bridge passes the torch layout.
+    dimension_numbers: the leaves' layout, any form :mod:`stax.layout` takes (default
+      ``None``: :func:`stax.layout.default_dimension_numbers`, Flax layouts; stacked
+      ``(L, in, out)`` layers are ``L`` matrices): the matrices the ``"factored"`` codec's v is
+      factored over, and the RMS clip's tensors (a stacked leaf is clipped per layer, as the
+      same layers unstacked are; optimi clips per tensor). The torch bridge passes the torch
+      layout (no batch axes: per tensor, as optimi).
 
   Example:
     >>> import jax.numpy as jnp, stax
@@ -186,7 +188,8 @@ def stable_adamw(
                                 dimension_numbers=dimension_numbers)
   core = scale_by_stable_adam(betas[0], betas[1], eps, weight_decay=weight_decay,
                               mask=weight_decay_mask, decouple_lr=decouple_lr, max_lr=max_lr,
-                              mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage)
+                              mu_dtype=mu_dtype, nu_dtype=nu_dtype, storage=storage,
+                              dimension_numbers=dimension_numbers)
   # gated (no lax.cond, which copies the state on CPU): on a skipped step the core selects its
   # moments back (a codec's encodings, which cannot be rewritten unchanged, by a select of the
   # old ones) and holds its count, the schedule's count is held by gate_state and Kahan keeps
@@ -325,7 +328,8 @@ def oadamw(
       conv kernels as ``(spatial·in) × out``; biases never). Torch layout:
       ``MatrixDimensionNumbers(1, 0)`` (``torch_bridge.OAdamW`` passes a tree of
       :func:`torch_bridge.torch_dimension_numbers`, with q/k/v of a fused ``in_proj_weight``
-      split by ``output_groups=3``).
+      split by ``output_groups=3``). The StableAdamW leaves' RMS clip reads it too: a leaf
+      with batch axes (stacked layers) is clipped per layer.
     mode: ``"stacked"`` (default: same-shape matrices orthogonalised as one batch, its stack
       axis sharded over an explicit mesh; compiled once per shape) or ``"per_leaf"`` (each
       matrix where its sharding puts it); :mod:`stax.transforms.orthogonalize`.
@@ -395,7 +399,8 @@ def oadamw(
   def stable(**kw):
     return scale_by_stable_adam(b1, b2, eps, weight_decay=weight_decay, mask=weight_decay_mask,
                                 decouple_lr=decouple_lr, max_lr=max_lr, mu_dtype=mu_dtype,
-                                nu_dtype=nu_dtype, storage=storage, **kw)
+                                nu_dtype=nu_dtype, storage=storage,
+                                dimension_numbers=dimension_numbers, **kw)
 
   def orth(**kw):
     return scale_by_orthogonalization(ns_coeffs, ns_steps, ns_eps,

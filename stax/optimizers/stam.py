@@ -53,12 +53,14 @@ Other differences from the seed: updates follow optax's sign convention (the see
 schedules; ``mask`` restricts weight decay (the seed decays every leaf, the default here too);
 the adaptive-:math:`\beta_1` statistics are float32 whatever the parameter dtype, one vector per
 statistic with an entry per tensor (the seed keeps STAM's as scalars in the parameter dtype); empty leaves are inert (the seed's ``mean`` of an
-empty array is NaN forever). A tensor is a leaf: the layers of a stacked leaf ``(L, ...)``
-(``nnx.vmap``/``nn.scan``) share one statistic (and STAMLite one ``v``), where the same model
-unstacked has one per layer (measured: with one layer's gradients 100× the others', STAMLite's
-other layers step ~70× less stacked than unstacked; STAM and StableAdamW differ by 1–3 %). The
-seeds are torch code, where layers are never stacked; unstack such leaves for per-layer
-statistics. STAM's moments default to the parameter dtype as in the seed; with
+empty array is NaN forever). Stacked layers (a leaf ``(L, in, out)`` from ``nnx.vmap``/
+``nn.scan``, any leaf with batch axes under ``dimension_numbers``): STAMLite keeps one ``v`` per
+layer, as the same model unstacked does (until 2026-12-07 one per leaf: with one layer's
+gradients 100× the others', the other layers stepped ~70× less stacked than unstacked); the β1
+statistics of both rules stay one per leaf, so a stacked leaf's layers share one β1 (with
+layer gradient scales 1/10/100, STAMLite's steps differ from the unstacked model's by 5e-4
+relative over four steps, the ``"snr"`` rule's by 1e-7). The seeds are torch code, where
+layers are never stacked. STAM's moments default to the parameter dtype as in the seed; with
 bfloat16 parameters pass ``nu_dtype=jnp.float32`` (bf16 cannot hold ``v``'s 0.1% increments).
 Parameters must be real floating-point: complex, integer and bool leaves raise ``TypeError``
 at ``init``, naming the leaf (the per-tensor statistics are not defined for complex values).
@@ -85,6 +87,7 @@ import numpy as np
 import optax
 
 from stax import _validation as V
+from stax import layout
 from stax.codecs.tensor_rms import tensor_rms_storage
 from stax.codecs.turbo import state_codec_storage
 from stax.transforms import adaptive_beta as AB
@@ -274,6 +277,7 @@ def stam_lite(
     b1_min: Optional[float] = None,
     mask: Optional[Any | Callable[[optax.Params], Any]] = None,
     nonfinite: str = "skip",
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""STAMLite: momentum normalised by one gradient RMS per tensor, lazy adaptive :math:`\beta_1`.
 
@@ -307,6 +311,14 @@ def stam_lite(
       ``max(0.5, b1_base·(1-adapt_strength))``).
     mask: pytree or callable selecting the leaves that decay (default ``None``: all).
     nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"`` (the seed's).
+    dimension_numbers: the leaves' layout, any form :mod:`stax.layout` takes (default ``None``:
+      :func:`stax.layout.default_dimension_numbers`): a leaf with batch axes there (stacked
+      ``(L, in, out)`` layers, ``nnx.scan``/``nnx.vmap``'d modules) keeps one :math:`q` per
+      layer, as the same layers unstacked do; the seed has one per tensor, which for a stacked
+      leaf divides every layer by the RMS of all of them (with one layer's gradients 100×
+      the others', they had stepped ~70× less than unstacked). Biases and norm scales have no
+      layout: a stacked ``(L, d)`` one keeps one :math:`q`. The β1 statistics stay per leaf.
+      The torch bridge passes the torch layout (no batch axes: one per tensor, as the seed).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -333,7 +345,8 @@ def stam_lite(
     lo, _ = AB.beta1_bounds(b1_base, adapt_strength, b1_min)
     rule = AB.snr_beta1(b1_max=b1_base, b1_min=lo, decay=moment_decay,
                         interval=beta1_update_interval)
-  storage = tensor_rms_storage(dt)
+  layout.check_dimension_numbers(dimension_numbers)
+  storage = tensor_rms_storage(dt, stacked=True, dimension_numbers=dimension_numbers)
   core = scale_by_adam(rule, _f32_hyper(moment_decay), eps, bias_correction="product",
                        correction_eps=eps, storage=storage)
   return _finish(core, weight_decay, mask, learning_rate, nonfinite, "stax.stam_lite")

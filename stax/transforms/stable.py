@@ -42,11 +42,13 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax._src import numerics as onum
 
 from stax import _leafwise
 from stax import _validation as V
+from stax import layout
 from stax import numerics as num
 from stax.codecs.base import FullPrecision, SeparateStorage, StorageLike, resolve_storage
 from stax.transforms.adam import (ScaleByAdamState, _moment_dtype, adam_config, adam_init,
@@ -102,6 +104,25 @@ def _clip_scales(sums: jax.Array, g_leaves: list) -> list:
   return [None if g is None else (x,) for g, x in zip(g_leaves, scales)]
 
 
+def _per_layer(fn, axes: tuple, arrays: tuple, scalars: tuple) -> tuple:
+  """``fn(*arrays_b, *scalars)`` for each index ``b`` of the batch axes ``axes`` of the
+  (same-shape) ``arrays``, vmapped: a tuple of ``(B,)`` results, ``B`` the batch axes' size."""
+  k = len(axes)
+  shape = jnp.shape(arrays[0])
+  n = int(np.prod([shape[i] for i in axes], dtype=np.int64))
+  flat = [jnp.moveaxis(jnp.broadcast_to(x, shape), axes, tuple(range(k))) for x in arrays]
+  flat = [x.reshape((n,) + x.shape[k:]) for x in flat]
+  return tuple(jax.vmap(fn, in_axes=(0,) * len(flat) + (None,) * len(scalars))(*flat, *scalars))
+
+
+def _layer_scales(sums: jax.Array, g: jax.Array, axes: tuple) -> tuple:
+  """``(1 / max(1, RMS),)`` per index of the batch axes ``axes`` from their ratio sums,
+  shaped to broadcast against ``g`` (size-1 reduced axes)."""
+  per = g.size // max(sums.size, 1)
+  scale = 1.0 / jnp.maximum(1.0, jnp.sqrt(sums / jnp.float32(max(per, 1))))
+  return (scale.reshape([d if i in axes else 1 for i, d in enumerate(g.shape)]),)
+
+
 def _early_ratio_sum(g, v, m0, a2, d2, eps):
   """``(ratio sum, probe)`` of one float32 leaf before the Adam core runs: the sum of
   :func:`update_rms` over the new v the core will form, ``a2·|sat(g)|² + d2·v`` written as
@@ -123,7 +144,8 @@ def _early_ratio_sum(g, v, m0, a2, d2, eps):
   return num.tiled_means(num.independent(g, v), num.total(ratio), PROBE)
 
 
-def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, eps):
+def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, eps,
+                       stacked: list):
   """Every leaf's clip scale and one finiteness probe of every gradient, from one statistics
   pass per leaf that reads ``g`` and the *stored* v (:func:`_early_ratio_sum`), or ``None``
   where a leaf's storage is not full-precision float32 m and v (a codec's decoded v, another
@@ -149,11 +171,18 @@ def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, ep
     ops.append((g, nu, jnp.zeros((), mu.dtype)))
   b2_t = debias_beta(cfg.b2, onum.safe_increment(state.count))
   a2, d2 = 1 - b2_t, b2_t
+  # stacked leaves: one RMS per layer (their batch axes), the same pass vmapped over them
+  layers = {i: _per_layer(_early_ratio_sum, stacked[i], o[:2], (o[2], a2, d2, eps))
+            for i, o in enumerate(ops) if o is not None and stacked[i]}
   sums, probe = _leafwise.reduce_leaves(
       _leafwise.shared_trace(_early_ratio_sum),
-      [None if o is None else (*o, a2, d2, eps) for o in ops], stacked=True, width=2,
-      totals=(1,))
-  return _clip_scales(sums, g_leaves), (probe if any(o is not None for o in ops) else None)
+      [None if o is None or i in layers else (*o, a2, d2, eps) for i, o in enumerate(ops)],
+      stacked=True, width=2, totals=(1,))
+  scales = _clip_scales(sums, g_leaves)
+  for i, (layer_sums, layer_probes) in layers.items():
+    scales[i] = _layer_scales(layer_sums, g_leaves[i], stacked[i])
+    probe = probe + jnp.sum(layer_probes)
+  return scales, (probe if any(o is not None for o in ops) else None)
 
 
 def decay_coefficient(weight_decay: Any, decouple_lr: bool, max_lr: Any) -> Any:
@@ -185,6 +214,7 @@ def scale_by_stable_adam(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     storage: Optional[StorageLike] = None,
+    dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableAdamW's clipped Adam direction plus its (clipped) decoupled weight decay.
 
@@ -203,6 +233,11 @@ def scale_by_stable_adam(
     mu_dtype, nu_dtype: moment dtypes (default: the parameter's, as optimi; v of a float16
       parameter in float32, :func:`stax.scale_by_adam`).
     storage: a :class:`~stax.codecs.base.MomentStorage` (overrides the dtypes).
+    dimension_numbers: the leaves' layout, any form :mod:`stax.layout` takes (default
+      ``None``: :func:`stax.layout.default_dimension_numbers`): a leaf with batch axes there
+      (stacked ``(L, in, out)`` layers) gets one RMS clip per layer, as the same layers
+      unstacked do (optimi's one per tensor would clip every layer by the RMS of all).
+      Biases and norm scales have no layout: a stacked ``(L, d)`` one is clipped as one tensor.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`stax.ScaleByAdamState`,
@@ -224,17 +259,23 @@ def scale_by_stable_adam(
   cfg = adam_config(b1, b2, eps, 0.0, bias_correction="debiased", mu_dtype=mu_dtype,
                     nu_dtype=nu_dtype, storage=storage)
 
+  layout.check_dimension_numbers(dimension_numbers)
+
   def init_fn(params):
     _mask_leaves(mask, params)  # a mask of the wrong layout fails here, naming the argument
+    if clip:
+      layout.stacked_axes(dimension_numbers, params)  # a layout that does not fit fails here
     return adam_init(cfg, params)
 
   def update_fn(updates, state: ScaleByAdamState, params=None, **extra_args):
     ok = extra_args.get(NONFINITE_OK)
     g_leaves, treedef = jax.tree.flatten(updates)
+    stacked = layout.stacked_axes(dimension_numbers, updates) if clip else [()] * len(g_leaves)
     early = None
     if clip and isinstance(ok, DeferredGate):
       # the RMS and the check's probe from one pass, before the core reads the gate
-      early = _early_clip_scales(cfg, g_leaves, treedef, state, jnp.asarray(eps, jnp.float32))
+      early = _early_clip_scales(cfg, g_leaves, treedef, state, jnp.asarray(eps, jnp.float32),
+                                 stacked)
       if early is not None and early[1] is not None:
         ok.offer(g_leaves, early[1])
     step, new_state = adam_update(cfg, updates, state, ok)
@@ -249,9 +290,13 @@ def scale_by_stable_adam(
     elif clip:  # per leaf; small alike leaves' together (stax._leafwise.reduce_leaves)
       e = jnp.asarray(eps, jnp.float32)
       (sums,) = _leafwise.reduce_leaves(_leafwise.shared_trace(_ratio_sum), [
-          None if g is None else (g, v, e) for g, v in zip(g_leaves, v_leaves)], stacked=True,
-          width=1)
+          None if g is None or stacked[i] else (g, v, e)
+          for i, (g, v) in enumerate(zip(g_leaves, v_leaves))], stacked=True, width=1)
       scales = _clip_scales(sums, g_leaves)
+      for i, (g, v) in enumerate(zip(g_leaves, v_leaves)):
+        if g is not None and stacked[i]:  # one RMS per layer of stacked layers
+          (layer_sums,) = _per_layer(_ratio_sum, stacked[i], (g, v), (e,))
+          scales[i] = _layer_scales(layer_sums, g, stacked[i])
     out = []
     for g, d, v, p, dec, scale in zip(g_leaves, d_leaves, v_leaves, p_leaves, decays, scales):
       if g is None:
