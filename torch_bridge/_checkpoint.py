@@ -39,6 +39,13 @@ _RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_unit
             "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
 
+#: What an LR scheduler puts on the optimizer (torch's ``patch_track_step_called``): ``step``, a
+#: wrapper holding a weakref to *this* optimizer, and ``_opt_called``. Not carried, as torch's
+#: ``__getstate__`` (defaults, state, groups only) does not carry them: pickled, the wrapper
+#: failed (``PicklingError``), and a deep copy's ``step()`` stepped the original optimizer.
+_PATCHES = ("step", "_opt_called")
+
+
 def torch_indices(params: list) -> list:
   """Each flat position's state-dict index: the position of the parameter's first listing."""
   first: dict = {}
@@ -197,7 +204,7 @@ def getstate(opt: Any) -> dict:
   """What ``pickle`` / ``copy.deepcopy`` / ``torch.save(opt)`` keep: the constructor's settings
   and every other attribute but the per-process caches and the hooks (torch drops its hooks
   too), and the packed state (JAX arrays do not pickle; tensors do)."""
-  out = {k: v for k, v in opt.__dict__.items() if k not in _RUNTIME}
+  out = {k: v for k, v in opt.__dict__.items() if k not in _RUNTIME and k not in _PATCHES}
   out["_packed_state"] = pack(opt)   # (unsigned leaves saved as signed: _state._SAVED_AS)
   return out
 
