@@ -276,23 +276,47 @@ def last_n_modules_labels(params: Any, n: int, module_order: Sequence[str] | Non
 
 _EMBED_RE = re.compile(r"(^|[/_.])(embed|embedding|embeddings|wte|wpe|tok_embeddings|token_embedding)"
                        r"([/_.]|$)", re.IGNORECASE)
-_HEAD_RE = re.compile(r"(^|[/_.])(head|lm_head|classifier|logits|unembed)([/_.0-9]|$)",
-                      re.IGNORECASE)
+# A path component that names an output head: ``head``, ``lm_head``, ``cls_head``, ``head2``,
+# ``classifier``, ``logits``, ``unembed`` (a ``prefix_`` allowed). A component merely containing
+# ``_head_`` is a hidden layer (``multi_head_attention``, ``head_proj``); until 2026-12-07 the
+# rule matched ``head`` between any underscores, and a ``multi_head_attention`` block's
+# projections were kept out of Muon.
+_HEAD_RE = re.compile(r"(?:[a-z0-9]+_)*(?:head|classifier|logits|unembed)\d*", re.IGNORECASE)
 # ``output`` is a head only at the top of the tree (``output/kernel``, Llama's ``output.weight``):
 # nested, it is a hidden layer (BERT's ``attention.output.dense``, ``layer.N.output.dense``).
 _TOP_OUTPUT_RE = re.compile(r"^output([/_.0-9]|$)", re.IGNORECASE)
+#: Path components that wrappers insert and that name no module of the model: torch.compile's
+#: ``_orig_mod``, FSDP1's ``_fsdp_wrapped_module``, activation checkpointing's
+#: ``_checkpoint_wrapped_module``, Lightning's ``_forward_module``, and a leading ``module``
+#: (``DistributedDataParallel``, ``DataParallel``). The name rules read the path without them, so
+#: a wrapped model is grouped as the model (``torch.compile(model)``'s top-level ``output`` head
+#: had been a hidden matrix).
+WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module",
+                      "_forward_module")
+
+
+def _components(name: str) -> list[str]:
+  """``name``'s components (split at ``/`` and ``.``) without the wrappers' (see
+  :data:`WRAPPER_COMPONENTS`)."""
+  parts = [p for p in re.split(r"[/.]", name) if p and p not in WRAPPER_COMPONENTS]
+  if len(parts) > 1 and parts[0] == "module":
+    parts = parts[1:]
+  return parts
 
 
 def is_embedding_path(name: str) -> bool:
   """Default predicate: the path names an embedding table (``embed``, ``wte``, ...)."""
-  return bool(_EMBED_RE.search(name))
+  return bool(_EMBED_RE.search("/".join(_components(name))))
 
 
 def is_output_head_path(name: str) -> bool:
-  """Default predicate: the path names an output head (``head``, ``lm_head``, ``classifier``,
-  ``logits``, ``unembed`` anywhere; ``output`` only as the top-level module, since BERT's
-  nested ``attention/output/dense`` and ``output/dense`` are hidden layers)."""
-  return bool(_HEAD_RE.search(name) or _TOP_OUTPUT_RE.search(name))
+  """Default predicate: the path names an output head (a component ``head``, ``lm_head``,
+  ``cls_head``, ``classifier``, ``logits`` or ``unembed`` anywhere; ``output`` only as the
+  top-level module, since BERT's nested ``attention/output/dense`` and ``output/dense`` are
+  hidden layers). Wrappers' components (``_orig_mod``, a leading ``module``, ...) are skipped."""
+  parts = _components(name)
+  return (any(_HEAD_RE.fullmatch(p) for p in parts)
+          or bool(_TOP_OUTPUT_RE.search("/".join(parts))))
 
 
 def matrix_labels(params: Any, *, exclude: Iterable[Callable[[str], bool]] = (

@@ -181,3 +181,24 @@ def test_output_head_predicate_spares_nested_output_layers():
   assert partition.is_output_head_path("classifier/weight")
   assert not partition.is_output_head_path("bert/encoder/layer/0/attention/output/dense/weight")
   assert not partition.is_output_head_path("bert/encoder/layer/0/output/dense/weight")
+
+
+def test_head_and_embedding_rules_read_components_and_skip_wrappers():
+  """A head is a path component (``head``, ``lm_head``, ``cls_head``, ``head2``...), not
+  ``head`` between underscores (a ``multi_head_attention`` block's projections had been kept
+  out of Muon); wrappers' components (torch.compile's ``_orig_mod``, DDP's leading ``module``,
+  FSDP1's and activation checkpointing's) are skipped, so a wrapped model is grouped as the
+  model (``torch.compile(model)``'s top-level ``output`` head had been a hidden matrix)."""
+  head = partition.is_output_head_path
+  for name in ("head/kernel", "lm_head.weight", "model.cls_head.weight", "heads.head2.weight",
+               "classifier.weight", "logits/kernel", "_orig_mod.output.weight",
+               "module.output.weight", "module._orig_mod.lm_head.weight",
+               "_fsdp_wrapped_module.output.weight"):
+    assert head(name), name
+  for name in ("multi_head_attention.q_proj.weight", "encoder/attn_heads/query/kernel",
+               "blocks.0.head_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+               "_orig_mod.bert.encoder.layer.0.output.dense.weight", "module.layer.weight"):
+    assert not head(name), name
+  assert partition.is_embedding_path("_orig_mod.model.embed_tokens.weight")
+  assert partition.is_embedding_path("module.wte.weight")
+  assert not partition.is_embedding_path("_orig_mod.layers.0.mlp.weight")

@@ -371,3 +371,25 @@ def test_param_groups_of_bare_tensors_take_their_names_from_model(cls):
 def _stax():
   import stax
   return stax
+
+
+def test_a_compiled_model_is_grouped_as_the_model():
+  """``OAdamW(torch.compile(model))`` (names ``_orig_mod.*``) groups every parameter as
+  ``OAdamW(model)``: the top-level ``output`` head and the embedding in Adam, the hidden layer
+  in Muon (the wrapped head had gone to Muon)."""
+  class LM(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.tok_embeddings = torch.nn.Embedding(32, 16)
+      self.layer = torch.nn.Linear(16, 16)
+      self.output = torch.nn.Linear(16, 32, bias=False)
+
+    def forward(self, x):
+      return self.output(torch.relu(self.layer(self.tok_embeddings(x))))
+
+  m = LM()
+  plain = {r.path: r.rule for r in torch_bridge.OAdamW(m).describe()}
+  compiled = {r.path.removeprefix("_orig_mod."): r.rule
+              for r in torch_bridge.OAdamW(torch.compile(m, backend="eager")).describe()}
+  assert compiled == plain
+  assert plain["output.weight"] == "adam" and plain["layer.weight"] == "muon"
