@@ -878,3 +878,44 @@ def test_a_models_module_types_give_its_matrices():
   assert drop["tok.weight"].rule == "adam" and drop["proj.weight"].rule == "muon"
   generic = torch_bridge.Optimizer(lm, stax.oadamw).describe().by_path
   assert generic["up.weight"].matrix == drop["up.weight"].matrix == (1, 72, 16)
+
+
+def test_reparametrised_weights_keep_their_modules_layout():
+  """A weight under ``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` /
+  ``orthogonal`` (stored as ``parametrizations.<name>.original*``) or the older
+  ``weight_norm``/``spectral_norm`` hooks (``weight_v``, ``weight_orig``) has its module's
+  layout: a transposed conv's fan-in, a grouped conv's groups, an LSTM's gates (it had the
+  plain ``(out, in)`` reading: HiFi-GAN's and wav2vec2's weight-normed convs); weight norm's
+  magnitude is no matrix."""
+  import warnings
+  P = torch.nn.utils.parametrizations
+  plain = {"tconv": torch.nn.ConvTranspose1d(8, 16, 3), "gconv": torch.nn.Conv1d(8, 16, 3, groups=4),
+           "lstm": torch.nn.LSTM(4, 8)}
+  want = {k: torch_bridge.ModuleLayout(m)(tuple(getattr(m, w).shape), w)
+          for (k, m), w in zip(plain.items(), ("weight", "weight", "weight_hh_l0"))}
+  assert want["tconv"] == stax.MatrixDimensionNumbers((0, 2), 1)
+  assert want["gconv"].output_groups == 4 and want["lstm"].output_groups == 4
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")   # the older hooks are deprecated
+    cases = [
+        (lambda m, w: P.weight_norm(m, name=w), "parametrizations.{w}.original1",
+         "parametrizations.{w}.original0"),
+        (lambda m, w: P.spectral_norm(m, name=w), "parametrizations.{w}.original", None),
+        (lambda m, w: torch.nn.utils.weight_norm(m, name=w), "{w}_v", "{w}_g"),
+        (lambda m, w: torch.nn.utils.spectral_norm(m, name=w), "{w}_orig", None)]
+    for wrap, direction, magnitude in cases:
+      for (k, make), w in zip({"tconv": lambda: torch.nn.ConvTranspose1d(8, 16, 3),
+                               "gconv": lambda: torch.nn.Conv1d(8, 16, 3, groups=4),
+                               "lstm": lambda: torch.nn.LSTM(4, 8)}.items(),
+                              ("weight", "weight", "weight_hh_l0")):
+        m = wrap(make(), w)
+        layout = torch_bridge.ModuleLayout(m)
+        shapes = dict((n, tuple(p.shape)) for n, p in m.named_parameters())
+        name = direction.format(w=w)
+        assert layout(shapes[name], name) == want[k], (k, name)
+        if magnitude is not None:
+          g = magnitude.format(w=w)
+          assert layout(shapes[g], g) is None, (k, g)
+  m = P.weight_norm(torch.nn.ConvTranspose1d(8, 16, 3))
+  d = torch_bridge.OAdamW(torch.nn.Sequential(m)).describe().by_path
+  assert d["0.parametrizations.weight.original1"].matrix == (1, 24, 16)

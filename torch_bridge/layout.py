@@ -103,6 +103,55 @@ def _module_dims(mname: str, module: torch.nn.Module, pname: str, shape: Sequenc
 _DEFAULT = object()
 
 
+def _stored_tensors(mname: str, module: torch.nn.Module) -> list:
+  """``(full name, tensor name, shape, direction)`` of each parameter that stores one of
+  ``module``'s own tensors: its plain parameters (``weight``: ``weight``), and those a
+  reparametrisation stores in their place, under the tensor they stand for:
+
+  * ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``orthogonal``,
+    ``spectral_norm``): ``parametrizations.<tensor>.original`` (or ``original0``,
+    ``original1``, ...), owned by a ``ParametrizationList``; the largest of them is the tensor
+    itself (weight norm's direction ``v``), the others (its magnitude ``g``) are no matrices;
+  * the older ``torch.nn.utils.weight_norm`` (``weight_v`` and ``weight_g``) and
+    ``spectral_norm`` (``weight_orig``) hooks.
+
+  ``direction`` is False for a magnitude. (Without this, a weight-normed transposed conv,
+  grouped conv or LSTM had the layout of a plain ``(out, in)`` weight: HiFi-GAN's and
+  EnCodec's transposed convs, wav2vec2's grouped positional conv.)"""
+  prefix = f"{mname}." if mname else ""
+  if isinstance(module, _PARAMETRIZATION_LIST):
+    return []                       # its originals are named under their owner, below
+  out = []
+  renamed: dict = {}
+  for hook in getattr(module, "_forward_pre_hooks", {}).values():
+    kind, name = type(hook).__name__, getattr(hook, "name", None)
+    if kind == "WeightNorm" and name:
+      renamed[f"{name}_v"], renamed[f"{name}_g"] = (name, True), (name, False)
+    elif kind == "SpectralNorm" and name:
+      renamed[f"{name}_orig"] = (name, True)
+  for pname, p in module.named_parameters(recurse=False):
+    tname, direction = renamed.get(pname, (pname, True))
+    out.append((prefix + pname, tname, tuple(p.shape), direction))
+  lists = getattr(module, "parametrizations", None)
+  if isinstance(lists, torch.nn.ModuleDict):
+    for tname, plist in lists.items():
+      originals = list(plist.named_parameters(recurse=False))
+      if not originals:
+        continue
+      biggest = max(originals, key=lambda kv: kv[1].numel())[1]
+      for oname, p in originals:
+        out.append((f"{prefix}parametrizations.{tname}.{oname}", tname, tuple(p.shape),
+                    p is biggest))
+  return out
+
+
+try:
+  from torch.nn.utils.parametrize import ParametrizationList as _PARAMETRIZATION_LIST
+except ImportError:   # pragma: no cover - torch without parametrize
+  class _PARAMETRIZATION_LIST:   # pylint: disable=invalid-name
+    pass
+
+
 def _last(dotted: str) -> str:
   return dotted.rsplit(".", 1)[-1]
 
@@ -151,14 +200,13 @@ class ModuleLayout:
   """
 
   def __init__(self, model: torch.nn.Module, *, embeddings: bool = True):
-    dims, tables = {}, set()
+    dims = {}
     for mname, module in model.named_modules():
-      for pname, p in module.named_parameters(recurse=False):
-        full = f"{mname}.{pname}" if mname else pname
-        d = _module_dims(mname, module, pname, tuple(p.shape))
+      for full, tname, shape, direction in _stored_tensors(mname, module):
+        d = _module_dims(mname, module, tname, shape) if direction else None
         if d is not _DEFAULT:
           dims[full] = d
-        if (not embeddings and pname == "weight"
+        if (not embeddings and tname == "weight"
             and isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))):
           dims[full] = None
     self.dims = tuple(sorted(dims.items()))
