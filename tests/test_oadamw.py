@@ -392,3 +392,44 @@ def test_a_nonfinite_stacked_layer_skips_the_step():
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state2)):
     if jnp.issubdtype(a.dtype, jnp.floating):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_decoupled_decay_follows_a_scheduled_or_injected_learning_rate():
+  """``decouple_lr=True`` decays by ``λ·lr_t/max_lr``. Under ``optax.inject_hyperparams`` the
+  learning rate arrives as an array each step: without ``max_lr`` that is a ``ValueError`` at
+  init naming it (a default max_lr had been the current rate: a constant decay λ); with it, the
+  decay follows the schedule. The torch drop-in defaults ``max_lr`` to its ``lr``, as optimi,
+  and steps as optimi's StableAdamW under a scheduler that halves the rate."""
+  p = {"w": jnp.ones((4, 4))}
+  zero = {"w": jnp.zeros((4, 4))}
+  sched = optax.linear_schedule(1e-2, 1e-3, 10)
+  for f in (stax.stable_adamw, stax.oadamw):
+    static = ("ns_steps", "update_proj_gap", "min_dim", "min_compress_elements")
+    inject = optax.inject_hyperparams(f, static_args=static if f is stax.oadamw else ())
+    with pytest.raises(ValueError, match="max_lr"):
+      inject(learning_rate=sched, weight_decay=0.1, decouple_lr=True).init(p)
+    tx = inject(learning_rate=sched, weight_decay=0.1, decouple_lr=True, max_lr=1e-2)
+    s = tx.init(p)
+    for _ in range(5):
+      u, s = tx.update(zero, s, p)
+    np.testing.assert_allclose(-np.asarray(u["w"]), 0.1 * float(sched(4)) / 1e-2, rtol=1e-5)
+  import torch_bridge
+  torch.manual_seed(0)
+  m1, m2 = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+  m2.load_state_dict(m1.state_dict())
+  o1 = torch_bridge.OAdamW(m1, lr=1e-2, weight_decay=0.1, decouple_lr=True, muon="off")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    o2 = optimi.StableAdamW(m2.parameters(), lr=1e-2, weight_decay=0.1, decouple_lr=True,
+                            foreach=False, triton=False)
+  s1 = torch.optim.lr_scheduler.StepLR(o1, 1, gamma=0.5)
+  s2 = torch.optim.lr_scheduler.StepLR(o2, 1, gamma=0.5)
+  x = torch.randn(5, 4)
+  for _ in range(4):
+    for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+      o.zero_grad()
+      m(x).square().sum().backward()
+      o.step()
+      s.step()
+  for a, b in zip(m1.parameters(), m2.parameters()):
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -467,6 +467,10 @@ class OAdamW(Optimizer):
                max_lr: Optional[float] = None, kahan_sum: Optional[bool] = None,
                **kwargs: Any):
     _check_scalars(lr=lr, weight_decay=weight_decay, eps=eps, max_lr=max_lr)
+    if decouple_lr and max_lr is None:
+      # optimi's default: the constructor's lr (the bridge passes each step's lr as an array,
+      # which a scheduler changes; stax.oadamw asks for max_lr then)
+      max_lr = _scalar("lr", lr)
     if kwargs.get("muon", "momentum") != "off":  # "off" has no matrices
       # (a model's nn.Embedding weights are no matrices here: out of Muon whatever their names,
       # T5's `shared`, an `encoder` tied to its `decoder`; not with the seed's grouping, Muon

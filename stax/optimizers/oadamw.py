@@ -53,6 +53,8 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+
 import inspect
 from typing import Any, Callable, Optional, Sequence
 
@@ -89,6 +91,13 @@ def _max_lr(learning_rate, decouple_lr, max_lr):
   if callable(learning_rate):
     raise ValueError("`max_lr` must be given when `decouple_lr=True` and `learning_rate` is a "
                      "schedule (the maximum scheduled learning rate, > 0).")
+  if not isinstance(learning_rate, numbers.Number):
+    # an array: optax.inject_hyperparams (and the torch bridge) pass the current learning rate
+    # as one, rebuilding the transformation with it each step, so a default max_lr would be
+    # the current rate and the decay λ·lr_t/max_lr a constant λ (until 2026-12-07, silently)
+    raise ValueError("`max_lr` must be given when `decouple_lr=True` and `learning_rate` is an "
+                     "array (optax.inject_hyperparams and torch_bridge.Optimizer pass the current, scheduled rate as "
+                     "one): the maximum scheduled learning rate, > 0.")
   return learning_rate
 
 
