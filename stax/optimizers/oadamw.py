@@ -96,8 +96,8 @@ def _max_lr(learning_rate, decouple_lr, max_lr):
     # as one, rebuilding the transformation with it each step, so a default max_lr would be
     # the current rate and the decay λ·lr_t/max_lr a constant λ (until 2026-12-07, silently)
     raise ValueError("`max_lr` must be given when `decouple_lr=True` and `learning_rate` is an "
-                     "array (optax.inject_hyperparams and torch_bridge.Optimizer pass the current, scheduled rate as "
-                     "one): the maximum scheduled learning rate, > 0.")
+                     "array (optax.inject_hyperparams and torch_bridge.Optimizer pass the "
+                     "current, scheduled rate as one): the maximum scheduled learning rate, > 0.")
   return learning_rate
 
 
