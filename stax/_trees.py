@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 
-__all__ = ["conform"]
+__all__ = ["conform", "unflatten_state"]
 
 
 def _child(x: Any, key: Any) -> Any:
@@ -35,3 +37,43 @@ def conform(x: Any, like: Any) -> Any:
   if not pairs or (len(pairs) == 1 and not pairs[0][0]):
     return x
   return jax.tree.unflatten(treedef, [conform(_child(x, path[0]), c) for path, c in pairs])
+
+
+def _variable_type() -> Any:
+  """Flax NNX's ``Variable`` class when Flax NNX is in use (imported), else ``None``."""
+  mod = sys.modules.get("flax.nnx")
+  return getattr(mod, "Variable", None) if mod is not None else None
+
+
+def unflatten_state(like: Any, values: list, is_leaf: Optional[Callable[[Any], bool]] = None
+                    ) -> Any:
+  """``values`` (one per leaf of ``like``, flatten order) in ``like``'s structure: a per-leaf
+  state tree built from the parameters (or gradients) ``like``.
+
+  The same as ``jax.tree.unflatten(jax.tree.structure(like, is_leaf), values)``, except that a
+  Flax NNX ``Variable`` of ``like`` (an ``nnx.State`` of ``Param``\ s) wraps its value only where
+  the value is an array of the Variable's own shape: a state leaf of another shape (a per-tensor
+  mean ``()``, a codec's ``NamedTuple`` of codes and scales, a factored moment's row and column
+  means) is kept bare. Wrapped, it carried the parameter's metadata, its sharding annotation
+  included, and ``nnx.Optimizer`` under a mesh applied ``P(None, 'model')`` to a 0-d or 1-d
+  array (``ValueError``), as it does for ``optax.adafactor``'s factored moments.
+  """
+  var = _variable_type()
+  if var is None:
+    return jax.tree.unflatten(jax.tree.structure(like, is_leaf=is_leaf), values)
+  pick = lambda x: isinstance(x, var) or (is_leaf is not None and is_leaf(x))
+  nodes, outer = jax.tree.flatten(like, is_leaf=pick)
+  out, rest = [], iter(values)
+  for node in nodes:
+    if not isinstance(node, var):
+      out.append(next(rest))
+      continue
+    inner = jax.tree.structure(node, is_leaf=is_leaf)
+    if inner.num_leaves != 1:   # a Variable holding no leaf (optax's MaskedNode): as it is
+      out.append(jax.tree.unflatten(inner, [next(rest) for _ in range(inner.num_leaves)]))
+      continue
+    (own,), v = jax.tree.leaves(node, is_leaf=is_leaf), next(rest)
+    same = (hasattr(v, "shape") and not isinstance(v, tuple) and own is not None
+            and tuple(v.shape) == tuple(np.shape(own)))
+    out.append(jax.tree.unflatten(inner, [v]) if same else v)
+  return jax.tree.unflatten(outer, out)

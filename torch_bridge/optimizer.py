@@ -485,6 +485,12 @@ class Optimizer(torch.optim.Optimizer):
     every parameter of the optimizer). Needs ``state_scope="param"`` (each parameter has its
     own state) and no ``global_nonfinite`` policy. Each parameter's step is compiled once
     (first backward). Returns the hook handles; :meth:`disable_gradient_release` removes them.
+
+    Not with ``torch.amp.GradScaler`` (float16 loss scaling): each parameter steps inside
+    ``backward()`` from its gradient as it is, before the scaler can unscale or check it, and
+    ``scaler.step(optimizer)`` then finds no gradient (torch's ``AssertionError: No inf checks
+    were recorded``). bfloat16 autocast needs no scaler; torch's own gradient-release recipe
+    has the same limit.
     """
     if has_dtensors(self._flat_params()):
       raise ValueError("torch_bridge: gradient release does not support DTensor (FSDP2) "

@@ -80,7 +80,7 @@ from optax._src import numerics
 from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as num
-from stax._trees import conform
+from stax._trees import conform, unflatten_state
 from stax.codecs import rng
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
                               read_step_write, resolve_storages,
@@ -420,8 +420,9 @@ def adam_init(cfg: AdamConfig, params: Any) -> ScaleByAdamState:
   leaves, treedef = jax.tree.flatten(params)
   stores = resolve_storages(cfg.storage, params)
   encoded = [s.init(p) for s, p in zip(stores, leaves)]
-  mu = jax.tree.unflatten(treedef, [e[0] for e in encoded])
-  nu = jax.tree.unflatten(treedef, [e[1] for e in encoded])
+  # (a Flax NNX Variable wraps only an encoding of its own shape: _trees.unflatten_state)
+  mu = unflatten_state(params, [e[0] for e in encoded])
+  nu = unflatten_state(params, [e[1] for e in encoded])
   b1_prod = None
   if cfg.bias_correction == "product":
     b1_prod = jnp.ones([len(leaves)], jnp.float32)
@@ -730,8 +731,8 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
 
   new_state = ScaleByAdamState(
       count=count_inc if ok is None else jnp.where(ok, count_inc, state.count),
-      mu=jax.tree.unflatten(treedef, new_mu_enc),
-      nu=jax.tree.unflatten(treedef, new_nu_enc),
+      mu=unflatten_state(updates, new_mu_enc),
+      nu=unflatten_state(updates, new_nu_enc),
       b1_prod=b1_prod,
       b1_state=b1_state,
       key=state.key,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _leafwise
+from stax._trees import unflatten_state
 from stax import _validation as V
 from stax import numerics as num
 from stax.codecs.base import _follow
@@ -159,7 +160,9 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
       if stored(p):
         return codec.init(to_row_view(p, block_size))
       return jnp.zeros_like(p, dtype=accumulator_dtype or jnp.result_type(p))
-    trace = jax.tree.map(leaf, params, is_leaf=lambda x: x is None)
+    none = lambda x: x is None
+    trace = unflatten_state(params, [leaf(p) for p in jax.tree.leaves(params, is_leaf=none)],
+                            is_leaf=none)
     return StoredTraceState(jnp.zeros([], jnp.int32),
                             jax.random.key_data(jax.random.PRNGKey(seed)), trace)
 
@@ -189,7 +192,7 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
       out = _saturated_sum(g, t, decay) if nesterov else t
       outs.append(out.astype(g.dtype))
     new_state = StoredTraceState(optax.safe_increment(state.count), state.key,
-                                 jax.tree.unflatten(treedef, new_enc))
+                                 unflatten_state(updates, new_enc, is_leaf=lambda x: x is None))
     return jax.tree.unflatten(treedef, outs), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
