@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
 from typing import NamedTuple
 
@@ -919,3 +920,24 @@ def test_reparametrised_weights_keep_their_modules_layout():
   m = P.weight_norm(torch.nn.ConvTranspose1d(8, 16, 3))
   d = torch_bridge.OAdamW(torch.nn.Sequential(m)).describe().by_path
   assert d["0.parametrizations.weight.original1"].matrix == (1, 24, 16)
+
+
+def test_importing_the_bridge_starts_no_jax_backend():
+  """``import torch_bridge`` leaves JAX's backends unstarted, so ``XLA_FLAGS`` a user sets
+  after it (the README's lean-memory flag, a host device count) still take effect (its fast
+  DLPack path had asked for the CPU device at import)."""
+  import subprocess
+  import sys
+  code = ("import os, torch_bridge, stax\n"
+          "from jax._src import xla_bridge\n"
+          "assert not xla_bridge._backends, 'started at import'\n"
+          "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'\n"
+          "import jax, torch\n"
+          "assert len(jax.devices()) == 3, jax.devices()\n"
+          "m = torch.nn.Linear(4, 2)\n"
+          "o = torch_bridge.Optimizer(m.parameters(), stax.adamw, lr=1e-3)\n"
+          "m(torch.ones(1, 4)).sum().backward(); o.step(); print('ok')\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -45,7 +45,11 @@ def _oadamw():
 
 TRANSFORMS = {
     "stax.adamw": lambda: stax.adamw(1e-2, weight_decay=1e-2),
-    "stax.stable_adamw": lambda: stax.stable_adamw(1e-2, weight_decay=1e-2),
+    # the torch layout, as the bridge passes it (under the JAX default the 3-D leaf is stacked
+    # layers, each clipped by its own RMS: a per-layer scale meets the leaf in its real shape)
+    "stax.stable_adamw": lambda: stax.stable_adamw(
+        1e-2, weight_decay=1e-2,
+        dimension_numbers={k: torch_dimension_numbers(s) for k, s in SHAPES.items()}),
     "stax.stam": lambda: stax.stam(1e-2, weight_decay=1e-2),
     "stax.turbo_adam": lambda: stax.turbo_adam(1e-2, weight_decay=1e-2,
                                                min_compress_elements=64),

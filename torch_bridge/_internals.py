@@ -30,11 +30,10 @@ __all__ = ["import_cpu", "export_cpu", "compiled_count", "profiler_enabled",
 
 _DL_CPU = 1  # DLDeviceType.kDLCPU
 _TORCH_TO_DLPACK = torch.utils.dlpack.to_dlpack  # C entry point (Tensor.__dlpack__ wraps it)
-_CPU = jax.devices("cpu")[0]
 
 
 # ------------------------------------------------------------------------------------ DLPack
-def _fast_import_fn() -> Optional[Callable]:
+def _fast_import_fn(cpu: Any) -> Optional[Callable]:
   """jaxlib's 5-argument DLPack import (``None`` without it or when the self-check fails)."""
   try:
     from jax._src.lib import _jax, jaxlib_extension_version  # pylint: disable=import-outside-toplevel
@@ -45,7 +44,7 @@ def _fast_import_fn() -> Optional[Callable]:
     return None
   try:  # self-check once: same memory, same dtype, a jax.Array
     t = torch.arange(16, dtype=torch.float32)
-    a = fn(_TORCH_TO_DLPACK(t), _CPU, None, False, _DL_CPU)
+    a = fn(_TORCH_TO_DLPACK(t), cpu, None, False, _DL_CPU)
     if (isinstance(a, jax.Array) and a.dtype == np.float32 and a.shape == (16,)
         and int(a.unsafe_buffer_pointer()) == t.data_ptr()):
       return fn
@@ -54,12 +53,12 @@ def _fast_import_fn() -> Optional[Callable]:
   return None
 
 
-def _fast_export_fn() -> Optional[Callable]:
+def _fast_export_fn(cpu: Any) -> Optional[Callable]:
   """jaxlib's DLPack export (``None`` without it or when the self-check fails)."""
   try:
     from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
     fn = _jax.buffer_to_dlpack_managed_tensor
-    a = jax.device_put(np.arange(16, dtype=np.float32), _CPU)
+    a = jax.device_put(np.arange(16, dtype=np.float32), cpu)
     t = torch.utils.dlpack.from_dlpack(fn(a, stream=None))
     if (t.dtype == torch.float32 and tuple(t.shape) == (16,)
         and t.data_ptr() == int(a.unsafe_buffer_pointer())):
@@ -69,8 +68,19 @@ def _fast_export_fn() -> Optional[Callable]:
   return None
 
 
-_FAST_IMPORT = _fast_import_fn()
-_FAST_EXPORT = _fast_export_fn()
+_FAST: Optional[tuple] = None   # (the CPU device, the fast import, the fast export)
+
+
+def _fast() -> tuple:
+  """``(CPU device, fast import, fast export)``, found on first use, not at import: asking JAX
+  for a device starts its backends, after which ``XLA_FLAGS`` set by the user (the README's
+  ``stax.LEAN_MEMORY_FLAG``, a host device count) are ignored (``import torch_bridge`` had
+  started them)."""
+  global _FAST
+  if _FAST is None:
+    cpu = jax.devices("cpu")[0]
+    _FAST = (cpu, _fast_import_fn(cpu), _fast_export_fn(cpu))
+  return _FAST
 
 
 def import_cpu(t: torch.Tensor) -> Optional[jax.Array]:
@@ -82,10 +92,11 @@ def import_cpu(t: torch.Tensor) -> Optional[jax.Array]:
   point is missing or refuses the tensor (``requires_grad``, misaligned): the caller then takes
   the public, checked path.
   """
-  if _FAST_IMPORT is None:
+  cpu, fast_import, _ = _FAST or _fast()
+  if fast_import is None:
     return None
   try:
-    return _FAST_IMPORT(_TORCH_TO_DLPACK(t), _CPU, None, False, _DL_CPU)
+    return fast_import(_TORCH_TO_DLPACK(t), cpu, None, False, _DL_CPU)
   except Exception:  # noqa: BLE001
     return None
 
@@ -93,9 +104,10 @@ def import_cpu(t: torch.Tensor) -> Optional[jax.Array]:
 def export_cpu(a: jax.Array) -> Optional[torch.Tensor]:
   """A torch tensor over JAX CPU array ``a``'s buffer through jaxlib's export, or ``None``
   (not on this process's CPU device, or no fast entry point)."""
-  if _FAST_EXPORT is None or a.sharding.device_set != {_CPU}:
+  cpu, _, fast_export = _FAST or _fast()
+  if fast_export is None or a.sharding.device_set != {cpu}:
     return None
-  return torch.utils.dlpack.from_dlpack(_FAST_EXPORT(a, stream=None))
+  return torch.utils.dlpack.from_dlpack(fast_export(a, stream=None))
 
 
 # ------------------------------------------------------------------------------- executables

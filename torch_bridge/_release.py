@@ -49,7 +49,17 @@ def step_param(opt: Any, p: torch.Tensor) -> None:
 
 def prepare_for_gradient_release(params_or_model: Any, optimizer: Any) -> list:
   """``optimizer.enable_gradient_release(params_or_model)`` (see
-  :meth:`Optimizer.enable_gradient_release`)."""
+  :meth:`Optimizer.enable_gradient_release`).
+
+  Example:
+    >>> import torch, stax, torch_bridge
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch_bridge.Optimizer(model.parameters(), stax.adamw, lr=1e-3)
+    >>> handles = torch_bridge.prepare_for_gradient_release(model, opt)
+    >>> model(torch.ones(1, 4)).sum().backward()   # steps each parameter, frees its grad
+    >>> len(handles), model.weight.grad is None
+    (2, True)
+  """
   from torch_bridge.optimizer import Optimizer  # pylint: disable=g-import-not-at-top
   if not isinstance(optimizer, Optimizer):
     raise TypeError("prepare_for_gradient_release needs a torch_bridge.Optimizer.")
@@ -57,5 +67,16 @@ def prepare_for_gradient_release(params_or_model: Any, optimizer: Any) -> list:
 
 
 def remove_gradient_release(optimizer: Any) -> None:
-  """``optimizer.disable_gradient_release()``: ``step()`` steps again."""
+  """``optimizer.disable_gradient_release()``: ``step()`` steps again.
+
+  Example:
+    >>> import torch, stax, torch_bridge
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch_bridge.Optimizer(model.parameters(), stax.adamw, lr=1e-3)
+    >>> handles = torch_bridge.prepare_for_gradient_release(model, opt)
+    >>> torch_bridge.remove_gradient_release(opt)
+    >>> model(torch.ones(1, 4)).sum().backward()   # no step in backward: the grad is kept
+    >>> model.weight.grad is not None
+    True
+  """
   optimizer.disable_gradient_release()

@@ -107,6 +107,12 @@ def stac_modules(model_or_params: Any) -> list[tuple[str, list[tuple[str, torch.
   ``(name, tensor)`` pairs (module = the name without its last component, in first-appearance
   order), plain tensors (each tensor its own module) or param-group dicts of these (their
   parameters in order). Frozen parameters and repeated tensors are not counted.
+
+  Example:
+    >>> import torch, torch_bridge
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> [(name, [n for n, _ in ps]) for name, ps in torch_bridge.stac_modules(model)]
+    [('0', ['0.weight', '0.bias']), ('2', ['2.weight', '2.bias'])]
   """
   return _modules(*_stac_inputs(model_or_params))
 
@@ -392,6 +398,15 @@ class STAM(Optimizer):
   ``lr``; ``beta1_signal="seed"`` (default) is the seed's rule, ``"snr"`` stax's improved one.
   The seed is JAX-only, so its parity is tested in JAX (``tests/test_stam.py``); this class is
   the same transform through the bridge.
+
+  Example:
+    >>> import torch, torch_bridge
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch_bridge.STAM(model, lr=1e-3, beta1_signal="snr")
+    >>> model(torch.ones(1, 4)).sum().backward()
+    >>> opt.step()
+    >>> opt.param_groups[0]["param_names"], opt.param_groups[0]["beta1_signal"]
+    (['weight', 'bias'], 'snr')
   """
 
   def __init__(self, params: Any, lr: float = 1e-3, b1_base: float = 0.9, b2: float = 0.999,
@@ -407,7 +422,17 @@ class STAM(Optimizer):
 
 class STAMLite(Optimizer):
   """STAMLite (tensor-RMS second moment, lazily updated beta1) as a torch optimizer; arguments
-  as :func:`stax.stam_lite` and the seed's ``STAMLite``, with torch's ``lr``."""
+  as :func:`stax.stam_lite` and the seed's ``STAMLite``, with torch's ``lr``.
+
+  Example:
+    >>> import torch, torch_bridge
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch_bridge.STAMLite(model, lr=1e-3, beta1_update_interval=10)
+    >>> model(torch.ones(1, 4)).sum().backward()
+    >>> opt.step()
+    >>> opt.param_groups[0]["beta1_update_interval"]
+    10
+  """
 
   def __init__(self, params: Any, lr: float = 1e-3, b1_base: float = 0.9, eps: float = 1e-8,
                weight_decay: float = 0.01, adapt_strength: float = 0.2,
@@ -428,6 +453,15 @@ class SCAO(Optimizer):
   invariant low-rank variant (see :func:`stax.scao`). Matrices are viewed as
   ``(shape[0], prod(shape[1:]))`` — torch's ``(out, in·kh·kw)``, the seed's view. Seed options
   stax does not implement (``use_int8_ema``, ``lookahead_k``, ...) are not accepted.
+
+  Example:
+    >>> import torch, torch_bridge
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch_bridge.SCAO(model, lr=1e-3, warmup_steps=10)
+    >>> model(torch.ones(1, 4)).sum().backward()
+    >>> opt.step()
+    >>> opt.param_groups[0]["warmup_steps"], opt.param_groups[0]["precond_freq"]
+    (10, 20)
   """
 
   def __init__(self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.999),
@@ -460,6 +494,15 @@ class OAdamW(Optimizer):
   the ``(in, out)`` matrices they are). ``muon="gradient"`` is the seed's update,
   ``muon="off"`` is optimi's ``StableAdamW``. Defaults are the seed's (``betas=(0.9, 0.99)``,
   ``weight_decay=1e-2``, ``eps=1e-6``).
+
+  Example:
+    >>> import torch, torch_bridge
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch_bridge.OAdamW(model, 3e-4)   # lr: the second positional argument
+    >>> model(torch.ones(1, 4)).sum().backward()
+    >>> opt.step()
+    >>> opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]
+    (0.0003, (0.9, 0.99))
   """
 
   def __init__(self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.99),
@@ -492,6 +535,15 @@ class TurboAdam(Optimizer):
   ``min_m_compress_elements``/``min_v_compress_elements`` must be equal (stax has one
   threshold); ``rounding_seed`` seeds the JAX key kept in the state. ``capturable`` is accepted
   and ignored (the bridge step is one jitted call).
+
+  Example:
+    >>> import torch, torch_bridge
+    >>> model = torch.nn.Linear(64, 128)
+    >>> opt = torch_bridge.TurboAdam(model, lr=1e-3)   # the 128×64 weight is compressed
+    >>> model(torch.ones(1, 64)).sum().backward()
+    >>> opt.step()
+    >>> opt.param_groups[0]["codec"], opt.param_groups[0]["min_compress_elements"]
+    ('factored', 4096)
   """
 
   def __init__(self, params: Any, lr: float = 1e-3, betas: tuple = (0.9, 0.999),

@@ -50,6 +50,16 @@ def state_bytes(state: Any, exclude_scalars: bool = False) -> int:
 
 
 def state_bits_per_param(state: Any, params: Any, exclude_scalars: bool = False) -> float:
-  """Bits of optimizer state per parameter element (exact, from the arrays' shapes/dtypes)."""
+  """Bits of optimizer state per parameter element (exact, from the arrays' shapes/dtypes).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, stax
+    >>> params = {"w": jnp.zeros((4, 4))}
+    >>> state = optax.adam(1e-3).init(params)
+    >>> stax.state_bits_per_param(state, params)   # float32 m and v, and the int32 count
+    66.0
+    >>> stax.state_bits_per_param(state, params, exclude_scalars=True)
+    64.0
+  """
   n = sum(int(np.prod(np.shape(p), dtype=np.int64)) for p in jax.tree.leaves(params))
   return 8.0 * state_bytes(state, exclude_scalars) / max(n, 1)

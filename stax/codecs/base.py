@@ -111,6 +111,14 @@ class StorageStep(NamedTuple):
     row0: ``write`` only: the moments are rows ``row0 ..`` of the leaf's row view (a chunk
       written by a row-chunked fused update, for a storage whose ``rows_local`` is true);
       ``0`` (default) for the whole leaf.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> ctx = stax.StorageStep(count=jnp.asarray(3, jnp.int32), index=1)
+    >>> ctx.mu_enc is None, ctx.row0
+    (True, 0)
+    >>> stax.full_precision_storage().read(jnp.ones(2), jnp.ones(2), jnp.ones(2), ctx)[0].shape
+    (2,)
   """
 
   count: jax.Array
@@ -128,6 +136,15 @@ class MomentCodec(Protocol):
   """Stores one moment tensor. ``decode(encode(x, key)) ≈ x``.
 
   Optional members (see the module docstring): ``needs_key``, ``exact``, ``project(value)``.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> class Bf16:   # a minimal codec: the moment kept in bfloat16
+    ...   def init(self, param): return jnp.zeros(param.shape, jnp.bfloat16)
+    ...   def decode(self, encoded, like): return encoded.astype(jnp.float32)
+    ...   def encode(self, value, key): return value.astype(jnp.bfloat16)
+    >>> isinstance(Bf16(), stax.MomentCodec), isinstance(stax.BlockSignedCodec(), stax.MomentCodec)
+    (True, True)
   """
 
   def init(self, param: jax.Array) -> Any:
@@ -146,6 +163,16 @@ class MomentStorage(Protocol):
 
   Optional members (see the module docstring and :class:`StorageBase`): ``needs_key``,
   ``exact``, ``project(mu, nu)``, ``fused_update``.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> storage = stax.full_precision_storage()
+    >>> isinstance(storage, stax.MomentStorage)
+    True
+    >>> ctx = stax.StorageStep(count=jnp.zeros([], jnp.int32), index=0)
+    >>> mu, nu = storage.read(*storage.write(jnp.ones(3), jnp.full(3, 2.0), ctx), jnp.ones(3), ctx)
+    >>> nu.tolist()
+    [2.0, 2.0, 2.0]
   """
 
   def init(self, param: jax.Array) -> tuple[Any, Any]:
@@ -160,7 +187,16 @@ class MomentStorage(Protocol):
 
 
 class StorageBase:
-  """Base of the stax storages: the defaults of the protocol's optional members."""
+  """Base of the stax storages: the defaults of the protocol's optional members.
+
+  Example:
+    >>> import stax
+    >>> base = stax.StorageBase()
+    >>> base.needs_key, base.exact, base.exact_parts, base.nu_is_mean
+    (False, False, (False, False), False)
+    >>> isinstance(stax.full_precision_storage(), stax.StorageBase)
+    True
+  """
 
   needs_key: bool = False
   exact: bool = False
@@ -282,6 +318,13 @@ class FullPrecision(NamedTuple):
       7.7e-3 at ``β2 = 0.999``: a float16 v of a small or sparse gradient reads 0 where m does
       not, and ``m/(√v + ε)`` (``ε = 1e-8`` is 0 in float16 too) overflows to ±Inf: with
       float16 parameters ``optax.adamw`` writes Inf into them on its first step.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> stax.FullPrecision(jnp.bfloat16).encode(jnp.ones(3), None).dtype
+    dtype(bfloat16)
+    >>> stax.FullPrecision(widen_float16=True).init(jnp.zeros(3, jnp.float16)).dtype
+    dtype('float32')
   """
 
   dtype: Any = None
@@ -319,6 +362,15 @@ class SeparateStorage(StorageBase):
       nu_enc)`` (:mod:`stax.kernels.turbo_step`): this storage's ``fused_update``, offered when
       both codecs are ``rows_local`` (each row encoded on its own, and ``encode(value, key,
       row0=r)`` encodes a chunk of rows starting at row ``r``).
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> storage = stax.SeparateStorage(stax.BlockSignedCodec(4, 32), stax.LogQuantCodec(4, 128))
+    >>> storage.needs_key, storage.exact, storage.rows_local
+    (True, False, True)
+    >>> mu_enc, nu_enc = storage.init(jnp.zeros((2, 128)))
+    >>> mu_enc.codes.shape, nu_enc.scales.shape
+    ((2, 64), (2, 1, 2))
   """
 
   mu_codec: Any = FullPrecision()
@@ -409,7 +461,16 @@ def full_precision_storage(mu_dtype: Any = None, nu_dtype: Any = None) -> Separa
   """Full-precision m and v (the default storage of :func:`stax.scale_by_adam`): m in
   ``mu_dtype`` and v in ``nu_dtype``, each ``None`` for the parameter's dtype, but v of a
   float16 parameter in float32 (:class:`FullPrecision`'s ``widen_float16``: in float16 it
-  underflows to 0 for gradients below 7.7e-3 and the update overflows)."""
+  underflows to 0 for gradients below 7.7e-3 and the update overflows).
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> mu, nu = stax.full_precision_storage().init(jnp.zeros(3, jnp.float16))
+    >>> mu.dtype, nu.dtype
+    (dtype('float16'), dtype('float32'))
+    >>> stax.full_precision_storage(nu_dtype=jnp.bfloat16).exact
+    True
+  """
   return SeparateStorage(FullPrecision(mu_dtype),
                          FullPrecision(nu_dtype, widen_float16=nu_dtype is None))
 

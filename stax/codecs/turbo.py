@@ -82,6 +82,14 @@ class TurboAdam02Storage(StorageBase):
   by :func:`stax.turbo_adam`); it is this storage's ``fused_update``. The per-block pieces
   :meth:`decode_block` and :meth:`encode_block` are what ``read``/``write`` run on the whole
   tensor and what the kernel runs on one block.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> st = stax.TurboAdam02Storage(compress_m=True, compress_v=True, bits=4, block_size=128,
+    ...                              m_block_size=64, step_factor=1.1, b1=0.9, b2=0.999, eps=1e-8)
+    >>> mu_enc, nu_enc = st.init(jnp.zeros((2, 128)))
+    >>> type(mu_enc).__name__, nu_enc.codes.shape, st.needs_key
+    ('UStateM', (2, 64), True)
   """
 
   compress_m: bool
@@ -278,6 +286,14 @@ def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 40
   Raises:
     ValueError: an unknown codec, ``min_compress_elements < 0``, or a codec together with
       ``mu_dtype``/``nu_dtype`` (the codec decides how the moments are stored).
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> choose = stax.state_codec_storage("stax", min_compress_elements=256)
+    >>> type(choose(jnp.zeros((16, 32)))).__name__, type(choose(jnp.zeros(8))).__name__
+    ('RowView', 'SeparateStorage')
+    >>> stax.state_codec_storage(None) is None
+    True
   """
   import jax
   from stax import _validation as V

@@ -266,6 +266,14 @@ def residual_variance_beta1(
 
   Returns:
     A :class:`~stax.transforms.adam.Beta1Rule` with state :class:`ResidualVarianceState`.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> tx = stax.scale_by_adam(b1=stax.residual_variance_beta1(), bias_correction="product")
+    >>> _, state = tx.update({"w": jnp.ones((4, 3))}, tx.init(params), params)
+    >>> round(float(stax.stam_beta1(state, params)["w"]), 3)
+    0.736
   """
 
   def init(params):
@@ -337,6 +345,14 @@ def spatial_variance_beta1(
 
   Returns:
     A :class:`~stax.transforms.adam.Beta1Rule` with state :class:`SpatialVarianceState`.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> params = {"w": jnp.zeros(4)}
+    >>> tx = stax.scale_by_adam(b1=stax.spatial_variance_beta1(), bias_correction="product")
+    >>> _, state = tx.update({"w": jnp.array([1.0, -1.0, 1.0, -1.0])}, tx.init(params), params)
+    >>> round(float(stax.stam_beta1(state, params)["w"]), 3)   # mean(g) = 0: 0.9·(1 - 0.2/2)
+    0.81
   """
 
   def init(params):
@@ -397,6 +413,14 @@ def snr_beta1(
 
   Returns:
     A :class:`~stax.transforms.adam.Beta1Rule` with state :class:`SNRState`.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> tx = stax.scale_by_adam(b1=stax.snr_beta1(), bias_correction="product")
+    >>> _, state = tx.update({"w": jnp.ones((4, 3))}, tx.init(params), params)
+    >>> round(float(stax.stam_beta1(state, params)["w"]), 3)   # first step: R = G, so b1_min
+    0.72
   """
 
   def init(params):

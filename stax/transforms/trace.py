@@ -57,6 +57,14 @@ def saturating_trace(decay: Any, nesterov: bool = False,
   false, the new trace is the old one, selected element by element in the same pass that would
   have updated it (no select of the whole state afterwards: in :func:`stax.oadamw`, whose guard
   selected its whole state until it was gate-aware, XLA copied every moment each step).
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> tx = stax.saturating_trace(0.9)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> u, state = tx.update({"w": jnp.array([1e30, 1.0])}, state)
+    >>> float(u["w"][0]) == 2.0 ** 63, float(u["w"][1])
+    (True, 1.0)
   """
   base = optax.trace(decay=decay, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
 
@@ -93,6 +101,14 @@ class StoredTraceState(NamedTuple):
     key: raw ``uint32[2]`` PRNG key of the stochastic rounding.
     trace: per leaf, the codec's encoding of the trace on the leaf's row view (a
       :class:`stax.codecs.BlockSignedState`), or a float array for a leaf kept in full precision.
+
+  Example:
+    >>> import jax.numpy as jnp, stax
+    >>> state = stax.stored_trace(0.95).init({"w": jnp.zeros((64, 128)), "b": jnp.zeros(64)})
+    >>> type(state.trace["w"]).__name__, state.trace["w"].codes.shape, state.trace["b"].dtype
+    ('BlockSignedState', (64, 128), dtype('float32'))
+    >>> int(state.count), state.key.shape
+    (0, (2,))
   """
   count: jax.Array
   key: jax.Array

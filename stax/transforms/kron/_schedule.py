@@ -195,6 +195,14 @@ class ScaleByKronState(NamedTuple):
     key: raw ``uint32[2]`` key of a rule that draws random numbers (``lowrank``), else ``None``.
     leaves: the curvature state of each parameter leaf, in a tree laid out like the params
       (``optax.EmptyState()`` for a leaf that is passed through).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, stax
+    >>> state = stax.scao(1e-3).init({"w": jnp.zeros((8, 4))})
+    >>> kron = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
+    ...     x, stax.ScaleByKronState)) if isinstance(s, stax.ScaleByKronState)][0]
+    >>> int(kron.count), int(kron.phase2_count), float(kron.blend)
+    (0, 0, 0.0)
   """
 
   count: jax.Array
