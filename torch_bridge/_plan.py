@@ -44,6 +44,7 @@ class UnitSpec(NamedTuple):
   mask: tuple          # per parameter: has a gradient this step
   slot: int            # position of the unit's group among the step's hyperparameter vectors
   shapes: tuple        # per parameter: its real shape
+  position: tuple = (0, 0)   # the unit's (group, first parameter in it): Unit.position
 
 
 @dataclasses.dataclass
@@ -105,9 +106,9 @@ def make_plan(units: Sequence[Unit], mask: tuple, hyper: Sequence[GroupHyper],
   slot = {gi: k for k, gi in enumerate(groups)}
   specs = tuple(UnitSpec(factories[u.group], hyper[u.group].static, u.names,
                          tuple(mask[i] for i in u.indices), slot[u.group],
-                         tuple(shapes[i] for i in u.indices)) for u in active)
+                         tuple(shapes[i] for i in u.indices), u.position) for u in active)
   hp_layouts = tuple(hyper[gi].layout for gi in groups)
-  key = (tuple((s.factory, freeze(s.static), s.names, s.mask, s.slot, s.shapes)
+  key = (tuple((s.factory, freeze(s.static), s.names, s.mask, s.slot, s.shapes, s.position)
                for s in specs), layout, policy, writeback.name, hp_layouts)
   idx_on = tuple(i for u in active for i in u.indices if mask[i])
   idx_off = tuple(i for u in active for i in u.indices if not mask[i])
@@ -129,10 +130,11 @@ def init_states(units: Sequence[Unit], plan: Plan, hyper: Sequence[GroupHyper],
   parameters' device as step outputs are (else the step compiles twice)."""
   slot = {gi: k for k, gi in enumerate(plan.groups)}
   specs = tuple(UnitSpec(factories[u.group], hyper[u.group].static, u.names, (),
-                         slot[u.group], tuple(shapes[i] for i in u.indices)) for u in units)
+                         slot[u.group], tuple(shapes[i] for i in u.indices), u.position)
+                for u in units)
   layouts = hp_layouts(plan, hyper)
-  key = (tuple((s.factory, freeze(s.static), s.names, s.slot, s.shapes) for s in specs), layout,
-         layouts)
+  key = (tuple((s.factory, freeze(s.static), s.names, s.slot, s.shapes, s.position)
+               for s in specs), layout, layouts)
   fn = cached(_INIT_CACHE, key, lambda: _make_init(specs, layout, layouts))
   news = fn(tuple(params), tuple(hps))
   return [jax.device_put(st, ps[0].device) for st, ps in zip(news, params)]
@@ -145,7 +147,7 @@ def _make_init(specs: tuple, layout: Layout, layouts: tuple) -> Callable:
     for s, ps in zip(specs, params):
       ps = [p.reshape(shape) for p, shape in zip(ps, s.shapes)]
       tx = build_tx(s.factory, s.static, unpack(layouts[s.slot], hps[s.slot]),
-                    [p.shape for p in ps], s.names, layout)
+                    [p.shape for p in ps], s.names, layout, s.position)
       st = tx.init(nest(s.names, ps))
       out.append(jax.tree.map(jnp.copy, st))  # never alias a torch buffer into the state
     return tuple(out)
@@ -187,7 +189,7 @@ def make_step(specs: tuple, layout: Layout, policy: Optional[str], layouts: tupl
       new_states, new_params = [], []
       for s, st, ps, gs in zip(specs, states, params, grads):
         tx = build_tx(s.factory, s.static, unpack(layouts[s.slot], hps[s.slot]),
-                      [p.shape for p in ps], s.names, layout)
+                      [p.shape for p in ps], s.names, layout, s.position)
         full = [g if m else jnp.zeros_like(p) for g, p, m in zip(gs, ps, s.mask)]
         ptree = nest(s.names, ps)
         upd, nst = _update(tx, nest(s.names, full), st, ptree)

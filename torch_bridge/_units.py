@@ -22,6 +22,13 @@ class Unit(NamedTuple):
   group: int
   indices: tuple   # global parameter indices (positions across all groups)
   names: tuple     # their names (dotted)
+  first: int = 0   # the position of its first parameter in its group
+
+  @property
+  def position(self) -> tuple:
+    """``(group, first parameter's position in it)``: where a one-leaf tree's leaf 0 sits
+    among the torch parameters (a factory's ``rounding_index``, :func:`build_tx`)."""
+    return (self.group, self.first)
 
 
 class Layout(NamedTuple):
@@ -90,7 +97,7 @@ def build_units(groups: Sequence[dict], state_scope: str) -> list:
                               [f"param_{i}" for i in range(idx, idx + n)])]
     ids = list(range(idx, idx + n))
     if state_scope == "param":
-      units += [Unit(gi, (i,), (nm,)) for i, nm in zip(ids, names)]
+      units += [Unit(gi, (i,), (nm,), k) for k, (i, nm) in enumerate(zip(ids, names))]
     elif n:
       nest(names, [0] * n)  # name clash check
       units.append(Unit(gi, tuple(ids), tuple(names)))
@@ -99,11 +106,18 @@ def build_units(groups: Sequence[dict], state_scope: str) -> list:
 
 
 def build_tx(factory: Callable, static: tuple, traced: dict, shapes: Sequence[Sequence[int]],
-             names: Sequence[str], layout: Layout) -> optax.GradientTransformationExtraArgs:
+             names: Sequence[str], layout: Layout, position: Optional[tuple] = None
+             ) -> optax.GradientTransformationExtraArgs:
   """A unit's transformation: ``factory`` called with its static and traced arguments (and the
-  layout argument, per parameter, when one is named)."""
+  layout argument, per parameter, when one is named). ``position`` (the unit's
+  :attr:`Unit.position`) goes to a factory that takes ``rounding_index`` and was not given one
+  (TurboAdam's faithful codec hashes each tensor's torch ``(group, parameter)`` indices into
+  its rounding streams: a unit's one-leaf tree would otherwise be parameter 0 of group 0)."""
   kwargs = dict(static)
   kwargs.update(traced)
+  if position is not None and "rounding_index" not in kwargs and _takes(factory,
+                                                                         "rounding_index"):
+    kwargs["rounding_index"] = tuple(position)
   if layout.kwarg is not None:
     kwargs[layout.kwarg] = nest(names, [layout.of(s, n) for s, n in zip(shapes, names)])
   if not layout.auto:
@@ -113,6 +127,13 @@ def build_tx(factory: Callable, static: tuple, traced: dict, shapes: Sequence[Se
     # without the factored codec): no "has no effect" warning for what the user never passed
     warnings.filterwarnings("ignore", message=rf"`{layout.kwarg}`=.* has no effect")
     return optax.with_extra_args_support(factory(**kwargs))
+
+
+def _takes(factory: Callable, name: str) -> bool:
+  """Whether ``factory`` accepts the keyword ``name``."""
+  from torch_bridge import _hyperparams as H  # pylint: disable=g-import-not-at-top
+  accepted = H.factory_spec(factory).accepted
+  return accepted is not None and name in accepted
 
 
 def check_update_args(tx: Any) -> None:

@@ -102,6 +102,9 @@ class TurboAdam02Storage(StorageBase):
   b2: Any
   eps: Any
   kernel: Optional[Callable] = None
+  #: ``(group, first parameter)``: added to the seed's hash indices, ``(group, leaf index)``
+  #: (the torch bridge steps each parameter as a one-leaf tree and passes its own position)
+  rounding_index: tuple = (0, 0)
 
   @property
   def needs_key(self) -> bool:
@@ -176,7 +179,9 @@ class TurboAdam02Storage(StorageBase):
   def seeds(self, ctx):
     """uint32 seeds of the m (stream 1) and v (stream 2) rounding of this step and leaf."""
     seed, t = seed_from_key(ctx.key), ctx.count + 1
-    return seed_for(seed, t, 0, ctx.index, 1), seed_for(seed, t, 0, ctx.index, 2)
+    group, first = self.rounding_index
+    index = first + ctx.index
+    return seed_for(seed, t, group, index, 1), seed_for(seed, t, group, index, 2)
 
   def read(self, mu_enc, nu_enc, like, ctx):
     return self.decode_block(mu_enc, nu_enc, like.shape[-1], self.scalars(ctx.count))
@@ -206,7 +211,8 @@ class TurboAdam02Storage(StorageBase):
 def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, compress_m: bool,
                   compress_v: bool, min_compress_elements: int, m_block_size: int,
                   m_bits: int = 4, step_factor: float = US.DEFAULT_STEP_FACTOR,
-                  kernel: Optional[Callable] = None, dimension_numbers: Any = None):
+                  kernel: Optional[Callable] = None, dimension_numbers: Any = None,
+                  rounding_index: tuple = (0, 0)):
   """The per-leaf storage callable used by :func:`stax.turbo_adam` (``kernel``: the compressed
   leaves' fused update, see :class:`TurboAdam02Storage` and
   :class:`~stax.codecs.base.SeparateStorage`; ``dimension_numbers``: the leaves' matrix layout,
@@ -222,7 +228,7 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
       if not (cm or cv):
         return SeparateStorage(FullPrecision(jnp.float32), FullPrecision(jnp.float32))
       return RowView(TurboAdam02Storage(cm, cv, v_bits, block_size, m_block_size, step_factor,
-                                        b1, b2, eps, kernel), block_size)
+                                        b1, b2, eps, kernel, tuple(rounding_index)), block_size)
     m_codec = BlockSignedCodec(m_bits, m_block_size) if cm else FullPrecision(jnp.float32)
     v_codec = LQ.LogQuantCodec(v_bits, block_size) if cv else FullPrecision(jnp.float32)
     if codec == "factored":

@@ -94,6 +94,19 @@ def cast_updates_to_params() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
+def _rounding_index(value: Any) -> tuple:
+  """``value`` as a ``(group, first parameter)`` pair of ints >= 0 (``ValueError`` else)."""
+  try:
+    group, first = (int(x) for x in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"`rounding_index` must be a (group, first parameter) pair of ints >= 0, "
+                     f"got {value!r}.") from None
+  if group < 0 or first < 0:
+    raise ValueError(f"`rounding_index` must be a (group, first parameter) pair of ints >= 0, "
+                     f"got {value!r}.")
+  return group, first
+
+
 def turbo_adam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -113,6 +126,7 @@ def turbo_adam(
     nonfinite: str = "skip",
     implementation: Optional[str] = None,
     dimension_numbers: Any = None,
+    rounding_index: tuple = (0, 0),
 ) -> optax.GradientTransformationExtraArgs:
   r"""TurboAdam: AdamW whose moments are stored compressed (see the module docstring).
 
@@ -148,6 +162,13 @@ def turbo_adam(
       :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
       Flax layouts); only with ``codec="factored"``. The torch bridge passes each parameter's
       torch layout (a conv weight ``(out, in, kh, kw)``: one ``out × in·kh·kw`` matrix).
+    rounding_index: ``(group, first parameter)`` offsetting the faithful codec's rounding
+      streams, which the seed hashes from each tensor's ``(group index, parameter index)``
+      (default ``(0, 0)``: the leaves of this tree are parameters 0, 1, ... of group 0). The
+      torch bridge steps each parameter as its own one-leaf tree and passes its position in
+      its param group, so every parameter draws the seed's stream (it had drawn the first
+      parameter's: only the first matched ``turboadam``; the second was off by ~3 steps of
+      lr after 4 steps). Only with ``codec="turboadam-0.2"``.
       (Until 2026-12-07 v was factored over the m codec's row view, so a stacked ``(3, 16, 8)``
       kernel was one ``3 × 128`` matrix whose column means the layers shared.)
     implementation: the fused update of the compressed leaves (:mod:`stax.kernels.turbo_step`):
@@ -251,7 +272,8 @@ def turbo_adam(
                           compress_m=bool(compress_m), compress_v=bool(compress_v),
                           min_compress_elements=min_compress_elements,
                           m_block_size=m_block_size, kernel=hook,
-                          dimension_numbers=dimension_numbers)
+                          dimension_numbers=dimension_numbers,
+                          rounding_index=_rounding_index(rounding_index))
   # gated per element of the chain, as stax.adamw: on a skipped step each element keeps its
   # old state. The core gates each leaf as its storage declares: a float32 moment (a vector's)
   # is selected back in the loop that forms it, the compressed encodings (codes, endpoints,
