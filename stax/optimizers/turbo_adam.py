@@ -178,8 +178,9 @@ def turbo_adam(
       codec) or ``"pallas"`` (one Pallas kernel; ``codec="turboadam-0.2"`` with both moments
       compressed and ``v_bits`` 2, 4 or 8; written for Pallas's Triton lowering, checked to
       lower for CUDA and, in interpret mode, to equal ``"xla"``, but not yet run on a GPU, so
-      ``None`` does not pick it there). All give the same state bit for bit and the same
-      update to float32 rounding. ``"chunked"`` with the faithful codec (its UState m has a
+      ``None`` does not pick it there). All give the same codes, endpoints and means bit for
+      bit and the same update to float32 rounding; UState's two step-size scalars may differ in
+      their last bit (``"pallas"`` sums Σr² per block, the XLA path over the tensor). ``"chunked"`` with the faithful codec (its UState m has a
       tensor-wide step size) or the factored codec (no fused update of its own) and
       ``"pallas"`` without the faithful codec raise ``ValueError``; a leaf a named
       implementation cannot run (``"pallas"`` on a row that is not a multiple of

@@ -32,8 +32,9 @@ Implementations:
   under an explicit mesh runs as one chunk): bounded temporaries, cache-resident passes;
 * ``"pallas"``: :func:`turbo_update_pallas` (:mod:`.pallas`), the faithful storage only: one
   program per tile of rows and block, written for Pallas's Triton lowering (strided ref loads
-  and stores of four phases per block; it lowers for CUDA, checked on a CPU, and equals the XLA
-  path's state bit for bit in interpret mode). The row length must be a multiple of
+  and stores of four phases per block; it lowers for CUDA, checked on a CPU, and in interpret
+  mode equals the XLA path's codes, endpoints and means bit for bit, UState's step-size scalars
+  to their last bit: Σr² is summed per block). The row length must be a multiple of
   ``block_size``, the blocks powers of two and ``v_bits`` 2, 4 or 8 (else
   ``NotImplementedError``). Not yet compiled and run on a GPU.
 

@@ -30,7 +30,9 @@ the XLA path.
 
 Checked on this CPU: the step lowers for CUDA into one Triton call per compressed leaf
 (``tests/test_kernels_registry.py``, ``lowering_platforms=("cuda",)``, no GPU needed), and in
-interpret mode its codes, endpoints and means equal the XLA path's bit for bit over steps with
+interpret mode its codes, endpoints and means equal the XLA path's bit for bit (UState's
+``encode_step``/``decode_step`` scalars to 1 ulp: Σr² is summed per block here, over the tensor
+there) over steps with
 the gradient scale changing ×10⁴ and a non-finite step, for 2-, 4- and 8-bit v and tiles of 1,
 2 and 16 rows (``tests/test_turbo_adam.py``), the parameters within 4e-7; and the Triton IR it
 lowers to compiles with the ``triton`` package to an sm_90a cubin, 148 registers per thread and

@@ -64,7 +64,8 @@ STAT_BOUND = num.square_bound(jnp.float32, terms=16)
 
 
 class Schedule(NamedTuple):
-  """The controller's hyperparameters (ints, or arrays under ``inject_hyperparams``).
+  """The controller's hyperparameters (Python ints: structural, so static under
+  ``inject_hyperparams``, where an array raises ``TypeError`` naming the argument).
 
   Attributes:
     warmup_steps: Adam-only steps, int >= 0 (default 100).
@@ -214,7 +215,8 @@ class ScaleByKronState(NamedTuple):
 
 
 def check_schedule(s: Schedule) -> None:
-  """Validates concrete schedule hyperparameters (traced ones are skipped)."""
+  """Validates the schedule hyperparameters (ints; ``TypeError`` for an array: they are
+  structural)."""
   V.check_int("warmup_steps", s.warmup_steps, low=0)
   V.check_int("precond_freq", s.precond_freq, low=1)
   V.check_int("min_precond_updates", s.min_precond_updates, low=0)
