@@ -415,21 +415,28 @@ def test_decoupled_decay_follows_a_scheduled_or_injected_learning_rate():
     np.testing.assert_allclose(-np.asarray(u["w"]), 0.1 * float(sched(4)) / 1e-2, rtol=1e-5)
   import torch_bridge
   torch.manual_seed(0)
-  m1, m2 = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+  m1, m2, m3 = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
   m2.load_state_dict(m1.state_dict())
+  m3.load_state_dict(m1.state_dict())
   o1 = torch_bridge.OAdamW(m1, lr=1e-2, weight_decay=0.1, decouple_lr=True, muon="off")
+  # the generic bridge fills max_lr = lr as the drop-in does (it had raised at the first step)
+  o3 = torch_bridge.Optimizer(m3.parameters(), stax.stable_adamw, lr=1e-2, weight_decay=0.1,
+                              decouple_lr=True)
+  assert o3.param_groups[0]["max_lr"] == 1e-2
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     o2 = optimi.StableAdamW(m2.parameters(), lr=1e-2, weight_decay=0.1, decouple_lr=True,
                             foreach=False, triton=False)
   s1 = torch.optim.lr_scheduler.StepLR(o1, 1, gamma=0.5)
   s2 = torch.optim.lr_scheduler.StepLR(o2, 1, gamma=0.5)
+  s3 = torch.optim.lr_scheduler.StepLR(o3, 1, gamma=0.5)
   x = torch.randn(5, 4)
   for _ in range(4):
-    for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+    for m, o, s in ((m1, o1, s1), (m2, o2, s2), (m3, o3, s3)):
       o.zero_grad()
       m(x).square().sum().backward()
       o.step()
       s.step()
-  for a, b in zip(m1.parameters(), m2.parameters()):
+  for a, b, c in zip(m1.parameters(), m2.parameters(), m3.parameters()):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(c, b, rtol=1e-6, atol=1e-7)

@@ -122,7 +122,9 @@ def check_group_keys(factory: Callable, group: dict) -> None:
 
 def fill_defaults(factory: Callable, defaults: dict) -> dict:
   """``defaults`` with ``lr``, ``betas``, ``eps`` and ``weight_decay`` taken from the factory's
-  own defaults when it has them; ``TypeError`` for a key the factory does not take."""
+  own defaults when it has them, and, with ``decouple_lr=True`` and no ``max_lr`` for a factory
+  that takes one, ``max_lr = lr`` (optimi's default); ``TypeError`` for a key the factory does
+  not take."""
   spec = factory_spec(factory)
   fdef = _factory_defaults(factory)
   if "lr" not in defaults and "learning_rate" not in defaults and "learning_rate" in fdef:
@@ -136,6 +138,12 @@ def fill_defaults(factory: Callable, defaults: dict) -> dict:
   for k in ("eps", "weight_decay"):
     if k not in defaults and isinstance(fdef.get(k), (int, float)):
       defaults[k] = fdef[k]
+  if (defaults.get("decouple_lr") is True and defaults.get("max_lr") is None
+      and "max_lr" in fdef and isinstance(defaults.get("lr"), (int, float))):
+    # optimi's rule: the constructor's lr is the maximum scheduled rate (a step passes the
+    # group's current lr as an array, which stax.stable_adamw/oadamw cannot take as max_lr);
+    # OneCycleLR writes its peak into each group's "max_lr", as it does for optimi
+    defaults["max_lr"] = float(defaults["lr"])
   for k in defaults:
     if map_key(spec, k, defaults[k]) is None:
       raise TypeError(f"torch_bridge: {getattr(factory, '__name__', factory)!s} has no "
