@@ -314,6 +314,16 @@ def resolve_dimension_numbers(dimension_numbers: Any, path: Any, x: Any):
   return _one(dimension_numbers, shape, name)
 
 
+def pathless_dimension_numbers(dimension_numbers: Any, x: Any):
+  """Dimension numbers of a leaf seen without its path (a per-leaf storage callable asked for
+  one leaf): :func:`resolve_dimension_numbers`, or, for a form that needs the whole tree, the
+  leaf's default (:func:`default_dimension_numbers`)."""
+  try:
+    return resolve_dimension_numbers(dimension_numbers, None, x)
+  except TypeError:   # a tree form needs the tree
+    return default_dimension_numbers(None, np.shape(x))
+
+
 def per_leaf(dimension_numbers: Any, tree: Any) -> list:
   """Per leaf of ``tree`` (flatten order): the raw answer of ``dimension_numbers`` for it
   (dims, an int split axis, or ``None``), before :func:`resolve_tree` turns ints into dims.

@@ -142,10 +142,7 @@ def tensor_rms_storage(mu_dtype: Any = None, *, stacked: bool = False,
         batch_axes=axes, leaf_ndim=len(jnp.shape(leaf)) if axes else None))
 
   def choose(leaf):
-    try:
-      dims = layout.resolve_dimension_numbers(dimension_numbers, None, leaf)
-    except TypeError:   # a tree form needs the tree: the leaf's default
-      dims = layout.default_dimension_numbers(None, jnp.shape(leaf))
+    dims = layout.pathless_dimension_numbers(dimension_numbers, leaf)
     return make(leaf, layout.batch_axes(jnp.shape(leaf), dims))
 
   def for_tree(tree):

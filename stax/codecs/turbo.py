@@ -237,10 +237,7 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
       # the view the m codec's blocks pad least (a conv kernel: (out, in·kh·kw)); the factored
       # v reshapes it back to the leaf.
       if dims is _DEFAULT:   # a leaf without its path (the tree's are from for_tree)
-        try:
-          dims = layout.resolve_dimension_numbers(dimension_numbers, None, leaf)
-        except TypeError:    # a tree form needs the tree: the leaf's default
-          dims = layout.default_dimension_numbers(None, leaf.shape)
+        dims = layout.pathless_dimension_numbers(dimension_numbers, leaf)
       plan = factored_layout(leaf.shape, dims) if cv else None
       if plan is not None:
         v_codec = Factored(shape=plan[0], axes=plan[1],
