@@ -140,9 +140,12 @@ def _kron_label(st: Any) -> tuple[str, Optional[tuple]]:
   shapes = {f: tuple(getattr(st, f).shape) for f in getattr(st, "_fields", ())
             if hasattr(getattr(st, f), "shape")}
   if "U_l" in shapes and "U_r" in shapes:
-    m, k = shapes["U_l"]
-    n = shapes["U_r"][0]
-    return f"kron {m}×{k} + {n}×{shapes['U_r'][1]}", (1, m, n)
+    # one matrix's factors (m×K, n×K), or stacked matrices' (L×m×K, L×n×K)
+    *batch, m, k = shapes["U_l"]
+    n, kr = shapes["U_r"][-2:]
+    layers = int(np.prod(batch, dtype=np.int64))
+    label = f"kron {m}×{k} + {n}×{kr}"
+    return (label if not batch else f"{layers}× {label}"), (layers, m, n)
   if "blocks" in getattr(st, "_fields", ()):
     return f"kron grid of {len(st.blocks)} blocks", None
   if "ema" in shapes:

@@ -88,7 +88,7 @@ def test_orthogonalization_takes_a_tree_of_dims():
 
 
 def test_scao_takes_the_layout_type():
-  """SCAO's view from dims equals its int split bit for bit; dims with batch axes are refused."""
+  """SCAO's view from dims equals its int split bit for bit; dims with batch axes stack."""
   params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 4, 3)),
             "b": jnp.zeros(6)}
   grads = jax.tree.map(lambda x: jnp.cos(x + 1.0), params)
@@ -107,8 +107,11 @@ def test_scao_takes_the_layout_type():
     outs.append(p)
   for o in outs[1:]:
     jax.tree.map(np.testing.assert_array_equal, outs[0], o)
-  with pytest.raises(ValueError, match="'w'.*split"):
-    stax.scao(dimension_numbers=MDN(1, 2), **kw).init(params)
+  # dims with a batch axis: 6 stacked 4×3 matrices (tests/test_scao.py checks their steps)
+  state = stax.scao(dimension_numbers=MDN(1, 2), **kw).init(params)
+  (kron,) = [x for x in jax.tree.leaves(state, is_leaf=lambda z: isinstance(
+      z, stax.ScaleByKronState)) if isinstance(x, stax.ScaleByKronState)]
+  assert (kron.leaves["w"].U_l.shape, kron.leaves["w"].U_r.shape) == ((6, 4, 1), (6, 3, 1))
 
 
 @pytest.mark.parametrize("shape,name,torch_layout", [

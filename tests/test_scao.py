@@ -81,7 +81,9 @@ def _run_parity(torch, scao_pkg):
     warnings.simplefilter("ignore")
     seed_opt = scao_pkg.SCAO([seed_p[k] for k in names], lr=lr, weight_decay=wd, **kw)
   adamw_opt = torch.optim.AdamW([adamw_p[k] for k in names], lr=lr, weight_decay=wd)
-  tx = stax.scao(lr, weight_decay=wd, mode="scao-0.2.4", **kw)
+  # the arrays are torch tensors' values: the seed's view of them, (shape[0], -1), is split 1
+  # (stax's JAX default would read T (4, 3, 2) as 4 stacked 3×2 matrices)
+  tx = stax.scao(lr, weight_decay=wd, mode="scao-0.2.4", dimension_numbers=1, **kw)
   params = {k: jnp.asarray(v) for k, v in init.items()}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -365,7 +367,8 @@ def test_faithful_plans_follow_the_seed():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       ref = SparsePreconditioner(torch.zeros(shape), k_min=4, k_max=16, max_precond_dim=maxd)
-    m, n = _view.view_shape(shape, _view.split_axis(None, len(shape)))
+    view = _view.split_view(shape, _view.split_axis(None, len(shape)))   # the seed's split 1
+    m, n = view.m, view.n
     plan = SC._plan(m, n, 4, 16, maxd)
     assert (plan.kind == "grid") == ref.use_block_diagonal
     assert (plan.kind == "kron") == ref.use_kronecker
@@ -379,16 +382,85 @@ def test_faithful_plans_follow_the_seed():
 
 
 def test_zero_dim_and_conv_leaves():
-  """0-d leaves (the seed raises IndexError) take the diagonal path; a Flax conv kernel with
-  ``dimension_numbers=-1`` is preconditioned as (kh·kw·in, out)."""
+  """0-d leaves (the seed raises IndexError) take the diagonal path; a Flax conv kernel is
+  preconditioned as (kh·kw·in, out) by default (stax.layout's conv layout) and with
+  ``dimension_numbers=-1``; the seed's split 1 gives (kh, kw·in·out)."""
   params = {"s": jnp.zeros(()), "conv": jnp.zeros((3, 3, 4, 8))}
-  tx = stax.scao(mode="scao-0.2.4", k_min=2, k_max=4, dimension_numbers=-1)
-  state = tx.init(params)
-  (ks,) = [x for x in jax.tree.leaves(state, is_leaf=lambda z: isinstance(z, K.ScaleByKronState))
-           if isinstance(x, K.ScaleByKronState)]
-  conv_state, s_state = ks.leaves["conv"], ks.leaves["s"]
-  assert conv_state.L.shape == (36, 36) and conv_state.R.shape == (8, 8)
-  assert isinstance(s_state, K.DiagBlockState)
+  for dims, (rows, cols) in ((None, (36, 8)), (-1, (36, 8)), (1, (3, 96))):
+    tx = stax.scao(mode="scao-0.2.4", k_min=2, k_max=4, dimension_numbers=dims)
+    state = tx.init(params)
+    (ks,) = [x for x in jax.tree.leaves(state, is_leaf=lambda z: isinstance(z, K.ScaleByKronState))
+             if isinstance(x, K.ScaleByKronState)]
+    conv_state, s_state = ks.leaves["conv"], ks.leaves["s"]
+    assert conv_state.L.shape == (rows, rows) and conv_state.R.shape == (cols, cols), dims
+    assert isinstance(s_state, K.DiagBlockState)
+
+
+def _rank2_stacked_grads(layers, m, n, steps, seed=0):
+  """Rank-2 gradients of ``layers`` stacked m×n matrices, layer ``l`` scaled by 10**l: a
+  subspace iteration finds a rank-2 matrix's subspaces from any start, so the low-rank rule's
+  factors do not depend on its random draws."""
+  rng = np.random.default_rng(seed)
+  a, b = rng.normal(size=(layers, m, 2)), rng.normal(size=(layers, n, 2))
+  scale = (10.0 ** np.arange(layers))[:, None, None]
+  return [jnp.asarray(np.einsum("lik,lok->lio", a * rng.normal(size=(1, 1, 2)), b) * scale,
+                      jnp.float32) for _ in range(steps)]
+
+
+def _run(tx, params, grads_fn, grads):
+  state, update = tx.init(params), jax.jit(tx.update)
+  for g in grads:
+    u, state = update(grads_fn(g), state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "scao-0.2.4"])
+def test_stacked_layers_get_one_preconditioner_per_layer(mode):
+  """A stacked ``(L, in, out)`` kernel (``nnx.vmap``/``nn.scan``) steps as the same L layers
+  unstacked: one set of factors per layer, by default and under dims with a batch axis (until
+  stop 53 it was one L × in·out matrix by default and dims with batch axes raised); the seed's
+  split 1 (``dimension_numbers=1``) still gives that one matrix, whose steps differ."""
+  layers, m, n = 3, 12, 10
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(layers, m, n)), jnp.float32)
+  grads = _rank2_stacked_grads(layers, m, n, 12)
+  kw = dict(learning_rate=1e-2, warmup_steps=2, precond_freq=2, blend_steps=2, k_min=2,
+            k_max=4, mode=mode)
+  unstacked, _ = _run(stax.scao(**kw), {f"l{i}": {"kernel": w[i]} for i in range(layers)},
+                      lambda g: {f"l{i}": {"kernel": g[i]} for i in range(layers)}, grads)
+  want = np.stack([np.asarray(unstacked[f"l{i}"]["kernel"]) for i in range(layers)])
+  tol = 1e-6 if mode == "scao-0.2.4" else 2e-5   # (moved: ~4e-2)
+  for dims in (None, stax.MatrixDimensionNumbers(1, 2)):
+    got, state = _run(stax.scao(dimension_numbers=dims, **kw), {"layers": {"kernel": w}},
+                      lambda g: {"layers": {"kernel": g}}, grads)
+    np.testing.assert_allclose(np.asarray(got["layers"]["kernel"]), want, rtol=0, atol=tol)
+    assert np.max(np.abs(want - np.asarray(w))) > 1e-2
+    (ks,) = [x for x in jax.tree.leaves(state, is_leaf=lambda z: isinstance(
+        z, K.ScaleByKronState)) if isinstance(x, K.ScaleByKronState)]
+    assert jax.tree.leaves(ks.leaves["layers"]["kernel"])[0].shape[0] == layers
+    diag = stax.scao_diagnostics(state, got)
+    assert int(diag["phase"]) == 1 and int(diag["rank"]["layers/kernel"]) >= 2
+  seed_view, _ = _run(stax.scao(dimension_numbers=1, **kw), {"layers": {"kernel": w}},
+                      lambda g: {"layers": {"kernel": g}}, grads)
+  assert np.max(np.abs(np.asarray(seed_view["layers"]["kernel"]) - want)) > 100 * tol
+
+
+def test_dims_out_of_axis_order_are_transposed():
+  """Dims whose sides are not contiguous (rows = axes 0 and 2 of a (4, 5, 3) leaf) precondition
+  the 12×5 matrix of those axes: the same steps as the leaf transposed to (4, 3, 5) and split
+  at 2 (faithful mode, deterministic)."""
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32) for _ in range(8)]
+  kw = dict(learning_rate=1e-2, warmup_steps=2, precond_freq=2, blend_steps=2, k_min=2,
+            k_max=4, mode="scao-0.2.4")
+  got, _ = _run(stax.scao(dimension_numbers=stax.MatrixDimensionNumbers((0, 2), 1), **kw),
+                {"w": w}, lambda g: {"w": g}, grads)
+  want, _ = _run(stax.scao(dimension_numbers=2, **kw), {"w": jnp.transpose(w, (0, 2, 1))},
+                 lambda g: {"w": jnp.transpose(g, (0, 2, 1))}, grads)
+  np.testing.assert_allclose(np.asarray(got["w"]), np.transpose(np.asarray(want["w"]), (0, 2, 1)),
+                             rtol=0, atol=1e-6)
+  assert np.max(np.abs(np.asarray(got["w"] - w))) > 1e-2
 
 
 @pytest.mark.parametrize("mode", ["lowrank", "scao-0.2.4"])

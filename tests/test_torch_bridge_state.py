@@ -148,6 +148,42 @@ def test_torch_distributed_state_dict_api_round_trips():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("flatten", [False, True])
+def test_distributed_checkpoint_keeps_the_skipped_step_counter(flatten):
+  """``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``: the bridge's
+  ``nonfinite_skipped_steps`` (its top-level ``'bridge'`` entry) was lost there and a resumed
+  run counted from 0. Every saved group carries it too; it loads from there (flattened or not)
+  and stays out of the live param groups."""
+  from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                       get_optimizer_state_dict,
+                                                       set_optimizer_state_dict)
+  m1, m2 = _mlp(), _mlp()
+  o1 = torch_bridge.Optimizer(m1.parameters(), stax.adamw, lr=1e-2, global_nonfinite="skip")
+  o2 = torch_bridge.Optimizer(m2.parameters(), stax.adamw, lr=1e-2, global_nonfinite="skip")
+  x = torch.ones(2, 6)
+  for i in range(4):
+    o1.zero_grad()
+    m1(x).sum().backward()
+    if i in (1, 2):
+      m1[0].weight.grad[0, 0] = float("nan")
+    o1.step()
+  _train(m2, o2, 1)
+  assert (o1.nonfinite_skipped_steps, o2.nonfinite_skipped_steps) == (2, 0)
+  options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+  sd = get_optimizer_state_dict(m1, o1, options=options)
+  assert "bridge" not in sd
+  set_optimizer_state_dict(m2, o2, sd, options=options)
+  assert o2.nonfinite_skipped_steps == 2
+  assert all("nonfinite_skipped_steps" not in g for g in o2.param_groups)
+  # the plain state dict: the 'bridge' entry is read first; groups' keys alone load too
+  plain = o1.state_dict()
+  assert int(plain["bridge"]["nonfinite_skipped_steps"]) == 2
+  del plain["bridge"]
+  o3 = torch_bridge.Optimizer(_mlp().parameters(), stax.adamw, lr=1e-2, global_nonfinite="skip")
+  o3.load_state_dict(plain)
+  assert o3.nonfinite_skipped_steps == 2
+
+
 @pytest.mark.parametrize("named", [False, True])
 @pytest.mark.parametrize("writeback", ["copy", "swap"])
 def test_state_stays_with_its_parameter_when_the_groups_change(named, writeback):

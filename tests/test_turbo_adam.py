@@ -395,7 +395,11 @@ def test_fused_implementation_is_checked_at_construction():
     stax.turbo_adam(compress_m=False, compress_v=False, codec="stax", implementation="chunked")
   tx = stax.turbo_adam(codec="turboadam-0.2", min_compress_elements=1, implementation="pallas")
   params = {"w": jnp.ones((2, 100))}                                 # row not a block multiple
-  with pytest.raises(ValueError, match=r"multiple of block_size \(128\), got 100"):
+  with pytest.raises(ValueError, match=r"row view.*100 elements.*multiple of block_size \(128\)"):
+    tx.update(params, tx.init(params), params)
+  # the row is the row view's (trailing axes merged), not the leaf's last axis: say so
+  params = {"w": jnp.ones((3, 200))}
+  with pytest.raises(ValueError, match=r"trailing axes merged.*600 elements.*block_size \(128\)"):
     tx.update(params, tx.init(params), params)
 
 

@@ -431,31 +431,39 @@ def leaf_state_bytes(state, params, exclude_scalars=False):
 
 
 def _scao_view(name, shape):
-  """SCAO's documented default matrix view ``(m, n)`` of a leaf, ``None`` for "Adam alone".
+  """SCAO's documented default matrix view ``(batch, m, n)`` of a leaf (``batch`` stacked
+  ``m × n`` matrices), ``None`` for "Adam alone".
 
-  stax/transforms/kron/_view.py ``default_split``: the seed's ``(shape[0], -1)``, except that a
-  ``>= 2``-D leaf named ``bias`` is never a matrix and a Flax attention projection is split
-  where its matrix is (``query``/``key``/``value`` ``(in, heads·dh)``, ``out``
-  ``(heads·dh, out)``); 0-/1-D leaves are ``(1, n)``.
+  stax/transforms/kron/_view.py, stax.layout's default: 0-/1-D leaves are ``(1, n)``; a
+  ``>= 2``-D leaf named ``bias`` or ``scale`` is never a matrix; a Flax attention projection
+  is its matrix (``query``/``key``/``value`` ``(in, heads·dh)``, ``out`` ``(heads·dh, out)``),
+  leading axes stacked layers; 2-D is itself, 3-D is stacked layers ``(L, in, out)``, 4-D and
+  more a conv kernel ``(kh·kw·in, out)``.
   """
   size = int(np.prod(shape))
   parts = name.split("/")
-  if len(shape) >= 2 and parts[-1] == "bias":
+  if len(shape) >= 2 and parts[-1] in ("bias", "scale"):
     return None
   if len(shape) <= 1:
-    return 1, size
+    return 1, 1, size
   module = parts[-2] if len(parts) >= 2 else ""
-  if len(shape) == 3 and module in ("query", "key", "value"):
-    return shape[0], shape[1] * shape[2]
-  if len(shape) == 3 and module == "out":
-    return shape[0] * shape[1], shape[2]
-  return shape[0], size // shape[0]
+  lead = int(np.prod(shape[:-3])) if len(shape) >= 3 else 1
+  if len(shape) >= 3 and module in ("query", "key", "value"):
+    return lead, shape[-3], shape[-2] * shape[-1]
+  if len(shape) >= 3 and module == "out":
+    return lead, shape[-3] * shape[-2], shape[-1]
+  if len(shape) == 2:
+    return 1, shape[0], shape[1]
+  if len(shape) == 3:
+    return shape[0], shape[1], shape[2]
+  return 1, size // shape[-1], shape[-1]
 
 
 def _scao_factor_bytes(name, shape, mode, k_max, max_precond_dim):
-  """Documented SCAO factor bytes of one leaf (stax/transforms/kron/), default view.
+  """Documented SCAO factor bytes of one leaf (stax/transforms/kron/), default view (per
+  matrix, times the stacked matrices).
 
-  ``lowrank``: U (m×K), S (K) per side, the trace and two int32 ranks, K = min(k_max,
+  ``lowrank``: U (m×K), S (K) and the gains D (K) per side, the trace and two int32 ranks, K = min(k_max,
   min(m, n)//2); nothing for a side of 1 or a side above ``max_precond_dim``. Faithful
   (``scao-0.2.4``): a diagonal EMA (one float per element) for a side of 1; else per block of
   the ``max_precond_dim`` grid the full EMAs (m², n²), U (m×K), S (K) per side and one int32
@@ -464,12 +472,17 @@ def _scao_factor_bytes(name, shape, mode, k_max, max_precond_dim):
   view = _scao_view(name, shape)
   if view is None:
     return 0
-  m, n = view
+  batch, m, n = view
+  return batch * _scao_matrix_factor_bytes(m, n, mode, k_max, max_precond_dim)
+
+
+def _scao_matrix_factor_bytes(m, n, mode, k_max, max_precond_dim):
+  """:func:`_scao_factor_bytes` of one ``m × n`` matrix."""
   if mode == "lowrank":
     if min(m, n) <= 1 or max(m, n) > max_precond_dim:
       return 0
     k = min(k_max, min(m, n) // 2)
-    return 4 * ((m + n) * k + 2 * k + 1) + 8
+    return 4 * ((m + n) * k + 4 * k + 1) + 8
   if min(m, n) <= 1:
     return 4 * m * n
   total = 0

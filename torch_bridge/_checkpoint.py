@@ -46,6 +46,13 @@ _RUNTIME = ("_states", "_views", "_wb", "_hyper", "_units", "_units_sig", "_unit
 _PATCHES = ("step", "_opt_called")
 
 
+#: The bridge's skipped-step counter, also saved in every param group: torch's distributed
+#: checkpoint (``get_optimizer_state_dict``, FSDP2's path) keeps only ``state`` and
+#: ``param_groups`` (the top-level ``'bridge'`` entry was lost there, and a resumed run counted
+#: from 0); a param group's plain values survive it, flattened or not.
+SKIPPED_KEY = "nonfinite_skipped_steps"
+
+
 def torch_indices(params: list) -> list:
   """Each flat position's state-dict index: the position of the parameter's first listing."""
   first: dict = {}
@@ -79,7 +86,9 @@ def pack(opt: Any) -> dict:
   state.update(opt._user.other)
   out = {"state": state, "param_groups": groups}
   if opt._skipped is not None:
-    out["bridge"] = {"nonfinite_skipped_steps": convert.to_torch(opt._skipped).clone()}
+    out["bridge"] = {SKIPPED_KEY: convert.to_torch(opt._skipped).clone()}
+    for g in groups:
+      g[SKIPPED_KEY] = int(opt._skipped)
   return out
 
 
@@ -96,7 +105,7 @@ def unpack(opt: Any, sd: dict) -> None:
   # (and the state) as they were
   before = [dict(g) for g in opt.param_groups]
   for g, sg in zip(opt.param_groups, saved):
-    g.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+    g.update({k: v for k, v in sg.items() if k not in ("params", "param_names", SKIPPED_KEY)})
   try:
     _unpack_state(opt, sd, saved)
   except BaseException:
@@ -148,8 +157,11 @@ def _unpack_state(opt: Any, sd: dict, saved: list) -> None:
   opt._user = user
   bridge = sd.get("bridge")
   opt._skipped = None
+  counts = [sg[SKIPPED_KEY] for sg in saved if SKIPPED_KEY in sg]
+  if bridge is None and counts:   # through torch.distributed.checkpoint (SKIPPED_KEY)
+    bridge = {SKIPPED_KEY: torch.tensor(int(counts[0]), dtype=torch.int32)}
   if bridge is not None:
-    sk = convert.to_jax(bridge["nonfinite_skipped_steps"])
+    sk = convert.to_jax(bridge[SKIPPED_KEY])
     opt._skipped = jax.device_put(sk, list(sk.devices())[0], may_alias=False)
 
 

@@ -36,7 +36,9 @@ The preconditioned gradient :math:`\tilde G` comes from one of two modes:
 full EMAs from ``1e-4·I`` with bias correction, adaptive Tikhonov, full ``eigh`` every
 ``precond_freq`` steps, the spectral-mass rank with the −1/+4 rate limit, identity on the
 complement, the ``tau`` clip on the natural-gradient norm, the diagonal path for vectors,
-block grids above ``max_precond_dim`` and ``(shape[0], -1)`` for ``ndim >= 3``. It matches the
+block grids above ``max_precond_dim`` and ``(shape[0], -1)`` for ``ndim >= 3`` (the seed's view
+of a torch tensor; stax gives a JAX leaf its layer's matrix by default, see ``dimension_numbers``,
+which is the seed's matrix of the same layer up to the order of its fan-in). It matches the
 ``scao`` 0.2.4 package (parity-tested over 240 steps through both phases).
 
 Both modes: the phase switch, the blend and the periodic curvature update run inside ``jit``
@@ -140,11 +142,17 @@ def scao(
     mode: ``"lowrank"`` (default, improved) or ``"scao-0.2.4"`` (faithful).
     mask: pytree or callable selecting the leaves that decay (default: all, as the seed).
     dimension_numbers: how a tensor becomes a matrix, any form of :mod:`stax.layout`: an int
-      split axis (rows = the axes before it), a :class:`stax.MatrixDimensionNumbers` whose
-      reduction and output axes split the tensor in two, a tree of either, or a callable
-      (default ``None`` → 1, the seed's ``(shape[0], -1)``, except that leaves named
-      ``bias`` are never matrices and Flax attention kernels ``(in, heads, dh)`` /
-      ``(heads, dh, out)`` are split where their matrix is; ``-1`` for Flax convs).
+      split axis (rows = the axes before it; ``1`` is the seed's ``(shape[0], -1)``, its view
+      of torch tensors), a :class:`stax.MatrixDimensionNumbers` (rows and columns its
+      reduction and output axes; other axes are batch axes: stacked matrices, each with its
+      own factors), a tree of either, or a callable. Default ``None``: the layout every stax
+      transform gives a JAX leaf (:func:`stax.layout.default_dimension_numbers`): a ``Dense``
+      kernel itself, a Flax conv kernel ``(kh, kw, in, out)`` one ``kh·kw·in × out`` matrix,
+      attention kernels ``(in, heads, dh)``/``(heads, dh, out)`` their matrix, stacked layers
+      ``(L, in, out)`` L matrices; leaves named ``bias``/``scale`` of rank >= 2 use Adam alone;
+      vectors are ``(1, n)``. (Until stop 53 the default was ``1`` but for attention kernels:
+      a conv kernel was ``kh × kw·in·out``, stacked layers one ``L × in·out`` matrix.) The
+      torch bridge passes torch's layouts (``(out, in·kh·kw)``, the seed's).
     seed: seed of the key of ``lowrank``'s randomized subspace iteration (default 0).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
       Every part is gate-aware: a skipped step refreshes no factor and moves no counter.

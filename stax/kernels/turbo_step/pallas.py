@@ -103,7 +103,10 @@ def turbo_update_pallas(storage: Any, g: jax.Array, step: Any, ctx: Any
   shape = g.shape
   n, bs, mb, bits = shape[-1], storage.block_size, storage.m_block_size, storage.bits
   if n % bs:
-    raise NotImplementedError(f"the last axis must be a multiple of block_size ({bs}), got {n}")
+    raise NotImplementedError(
+        f"a row of the codec's row view (the leaf's trailing axes merged, "
+        f"stax.codecs.row_view: {n} elements for this leaf) must be a multiple of "
+        f"block_size ({bs})")
   if not (_pow2(bs) and _pow2(mb) and mb >= PHASES and bs % mb == 0):
     raise NotImplementedError(f"the kernel needs power-of-two blocks with m_block_size >= "
                               f"{PHASES} dividing block_size, got {bs} and {mb}")

@@ -9,7 +9,7 @@ per-leaf rule it drives:
   :class:`~stax.transforms.kron._schedule.LeafRule`; the state
   :class:`ScaleByKronState` (counters, an optional key, and the per-leaf curvature states in a
   tree laid out like the params);
-* :mod:`._view` — how a tensor becomes a matrix (the split axis, ``dimension_numbers``);
+* :mod:`._view` — how a tensor becomes a matrix, or stacked matrices (``dimension_numbers``);
 * :mod:`.scao` — :func:`scale_by_kron_scao` (``mode="scao-0.2.4"``), the algorithm of the
   ``scao`` 0.2.4 package: full EMAs, ``eigh``, the spectral-mass rank, the ``tau`` clip,
   diagonal and block-grid paths;
@@ -69,8 +69,21 @@ def leaf_states(state: ScaleByKronState) -> list:
   return jax.tree.leaves(state.leaves, is_leaf=lambda x: isinstance(x, _LEAF_STATES))
 
 
+def _stacked(st: Any) -> bool:
+  """Whether a leaf's curvature state holds stacked matrices' states (a leading layer axis)."""
+  if isinstance(st, BlockGridState):
+    return _stacked(st.blocks[0])
+  ndim = {LowRankState: lambda s: s.U_l.ndim, KronBlockState: lambda s: s.L.ndim,
+          DiagBlockState: lambda s: s.ema.ndim}.get(type(st))
+  return ndim is not None and ndim(st) == 3
+
+
 def _leaf_diag(st: Any, bias: jax.Array) -> tuple[Any, Any]:
-  """(rank, curvature norm) of one leaf state; rank -1 and norm 0 for a passed-through leaf."""
+  """(rank, curvature norm) of one leaf state; rank -1 and norm 0 for a passed-through leaf;
+  for stacked matrices the mean rank (floored) and the norm of all layers' factors together."""
+  if _stacked(st):
+    ks, ns = jax.vmap(lambda s: _leaf_diag(s, bias))(st)
+    return (jnp.sum(ks) // ks.shape[0]).astype(jnp.int32), jnp.sqrt(jnp.sum(ns * ns))
   if isinstance(st, LowRankState):
     return _lowrank.leaf_diagnostics(st, bias)
   if isinstance(st, (KronBlockState, DiagBlockState, BlockGridState)):
@@ -83,8 +96,9 @@ def kron_diagnostics(state: ScaleByKronState, rho: float = 0.999) -> dict:
 
   Returns a dict of arrays: ``phase`` (int32, 0 warm-up / 1 preconditioned), ``blend``,
   ``step``, ``curvature_updates``, ``rank`` (int32 per leaf in flatten order; −1 where a leaf is
-  passed through; the mean over blocks for a block grid; the larger side's rank in ``lowrank``)
-  and ``curvature_norm`` (float32 per leaf: Frobenius norm of the debiased left factor).
+  passed through; the mean over blocks for a block grid and over layers for stacked matrices;
+  the larger side's rank in ``lowrank``) and ``curvature_norm`` (float32 per leaf: Frobenius
+  norm of the debiased left factor; of all layers' together for stacked matrices).
   """
   t = state.precond_count.astype(jnp.float32)
   bias = jnp.maximum(1.0 - jnp.asarray(rho, jnp.float32) ** t, 1e-8)

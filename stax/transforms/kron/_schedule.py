@@ -251,34 +251,69 @@ def layout(tree: Any) -> jax.tree_util.PyTreeDef:
 
 
 class _Leaf(NamedTuple):
-  """A leaf's static description: split axis and the rule's plan (``None``: passed through)."""
+  """A leaf's static description: its matrix view (:class:`._view.View`) and the rule's plan
+  of one ``m × n`` matrix of it (``None``: passed through)."""
 
-  split: Any
+  view: Any
   plan: Any
+
+  @property
+  def batch(self) -> Optional[int]:
+    """The number of stacked matrices (``None``: one, unstacked)."""
+    return None if self.plan is None else self.view.batch
 
 
 def _leaf_plans(rule: LeafRule, dimension_numbers: Any, tree: Any) -> list[_Leaf]:
   out = []
-  for x, split in zip(jax.tree.leaves(tree), _view.leaf_splits(dimension_numbers, tree)):
-    if split == _view.PASS:
-      out.append(_Leaf(1, None))
+  for view in _view.leaf_views(dimension_numbers, tree):
+    if view == _view.PASS:
+      out.append(_Leaf(None, None))
       continue
-    out.append(_Leaf(split, rule.plan(*_view.view_shape(tuple(np.shape(x)), split))))
+    out.append(_Leaf(view, rule.plan(view.m, view.n)))
   return out
 
 
-def _as_built(rule: LeafRule, plan: Any, st: Any) -> Any:
+def _stacked(st: Any, batch: int) -> Any:
+  """``batch`` copies of one matrix's state ``st``, stacked on a new leading axis."""
+  return jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a)[None], batch, axis=0), st)
+
+
+def _layer(st: Any, i: int) -> Any:
+  """Layer ``i`` of a stacked state."""
+  return jax.tree.map(lambda a: a[i], st)
+
+
+def _one_layer_shapes(st: Any, batch: int) -> Any:
+  """A stacked state's per-layer shapes (``None`` unless every array has ``batch`` layers)."""
+  arrays = jax.tree.leaves(st)
+  if not all(np.ndim(a) >= 1 and np.shape(a)[0] == batch for a in arrays):
+    return None
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), st)
+
+
+def _init(rule: LeafRule, leaf: _Leaf) -> Any:
+  """A leaf's initial curvature state: the rule's, one per stacked matrix."""
+  if leaf.plan is None:
+    return optax.EmptyState()
+  st = rule.init(leaf.plan)
+  return st if leaf.batch is None else _stacked(st, leaf.batch)
+
+
+def _as_built(rule: LeafRule, leaf: _Leaf, st: Any) -> Any:
   """``st`` in the containers ``rule.init`` builds: a checkpoint restored without a target
   hands a NamedTuple back as a mapping (see :func:`stax._trees.conform`)."""
-  if plan is None or rule.fits(plan, st):
+  if _fits(rule, leaf, st):
     return st
-  return conform(st, jax.eval_shape(lambda: rule.init(plan)))
+  return conform(st, jax.eval_shape(lambda: _init(rule, leaf)))
 
 
-def _fits(rule: LeafRule, plan: Any, st: Any) -> bool:
-  if plan is None:
+def _fits(rule: LeafRule, leaf: _Leaf, st: Any) -> bool:
+  if leaf.plan is None:
     return not jax.tree.leaves(st)
-  return rule.fits(plan, st)
+  if leaf.batch is None:
+    return rule.fits(leaf.plan, st)
+  one = _one_layer_shapes(st, leaf.batch)
+  return one is not None and rule.fits(leaf.plan, one)
 
 
 def _mismatch(detail: str) -> ValueError:
@@ -297,10 +332,10 @@ def _leaf_states(rule: LeafRule, updates: Any, leaves: list, plans: list, tree: 
   out = []
   for i, (g, leaf, st) in enumerate(zip(leaves, plans, states)):
     try:
-      st = _as_built(rule, leaf.plan, st)
+      st = _as_built(rule, leaf, st)
     except (KeyError, AttributeError, TypeError, ValueError):
       pass  # reported just below
-    if not _fits(rule, leaf.plan, st):
+    if not _fits(rule, leaf, st):
       raise _mismatch(f"gradient leaf {i} in flatten order, of shape {tuple(np.shape(g))}, "
                       f"does not fit the state of parameter leaf {i}")
     out.append(st)
@@ -337,6 +372,16 @@ def _units(rule: LeafRule, plan: Any, st: Any, g2: jax.Array, key: Any) -> list:
   """The rule's independent units of one leaf's update (``rule.units``), else the leaf."""
   units = getattr(rule, "units", None)
   return units(plan, st, g2, key) if units is not None else [(plan, st, g2, key)]
+
+
+def _layers(leaf: _Leaf, st: Any, g2: jax.Array, key: Any) -> list:
+  """``(state, g, key)`` of each matrix of a leaf: the leaf itself, or each layer of stacked
+  matrices, whose keys are drawn from the leaf's (:func:`stax.codecs.rng.leaf_keys`)."""
+  if leaf.batch is None:
+    return [(st, g2, key)]
+  keys = None if key is None else rng.leaf_keys(key, jnp.zeros([], jnp.int32), leaf.batch)
+  return [(_layer(st, l), g2[l], None if keys is None else _leafwise.pick(keys, l))
+          for l in range(leaf.batch)]
 
 
 def _join(rule: LeafRule, plan: Any, pieces: list) -> Any:
@@ -420,8 +465,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
     return _leaf_plans(rule, dimension_numbers, tree)
 
   def init_fn(params):
-    states = [optax.EmptyState() if leaf.plan is None else rule.init(leaf.plan)
-              for leaf in plans(params)]
+    states = [_init(rule, leaf) for leaf in plans(params)]
     key = jax.random.key_data(jax.random.PRNGKey(seed)) if rule.needs_key else None
     zero = lambda: jnp.zeros([], jnp.int32)  # distinct buffers (donation)
     return ScaleByKronState(count=zero(), precond_count=zero(), phase2_count=zero(),
@@ -458,7 +502,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       # Entries beyond ±2**63 act as ±2**63 (as in the Adam core that follows): every product
       # and square below stays finite for any finite gradient; below the bound, bit for bit.
       # (Saturated inside the branches below, where it fuses into what reads it.)
-      mats.append(_view.as_2d(g_rep, leaf.split))
+      mats.append(_view.as_matrix(g_rep, leaf.view))
       specs.append(spec)
 
     # 1) Precondition with the current factors (curvature is updated afterwards): one
@@ -487,6 +531,8 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
         # traced once per plan and dtype, not per leaf (stax._leafwise.traced_once)
         apply = _leafwise.traced_once(_apply_fn, rule, leaf_plans[i].plan,
                                       jnp.dtype(g_leaves[i].dtype).name)
+        if leaf_plans[i].batch is not None:   # stacked matrices: each its own factors
+          apply = jax.vmap(apply, in_axes=(0, 0, None))
         gp = apply(states[i], g2, state.precond_count)
         effs.append(blend * gp + (1.0 - blend) * g2)
       return effs
@@ -513,12 +559,14 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
           continue
         g2 = num.saturate(g2)
         key = _leafwise.pick(keys, i) if size else None
-        # a leaf's independent pieces of work (a block grid's blocks), each with its own owner
-        for plan, st_u, g_u, key_u in _units(rule, leaf.plan, st, g2, key):
-          items.append([st_u, g_u, key_u, state.precond_count])
-          groups.append((plan, jnp.dtype(g.dtype).name))
-          costs.append(_cost(rule, plan, g_u))
-          at.append(i)
+        # a leaf's independent pieces of work (a block grid's blocks; each layer of stacked
+        # matrices, with a key of its own), each with its own owner
+        for layer, (st_l, g_l, key_l) in enumerate(_layers(leaf, st, g2, key)):
+          for plan, st_u, g_u, key_u in _units(rule, leaf.plan, st_l, g_l, key_l):
+            items.append([st_u, g_u, key_u, state.precond_count])
+            groups.append((plan, jnp.dtype(g.dtype).name))
+            costs.append(_cost(rule, plan, g_u))
+            at.append((i, layer))
       # every unit's dimensions as runtime values (LeafContext.dims), then the items as tuples
       dims = _runtime_dims([tuple(it[1].shape) for it in items], state.count)
       items = [(*it, d) for it, d in zip(items, dims)]
@@ -528,9 +576,11 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       else:
         outs = [fns[grp](item) for grp, item in zip(groups, items)]
       new = list(states)
-      for i in dict.fromkeys(at):
-        pieces = [o for o, j in zip(outs, at) if j == i]
-        joined = _join(rule, leaf_plans[i].plan, pieces)
+      for i in dict.fromkeys(i for i, _ in at):
+        layers = [_join(rule, leaf_plans[i].plan, [o for o, j in zip(outs, at) if j == (i, l)])
+                  for l in dict.fromkeys(l for j, l in at if j == i)]
+        joined = layers[0] if leaf_plans[i].batch is None else jax.tree.map(
+            lambda *xs: jnp.stack(xs), *layers)
         new[i] = _like(joined, states[i], reshard=refresh == "owners")
       return tuple(new)
 
@@ -543,12 +593,13 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       # The entry is compared with one NaN bit pattern (all payload bits set), which only a
       # NaN gradient can bring (the gate skips that refresh anyway; without the gate it would
       # only spread the NaN), so for any other input the predicate is do_update.
-      first = jax.lax.bitcast_convert_type(effs[0][0, 0].astype(jnp.float32), jnp.uint32)
+      first = jax.lax.bitcast_convert_type(effs[0][(0,) * effs[0].ndim].astype(jnp.float32),
+                                           jnp.uint32)
       do_update = do_update & (first != jnp.uint32(0xFFFFFFFF))
     new = jax.lax.cond(do_update, do, lambda st: st, tuple(old))
     out = list(g_leaves)
     for i, eff in zip(live, effs):
-      out[i] = _restore(eff.reshape(g_leaves[i].shape), specs[i])
+      out[i] = _restore(_view.from_matrix(eff, leaf_plans[i].view, g_leaves[i].shape), specs[i])
     new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, tuple(old))
     precond_count = jnp.where(do_update, numerics.safe_increment(state.precond_count),
                               state.precond_count)

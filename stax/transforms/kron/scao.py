@@ -364,9 +364,10 @@ def scale_by_kron_scao(
     schedule: the warm-up / blend / refresh schedule (:class:`~._schedule.Schedule`).
     hyperparams: the curvature hyperparameters (:class:`~._schedule.KronHyperparams`, all
       fields used: ``tau`` clips the natural-gradient norm, ``eps`` floors it).
-    dimension_numbers: how a tensor becomes a matrix: the split axis ``s`` (rows =
-      ``prod(shape[:s])``), as an int, a pytree of ints or a callable ``params -> pytree``;
-      default ``None`` = 1, the seed's ``(shape[0], -1)`` (use ``-1`` for Flax conv kernels).
+    dimension_numbers: how a tensor becomes a matrix (or stacked matrices), any form of
+      :mod:`stax.layout`, as for :func:`stax.scao` (an int split axis ``s``: rows =
+      ``prod(shape[:s])``; ``1`` is the seed's ``(shape[0], -1)``); default ``None``:
+      :func:`stax.layout.default_dimension_numbers` (:mod:`._view`).
     refresh: under an explicit mesh, ``"owners"`` (default: each leaf's ``eigh`` pair on one
       device, :mod:`stax.owners`) or ``"replicated"`` (on every device).
 
