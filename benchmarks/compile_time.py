@@ -3,7 +3,10 @@
 For ResNet-18 (11.7M parameters, conv kernels ``(out, in, kh, kw)``) and GPT-2 small (124M,
 Hugging Face layout), as a JAX user's ``{module: {leaf: array}}`` tree
 (:mod:`benchmarks.model_shapes`), each optimizer of the benchmark (optax's and stax's, every
-mode) gets the speed benchmark's step: ``update`` + ``apply_updates``, jitted with parameters and
+mode) gets the speed benchmark's step (SCAO with ``dimension_numbers=1``, the seed's
+``(out, in·kh·kw)`` view of these torch-layout tensors and its floor program's: since stop 53
+its JAX default reads a 4-D leaf as a Flax ``(kh, kw, in, out)`` kernel; the other optimizers
+take their JAX defaults, as before): ``update`` + ``apply_updates``, jitted with parameters and
 state donated. Measured: the first step's cost before it runs, ``trace`` + ``lower`` +
 ``compile`` in seconds (on abstract shapes: no parameter memory is allocated), its ratio to
 ``optax.adamw``'s in the same process (the speed issue's target: ≤ 3), and the distinct kernels
@@ -85,7 +88,9 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
     tree, order = M.nested(shapes)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree,
                           is_leaf=lambda x: isinstance(x, tuple))
-    task = type("Task", (), {"module_order": order, "name": model})()
+    # torch_layout: the shapes are torch's (conv (out, in, kh, kw)): SCAO gets its seed's view
+    # of them (benchmarks.optimizers._stax_builder)
+    task = type("Task", (), {"module_order": order, "name": model, "torch_layout": True})()
     rows = {}
     baseline = lambda: _stages(opts[0].build(1e-3, task), params)["total_s"]
     for o in opts:
