@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-__all__ = ["conform", "unflatten_state"]
+__all__ = ["conform", "unflatten_state", "flatten_state"]
 
 
 def _child(x: Any, key: Any) -> Any:
@@ -77,3 +77,34 @@ def unflatten_state(like: Any, values: list, is_leaf: Optional[Callable[[Any], b
             and tuple(v.shape) == tuple(np.shape(own)))
     out.append(jax.tree.unflatten(inner, [v]) if same else v)
   return jax.tree.unflatten(outer, out)
+
+
+def flatten_state(treedef: Any, tree: Any) -> list:
+  """The per-leaf values of a state ``tree`` built by :func:`unflatten_state` over a tree of
+  structure ``treedef`` (the gradients' or parameters'), in flatten order.
+
+  ``treedef.flatten_up_to(tree)``, except where ``treedef`` has a Flax NNX ``Variable`` (an
+  ``nnx.State`` of ``Param``\\ s handed to ``tx.update`` as it is, the functional NNX idiom
+  ``nnx.split(model, nnx.Param, ...)``) and ``tree`` the bare value :func:`unflatten_state`
+  kept outside it (a per-tensor mean, a codec's codes): that value is the leaf's. (Flattened
+  against the Variables, those states raised "Custom node type mismatch" at the first update.)
+  ``ValueError`` where the structures really differ.
+  """
+  try:
+    return treedef.flatten_up_to(tree)
+  except ValueError:
+    var = _variable_type()
+    if var is None:
+      raise
+  like = treedef.unflatten(list(range(treedef.num_leaves)))
+  nodes, outer = jax.tree.flatten(like, is_leaf=lambda x: isinstance(x, var))
+  out = []
+  for node, sub in zip(nodes, outer.flatten_up_to(tree)):
+    inner = jax.tree.structure(node)
+    if isinstance(node, var) and not isinstance(sub, var) and inner.num_leaves == 1:
+      out.append(sub)      # kept bare by unflatten_state
+    elif isinstance(node, var):
+      out.extend(inner.flatten_up_to(sub))
+    else:
+      out.append(sub)
+  return out

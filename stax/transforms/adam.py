@@ -80,7 +80,7 @@ from optax._src import numerics
 from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as num
-from stax._trees import conform, unflatten_state
+from stax._trees import conform, flatten_state, unflatten_state
 from stax.codecs import rng
 from stax.codecs.base import (StorageLike, StorageStep, as_storage, full_precision_storage,
                               read_step_write, resolve_storages,
@@ -854,8 +854,8 @@ def _moment_dtype(stored: jax.Array, g: jax.Array):
 def _encoded_leaves(stores, like_leaves, treedef, state):
   """Per-leaf encoded (mu, nu), each in the containers its storage's ``init`` builds (see
   :func:`stax._trees.conform`: Flax NNX hands a codec's NamedTuple back as an ``nnx.State``)."""
-  mu_enc = treedef.flatten_up_to(state.mu)
-  nu_enc = treedef.flatten_up_to(state.nu)
+  mu_enc = flatten_state(treedef, state.mu)
+  nu_enc = flatten_state(treedef, state.nu)
   out_mu, out_nu = [], []
   for s, like, me, ne in zip(stores, like_leaves, mu_enc, nu_enc):
     if like is not None and (not hasattr(me, "dtype") or not hasattr(ne, "dtype")):

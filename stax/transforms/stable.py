@@ -50,6 +50,7 @@ from stax import _leafwise
 from stax import _validation as V
 from stax import layout
 from stax import numerics as num
+from stax._trees import flatten_state
 from stax.codecs.base import FullPrecision, SeparateStorage, StorageLike, resolve_storage
 from stax.transforms.adam import (ScaleByAdamState, _moment_dtype, adam_config, adam_init,
                                   adam_update, debias_beta)
@@ -156,7 +157,7 @@ def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, ep
   ``adamw+check+stats``); formed here the check's probe rides in the same pass, as STAM's
   statistics give theirs (:class:`stax.transforms.guards.DeferredGate`). The values are the
   same: on a step that is not skipped the core's new v is exactly this one."""
-  mu_l, nu_l = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+  mu_l, nu_l = flatten_state(treedef, state.mu), flatten_state(treedef, state.nu)
   ops = []
   for g, mu, nu in zip(g_leaves, mu_l, nu_l):
     if g is None:

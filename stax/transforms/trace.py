@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _leafwise
-from stax._trees import unflatten_state
+from stax._trees import flatten_state, unflatten_state
 from stax import _validation as V
 from stax import numerics as num
 from stax.codecs.base import _follow
@@ -185,7 +185,7 @@ def stored_trace(decay: Any, nesterov: bool = False, *, bits: int = 8,
   def update_fn(updates, state, params=None):
     del params
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-    enc = treedef.flatten_up_to(state.trace)
+    enc = flatten_state(treedef, state.trace)
     # every leaf's key at once (the state key hashed with the step and the leaf's index,
     # stax.codecs.rng.leaf_keys: no threefry loop), each picked
     keys = (rng.leaf_keys(state.key, state.count, len(g_leaves))
