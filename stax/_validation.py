@@ -158,6 +158,54 @@ def mask_tree(name: str, mask: Any, tree: Any) -> Any:
                      f"of them: {e}") from None
 
 
+def check_labels(name: str, value: Any, choices: Iterable[str]) -> Any:
+  """Validates a labels argument (OAdamW's ``labels``): ``None``, a callable ``params -> pytree
+  of labels``, or a pytree of labels in ``choices`` laid out like the params (or a prefix of
+  them: a label covers its sub-tree, as a mask's bool does). A number, an array or an unknown
+  label is refused here; ``labels=5``, a tree of another structure or ``"muonn"`` had failed at
+  ``init`` with JAX's or optax's errors, which do not name the argument.
+
+  Returns ``None`` for ``None``, else a callable ``params -> full tree of labels``
+  (:func:`label_tree`), which raises at ``init`` naming ``name`` (and the path of a bad leaf).
+  """
+  choices = tuple(choices)
+  if value is None:
+    return None
+  if not callable(value):
+    if isinstance(value, (numbers.Number, bytes, np.ndarray, jax.Array)) or (
+        isinstance(value, str) and value not in choices):
+      raise TypeError(f"`{name}` must be None, a callable params -> pytree of labels, or a "
+                      f"pytree of labels in {choices} laid out like the params; got "
+                      f"{type(value).__name__} {value!r}.")
+    _check_label_leaves(name, value, choices)
+  return functools.partial(label_tree, name, value, choices)
+
+
+def _check_label_leaves(name: str, labels: Any, choices: tuple) -> None:
+  for path, lab in jax.tree_util.tree_flatten_with_path(labels)[0]:
+    if not isinstance(lab, str) or lab not in choices:
+      where = jax.tree_util.keystr(path) or "the root"
+      raise ValueError(f"`{name}` must hold labels in {choices}; at {where} it holds "
+                       f"{type(lab).__name__} {lab!r}.")
+
+
+def label_tree(name: str, labels: Any, choices: tuple, tree: Any) -> Any:
+  """The tree of labels, laid out like ``tree``, that ``labels`` (a tree of labels or a prefix
+  of one, or a callable ``tree -> such a tree``) gives.
+
+  Raises:
+    ValueError: naming ``name``, for a label not in ``choices`` (with its path) or a structure
+      that is neither ``tree``'s nor a prefix of it.
+  """
+  lab = labels(tree) if callable(labels) else labels
+  _check_label_leaves(name, lab, choices)
+  try:
+    return jax.tree.map(lambda l, sub: jax.tree.map(lambda _: l, sub), lab, tree)
+  except ValueError as e:
+    raise ValueError(f"`{name}` must be a tree of labels laid out like the parameters, or a "
+                     f"prefix of them: {e}") from None
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   """Validates that ``value`` is one of ``choices``."""
   choices = tuple(choices)

@@ -53,6 +53,26 @@ def test_empty_leaf_gets_noop_update(entry):
   assert cp.max_abs_diff(p_ref, p_emp) <= 1e-6
 
 
+@pytest.mark.parametrize("make", [
+    lambda: stax.scale_by_orthogonalization(),
+    lambda: stax.scale_by_orthogonalization(mode="per_leaf"),
+    lambda: stax.scale_by_orthogonalization(update_proj_gap=2),
+    lambda: stax.oadamw(1e-2, labels="muon")], ids=["stacked", "per_leaf", "gap", "oadamw"])
+def test_an_empty_matrix_is_no_newton_schulz_input(make):
+  """An empty leaf under Muon (``scale_by_orthogonalization``, or OAdamW with the leaf labelled
+  ``"muon"``) raised "zero-size array to reduction operation max" in the normalisation (sweep
+  N); now its update is empty and the other leaves step as without it."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+  grads = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)}
+  with_empty = dict(params, z=jnp.zeros((0, 3)))
+  tx = make()
+  want, _ = tx.update(grads, tx.init(params), params)
+  got, _ = tx.update(dict(grads, z=jnp.zeros((0, 3))), tx.init(with_empty), with_empty)
+  assert got["z"].shape == (0, 3)
+  np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
+
+
 def test_empty_leaf_torch_scao():
   """torch_bridge.SCAO with an empty parameter steps through the preconditioned phase."""
   torch.manual_seed(0)
@@ -439,3 +459,41 @@ def test_a_mask_of_the_wrong_layout_raises_at_init_naming_it(factory, name):
     moved = {k: float(jnp.abs(v).max()) > 0 for k, v in
              zip(("head.w", "l1.b", "l1.w"), jax.tree.leaves(u))}
     assert moved == {"head.w": False, "l1.b": False, "l1.w": True}, moved
+
+
+def test_oadamw_labels_are_checked_naming_the_argument():
+  """``labels=5``, an unknown label (``"muonn"``) and a tree of another layout were accepted by
+  ``stax.oadamw`` and failed at ``init`` with JAX's pytree error or optax's "Some parameters
+  have no corresponding transformation", neither naming the argument (sweep N). Now a
+  ``TypeError``/``ValueError`` naming ``labels`` (and the bad leaf's path), at construction
+  where the value alone decides it. A full tree, a prefix (a label over a sub-tree) and a
+  callable give the same groups."""
+  params = {"l1": {"kernel": jnp.ones((8, 16)), "bias": jnp.zeros(16)},
+            "l2": {"kernel": jnp.ones((16, 8))}}
+  for bad in (5, "muonn", jnp.ones(3)):
+    with pytest.raises(TypeError, match="`labels` must be None, a callable"):
+      stax.oadamw(1e-2, labels=bad)
+  with pytest.raises(ValueError, match=r"`labels` must hold labels in \('muon', 'adam'\); "
+                                       r"at \['l1'\]\['kernel'\] it holds str 'muonn'"):
+    stax.oadamw(1e-2, labels={"l1": {"kernel": "muonn", "bias": "adam"}, "l2": "adam"})
+  for bad in ({"l1": "muon"}, lambda p: {"l1": "muon"}):
+    with pytest.raises(ValueError, match="`labels` must be a tree of labels laid out like"):
+      stax.oadamw(1e-2, labels=bad).init(params)
+  with pytest.raises(ValueError, match=r"at \['l2'\] it holds str 'Muon'"):
+    stax.oadamw(1e-2, labels=lambda p: {"l1": "adam", "l2": "Muon"}).init(params)
+  full = {"l1": {"kernel": "muon", "bias": "adam"}, "l2": {"kernel": "adam"}}
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+  outs = []
+  for labels in (full, {"l1": {"kernel": "muon", "bias": "adam"}, "l2": "adam"},
+                 lambda p: full):
+    tx = stax.oadamw(1e-2, labels=labels)
+    outs.append(tx.update(grads, tx.init(params), params)[0])
+  for o in outs[1:]:
+    jax.tree.map(np.testing.assert_array_equal, outs[0], o)
+  # the Muon leaf steps otherwise than with every leaf on Adam; the Adam leaves the same
+  tx = stax.oadamw(1e-2, labels="adam")
+  adam = tx.update(grads, tx.init(params), params)[0]
+  assert float(jnp.max(jnp.abs(adam["l1"]["kernel"] - outs[0]["l1"]["kernel"]))) > 1e-3
+  np.testing.assert_array_equal(adam["l2"]["kernel"], outs[0]["l2"]["kernel"])
+  np.testing.assert_array_equal(adam["l1"]["bias"], outs[0]["l1"]["bias"])

@@ -323,8 +323,11 @@ def oadamw(
       (``sqrt(max(1, fan_out/fan_in))``) or ``"none"``; ``"momentum"`` only.
     rms: target update RMS > 0 for ``"match_rms"`` (default 0.2).
     grouping: ``"auto"`` (default) or ``"seed"`` (every ndim >= 2 leaf).
-    labels: optional pytree or callable ``params -> pytree`` of ``"muon"``/``"adam"``
-      (overrides ``grouping``; list it in ``static_args`` of inject_hyperparams if callable).
+    labels: optional pytree or callable ``params -> pytree`` of ``"muon"``/``"adam"``, laid
+      out like the params or a prefix of them (a label covers its sub-tree); overrides
+      ``grouping``; list it in ``static_args`` of inject_hyperparams if callable. Another value,
+      label or structure raises ``TypeError``/``ValueError`` naming ``labels`` (at construction,
+      or at ``init`` for the structure).
     exclude: path predicates sending a leaf to StableAdamW (default: embeddings, output heads).
     min_dim: smallest matrix side >= 1 for the Muon group under ``"auto"`` (default 4).
     dimension_numbers: the matrix view of each leaf, any form :mod:`stax.layout` accepts: a
@@ -399,9 +402,11 @@ def oadamw(
   max_lr = _max_lr(learning_rate, decouple_lr, max_lr)
   b1, b2 = betas
 
+  checked_labels = V.check_labels("labels", labels, (MUON, ADAM))
+
   def label_fn(tree):
-    if labels is not None:
-      return labels(tree) if callable(labels) else labels
+    if checked_labels is not None:
+      return checked_labels(tree)
     return oadamw_labels(tree, grouping=grouping, exclude=exclude, min_dim=min_dim,
                          dimension_numbers=dimension_numbers)
 

@@ -430,7 +430,9 @@ def scale_by_orthogonalization(
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
     xs = [x for _, x in flat]
     dims = resolve_tree(dimension_numbers, updates)
-    idx = [i for i, d in enumerate(dims) if d is not None and _is_array(xs[i])]
+    # (an empty leaf is no matrix: its empty update passes, as optax's Adam gives one)
+    idx = [i for i, d in enumerate(dims)
+           if d is not None and _is_array(xs[i]) and np.size(xs[i]) > 0]
     out = list(xs)
     new_left = state.left
     if update_proj_gap == 1:
