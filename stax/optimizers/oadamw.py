@@ -10,9 +10,13 @@ on the rest:
 
   \text{others: StableAdamW (debiased betas, per-tensor RMS-clipped learning rate).}
 
-The ``0.2·sqrt(max(m, n))`` factor (Moonlight) gives the orthogonalised update the RMS of a
-typical AdamW update, so AdamW's learning rate and weight decay carry over; ``scale`` multiplies
-it (the seed's ``scale`` was dead code).
+The ``0.2·sqrt(max(m, n))`` factor (Moonlight) gives the orthogonalised update an RMS of 0.2,
+that of a typical AdamW update once training has settled, so AdamW's learning rate and weight
+decay carry over there; early in training AdamW's updates have an RMS near 1 and Muon's steps
+are about 5× smaller at the same learning rate (a short run at AdamW's learning rate ends
+behind it: a 300-step MLP at lr 1e-3, loss 1.37 against AdamW's 0.73; a BatchNorm CNN at lr
+3e-3 passes it after 200 steps, 0.001 against 0.009 at 300). ``scale`` multiplies it (the seed's
+``scale`` was dead code).
 
 ``muon="gradient"`` is the seed's behaviour: ``NS`` of the raw gradient of each step is fed
 into the StableAdamW moments (Adam's element-wise normalisation then removes most of the
