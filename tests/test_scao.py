@@ -445,6 +445,34 @@ def test_stacked_layers_get_one_preconditioner_per_layer(mode):
   assert np.max(np.abs(np.asarray(seed_view["layers"]["kernel"]) - want)) > 100 * tol
 
 
+def test_biases_of_any_rank_take_the_seeds_vector_path():
+  """A leaf named ``bias``/``scale`` of rank >= 2 (a stacked ``(L, d)`` bias, a Flax attention
+  bias ``(heads, dh)``) is one ``(1, n)`` row, as the seed sees a torch bias: the faithful
+  mode's diagonal path, where until stop 53 it went to Adam alone while the same layers' 1-D
+  biases took that path. Without the ``tau`` clip (one norm per leaf) a stacked bias steps
+  exactly as its layers' biases unstacked."""
+  rng = np.random.default_rng(3)
+  b = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+  grads = [jnp.asarray(rng.normal(size=(3, 8)), jnp.float32) for _ in range(8)]
+  kw = dict(learning_rate=1e-2, warmup_steps=2, precond_freq=2, blend_steps=2,
+            mode="scao-0.2.4", tau=None)
+  got, state = _run(stax.scao(**kw), {"layers": {"bias": b}}, lambda g: {"layers": {"bias": g}},
+                    grads)
+  want, _ = _run(stax.scao(**kw), {f"l{i}": {"bias": b[i]} for i in range(3)},
+                 lambda g: {f"l{i}": {"bias": g[i]} for i in range(3)}, grads)
+  np.testing.assert_allclose(np.asarray(got["layers"]["bias"]),
+                             np.stack([np.asarray(want[f"l{i}"]["bias"]) for i in range(3)]),
+                             rtol=0, atol=1e-6)
+  adam, _ = _run(stax.adamw(1e-2, weight_decay=0.01), {"layers": {"bias": b}},
+                 lambda g: {"layers": {"bias": g}}, grads)
+  assert np.max(np.abs(np.asarray(adam["layers"]["bias"] - got["layers"]["bias"]))) > 1e-3
+  tx = stax.scao(mode="scao-0.2.4")
+  (ks,) = [x for x in jax.tree.leaves(tx.init({"query": {"bias": jnp.zeros((4, 8))}}),
+                                      is_leaf=lambda z: isinstance(z, K.ScaleByKronState))
+           if isinstance(x, K.ScaleByKronState)]
+  assert ks.leaves["query"]["bias"].ema.shape == (1, 32)
+
+
 def test_dims_out_of_axis_order_are_transposed():
   """Dims whose sides are not contiguous (rows = axes 0 and 2 of a (4, 5, 3) leaf) precondition
   the 12×5 matrix of those axes: the same steps as the leaf transposed to (4, 3, 5) and split

@@ -434,17 +434,15 @@ def _scao_view(name, shape):
   """SCAO's documented default matrix view ``(batch, m, n)`` of a leaf (``batch`` stacked
   ``m × n`` matrices), ``None`` for "Adam alone".
 
-  stax/transforms/kron/_view.py, stax.layout's default: 0-/1-D leaves are ``(1, n)``; a
-  ``>= 2``-D leaf named ``bias`` or ``scale`` is never a matrix; a Flax attention projection
+  stax/transforms/kron/_view.py, stax.layout's default: 0-/1-D leaves and leaves named
+  ``bias`` or ``scale`` are one ``(1, n)`` row; a Flax attention projection
   is its matrix (``query``/``key``/``value`` ``(in, heads·dh)``, ``out`` ``(heads·dh, out)``),
   leading axes stacked layers; 2-D is itself, 3-D is stacked layers ``(L, in, out)``, 4-D and
   more a conv kernel ``(kh·kw·in, out)``.
   """
   size = int(np.prod(shape))
   parts = name.split("/")
-  if len(shape) >= 2 and parts[-1] in ("bias", "scale"):
-    return None
-  if len(shape) <= 1:
+  if len(shape) <= 1 or parts[-1] in ("bias", "scale"):
     return 1, 1, size
   module = parts[-2] if len(parts) >= 2 else ""
   lead = int(np.prod(shape[:-3])) if len(shape) >= 3 else 1

@@ -149,8 +149,9 @@ def scao(
       transform gives a JAX leaf (:func:`stax.layout.default_dimension_numbers`): a ``Dense``
       kernel itself, a Flax conv kernel ``(kh, kw, in, out)`` one ``kh·kw·in × out`` matrix,
       attention kernels ``(in, heads, dh)``/``(heads, dh, out)`` their matrix, stacked layers
-      ``(L, in, out)`` L matrices; leaves named ``bias``/``scale`` of rank >= 2 use Adam alone;
-      vectors are ``(1, n)``. (Until stop 53 the default was ``1`` but for attention kernels:
+      ``(L, in, out)`` L matrices; vectors and leaves named ``bias``/``scale`` (a Flax
+      attention bias ``(heads, dh)``, stacked ``(L, d)`` biases) are one ``(1, n)`` row, as the
+      seed sees a torch bias (the faithful mode's diagonal path; Adam alone in lowrank). (Until stop 53 the default was ``1`` but for attention kernels:
       a conv kernel was ``kh × kw·in·out``, stacked layers one ``L × in·out`` matrix.) The
       torch bridge passes torch's layouts (``(out, in·kh·kw)``, the seed's).
     seed: seed of the key of ``lowrank``'s randomized subspace iteration (default 0).

@@ -9,8 +9,10 @@ factors per layer, as the same layers unstacked get). ``dimension_numbers`` take
   transform gives a JAX/Flax leaf (a ``Dense`` kernel ``(in, out)`` itself, a conv kernel
   ``(kh, kw, in, out)`` one ``kh·kw·in × out`` matrix, Flax attention kernels
   ``(in, heads, dh)``/``(heads, dh, out)`` their ``in × heads·dh``/``heads·dh × out`` matrix,
-  3-D leaves stacked layers, leaves named ``bias``/``scale`` of rank >= 2 never matrices);
-  0-D and 1-D leaves are ``(1, n)`` rows, as in the seed;
+  3-D leaves stacked layers); 0-D and 1-D leaves, and leaves named ``bias``/``scale`` of any
+  rank (a Flax attention bias ``(heads, dh)``, stacked ``(L, d)`` biases and norm scales), are
+  one ``(1, n)`` row, as the seed sees a torch bias: the faithful mode's diagonal path (until
+  stop 53 those of rank >= 2 went to Adam alone, unlike the same layers' 1-D biases);
 * an int split axis ``s`` (or a tree of them): rows = ``prod(shape[:s])``, no batch axes: the
   seed's view of a torch tensor is ``1``, ``(shape[0], -1)``;
 * :class:`stax.MatrixDimensionNumbers` (or a tree of them, or a callable ``(path, leaf) ->
@@ -99,8 +101,14 @@ def dims_view(d: Any, shape: tuple) -> Any:
 def default_view(path: Any, shape: tuple) -> Any:
   """The view used when ``dimension_numbers`` is ``None`` (module docstring)."""
   from stax import layout  # pylint: disable=g-import-not-at-top
+  from stax import partition  # pylint: disable=g-import-not-at-top
   if len(shape) <= 1:
     return split_view(shape, 0)
+  parts = partition.normalize_path(path)
+  if parts and parts[-1] in layout.NEVER_MATRICES:
+    # a Flax attention bias (heads, dh) or a stacked bias or norm scale (L, d): one row, as
+    # the seed sees a torch bias (its diagonal path in the faithful mode; Adam alone in lowrank)
+    return View(None, None, 1, int(np.prod(shape, dtype=np.int64)))
   return dims_view(layout.default_dimension_numbers(path, shape), shape)
 
 
