@@ -809,6 +809,33 @@ def _muon_step(model, grads, **kw):
   return {n: p.detach() - before[n] for n, p in model.named_parameters()}, opt
 
 
+@pytest.mark.parametrize("name", ["qkv", "qkv_proj", "Wqkv", "to_qkv"])
+def test_a_fused_qkv_linear_is_three_matrices(name):
+  """A ``[q; k; v]`` linear ``(3E, E)`` under its common names (timm's ViT ``attn.qkv``,
+  Phi-3's ``qkv_proj``, ModernBERT's ``Wqkv``, vit-pytorch's ``to_qkv``) steps as the three
+  projections unfused (it was one ``3E × E`` matrix: Muon's step mixed them); a grouped-query
+  ``(E + 2·kv, E)`` and GPT-NeoX's interleaved ``query_key_value`` stay one matrix."""
+  D = stax.MatrixDimensionNumbers
+  g = torch.Generator().manual_seed(1)
+  e = 8
+  fused = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict(
+      {name: torch.nn.Linear(e, 3 * e, bias=False)})})
+  grad = torch.randn(3 * e, e, generator=g)
+  d, _ = _muon_step(fused, {f"attn.{name}.weight": grad})
+  parts = torch.nn.ModuleDict({k: torch.nn.Linear(e, e, bias=False) for k in "qkv"})
+  dp, _ = _muon_step(parts, {f"{k}.weight": grad[i * e:(i + 1) * e] for i, k in enumerate("qkv")})
+  torch.testing.assert_close(d[f"attn.{name}.weight"],
+                             torch.cat([dp[f"{k}.weight"] for k in "qkv"]), rtol=1e-5, atol=1e-6)
+  one = torch.nn.ModuleDict({"w": torch.nn.Linear(e, 3 * e, bias=False)})
+  d1, _ = _muon_step(one, {"w.weight": grad})
+  assert float((d1["w.weight"] - d[f"attn.{name}.weight"]).abs().max()) > 0.05
+  assert torch_bridge.torch_dimension_numbers((3 * e, e), f"attn.{name}.weight") == D(
+      1, 0, output_groups=3)
+  assert torch_bridge.torch_dimension_numbers((e + 4, e), f"attn.{name}.weight") == D(1, 0)
+  assert torch_bridge.torch_dimension_numbers((3 * e, e), "attn.query_key_value.weight") == D(
+      1, 0)
+
+
 def test_a_models_module_types_give_its_matrices():
   """:class:`torch_bridge.ModuleLayout` reads module types where a name and a shape mislead:
   a ``ConvTranspose2d`` weight ``(in, out, kh, kw)`` steps as its equivalent conv's weight

@@ -23,8 +23,9 @@ def torch_dimension_numbers(shape: Sequence[int], name: str = "") -> Any:
   Output axis 0, fan-in axes 1..ndim-1 (``Linear`` ``(out, in)``, conv ``(out, in, kh, kw)``);
   ``None`` below 2-D (biases, norms). With the parameter's dotted ``name``, fused attention
   projections are three matrices, q, k and v: ``nn.MultiheadAttention``'s ``in_proj_weight``
-  ``(3E, E)`` and Hugging Face GPT-2's ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``,
-  recognised by that shape) get ``output_groups=3``. A name and a shape cannot tell a module's
+  ``(3E, E)``, Hugging Face GPT-2's ``c_attn.weight`` (a ``Conv1D``, stored ``(in, 3·out)``,
+  recognised by that shape) and a ``(3E, E)`` weight of a module in :data:`FUSED_QKV_LINEARS`
+  (timm's ViT ``qkv``, ``qkv_proj``, ``Wqkv``, ``to_qkv``) get ``output_groups=3``. A name and a shape cannot tell a module's
   type: :class:`ModuleLayout` reads the modules (transposed convs, grouped convs, RNN gates,
   other ``Conv1D`` weights). The bridge calls it per parameter as ``layout_fn(shape, name)``
   (see ``layout_kwarg``).
@@ -47,8 +48,20 @@ def torch_dimension_numbers(shape: Sequence[int], name: str = "") -> Any:
     # (GPT-2's self-attention c_attn, (E, 3E); another c_attn, a cross-attention's (E, 2E) or
     # GPT-BigCode's nn.Linear (E + 2·kv, E), is read as torch's (out, in): pass ModuleLayout)
     return MatrixDimensionNumbers(0, 1, output_groups=3)
+  if (parts[-1] == "weight" and len(parts) > 1 and parts[-2] in FUSED_QKV_LINEARS and nd == 2
+      and shape[0] == 3 * shape[1]):
+    return MatrixDimensionNumbers(1, 0, output_groups=3)
   red = tuple(range(1, nd))
   return MatrixDimensionNumbers(red if len(red) > 1 else red[0], 0)
+
+
+#: ``nn.Linear`` modules that fuse q, k and v as three equal blocks of output rows, ``[q; k; v]``
+#: (timm's and DINOv2's ViT ``attn.qkv``, Phi-3's ``qkv_proj``, ModernBERT's and MPT's ``Wqkv``,
+#: vit-pytorch's ``to_qkv``): a weight ``(3E, E)`` is three ``E × E`` matrices. Only at exactly
+#: three times its fan-in: a grouped-query projection (``E + 2·kv`` rows, Phi-3-medium's) is one
+#: matrix, as dimension numbers cannot split unequal groups; GPT-NeoX's, Bloom's and Falcon's
+#: ``query_key_value`` interleave q, k and v per head, so they are not listed (one matrix).
+FUSED_QKV_LINEARS = ("qkv", "qkv_proj", "Wqkv", "to_qkv")
 
 
 def _stored_in_out(module: torch.nn.Module) -> bool:
