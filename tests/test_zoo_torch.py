@@ -158,10 +158,11 @@ DROPINS = [
     _dropin("STAMLite", torch_bridge.STAMLite, stax.stam_lite, dict(
         learning_rate=1e-3, b1_base=0.9, eps=1e-8, weight_decay=0.01, adapt_strength=0.2,
         moment_decay=0.99, beta1_update_interval=5)),
-    _dropin("SCAO", torch_bridge.SCAO, stax.scao, dict(
+    _dropin("SCAO", torch_bridge.SCAO, stax.scao, lambda m: dict(
         learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, precond_freq=1,
         epsilon_sparse=0.05, k_min=8, k_max=128, rho=0.999, tau=1.0, warmup_steps=1,
-        blend_steps=1, min_precond_updates=1, max_precond_dim=4096), **SCAO_FAST),
+        blend_steps=1, min_precond_updates=1, max_precond_dim=4096,
+        dimension_numbers=_module_dims(m)), **SCAO_FAST),
     _dropin("OAdamW", torch_bridge.OAdamW, stax.oadamw, lambda m: dict(
         learning_rate=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, eps=1e-6, decouple_lr=False,
         max_lr=None, kahan_sum=None, dimension_numbers=_module_dims(m, embeddings=False))),
