@@ -77,6 +77,7 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from stax import _eager
 from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as num
@@ -393,7 +394,7 @@ def v_divisor(cfg: AdamConfig, count: jax.Array) -> jax.Array:
   correction_eps`` in float32 (``"product"``)."""
   if cfg.bias_correction == "product":
     return 1 - jnp.asarray(cfg.b2, jnp.float32) ** count.astype(jnp.float32) + cfg.correction_eps
-  return 1 - cfg.b2 ** count
+  return 1 - _eager.power(cfg.b2, count)
 
 
 def product_divisor(cfg: AdamConfig, b1_prod: jax.Array) -> jax.Array:
@@ -679,7 +680,7 @@ def adam_update(cfg: AdamConfig, updates: Any, state: ScaleByAdamState, ok: Any 
   # 49 -> 42 kernels).
   m_div = v_div = None
   if rule is None and cfg.bias_correction == "standard" and not cfg.nesterov:
-    m_div = 1 - cfg.b1 ** count_inc
+    m_div = 1 - _eager.power(cfg.b1, count_inc)
   if cfg.bias_correction in ("standard", "product"):
     v_div = v_divisor(cfg, count_inc)
   # Each leaf: read → step → write through its storage (stochastic rounding keyed by step and

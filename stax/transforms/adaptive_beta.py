@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stax import _eager
 from stax import _leafwise
 from stax import numerics as num
 from stax.transforms.adam import Beta1Rule
@@ -380,7 +381,7 @@ def spatial_variance_beta1(
     e = _f32(eps)
     a = _ema(live, rho, state.grad_mean, g_mean)
     q = _ema(live, rho, state.grad_sq_mean, g_sq)
-    c = 1.0 - rho ** (count + 1)
+    c = 1.0 - _eager.power(rho, count + 1)
     a_hat = a / (c + e)
     q_hat = q / (c + e)
     var = jnp.maximum(q_hat - a_hat ** 2, 0.0)

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
+from stax import _eager
 from stax import _leafwise
 from stax import _validation as V
 from stax import numerics as snum
@@ -140,7 +141,15 @@ def _materialized(flag: jax.Array) -> jax.Array:
   ``lax.cond`` on a scalar is the one boundary XLA CPU does not fuse through (an optimisation
   barrier is removed before fusion); it moves one bool at run time.
   """
-  return jax.lax.cond(flag, lambda: jnp.array(True), lambda: jnp.array(False))
+  return jax.lax.cond(flag, _true, _false)
+
+
+def _true() -> jax.Array:
+  return jnp.array(True)
+
+
+def _false() -> jax.Array:
+  return jnp.array(False)
 
 
 def _nan_probe(x: jax.Array) -> jax.Array:
@@ -435,7 +444,7 @@ def nonfinite_guard(inner: optax.GradientTransformation,
         # containers (Flax NNX's nnx.State for a codec's NamedTuple; see stax._trees.conform).
         return zeros, conform(state.inner_state, state_shapes)
 
-      new_updates, inner_state = jax.lax.cond(ok, apply, skip, None)
+      new_updates, inner_state = _eager.cond(ok, apply, skip, None)
     count = jnp.where(ok, state.nonfinite_count,
                       numerics.safe_increment(state.nonfinite_count))
     return new_updates, NonFiniteGuardState(inner_state, count)

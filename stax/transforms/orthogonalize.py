@@ -76,6 +76,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 from optax._src import numerics
 
+from stax import _eager
 from stax import _leafwise
 from stax import _sharding as _sh
 from stax import _validation as V
@@ -485,7 +486,7 @@ def _gap_step(x, d, left, refresh, rows, eps, norm_scale, compute_dtype):
     y = jnp.matmul(lft, num.normalize(gg, eps, norm_scale, axis=(-2, -1)))
     return (y if spec is None else _sh.reshard(y, spec, like=mesh)), left
 
-  y, new_left = jax.lax.cond(refresh, full, stale, None)
+  y, new_left = _eager.cond(refresh, full, stale, None)
   if transposed:
     y = jnp.swapaxes(y, -1, -2)
   return back(y.astype(x.dtype)), new_left

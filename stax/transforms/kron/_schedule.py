@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from stax import _eager
 from stax import _leafwise
 from stax import _sharding as _sh
 from stax import _validation as V
@@ -538,7 +539,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       return effs
 
     def effective(states):
-      return jax.lax.cond(in_warmup, warm, preconditioned, states)
+      return _eager.cond(in_warmup, warm, preconditioned, states)
 
     # 2) Periodic curvature update under lax.cond.
     sizes = [0 if leaf.plan is None else rule.noise_size(leaf.plan) for leaf in leaf_plans]
@@ -596,7 +597,7 @@ def scale_by_schedule(rule: LeafRule, schedule: Schedule, *, dimension_numbers: 
       first = jax.lax.bitcast_convert_type(effs[0][(0,) * effs[0].ndim].astype(jnp.float32),
                                            jnp.uint32)
       do_update = do_update & (first != jnp.uint32(0xFFFFFFFF))
-    new = jax.lax.cond(do_update, do, lambda st: st, tuple(old))
+    new = _eager.cond(do_update, do, lambda st: st, tuple(old))
     out = list(g_leaves)
     for i, eff in zip(live, effs):
       out[i] = _restore(_view.from_matrix(eff, leaf_plans[i].view, g_leaves[i].shape), specs[i])
