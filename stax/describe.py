@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 from stax import partition
+from stax._trees import flatten_state
 
 __all__ = ["describe", "Description", "LeafReport", "register_plan"]
 
@@ -127,7 +128,12 @@ _FIELD_LABELS = {"mu": "m", "nu": "v", "trace": "momentum", "compensation": "kah
 
 def _encoding(x: Any, numel: int) -> str:
   if hasattr(x, "dtype") and hasattr(x, "shape"):
-    return str(np.dtype(x.dtype)) if not str(x.dtype).startswith("key") else "key"
+    if str(x.dtype).startswith("key"):
+      return "key"
+    size = int(np.prod(x.shape, dtype=np.int64))
+    # a per-tensor statistic (STAMLite's v), or one per stacked layer
+    extent = "" if size == numel else " per tensor" if size == 1 else f" ×{size}"
+    return str(np.dtype(x.dtype)) + extent
   name = type(x).__name__
   for suffix in ("State", "M"):
     if name.endswith(suffix) and len(name) > len(suffix):
@@ -195,7 +201,7 @@ def _walk(node, field, treedef, numels, per_leaf, kron, shared):
     shared[0] += _nbytes(node)
     return
   try:
-    subs = treedef.flatten_up_to(node)
+    subs = flatten_state(treedef, node)   # (an nnx.State's Variables may hold some leaves)
   except (ValueError, TypeError):
     subs = None
   if subs is not None and treedef.num_leaves == len(numels) and (

@@ -81,3 +81,21 @@ def test_a_factored_second_moment_shows_its_matrices():
   s = stax.describe(stax.turbo_adam(1e-3, min_compress_elements=256, codec="stax"),
                     params).by_path
   assert s["layers/kernel"].matrix is None   # a log-quantised v: no matrices
+
+
+def test_an_nnx_state_of_params_is_described_as_its_arrays():
+  """``stax.describe`` on an ``nnx.State`` of ``Param`` Variables (``nnx.split(model,
+  nnx.Param)``) gives the table of its pure arrays: the state leaves kept outside the Variables
+  (STAMLite's per-tensor v, TurboAdam's codes) had been counted as shared state, and every
+  TurboAdam leaf read "stateless". A per-tensor statistic says so in the storage column."""
+  nnx = pytest.importorskip("flax.nnx")
+  _, params = nnx.split(nnx.Linear(64, 128, rngs=nnx.Rngs(0)), nnx.Param)
+  for tx in (stax.stam_lite(1e-3), stax.turbo_adam(1e-3)):
+    boxed, pure = stax.describe(tx, params), stax.describe(tx, nnx.as_pure(params))
+    assert [tuple(r) for r in boxed] == [tuple(r) for r in pure]
+    assert boxed.shared_bytes == pure.shared_bytes
+  rows = stax.describe(stax.stam_lite(1e-3), params).by_path
+  assert rows["kernel"].storage == "m float32, v float32 per tensor"
+  assert rows["kernel"].state_bytes == 64 * 128 * 4 + 4
+  turbo = stax.describe(stax.turbo_adam(1e-3), params).by_path["kernel"]
+  assert turbo.rule == "adam" and turbo.storage.startswith("m BlockSigned")

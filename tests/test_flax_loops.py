@@ -189,7 +189,7 @@ def test_tx_on_an_nnx_state_of_params_directly(name):
   x = jnp.arange(16).reshape(2, 8)
   loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(x) ** 2)
   tx = _DIRECT[name]()
-  boxed, pure = params, nnx.pure(params)
+  boxed, pure = params, nnx.as_pure(params)
   s_boxed, s_pure = tx.init(boxed), tx.init(pure)
   update = jax.jit(tx.update)
   for _ in range(3):
@@ -198,9 +198,9 @@ def test_tx_on_an_nnx_state_of_params_directly(name):
     u, s_pure = update(jax.grad(loss)(pure), s_pure, pure)
     pure = optax.apply_updates(pure, u)
   assert isinstance(boxed, nnx.State)
-  got, want = jax.tree.leaves(nnx.pure(boxed)), jax.tree.leaves(pure)
+  got, want = jax.tree.leaves(nnx.as_pure(boxed)), jax.tree.leaves(pure)
   assert len(got) == len(want) == 5
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  moved = jax.tree.leaves(nnx.pure(params))
+  moved = jax.tree.leaves(nnx.as_pure(params))
   assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, moved)) > 1e-4
