@@ -151,11 +151,17 @@ def mask_tree(name: str, mask: Any, tree: Any) -> Any:
   m = mask(tree) if callable(mask) else mask
   flat, treedef = jax.tree_util.tree_flatten_with_path(m)
   m = jax.tree.unflatten(treedef, [_as_bool(name, path, b) for path, b in flat])
+  return _broadcast_prefix(name, "bools", m, tree)
+
+
+def _broadcast_prefix(name: str, what: str, prefix: Any, tree: Any) -> Any:
+  """``prefix`` (a tree laid out like ``tree`` or a prefix of it) with each leaf repeated over
+  its sub-tree of ``tree``; ``ValueError`` naming ``name`` for another layout."""
   try:
-    return jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub), m, tree)
+    return jax.tree.map(lambda b, sub: jax.tree.map(lambda _: b, sub), prefix, tree)
   except ValueError as e:
-    raise ValueError(f"`{name}` must be a tree of bools laid out like the parameters, or a prefix "
-                     f"of them: {e}") from None
+    raise ValueError(f"`{name}` must be a tree of {what} laid out like the parameters, or a "
+                     f"prefix of them: {e}") from None
 
 
 def check_labels(name: str, value: Any, choices: Iterable[str]) -> Any:
@@ -199,11 +205,7 @@ def label_tree(name: str, labels: Any, choices: tuple, tree: Any) -> Any:
   """
   lab = labels(tree) if callable(labels) else labels
   _check_label_leaves(name, lab, choices)
-  try:
-    return jax.tree.map(lambda l, sub: jax.tree.map(lambda _: l, sub), lab, tree)
-  except ValueError as e:
-    raise ValueError(f"`{name}` must be a tree of labels laid out like the parameters, or a "
-                     f"prefix of them: {e}") from None
+  return _broadcast_prefix(name, "labels", lab, tree)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

@@ -69,10 +69,10 @@ def leaf_states(state: ScaleByKronState) -> list:
   return jax.tree.leaves(state.leaves, is_leaf=lambda x: isinstance(x, _LEAF_STATES))
 
 
-def _stacked(st: Any) -> bool:
+def _is_stacked(st: Any) -> bool:
   """Whether a leaf's curvature state holds stacked matrices' states (a leading layer axis)."""
   if isinstance(st, BlockGridState):
-    return _stacked(st.blocks[0])
+    return _is_stacked(st.blocks[0])
   ndim = {LowRankState: lambda s: s.U_l.ndim, KronBlockState: lambda s: s.L.ndim,
           DiagBlockState: lambda s: s.ema.ndim}.get(type(st))
   return ndim is not None and ndim(st) == 3
@@ -81,7 +81,7 @@ def _stacked(st: Any) -> bool:
 def _leaf_diag(st: Any, bias: jax.Array) -> tuple[Any, Any]:
   """(rank, curvature norm) of one leaf state; rank -1 and norm 0 for a passed-through leaf;
   for stacked matrices the mean rank (floored) and the norm of all layers' factors together."""
-  if _stacked(st):
+  if _is_stacked(st):
     ks, ns = jax.vmap(lambda s: _leaf_diag(s, bias))(st)
     return (jnp.sum(ks) // ks.shape[0]).astype(jnp.int32), jnp.sqrt(jnp.sum(ns * ns))
   if isinstance(st, LowRankState):
