@@ -49,7 +49,8 @@ _PATCHES = ("step", "_opt_called")
 #: The bridge's skipped-step counter, also saved in every param group: torch's distributed
 #: checkpoint (``get_optimizer_state_dict``, FSDP2's path) keeps only ``state`` and
 #: ``param_groups`` (the top-level ``'bridge'`` entry was lost there, and a resumed run counted
-#: from 0); a param group's plain values survive it, flattened or not.
+#: from 0); a param group's plain values survive it (its flattened form rebuilds only the keys
+#: the live groups have, so there the counter still restarts: README).
 SKIPPED_KEY = "nonfinite_skipped_steps"
 
 
