@@ -573,6 +573,63 @@ def test_matrix_transform_gets_torch_layout():
   assert (lin2.weight - lin3.weight).abs().max() > 1e-4
 
 
+def test_each_groups_own_transform_gets_the_torch_layout_exactly_when_it_takes_it():
+  """A param group's ``"transform"`` gets the torch layout if and only if it takes
+  ``dimension_numbers``, whatever the default transform is: OAdamW in a group under a default
+  ``optax.adam`` steps a conv weight as the same OAdamW does as the default (its ``(out,
+  in·kh·kw)`` matrix, not a guess of the Flax layout), and ``optax.lion`` in a group under a
+  default ``stax.adamw`` (which takes it) is not handed an argument it lacks. (Before stop 54
+  the default transform decided for every group: the first raised ``TypeError`` at the first
+  ``step()``, the second stepped the conv weight as another matrix, 3e-2 off; and a group's
+  factory took the default factory's own defaults for what the user left unset: OAdamW's
+  ``betas``/``eps`` were optax.adam's.)"""
+  def conv():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Flatten(),
+                               torch.nn.Linear(8 * 6 * 6, 4))
+  torch.manual_seed(3)
+  x, y = torch.randn(8, 4, 8, 8), torch.randint(0, 4, (8,))
+
+  def run(m, opts, n=3):
+    for _ in range(n):
+      for o in opts:
+        o.zero_grad()
+      torch.nn.functional.cross_entropy(m(x), y).backward()
+      for o in opts:
+        o.step()
+    return [p.detach().clone() for p in m.parameters()]
+
+  m1 = conv()
+  ps = list(m1.named_parameters())
+  grouped = torch_bridge.Optimizer([{"params": ps[:2], "transform": stax.oadamw},
+                                    {"params": ps[2:]}], optax.adam, lr=1e-2)
+  m2 = conv()
+  ps = list(m2.named_parameters())
+  alone = [torch_bridge.Optimizer(ps[:2], stax.oadamw, lr=1e-2),
+           torch_bridge.Optimizer(ps[2:], optax.adam, lr=1e-2)]
+  a, b = run(m1, [grouped]), run(m2, alone)
+  assert [r.matrix for r in grouped.describe() if r.path == "0.weight"] == [(1, 36, 8)]
+  for pa, pb in zip(a, b):
+    np.testing.assert_allclose(pa.numpy(), pb.numpy(), atol=1e-6)
+  # lion under a default that takes the layout
+  m3 = conv()
+  ps = list(m3.named_parameters())
+  lion = torch_bridge.Optimizer([{"params": ps[:2]},
+                                 {"params": ps[2:], "transform": optax.lion, "lr": 1e-4}],
+                                stax.adamw, lr=1e-3)
+  # what the user left unset is lion's own default, not stax.adamw's (torch semantics for
+  # what the user passed: lr=1e-3 reaches the first group, the group's lr its own)
+  assert lion.param_groups[1]["weight_decay"] == 1e-3 and lion.param_groups[0]["weight_decay"] == 1e-4
+  assert tuple(lion.param_groups[1]["betas"]) == (0.9, 0.99)
+  w0 = m3[2].weight.detach().clone()
+  run(m3, [lion], 1)
+  # lion's first step is -lr·(sign(g) + wd·w) (m starts at 0, b1 = 0.9 mixes in g alone)
+  m4 = conv()
+  torch.nn.functional.cross_entropy(m4(x), y).backward()
+  want = -1e-4 * (torch.sign(m4[2].weight.grad) + 1e-3 * w0)
+  np.testing.assert_allclose((m3[2].weight.detach() - w0).numpy(), want.numpy(), atol=4e-9)
+
+
 # ----------------------------------------------------------------------------- release
 def test_gradient_release_equals_normal_step():
   m1, m2 = _mlp(), _mlp()

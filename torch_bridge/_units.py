@@ -35,7 +35,9 @@ class Layout(NamedTuple):
   """How a matrix transform learns the torch ``(out, in)`` layout of each parameter."""
   kwarg: Optional[str]                       # the factory's dimension-numbers argument
   fn: Callable[..., Any]                     # (shape[, dotted name]) -> dimension numbers
-  auto: bool = False                         # filled by the bridge, not asked for by the user
+  #: filled by the bridge, not asked for by the user: passed to each factory that takes
+  #: ``kwarg`` and was not given it (each group's own ``"transform"`` decides for itself)
+  auto: bool = False
 
   def of(self, shape: Sequence[int], name: str) -> Any:
     """``fn(shape, name)``, or ``fn(shape)`` for a one-argument ``fn``."""
@@ -118,7 +120,8 @@ def build_tx(factory: Callable, static: tuple, traced: dict, shapes: Sequence[Se
   if position is not None and "rounding_index" not in kwargs and _takes(factory,
                                                                          "rounding_index"):
     kwargs["rounding_index"] = tuple(position)
-  if layout.kwarg is not None:
+  if layout.kwarg is not None and not (layout.auto and (layout.kwarg in kwargs or not _takes(
+      factory, layout.kwarg))):
     kwargs[layout.kwarg] = nest(names, [layout.of(s, n) for s, n in zip(shapes, names)])
   if not layout.auto:
     return optax.with_extra_args_support(factory(**kwargs))

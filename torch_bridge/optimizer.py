@@ -179,7 +179,8 @@ class Optimizer(torch.optim.Optimizer):
     layout_kwarg: name of the factory's per-leaf dimension-numbers argument, filled with
       ``layout_fn(shape, name)`` per parameter (default ``None``: ``"dimension_numbers"`` for a
       factory that takes it and was not given it, as every stax factory that sees parameters
-      as matrices does; else not passed).
+      as matrices does; else not passed; decided for each group's factory, so a group's own
+      ``"transform"`` gets it exactly when it takes it).
     layout_fn: ``(shape, dotted name) -> dimension numbers`` or ``shape -> dimension numbers``
       (default :func:`torch_dimension_numbers`).
     writeback: ``"copy"`` (default: new values are copied into each parameter's storage, which
@@ -266,16 +267,19 @@ class Optimizer(torch.optim.Optimizer):
     auto = False
     if layout_kwarg is None and "dimension_numbers" not in defaults:
       # a stax factory that sees leaves as matrices (its `dimension_numbers`: Muon, SCAO, the
-      # factored moment codec) gets the torch layout, not the Flax defaults
-      names = H.factory_spec(transform).accepted
-      if names is not None and "dimension_numbers" in names:
-        layout_kwarg, auto = "dimension_numbers", True
+      # factored moment codec) gets the torch layout, not the Flax defaults; decided per
+      # factory when a unit is built (a group's own "transform" may take it or not)
+      layout_kwarg, auto = "dimension_numbers", True
     self._layout = Layout(layout_kwarg, layout_fn, auto)
     self._global_nonfinite = global_nonfinite
     self._wb_name = writeback
     self._init_runtime(writeback)
     H.check_tensor_lr(defaults)
-    super().__init__(params, H.fill_defaults(transform, dict(defaults)))
+    filled = H.fill_defaults(transform, dict(defaults))
+    # the keys the default factory's own signature filled in (not the user's): a group with its
+    # own "transform" takes its factory's values for them instead (add_param_group)
+    self._implicit_defaults = frozenset(k for k in filled if k not in defaults)
+    super().__init__(params, filled)
 
   def _init_runtime(self, writeback: str) -> None:
     """The per-process caches and the state (again after unpickling)."""
@@ -314,6 +318,16 @@ class Optimizer(torch.optim.Optimizer):
     if isinstance(param_group, dict):
       H.check_tensor_lr(param_group)
       H.check_group_keys(factory or self._transform, param_group)
+      if factory is not None:
+        # what the user left unset takes this group's factory's defaults, not those of the
+        # optimizer's default transform (the constructor's own keyword arguments still apply
+        # to every group, as in torch)
+        own = H.fill_defaults(factory, {})
+        implicit = getattr(self, "_implicit_defaults", frozenset())
+        param_group = dict(param_group)
+        for key in implicit:
+          if key not in param_group and key in own:
+            param_group[key] = own[key]
     super().add_param_group(param_group)
     for p in self.param_groups[-1]["params"]:
       convert.check_dtype(p)
