@@ -78,6 +78,13 @@ def reshard(x: jax.Array, spec: Sequence[Any], like: Any = None) -> jax.Array:
   return jax.reshard(x, named(x if like is None else like, spec))
 
 
+def replicated(x: jax.Array) -> jax.Array:
+  """``x`` replicated on its explicit mesh (itself when no explicit axis shards it)."""
+  if explicit_spec(x) is None:
+    return x
+  return reshard(x, (None,) * len(x.shape))
+
+
 def axis_size(mesh: Any, entry: Any) -> int:
   """Number of shards of one spec entry (``None``, an axis name or a tuple of names)."""
   return math.prod(int(mesh.shape[n]) for n in _names(entry))

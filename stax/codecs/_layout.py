@@ -71,6 +71,11 @@ def pad_last(x: jax.Array, n_to: int, value: Any) -> jax.Array:
     x = _sh.reshard(x, spec[:-1] + (None,))
   fill = jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape[:-1] + (1,))
   fill = jnp.broadcast_to(fill, x.shape[:-1] + (n_to - n,))
+  spec = explicit_spec(x)
+  if spec is not None and explicit_spec(fill) != spec:
+    # the padding follows x's leading axes' sharding (a scalar's broadcast is replicated, and
+    # concatenate takes operands of one sharding only: a 2-D mesh sharding both axes had failed)
+    fill = _sh.reshard(fill, spec, like=x)
   return jnp.concatenate([x, fill], axis=-1)
 
 

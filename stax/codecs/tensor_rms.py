@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from stax import _sharding as _sh
 from stax import layout
 from stax import numerics as num
 from stax.codecs.base import FullPrecision, SeparateStorage, tensor_mean_square
@@ -95,8 +96,12 @@ class TensorMean(NamedTuple):
   def encode(self, value, key):
     del key
     if self._is_means(value):
-      return jnp.asarray(value).astype(self.dtype)
-    return _mean(value, self._reduced(jnp.ndim(value))).astype(self.dtype)
+      means = jnp.asarray(value).astype(self.dtype)
+    else:
+      means = _mean(value, self._reduced(jnp.ndim(value))).astype(self.dtype)
+    # per-layer means of a leaf sharded along its layers come out sharded: kept replicated, as
+    # init makes them (a select of the two under the non-finite guard needs one sharding)
+    return _sh.replicated(means) if self.batch_axes else means
 
   def project(self, value):
     """The value the update uses: the tensor mean (a 0-d array, broadcasting against m), or the

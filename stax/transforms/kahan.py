@@ -81,7 +81,8 @@ def kahan_summation(comp_dtype: Any = None, *, enabled: bool = True
 
   def init_fn(params):
     return KahanState(jax.tree.map(
-        lambda p: jnp.zeros(p.shape, comp_dtype or p.dtype) if _compensated(p) else None,
+        # zeros_like: the buffer keeps its parameter's sharding (explicit mesh axes included)
+        lambda p: jnp.zeros_like(p, comp_dtype or p.dtype) if _compensated(p) else None,
         params))
 
   def update_fn(updates, state, params=None, **extra_args):
