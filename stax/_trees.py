@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-__all__ = ["conform", "unflatten_state", "flatten_state"]
+__all__ = ["conform", "unflatten_state", "flatten_state", "unwrap_variables"]
 
 
 def _child(x: Any, key: Any) -> Any:
@@ -43,6 +43,18 @@ def _variable_type() -> Any:
   """Flax NNX's ``Variable`` class when Flax NNX is in use (imported), else ``None``."""
   mod = sys.modules.get("flax.nnx")
   return getattr(mod, "Variable", None) if mod is not None else None
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """``tree`` with every Flax NNX ``Variable`` replaced by its value (``nnx.Optimizer``'s
+  ``opt_state`` keeps each state array in an ``nnx.OptArray``; an ``nnx.State`` of ``Param``\ s
+  holds ``Param``\ s): what the state readers (:func:`stax.scao_diagnostics`,
+  :func:`stax.stam_beta1`) read. ``tree`` itself where Flax NNX is not in use."""
+  var = _variable_type()
+  if var is None:
+    return tree
+  return jax.tree.map(lambda x: x.get_value() if isinstance(x, var) else x, tree,
+                      is_leaf=lambda x: isinstance(x, var))
 
 
 def unflatten_state(like: Any, values: list, is_leaf: Optional[Callable[[Any], bool]] = None

@@ -224,9 +224,14 @@ def default_dimension_numbers(path: Any, shape: Sequence[int]) -> Optional[Matri
     looks like stacked layers: pass ``MatrixDimensionNumbers(0, (1, 2))`` (and
     ``((0, 1), 2)`` for an ``o_proj`` ``(heads, head_dim, out)``);
   * a depthwise conv kernel ``(kh, kw, 1, C)`` is one ``kh·kw × C`` matrix across independent
-    filters.
+    filters;
+  * stacked (scanned) kernels of four or more axes under other names than the attention ones
+    look like conv kernels, the layer axis folded into the fan-in: mixture-of-experts weights
+    ``(L, E, in, out)`` (pass ``MatrixDimensionNumbers(2, 3)``), a scanned ``q_proj``
+    ``(L, in, heads, head_dim)`` (``MatrixDimensionNumbers(1, (2, 3))``) or ``o_proj``
+    ``(L, heads, head_dim, out)`` (``MatrixDimensionNumbers((1, 2), 3)``).
 
-  (Reported by stop 51's new-user sweep, 2026-12-07.) The batch axes also give per-layer
+  (Reported by stop 51's and stop 54's new-user sweeps.) The batch axes also give per-layer
   statistics: STAMLite's ``v`` and StableAdamW's RMS clip are kept per index of a leaf's batch
   axes (:func:`stacked_axes`).
   """

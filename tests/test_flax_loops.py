@@ -204,3 +204,33 @@ def test_tx_on_an_nnx_state_of_params_directly(name):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   moved = jax.tree.leaves(nnx.as_pure(params))
   assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, moved)) > 1e-4
+
+
+def test_state_readers_take_an_nnx_optimizers_opt_state():
+  """``stax.scao_diagnostics`` and ``stax.stam_beta1`` read ``nnx.Optimizer``'s ``opt_state``
+  (each array an ``nnx.OptArray``) as they read the state's values; before stop 54
+  ``scao_diagnostics`` raised ``TypeError`` ('>' between an OptArray and an int) and
+  ``stam_beta1`` returned OptArrays."""
+  x, y = _digits()
+  plain = lambda tree: jax.tree.map(lambda v: v.get_value(), tree,
+                                    is_leaf=lambda v: isinstance(v, nnx.Variable))
+  for tx, read in ((stax.scao(1e-3, warmup_steps=1, precond_freq=1), stax.scao_diagnostics),
+                   (stax.stam(1e-3), stax.stam_beta1)):
+    model = NNXMLP(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+      opt.update(model, nnx.grad(lambda m: _xent(m(x[:64]), y[:64]))(model))
+
+    for _ in range(3):
+      step(model, opt)
+    got, want = read(opt.opt_state), read(plain(opt.opt_state))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert isinstance(a, jax.Array)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if read is stax.scao_diagnostics:   # past its 1-step warm-up SCAO preconditions
+      assert int(got["phase"]) == 1 and int(got["step"]) == 3
+    else:                               # STAM's β1 moved off b1_base
+      assert np.all(np.asarray(got) < 0.9)

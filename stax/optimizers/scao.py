@@ -135,7 +135,10 @@ def scao(
     epsilon_sparse: spectral mass the rank rule may leave out, in [0, 1) (default 0.05).
     k_min: smallest rank, int >= 1 (default 8; clamped to the matrix size).
     k_max: largest rank, int >= k_min (default 128; at most ``min(m, n)//2``).
-    tau: natural-gradient norm clip > 0 or ``None`` (default 1.0; ``scao-0.2.4`` only).
+    tau: natural-gradient norm clip > 0 or ``None`` (default 1.0; ``scao-0.2.4`` only). The
+      norm is a leaf's: a stacked ``(L, d)`` bias or norm scale is clipped as one tensor (one
+      norm over its layers; unstacked, each layer has its own), as a bias cannot be told
+      from an attention bias ``(heads, head_dim)`` by its shape.
     max_precond_dim: ``scao-0.2.4``: block size of the block grid; ``lowrank``: matrices with a
       larger side use Adam alone; int >= 2 (default 4096).
     blend_steps: steps of the linear blend into preconditioning, int >= 0 (default 50).
@@ -210,7 +213,8 @@ def scao_diagnostics(state: Any, params: Any = None, rho: float = 0.999) -> dict
   """Phase, blend, rank per layer and curvature norm, read from a SCAO state (jit-friendly).
 
   Finds the SCAO preconditioner state anywhere inside ``state`` (through the non-finite guard,
-  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``...).
+  ``optax.chain``, ``inject_hyperparams``, ``MultiSteps``..., and ``nnx.Optimizer``'s
+  ``opt_state``, whose arrays are ``nnx.OptArray`` variables).
 
   Args:
     state: the optimizer state.
@@ -226,7 +230,8 @@ def scao_diagnostics(state: Any, params: Any = None, rho: float = 0.999) -> dict
   Raises:
     ValueError: if ``state`` holds no SCAO preconditioner state.
   """
-  found = _find_kron_states(state)
+  from stax._trees import unwrap_variables
+  found = _find_kron_states(unwrap_variables(state))   # nnx.Optimizer's OptArrays: their values
   if not found:
     raise ValueError("`state` contains no SCAO preconditioner state (ScaleByKronState).")
   diag = K.kron_diagnostics(found[0], rho)

@@ -172,7 +172,12 @@ def stac(
       1 unless the ratio is 0), ratio in [0, 1] (default ``None`` → the seed's 0.125).
     module_order: module names first to last, or a callable ``params -> names``
       (e.g. ``lambda p: stax.execution_order(apply_fn, p, x, tied="last_use")``); default
-      ``None``: natural sort of the names (fallback, see :mod:`stax.partition`).
+      ``None``: natural sort of the names (fallback, see :mod:`stax.partition`). Stacked layers
+      (one ``nn.scan``/``nnx.vmap`` leaf ``(L, ...)``) are one module: the cap takes the whole
+      stack or none of it, so with ``last_n_modules > 1`` or ``last_n_ratio`` the cap of a
+      stacked model differs from that of the same layers unstacked (its last layer alone);
+      keep the capped modules outside the stack, as the default cap of 1 (the head) does.
+      (Reported by stop 54's stacked-layers sweep.)
     exclude_1d_from_weight_decay: exempt vectors: leaves with ndim <= 1, and stacked norm scales
       and biases (named ``scale``/``bias``, :func:`decay_mask`) (default True).
     exclude_bias_from_weight_decay: exempt leaves named ``bias`` (default True).

@@ -461,7 +461,8 @@ def find_beta1(state: Any, params: Any = None) -> Any:
   """The per-leaf beta1 kept by an adaptive-beta1 rule somewhere inside ``state``.
 
   Works on any optimizer state (``optax.chain``, :func:`stax.nonfinite_guard`,
-  ``optax.inject_hyperparams``, ``optax.MultiSteps``, ...) and under ``jit`` (it only indexes).
+  ``optax.inject_hyperparams``, ``optax.MultiSteps``, ``nnx.Optimizer``'s ``opt_state``, ...)
+  and under ``jit`` (it only indexes).
 
   Args:
     state: an optimizer state.
@@ -475,6 +476,8 @@ def find_beta1(state: Any, params: Any = None) -> Any:
       of leaves than the rule's vector. With several (e.g. an ``optax.partition``), returns a
       tuple of them in flatten order.
   """
+  from stax._trees import unwrap_variables
+  state = unwrap_variables(state)   # nnx.Optimizer's opt_state: its OptArrays' values
   found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, BETA1_STATES))
            if isinstance(x, BETA1_STATES)]
   if not found:
