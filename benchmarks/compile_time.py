@@ -1,13 +1,13 @@
 """First-step compile time of every JAX optimizer on real models' shapes, against optax.adamw.
 
-For ResNet-18 (11.7M parameters, conv kernels ``(out, in, kh, kw)``) and GPT-2 small (124M,
-Hugging Face layout), as a JAX user's ``{module: {leaf: array}}`` tree
-(:mod:`benchmarks.model_shapes`), each optimizer of the benchmark (optax's and stax's, every
-mode) gets the speed benchmark's step (SCAO with ``dimension_numbers=1``, the seed's
-``(out, in·kh·kw)`` view of these torch-layout tensors and its floor program's: since stop 53
-its JAX default reads a 4-D leaf as a Flax ``(kh, kw, in, out)`` kernel; the other optimizers
-take their JAX defaults, as before): ``update`` + ``apply_updates``, jitted with parameters and
-state donated. Measured: the first step's cost before it runs, ``trace`` + ``lower`` +
+For ResNet-18 (11.7M parameters) and GPT-2 small (124M, Hugging Face layout), as a JAX user's
+``{module: {leaf: array}}`` tree (:mod:`benchmarks.model_shapes`; ResNet-18 in Flax's layout,
+:func:`~benchmarks.model_shapes.flax_layout`: conv ``kernel`` ``(kh, kw, in, out)``, the head's
+``(in, out)``, norm ``scale``), each optimizer of the benchmark (optax's and stax's, every mode)
+gets the speed benchmark's step with its JAX defaults: ``update`` + ``apply_updates``, jitted with
+parameters and state donated. (Until stop 54 the ResNet-18 tree had torch's ``(out, in, kh, kw)``
+kernels, which OAdamW, TurboAdam, optax's Muon and the floor programs read as Flax conv kernels:
+those rows timed matrices of other shapes than any real model's.) Measured: the first step's cost before it runs, ``trace`` + ``lower`` +
 ``compile`` in seconds (on abstract shapes: no parameter memory is allocated), its ratio to
 ``optax.adamw``'s in the same process (the speed issue's target: ≤ 3), and the distinct kernels
 XLA compiled (:func:`benchmarks.speed.distinct_kernels`; of them, ``kernels_compiled_twice``:
@@ -85,12 +85,12 @@ def run(models=("resnet18", "gpt2_small"), repeats: int = 2, names=None, log=pri
          "repeats": repeats, "models": {}}
   for model in models:
     shapes = getattr(M, f"{model}_shapes")()
+    if model == "resnet18":
+      shapes = M.flax_layout(shapes)   # torchvision's names and layouts → Flax's
     tree, order = M.nested(shapes)
     params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree,
                           is_leaf=lambda x: isinstance(x, tuple))
-    # torch_layout: the shapes are torch's (conv (out, in, kh, kw)): SCAO gets its seed's view
-    # of them (benchmarks.optimizers._stax_builder)
-    task = type("Task", (), {"module_order": order, "name": model, "torch_layout": True})()
+    task = type("Task", (), {"module_order": order, "name": model})()
     rows = {}
     baseline = lambda: _stages(opts[0].build(1e-3, task), params)["total_s"]
     for o in opts:

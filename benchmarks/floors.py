@@ -248,19 +248,18 @@ def _ns5(x):
 def _muon_leaf(p, m, g, ok):
   import jax.numpy as jnp
   m = jnp.where(ok, B1 * m + g, m)
-  rows = _rows(p.shape)
-  o = _ns5(m.reshape(rows)).reshape(p.shape)
+  o = _ns5(m.reshape(_matrix(p.shape))).reshape(p.shape)
   return p - _lr(ok) * (o + WD * p), m
 
 
 def _scao_k(shape):
-  """``K`` of a leaf on its matrix view ``(shape[0], rest)`` as stax.scao's low-rank rule plans
+  """``K`` of a leaf on its matrix view (:func:`_matrix`) as stax.scao's low-rank rule plans
   it (``stax.transforms.kron.lowrank._plan``), or ``None`` (passed through: a vector, a side of
   1, a side above 4096)."""
   from stax.transforms.kron.lowrank import _plan
   if len(shape) < 2:
     return None
-  plan = _plan(*_rows(shape), SCAO_KMIN, SCAO_K, SCAO_MAXD)
+  plan = _plan(*_matrix(shape), SCAO_KMIN, SCAO_K, SCAO_MAXD)
   return None if plan is None else plan.kmax
 
 
@@ -328,8 +327,17 @@ def _compressed_leaf(p, codes, scales, r, c, g, ok, seed):
 
 
 def _rows(shape) -> tuple:
-  """The 2-D row view TurboAdam blocks a leaf by: ``(out, in·kh·kw)`` for a conv kernel."""
+  """The 2-D row view a blockwise codec blocks a leaf by, ``(shape[0], rest)``: as many
+  elements as stax's row view (:func:`stax.codecs.row_view.row_view_shape`) where it pads
+  nothing, as for the benchmarks' conv kernels."""
   return tuple(shape) if len(shape) <= 2 else (shape[0], int(np.prod(shape[1:])))
+
+
+def _matrix(shape) -> tuple:
+  """The matrix Muon and SCAO see a leaf as, :func:`stax.layout.default_dimension_numbers`'
+  for these models: ``(in, out)`` itself, a Flax conv kernel ``(kh, kw, in, out)`` the
+  ``kh·kw·in × out`` matrix."""
+  return tuple(shape) if len(shape) <= 2 else (int(np.prod(shape[:-1])), shape[-1])
 
 
 def _compressible(x) -> bool:
@@ -362,7 +370,7 @@ def init_state(program: str, params: dict, head: str):
       k = _scao_k(x.shape)
       if k is None:
         return None
-      m, n = _rows(x.shape)
+      m, n = _matrix(x.shape)
       return (jnp.eye(m, k), jnp.eye(n, k), jnp.ones((n, k)) / n, jnp.ones((m, k)) / m)
     return (jax.tree.map(zeros, params), jax.tree.map(zeros, params),
             jax.tree.map(factors, params), jnp.zeros([], jnp.int32))
@@ -443,7 +451,7 @@ def program_step(program: str, head: str):
       from stax.optimizers.oadamw import oadamw_labels
       ok = _check(jax.tree.leaves(g))
       labels = jax.tree.leaves(oadamw_labels(p))
-      orth = lambda x: _ns5(x.reshape(_rows(x.shape))).reshape(x.shape)
+      orth = lambda x: _ns5(x.reshape(_matrix(x.shape))).reshape(x.shape)
       g = jax.tree.unflatten(jax.tree.structure(g), [
           _once(orth)(gl) if lab == "muon" else gl
           for lab, gl in zip(labels, jax.tree.leaves(g))])
@@ -461,7 +469,7 @@ def program_step(program: str, head: str):
       live = [i for i, f in enumerate(f_l) if f is not None]
       count = jnp.where(ok, count + 1, count)
 
-      mats = {i: g_l[i].reshape(_rows(g_l[i].shape)) for i in live}
+      mats = {i: g_l[i].reshape(_matrix(g_l[i].shape)) for i in live}
 
       def precond(fl):
         return [_once(_scao_precondition)(mats[i], fl[i][0], fl[i][1]).reshape(g_l[i].shape)

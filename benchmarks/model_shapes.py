@@ -3,7 +3,8 @@
 Used by ``benchmarks/bridge_speed.py --models`` (the bridge on real shapes) and
 ``benchmarks/compile_time.py`` (first-step compile time on them). Names are the frameworks' own
 (``layer1.0.conv1.weight``, ``h.0.attn.c_attn.weight``); :func:`nested` turns them into the
-``{module: {leaf: shape}}`` tree a JAX user has, with the module order.
+``{module: {leaf: shape}}`` tree a JAX user has, with the module order; :func:`flax_layout`
+gives a torch model's leaves the names and layouts Flax gives the same layers.
 """
 
 from __future__ import annotations
@@ -42,6 +43,24 @@ def gpt2_small_shapes():
     shapes[pre + "mlp.c_proj.weight"], shapes[pre + "mlp.c_proj.bias"] = (4 * d, d), (d,)
   shapes["ln_f.weight"] = shapes["ln_f.bias"] = (d,)
   return shapes
+
+
+def flax_layout(shapes: dict) -> dict:
+  """A torch model's ``{"module.path.leaf": shape}`` in Flax's names and layouts: a conv weight
+  ``(out, in, kh, kw)`` is a ``kernel`` ``(kh, kw, in, out)``, a linear weight ``(out, in)`` a
+  ``kernel`` ``(in, out)``, a norm's 1-D ``weight`` its ``scale``; biases are unchanged. (For
+  torch models only: Hugging Face GPT-2's ``Conv1D`` weights are ``(in, out)`` already.)"""
+  out = {}
+  for name, shape in shapes.items():
+    module, leaf = name.rsplit(".", 1)
+    if leaf == "weight" and len(shape) == 4:
+      leaf, shape = "kernel", (shape[2], shape[3], shape[1], shape[0])
+    elif leaf == "weight" and len(shape) == 2:
+      leaf, shape = "kernel", (shape[1], shape[0])
+    elif leaf == "weight" and len(shape) == 1:
+      leaf = "scale"
+    out[f"{module}.{leaf}"] = tuple(shape)
+  return out
 
 
 def nested(shapes: dict) -> tuple[dict, list]:

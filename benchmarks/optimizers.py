@@ -111,8 +111,6 @@ def _stax_builder(fn, extra):
   def build(lr, task):
     kw = {"weight_decay": WEIGHT_DECAY, "module_order": list(task.module_order)}
     kw = _filter_kwargs(fn, kw)
-    if getattr(task, "torch_layout", False) and fn.__name__ == "scao":
-      kw["dimension_numbers"] = 1   # torch-layout shapes: the seed's (out, in·kh·kw) view
     kw.update(extra)
     return fn(lr, **kw)
   return build

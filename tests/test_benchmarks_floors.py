@@ -200,6 +200,31 @@ def test_model_shapes_are_the_real_models():
   assert tree["layer2.0.downsample.0"]["weight"] == (128, 64, 1, 1)
 
 
+def test_the_compile_benchmark_times_resnet18_in_flax_layout():
+  """``flax_layout`` gives torchvision's ResNet-18 the names and layouts a Flax ResNet has (conv
+  ``kernel`` ``(kh, kw, in, out)``, the head ``(in, out)``, norm ``scale``), so stax's JAX
+  defaults see its real matrices; the floor programs' Muon/SCAO matrix is stax's default view of
+  each leaf. (Until stop 54 the compile benchmark passed torch's ``(out, in, kh, kw)`` in a JAX
+  tree, which OAdamW, TurboAdam and the floors read as a Flax kernel ``kh·kw·in × out``.)"""
+  from benchmarks import model_shapes as MS
+  from stax import layout
+  torch_shapes = MS.resnet18_shapes()
+  flax = MS.flax_layout(torch_shapes)
+  assert len(flax) == len(torch_shapes)
+  assert flax["layer3.0.conv1.kernel"] == (3, 3, 128, 256)
+  assert flax["layer2.0.downsample.0.kernel"] == (1, 1, 64, 128)
+  assert flax["fc.kernel"] == (512, 1000) and flax["fc.bias"] == (1000,)
+  assert flax["bn1.scale"] == (64,) and "bn1.weight" not in flax
+  assert sorted(int(np.prod(s)) for s in flax.values()) == sorted(
+      int(np.prod(s)) for s in torch_shapes.values())
+  for name, shape in flax.items():
+    dims = layout.default_dimension_numbers(tuple(name.split(".")), shape)
+    if dims is None:
+      assert len(shape) == 1, name
+      continue
+    assert layout.matrix_shape(shape, dims) == (1,) + F._matrix(shape), name
+
+
 def test_compile_time_reports_each_stage_against_optax_adamw():
   """Each row is trace + lower + compile on abstract shapes, its ratio the one to optax.adamw's
   compile made beside it (each repeat paired with one), and STAC's sign trunk compiles fewer
