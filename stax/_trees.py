@@ -47,8 +47,8 @@ def _variable_type() -> Any:
 
 def unwrap_variables(tree: Any) -> Any:
   """``tree`` with every Flax NNX ``Variable`` replaced by its value (``nnx.Optimizer``'s
-  ``opt_state`` keeps each state array in an ``nnx.OptArray``; an ``nnx.State`` of ``Param``\ s
-  holds ``Param``\ s): what the state readers (:func:`stax.scao_diagnostics`,
+  ``opt_state`` keeps each state array in an ``nnx.OptArray``; an ``nnx.State`` of parameters
+  holds ``Param`` variables): what the state readers (:func:`stax.scao_diagnostics`,
   :func:`stax.stam_beta1`) read. ``tree`` itself where Flax NNX is not in use."""
   var = _variable_type()
   if var is None:
@@ -63,7 +63,7 @@ def unflatten_state(like: Any, values: list, is_leaf: Optional[Callable[[Any], b
   state tree built from the parameters (or gradients) ``like``.
 
   The same as ``jax.tree.unflatten(jax.tree.structure(like, is_leaf), values)``, except that a
-  Flax NNX ``Variable`` of ``like`` (an ``nnx.State`` of ``Param``\ s) wraps its value only where
+  Flax NNX ``Variable`` of ``like`` (an ``nnx.State`` of ``Param`` variables) wraps its value only where
   the value is an array of the Variable's own shape: a state leaf of another shape (a per-tensor
   mean ``()``, a codec's ``NamedTuple`` of codes and scales, a factored moment's row and column
   means) is kept bare. Wrapped, it carried the parameter's metadata, its sharding annotation
