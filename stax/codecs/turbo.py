@@ -219,13 +219,10 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
   :mod:`stax.layout`, which the ``"factored"`` codec's v is factored over)."""
 
   def choose(leaf, dims=_DEFAULT):
-    if dims is _DEFAULT:   # a leaf without its path (the tree's are from for_tree)
-      dims = layout.pathless_dimension_numbers(dimension_numbers, leaf)
-    size = math.prod(int(d) for d in leaf.shape)
-    # the threshold is per layer: stacked layers (L, in, out) are compressed exactly when the
-    # same layers unstacked would be (stacking them with nn.scan must not change the state)
-    layers = math.prod(int(leaf.shape[i]) for i in layout.batch_axes(leaf.shape, dims))
-    big = len(leaf.shape) >= 1 and size > 0 and size // max(layers, 1) >= min_compress_elements
+    size = 1
+    for d in leaf.shape:
+      size *= d
+    big = len(leaf.shape) >= 1 and size >= min_compress_elements and size > 0
     cm, cv = bool(compress_m and big), bool(compress_v and big)
     if codec == "turboadam-0.2":
       if not (cm or cv):
@@ -239,6 +236,8 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
       # (L, in, out) layers are L matrices), else (not a matrix) the 1Q log v. Both codecs see
       # the view the m codec's blocks pad least (a conv kernel: (out, in·kh·kw)); the factored
       # v reshapes it back to the leaf.
+      if dims is _DEFAULT:   # a leaf without its path (the tree's are from for_tree)
+        dims = layout.pathless_dimension_numbers(dimension_numbers, leaf)
       plan = factored_layout(leaf.shape, dims) if cv else None
       if plan is not None:
         v_codec = Factored(shape=plan[0], axes=plan[1],
@@ -249,8 +248,10 @@ def turbo_storage(codec: str, *, b1, b2, eps, block_size: int, v_bits: int, comp
     return RowView(storage, block_size) if (cm or cv) else storage
 
   def for_tree(tree):
-    """Each leaf's storage, from the leaf's dimension numbers (its layers, the factored v)."""
+    """Each leaf's storage, the factored codec's from the leaf's dimension numbers."""
     leaves = jax.tree.leaves(tree)
+    if codec != "factored":
+      return [choose(x) for x in leaves]
     return [choose(x, d) for x, d in zip(leaves, layout.resolve_tree(dimension_numbers, tree))]
 
   choose.needs_key = bool(compress_m or compress_v)  # some leaves round stochastically
@@ -274,12 +275,11 @@ def state_codec_storage(codec: Optional[str], *, min_compress_elements: int = 40
   ``"stax"`` (signed 4-bit m in blocks of 32 + 4-bit 1Q log v in blocks of 128, ≈ 8.75
   bits/param) or ``"factored"`` (the same m + Adafactor's row/column v on matrices, ≈ 4.5
   bits/param plus ``32(m+n)/(mn)``) stores every leaf with at least ``min_compress_elements``
-  elements (per layer for stacked layers) as :func:`stax.turbo_adam` does; smaller leaves keep
-  float32 moments. The faithful
+  elements as :func:`stax.turbo_adam` does; smaller leaves keep float32 moments. The faithful
   ``"turboadam-0.2"`` codec is TurboAdam's own (its UState m is decoded with TurboAdam's bias
   corrections) and is refused here. ``dimension_numbers`` (any form :mod:`stax.layout` takes;
   default ``None``: :func:`stax.layout.default_dimension_numbers`) are the matrices the
-  ``"factored"`` codec's v is factored over, and which axes are layers.
+  ``"factored"`` codec's v is factored over.
 
   ``min_compress_elements`` is validated either way (an array, as ``inject_hyperparams`` and the
   torch bridge pass it, only with a codec, where it is structural); with ``codec=None`` a

@@ -63,8 +63,7 @@ def adamw(
       bits/param): the moments of every leaf with at least ``min_compress_elements`` elements
       stored as :func:`stax.turbo_adam` stores them (then real parameters only, and exclusive
       with ``mu_dtype``/``nu_dtype``); see :func:`stax.codecs.state_codec_storage`.
-    min_compress_elements: smallest leaf (per layer for stacked layers) the codec compresses,
-      >= 0 (default 4096).
+    min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form
       :mod:`stax.layout` takes (default ``None``: :func:`stax.layout.default_dimension_numbers`,
       Flax layouts; stacked ``(L, in, out)`` layers are ``L`` matrices); only with

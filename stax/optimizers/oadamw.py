@@ -174,8 +174,7 @@ def stable_adamw(
       elements stored as :func:`stax.turbo_adam` stores them
       (:func:`stax.codecs.state_codec_storage`); the RMS clip then reads the decoded v.
       Exclusive with ``mu_dtype``/``nu_dtype``.
-    min_compress_elements: smallest leaf (per layer for stacked layers) the codec compresses,
-      >= 0 (default 4096).
+    min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"`` or ``"ignore"``; see :func:`stax.nonfinite_guard`.
     dimension_numbers: the leaves' layout, any form :mod:`stax.layout` takes (default
       ``None``: :func:`stax.layout.default_dimension_numbers`, Flax layouts; stacked

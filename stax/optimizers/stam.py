@@ -218,8 +218,7 @@ def stam(
       least ``min_compress_elements`` elements stored as :func:`stax.turbo_adam` stores them
       (≈ 8.75 / ≈ 4.5 bits/param; :func:`stax.codecs.state_codec_storage`); the β1 rule then
       reads the decoded m. Exclusive with ``mu_dtype``/``nu_dtype``.
-    min_compress_elements: smallest leaf (per layer for stacked layers) the codec compresses,
-      >= 0 (default 4096).
+    min_compress_elements: smallest leaf the codec compresses, >= 0 (default 4096).
     nonfinite: ``"skip"`` (default), ``"error"``, ``"ignore"`` or ``"zero"`` (the seed's
       zeroing of NaN/Inf gradient entries).
     dimension_numbers: the matrices the ``"factored"`` codec's v is factored over, any form

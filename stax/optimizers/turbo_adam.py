@@ -7,9 +7,7 @@ r"""TurboAdam — AdamW with compressed moments (seed: ``turboadam`` 0.2.0, PyTo
 where :math:`\hat m, \hat v` are the *stored* (compressed, decoded) moments; the update of the
 current step uses the exact new moments, then they are re-encoded. Built on the shared Adam core
 (:func:`stax.scale_by_adam` with a per-leaf ``storage``): leaves with fewer than
-``min_compress_elements`` elements per layer (stacked ``(L, in, out)`` layers count one layer's,
-as unstacked; the leaf's layout, ``dimension_numbers``, says which axes are layers) and scalars
-keep float32 moments.
+``min_compress_elements`` elements (and scalars) keep float32 moments.
 
 Codecs (``codec=``):
 
@@ -152,8 +150,14 @@ def turbo_adam(
     v_bits: bits per stored v code in {2, 3, 4, 6, 8} (default 4).
     compress_m: compress the first moment (default True).
     compress_v: compress the second moment (default True).
-    min_compress_elements: leaves with fewer elements (per layer for stacked layers) keep
-      float32 moments, >= 0 (default 4096).
+    min_compress_elements: leaves with fewer elements keep float32 moments, >= 0 (default
+      4096). The count is the whole leaf's: stacked layers ``(L, in, out)`` whose layers are
+      each below it are compressed as one leaf, where the same layers unstacked are not (a
+      per-layer count would need the layout's layer axes, and the default layout reads a
+      ``DenseGeneral`` kernel ``(in, heads, head_dim)`` under another name than
+      ``query``/``key``/``value`` as ``in`` stacked layers: its moments would never be
+      compressed). Reported by stop 54's stacked-layers sweep; pass a smaller threshold to
+      compress small unstacked layers too.
     codec: ``"factored"`` (default), ``"stax"`` or ``"turboadam-0.2"`` (see the module docstring).
     m_block_size: the first moment's block: UState's mean block for the faithful codec (default
       ``min(64, block_size)``), the signed codec's scale block for ``"stax"`` (default
