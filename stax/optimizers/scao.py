@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import optax
 
 from stax import _validation as V
+from stax._trees import unwrap_variables
 from stax.transforms import kron as K
 from stax.transforms.adam import scale_by_adam
 from stax.transforms.guards import gate_state, gated_chain, nonfinite_guard
@@ -230,7 +231,6 @@ def scao_diagnostics(state: Any, params: Any = None, rho: float = 0.999) -> dict
   Raises:
     ValueError: if ``state`` holds no SCAO preconditioner state.
   """
-  from stax._trees import unwrap_variables
   found = _find_kron_states(unwrap_variables(state))   # nnx.Optimizer's OptArrays: their values
   if not found:
     raise ValueError("`state` contains no SCAO preconditioner state (ScaleByKronState).")

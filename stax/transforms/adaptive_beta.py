@@ -81,6 +81,7 @@ import numpy as np
 from stax import _eager
 from stax import _leafwise
 from stax import numerics as num
+from stax._trees import unwrap_variables
 from stax.transforms.adam import Beta1Rule
 from stax.transforms.guards import PROBE
 
@@ -476,7 +477,6 @@ def find_beta1(state: Any, params: Any = None) -> Any:
       of leaves than the rule's vector. With several (e.g. an ``optax.partition``), returns a
       tuple of them in flatten order.
   """
-  from stax._trees import unwrap_variables
   state = unwrap_variables(state)   # nnx.Optimizer's opt_state: its OptArrays' values
   found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, BETA1_STATES))
            if isinstance(x, BETA1_STATES)]
