@@ -210,8 +210,7 @@ class Factored(NamedTuple):
       v = self._full(value).astype(jnp.float32)
       rows, cols = _means(v, self._axes(v.ndim))
     # an explicit mesh: replicated, as init made them
-    rows, cols = (x if _sh.explicit_spec(x) is None else _sh.reshard(x, (None,) * x.ndim)
-                  for x in (rows, cols))
+    rows, cols = (_sh.replicated(x) for x in (rows, cols))
     return FactoredState(rows.astype(self.dtype), cols.astype(self.dtype))
 
   def project(self, value):
