@@ -476,15 +476,29 @@ def absmax(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array
   return jax.lax.bitcast_convert_type(jnp.max(magnitude, axis=axis, keepdims=keepdims), x.dtype)
 
 
+#: The fewest terms :func:`_scaled_sum_squares` bounds a sum for, in dtypes with float32's range
+#: (its threshold ``square_bound(dtype, terms=max(n, SUM_TERMS_FLOOR))``: ``2**51`` for float32
+#: and bfloat16): every reduction of up to 2**24 entries compares with the same constant, so the
+#: scalar kernels that form a norm's scale are one kernel for all such shapes (XLA compiles
+#: each distinct kernel; OAdamW's Newton–Schulz normalised 12 matrix shapes of ResNet-18 with a
+#: constant of their own each). A sum of 2**24 squares below ``2**51`` each stays below
+#: float32's maximum / 4, so nothing overflows; a larger reduction takes its own count.
+SUM_TERMS_FLOOR = 2 ** 24
+
+
 def _scaled_sum_squares(x: jax.Array, axis: Axis):
   """``(x·inv, k, s)`` with ``inv = 2**-k`` and ``s = sum((x·inv)²)`` (keepdims).
 
   ``k`` is 0 (``inv`` exactly 1) unless ``max|x|`` exceeds ``square_bound(dtype, terms=n)`` (so
-  the plain sum of squares could overflow); then ``|x·inv| < 4`` and ``s <= 16 n``.
+  the plain sum of squares could overflow; ``n`` at least :data:`SUM_TERMS_FLOOR` in float32's
+  range); then ``|x·inv| < 4`` and ``s <= 16 n``.
   """
   x = jnp.asarray(x)
   dtype = x.dtype
-  t = square_bound(dtype, terms=_reduced_size(x.shape, axis))
+  n = _reduced_size(x.shape, axis)
+  if int(jnp.finfo(dtype).maxexp) >= 128:
+    n = max(n, SUM_TERMS_FLOOR)
+  t = square_bound(dtype, terms=n)
   amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
   e = _exponent(amax)                        # amax < 2**e
   k = jnp.where(amax > t, e - 2, 0)          # 2**k >= amax / 4, at most 2**(maxexp - 2)
@@ -510,13 +524,20 @@ def norm(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
 def normalize(x: jax.Array, eps: Any = 0.0, norm_scale: Any = 1.0, axis: Axis = None) -> jax.Array:
   """``x / (norm(x) · norm_scale + eps)`` (norm over ``axis``) without overflow.
 
-  Computed as ``(x·inv) / (sqrt(sum((x·inv)²)) · norm_scale + eps·inv)`` with ``inv`` a power
-  of two that is exactly 1 (bit-identical to the plain expression) unless the sum of squares
-  could overflow. Finite for every finite ``x``.
+  Computed as ``(x·inv) / (sqrt(sum((x·inv)²)) · norm_scale + eps·inv)`` with ``inv = 2**-k`` a
+  power of two that is exactly 1 unless the sum of squares could overflow, applied as one scalar
+  per norm: ``(x · 2**-j) · (2**(j-k) / d)`` with ``j = k // 2`` (both factors normal numbers,
+  so each product is the exact scaling it stands for). On XLA's CPU backend, which divides by a
+  broadcast scalar as a multiplication by its reciprocal, that is bit-identical to the plain
+  expression when ``k = 0``. Finite for every finite ``x``. (Written ``xs / d``, the scaled
+  ``xs`` was materialised as a pass of its own for the sum of squares, and every consumer of the
+  result recomputed it.)
   """
   x = jnp.asarray(x)
-  xs, k, s = _scaled_sum_squares(x, axis)
-  return xs / (jnp.sqrt(s) * norm_scale + eps * _pow2(-k, x.dtype))
+  _, k, s = _scaled_sum_squares(x, axis)
+  j = k // 2
+  scale = _pow2(j - k, x.dtype) / (jnp.sqrt(s) * norm_scale + eps * _pow2(-k, x.dtype))
+  return (x * _pow2(-j, x.dtype)) * scale
 
 
 def saturate_norm(x: jax.Array, bound: Any, axis: Axis = None) -> jax.Array:

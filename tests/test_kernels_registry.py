@@ -1,6 +1,7 @@
 """The per-op kernel registry (stax/kernels/_registry.py) and its registered kernels."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +218,24 @@ def test_gram_newton_schulz_runs_the_standard_iteration_where_it_would_be_slower
                                 nsk.newton_schulz_reference(x, rows))
   with pytest.raises(ValueError, match=r"`restart` must be in \[0, 5\]"):
     nsk.newton_schulz_gram(jnp.ones((1, 4, 16)), rows, restart=6)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gram_newton_schulz_iterates_a_tall_matrix_as_it_lies(batch):
+  """A tall matrix is orthogonalised without a transposed copy: no array of the transposed
+  shape is in the compiled program (each consumer of the normalised matrix fused a transpose of
+  its own before), and the result is the wide iteration's on the transpose, transposed, within
+  float32 rounding of the float64 standard iteration."""
+  rows, ns = stax.ns_coefficients("jordan", 5)
+  x = jax.random.normal(jax.random.PRNGKey(4), (batch, 576, 128))
+  fn = jax.jit(lambda x: nsk.newton_schulz(x, rows, norm_scale=ns, implementation="gram"))
+  text = fn.lower(x).compile().as_text()
+  transposed = r"f32\[(%d,)?128,576\]" % batch
+  assert not re.search(transposed, text), re.findall(r".*" + transposed + r".*", text)[:3]
+  got = np.asarray(fn(x), np.float64)
+  wide = nsk.newton_schulz(jnp.swapaxes(x, 1, 2), rows, norm_scale=ns, implementation="gram")
+  np.testing.assert_allclose(got, np.swapaxes(np.asarray(wide, np.float64), 1, 2), atol=2e-6)
+  np.testing.assert_allclose(got, _ns_float64(x, rows, ns), atol=2e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 200, 96), (2, 64, 64)], ids=["tall", "square"])

@@ -67,6 +67,27 @@ def test_normalize_near_float32_max_matches_float64():
   np.testing.assert_allclose(np.asarray(numerics.normalize(full)), 1 / 64, rtol=4 * F32_EPS)
 
 
+def test_normalize_forms_one_scale_kernel_for_every_shape():
+  """The scalars that scale a norm (the power of two from ``max|x|``, ``2**-k / norm``) compare
+  with one threshold for every reduction of up to 2**24 entries, so normalising matrices of
+  different sizes compiles those scalar kernels once, not once per size (OAdamW's
+  Newton–Schulz on ResNet-18's 12 matrix shapes compiled two per shape); the results stay the
+  plain expression's bit for bit."""
+  from benchmarks.speed import _fused_bodies
+  xs = [jax.random.normal(jax.random.PRNGKey(i), (1, m, n)) for i, (m, n) in
+        enumerate([(64, 147), (128, 576), (256, 1152), (512, 2304)])]
+  fn = jax.jit(lambda xs: [numerics.normalize(x, 1e-7, 1.02, axis=(-2, -1)) for x in xs])
+  bodies = set(_fused_bodies(fn.lower(xs).compile().as_text()))
+  scalar = [b for b in bodies
+            if max(int(np.prod([int(d) for d in s.split(",") if d] or [1]))
+                   for s in re.findall(r"= [a-z0-9]+\[([\d,]*)\]", b)) == 1]
+  assert len(scalar) <= 2, len(scalar)
+  plain = lambda x: x / (jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+                         * 1.02 + 1e-7)
+  for got, x in zip(fn(xs), xs):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(plain)(x)))
+
+
 def test_mean_square_and_mean_saturate_and_match_float64():
   r = numerics.statistic_bound(jnp.float32)
   assert r == 2.0 ** 126

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,21 @@ def test_batched_and_stacked_layers_equal_per_matrix():
   y = stax.orthogonalize(x)  # default for ndim 3: leading batch axis
   for i in range(3):
     np.testing.assert_allclose(y[i], stax.orthogonalize(x[i]), atol=1e-6)
+
+
+def test_stacked_mode_transposes_a_tall_matrix_only_to_join_wide_ones():
+  """``mode="stacked"`` flips a tall matrix to its wide shape only where wide matrices of that
+  shape exist (one batch for both); a tall matrix with no such partner is orthogonalised as it
+  lies (no transposed copy in the compiled program). Either way each result is the matrix's own
+  orthogonalisation."""
+  tall, wide, other = _rand((576, 128), 1), _rand((128, 576), 2), _rand((1152, 128), 3)
+  dims = [stax.MatrixDimensionNumbers(0, 1)] * 3
+  fn = jax.jit(lambda ts: stax.orthogonalize_many(ts, dims, mode="stacked"))
+  text = fn.lower([tall, wide, other]).compile().as_text()
+  assert "f32[2,128,576]" in text                    # the tall one joined the wide one
+  assert not re.search(r"f32\[(1,)?128,1152\]", text)  # the lone tall one stayed tall
+  for got, x in zip(fn([tall, wide, other]), (tall, wide, other)):
+    np.testing.assert_allclose(got, stax.orthogonalize(x), atol=2e-6)
 
 
 def test_torch_layout_and_conv_kernels_via_dimension_numbers():
