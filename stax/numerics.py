@@ -487,7 +487,7 @@ SUM_TERMS_FLOOR = 2 ** 24
 
 
 def _scaled_sum_squares(x: jax.Array, axis: Axis):
-  """``(x·inv, k, s)`` with ``inv = 2**-k`` and ``s = sum((x·inv)²)`` (keepdims).
+  """``(k, s)`` with ``s = sum((x·inv)²)`` (keepdims) and ``inv = 2**-k``.
 
   ``k`` is 0 (``inv`` exactly 1) unless ``max|x|`` exceeds ``square_bound(dtype, terms=n)`` (so
   the plain sum of squares could overflow; ``n`` at least :data:`SUM_TERMS_FLOOR` in float32's
@@ -503,7 +503,7 @@ def _scaled_sum_squares(x: jax.Array, axis: Axis):
   e = _exponent(amax)                        # amax < 2**e
   k = jnp.where(amax > t, e - 2, 0)          # 2**k >= amax / 4, at most 2**(maxexp - 2)
   xs = x * _pow2(-k, dtype)
-  return xs, k, jnp.sum(jnp.square(xs), axis=axis, keepdims=True)
+  return k, jnp.sum(jnp.square(xs), axis=axis, keepdims=True)
 
 
 def norm(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
@@ -514,7 +514,7 @@ def norm(x: jax.Array, axis: Axis = None, keepdims: bool = False) -> jax.Array:
   cannot overflow.
   """
   x = jnp.asarray(x)
-  _, k, s = _scaled_sum_squares(x, axis)
+  k, s = _scaled_sum_squares(x, axis)
   out = jnp.sqrt(s) * _pow2(k, x.dtype)
   if not keepdims:
     out = jnp.squeeze(out, axis=axis) if axis is not None else jnp.reshape(out, ())
@@ -534,7 +534,7 @@ def normalize(x: jax.Array, eps: Any = 0.0, norm_scale: Any = 1.0, axis: Axis = 
   result recomputed it.)
   """
   x = jnp.asarray(x)
-  _, k, s = _scaled_sum_squares(x, axis)
+  k, s = _scaled_sum_squares(x, axis)
   j = k // 2
   scale = _pow2(j - k, x.dtype) / (jnp.sqrt(s) * norm_scale + eps * _pow2(-k, x.dtype))
   return (x * _pow2(-j, x.dtype)) * scale
@@ -547,7 +547,7 @@ def saturate_norm(x: jax.Array, bound: Any, axis: Axis = None) -> jax.Array:
   entries is at most ``bound²``.
   """
   x = jnp.asarray(x)
-  _, k, s = _scaled_sum_squares(x, axis)
+  k, s = _scaled_sum_squares(x, axis)
   nrm = jnp.sqrt(s)                          # norm(x) · 2**-k
   limit = bound * _pow2(-k, x.dtype)
   factor = jnp.where(nrm > limit, limit / jnp.where(nrm > limit, nrm, 1.0), 1.0)
