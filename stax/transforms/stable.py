@@ -180,9 +180,16 @@ def _early_clip_scales(cfg, g_leaves: list, treedef, state: ScaleByAdamState, ep
       [None if o is None or i in layers else (*o, a2, d2, eps) for i, o in enumerate(ops)],
       stacked=True, width=2, totals=(1,))
   scales = _clip_scales(sums, g_leaves)
+  # Every ratio sum also feeds the probe, as `min(sum, 0)`: 0 for every sum that is not NaN (a
+  # ratio is >= 0, +Inf included) and NaN only for a gradient the probe already finds
+  # non-finite, so the gate is unchanged. It orders each read of the stored v before the core's
+  # in-place write of v, which the gate precedes: where XLA split a small leaf's pass, its probe
+  # (of g) and its ratio (of g and v) were two reductions, the read of v came after nothing the
+  # write needed, and XLA copied every such v each step (GPT-2 small's 98 vectors).
+  probe = probe + jnp.minimum(jnp.min(sums), 0.0) if sums.size else probe
   for i, (layer_sums, layer_probes) in layers.items():
     scales[i] = _layer_scales(layer_sums, g_leaves[i], stacked[i])
-    probe = probe + jnp.sum(layer_probes)
+    probe = probe + jnp.sum(layer_probes) + jnp.minimum(jnp.min(layer_sums), 0.0)
   return scales, (probe if any(o is not None for o in ops) else None)
 
 
