@@ -64,6 +64,34 @@ def test_word_packing_is_the_byte_stream(bits, monkeypatch):
       np.testing.assert_array_equal(np.asarray(unpack_bits(jnp.asarray(words), bits, n)), codes)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_cpu_packing_is_one_loop_with_its_producer_and_consumer(bits):
+  """On the CPU a row of whole words is packed by one reduction into its bytes, which takes
+  the codes' producer and a consumer (a gate's select of the old codes) into its loop: one
+  kernel. Packed as 32-bit words, the words took a loop of their own to be split into bytes
+  (XLA:CPU expands the narrowing bitcast into shifts and masks, and fuses no consumer into the
+  words' reduction): two kernels and a temporary of the codes per shape (fails on stop 55's
+  code, 2 fusions). The bytes are the same (the tests above)."""
+  import re
+  if jax.default_backend() != "cpu":
+    pytest.skip("the word layout is the CPU's")
+  mask = np.uint8(2 ** bits - 1)
+  x = jnp.linspace(-3.0, 3.0, 64 * 256).reshape(64, 256)
+  old = jnp.zeros((64, packed_length(256, bits)), jnp.uint8)
+
+  def step(x, ok, old):
+    codes = jnp.floor(x * 7.0).astype(jnp.int32).astype(jnp.uint8) & mask
+    return jnp.where(ok, pack_bits(codes, bits), old)
+
+  hlo = jax.jit(step, donate_argnums=(2,)).lower(x, True, old).compile().as_text()
+  entry = hlo[hlo.index("\nENTRY"):]
+  assert len(re.findall(r" fusion\(", entry)) == 1, entry
+  want = np.asarray(pack_bits(jnp.floor(x * 7.0).astype(jnp.int32).astype(jnp.uint8) & mask,
+                              bits))
+  np.testing.assert_array_equal(np.asarray(jax.jit(step)(x, True, old)), want)
+  np.testing.assert_array_equal(np.asarray(jax.jit(step)(x, False, old + 1)), np.asarray(old + 1))
+
+
 def test_packing_rejects_unsupported_width():
   with pytest.raises(ValueError, match="bits"):
     pack_bits(jnp.zeros((1, 8), jnp.uint8), 5)

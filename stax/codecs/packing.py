@@ -7,8 +7,8 @@ nibble first, 3-bit packs 8 values into 3 bytes, 6-bit packs 4 values into 3 byt
 value per byte. Packing happens per row (along the last axis only), so a packed array keeps the
 parameter's rank; flattened, it equals the seed's packing of the flattened tensor whenever each
 row's bit length is a multiple of 8. On the CPU, 1-, 2- and 4-bit rows that fill whole 32-bit
-words are packed and unpacked a little-endian word at a time (the same bytes, faster loops:
-:func:`_word_values`).
+words are unpacked a little-endian word at a time and packed a byte at a time in ``uint8``
+arithmetic (the same bytes, faster loops: :func:`_word_values`).
 
 Example:
   >>> import jax.numpy as jnp
@@ -48,8 +48,9 @@ def packed_length(n: int, bits: int) -> int:
 
 
 def _word_values(n: int, bits: int) -> int:
-  """Values per 32-bit word when a row of ``n`` values is packed and unpacked a whole
-  little-endian ``uint32`` word at a time (0: byte groups, :func:`_group`).
+  """Values per 32-bit word when a row of ``n`` values is unpacked a whole little-endian
+  ``uint32`` word at a time, and packed into its bytes by a ``uint8`` sum (0: byte groups in
+  ``uint32`` arithmetic, :func:`_group`).
 
   Whole words where ``bits`` divides 32 and every row fills whole words, on the CPU: there the
   generic path's one-byte groups of 4-bit codes (two values per byte, a minor axis of 2) made
@@ -57,8 +58,15 @@ def _word_values(n: int, bits: int) -> int:
   than its memory traffic. With words the minor axis holds ``32/bits`` values, the bytes are the
   same (a ``uint32`` is its four bytes in little-endian order, as the stream is), and only the
   arithmetic changes. Measured on one 8192×384 leaf (2-core CPU): a 4-bit decode inside an
-  Adam update 3.16 → 1.72 ms, a decode + encode pass 2.57 → 2.30 ms. Other backends keep byte
-  groups (the form the Pallas kernels lower)."""
+  Adam update 3.16 → 1.72 ms, a decode + encode pass 2.57 → 2.30 ms. Packing wants bytes, not
+  words: a word's bytes are a narrowing ``bitcast_convert_type``, which XLA:CPU expands into a
+  loop of shifts and masks of its own (it fuses no consumer into the words' reduction), so every
+  packed array took a second loop and a temporary of its size (stop 56: one kernel of two per
+  shape, the 16M steps of TurboAdam's ``"stax"`` codec 118 → 101–107 ms, its faithful one
+  176–182 → 157–167 ms). Summed as ``uint8`` each byte's values (the fields do not overlap) are
+  one reduction that takes the codes' producer and a gate's select of the old bytes into its
+  loop (``tests/test_codecs.py``). Other backends keep byte groups in ``uint32`` (the form the
+  Pallas kernels lower)."""
   if bits not in (1, 2, 4) or jax.default_backend() != "cpu":
     return 0
   per_word = 32 // bits
@@ -77,15 +85,14 @@ def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
   out_len = packed_length(n, bits)
   if bits == 8:
     return codes.astype(jnp.uint8)
-  per_word = _word_values(n, bits)
-  g = per_word or g                       # values per word: a uint32, or a byte group
   ng = -(-n // g)
+  if _word_values(n, bits):   # each byte's values summed in uint8: one loop (_word_values)
+    x = split_last(pad_last(codes.astype(jnp.uint8), ng * g, 0), (ng, g))
+    fields = _fields(bits, g).astype(jnp.uint8)
+    return jnp.sum(x << fields, axis=-1, dtype=jnp.uint8)   # rows of whole words: no tail
   x = split_last(pad_last(codes.astype(jnp.uint32), ng * g, 0), (ng, g))
   word = jnp.sum(x << _fields(bits, g), axis=-1, dtype=jnp.uint32)   # fields do not overlap
-  if per_word:
-    by = jax.lax.bitcast_convert_type(word, jnp.uint8)       # its 4 bytes, little-endian
-  else:
-    by = ((word[..., None] >> _fields(8, nbytes)) & jnp.uint32(0xFF)).astype(jnp.uint8)
+  by = ((word[..., None] >> _fields(8, nbytes)) & jnp.uint32(0xFF)).astype(jnp.uint8)
   by = merge_last(by, 2)
   return by[..., :out_len] if by.shape[-1] != out_len else by
 
