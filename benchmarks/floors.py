@@ -32,7 +32,8 @@ the timed calls) in the same process as the optimizer it bounds:
   column means of g² (two reductions, outputs of different shapes), the new m's per-32 block
   absmax recomputed from the 4-bit codes and g (a reduction, an integer max of the magnitudes'
   bits: ``stax.numerics.absmax``), the encode pass (codes → codes, the codec's own packing,
-  ``stax.codecs.packing``, whole 32-bit words at a time; until stop 46 the program packed the
+  ``stax.codecs.packing``: unpacked whole 32-bit words at a time, packed a byte at a time in
+  ``uint8`` since stop 56; until stop 46 the program packed the
   two halves of each row, its own layout, which vectorised better than the codec's byte pairs
   did then and worse than words do; stochastic rounding
   as the codec's, ``floor(pos + u)`` with ``u`` the codec's counter hash of the element's
