@@ -225,7 +225,7 @@ def test_each_code_array_is_written_by_the_loop_that_packs_it(codec, nonfinite):
   codes. Packed as 32-bit words, every code array took a second loop (the words split into
   bytes, or selected and split on a guarded step; fails on stop 55's code): at 16M parameters
   the ``"stax"`` codec's step 118 -> 101-107 ms and the faithful one's 176-182 -> 157-167 ms
-  (one run each, this project's 2-core CPU), the default's first compile on ResNet-18 188 ->
+  (two runs per tree, this project's 2-core CPU), the default's first compile on ResNet-18 188 ->
   176 kernels."""
   import re
   if jax.default_backend() != "cpu":
